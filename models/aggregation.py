@@ -1,0 +1,144 @@
+"""Shared-label aggregation (research notes section 1): many tuples at once, each a contiguous run of member
+rows, any n >= 1 per tuple. Every aggregator returns normalised log posteriors, one row per tuple."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MemberOutputs",
+    "Aggregator",
+    "register_aggregator",
+    "get_aggregator",
+    "list_aggregators",
+    "aggregate",
+    "segment_ids",
+    "AGGREGATORS",
+    "entropy",
+    "log_prior_of",
+]
+
+
+@dataclass(frozen=True)
+class MemberOutputs:
+    """What one network said about every member: logits (M x C) and hidden representations h (M x H)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+AggregatorFn = Callable[[MemberOutputs, torch.Tensor, torch.Tensor, nn.Module | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    name: str
+    fn: AggregatorFn
+    needs_hidden: bool
+    needs_gadget: bool
+    flops: Callable[[int, int, nn.Module | None], int]
+    """FLOPs of aggregating one tuple of n members with C classes (beyond the n network passes)."""
+
+
+AGGREGATORS: dict[str, Aggregator] = {}
+
+
+def _elementwise_flops(n: int, num_classes: int, _gadget: nn.Module | None = None) -> int:
+    """One accumulate per member and class; normalisation is O(C) and ignored."""
+    return n * num_classes
+
+
+def register_aggregator(
+    name: str,
+    *,
+    needs_hidden: bool = False,
+    needs_gadget: bool = False,
+    flops: Callable[[int, int, nn.Module | None], int] = _elementwise_flops,
+) -> Callable[[AggregatorFn], AggregatorFn]:
+    def decorate(fn: AggregatorFn) -> AggregatorFn:
+        if name in AGGREGATORS:
+            raise ValueError(f"aggregator {name!r} registered twice")
+        AGGREGATORS[name] = Aggregator(name, fn, needs_hidden, needs_gadget, flops)
+        return fn
+
+    return decorate
+
+
+def get_aggregator(name: str) -> Aggregator:
+    try:
+        return AGGREGATORS[name]
+    except KeyError:
+        raise KeyError(f"unknown aggregator {name!r}; known: {', '.join(sorted(AGGREGATORS))}") from None
+
+
+def list_aggregators() -> list[str]:
+    return sorted(AGGREGATORS)
+
+
+def segment_ids(counts: torch.Tensor) -> torch.Tensor:
+    """Tuple index of every member row, for contiguous runs of the given lengths."""
+    return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
+
+def _segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(len(counts), values.shape[1], dtype=values.dtype)
+    return out.index_add_(0, segment_ids(counts), values)
+
+
+def aggregate(
+    name: str,
+    outputs: MemberOutputs,
+    counts: torch.Tensor,
+    log_prior: torch.Tensor,
+    gadget: nn.Module | None = None,
+) -> torch.Tensor:
+    """Log posteriors (T x C) of T tuples whose members are the rows of `outputs`, `counts[t]` rows each."""
+    agg = get_aggregator(name)
+    counts = counts.long()
+    if int(counts.sum()) != len(outputs.logits) or bool((counts < 1).any()):
+        raise ValueError("counts must be positive and add up to the number of member rows")
+    if agg.needs_hidden and outputs.hidden is None:
+        raise ValueError(f"aggregator {name!r} needs hidden representations")
+    if agg.needs_gadget and gadget is None:
+        raise ValueError(f"aggregator {name!r} needs a trained gadget for this variant")
+    return agg.fn(outputs, counts, log_prior, gadget)
+
+
+@register_aggregator("mean_prob")
+def mean_prob(
+    outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None
+) -> torch.Tensor:
+    """The paper's baseline: average the members' softmax."""
+    probs = _segment_sum(outputs.logits.double().softmax(1), counts) / counts[:, None]
+    return probs.clamp_min(1e-300).log().float()
+
+
+@register_aggregator("mean_logit")
+def mean_logit(
+    outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None
+) -> torch.Tensor:
+    """Average the logits, then softmax."""
+    return (_segment_sum(outputs.logits.double(), counts) / counts[:, None]).log_softmax(1).float()
+
+
+@register_aggregator("bayes")
+def bayes(outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None) -> torch.Tensor:
+    """Product of experts: sum_i log p(y|x_i) - (n - 1) log pi(y); exact for members independent given y."""
+    summed = _segment_sum(outputs.logits.double().log_softmax(1), counts)
+    summed -= (counts[:, None] - 1).double() * log_prior.double()[None, :]
+    return summed.log_softmax(1).float()
+
+
+def entropy(prior: torch.Tensor) -> float:
+    """H(pi) in nats."""
+    p = prior.double()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def log_prior_of(prior: torch.Tensor) -> torch.Tensor:
+    return prior.double().clamp_min(1e-12).log().float()

@@ -1,0 +1,52 @@
+"""The manifest of a registry entry: what the weights are, where they came from and what they cost."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models.spec import NetworkSpec
+
+__all__ = ["Manifest", "NAME_PATTERN", "utc_now"]
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1)
+    spec: dict[str, Any]
+    parent: str | None = Field(None, description="`name:version` of the dense parent; null for a dense model")
+    method: str = "dense"
+    keep: float = Field(1.0, gt=0.0, le=1.0)
+    dataset: str = ""
+    flops_dense_kernel: int = Field(ge=0)
+    flops_nonzero: int = Field(ge=0)
+    accuracy: float = Field(ge=0.0, le=1.0)
+    output_deviation: float = Field(0.0, ge=0.0)
+    output_deviation_p95: float = Field(0.0, ge=0.0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    created_at: str = Field(default_factory=utc_now)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("spec")
+    @classmethod
+    def _spec_builds(cls, value: dict[str, Any]) -> dict[str, Any]:
+        NetworkSpec.from_dict(value)  # raises ValueError naming the problem
+        return value
+
+    @property
+    def network_spec(self) -> NetworkSpec:
+        return NetworkSpec.from_dict(self.spec)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"

@@ -1,0 +1,19 @@
+"""Pruning methods behind one interface: scores -> selection/masks -> apply -> register."""
+
+from models.pruning.api import prune
+from models.pruning.masks import apply_masks, select_masks, sparsity
+from models.pruning.registry import Calibration, PruningMethod, get_method, list_methods, register_method
+from models.pruning.surgery import shrink
+
+__all__ = [
+    "Calibration",
+    "PruningMethod",
+    "apply_masks",
+    "get_method",
+    "list_methods",
+    "prune",
+    "register_method",
+    "select_masks",
+    "shrink",
+    "sparsity",
+]

@@ -1,0 +1,190 @@
+"""A versioned model registry on disk. An entry is `ROOT/<name>/<version>/{weights.safetensors,manifest.json}`;
+`ROOT/<name>/ACTIVE` holds the active version. Writes go to a temporary directory renamed into place, so a
+reader never sees half an entry, and loading never unpickles (safetensors only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.flops import count_flops
+from models.manifest import NAME_PATTERN, Manifest, utc_now
+from models.networks import Classifier, build_network
+
+__all__ = ["ModelRegistry", "LoadedModel", "RegistryError", "sha256_file", "WEIGHTS_FILE", "MANIFEST_FILE"]
+
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+_ACTIVE = "ACTIVE"
+
+
+class RegistryError(LookupError):
+    """Unknown name or version, or an entry whose files do not match its manifest."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Classifier
+    manifest: Manifest
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights only: mask buffers are dropped (masked weights are stored as zeros)."""
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
+
+
+class ModelRegistry:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[int]:
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def active_version(self, name: str) -> int | None:
+        f = self.root / name / _ACTIVE
+        return int(f.read_text().strip()) if f.exists() else None
+
+    def entry_dir(self, name: str, version: int | None = None) -> Path:
+        if version is None:
+            version = self.active_version(name)
+            if version is None:
+                raise RegistryError(
+                    f"model {name!r} has no active version" if self.versions(name) else f"unknown model {name!r}"
+                )
+        d = self.root / name / str(version)
+        if not d.is_dir():
+            raise RegistryError(f"model {name!r} has no version {version}")
+        return d
+
+    def manifest(self, name: str, version: int | None = None) -> Manifest:
+        return Manifest.model_validate_json((self.entry_dir(name, version) / MANIFEST_FILE).read_text())
+
+    def load(self, name: str, version: int | None = None) -> LoadedModel:
+        d = self.entry_dir(name, version)
+        manifest = Manifest.model_validate_json((d / MANIFEST_FILE).read_text())
+        weights = d / WEIGHTS_FILE
+        if sha256_file(weights) != manifest.sha256:
+            raise RegistryError(f"{manifest.ref}: weights do not match the manifest's sha256")
+        model = build_network(manifest.network_spec)
+        model.load_state_dict(load_file(weights), strict=True)
+        model.eval()
+        return LoadedModel(model, manifest)
+
+    def active_manifests(self) -> list[Manifest]:
+        return [self.manifest(n) for n in self.names() if self.active_version(n) is not None]
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        model: Classifier,
+        *,
+        accuracy: float,
+        parent: str | None = None,
+        method: str = "dense",
+        keep: float = 1.0,
+        dataset: str = "",
+        output_deviation: tuple[float, float] = (0.0, 0.0),
+        extra: dict[str, Any] | None = None,
+        activate: bool = True,
+    ) -> Manifest:
+        """Store `model` as the next version of `name`; FLOPs and the checksum are computed here."""
+
+        if not re.match(NAME_PATTERN, name):
+            raise ValueError(f"invalid model name {name!r}: lowercase letters, digits, '.', '_' and '-'")
+        flops = count_flops(model, model.spec.input_dim)
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".staging-"))
+        try:
+            save_file(state_dict_for_saving(model), str(staging / WEIGHTS_FILE))
+            fields: dict[str, Any] = dict(
+                name=name,
+                spec=model.spec.to_dict(),
+                parent=parent,
+                method=method,
+                keep=keep,
+                dataset=dataset,
+                flops_dense_kernel=flops.dense_kernel,
+                flops_nonzero=flops.nonzero,
+                accuracy=accuracy,
+                output_deviation=output_deviation[0],
+                output_deviation_p95=output_deviation[1],
+                sha256=sha256_file(staging / WEIGHTS_FILE),
+                created_at=utc_now(),
+                extra=extra or {},
+            )
+            manifest = self.commit_staged(staging, fields)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if activate:
+            self.activate(name, manifest.version)
+        return manifest
+
+    def commit_staged(self, staging: Path, fields: dict[str, Any]) -> Manifest:
+        """Move a staged directory holding the weights into the next free version (mkdir claims it)."""
+        name = fields["name"]
+        while True:
+            version = max(self.versions(name), default=0) + 1
+            target = self.root / name / str(version)
+            try:
+                target.mkdir()
+            except FileExistsError:
+                continue
+            break
+        manifest = Manifest(**{**fields, "version": version})
+        (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+        for f in staging.iterdir():
+            os.replace(f, target / f.name)
+        return manifest
+
+    def activate(self, name: str, version: int) -> None:
+        self.entry_dir(name, version)  # raises for an unknown version
+        _write_atomic(self.root / name / _ACTIVE, f"{version}\n")
+
+    def delete(self, name: str, version: int) -> None:
+        if self.active_version(name) == version:
+            raise ValueError(f"{name}:{version} is active; activate another version first")
+        shutil.rmtree(self.entry_dir(name, version))
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every version of every name, with which one is active (for listings)."""
+        out = []
+        for name in self.names():
+            active = self.active_version(name)
+            for v in self.versions(name):
+                m = self.manifest(name, v)
+                out.append({**json.loads(m.model_dump_json()), "active": v == active})
+        return out
