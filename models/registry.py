@@ -36,6 +36,8 @@ class RegistryError(LookupError):
 class LoadedModel:
     model: Classifier
     manifest: Manifest
+    gadget: torch.nn.Module | None = None
+    """The variant's trained aggregation gadget (the `lstm` aggregator), when one is stored beside it."""
 
 
 def sha256_file(path: Path) -> str:
