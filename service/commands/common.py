@@ -1,0 +1,28 @@
+"""Arguments and loaders several commands share."""
+
+from __future__ import annotations
+
+import argparse
+
+from models.data import Splits, load_dataset
+from models.registry import ModelRegistry
+from service.settings import Settings
+
+__all__ = ["add_home", "settings_from", "registry_from", "splits_for"]
+
+
+def add_home(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", help="state directory (default: $PRUNECASCADE_HOME or ./var)")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(home=args.home) if getattr(args, "home", None) else Settings()
+
+
+def registry_from(args: argparse.Namespace) -> ModelRegistry:
+    return ModelRegistry(settings_from(args).registry_dir)
+
+
+def splits_for(dataset: str, args: argparse.Namespace, seed: int = 0, num_samples: int = 52_000) -> Splits:
+    """The same seed and size give the same splits the model was trained on."""
+    return load_dataset(dataset, seed=seed, num_samples=num_samples, cache_dir=settings_from(args).data_dir)

@@ -1,0 +1,53 @@
+"""`prunecascade prune --from NAME --method METHOD --keep FRACTION --name NEW`."""
+
+from __future__ import annotations
+
+import argparse
+
+from models.pruning.pipeline import prune_and_register
+from service.commands.common import add_home, registry_from, splits_for
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="prune a registered model into a new registry entry")
+    add_home(p)
+    p.add_argument("--from", dest="parent", required=True, help="NAME or NAME:VERSION of the model to prune")
+    p.add_argument("--method", required=True, help="see `prunecascade methods`")
+    p.add_argument("--keep", type=float, required=True, help="fraction of weights (unstructured) or units kept")
+    p.add_argument("--name", required=True, help="registry name of the result")
+    p.add_argument("--scope", choices=["global", "layer"], default="global")
+    p.add_argument("--reweight", action="store_true", help="least-squares reweighting of the next layer")
+    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--calibration-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-activate", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    registry = registry_from(args)
+    name = args.parent.partition(":")[0]
+    parent = registry.manifest(name)
+    splits = splits_for(parent.dataset, args, **parent.extra.get("data_args", {}))
+    m = prune_and_register(
+        registry,
+        args.parent,
+        args.method,
+        args.keep,
+        args.name,
+        splits,
+        scope=args.scope,
+        reweight=args.reweight,
+        finetune_epochs=args.finetune_epochs,
+        calibration_size=args.calibration_size,
+        seed=args.seed,
+        activate=not args.no_activate,
+        progress=True,
+    )
+    print(
+        f"registered {m.ref}: accuracy {m.accuracy:.4f}, FLOPs {m.flops_nonzero:,} nonzero / "
+        f"{m.flops_dense_kernel:,} dense-kernel, output deviation {m.output_deviation:.3f}"
+    )
+    return 0
