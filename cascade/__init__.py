@@ -1,0 +1,1 @@
+"""The structured space, its FAISS index, the cascade engine and its evaluation. Runs without a server."""
