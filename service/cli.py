@@ -8,7 +8,7 @@ import sys
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ["train", "prune", "methods"]
+COMMANDS = ["bootstrap", "serve", "train", "prune", "methods", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

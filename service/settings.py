@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_k: int = Field(1000, ge=1)
     max_examples: int = Field(64, ge=1)
+    example_candidates: int = Field(256, ge=1, description="clusters the index proposes for a query by example")
     log_level: str = "info"
 
     @property

@@ -1,0 +1,32 @@
+"""`prunecascade serve [--bootstrap]`: run the HTTP service with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+import uvicorn
+
+from cascade.bootstrap import bootstrap
+from service.app import create_app
+from service.commands.common import add_home, settings_from
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the HTTP API")
+    add_home(p)
+    p.add_argument("--host", help="default: $PRUNECASCADE_HOST or 127.0.0.1")
+    p.add_argument("--port", type=int, help="default: $PRUNECASCADE_PORT or 8000")
+    p.add_argument("--bootstrap", action="store_true", help="build the embedded default first if it is missing")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=overrides)
+    if args.bootstrap:
+        bootstrap(settings.home)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0

@@ -1,0 +1,25 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.dependencies import StateDep
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(state: StateDep) -> JSONResponse:
+    snapshot = state.snapshot
+    if snapshot is None:
+        return JSONResponse(status_code=503, content={"ready": False, "error": state.load_error})
+    return JSONResponse(content={"ready": True, "snapshot_id": snapshot.id})

@@ -1,0 +1,64 @@
+"""`POST /v1/query`: one cascade run on the snapshot current when the request started."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+
+from cascade.engine import (
+    Target,
+    dense_flops,
+    run_cascade,
+    target_from_examples,
+    target_from_label,
+    target_from_utility,
+)
+from cascade.snapshot import Snapshot, StageError
+from service.dependencies import SnapshotDep, StateDep
+from service.schemas import ClusterHit, QueryRequest, QueryResponse, StageOut
+from service.state import ServiceState
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["query"])
+
+
+def _target(snapshot: Snapshot, request: QueryRequest, state: ServiceState) -> Target:
+    t = request.target
+    if t.label is not None:
+        return target_from_label(snapshot, t.label)
+    if t.utility is not None:
+        return target_from_utility(snapshot, t.utility)
+    assert t.examples is not None
+    if len(t.examples) > state.settings.max_examples:
+        raise StageError("target.examples", f"at most {state.settings.max_examples} examples per query")
+    candidates = request.candidates or max(request.k, state.settings.example_candidates)
+    return target_from_examples(snapshot, t.examples, candidates)
+
+
+@router.post("/query", response_model=QueryResponse)
+def query(
+    request: QueryRequest,
+    snapshot: SnapshotDep,
+    state: StateDep,
+) -> QueryResponse:
+    """Runs in FastAPI's thread pool: torch releases the GIL, so queries proceed in parallel."""
+    started = time.perf_counter()
+    if request.k > state.settings.max_k:
+        raise StageError("k", f"at most {state.settings.max_k}")
+    target = _target(snapshot, request, state)
+    result = run_cascade(snapshot, target, request.k, request.stages, request.seed)
+    return QueryResponse(
+        clusters=[
+            ClusterHit(cluster_id=int(c), score=float(s), posterior=[float(p) for p in post])
+            for c, s, post in zip(result.cluster_ids, result.scores, result.posteriors, strict=True)
+        ],
+        stages=[StageOut(**vars(s)) for s in result.stages],
+        flops=result.flops,
+        flops_dense_kernel=result.flops_dense_kernel,
+        dense_flops=dense_flops(snapshot, target),
+        target_flops=target.flops,
+        latency_ms=(time.perf_counter() - started) * 1000.0,
+        snapshot_id=result.snapshot_id,
+    )
