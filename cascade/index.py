@@ -30,7 +30,6 @@ class ClusterIndex:
         ids = np.arange(space.num_items, dtype=np.int64)
         assign = np.repeat(np.arange(k, dtype=np.int64), space.sizes)
         ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
-        ivf.own_fields = True
         index = cls(ivf)
         index._quantizer = quantizer  # keep the Python object alive with the index
         return index
