@@ -57,4 +57,4 @@ class ClusterIndex:
 
     @classmethod
     def load(cls, directory: Path) -> ClusterIndex:
-        return cls(faiss.downcast_index(faiss.read_index(str(directory / INDEX_FILE))))
+        return cls(faiss.read_index(str(directory / INDEX_FILE)))  # already the concrete IVF type

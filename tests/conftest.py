@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny embedded default (seconds to build) and a real uvicorn serving it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from cascade.bootstrap import BootstrapConfig, PrunedVariant, bootstrap
+from cascade.config import Stage
+
+torch.set_num_threads(1)
+
+TINY = BootstrapConfig(
+    num_samples=6000,
+    epochs=12,
+    cluster_size=8,
+    variants=(
+        PrunedVariant("cnn-s50", "layer-weight-norm", 0.5, reweight=True),
+        PrunedVariant("cnn-m20", "magnitude", 0.2),
+    ),
+    stages=(
+        Stage(variant="cnn-s50", samples=2, keep=40, aggregator="bayes"),
+        Stage(variant="dense", samples=8, aggregator="bayes"),
+    ),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("home")
+    bootstrap(home, TINY, progress=False)
+    return home
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    home: Path
+    process: subprocess.Popen
+
+
+def start_server(home: Path, env: dict[str, str] | None = None, timeout: float = 60.0) -> Server:
+    """Real uvicorn in its own process on a free loopback port; returns once /readyz says ready."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--port", str(port)],
+        env={**os.environ, "PRUNECASCADE_LOG_LEVEL": "warning", **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return Server(url, home, proc)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_home: Path) -> Iterator[Server]:
+    s = start_server(tiny_home)
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def snapshot(tiny_home: Path):  # noqa: ANN201 - the type lives in cascade.snapshot
+    from cascade.config import CONFIG_FILE, CascadeConfig
+    from cascade.snapshot import load_snapshot
+    from models.registry import ModelRegistry
+
+    return load_snapshot(
+        ModelRegistry(tiny_home / "registry"),
+        tiny_home / "spaces" / "default",
+        CascadeConfig.load(tiny_home / CONFIG_FILE),
+    )

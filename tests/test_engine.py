@@ -1,0 +1,93 @@
+"""The cascade engine on a tiny bootstrapped space."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cascade.config import Stage
+from cascade.engine import dense_flops, dense_oracle, run_cascade, target_from_examples, target_from_label
+from cascade.evaluation import agreement_at_k, evaluate_label_queries, ndcg_at_k, recall_at_k
+from cascade.snapshot import StageError
+
+
+def test_label_queries_find_clusters_of_that_label(snapshot) -> None:
+    space = snapshot.space
+    for label in range(space.num_classes):
+        result = run_cascade(snapshot, target_from_label(snapshot, label), k=10, seed=label)
+        assert (space.cluster_labels[result.cluster_ids] == label).mean() >= 0.9
+        assert result.flops == sum(s.flops for s in result.stages)
+        assert len(result.cluster_ids) == len(set(result.cluster_ids.tolist())) == 10
+        assert np.all(np.diff(result.scores) <= 1e-12)  # best first
+
+
+def test_stage_accounting(snapshot) -> None:
+    result = run_cascade(snapshot, target_from_label(snapshot, 3), k=5)
+    first, last = result.stages
+    assert first.clusters_in == snapshot.space.num_clusters and first.kept == 40
+    assert last.clusters_in == 40 and last.kept == 5
+    assert first.items == int(np.minimum(snapshot.space.sizes, 2).sum())
+    variant = snapshot.variants[first.variant]
+    assert first.flops == first.items * variant.flops.nonzero + first.items * snapshot.space.num_classes
+
+
+def test_same_seed_same_answer_and_seeds_matter(snapshot) -> None:
+    t = target_from_label(snapshot, 1)
+    a = run_cascade(snapshot, t, k=10, seed=7)
+    b = run_cascade(snapshot, t, k=10, seed=7)
+    np.testing.assert_array_equal(a.cluster_ids, b.cluster_ids)
+    stages = [Stage(variant="cnn-m20", samples=1, keep=20), Stage(variant="dense", samples=1)]
+    answers = {tuple(run_cascade(snapshot, t, 10, stages, seed=s).cluster_ids.tolist()) for s in range(5)}
+    assert len(answers) > 1
+
+
+def test_oracle_is_a_single_dense_stage_over_all_members(snapshot) -> None:
+    t = target_from_label(snapshot, 2)
+    oracle = dense_oracle(snapshot, t, k=10)
+    one_stage = run_cascade(snapshot, t, 10, [Stage(variant="dense", samples=int(snapshot.space.sizes.max()))])
+    np.testing.assert_allclose(np.sort(oracle.scores), np.sort(one_stage.scores), rtol=1e-5)
+    assert oracle.flops == dense_flops(snapshot, t) == one_stage.stages[0].items * snapshot.dense.flops.nonzero
+
+
+def test_query_by_example_restricts_candidates(snapshot) -> None:
+    space = snapshot.space
+    rows = np.flatnonzero(space.labels == 4)[:3]
+    target = target_from_examples(snapshot, space.features[rows], candidates=60)
+    assert target.candidates is not None and len(target.candidates) == 60
+    assert int(np.argmax(target.utility)) == 4
+    result = run_cascade(snapshot, target, k=5)
+    assert set(result.cluster_ids.tolist()) <= set(target.candidates.tolist())
+    assert (space.cluster_labels[result.cluster_ids] == 4).mean() >= 0.8
+
+
+@pytest.mark.parametrize(
+    ("stages", "k", "field"),
+    [
+        ([Stage(variant="nope", samples=2)], 5, "stages[0].variant"),
+        ([Stage(variant="dense", samples=2, keep=3), Stage(variant="dense", samples=2)], 5, "stages[0].keep"),
+        ([Stage(variant="dense", samples=2), Stage(variant="dense", samples=2)], 5, "stages[0].keep"),
+        ([Stage(variant="dense", samples=2, aggregator="median")], 5, "stages[0].aggregator"),
+        (None, 10**6, "k"),
+        (None, 0, "k"),
+    ],
+)
+def test_invalid_cascades_name_the_field(snapshot, stages, k, field) -> None:
+    with pytest.raises(StageError) as info:
+        run_cascade(snapshot, target_from_label(snapshot, 0), k, stages)
+    assert info.value.field == field
+
+
+def test_metrics_by_hand() -> None:
+    labels = np.array([1, 0, 1, 1, 0])
+    assert recall_at_k(labels, 1, 5, num_relevant=3) == 1.0
+    assert recall_at_k(labels, 1, 2, num_relevant=3) == 0.5
+    assert ndcg_at_k(np.array([1, 1]), 1, 2, 5) == pytest.approx(1.0)
+    assert ndcg_at_k(np.array([0, 1]), 1, 2, 5) == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
+    assert agreement_at_k(np.array([1, 2, 3]), np.array([3, 4, 1]), 3) == pytest.approx(2 / 3)
+
+
+def test_evaluation_report_is_consistent(snapshot) -> None:
+    r = evaluate_label_queries(snapshot, k=5, seeds=(0,))
+    assert r.queries == snapshot.space.num_classes
+    assert r.oracle_recall >= 0.95 and r.recall >= 0.9
+    assert r.flops < r.oracle_flops and r.flops_ratio > 1

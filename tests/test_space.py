@@ -1,0 +1,86 @@
+"""The structured space, member sampling and the FAISS cluster index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cascade.index import ClusterIndex
+from cascade.space import Space, build_space, clusters_by_kmeans, clusters_by_label, sample_members
+
+
+def _space(n: int = 300, size: int = 7, seed: int = 0) -> Space:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    features = (labels[:, None] * 5.0 + rng.normal(size=(n, 4))).astype(np.float32)
+    cluster = clusters_by_label(labels, size, rng)
+    return build_space(features, labels, np.full(3, 1 / 3), cluster, {"id": "t"})
+
+
+def test_clusters_share_one_label_and_rows_are_grouped() -> None:
+    space = _space()
+    assert space.meta["purity"] == 1.0
+    for c in range(space.num_clusters):
+        members = space.labels[space.offsets[c] : space.offsets[c + 1]]
+        assert (members == space.cluster_labels[c]).all()
+        assert 1 <= len(members) <= 7
+    assert space.offsets[-1] == space.num_items == 300
+
+
+def test_sampling_is_without_replacement_and_uniform() -> None:
+    space = _space()
+    clusters = np.arange(space.num_clusters)
+    rng = np.random.default_rng(1)
+    hits = np.zeros(space.num_items)
+    for _ in range(400):
+        rows, counts = sample_members(space.offsets, clusters, 3, rng)
+        assert counts.sum() == len(rows)
+        np.testing.assert_array_equal(counts, np.minimum(space.sizes, 3))
+        start = 0
+        for c, n in zip(clusters, counts, strict=True):
+            chunk = rows[start : start + n]
+            assert len(set(chunk.tolist())) == n  # distinct members
+            assert ((chunk >= space.offsets[c]) & (chunk < space.offsets[c + 1])).all()
+            start += n
+        hits[rows] += 1
+    # each member of a full cluster of 7 is drawn with probability 3/7 per round
+    full = np.repeat(space.sizes == 7, space.sizes)
+    rate = hits[full] / 400
+    assert abs(rate.mean() - 3 / 7) < 0.01 and rate.min() > 0.3 and rate.max() < 0.56
+
+
+def test_sampling_all_members_when_n_exceeds_size() -> None:
+    space = _space()
+    rows, counts = sample_members(space.offsets, np.array([2, 0]), 100, np.random.default_rng(0))
+    expected = np.r_[np.arange(space.offsets[2], space.offsets[3]), np.arange(space.offsets[0], space.offsets[1])]
+    np.testing.assert_array_equal(rows, expected)
+
+
+def test_index_finds_the_cluster_of_an_item_and_round_trips(tmp_path) -> None:
+    space = _space()
+    index = ClusterIndex.build(space)
+    assert index.num_clusters == space.num_clusters
+    assert sum(index.list_size(c) for c in range(space.num_clusters)) == space.num_items
+    centroids = space.centroids()
+    nearest = index.nearest_clusters(centroids[[5]], 3)
+    assert nearest[0] == 5 and len(nearest) == 3
+    index.save(tmp_path)
+    space.save(tmp_path)
+    again = ClusterIndex.load(tmp_path)
+    np.testing.assert_array_equal(again.nearest_clusters(centroids[[5, 9]], 4), index.nearest_clusters(centroids[[5, 9]], 4))
+    loaded = Space.load(tmp_path)
+    np.testing.assert_array_equal(loaded.features, space.features)
+    assert loaded.meta == space.meta
+
+
+def test_kmeans_partition_when_there_are_no_clusters() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (50, 2)), rng.normal(5, 0.1, (50, 2))]).astype(np.float32)
+    cluster = clusters_by_kmeans(x, 2, seed=0)
+    assert len(np.unique(cluster[:50])) == 1 and len(np.unique(cluster[50:])) == 1
+    assert cluster[0] != cluster[99]
+
+
+def test_build_space_rejects_ragged_input() -> None:
+    with pytest.raises(ValueError, match="one row per item"):
+        build_space(np.zeros((3, 2)), np.zeros(2, int), np.ones(2) / 2, np.zeros(3, int))
