@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.snapshot import StageError
 
-__all__ = ["install_error_handlers", "BodySizeLimit", "BodyTooLarge", "field_error"]
-
-
-class BodyTooLarge(Exception):
-    """Raised while reading a body that exceeds the limit (chunked bodies have no Content-Length)."""
+__all__ = ["install_error_handlers", "BodySizeLimit", "field_error"]
 
 
 def field_error(status: int, field: str, message: str, kind: str = "value_error") -> JSONResponse:
@@ -22,18 +19,21 @@ def field_error(status: int, field: str, message: str, kind: str = "value_error"
     return JSONResponse(status_code=status, content={"detail": [{"loc": loc, "msg": message, "type": kind}]})
 
 
-def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StageError)
     async def stage_error(_request: Request, exc: StageError) -> JSONResponse:
         return field_error(422, exc.field, exc.message)
 
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(_request: Request, _exc: BodyTooLarge) -> JSONResponse:
-        return field_error(413, "", f"body larger than {max_body_bytes} bytes", "too_large")
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """Without echoing the input back: a NaN in it would make the error itself unserialisable."""
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
 
 class BodySizeLimit:
-    """Pure ASGI: refuse by Content-Length before reading, or count bytes as they arrive."""
+    """Pure ASGI, so the body is never read twice: refuse by Content-Length before reading, or buffer a
+    chunked body up to the limit."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -49,15 +49,27 @@ class BodySizeLimit:
             msg = f"body larger than {self.max_bytes} bytes" if status == 413 else "invalid Content-Length"
             await field_error(status, "", msg)(scope, receive, send)
             return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
+        if declared is not None:
+            await self.app(scope, receive, send)
+            return
+        # No length given (chunked): buffer at most max_bytes, then replay to the app.
+        messages: list[Message] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await field_error(413, "", f"body larger than {self.max_bytes} bytes", "too_large")(
+                    scope, receive, send
+                )
+                return
+            if not message.get("more_body", False):
+                break
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from cascade.bootstrap import BootstrapConfig, PrunedVariant, bootstrap
-from cascade.config import Stage
+from cascade.config import CONFIG_FILE, CascadeConfig, Stage
+from cascade.snapshot import Snapshot, load_snapshot
+from models.registry import ModelRegistry
 
 torch.set_num_threads(1)
 
@@ -95,11 +97,7 @@ def server(tiny_home: Path) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
-def snapshot(tiny_home: Path):  # noqa: ANN201 - the type lives in cascade.snapshot
-    from cascade.config import CONFIG_FILE, CascadeConfig
-    from cascade.snapshot import load_snapshot
-    from models.registry import ModelRegistry
-
+def snapshot(tiny_home: Path) -> Snapshot:
     return load_snapshot(
         ModelRegistry(tiny_home / "registry"),
         tiny_home / "spaces" / "default",
