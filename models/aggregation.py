@@ -20,6 +20,8 @@ __all__ = [
     "AGGREGATORS",
     "entropy",
     "log_prior_of",
+    "lstm",
+    "deepsets",
 ]
 
 
@@ -142,3 +144,45 @@ def entropy(prior: torch.Tensor) -> float:
 
 def log_prior_of(prior: torch.Tensor) -> torch.Tensor:
     return prior.double().clamp_min(1e-12).log().float()
+
+
+def _gadget_flops(kind: str) -> Callable[[int, int, nn.Module | None], int]:
+    def flops(n: int, num_classes: int, gadget: nn.Module | None = None) -> int:
+        if gadget is None:
+            raise ValueError(f"the FLOPs of {kind!r} depend on its trained gadget; pass it")
+        return int(gadget.flops(n))  # type: ignore[operator]
+
+    return flops
+
+
+def _run_gadget(kind: str, outputs: MemberOutputs, counts: torch.Tensor, gadget: nn.Module | None) -> torch.Tensor:
+    spec = getattr(gadget, "spec", None)
+    if getattr(spec, "kind", None) != kind:
+        raise ValueError(f"aggregator {kind!r} needs a {kind} gadget, got {getattr(spec, 'kind', type(gadget))}")
+    assert outputs.hidden is not None and gadget is not None
+    if outputs.hidden.shape[1] != spec.input_dim:  # type: ignore[union-attr]
+        raise ValueError(f"the gadget reads {spec.input_dim}-dim hidden representations, got {outputs.hidden.shape[1]}")  # type: ignore[union-attr]
+    was_training = gadget.training
+    gadget.eval()
+    try:
+        with torch.no_grad():
+            logits = gadget(outputs.hidden, counts)
+    finally:
+        gadget.train(was_training)
+    return logits.double().log_softmax(1).float()
+
+
+@register_aggregator("lstm", needs_hidden=True, needs_gadget=True, flops=_gadget_flops("lstm"))
+def lstm(
+    outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, gadget: nn.Module | None
+) -> torch.Tensor:
+    """The paper's gadget: an LSTM over the members' hidden representations (see `models.gadget`)."""
+    return _run_gadget("lstm", outputs, counts, gadget)
+
+
+@register_aggregator("deepsets", needs_hidden=True, needs_gadget=True, flops=_gadget_flops("deepsets"))
+def deepsets(
+    outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, gadget: nn.Module | None
+) -> torch.Tensor:
+    """Mean of the hidden representations, then a small trained head (see `models.gadget`)."""
+    return _run_gadget("deepsets", outputs, counts, gadget)

@@ -21,10 +21,21 @@ from models.flops import count_flops
 from models.manifest import NAME_PATTERN, Manifest, utc_now
 from models.networks import Classifier, build_network
 
-__all__ = ["ModelRegistry", "LoadedModel", "RegistryError", "sha256_file", "WEIGHTS_FILE", "MANIFEST_FILE"]
+__all__ = [
+    "ModelRegistry",
+    "LoadedModel",
+    "RegistryError",
+    "sha256_file",
+    "WEIGHTS_FILE",
+    "MANIFEST_FILE",
+    "GADGET_WEIGHTS_FILE",
+    "GADGET_SPEC_FILE",
+]
 
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+GADGET_WEIGHTS_FILE = "gadget.safetensors"
+GADGET_SPEC_FILE = "gadget.json"
 _ACTIVE = "ACTIVE"
 
 
@@ -103,12 +114,56 @@ class ModelRegistry:
         model = build_network(manifest.network_spec)
         model.load_state_dict(load_file(weights), strict=True)
         model.eval()
-        return LoadedModel(model, manifest)
+        return LoadedModel(model, manifest, self.load_gadget(manifest.name, manifest.version))
 
     def active_manifests(self) -> list[Manifest]:
         return [self.manifest(n) for n in self.names() if self.active_version(n) is not None]
 
+    def load_gadget(self, name: str, version: int | None = None) -> torch.nn.Module | None:
+        """The aggregation gadget stored beside a variant, or None. Safetensors + JSON only (never unpickles);
+        the JSON is written last and carries the weights' sha256, so a half-written pair is refused."""
+        from models.gadget import GadgetSpec, build_gadget
+
+        d = self.entry_dir(name, version)
+        spec_file, weights = d / GADGET_SPEC_FILE, d / GADGET_WEIGHTS_FILE
+        if not spec_file.exists():
+            return None
+        meta = json.loads(spec_file.read_text())
+        if not weights.exists() or sha256_file(weights) != meta.get("sha256"):
+            raise RegistryError(f"{name}:{d.name}: gadget weights missing or not matching gadget.json")
+        gadget = build_gadget(GadgetSpec.from_dict(meta["spec"]))
+        gadget.load_state_dict(load_file(weights), strict=True)
+        return gadget.eval()
+
     # -- writing -------------------------------------------------------------------------------------------
+    def save_gadget(
+        self, name: str, version: int, gadget: torch.nn.Module, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Store a trained gadget beside `name:version` (replacing any earlier one). Weights are renamed into
+        place first, then `gadget.json` (spec, FLOPs per n, sha256), each atomically. Returns the JSON."""
+        from models.gadget import Gadget
+
+        if not isinstance(gadget, Gadget):
+            raise TypeError("only models.gadget gadgets can be stored")
+        d = self.entry_dir(name, version)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{GADGET_WEIGHTS_FILE}.")
+        os.close(fd)
+        try:
+            save_file(state_dict_for_saving(gadget), tmp)
+            digest = sha256_file(Path(tmp))
+            os.replace(tmp, d / GADGET_WEIGHTS_FILE)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        meta = {
+            "spec": gadget.spec.to_dict(),
+            "flops_per_n": {str(n): gadget.flops(n) for n in (1, 2, 4, 8, 16, 32)},
+            "sha256": digest,
+            "created_at": utc_now(),
+            "extra": extra or {},
+        }
+        _write_atomic(d / GADGET_SPEC_FILE, json.dumps(meta, indent=2))
+        return meta
+
     def register(
         self,
         name: str,

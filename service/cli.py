@@ -8,7 +8,7 @@ import sys
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ["bootstrap", "serve", "train", "prune", "methods", "evaluate"]
+COMMANDS = ["bootstrap", "serve", "train", "prune", "methods", "evaluate", "tuples"]
 
 
 def build_parser() -> argparse.ArgumentParser:

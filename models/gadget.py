@@ -1,0 +1,243 @@
+"""Learned aggregation gadgets (research notes section 1): they read the frozen network's hidden representations
+h_1..h_n of one tuple and output class logits for the shared label.
+
+- `lstm` (the paper's gadget): an LSTM reads h_1..h_n, a linear head maps its last state to logits.
+- `deepsets`: mean of h_i, then a two-layer head (permutation invariant by construction).
+
+Both are batched over many tuples of different sizes (contiguous member runs, as in `models.aggregation`).
+Training standardises h for conditioning and then folds the standardisation into the first layer's weights, so
+a stored gadget is a plain LSTM/MLP and its FLOPs are exactly the hand count of `GadgetSpec.flops`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from models.flops import linear_flops, lstm_flops
+
+__all__ = [
+    "GadgetKind",
+    "GadgetSpec",
+    "Gadget",
+    "LSTMGadget",
+    "DeepSetsGadget",
+    "build_gadget",
+    "GadgetTrainConfig",
+    "train_gadget",
+    "hidden_of",
+    "pad_segments",
+]
+
+GadgetKind = Literal["lstm", "deepsets"]
+
+
+@dataclass(frozen=True)
+class GadgetSpec:
+    """Enough to rebuild a gadget before loading its weights (stored as JSON beside them)."""
+
+    kind: GadgetKind
+    input_dim: int
+    num_classes: int
+    hidden_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lstm", "deepsets"):
+            raise ValueError(f"unknown gadget kind {self.kind!r}")
+        if min(self.input_dim, self.hidden_size) < 1 or self.num_classes < 2:
+            raise ValueError("input_dim and hidden_size must be positive and num_classes at least 2")
+
+    def flops(self, n: int) -> int:
+        """FLOPs of aggregating one tuple of n members (2 x multiply-adds; activations and biases excluded)."""
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        if self.kind == "lstm":
+            return lstm_flops(self.input_dim, self.hidden_size, n) + linear_flops(self.hidden_size, self.num_classes)
+        # deepsets: n * H accumulates for the mean (as the averaging aggregators count theirs), then the head
+        return (
+            n * self.input_dim
+            + linear_flops(self.input_dim, self.hidden_size)
+            + linear_flops(self.hidden_size, self.num_classes)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GadgetSpec:
+        unknown = set(d) - {"kind", "input_dim", "num_classes", "hidden_size"}
+        if unknown:
+            raise ValueError(f"unknown gadget spec keys: {sorted(unknown)}")
+        return cls(d["kind"], int(d["input_dim"]), int(d["num_classes"]), int(d["hidden_size"]))
+
+
+def pad_segments(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(M x H) member rows in contiguous runs -> (T x max(counts) x H), zero padded."""
+    counts = counts.long()
+    seg = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(len(values)) - starts[seg]
+    out = values.new_zeros(len(counts), int(counts.max()), values.shape[1])
+    out[seg, pos] = values
+    return out
+
+
+class Gadget(nn.Module):
+    """Common interface: `forward(hidden, counts) -> logits` (T x C), one row per tuple."""
+
+    spec: GadgetSpec
+
+    def __init__(self, spec: GadgetSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        # Standardisation of h used during training; identity once folded (see `fold_standardisation`).
+        self.register_buffer("shift", torch.zeros(spec.input_dim), persistent=False)
+        self.register_buffer("scale", torch.ones(spec.input_dim), persistent=False)
+
+    def flops(self, n: int) -> int:
+        return self.spec.flops(n)
+
+    def set_standardisation(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        self.shift.copy_(shift)
+        self.scale.copy_(scale)
+
+    def _standardise(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden.float() - self.shift) / self.scale
+
+    def fold_standardisation(self) -> None:
+        """Rewrite W((h - m)/s) + b as (W/s) h + (b - W m/s) in the first layer, then reset to identity."""
+        raise NotImplementedError
+
+
+class LSTMGadget(Gadget):
+    def __init__(self, spec: GadgetSpec) -> None:
+        super().__init__(spec)
+        self.lstm = nn.LSTM(spec.input_dim, spec.hidden_size, batch_first=True)
+        self.head = nn.Linear(spec.hidden_size, spec.num_classes)
+
+    def forward(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        padded = pad_segments(self._standardise(hidden), counts)
+        packed = pack_padded_sequence(padded, counts.long().cpu(), batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstm(packed)
+        return self.head(h_n[-1])
+
+    @torch.no_grad()
+    def fold_standardisation(self) -> None:
+        w = self.lstm.weight_ih_l0
+        self.lstm.bias_ih_l0 -= (w / self.scale) @ self.shift
+        w /= self.scale
+        self.set_standardisation(torch.zeros_like(self.shift), torch.ones_like(self.scale))
+
+
+class DeepSetsGadget(Gadget):
+    def __init__(self, spec: GadgetSpec) -> None:
+        super().__init__(spec)
+        self.head = nn.Sequential(
+            nn.Linear(spec.input_dim, spec.hidden_size), nn.ReLU(), nn.Linear(spec.hidden_size, spec.num_classes)
+        )
+
+    def forward(self, hidden: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        counts = counts.long()
+        seg = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        h = self._standardise(hidden)
+        mean = h.new_zeros(len(counts), h.shape[1]).index_add_(0, seg, h) / counts[:, None]
+        return self.head(mean)
+
+    @torch.no_grad()
+    def fold_standardisation(self) -> None:
+        first = self.head[0]
+        first.bias -= (first.weight / self.scale) @ self.shift
+        first.weight /= self.scale
+        self.set_standardisation(torch.zeros_like(self.shift), torch.ones_like(self.scale))
+
+
+def build_gadget(spec: GadgetSpec) -> Gadget:
+    return LSTMGadget(spec) if spec.kind == "lstm" else DeepSetsGadget(spec)
+
+
+@torch.no_grad()
+def hidden_of(model: nn.Module, x: Any, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and hidden representations of every row of x under the (frozen) network, in eval mode."""
+    model.eval()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    parts = [model.forward_with_hidden(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+@dataclass(frozen=True)
+class GadgetTrainConfig:
+    """n is drawn uniformly from 1..n_max for every training tuple, so one gadget serves every n."""
+
+    n_max: int = 32
+    steps: int = 1500
+    batch_tuples: int = 128
+    lr: float = 3e-3
+    eval_every: int = 100
+    val_tuples: int = 1000
+    seed: int = 0
+
+
+def _val_loss(gadget: Gadget, hidden: torch.Tensor, batch: Any) -> float:
+    with torch.no_grad():
+        logits = gadget(hidden[batch.index], batch.counts)
+        return float(nn.functional.cross_entropy(logits, batch.labels))
+
+
+def train_gadget(
+    spec: GadgetSpec,
+    hidden_train: torch.Tensor,
+    y_train: torch.Tensor,
+    hidden_val: torch.Tensor,
+    y_val: torch.Tensor,
+    prior: torch.Tensor,
+    config: GadgetTrainConfig = GadgetTrainConfig(),
+) -> Gadget:
+    """Train on tuples of precomputed hidden representations (the network is frozen by construction: only its
+    outputs are seen). The gadget with the lowest validation cross-entropy is kept; standardisation is folded."""
+    from models.tuples import sample_tuples  # tuples imports aggregation, which imports this module lazily
+
+    if hidden_train.shape[1] != spec.input_dim:
+        raise ValueError(f"gadget expects {spec.input_dim}-dim hidden representations, got {hidden_train.shape[1]}")
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    gadget = build_gadget(spec)
+    hidden_train = hidden_train.float()
+    hidden_val = hidden_val.float()
+    gadget.set_standardisation(hidden_train.mean(0), hidden_train.std(0).clamp_min(1e-3))
+    opt = torch.optim.Adam(gadget.parameters(), lr=config.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(config.steps, 1))
+    val_counts = torch.randint(1, config.n_max + 1, (config.val_tuples,), generator=gen)
+    val_batch = sample_tuples(y_val, prior, val_counts, gen)
+    best_loss, best_state = math.inf, copy.deepcopy(gadget.state_dict())
+    for step in range(1, config.steps + 1):
+        gadget.train()
+        counts = torch.randint(1, config.n_max + 1, (config.batch_tuples,), generator=gen)
+        batch = sample_tuples(y_train, prior, counts, gen)
+        perm = _shuffle_within(batch.counts, gen)  # members are exchangeable: random order
+        loss = nn.functional.cross_entropy(gadget(hidden_train[batch.index[perm]], batch.counts), batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(gadget.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        if step % config.eval_every == 0 or step == config.steps:
+            gadget.eval()
+            val = _val_loss(gadget, hidden_val, val_batch)
+            if val < best_loss:
+                best_loss, best_state = val, copy.deepcopy(gadget.state_dict())
+    gadget.load_state_dict(best_state)
+    gadget.fold_standardisation()
+    return gadget.eval()
+
+
+def _shuffle_within(counts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A permutation of member rows that shuffles rows inside each contiguous run only."""
+    seg = torch.repeat_interleave(torch.arange(len(counts)), counts.long())
+    keys = seg.double() + torch.rand(len(seg), generator=gen, dtype=torch.float64) * 0.5
+    return torch.argsort(keys)
