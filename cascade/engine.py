@@ -24,6 +24,7 @@ __all__ = [
     "target_from_utility",
     "target_from_examples",
     "dense_flops",
+    "ranking_key",
 ]
 
 
@@ -100,6 +101,18 @@ def target_from_examples(snapshot: Snapshot, examples: list[list[float]] | np.nd
     return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
 
 
+def ranking_key(log_post: torch.Tensor, target: Target) -> torch.Tensor:
+    """What clusters are ranked by. For a label target, the log-odds of the label computed from log
+    posteriors: confident clusters all have p(label) == 1.0 in float64, and ranking by that would pick among
+    hundreds of ties at random. Otherwise the expected utility."""
+    lp = log_post.double()
+    if target.label is None:
+        return lp.exp() @ torch.from_numpy(target.utility).double()
+    others = lp.clone()
+    others[:, target.label] = -torch.inf
+    return lp[:, target.label] - torch.logsumexp(others, dim=1)
+
+
 def _aggregator_flops(name: str, counts: np.ndarray, num_classes: int, gadget: torch.nn.Module | None) -> int:
     agg = get_aggregator(name)
     values, times = np.unique(counts, return_counts=True)
@@ -139,7 +152,7 @@ def run_cascade(
             post = log_post.double().exp()
             cluster_scores = post @ utility
             n_keep = k if i == len(stages) - 1 else min(stage.keep or k, len(alive))
-            top = torch.topk(cluster_scores, n_keep).indices
+            top = torch.topk(ranking_key(log_post, target), n_keep).indices
         clusters_in = len(alive)
         alive = alive[top.numpy()]
         scores, posteriors = cluster_scores[top], post[top]
@@ -184,9 +197,10 @@ def dense_oracle(snapshot: Snapshot, target: Target, k: int, batch_size: int = 8
     with torch.inference_mode():
         x = snapshot.features[torch.from_numpy(rows)]
         logits = torch.cat([dense.model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-        post = aggregate("bayes", MemberOutputs(logits), torch.from_numpy(counts), snapshot.log_prior).double().exp()
+        log_post = aggregate("bayes", MemberOutputs(logits), torch.from_numpy(counts), snapshot.log_prior)
+        post = log_post.double().exp()
         scores = post @ torch.from_numpy(target.utility).double()
-        top = torch.topk(scores, min(k, len(alive))).indices
+        top = torch.topk(ranking_key(log_post, target), min(k, len(alive))).indices
     flops = len(rows) * dense.flops.nonzero
     report = StageReport(
         variant=dense.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from cascade.config import Stage
 from cascade.engine import dense_flops, dense_oracle, run_cascade, target_from_examples, target_from_label
@@ -18,7 +19,7 @@ def test_label_queries_find_clusters_of_that_label(snapshot) -> None:
         assert (space.cluster_labels[result.cluster_ids] == label).mean() >= 0.9
         assert result.flops == sum(s.flops for s in result.stages)
         assert len(result.cluster_ids) == len(set(result.cluster_ids.tolist())) == 10
-        assert np.all(np.diff(result.scores) <= 1e-12)  # best first
+        assert np.all(np.diff(result.scores) <= 1e-9)  # best first (p(label) is monotone in the log-odds)
 
 
 def test_stage_accounting(snapshot) -> None:
@@ -91,3 +92,16 @@ def test_evaluation_report_is_consistent(snapshot) -> None:
     assert r.queries == snapshot.space.num_classes
     assert r.oracle_recall >= 0.95 and r.recall >= 0.9
     assert r.flops < r.oracle_flops and r.flops_ratio > 1
+
+
+def test_ranking_separates_clusters_whose_posteriors_saturate() -> None:
+    from cascade.engine import Target, ranking_key
+
+    # both clusters have p(label 0) == 1.0 in float64; the second is far surer than the first
+    log_post = torch.tensor([[0.0, -40.0, -40.0], [0.0, -90.0, -95.0]], dtype=torch.float64)
+    assert log_post.exp()[0, 0] == log_post.exp()[1, 0] == 1.0
+    key = ranking_key(log_post, Target(utility=np.array([1.0, 0.0, 0.0]), label=0))
+    assert key[1] > key[0]
+    # a utility target ranks by expected utility
+    key = ranking_key(log_post.log_softmax(1), Target(utility=np.array([0.0, 1.0, 0.0])))
+    assert key[0] > key[1]
