@@ -1,0 +1,104 @@
+"""`prunecascade loadtest --url URL --rates 5,10,20 --duration S --out DIR [grid options]`: open-loop load over
+a grid of cascade configurations, scored against the space's true labels and the dense oracle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import httpx
+
+from service.commands.common import settings_from
+from service.loadtest.grid import StageSpec, cascade_label, expand_grid
+from service.loadtest.session import Plan, planned_requests, run_loadtest
+from service.loadtest.target import check_target
+
+__all__ = ["register", "run"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("loadtest", help="drive a running service at constant request rates over a config grid")
+    p.add_argument("--url", default=None, help="service base URL (default: http://$PRUNECASCADE_HOST:PORT)")
+    p.add_argument("--rates", default="5,10,20", help="comma-separated request rates per second")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per (configuration, rate) point")
+    p.add_argument("--out", type=Path, required=True, help="directory for results.csv, plots and summary.txt")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--home", help="state directory (default: $PRUNECASCADE_HOME or ./var)")
+    p.add_argument("--space-dir", type=Path, help="space with the true labels (default: HOME/spaces/SPACE)")
+    p.add_argument("--labels", help="comma-separated labels to query, cycled (default: every class)")
+    g = p.add_argument_group("grid (stages separated by '/', choices by ','; omit --variants for the default)")
+    g.add_argument("--variants", help="e.g. 'cnn-s25,cnn-m10/cnn-s50/dense'")
+    g.add_argument("--samples", default="4", help="e.g. '2,4/4/10'; one group applies to every stage")
+    g.add_argument("--keep", default="-", help="e.g. '200/40/-'; '-' on the last stage (it keeps k)")
+    g.add_argument("--aggregators", default="bayes", help="e.g. 'bayes,mean_prob/bayes'")
+    g.add_argument("--with-default", action="store_true", help="also run the service's default cascade")
+    g.add_argument("--max-configs", type=int, default=64, help="refuse grids larger than this")
+    b = p.add_argument_group("bounds")
+    b.add_argument("--max-requests", type=int, default=20_000, help="refuse runs that would send more")
+    b.add_argument("--max-seconds", type=float, default=1800.0, help="start no new point after this")
+    b.add_argument("--timeout", type=float, default=10.0, help="per request, from its scheduled send")
+    b.add_argument("--max-in-flight", type=int, default=256, help="open connections at most")
+    b.add_argument("--ready-wait", type=float, default=30.0, help="seconds to wait for /readyz")
+    b.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
+    p.add_argument("--tolerance", type=float, default=0.01, help="sweet spot: recall within this of the best")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs (matplotlib not installed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--{name}: expected comma-separated numbers, got {text!r}") from None
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    settings = settings_from(args)
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    check_target(url, args.allow_remote)
+    configs: list[tuple[str, tuple[StageSpec, ...] | None]] = []
+    if args.variants:
+        grid, dropped = expand_grid(args.variants, args.samples, args.keep, args.aggregators, args.k, args.max_configs)
+        for reason in dropped:
+            print(f"skipping {reason}", file=sys.stderr)
+        configs += [(cascade_label(stages), stages) for stages in grid]
+    if not args.variants or args.with_default:
+        configs.append(("default", None))
+    if not configs:
+        raise ValueError("no valid configuration in the grid")
+    labels = tuple(int(x) for x in args.labels.split(",")) if args.labels else None
+    plan = Plan(
+        url=url.rstrip("/"),
+        rates=_floats(args.rates, "rates"),
+        duration=args.duration,
+        k=args.k,
+        configs=tuple(configs),
+        labels=labels,
+        timeout=args.timeout,
+        max_in_flight=args.max_in_flight,
+        max_requests=args.max_requests,
+        max_seconds=args.max_seconds,
+        ready_wait=args.ready_wait,
+        tolerance=args.tolerance,
+        plots=not args.no_plots,
+    )
+    planned_requests(plan)  # refuses bad rates, durations and over-budget runs before anything is sent
+    return plan
+
+
+def run(args: argparse.Namespace) -> int:
+    from cascade.space import Space
+
+    plan = build_plan(args)
+    space_dir = args.space_dir or settings_from(args).space_dir
+    space = Space.load(space_dir)
+    try:
+        result = run_loadtest(plan, space.cluster_labels, args.out, progress=not args.quiet)
+    except (RuntimeError, httpx.HTTPError) as exc:  # not ready, oracle refused, connection refused
+        print(f"prunecascade loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary, end="")
+    print("wrote " + ", ".join(str(f) for f in result.files))
+    return 1 if sum(r["errors"] for r in result.rows) else 0

@@ -1,0 +1,192 @@
+"""A whole load test: check the target, fetch the oracle's answers once, sweep configurations x rates in
+open loop within the request and time budgets, and write the CSV, plots and summary."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from service.loadtest.evaluate import ConfigSummary, summarize_configs, summarize_point
+from service.loadtest.grid import StageSpec, stages_payload
+from service.loadtest.metrics import relevant_clusters
+from service.loadtest.report import CSV_FILE, SUMMARY_FILE, summary_text, write_csv
+from service.loadtest.runner import Outcome, run_open_loop
+from service.loadtest.schedule import open_loop_schedule
+
+__all__ = ["Plan", "Result", "planned_requests", "run_loadtest"]
+
+QUERY_PATH = "/v1/query"
+
+
+@dataclass(frozen=True)
+class Plan:
+    url: str
+    rates: tuple[float, ...]
+    duration: float
+    k: int
+    configs: tuple[tuple[str, tuple[StageSpec, ...] | None], ...]  # None: the service's default cascade
+    labels: tuple[int, ...] | None = None  # None: every class, cycled
+    timeout: float = 10.0
+    max_in_flight: int = 256
+    max_requests: int = 20_000  # over the whole run, checked before anything is sent
+    max_seconds: float = 1800.0  # no new point starts after this
+    ready_wait: float = 30.0
+    tolerance: float = 0.01
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class Result:
+    rows: list[dict[str, Any]]
+    summaries: list[ConfigSummary]
+    files: list[Path]
+    summary: str
+    skipped_points: int
+
+
+def planned_requests(plan: Plan) -> int:
+    """Requests the plan sends; raises ValueError when that is over plan.max_requests or the send windows
+    alone are longer than plan.max_seconds, before anything is sent."""
+    per_config = sum(len(open_loop_schedule(r, plan.duration, plan.max_requests + 1)) for r in plan.rates)
+    total = per_config * len(plan.configs)
+    if total > plan.max_requests:
+        raise ValueError(f"the run would send {total} requests, more than --max-requests {plan.max_requests}")
+    seconds = plan.duration * len(plan.rates) * len(plan.configs)
+    if seconds > plan.max_seconds:
+        raise ValueError(f"the run would take at least {seconds:g}s, more than --max-seconds {plan.max_seconds:g}")
+    return total
+
+
+async def _get_json(client: httpx.AsyncClient, path: str) -> dict[str, Any]:
+    r = await client.get(path)
+    r.raise_for_status()
+    return r.json()
+
+
+async def _wait_ready(client: httpx.AsyncClient, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    last = "no answer"
+    while True:
+        try:
+            r = await client.get("/readyz")
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}"
+        except httpx.HTTPError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"service not ready after {seconds:g}s ({last})")
+        await asyncio.sleep(0.5)
+
+
+async def _oracle(
+    client: httpx.AsyncClient, labels: Sequence[int], k: int, samples: int, timeout: float
+) -> dict[int, list[int]]:
+    """The dense exhaustive oracle's top-k, fetched once per label (it is deterministic: it samples nothing)."""
+    stages = [{"variant": "dense", "samples": samples, "aggregator": "bayes"}]
+    answers: dict[int, list[int]] = {}
+    for label in labels:
+        body = {"target": {"label": label}, "k": k, "stages": stages, "seed": 0}
+        r = await client.post(QUERY_PATH, json=body, timeout=timeout)
+        if r.status_code != 200:
+            raise RuntimeError(f"oracle query for label {label} failed: HTTP {r.status_code} {r.text[:200]}")
+        answers[label] = [int(c["cluster_id"]) for c in r.json()["clusters"]]
+    return answers
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", leave=True, disable=not enabled)
+
+
+async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool, log: Callable[[str], None]) -> Result:
+    total = planned_requests(plan)
+    limits = httpx.Limits(max_connections=plan.max_in_flight, max_keepalive_connections=plan.max_in_flight)
+    async with httpx.AsyncClient(base_url=plan.url, limits=limits, timeout=plan.timeout, trust_env=False) as client:
+        await _wait_ready(client, plan.ready_wait)
+        info = await _get_json(client, "/v1/space")
+        if int(info["num_clusters"]) != len(cluster_labels):
+            raise ValueError(
+                f"the service has {info['num_clusters']} clusters but the local space has {len(cluster_labels)}:"
+                " pass the --space-dir the service serves, or recall@k would be meaningless"
+            )
+        labels = plan.labels if plan.labels is not None else tuple(range(int(info["num_classes"])))
+        relevant = {label: relevant_clusters(cluster_labels, label) for label in labels}
+        log(f"fetching the dense oracle's top-{plan.k} for {len(labels)} labels")
+        oracle = await _oracle(client, labels, plan.k, int(info["max_cluster_size"]), max(plan.timeout, 120.0))
+        log(f"{len(plan.configs)} configurations x {len(plan.rates)} rates, {total} requests planned")
+
+        rows: list[dict[str, Any]] = []
+        started = time.monotonic()
+        skipped = 0
+        for name, stages in plan.configs:
+            for rate in plan.rates:
+                if time.monotonic() - started > plan.max_seconds:
+                    skipped += 1
+                    continue
+                offsets = open_loop_schedule(rate, plan.duration, plan.max_requests)
+                base: dict[str, Any] = {"k": plan.k}
+                if stages is not None:
+                    base["stages"] = stages_payload(stages)
+
+                def make(i: int, base: dict[str, Any] = base) -> tuple[str, dict[str, Any]]:
+                    return QUERY_PATH, {**base, "target": {"label": labels[i % len(labels)]}, "seed": i}
+
+                bar = _progress_bar(len(offsets), f"{name} @ {rate:g}/s", progress)
+                errors = 0
+
+                def done(o: Outcome, bar: Any = bar) -> None:
+                    nonlocal errors
+                    errors += 0 if o.ok else 1
+                    bar.update()
+                    if not o.ok:
+                        bar.set_postfix_str(f"errors {errors}")
+
+                run = await run_open_loop(client, offsets, make, plan.timeout, plan.max_in_flight, done)
+                bar.close()
+                row = summarize_point(
+                    name, rate, plan.duration, plan.k, run, lambda i: labels[i % len(labels)], relevant, oracle
+                )
+                rows.append(row)
+                log(
+                    f"  {name} @ {rate:g}/s: {row['ok']}/{row['sent']} ok, p99 {row['p99_ms']:.1f} ms,"
+                    f" recall@{plan.k} {row['recall_at_k']:.3f}"
+                )
+    summaries = summarize_configs(rows, plan.tolerance)
+    header = [
+        f"prunecascade load test: {plan.url}  k={plan.k}  {plan.duration:g}s per point  labels {len(labels)}",
+        f"sent {sum(r['sent'] for r in rows)}, errors {sum(r['errors'] for r in rows)}"
+        + (f", {skipped} points skipped (--max-seconds)" if skipped else ""),
+    ]
+    text = summary_text(summaries, plan.rates, header)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / CSV_FILE, out / SUMMARY_FILE]
+    write_csv(rows, out / CSV_FILE)
+    (out / SUMMARY_FILE).write_text(text)
+    if plan.plots and rows:
+        from service.loadtest.plots import plot_results
+
+        files += plot_results(rows, summaries, out)
+    return Result(rows, summaries, files, text, skipped)
+
+
+def run_loadtest(
+    plan: Plan,
+    cluster_labels: np.ndarray,
+    out: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Result:
+    """Blocking entry point; every request is bounded by plan.timeout, the run by plan.max_requests."""
+    if any(not (r > 0 and math.isfinite(r)) for r in plan.rates):
+        raise ValueError(f"rates must be positive, got {plan.rates}")
+    return asyncio.run(_run(plan, cluster_labels, out, progress, log))
