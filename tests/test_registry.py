@@ -27,8 +27,20 @@ def test_register_load_round_trip(tmp_path) -> None:
     assert loaded.manifest == m
     # every key the foundation issue names is in the manifest file
     keys = json.loads((tmp_path / "tiny" / "1" / MANIFEST_FILE).read_text()).keys()
-    for key in ("name", "version", "spec", "parent", "method", "keep", "flops_dense_kernel", "flops_nonzero",
-                "accuracy", "output_deviation", "sha256", "created_at"):
+    for key in (
+        "name",
+        "version",
+        "spec",
+        "parent",
+        "method",
+        "keep",
+        "flops_dense_kernel",
+        "flops_nonzero",
+        "accuracy",
+        "output_deviation",
+        "sha256",
+        "created_at",
+    ):
         assert key in keys
 
 

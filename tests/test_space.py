@@ -54,6 +54,7 @@ def test_sampling_all_members_when_n_exceeds_size() -> None:
     rows, counts = sample_members(space.offsets, np.array([2, 0]), 100, np.random.default_rng(0))
     expected = np.r_[np.arange(space.offsets[2], space.offsets[3]), np.arange(space.offsets[0], space.offsets[1])]
     np.testing.assert_array_equal(rows, expected)
+    np.testing.assert_array_equal(counts, space.sizes[[2, 0]])
 
 
 def test_index_finds_the_cluster_of_an_item_and_round_trips(tmp_path) -> None:
@@ -67,7 +68,9 @@ def test_index_finds_the_cluster_of_an_item_and_round_trips(tmp_path) -> None:
     index.save(tmp_path)
     space.save(tmp_path)
     again = ClusterIndex.load(tmp_path)
-    np.testing.assert_array_equal(again.nearest_clusters(centroids[[5, 9]], 4), index.nearest_clusters(centroids[[5, 9]], 4))
+    np.testing.assert_array_equal(
+        again.nearest_clusters(centroids[[5, 9]], 4), index.nearest_clusters(centroids[[5, 9]], 4)
+    )
     loaded = Space.load(tmp_path)
     np.testing.assert_array_equal(loaded.features, space.features)
     assert loaded.meta == space.meta

@@ -8,6 +8,7 @@ from models.data import Splits
 from models.evaluation import accuracy, output_deviation
 from models.manifest import Manifest
 from models.pruning.api import prune
+from models.pruning.budgets import BudgetRule
 from models.pruning.masks import Scope
 from models.pruning.registry import Calibration, get_method
 from models.registry import ModelRegistry
@@ -32,6 +33,7 @@ def prune_and_register(
     *,
     scope: Scope = "global",
     reweight: bool = False,
+    budget: BudgetRule = "uniform",
     finetune_epochs: int = 0,
     calibration_size: int = 512,
     seed: int = 0,
@@ -41,11 +43,10 @@ def prune_and_register(
     """`parent` is a model name (its active version) or `name:version`."""
     name, _, version = parent.partition(":")
     dense = registry.load(name, int(version) if version else None)
-    calibration = (
-        calibration_from(splits, calibration_size, seed) if get_method(method).needs_data or reweight else None
-    )
+    needs_calibration = get_method(method).needs_data or reweight or budget != "uniform"
+    calibration = calibration_from(splits, calibration_size, seed) if needs_calibration else None
     torch.manual_seed(seed)
-    pruned = prune(dense.model, method, keep, calibration, scope=scope, reweight=reweight)
+    pruned = prune(dense.model, method, keep, calibration, scope=scope, reweight=reweight, budget=budget)
     if finetune_epochs > 0:
         config = TrainConfig(epochs=finetune_epochs, patience=finetune_epochs, seed=seed, progress=progress)
         train_classifier(
@@ -63,6 +64,7 @@ def prune_and_register(
         extra={
             "scope": scope,
             "reweight": reweight,
+            "budget": budget,
             "finetune_epochs": finetune_epochs,
             "calibration_size": calibration_size if calibration is not None else 0,
             "seed": seed,

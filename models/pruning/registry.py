@@ -38,19 +38,38 @@ class PruningMethod:
     needs_data: bool
     needs_labels: bool
     summary: str
+    wants_keep: bool = False
+    builds_network: bool = False
+    compensate: Callable[..., dict[str, torch.Tensor]] | None = None
 
 
 METHODS: dict[str, PruningMethod] = {}
 
 
 def register_method(
-    name: str, *, kind: MethodKind, needs_data: bool = True, needs_labels: bool = False
+    name: str,
+    *,
+    kind: MethodKind,
+    needs_data: bool = True,
+    needs_labels: bool = False,
+    wants_keep: bool = False,
+    builds_network: bool = False,
+    compensate: Callable[..., dict[str, torch.Tensor]] | None = None,
 ) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Extensions of the base interface, all optional:
+    - `wants_keep` (unstructured): the score function also receives `keep=` and `scope=` (iterative methods).
+    - `builds_network` (structured): `select(model, calibration, budgets, reweight=)` returns the pruned
+      network itself (methods that prune layer by layer on the partially pruned network).
+    - `compensate` (unstructured): `compensate(model, calibration, masks) -> {bias name: shift}`, computed
+      on the unpruned model and added to the biases after the masks are applied."""
+
     def decorate(fn: Callable[..., object]) -> Callable[..., object]:
         if name in METHODS:
             raise ValueError(f"pruning method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        METHODS[name] = PruningMethod(name, kind, fn, needs_data, needs_labels, summary)
+        METHODS[name] = PruningMethod(
+            name, kind, fn, needs_data, needs_labels, summary, wants_keep, builds_network, compensate
+        )
         return fn
 
     return decorate
@@ -71,7 +90,7 @@ def list_methods() -> list[PruningMethod]:
 
 def _load_builtin_methods() -> None:
     """Importing the method modules runs their decorators."""
-    from models.pruning import structured, unstructured  # noqa: F401
+    from models.pruning import elimination, greedy, structured, unstructured  # noqa: F401
 
 
 ScoreFn = Callable[[Classifier, Calibration], dict[str, torch.Tensor]]

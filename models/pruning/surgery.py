@@ -13,7 +13,15 @@ from torch import nn
 
 from models.networks import Classifier, build_network
 
-__all__ = ["LayerProblem", "layer_inputs", "layer_problem", "columns_of", "least_squares_weights", "shrink"]
+__all__ = [
+    "LayerProblem",
+    "layer_inputs",
+    "layer_problem",
+    "columns_of",
+    "least_squares_weights",
+    "shrink",
+    "shrink_layer",
+]
 
 
 @torch.no_grad()
@@ -127,6 +135,36 @@ def shrink(
         b = old.bias.detach()
         if j < len(kept):
             w, b = w[kept[j]], b[kept[j]]
+        fresh.weight.copy_(w.reshape(fresh.weight.shape))
+        fresh.bias.copy_(b)
+    new.eval()
+    return new
+
+
+@torch.no_grad()
+def shrink_layer(model: Classifier, i: int, kept: torch.Tensor, next_weight: torch.Tensor | None = None) -> Classifier:
+    """A new network with only prunable layer `i` shrunk to units `kept`; the next layer gets `next_weight`
+    (out x kept columns, e.g. least-squares weights) or the slice of its own columns. Used by the methods that
+    prune layer by layer on the partially pruned network."""
+    layers = model.weight_layers()
+    kept = torch.as_tensor(kept, dtype=torch.long).sort().values
+    widths = list(model.spec.widths)
+    if len(kept) == 0 or int(kept.max()) >= widths[i] or len(torch.unique(kept)) != len(kept):
+        raise ValueError(f"layer {i}: kept units must be distinct indices in [0, {widths[i]}) and not empty")
+    group = _group(model, i)
+    widths[i] = len(kept)
+    new = build_network(model.spec.with_widths(widths))
+    for j, (old, fresh) in enumerate(zip(layers, new.weight_layers(), strict=True)):
+        w, b = old.weight.detach(), old.bias.detach()
+        if j == i:
+            w, b = w[kept], b[kept]
+        elif j == i + 1:
+            if next_weight is not None:
+                w = next_weight.to(w.dtype)
+            elif isinstance(old, nn.Linear):
+                w = w[:, columns_of(kept, group)]
+            else:
+                w = w[:, kept]
         fresh.weight.copy_(w.reshape(fresh.weight.shape))
         fresh.bias.copy_(b)
     new.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from models.pruning.budgets import BUDGET_RULES
 from models.pruning.pipeline import prune_and_register
 from service.commands.common import add_home, registry_from, splits_for
 
@@ -19,7 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True, help="registry name of the result")
     p.add_argument("--scope", choices=["global", "layer"], default="global")
     p.add_argument("--reweight", action="store_true", help="least-squares reweighting of the next layer")
-    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument(
+        "--budget",
+        choices=list(BUDGET_RULES),
+        default="uniform",
+        help="structured: units per layer (uniform fraction, or equal greedy reconstruction error at equal FLOPs)",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs after pruning (off)")
     p.add_argument("--calibration-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-activate", action="store_true")
@@ -40,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         splits,
         scope=args.scope,
         reweight=args.reweight,
+        budget=args.budget,
         finetune_epochs=args.finetune_epochs,
         calibration_size=args.calibration_size,
         seed=args.seed,
