@@ -37,6 +37,7 @@ MANIFEST_FILE = "manifest.json"
 GADGET_WEIGHTS_FILE = "gadget.safetensors"
 GADGET_SPEC_FILE = "gadget.json"
 _ACTIVE = "ACTIVE"
+_HISTORY = "HISTORY"
 
 
 class RegistryError(LookupError):
@@ -227,9 +228,62 @@ class ModelRegistry:
             os.replace(f, target / f.name)
         return manifest
 
-    def activate(self, name: str, version: int) -> None:
+    def activate(self, name: str, version: int, record: bool = True) -> None:
+        """Make `version` active; `record` appends it to the activation history that `rollback` walks."""
         self.entry_dir(name, version)  # raises for an unknown version
         _write_atomic(self.root / name / _ACTIVE, f"{version}\n")
+        if record:
+            history = self.history(name)
+            if not history or history[-1] != version:
+                self._write_history(name, [*history, version][-100:])
+
+    def history(self, name: str) -> list[int]:
+        """Versions in the order they were activated (most recent last), capped at 100."""
+        f = self.root / name / _HISTORY
+        if not f.exists():
+            return []
+        try:
+            return [int(v) for v in json.loads(f.read_text())]
+        except (ValueError, TypeError):
+            return []
+
+    def _write_history(self, name: str, history: list[int]) -> None:
+        _write_atomic(self.root / name / _HISTORY, json.dumps(history))
+
+    def rollback_target(self, name: str, current: int) -> int | None:
+        """The version active before `current` that still exists; else the highest existing one below it."""
+        existing = set(self.versions(name))
+        history = self.history(name)
+        while history and history[-1] == current:
+            history.pop()
+        for v in reversed(history):
+            if v in existing and v != current:
+                return v
+        older = [v for v in existing if v < current]
+        return max(older) if older else None
+
+    def rollback(self, name: str, current: int, target: int) -> None:
+        """Activate `target`, dropping `current` (and anything after `target`) from the history."""
+        history = self.history(name)
+        while history and history[-1] != target:
+            history.pop()
+        self._write_history(name, history or [target])
+        self.activate(name, target, record=False)
+
+    def stage_files(self, name: str, files: dict[str, bytes], fields: dict[str, Any]) -> Manifest:
+        """Store already-validated file contents as the next (inactive) version of `name`."""
+        if not re.match(NAME_PATTERN, name):
+            raise ValueError(f"invalid model name {name!r}")
+        if MANIFEST_FILE in files or any("/" in f or f.startswith(".") for f in files):
+            raise ValueError("invalid file names for a registry entry")
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".staging-"))
+        try:
+            for fname, data in files.items():
+                (staging / fname).write_bytes(data)
+            return self.commit_staged(staging, {**fields, "name": name})
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def delete(self, name: str, version: int) -> None:
         if self.active_version(name) == version:

@@ -1,5 +1,6 @@
-"""`create_app(settings)`: routers, error handlers, the body limit, and the snapshot loaded in the background
-so that /healthz answers at once and /readyz turns true when models and index are in memory."""
+"""`create_app(settings)`: routers, error handlers, middleware (request id + JSON access log, metrics, body
+limit), the result cache and, with Redis, the shared registry state. The snapshot loads in the background so
+that /healthz answers at once and /readyz turns true when models and index are in memory."""
 
 from __future__ import annotations
 
@@ -10,24 +11,49 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
+from service.cache import LocalCache, RedisCache
 from service.errors import BodySizeLimit, install_error_handlers
-from service.routes import catalog, health, query
+from service.logs import RequestIdMiddleware, setup_logging
+from service.metrics import Metrics, MetricsMiddleware
+from service.redis_link import RedisLink
+from service.routes import admin, catalog, health, metrics, query
 from service.settings import Settings
+from service.shared_state import SharedState
 from service.state import ServiceState
 
 __all__ = ["create_app"]
 
+log = logging.getLogger("prunecascade")
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(settings.log_level, settings.log_json)
     torch.set_num_threads(settings.torch_threads)
-    state = ServiceState(settings)
+    state = ServiceState(settings, Metrics())
+    link: RedisLink | None = None
+    if settings.redis_url:
+        link = RedisLink(
+            settings.redis_url, settings.redis_prefix, settings.redis_timeout_s, settings.redis_retry_s, state.metrics
+        )
+        if settings.cache_enabled:
+            state.cache = RedisCache(link, settings.cache_ttl_s, state.metrics)
+        state.shared = SharedState(link, state, settings.reconcile_interval_s)
+    elif settings.cache_enabled:
+        state.cache = LocalCache(settings.cache_ttl_s, settings.cache_max_entries, state.metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.load_in_background()
+        if state.shared is not None:
+            state.shared.start()  # waits for the first load, then reconciles with Redis
+        if settings.resolved_admin_token() is None:
+            log.warning("no admin token configured: the admin routes answer 403")
         yield
+        if state.shared is not None:
+            state.shared.stop()
+        if link is not None:
+            link.close()
 
     app = FastAPI(
         title="prunecascade",
@@ -37,7 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = state
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for router in (health.router, catalog.router, query.router):
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/admin/models": settings.max_upload_bytes}
+    )
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware)
+    for router in (health.router, metrics.router, catalog.router, query.router, admin.router):
         app.include_router(router)
     return app

@@ -8,7 +8,7 @@ import sys
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ["bootstrap", "serve", "train", "prune", "methods", "evaluate", "tuples", "loadtest"]
+COMMANDS = ["bootstrap", "serve", "train", "prune", "methods", "evaluate", "tuples", "loadtest", "push"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,9 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.snapshot import StageError
+from models.registry import RegistryError
+from service.checkpoints import UploadError
+from service.state import ConflictError
 
 __all__ = ["install_error_handlers", "BodySizeLimit", "field_error"]
 
@@ -24,6 +27,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def stage_error(_request: Request, exc: StageError) -> JSONResponse:
         return field_error(422, exc.field, exc.message)
 
+    @app.exception_handler(UploadError)
+    async def upload_error(_request: Request, exc: UploadError) -> JSONResponse:
+        return field_error(exc.status, exc.field, exc.message)
+
+    @app.exception_handler(RegistryError)
+    async def registry_error(_request: Request, exc: RegistryError) -> JSONResponse:
+        return field_error(404, "name", str(exc.args[0]) if exc.args else "not found", "not_found")
+
+    @app.exception_handler(ConflictError)
+    async def conflict_error(_request: Request, exc: ConflictError) -> JSONResponse:
+        return field_error(409, "", str(exc), "conflict")
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         """Without echoing the input back: a NaN in it would make the error itself unserialisable."""
@@ -33,16 +48,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
 class BodySizeLimit:
     """Pure ASGI, so the body is never read twice: refuse by Content-Length before reading, or buffer a
-    chunked body up to the limit."""
+    chunked body up to the limit. `per_path` raises the limit for given exact paths (checkpoint uploads)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.default_max = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope.get("path", ""), self.default_max)
+        await _Limited(self.app, limit)(scope, receive, send)
+
+
+class _Limited:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             status = 413 if declared.isdigit() else 400

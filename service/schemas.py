@@ -18,6 +18,9 @@ __all__ = [
     "CascadeOut",
     "ModelsOut",
     "SpaceOut",
+    "UploadOut",
+    "ActivateRequest",
+    "AdminStateOut",
 ]
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -78,6 +81,7 @@ class QueryResponse(BaseModel):
     target_flops: int = Field(description="dense passes spent turning examples into a target")
     latency_ms: float
     snapshot_id: str
+    cached: bool = Field(False, description="served from the result cache (same query, same snapshot)")
 
 
 class CascadeOut(BaseModel):
@@ -97,3 +101,27 @@ class SpaceOut(BaseModel):
     input_dim: int
     max_cluster_size: int
     snapshot_id: str
+
+
+class UploadOut(BaseModel):
+    """A stored, still inactive version; FLOPs and accuracy are the server's own measurements."""
+
+    name: str
+    version: int
+    sha256: str
+    flops_dense_kernel: int
+    flops_nonzero: int
+    accuracy: float
+    active: bool
+
+
+class ActivateRequest(BaseModel):
+    model_config = _STRICT
+
+    version: int | None = Field(None, ge=1, le=2**31 - 1, description="default: the newest version")
+
+
+class AdminStateOut(BaseModel):
+    snapshot_id: str
+    active: dict[str, int] = Field(description="the active version of every model")
+    served: dict[str, int] = Field(description="the versions the current snapshot serves (those fitting the space)")

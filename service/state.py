@@ -1,43 +1,76 @@
-"""The service's one piece of mutable state: the current snapshot, replaced whole under a lock."""
+"""The service's one piece of mutable state: the current snapshot, replaced whole. Every change (activation,
+rollback, a new default cascade, adopting the shared state) builds a complete candidate snapshot first and
+only then writes to disk and swaps, under one lock, so nothing is ever half-applied and a query that already
+holds the old snapshot finishes on it."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cascade.config import CONFIG_FILE, CascadeConfig
-from cascade.snapshot import Snapshot, load_snapshot
-from models.registry import ModelRegistry
+from cascade.snapshot import Snapshot, StageError, Variant, build_snapshot, load_snapshot
+from models.registry import ModelRegistry, RegistryError
+from service.metrics import Metrics
 from service.settings import Settings
 
-__all__ = ["ServiceState"]
+if TYPE_CHECKING:
+    from service.cache import ResultCache
+    from service.shared_state import SharedState
+
+__all__ = ["ServiceState", "ConflictError"]
 
 log = logging.getLogger("prunecascade")
 
 
+class ConflictError(ValueError):
+    """The change contradicts the current state (deleting the active version, nothing to roll back to)."""
+
+
 class ServiceState:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.registry = ModelRegistry(settings.registry_dir)
         self._snapshot: Snapshot | None = None
-        self._lock = threading.Lock()
+        self._active: dict[str, int] = {}
+        self.lock = threading.RLock()
         self.load_error: str | None = None
+        self.shared: SharedState | None = None  # set when Redis is configured
+        self.cache: ResultCache | None = None
+        self.loaded = threading.Event()
+        self.generation = 0  # bumped by every local change; a reconcile that read Redis before it stands down
 
     @property
     def snapshot(self) -> Snapshot | None:
         return self._snapshot
 
+    @property
+    def active(self) -> dict[str, int]:
+        """The active version of every name (including names that do not fit the served space)."""
+        return dict(self._active)
+
+    @property
+    def config_path(self) -> Path:
+        return self.settings.home / CONFIG_FILE
+
+    # -- loading and swapping ----------------------------------------------------------------------------------
     def load(self) -> Snapshot:
         """Build a snapshot from disk and make it current; readers holding the old one keep it."""
-        config = CascadeConfig.load(self.settings.home / CONFIG_FILE)
-        snapshot = load_snapshot(self.registry, self.settings.space_dir, config)
-        with self._lock:
-            self._snapshot = snapshot
+        with self.lock:
+            config = CascadeConfig.load(self.config_path)
+            snapshot = load_snapshot(self.registry, self.settings.space_dir, config)
+            self._active = {n: v for n in self.registry.names() if (v := self.registry.active_version(n)) is not None}
+            self._swap(snapshot, "load")
         log.info(
             "snapshot %s loaded: %s",
             snapshot.id,
             ", ".join(f"{v.name}:{v.version}" for v in snapshot.variants.values()),
         )
+        self.loaded.set()
         return snapshot
 
     def load_in_background(self) -> threading.Thread:
@@ -51,3 +84,140 @@ class ServiceState:
         thread = threading.Thread(target=run, name="snapshot-loader", daemon=True)
         thread.start()
         return thread
+
+    def _swap(self, snapshot: Snapshot, reason: str) -> None:
+        previous = self._snapshot
+        self._snapshot = snapshot  # one reference assignment: readers see the old or the new, never a mix
+        if previous is None or previous.id != snapshot.id:
+            self.metrics.swaps.labels(reason=reason).inc()
+        self.metrics.set_active(
+            {v.name: (v.version, v.manifest.sha256) for v in snapshot.variants.values()}, snapshot.id
+        )
+
+    def require_snapshot(self) -> Snapshot:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise ConflictError("models and index are still loading")
+        return snapshot
+
+    def candidate(self, active: Mapping[str, int], config: CascadeConfig, strict: str | None = None) -> Snapshot:
+        """A complete snapshot for `active` + `config`, reusing already-loaded models. `strict` names a model
+        that must fit the space (the one being activated); others that do not fit are left out, as at load."""
+        current = self.require_snapshot()
+        space = current.space
+        variants: dict[str, Variant] = {}
+        for name, version in sorted(active.items()):
+            old = current.variants.get(name)
+            if old is not None and old.version == version:
+                variants[name] = old
+                continue
+            spec = self.registry.manifest(name, version).network_spec
+            if spec.input_dim != space.input_dim or spec.num_classes != space.num_classes:
+                if name == strict:
+                    raise StageError(
+                        "version",
+                        f"{name}:{version} takes {spec.input_dim} inputs / {spec.num_classes} classes; the space "
+                        f"has {space.input_dim} / {space.num_classes}",
+                    )
+                continue
+            loaded = self.registry.load(name, version)
+            variants[name] = Variant(loaded.model, loaded.manifest, loaded.gadget)
+        return build_snapshot(space, current.index, variants, config)
+
+    # -- changes (each: candidate first, then disk, then swap, then tell the other replicas) -------------------
+    def activate(self, name: str, version: int | None = None, reason: str = "activate") -> Snapshot:
+        with self.lock:
+            versions = self.registry.versions(name)
+            if not versions:
+                raise RegistryError(f"unknown model {name!r}")
+            version = max(versions) if version is None else version
+            if version not in versions:
+                raise RegistryError(f"model {name!r} has no version {version}")
+            current = self.require_snapshot()
+            snapshot = self.candidate({**self._active, name: version}, current.config, strict=name)
+            self.registry.activate(name, version)
+            self._active[name] = version
+            self._swap(snapshot, reason)
+            self._changed(name)
+        self._push()
+        return snapshot
+
+    def rollback(self, name: str) -> Snapshot:
+        with self.lock:
+            current_version = self._active.get(name)
+            if current_version is None:
+                raise RegistryError(
+                    f"model {name!r} has no active version"
+                    if self.registry.versions(name)
+                    else f"unknown model {name!r}"
+                )
+            target = self.registry.rollback_target(name, current_version)
+            if target is None:
+                raise ConflictError(f"{name}:{current_version} has no earlier version to roll back to")
+            snapshot = self.candidate({**self._active, name: target}, self.require_snapshot().config, strict=name)
+            self.registry.rollback(name, current_version, target)
+            self._active[name] = target
+            self._swap(snapshot, "rollback")
+            self._changed(name)
+        self._push()
+        return snapshot
+
+    def delete(self, name: str, version: int) -> None:
+        with self.lock:
+            if self._active.get(name) == version or self.registry.active_version(name) == version:
+                raise ConflictError(f"{name}:{version} is active; activate another version first")
+            snapshot = self._snapshot
+            if snapshot is not None and (v := snapshot.variants.get(name)) is not None and v.version == version:
+                raise ConflictError(f"{name}:{version} is being served; activate another version first")
+            self.registry.entry_dir(name, version)  # RegistryError for an unknown one
+            self.registry.delete(name, version)
+
+    def set_cascade(self, config: CascadeConfig) -> Snapshot:
+        with self.lock:
+            snapshot = self.candidate(self._active, config)
+            config.save(self.config_path)
+            self._swap(snapshot, "cascade")
+            self._changed(None)
+        self._push()
+        return snapshot
+
+    def adopt(self, active: Mapping[str, int], config: CascadeConfig | None, generation: int | None = None) -> bool:
+        """Converge on the shared state read while `generation` was current (a local change since then wins;
+        it is being pushed). Names whose version is not in local storage yet are kept as they are (retried at
+        the next reconcile). Returns whether anything changed."""
+        with self.lock:
+            if generation is not None and generation != self.generation:
+                return False
+            dirty_names, dirty_cascade = self.shared.dirty() if self.shared is not None else (set(), False)
+            current = self.require_snapshot()
+            wanted = dict(self._active)
+            for name, version in active.items():
+                if name in dirty_names:
+                    continue  # a local change not pushed yet wins over what Redis still says
+                if version in self.registry.versions(name):
+                    wanted[name] = version
+                elif wanted.get(name) != version:
+                    log.warning("shared state names %s:%s, not in local storage yet", name, version)
+            config = current.config if config is None or dirty_cascade else config
+            if wanted == self._active and config == current.config:
+                return False
+            snapshot = self.candidate(wanted, config)
+            for name, version in wanted.items():
+                if self.registry.active_version(name) != version:
+                    self.registry.activate(name, version, record=False)
+            if config != current.config:
+                config.save(self.config_path)
+            self._active = wanted
+            self._swap(snapshot, "reconcile")
+        log.info("converged on shared state: snapshot %s", snapshot.id)
+        return True
+
+    def _changed(self, name: str | None) -> None:
+        """Called under the lock by every local change: remembered as dirty (for Redis) in the same step."""
+        self.generation += 1
+        if self.shared is not None:
+            self.shared.mark_dirty(name)
+
+    def _push(self) -> None:
+        if self.shared is not None:
+            self.shared.push()

@@ -18,7 +18,6 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 # Settings fields that issue 5 adds; until then they may be named by the deployment files.
-COMING_WITH_ISSUE_5 = frozenset({"REDIS_URL", "ADMIN_TOKEN", "ADMIN_TOKEN_FILE"})
 PREFIX = "PRUNECASCADE_"
 DEFAULT_PORT = Settings.model_fields["port"].default
 KNOWN_COMMANDS = {"serve", "bootstrap"}  # the contract's commands the deployment runs
@@ -28,7 +27,7 @@ def _known_env(name: str) -> bool:
     if not name.startswith(PREFIX):
         return False
     field = name.removeprefix(PREFIX)
-    return field.lower() in Settings.model_fields or field in COMING_WITH_ISSUE_5
+    return field.lower() in Settings.model_fields
 
 
 def _dockerfile() -> list[tuple[str, str]]:

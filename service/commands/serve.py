@@ -28,5 +28,10 @@ def run(args: argparse.Namespace) -> int:
     settings = settings.model_copy(update=overrides)
     if args.bootstrap:
         bootstrap(settings.home)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    # log_config=None: uvicorn's own loggers propagate to the JSON handler `create_app` installs; the access
+    # line is written by service.logs (with the request id), so uvicorn's is off.
+    app = create_app(settings)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None, access_log=False
+    )
     return 0

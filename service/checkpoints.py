@@ -1,0 +1,209 @@
+"""Validation of an uploaded checkpoint, all of it before anything is written: checksum, safetensors format
+(pickles are refused, never unpickled), tensors against the spec, finiteness, fit to the space, FLOPs
+recomputed here, and the accuracy gate on the space's probe set. Each failure names the part at fault."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load as load_safetensors
+
+from cascade.bootstrap import PROBE_FILE
+from cascade.snapshot import Snapshot
+from models.evaluation import accuracy
+from models.flops import count_flops
+from models.manifest import Manifest, utc_now
+from models.networks import Classifier, build_network
+from models.registry import GADGET_SPEC_FILE, GADGET_WEIGHTS_FILE, WEIGHTS_FILE, state_dict_for_saving
+
+__all__ = ["UploadError", "ValidatedUpload", "GatePolicy", "validate_upload", "load_probe"]
+
+_PICKLE_HINT = "pickled checkpoints (.pt/.pth/.pkl) are refused and never unpickled; save with safetensors"
+
+
+class UploadError(ValueError):
+    def __init__(self, status: int, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.status = status
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    accuracy_floor: float
+    max_accuracy_drop: float | None
+    flops_tolerance: float
+
+
+@dataclass(frozen=True)
+class ValidatedUpload:
+    name: str
+    files: dict[str, bytes]
+    fields: dict[str, Any]
+    """Manifest fields as the server measured them (version is assigned when stored)."""
+
+
+def load_probe(space_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    f = space_dir / PROBE_FILE
+    if not f.exists():
+        return None
+    with np.load(f, allow_pickle=False) as data:
+        return data["x"].astype(np.float32), data["y"]
+
+
+def _parse_manifest(raw: bytes) -> Manifest:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UploadError(422, "manifest", f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UploadError(422, "manifest", "must be a JSON object")
+    data = {k: v for k, v in data.items() if k not in ("version", "created_at")}  # assigned by the server
+    try:
+        return Manifest(**{**data, "version": 1})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise UploadError(422, f"manifest.{loc}" if loc else "manifest", err["msg"]) from None
+    except (TypeError, ValueError) as exc:
+        raise UploadError(422, "manifest", str(exc)) from None
+
+
+def _parse_safetensors(raw: bytes, field: str) -> dict[str, torch.Tensor]:
+    if raw[:1] == b"\x80" or raw[:4] == b"PK\x03\x04":
+        raise UploadError(415, field, f"looks like a pickle or a torch zip archive: {_PICKLE_HINT}")
+    try:
+        tensors = load_safetensors(raw)
+    except Exception as exc:  # safetensors raises its own error types for every malformed header
+        raise UploadError(415, field, f"not a safetensors file ({type(exc).__name__}); {_PICKLE_HINT}") from None
+    return dict(tensors)
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], field: str) -> None:
+    """Same names, shapes and dtypes as the module built from the spec, and every value finite."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise UploadError(422, field, f"missing tensor(s) the spec needs: {missing[:5]}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise UploadError(422, field, f"tensor(s) the spec does not have: {unexpected[:5]}")
+    for name, want in expected.items():
+        got = tensors[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise UploadError(422, field, f"{name}: shape {list(got.shape)} but the spec needs {list(want.shape)}")
+        if got.dtype != want.dtype:
+            raise UploadError(422, field, f"{name}: dtype {got.dtype} but the spec needs {want.dtype}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise UploadError(422, field, f"{name}: contains NaN or Inf")
+
+
+def _check_flops(manifest: Manifest, model: Classifier, tolerance: float) -> tuple[int, int]:
+    flops = count_flops(model, model.spec.input_dim)
+    for key, measured in (("flops_dense_kernel", flops.dense_kernel), ("flops_nonzero", flops.nonzero)):
+        claimed = getattr(manifest, key)
+        if abs(claimed - measured) > tolerance * max(measured, 1):
+            raise UploadError(422, f"manifest.{key}", f"claims {claimed} but the weights cost {measured} FLOPs")
+    return flops.dense_kernel, flops.nonzero
+
+
+def _gadget_files(gadget: bytes, gadget_spec: bytes | None, model: Classifier, num_classes: int) -> dict[str, bytes]:
+    from models.gadget import GadgetSpec, build_gadget
+
+    if gadget_spec is None:
+        raise UploadError(422, "gadget_spec", "a gadget needs its gadget.json (spec and sha256) beside it")
+    try:
+        meta = json.loads(gadget_spec)
+        spec = GadgetSpec.from_dict(meta["spec"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise UploadError(422, "gadget_spec", f"not a valid gadget.json: {exc}") from None
+    digest = hashlib.sha256(gadget).hexdigest()
+    if meta.get("sha256") not in (None, digest):
+        raise UploadError(422, "gadget_spec.sha256", "does not match the gadget bytes")
+    if spec.input_dim != model.spec.hidden_dim or spec.num_classes != num_classes:
+        raise UploadError(
+            422,
+            "gadget_spec.spec",
+            f"gadget reads {spec.input_dim}-d h into {spec.num_classes} classes; the network gives "
+            f"{model.spec.hidden_dim}-d h and {num_classes} classes",
+        )
+    module = build_gadget(spec)
+    tensors = _parse_safetensors(gadget, "gadget")
+    _check_tensors(tensors, state_dict_for_saving(module), "gadget")
+    stored = {
+        "spec": spec.to_dict(),
+        "flops_per_n": {str(n): spec.flops(n) for n in (1, 2, 4, 8, 16, 32)},
+        "sha256": digest,
+        "created_at": utc_now(),
+        "extra": meta.get("extra", {}) if isinstance(meta.get("extra", {}), dict) else {},
+    }
+    return {GADGET_WEIGHTS_FILE: gadget, GADGET_SPEC_FILE: json.dumps(stored, indent=2).encode()}
+
+
+def validate_upload(
+    manifest_raw: bytes,
+    weights: bytes,
+    gadget: bytes | None,
+    gadget_spec: bytes | None,
+    snapshot: Snapshot,
+    probe: tuple[np.ndarray, np.ndarray] | None,
+    policy: GatePolicy,
+) -> ValidatedUpload:
+    manifest = _parse_manifest(manifest_raw)
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != manifest.sha256:
+        raise UploadError(422, "manifest.sha256", f"does not match the weights (they hash to {digest})")
+    tensors = _parse_safetensors(weights, "weights")
+    spec = manifest.network_spec
+    space = snapshot.space
+    if spec.input_dim != space.input_dim:
+        raise UploadError(422, "manifest.spec.input_dim", f"{spec.input_dim}, the space has {space.input_dim}")
+    if spec.num_classes != space.num_classes:
+        raise UploadError(422, "manifest.spec.num_classes", f"{spec.num_classes}, the space has {space.num_classes}")
+    model = build_network(spec)
+    _check_tensors(tensors, state_dict_for_saving(model), "weights")
+    model.load_state_dict(tensors, strict=True)
+    model.eval()
+    dense_kernel, nonzero = _check_flops(manifest, model, policy.flops_tolerance)
+
+    files = {WEIGHTS_FILE: weights}
+    if gadget is not None:
+        files.update(_gadget_files(gadget, gadget_spec, model, space.num_classes))
+    elif gadget_spec is not None:
+        raise UploadError(422, "gadget", "gadget_spec was given without the gadget weights")
+
+    measured: float | None = None
+    if probe is not None:
+        x, y = probe
+        measured = accuracy(model, x, y)
+        if measured < policy.accuracy_floor:
+            raise UploadError(
+                422, "weights", f"probe accuracy {measured:.4f} is below the floor {policy.accuracy_floor:.4f}"
+            )
+        current = snapshot.variants.get(manifest.name)
+        if current is not None and policy.max_accuracy_drop is not None:
+            baseline = accuracy(current.model, x, y)
+            if measured < baseline - policy.max_accuracy_drop:
+                raise UploadError(
+                    422,
+                    "weights",
+                    f"probe accuracy {measured:.4f} drops more than {policy.max_accuracy_drop:.4f} below "
+                    f"{baseline:.4f} of the active {current.manifest.ref}",
+                )
+    fields = manifest.model_dump(exclude={"version", "created_at"})
+    fields.update(
+        flops_dense_kernel=dense_kernel,
+        flops_nonzero=nonzero,
+        accuracy=measured if measured is not None else manifest.accuracy,
+        sha256=digest,
+        created_at=utc_now(),
+        extra={**manifest.extra, "uploaded": True, "claimed_accuracy": manifest.accuracy, "probe_accuracy": measured},
+    )
+    return ValidatedUpload(manifest.name, files, fields)

@@ -1,0 +1,101 @@
+"""Operator routes (bearer token): upload a checkpoint as an inactive version, activate, roll back, delete
+a version, replace the default cascade. Each change is complete or not applied at all (see ServiceState)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, File, Path, Response
+
+from cascade.config import CascadeConfig
+from cascade.snapshot import Snapshot
+from models.manifest import NAME_PATTERN
+from service.auth import require_admin
+from service.checkpoints import GatePolicy, UploadError, load_probe, validate_upload
+from service.dependencies import SnapshotDep, StateDep, current_snapshot
+from service.schemas import ActivateRequest, AdminStateOut, UploadOut
+from service.state import ServiceState
+
+__all__ = ["router"]
+
+# Auth first (401/403 before anything else), then the snapshot (503 while loading).
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin), Depends(current_snapshot)])
+
+Name = Annotated[str, Path(pattern=NAME_PATTERN, description="registry name of the model")]
+Version = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+
+def _state_out(state: ServiceState, snapshot: Snapshot) -> AdminStateOut:
+    return AdminStateOut(
+        snapshot_id=snapshot.id,
+        active=state.active,
+        served={v.name: v.version for v in snapshot.variants.values()},
+    )
+
+
+@router.post("/models", status_code=201, response_model=UploadOut)
+def upload_model(
+    state: StateDep,
+    snapshot: SnapshotDep,
+    manifest: Annotated[bytes, File(description="manifest.json of the entry")],
+    weights: Annotated[bytes, File(description="weights.safetensors (pickles are refused)")],
+    gadget: Annotated[bytes | None, File(description="gadget.safetensors, when the variant has one")] = None,
+    gadget_spec: Annotated[bytes | None, File(description="gadget.json, required with a gadget")] = None,
+) -> UploadOut:
+    """Validated completely before anything is written; stored as the next, inactive version."""
+    settings = state.settings
+    for field, data in (("manifest", manifest), ("weights", weights), ("gadget", gadget), ("gadget_spec", gadget_spec)):
+        if data is not None and len(data) > settings.max_upload_bytes:
+            raise UploadError(413, field, f"larger than {settings.max_upload_bytes} bytes")
+    policy = GatePolicy(settings.accuracy_floor, settings.max_accuracy_drop, settings.flops_tolerance)
+    try:
+        upload = validate_upload(
+            manifest, weights, gadget, gadget_spec, snapshot, load_probe(settings.space_dir), policy
+        )
+    except UploadError:
+        state.metrics.uploads.labels(outcome="refused").inc()
+        raise
+    stored = state.registry.stage_files(upload.name, upload.files, upload.fields)
+    state.metrics.uploads.labels(outcome="stored").inc()
+    return UploadOut(
+        name=stored.name,
+        version=stored.version,
+        sha256=stored.sha256,
+        flops_dense_kernel=stored.flops_dense_kernel,
+        flops_nonzero=stored.flops_nonzero,
+        accuracy=stored.accuracy,
+        active=False,
+    )
+
+
+@router.post("/models/{name}/activate", response_model=AdminStateOut)
+def activate_model(
+    state: StateDep, name: Name, request: Annotated[ActivateRequest | None, Body()] = None
+) -> AdminStateOut:
+    """Activate `version` (default: the newest) once a complete snapshot with it has been built."""
+    snapshot = state.activate(name, request.version if request is not None else None)
+    return _state_out(state, snapshot)
+
+
+@router.post("/models/{name}/rollback", response_model=AdminStateOut)
+def rollback_model(state: StateDep, name: Name) -> AdminStateOut:
+    """Back to the version active before the current one."""
+    return _state_out(state, state.rollback(name))
+
+
+@router.delete("/models/{name}/versions/{version}", status_code=204)
+def delete_version(state: StateDep, name: Name, version: Version) -> Response:
+    """Refused (409) for the active version."""
+    state.delete(name, version)
+    return Response(status_code=204)
+
+
+@router.put("/cascade", response_model=AdminStateOut)
+def put_cascade(state: StateDep, config: CascadeConfig) -> AdminStateOut:
+    """The new default stage list, validated against the active models before it is stored."""
+    return _state_out(state, state.set_cascade(config))
+
+
+@router.get("/state", response_model=AdminStateOut)
+def admin_state(state: StateDep, snapshot: SnapshotDep) -> AdminStateOut:
+    return _state_out(state, snapshot)

@@ -1,0 +1,111 @@
+"""Two real uvicorn replicas sharing one home (the shared checkpoint volume) and a real redis-server: an
+activation on one is live on the other within 2 s; with Redis killed queries still answer 200 and admin
+changes apply locally; with Redis restarted (empty) the replicas converge again."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from conftest import Server, start_server, stop_server
+from service_fixtures import (  # noqa: F401
+    AUTH,
+    QUERY,
+    RedisProc,
+    admin_env,
+    copy_home,
+    entry_of,
+    entry_payload,
+    redis_proc,
+    wait_for,
+)
+
+STAGES = [{"variant": "cnn-m20", "samples": 2, "keep": 20}, {"variant": "dense", "samples": 4}]
+
+
+def _served(server: Server) -> dict[str, int] | None:
+    try:
+        return httpx.get(f"{server.url}/v1/admin/state", headers=AUTH, timeout=5).json()["served"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+
+
+def _metric(server: Server, prefix: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+@pytest.fixture
+def replicas(tiny_home: Path, tmp_path: Path, redis_proc: RedisProc) -> Iterator[tuple[Server, Server]]:  # noqa: F811
+    home = copy_home(tiny_home, tmp_path / "shared-home")
+    env = admin_env(
+        PRUNECASCADE_REDIS_URL=redis_proc.url,
+        PRUNECASCADE_RECONCILE_INTERVAL_S="0.5",
+        PRUNECASCADE_REDIS_RETRY_S="0.2",
+        PRUNECASCADE_REDIS_PREFIX=f"t{tmp_path.name[-12:]}",
+    )
+    a = start_server(home, env)
+    try:
+        b = start_server(home, env)
+    except Exception:
+        stop_server(a)
+        raise
+    yield a, b
+    stop_server(a)
+    stop_server(b)
+
+
+def test_replicas_converge_through_redis_and_survive_its_loss(replicas, redis_proc: RedisProc) -> None:  # noqa: F811
+    a, b = replicas
+    old = _served(a)["cnn-m20"]
+    assert _served(b)["cnn-m20"] == old
+
+    # an upload on A lands on the shared volume; its activation is live on B within 2 s
+    r = httpx.post(f"{a.url}/v1/admin/models", files=entry_payload(entry_of(a, "cnn-m20")), headers=AUTH)
+    assert r.status_code == 201, r.text
+    new = r.json()["version"]
+    r = httpx.post(f"{a.url}/v1/admin/models/cnn-m20/activate", json={"version": new}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert wait_for(lambda: (_served(b) or {}).get("cnn-m20") == new, timeout=2.0), _served(b)
+    body = {**QUERY, "stages": STAGES}
+    qa = httpx.post(f"{a.url}/v1/query", json=body).json()
+    qb = httpx.post(f"{b.url}/v1/query", json=body)
+    assert qb.json()["snapshot_id"] == qa["snapshot_id"] and qb.json()["stages"][0]["version"] == new
+    # the result cache is shared: B's answer to the very query A computed came from Redis
+    assert qb.headers.get("x-cache") == "hit" and qb.json()["cached"] is True
+    assert _metric(b, 'prunecascade_cache_hits_total{backend="redis"}') >= 1
+
+    # Redis slow (blocked for longer than the client timeout): queries still answer, without the cache
+    slow = threading.Thread(
+        target=lambda: redis.Redis.from_url(redis_proc.url).execute_command("DEBUG", "SLEEP", "1.5")
+    )
+    slow.start()
+    time.sleep(0.2)
+    q = httpx.post(f"{a.url}/v1/query", json={**QUERY, "seed": 999}, timeout=30)
+    assert q.status_code == 200 and q.json()["cached"] is False
+    slow.join(10)
+
+    # Redis dies: queries still answer, admin changes still apply locally
+    redis_proc.kill()
+    for i in range(6):
+        for s in (a, b):
+            q = httpx.post(f"{s.url}/v1/query", json={**QUERY, "seed": 1000 + i}, timeout=30)
+            assert q.status_code == 200, q.text
+    r = httpx.post(f"{a.url}/v1/admin/models/cnn-m20/rollback", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    assert _served(a)["cnn-m20"] == old
+    assert _served(b)["cnn-m20"] == new  # B cannot hear about it yet
+    assert _metric(a, "prunecascade_redis_errors_total") >= 1
+    assert _metric(a, "prunecascade_redis_up ") == 0
+
+    # Redis is back (empty): A pushes its pending change, B adopts it
+    redis_proc.start()
+    assert wait_for(lambda: (_served(b) or {}).get("cnn-m20") == old, timeout=15.0), _served(b)
+    assert _served(a) == _served(b)
+    assert wait_for(lambda: _metric(a, "prunecascade_redis_up ") == 1, timeout=5.0)
+    assert httpx.post(f"{b.url}/v1/query", json=body).json()["stages"][0]["version"] == old
