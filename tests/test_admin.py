@@ -188,7 +188,7 @@ def _snapshot_state(server) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize(("make", "status", "needle"), BAD, ids=[b[0].__name__ for b in BAD])
-def test_bad_checkpoint_is_refused_and_changes_nothing(admin_server, make, status, needle) -> None:  # noqa: F811
+def test_bad_checkpoint_is_refused_and_changes_nothing(admin_server, make, status, needle) -> None:
     before = _snapshot_state(admin_server)
     listing = httpx.get(f"{admin_server.url}/v1/models").json()
     manifest, weights = make(admin_server)
@@ -203,7 +203,7 @@ def test_bad_checkpoint_is_refused_and_changes_nothing(admin_server, make, statu
     assert _snapshot_state(admin_server) == before  # the same query answers identically
 
 
-def test_oversized_upload_is_413_and_changes_nothing(admin_server) -> None:  # noqa: F811
+def test_oversized_upload_is_413_and_changes_nothing(admin_server) -> None:
     before = _snapshot_state(admin_server)
     files = entry_payload(entry_of(admin_server, "cnn-m20"), weights=b"\x00" * (MAX_UPLOAD + 1))
     r = httpx.post(f"{admin_server.url}/v1/admin/models", files=files, headers=AUTH, timeout=60)
@@ -211,13 +211,13 @@ def test_oversized_upload_is_413_and_changes_nothing(admin_server) -> None:  # n
     assert _snapshot_state(admin_server) == before
 
 
-def test_gadget_without_its_spec_is_refused(admin_server) -> None:  # noqa: F811
+def test_gadget_without_its_spec_is_refused(admin_server) -> None:
     files = {**entry_payload(entry_of(admin_server, "cnn-m20")), "gadget": ("gadget.safetensors", b"xx")}
     r = httpx.post(f"{admin_server.url}/v1/admin/models", files=files, headers=AUTH, timeout=60)
     assert r.status_code == 422 and "gadget_spec" in r.text
 
 
-def test_upload_activate_rollback_delete(admin_server) -> None:  # noqa: F811
+def test_upload_activate_rollback_delete(admin_server) -> None:
     url = admin_server.url
     before_body, before_state = _snapshot_state(admin_server)
     old = before_state["active"]["cnn-m20"]
@@ -253,7 +253,7 @@ def test_upload_activate_rollback_delete(admin_server) -> None:  # noqa: F811
     assert httpx.post(f"{url}/v1/admin/models/cnn-m20/activate", json={"version": 999}, headers=AUTH).status_code == 404
 
 
-def test_put_cascade_validates_against_the_registry(admin_server) -> None:  # noqa: F811
+def test_put_cascade_validates_against_the_registry(admin_server) -> None:
     url = admin_server.url
     original = httpx.get(f"{url}/v1/cascade").json()
     bad = {"stages": [{"variant": "ghost", "samples": 2, "keep": 20}, {"variant": "dense", "samples": 4}]}
@@ -269,7 +269,7 @@ def test_put_cascade_validates_against_the_registry(admin_server) -> None:  # no
     assert r.status_code == 200 and httpx.get(f"{url}/v1/cascade").json() == original
 
 
-def test_push_command_uploads_and_activates(admin_server) -> None:  # noqa: F811
+def test_push_command_uploads_and_activates(admin_server) -> None:
     entry = entry_of(admin_server, "cnn-s50")
     with pytest.raises(ValueError, match="401"):
         push(admin_server.url, "wrong", entry)
@@ -279,7 +279,7 @@ def test_push_command_uploads_and_activates(admin_server) -> None:  # noqa: F811
     assert r.status_code == 200 and r.json()["active"]["cnn-s50"] < out["version"]
 
 
-def test_upload_with_an_lstm_gadget_serves_the_lstm_aggregator(admin_server) -> None:  # noqa: F811
+def test_upload_with_an_lstm_gadget_serves_the_lstm_aggregator(admin_server) -> None:
     from models.gadget import GadgetSpec, build_gadget
 
     url = admin_server.url
@@ -327,7 +327,7 @@ class _Booby:
         return (open, (self.marker, "w"))
 
 
-def test_a_malicious_pickle_is_never_unpickled(admin_server) -> None:  # noqa: F811
+def test_a_malicious_pickle_is_never_unpickled(admin_server) -> None:
     marker = admin_server.home / "unpickled.txt"
     for data in (pickle.dumps(_Booby(str(marker))), _torch_zip_of(_Booby(str(marker)))):
         files = entry_payload(
@@ -344,7 +344,7 @@ def _torch_zip_of(obj: object) -> bytes:
     return buf.getvalue()
 
 
-def test_upload_limit_is_raised_for_uploads_only(admin_server) -> None:  # noqa: F811
+def test_upload_limit_is_raised_for_uploads_only(admin_server) -> None:
     """1.5 MB: over the 1 MB body limit of other routes, under the upload limit: judged on its content."""
     big = b"\x00" * 1_500_000
     files = entry_payload(entry_of(admin_server, "cnn-m20"), weights=big)

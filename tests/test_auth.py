@@ -40,21 +40,21 @@ def test_no_token_configured_means_closed(server, method, path, kw, cred) -> Non
 
 @pytest.mark.parametrize(("method", "path", "kw"), ROUTES, ids=IDS)
 @pytest.mark.parametrize("cred", ["none", "wrong", "prefix", "basic", "empty"])
-def test_missing_or_wrong_token_is_401(admin_server, method, path, kw, cred) -> None:  # noqa: F811
+def test_missing_or_wrong_token_is_401(admin_server, method, path, kw, cred) -> None:
     r = httpx.request(method, f"{admin_server.url}{path}", headers=CREDENTIALS[cred], **kw)
     assert r.status_code == 401, r.text
     assert r.headers.get("www-authenticate") == "Bearer"
 
 
 @pytest.mark.parametrize(("method", "path", "kw"), ROUTES, ids=IDS)
-def test_right_token_gets_through(admin_server, method, path, kw) -> None:  # noqa: F811
+def test_right_token_gets_through(admin_server, method, path, kw) -> None:
     """Past auth, each of these requests is refused on its merits (or, for GET state, answered)."""
     r = httpx.request(method, f"{admin_server.url}{path}", headers=CREDENTIALS["right"], **kw)
     assert r.status_code not in (401, 403), r.text
     assert r.status_code < 500
 
 
-def test_public_routes_need_no_token(admin_server) -> None:  # noqa: F811
+def test_public_routes_need_no_token(admin_server) -> None:
     for path in ("/healthz", "/readyz", "/metrics", "/v1/models", "/v1/cascade", "/v1/space"):
         assert httpx.get(f"{admin_server.url}{path}").status_code == 200, path
 

@@ -5,17 +5,15 @@ and bytes), sent with the admin token to a private home. No request may get a 5x
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-from conftest import Server, start_server, stop_server
+from conftest import Server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from service_fixtures import AUTH, admin_env, copy_home
+from service_fixtures import AUTH, admin_server  # noqa: F401
 
 EXAMPLES = 25
 JSON_LEAF = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
@@ -25,16 +23,8 @@ ANY_JSON = st.recursive(
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home = copy_home(tiny_home, tmp_path_factory.mktemp("fuzz") / "home")
-    s = start_server(home, admin_env())
-    yield s
-    stop_server(s)
-
-
-@pytest.fixture(scope="module")
-def openapi(fuzz_server: Server) -> dict:
-    return httpx.get(f"{fuzz_server.url}/openapi.json").json()
+def openapi(admin_server: Server) -> dict:
+    return httpx.get(f"{admin_server.url}/openapi.json").json()
 
 
 class Schemas:
@@ -135,7 +125,7 @@ def test_every_route_is_covered(openapi: dict) -> None:
 
 
 @pytest.mark.parametrize("strict", [True, False], ids=["schema", "loose"])
-def test_fuzz_every_route_no_5xx(fuzz_server: Server, openapi: dict, strict: bool) -> None:
+def test_fuzz_every_route_no_5xx(admin_server: Server, openapi: dict, strict: bool) -> None:
     schemas = Schemas(openapi, strict)
     operations = _operations(openapi)
     requests = st.sampled_from(operations).flatmap(
@@ -155,10 +145,10 @@ def test_fuzz_every_route_no_5xx(fuzz_server: Server, openapi: dict, strict: boo
         headers = {**AUTH}
         if "content" in kw:
             headers["content-type"] = "application/json"
-        r = httpx.request(method, f"{fuzz_server.url}{path}", headers=headers, timeout=60, **kw)
+        r = httpx.request(method, f"{admin_server.url}{path}", headers=headers, timeout=60, **kw)
         seen.add((method, path.split("/")[2] if path.count("/") > 1 else path))
         assert r.status_code < 500, f"{method} {path} {kw!r:.300} -> {r.status_code} {r.text[:300]}"
 
     run()
     assert len(seen) >= 5
-    assert httpx.get(f"{fuzz_server.url}/readyz").status_code == 200
+    assert httpx.get(f"{admin_server.url}/readyz").status_code == 200

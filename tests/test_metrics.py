@@ -24,7 +24,7 @@ def _samples(url: str) -> dict[str, list]:
     return out
 
 
-def test_metrics_cover_requests_stages_cache_versions_and_swaps(admin_server) -> None:  # noqa: F811
+def test_metrics_cover_requests_stages_cache_versions_and_swaps(admin_server) -> None:
     url = admin_server.url
     body = {**QUERY, "seed": 4242}
     first = httpx.post(f"{url}/v1/query", json=body)
@@ -53,7 +53,7 @@ def test_metrics_cover_requests_stages_cache_versions_and_swaps(admin_server) ->
     assert sum(s.value for s in m["prunecascade_swaps_total"]) >= 1  # the initial load counts as one
 
 
-def test_request_id_is_echoed_or_assigned(admin_server) -> None:  # noqa: F811
+def test_request_id_is_echoed_or_assigned(admin_server) -> None:
     r = httpx.get(f"{admin_server.url}/healthz", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     r = httpx.get(f"{admin_server.url}/healthz", headers={"x-request-id": "bad id\twith junk"})

@@ -41,7 +41,7 @@ def _metric(server: Server, prefix: str) -> float:
 
 
 @pytest.fixture
-def replicas(tiny_home: Path, tmp_path: Path, redis_proc: RedisProc) -> Iterator[tuple[Server, Server]]:  # noqa: F811
+def replicas(tiny_home: Path, tmp_path: Path, redis_proc: RedisProc) -> Iterator[tuple[Server, Server]]:
     home = copy_home(tiny_home, tmp_path / "shared-home")
     env = admin_env(
         PRUNECASCADE_REDIS_URL=redis_proc.url,
@@ -60,7 +60,7 @@ def replicas(tiny_home: Path, tmp_path: Path, redis_proc: RedisProc) -> Iterator
     stop_server(b)
 
 
-def test_replicas_converge_through_redis_and_survive_its_loss(replicas, redis_proc: RedisProc) -> None:  # noqa: F811
+def test_replicas_converge_through_redis_and_survive_its_loss(replicas, redis_proc: RedisProc) -> None:
     a, b = replicas
     old = _served(a)["cnn-m20"]
     assert _served(b)["cnn-m20"] == old

@@ -15,7 +15,7 @@ WORKERS = 3
 MAX_QUERIES_PER_WORKER = 400
 
 
-def test_hot_swap_under_load(admin_server) -> None:  # noqa: F811
+def test_hot_swap_under_load(admin_server) -> None:
     url = admin_server.url
     r = httpx.post(f"{url}/v1/admin/models", files=entry_payload(entry_of(admin_server, "cnn-s50")), headers=AUTH)
     assert r.status_code == 201, r.text
