@@ -44,8 +44,8 @@ class BootstrapConfig:
     cluster_size: int = 10
     kmeans_clusters: int = 0  # > 0: partition the pool by FAISS k-means instead of same-label clusters
     variants: tuple[PrunedVariant, ...] = (
-        PrunedVariant("cnn-s25", "layer-weight-norm", 0.25, reweight=True, finetune_epochs=3),
-        PrunedVariant("cnn-s50", "layer-weight-norm", 0.5, reweight=True, finetune_epochs=3),
+        PrunedVariant("cnn-s25", "greedy-asymmetric", 0.25, reweight=True, finetune_epochs=3),
+        PrunedVariant("cnn-s50", "greedy-asymmetric", 0.5, reweight=True, finetune_epochs=3),
         PrunedVariant("cnn-m10", "magnitude", 0.1, finetune_epochs=3),
     )
     stages: tuple[Stage, ...] = (

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from cascade.bootstrap import bootstrap
 from service.commands.common import add_home, settings_from
 
@@ -20,7 +18,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = bootstrap(settings.home)
     print(f"ready under {settings.home}: cascade " + " -> ".join(s.variant for s in config.stages))
     return 0
