@@ -135,17 +135,45 @@ def sample_members(
     """Up to n members of each cluster, uniformly without replacement, for all clusters at once.
 
     Returns the sampled rows grouped by cluster (in the order of `clusters`) and the count per cluster,
-    min(n, size). Every member gets a random key; sorting by (cluster, key) and keeping the first n of
-    each run is one vectorised pass, with no Python loop per cluster."""
+    min(n, size). Every member gets a random key and each cluster keeps its n smallest: a uniform subset.
+    No Python loop per cluster."""
     starts = offsets[clusters]
     sizes = offsets[clusters + 1] - starts
     counts = np.minimum(sizes, n)
-    seg = np.repeat(np.arange(len(clusters)), sizes)
+    if len(clusters) == 0:
+        return np.empty(0, dtype=np.int64), counts
+    widest = int(sizes.max())
+    if widest <= n:  # every member is taken: no sampling needed
+        seg = np.repeat(np.arange(len(clusters)), sizes)
+        local = np.arange(len(seg)) - (np.cumsum(sizes) - sizes)[seg]
+        return (starts[seg] + local).astype(np.int64), counts
+    if len(clusters) * widest <= 4 * int(sizes.sum()):
+        return _sample_dense_keys(starts, sizes, n, widest, rng), counts
+    return _sample_sorted_keys(starts, sizes, counts, rng), counts
+
+
+def _sample_dense_keys(
+    starts: np.ndarray, sizes: np.ndarray, n: int, widest: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Clusters of similar size: a (clusters x widest) key matrix, padding keyed +inf, and a partial sort
+    per row: 10-12x faster than sorting every member's key on 10,000 clusters of 10
+    (`python -m benchmarks.bench_sampling`)."""
+    keys = rng.random((len(sizes), widest))
+    keys[np.arange(widest)[None, :] >= sizes[:, None]] = np.inf
+    pick = np.argpartition(keys, n - 1, axis=1)[:, :n]
+    valid = pick < sizes[:, None]  # clusters smaller than n also picked padding: drop it
+    return (starts[:, None] + pick)[valid].astype(np.int64)
+
+
+def _sample_sorted_keys(
+    starts: np.ndarray, sizes: np.ndarray, counts: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Clusters of very uneven size (e.g. k-means): sort (cluster, key) over the members actually present,
+    so memory stays proportional to the members rather than clusters x the largest cluster."""
+    seg = np.repeat(np.arange(len(sizes)), sizes)
     run_start = np.cumsum(sizes) - sizes
     local = np.arange(len(seg)) - run_start[seg]
-    if bool((sizes <= n).all()):  # every member is taken: no sampling needed
-        return (starts[seg] + local).astype(np.int64), counts
     order = np.lexsort((rng.random(len(seg)), seg))
     rank = np.arange(len(seg)) - run_start[seg[order]]
     chosen = order[rank < counts[seg[order]]]
-    return (starts[seg[chosen]] + local[chosen]).astype(np.int64), counts
+    return (starts[seg[chosen]] + local[chosen]).astype(np.int64)

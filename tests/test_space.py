@@ -87,3 +87,21 @@ def test_kmeans_partition_when_there_are_no_clusters() -> None:
 def test_build_space_rejects_ragged_input() -> None:
     with pytest.raises(ValueError, match="one row per item"):
         build_space(np.zeros((3, 2)), np.zeros(2, int), np.ones(2) / 2, np.zeros(3, int))
+
+
+def test_sampling_uneven_clusters_uses_the_sorted_path_and_stays_uniform() -> None:
+    # one cluster of 400 beside 50 clusters of 2: a dense key matrix would be mostly padding
+    sizes = np.r_[400, np.full(50, 2)]
+    offsets = np.r_[0, np.cumsum(sizes)]
+    clusters = np.arange(len(sizes))
+    rng = np.random.default_rng(3)
+    hits = np.zeros(offsets[-1])
+    for _ in range(300):
+        rows, counts = sample_members(offsets, clusters, 5, rng)
+        np.testing.assert_array_equal(counts, np.minimum(sizes, 5))
+        big = rows[:5]
+        assert len(set(big.tolist())) == 5 and (big < 400).all()
+        np.testing.assert_array_equal(np.sort(rows[5:]), np.arange(400, offsets[-1]))  # small ones: all members
+        hits[rows] += 1
+    rate = hits[:400] / 300  # each member of the big cluster: 5/400 per round
+    assert abs(rate.mean() - 5 / 400) < 1e-9 and rate.max() < 0.06
