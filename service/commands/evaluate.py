@@ -43,5 +43,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"nDCG@{r.k}       cascade {r.ndcg:.4f}")
     print(f"agreement@{r.k}  {r.agreement:.4f}")
     print(f"FLOPs/query    cascade {r.flops:,.0f}   oracle {r.oracle_flops:,.0f}   ratio {r.flops_ratio:.1f}x fewer")
-    print(f"ms/query       cascade {r.ms:.2f}   oracle {r.oracle_ms:.2f}   ratio {r.time_ratio:.1f}x faster")
+    print(f"median ms      cascade {r.ms:.2f}   oracle {r.oracle_ms:.2f}   ratio {r.time_ratio:.1f}x faster")
     return 0
