@@ -1,28 +1,28 @@
-"""Compute efficiency: GFLOP/s of each variant's forward pass against a large matmul on this machine (not a test).
+"""Compute efficiency: GFLOP/s of each variant's forward pass against a large matmul, and the chunk size of the
+serving forward pass (`models.inference.forward_chunked`) against one pass over the whole batch (not a test).
 
-    .venv/bin/python -m benchmarks.bench_compute --home /tmp/bench-home --threads 1,2 --repeats 7 \
-        --out var/bench/compute.json
+    .venv/bin/python -m benchmarks.bench_compute --home /tmp/bench-home --threads 1 --repeats 7 \
+        --budgets-mib 0.5,1,2,4,8,16 --out var/bench/compute.json
 
 Why: the cascade's wall-time ratio can only follow its FLOPs ratio if the networks run near the machine's
-attainable rate. Per thread count, every repeat times the matmul and every variant back to back; a variant's
-efficiency is the median of its GFLOP/s over the median of the matmul's. Also measured side by side: the
-library's member sampler (`cascade.space.sample_members`) against a fixed-size vectorised alternative, since the
-profile of a rare-target query shows sampling as a large share of the first stage.
+attainable rate, and the rate of small convolutions depends on whether a chunk's activations stay in cache.
+Per thread count, every repeat times the matmul and every (variant, chunking) back to back; efficiencies are
+medians of GFLOP/s over the median of the matmul's. `--batch` defaults to 20,000 items: the first stage of a
+rare-target query with 2 samples from each of 10,000 clusters.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import DEFAULT_HOME, RARE_SPACE, dump_json, load_snapshot_from, median, parse_ints, set_threads
 
-__all__ = ["main", "measure", "sample_fixed_size"]
+__all__ = ["main", "measure"]
+
+WHOLE = "whole batch"
 
 
 def _time(fn: Callable[[], object], min_seconds: float = 0.2) -> float:
@@ -36,90 +36,70 @@ def _time(fn: Callable[[], object], min_seconds: float = 0.2) -> float:
             return elapsed / calls
 
 
-def sample_fixed_size(
-    offsets: np.ndarray, clusters: np.ndarray, n: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """The alternative measured here: n members per cluster without replacement via argpartition of a
-    (clusters x max size) random-key matrix; padding positions get key 2 so they are never chosen while a
-    cluster has enough members. Only the first n keys per row are sorted, not every member of the space."""
-    starts = offsets[clusters]
-    sizes = offsets[clusters + 1] - starts
-    counts = np.minimum(sizes, n)
-    width = int(sizes.max())
-    keys = rng.random((len(clusters), width))
-    keys[np.arange(width)[None, :] >= sizes[:, None]] = 2.0
-    if n >= width:
-        pick = np.broadcast_to(np.arange(width), keys.shape)
-    else:
-        pick = np.argpartition(keys, n - 1, axis=1)[:, :n]
-    pick = pick[:, : min(n, width)]
-    valid = np.arange(pick.shape[1])[None, :] < counts[:, None]
-    rows = (starts[:, None] + pick)[valid]
-    return rows.astype(np.int64), counts
+def _parse_floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
 
 
-def measure(home: Path, threads: tuple[int, ...], repeats: int, batch: int, matmul_n: int) -> dict:
+def measure(
+    home: Path, threads: tuple[int, ...], repeats: int, batch: int, matmul_n: int, budgets_mib: tuple[float, ...]
+) -> dict:
+    import numpy as np
     import torch
 
-    from cascade.space import sample_members
+    from models.inference import chunk_rows, forward_chunked
 
     snap = load_snapshot_from(home, RARE_SPACE)
-    rng = np.random.default_rng(0)
-    x = snap.features[torch.from_numpy(rng.choice(snap.space.num_items, batch, replace=False))]
+    rows = np.random.default_rng(0).choice(snap.space.num_items, batch, replace=batch > snap.space.num_items)
+    x = snap.features[torch.from_numpy(rows)]
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
-    out: dict = {"batch": batch, "matmul_n": matmul_n, "repeats": repeats, "threads": {}}
     names = sorted(snap.variants)
+    chunkings: dict[str, dict[str, int]] = {
+        n: {
+            WHOLE: batch,
+            **{f"{m:g} MiB": chunk_rows(snap.variants[n].model.spec, int(m * 2**20)) for m in budgets_mib},
+        }
+        for n in names
+    }
+    out: dict = {"batch": batch, "matmul_n": matmul_n, "repeats": repeats, "chunk_rows": chunkings, "threads": {}}
     for t in threads:
         set_threads(t)
-        rates: dict[str, list[float]] = {"matmul": [], **{n: [] for n in names}}
+        matmul: list[float] = []
+        us: dict[str, dict[str, list[float]]] = {n: {c: [] for c in chunkings[n]} for n in names}
         with torch.inference_mode():
             for _ in range(repeats):
-                rates["matmul"].append(2 * matmul_n**3 / _time(lambda: a @ b) / 1e9)
+                matmul.append(2 * matmul_n**3 / _time(lambda: a @ b) / 1e9)
                 for name in names:
-                    v = snap.variants[name]
-                    sec = _time(lambda v=v: v.model(x))
-                    rates[name].append(batch * v.flops.dense_kernel / sec / 1e9)
-        mm = median(rates["matmul"])
-        out["threads"][str(t)] = {
-            "matmul_gflops": mm,
-            "variants": {
-                n: {
-                    "gflops_dense_kernel": median(rates[n]),
-                    "fraction_of_matmul": median(rates[n]) / mm,
-                    "flops_dense_kernel": snap.variants[n].flops.dense_kernel,
-                    "flops_nonzero": snap.variants[n].flops.nonzero,
-                    "us_per_item": snap.variants[n].flops.dense_kernel / (median(rates[n]) * 1e3),
-                }
-                for n in names
-            },
-        }
-        print(f"threads {t}: matmul {mm:.1f} GFLOP/s", flush=True)
-        for n, row in out["threads"][str(t)]["variants"].items():
+                    model = snap.variants[name].model
+                    for label, rows_per_chunk in chunkings[name].items():
+                        sec = _time(lambda m=model, c=rows_per_chunk: forward_chunked(m, x, c))
+                        us[name][label].append(sec / batch * 1e6)
+        mm = median(matmul)
+        table: dict[str, dict] = {}
+        print(f"threads {t}: matmul {mm:.1f} GFLOP/s; us/item per chunking (rows per chunk)", flush=True)
+        for name in names:
+            flops = snap.variants[name].flops.dense_kernel
+            per = {label: median(v) for label, v in us[name].items()}
+            best = min(per, key=per.get)
+            table[name] = {
+                "flops_dense_kernel": flops,
+                "flops_nonzero": snap.variants[name].flops.nonzero,
+                "us_per_item": per,
+                "best": best,
+                "gflops_whole": flops / per[WHOLE] / 1e3,
+                "gflops_best": flops / per[best] / 1e3,
+                "fraction_of_matmul_whole": flops / per[WHOLE] / 1e3 / mm,
+                "fraction_of_matmul_best": flops / per[best] / 1e3 / mm,
+                "speedup_best_over_whole": per[WHOLE] / per[best],
+            }
+            cells = ", ".join(f"{label} ({chunkings[name][label]}): {v:.2f}" for label, v in per.items())
+            print(f"  {name:9s} {cells}", flush=True)
             print(
-                f"  {n:9s} {row['gflops_dense_kernel']:7.2f} GFLOP/s = {row['fraction_of_matmul']:.3f} x matmul, "
-                f"{row['us_per_item']:.2f} us/item",
+                f"  {'':9s} best {best}: {table[name]['gflops_best']:.1f} GFLOP/s = "
+                f"{table[name]['fraction_of_matmul_best']:.3f} x matmul, {table[name]['speedup_best_over_whole']:.2f}x "
+                f"the whole batch",
                 flush=True,
             )
-
-    set_threads(1)
-    sampler: dict[str, dict] = {}
-    offsets, clusters = snap.space.offsets, np.arange(snap.space.num_clusters)
-    for n in (1, 2, 4):
-        lib, alt = [], []
-        for r in range(repeats):
-            lib.append(_time(lambda r=r, n=n: sample_members(offsets, clusters, n, np.random.default_rng(r))) * 1000)
-            alt.append(_time(lambda r=r, n=n: sample_fixed_size(offsets, clusters, n, np.random.default_rng(r))) * 1000)
-        sampler[str(n)] = {
-            "library_ms": median(lib),
-            "fixed_size_ms": median(alt),
-            "speedup": median(lib) / median(alt),
-        }
-        print(
-            f"sampling {n}/cluster of {len(clusters):,}: library {median(lib):.2f} ms, fixed-size "
-            f"{median(alt):.2f} ms ({median(lib) / median(alt):.1f}x)",
-            flush=True,
-        )
-    out["sampler"] = sampler
+        out["threads"][str(t)] = {"matmul_gflops": mm, "variants": table}
     return out
 
 
@@ -128,14 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", type=Path, default=DEFAULT_HOME)
     p.add_argument("--threads", default="1", help="torch intra-op thread counts to measure")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8192, help="items per forward pass")
+    p.add_argument("--batch", type=int, default=20_000, help="items per forward call")
     p.add_argument("--matmul-n", type=int, default=1024, help="square fp32 matmul size")
+    p.add_argument("--budgets-mib", default="1,4,16", help="activation budgets for `chunk_rows`, in MiB")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    out = measure(args.home, parse_ints(args.threads), args.repeats, args.batch, args.matmul_n)
+    out = measure(
+        args.home, parse_ints(args.threads), args.repeats, args.batch, args.matmul_n, _parse_floats(args.budgets_mib)
+    )
     if args.out:
         dump_json(args.out, out)
-    print(json.dumps(out["sampler"], indent=2))
     return 0
 
 

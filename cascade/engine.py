@@ -13,6 +13,7 @@ from cascade.config import Stage
 from cascade.snapshot import Snapshot, StageError
 from cascade.space import sample_members
 from models.aggregation import MemberOutputs, aggregate, get_aggregator
+from models.inference import forward_chunked
 
 __all__ = [
     "Target",
@@ -96,7 +97,7 @@ def target_from_examples(snapshot: Snapshot, examples: list[list[float]] | np.nd
         raise StageError("target.examples", "values must be finite")
     dense = snapshot.dense
     with torch.inference_mode():
-        utility = dense.model(torch.from_numpy(x)).softmax(1).mean(0).double().numpy()
+        utility = forward_chunked(dense.model, torch.from_numpy(x))[0].softmax(1).mean(0).double().numpy()
     nearest = snapshot.index.nearest_clusters(x, candidates)
     return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
 
@@ -141,7 +142,7 @@ def run_cascade(
         variant = snapshot.variants[stage.variant]
         rows, counts = sample_members(space.offsets, alive, stage.samples, rng)
         with torch.inference_mode():
-            logits, hidden = variant.model.forward_with_hidden(snapshot.features[torch.from_numpy(rows)])
+            logits, hidden = forward_chunked(variant.model, snapshot.features[torch.from_numpy(rows)])
             log_post = aggregate(
                 stage.aggregator,
                 MemberOutputs(logits, hidden),
@@ -187,16 +188,16 @@ def dense_flops(snapshot: Snapshot, target: Target) -> int:
     return items * snapshot.dense.flops.nonzero
 
 
-def dense_oracle(snapshot: Snapshot, target: Target, k: int, batch_size: int = 8192) -> CascadeResult:
-    """The dense model on every member of every candidate cluster, `bayes` aggregation (research notes 2)."""
+def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
+    """The dense model on every member of every candidate cluster, `bayes` aggregation (research notes 2), run
+    with the same chunked forward pass as the cascade's stages so that wall-time ratios compare like with like."""
     started = time.perf_counter()
     space = snapshot.space
     alive = target.candidates if target.candidates is not None else np.arange(space.num_clusters)
     rows, counts = sample_members(space.offsets, alive, int(space.sizes.max()), np.random.default_rng(0))
     dense = snapshot.dense
     with torch.inference_mode():
-        x = snapshot.features[torch.from_numpy(rows)]
-        logits = torch.cat([dense.model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        logits, _ = forward_chunked(dense.model, snapshot.features[torch.from_numpy(rows)])
         log_post = aggregate("bayes", MemberOutputs(logits), torch.from_numpy(counts), snapshot.log_prior)
         post = log_post.double().exp()
         scores = post @ torch.from_numpy(target.utility).double()

@@ -1,0 +1,47 @@
+"""Serving-time forward passes in cache-sized chunks.
+
+A small 1-D convolution over 20,000 items ran 2-4x slower per item than the same network over chunks of
+1,000-8,000 (docs/performance.md, section 4): once a layer's activations outgrow the core's L2 cache every
+layer streams them from memory. The chunk is therefore sized from the network's widest activation, so the
+cheap first stage gets large chunks and the dense model small ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.networks import Classifier
+from models.spec import NetworkSpec
+
+__all__ = ["ACTIVATION_BUDGET_BYTES", "MIN_CHUNK_ROWS", "widest_activation", "chunk_rows", "forward_chunked"]
+
+ACTIVATION_BUDGET_BYTES = 2 * 1024 * 1024  # the L2 cache of one core here; chosen by benchmarks/bench_compute.py
+MIN_CHUNK_ROWS = 256
+
+
+def widest_activation(spec: NetworkSpec) -> int:
+    """Floats per item of the largest tensor a forward pass produces (the output of a conv before pooling)."""
+    widths = [spec.input_dim, *spec.hidden, spec.num_classes]
+    if spec.kind != "mlp":
+        positions = spec.input_dim
+        for channels in spec.channels:
+            widths.append(channels * positions)
+            positions //= 2 if spec.kind == "cnn1d" else 4
+    return max(widths)
+
+
+def chunk_rows(spec: NetworkSpec, budget_bytes: int = ACTIVATION_BUDGET_BYTES) -> int:
+    """Rows per forward pass so that the widest activation of a chunk fits in `budget_bytes` of float32."""
+    if budget_bytes <= 0:
+        raise ValueError("budget_bytes must be positive")
+    return max(MIN_CHUNK_ROWS, budget_bytes // (4 * widest_activation(spec)))
+
+
+def forward_chunked(model: Classifier, x: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and hidden representations of every row of `x`, computed `chunk` rows at a time (default: sized
+    by `chunk_rows` from the model's spec). Call it under `torch.inference_mode()`."""
+    step = chunk or chunk_rows(model.spec)
+    if len(x) <= step:
+        return model.forward_with_hidden(x)
+    parts = [model.forward_with_hidden(x[i : i + step]) for i in range(0, len(x), step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
