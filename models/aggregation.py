@@ -17,6 +17,7 @@ __all__ = [
     "list_aggregators",
     "aggregate",
     "segment_ids",
+    "log_softmax_rows",
     "AGGREGATORS",
     "entropy",
     "log_prior_of",
@@ -86,6 +87,12 @@ def segment_ids(counts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts)), counts)
 
 
+def log_softmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.log_softmax(1)`, computed as x - logsumexp(x): on (10,000 x 10) tensors torch's CPU log_softmax kernel
+    took ~1.1 ms and this ~0.3 ms (one thread), and stage 1 of a rare-target query calls it twice."""
+    return x - x.logsumexp(1, keepdim=True)
+
+
 def _segment_sum(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(len(counts), values.shape[1], dtype=values.dtype)
     return out.index_add_(0, segment_ids(counts), values)
@@ -115,7 +122,7 @@ def mean_prob(
     outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None
 ) -> torch.Tensor:
     """The paper's baseline: average the members' softmax."""
-    probs = _segment_sum(outputs.logits.double().softmax(1), counts) / counts[:, None]
+    probs = _segment_sum(log_softmax_rows(outputs.logits.double()).exp(), counts) / counts[:, None]
     return probs.clamp_min(1e-300).log().float()
 
 
@@ -124,15 +131,15 @@ def mean_logit(
     outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None
 ) -> torch.Tensor:
     """Average the logits, then softmax."""
-    return (_segment_sum(outputs.logits.double(), counts) / counts[:, None]).log_softmax(1).float()
+    return log_softmax_rows(_segment_sum(outputs.logits.double(), counts) / counts[:, None]).float()
 
 
 @register_aggregator("bayes")
 def bayes(outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None) -> torch.Tensor:
     """Product of experts: sum_i log p(y|x_i) - (n - 1) log pi(y); exact for members independent given y."""
-    summed = _segment_sum(outputs.logits.double().log_softmax(1), counts)
+    summed = _segment_sum(log_softmax_rows(outputs.logits.double()), counts)
     summed -= (counts[:, None] - 1).double() * log_prior.double()[None, :]
-    return summed.log_softmax(1).float()
+    return log_softmax_rows(summed).float()
 
 
 def entropy(prior: torch.Tensor) -> float:
@@ -169,7 +176,7 @@ def _run_gadget(kind: str, outputs: MemberOutputs, counts: torch.Tensor, gadget:
             logits = gadget(outputs.hidden, counts)
     finally:
         gadget.train(was_training)
-    return logits.double().log_softmax(1).float()
+    return log_softmax_rows(logits.double()).float()
 
 
 @register_aggregator("lstm", needs_hidden=True, needs_gadget=True, flops=_gadget_flops("lstm"))

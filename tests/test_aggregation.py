@@ -138,3 +138,12 @@ def test_stateful_metrics_match_the_functions() -> None:
     m.reset()
     with pytest.raises(ValueError):
         m.compute()
+
+
+def test_log_softmax_rows_matches_torch_including_extreme_logits() -> None:
+    from models.aggregation import log_softmax_rows
+
+    x = torch.randn(64, 10, dtype=torch.float64) * 30
+    x[0] = torch.tensor([1e4, -1e4, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    torch.testing.assert_close(log_softmax_rows(x), x.log_softmax(1))
+    assert torch.isfinite(log_softmax_rows(x)).all()
