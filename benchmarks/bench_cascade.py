@@ -53,6 +53,7 @@ class Setting:
     keep: int
     depth: int
     aggregator: str
+    extra: bool = False  # from --cascades: listed in the tables, left out of the per-knob summary
 
 
 def _setting(first: str, n1: int, keep1: int, depth: int, agg: str, last_n: int, k: int) -> Setting:
@@ -75,10 +76,17 @@ class Grid:
     depths: tuple[int, ...] = (2, 3)
     aggregators: tuple[str, ...] = ("bayes", "mean_prob")
     last_samples: tuple[int, ...] = (10,)
+    cascades: tuple[tuple[str, tuple[dict, ...]], ...] = ()  # named stage lists outside the grid's shape
 
     def settings(self, k: int) -> list[Setting]:
         combos = product(self.firsts, self.samples, self.keeps, self.depths, self.aggregators, self.last_samples)
         out = [_setting(f, n, m * k, d, a, ln, k) for f, n, m, d, a, ln in combos]
+        for name, stages in self.cascades:
+            first = stages[0]
+            agg = first.get("aggregator", "bayes")
+            out.append(
+                Setting(name, stages, first["variant"], first["samples"], first.get("keep") or k, len(stages), agg)
+            )
         default = (
             {"variant": "cnn-s25", "samples": 2, "keep": 200, "aggregator": "bayes"},
             {"variant": "cnn-s50", "samples": 4, "keep": 40, "aggregator": "bayes"},
@@ -236,7 +244,7 @@ def _table(result: dict, top: int) -> str:
         "aggregator": lambda s: s["aggregator"],
         "dense samples": lambda s: s["stages"][-1]["samples"],
     }
-    swept = [s for s in result["settings"] if not s["name"].startswith("default")]
+    swept = [s for s in result["settings"] if not s["name"].startswith("default") and not s.get("extra")]
     for knob, key in knobs.items():
         for value in sorted({key(s) for s in swept}, key=str):
             group = [s for s in swept if key(s) == value]
@@ -263,7 +271,13 @@ def _plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    colors = {"cnn-s10": "tab:blue", "cnn-s10f": "tab:purple", "cnn-s25": "tab:orange", "cnn-m10": "tab:green"}
+    colors = {
+        "cnn-s10": "tab:blue",
+        "cnn-s10f": "tab:purple",
+        "cnn-s10g": "tab:red",
+        "cnn-s25": "tab:orange",
+        "cnn-m10": "tab:green",
+    }
     markers = {("bayes", 2): "o", ("bayes", 3): "s", ("mean_prob", 2): "^", ("mean_prob", 3): "D"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     bar = 0.99 * result["oracle"]["recall"]
@@ -336,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--last-samples", default="10", help="dense-stage samples per cluster")
     r.add_argument("--seeds", default="0,1,2", help="member-sampling seeds; every label is queried per seed")
     r.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the service default is 1)")
+    r.add_argument(
+        "--cascades",
+        default="{}",
+        help='extra named stage lists as JSON, e.g. \'{"4st": [{"variant": "cnn-s10f", "samples": 1, "keep": 2000}, '
+        '..., {"variant": "dense", "samples": 5}]}\' (an empty --firsts runs only these)',
+    )
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--top", type=int, default=12, help="table rows")
     rep = sub.add_parser("report", help="markdown table and figure from a run's JSON")
@@ -356,13 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.cmd == "run":
+        cascades = json.loads(args.cascades)
         sweep = Grid(
-            firsts=tuple(args.firsts.split(",")),
+            firsts=tuple(f for f in args.firsts.split(",") if f),
             samples=parse_ints(args.samples),
             keeps=parse_ints(args.keeps),
             depths=parse_ints(args.depths),
             aggregators=tuple(args.aggregators.split(",")),
             last_samples=parse_ints(args.last_samples),
+            cascades=tuple((name, tuple(stages)) for name, stages in cascades.items()),
         )
         result = run_regime(args.home, args.regime, sweep, parse_ints(args.seeds), args.threads, args.space)
         dump_json(args.out, result)

@@ -1,7 +1,8 @@
 """Shared helpers for the cascade, HTTP, compute and throughput benchmarks (not tests).
 
 The benchmark home (default /tmp/bench-home, never committed) holds the embedded default models plus the more
-aggressively pruned `cnn-s10` and `cnn-s10f` (10% of units; fine-tuned 3 and 20 epochs), and two spaces of
+aggressively pruned `cnn-s10`, `cnn-s10f` and `cnn-s10g` (10% of units; `layer-weight-norm` fine-tuned 3 and
+20 epochs, `greedy-asymmetric` fine-tuned 20), and two spaces of
 >= 100,000 MNIST-1D items generated locally with another seed than the training data, so no item was trained on:
 
 - `big`:  every label owns ~1,160 clusters of 10 (the common-target regime);
@@ -42,9 +43,10 @@ __all__ = [
 DEFAULT_HOME = Path("/tmp/bench-home")
 BIG_SPACE = "big"
 RARE_SPACE = "rare"
-EXTRA_VARIANTS = (
-    ("cnn-s10", "layer-weight-norm", 0.1, True, 3),  # as the brief's example command
-    ("cnn-s10f", "layer-weight-norm", 0.1, True, 20),  # the same size, fine-tuned longer
+EXTRA_VARIANTS = (  # name, method, keep, reweight, fine-tuning epochs, calibration items
+    ("cnn-s10", "layer-weight-norm", 0.1, True, 3, 512),  # as the brief's example command
+    ("cnn-s10f", "layer-weight-norm", 0.1, True, 20, 512),  # the same size, fine-tuned longer
+    ("cnn-s10g", "greedy-asymmetric", 0.1, True, 20, 1024),  # the same size, the papers' greedy selection
 )
 
 
@@ -110,10 +112,19 @@ def prepare_home(
     bootstrap(home, config, progress=True)
     registry = ModelRegistry(home / "registry")
     train = load_dataset("mnist1d", seed=config.seed, num_samples=config.num_samples, cache_dir=home / "data")
-    for name, method, keep, reweight, finetune in EXTRA_VARIANTS:
+    for name, method, keep, reweight, finetune, calibration in EXTRA_VARIANTS:
         if registry.active_version(name) is None:
             m = prune_and_register(
-                registry, "dense", method, keep, name, train, reweight=reweight, finetune_epochs=finetune, progress=True
+                registry,
+                "dense",
+                method,
+                keep,
+                name,
+                train,
+                reweight=reweight,
+                finetune_epochs=finetune,
+                calibration_size=calibration,
+                progress=True,
             )
             print(f"registered {m.ref}: accuracy {m.accuracy:.4f}, FLOPs {m.flops_nonzero:,}", flush=True)
 
