@@ -85,7 +85,16 @@ class Grid:
             first = stages[0]
             agg = first.get("aggregator", "bayes")
             out.append(
-                Setting(name, stages, first["variant"], first["samples"], first.get("keep") or k, len(stages), agg)
+                Setting(
+                    name,
+                    stages,
+                    first["variant"],
+                    first["samples"],
+                    first.get("keep") or k,
+                    len(stages),
+                    agg,
+                    extra=True,
+                )
             )
         default = (
             {"variant": "cnn-s25", "samples": 2, "keep": 200, "aggregator": "bayes"},
@@ -158,6 +167,7 @@ def run_regime(
                         "agreement": agreement_at_k(result.cluster_ids, oracle.cluster_ids, k),
                         "flops": result.flops,
                         "flops_dense_kernel": result.flops_dense_kernel,
+                        "stage_ms": [st.ms for st in result.stages],
                         "oracle_flops": oracle.flops,
                         "oracle_flops_dense_kernel": oracle.flops_dense_kernel,
                     }
@@ -184,6 +194,7 @@ def run_regime(
                     / np.mean([r["flops_dense_kernel"] for r in mine])
                 ),
                 "ms": ms,
+                "stage_ms": [median([r["stage_ms"][j] for r in mine]) for j in range(len(st.stages))],
                 "time_ratio": oracle_ms / ms,
                 "meets": recall >= 0.99 * oracle_recall,
             }
@@ -205,6 +216,11 @@ def run_regime(
     }
 
 
+def _stage_ms(setting: dict) -> str:
+    """Medians of each stage's own time (sampling, forward, aggregation, cut); older result files lack them."""
+    return " / ".join(f"{v:.1f}" for v in setting.get("stage_ms", [])) or "-"
+
+
 def _table(result: dict, top: int) -> str:
     """Markdown: the oracle, then the settings meeting recall, best wall-time ratio first, then the rest."""
     o = result["oracle"]
@@ -214,8 +230,9 @@ def _table(result: dict, top: int) -> str:
         f"seeds {result['seeds']}, torch threads {result['threads']}; oracle recall {o['recall']:.4f}, "
         f"oracle {o['flops'] / 1e9:.2f} GFLOP, median {o['ms_median']:.1f} ms",
         "",
-        "| setting | recall | agree | FLOPs ratio | FLOPs ratio (dense-kernel) | median ms | wall ratio | meets |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | recall | agree | FLOPs ratio | FLOPs ratio (dense-kernel) | median ms | ms per stage | wall ratio "
+        "| meets |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     ok = sorted((s for s in result["settings"] if s["meets"]), key=lambda s: -s["time_ratio"])
     bad = sorted((s for s in result["settings"] if not s["meets"]), key=lambda s: -s["recall"])
@@ -224,7 +241,7 @@ def _table(result: dict, top: int) -> str:
     for s in shown:
         lines.append(
             f"| {s['name']} | {s['recall']:.4f} | {s['agreement']:.3f} | {s['flops_ratio']:.0f}x | "
-            f"{s['flops_ratio_dense_kernel']:.0f}x | {s['ms']:.2f} | {s['time_ratio']:.1f}x | "
+            f"{s['flops_ratio_dense_kernel']:.0f}x | {s['ms']:.2f} | {_stage_ms(s)} | {s['time_ratio']:.1f}x | "
             f"{'yes' if s['meets'] else 'no'} |"
         )
     lines += [
