@@ -142,7 +142,8 @@ def run_cascade(
         variant = snapshot.variants[stage.variant]
         rows, counts = sample_members(space.offsets, alive, stage.samples, rng)
         with torch.inference_mode():
-            logits, hidden = forward_chunked(variant.model, snapshot.features[torch.from_numpy(rows)])
+            x = torch.index_select(snapshot.features, 0, torch.from_numpy(rows))  # ~2x faster than features[rows]
+            logits, hidden = forward_chunked(variant.model, x)
             log_post = aggregate(
                 stage.aggregator,
                 MemberOutputs(logits, hidden),
@@ -197,7 +198,7 @@ def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
     rows, counts = sample_members(space.offsets, alive, int(space.sizes.max()), np.random.default_rng(0))
     dense = snapshot.dense
     with torch.inference_mode():
-        logits, _ = forward_chunked(dense.model, snapshot.features[torch.from_numpy(rows)])
+        logits, _ = forward_chunked(dense.model, torch.index_select(snapshot.features, 0, torch.from_numpy(rows)))
         log_post = aggregate("bayes", MemberOutputs(logits), torch.from_numpy(counts), snapshot.log_prior)
         post = log_post.double().exp()
         scores = post @ torch.from_numpy(target.utility).double()

@@ -117,11 +117,19 @@ def aggregate(
     return agg.fn(outputs, counts, log_prior, gadget)
 
 
+def _one_member_each(outputs: MemberOutputs, counts: torch.Tensor) -> bool:
+    """Every tuple has a single member: then averaging and the product of experts are all that member's
+    log-softmax, and the segment sums can be skipped (the first stage of a cascade often samples 1)."""
+    return len(counts) == len(outputs.logits)
+
+
 @register_aggregator("mean_prob")
 def mean_prob(
     outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None
 ) -> torch.Tensor:
     """The paper's baseline: average the members' softmax."""
+    if _one_member_each(outputs, counts):
+        return log_softmax_rows(outputs.logits.double()).float()
     probs = _segment_sum(log_softmax_rows(outputs.logits.double()).exp(), counts) / counts[:, None]
     return probs.clamp_min(1e-300).log().float()
 
@@ -131,12 +139,16 @@ def mean_logit(
     outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None
 ) -> torch.Tensor:
     """Average the logits, then softmax."""
+    if _one_member_each(outputs, counts):
+        return log_softmax_rows(outputs.logits.double()).float()
     return log_softmax_rows(_segment_sum(outputs.logits.double(), counts) / counts[:, None]).float()
 
 
 @register_aggregator("bayes")
 def bayes(outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None) -> torch.Tensor:
     """Product of experts: sum_i log p(y|x_i) - (n - 1) log pi(y); exact for members independent given y."""
+    if _one_member_each(outputs, counts):
+        return log_softmax_rows(outputs.logits.double()).float()
     summed = _segment_sum(log_softmax_rows(outputs.logits.double()), counts)
     summed -= (counts[:, None] - 1).double() * log_prior.double()[None, :]
     return log_softmax_rows(summed).float()

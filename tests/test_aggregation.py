@@ -147,3 +147,17 @@ def test_log_softmax_rows_matches_torch_including_extreme_logits() -> None:
     x[0] = torch.tensor([1e4, -1e4, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.float64)
     torch.testing.assert_close(log_softmax_rows(x), x.log_softmax(1))
     assert torch.isfinite(log_softmax_rows(x)).all()
+
+
+@pytest.mark.parametrize("name", ["bayes", "mean_prob", "mean_logit"])
+def test_single_member_tuples_get_that_members_log_softmax(name: str) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(30, 10) * 5
+    log_prior = torch.log_softmax(torch.randn(10), 0)
+    got = aggregate(name, MemberOutputs(logits), torch.ones(30, dtype=torch.long), log_prior)
+    torch.testing.assert_close(got, logits.double().log_softmax(1).float())
+    # n = 2 identical members takes the general path: averaging changes nothing, bayes counts the evidence twice
+    twice = aggregate(name, MemberOutputs(logits.repeat_interleave(2, 0)), torch.full((30,), 2), log_prior)
+    ls = logits.double().log_softmax(1)
+    expected = (2 * ls - log_prior.double()).log_softmax(1) if name == "bayes" else ls
+    torch.testing.assert_close(twice, expected.float(), atol=1e-5, rtol=1e-5)

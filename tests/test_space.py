@@ -105,3 +105,19 @@ def test_sampling_uneven_clusters_uses_the_sorted_path_and_stays_uniform() -> No
         hits[rows] += 1
     rate = hits[:400] / 300  # each member of the big cluster: 5/400 per round
     assert abs(rate.mean() - 5 / 400) < 1e-9 and rate.max() < 0.06
+
+
+def test_sampling_one_member_is_uniform_within_each_cluster() -> None:
+    sizes = np.array([1, 2, 5, 10, 3])
+    offsets = np.r_[0, np.cumsum(sizes)]
+    clusters = np.array([4, 0, 3, 1, 2])  # any order: rows follow it
+    rng = np.random.default_rng(7)
+    hits = np.zeros(offsets[-1])
+    rounds = 4000
+    for _ in range(rounds):
+        rows, counts = sample_members(offsets, clusters, 1, rng)
+        np.testing.assert_array_equal(counts, np.ones(len(clusters)))
+        assert ((rows >= offsets[clusters]) & (rows < offsets[clusters + 1])).all()
+        hits[rows] += 1
+    expected = np.repeat(1 / sizes, sizes)  # each member of a cluster of s: 1/s per round
+    np.testing.assert_allclose(hits / rounds, expected, atol=0.035)
