@@ -295,7 +295,7 @@ def _plot(result: dict, path: Path) -> None:
         "cnn-s25": "tab:orange",
         "cnn-m10": "tab:green",
     }
-    markers = {("bayes", 2): "o", ("bayes", 3): "s", ("mean_prob", 2): "^", ("mean_prob", 3): "D"}
+    markers = {("bayes", 2): "o", ("bayes", 3): "s", ("bayes", 4): "P", ("mean_prob", 2): "^", ("mean_prob", 3): "D"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     bar = 0.99 * result["oracle"]["recall"]
     for ax, key, label in zip(
@@ -325,9 +325,13 @@ def _plot(result: dict, path: Path) -> None:
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"recall@{result['k']}")
-    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=n) for n, c in colors.items()]
+    firsts = {s["first"] for s in result["settings"]}
+    shapes = {(s["aggregator"], s["depth"]) for s in result["settings"]}
+    handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=n) for n, c in colors.items() if n in firsts]
     handles += [
-        plt.Line2D([], [], color="gray", marker=m, ls="", label=f"{a}, {d} stages") for (a, d), m in markers.items()
+        plt.Line2D([], [], color="gray", marker=m, ls="", label=f"{a}, {d} stages")
+        for (a, d), m in markers.items()
+        if (a, d) in shapes
     ]
     handles += [plt.Line2D([], [], color="black", marker="s", ls="", label="service default")]
     axes[1].legend(handles=handles, fontsize=7, loc="lower left")
