@@ -5,7 +5,10 @@
         --out var/bench/http_rare.json
 
 One uvicorn worker (torch threads 1, the service default, result cache off) on 127.0.0.1; the client keeps one
-connection open.
+connection open: httpx by default, or with `--client stdlib` the standard library's `http.client` (much less
+Python per request: the difference between the two runs is the client's own share of the HTTP time).
+`http_minus_server_p50_ms` is the median over queries of HTTP time minus the server's own `latency_ms` (the
+fixed per-request cost: transport, framework, validation, JSON, client).
 Each query runs in-process and then over HTTP, back to back, and every `--oracle-every`th query also runs the
 dense exhaustive oracle in-process, so the HTTP wall-time ratio to the oracle comes from the same run.
 Target (issue 6): HTTP p50 <= 1.5 x in-process p50 + 2 ms.
@@ -14,8 +17,11 @@ Target (issue 6): HTTP p50 <= 1.5 x in-process p50 + 2 ms.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,39 @@ from benchmarks.common import (
 
 __all__ = ["main", "measure"]
 
+_JSON = {"content-type": "application/json"}
+
+
+@contextmanager
+def _client(kind: str, url: str, port: int) -> Iterator[Callable[[dict], dict]]:
+    """`post(body) -> payload` over one keep-alive connection; the JSON encoding and decoding are part of it."""
+    if kind == "stdlib":
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30.0)
+
+        def post_stdlib(body: dict) -> dict:
+            conn.request("POST", "/v1/query", body=json.dumps(body).encode(), headers=_JSON)
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}: {data[:200]!r}")
+            return json.loads(data)
+
+        try:
+            yield post_stdlib
+        finally:
+            conn.close()
+        return
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=30.0) as client:
+
+        def post_httpx(body: dict) -> dict:
+            response = client.post("/v1/query", json=body)
+            response.raise_for_status()
+            return response.json()
+
+        yield post_httpx
+
 
 def measure(
     home: Path,
@@ -44,12 +83,11 @@ def measure(
     max_seconds: float,
     candidates: int = 0,
     k_override: int | None = None,
+    client_kind: str = "httpx",
 ) -> dict:
     """Interleaved in-process / HTTP pairs; the queries cycle through every label (rare space: the rare label),
     or with `candidates` > 0 are queries by one example item of the space over that many nearest clusters
     (small, cheap queries where the fixed per-request cost shows)."""
-    import httpx
-
     from cascade.config import Stage
     from cascade.engine import dense_oracle, run_cascade, target_from_examples, target_from_label
 
@@ -76,11 +114,11 @@ def measure(
         return {"target": {"label": label}, "k": k, "seed": i, **extra}, lambda: target_from_label(snap, label)
 
     inproc, http, server_ms, oracle_ms = [], [], [], []
-    with serve(home, space, port) as url, httpx.Client(base_url=url, timeout=30.0) as client:
+    with serve(home, space, port) as url, _client(client_kind, url, port) as post:
         for i in range(5):  # warm-up both paths, with seeds the measured queries do not use
             body, make_target = query(i)
             body["seed"] = 10**9 + i
-            client.post("/v1/query", json=body).raise_for_status()
+            post(body)
             run_cascade(snap, make_target(), k, stage_objs, 10**9 + i)
         deadline = time.monotonic() + max_seconds
         for i in range(queries):
@@ -90,9 +128,7 @@ def measure(
             t0 = time.perf_counter()
             result = run_cascade(snap, make_target(), k, stage_objs, i)
             t1 = time.perf_counter()
-            response = client.post("/v1/query", json=body)
-            response.raise_for_status()
-            payload = response.json()
+            payload = post(body)
             t2 = time.perf_counter()
             if [c["cluster_id"] for c in payload["clusters"]] != result.cluster_ids.tolist():
                 raise AssertionError("the service and the engine disagree on the same query and seed")
@@ -116,6 +152,8 @@ def measure(
         "http_p50_ms": p50_http,
         "http_p90_ms": percentile(http, 90),
         "server_reported_p50_ms": median(server_ms),
+        "http_minus_server_p50_ms": median([h - s for h, s in zip(http, server_ms, strict=True)]),
+        "client": client_kind,
         "http_over_inproc": p50_http / p50_in,
         "http_minus_inproc_ms": p50_http - p50_in,
         "target_ms": 1.5 * p50_in + 2.0,
@@ -142,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=600.0, help="stop sending after this")
     p.add_argument("--candidates", type=int, default=0, help="> 0: queries by example over this many clusters")
     p.add_argument("--k", type=int, help="clusters asked for (default: 10, or the rare label's cluster count)")
+    p.add_argument("--client", choices=("httpx", "stdlib"), default="httpx", help="the HTTP client (see above)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     stages = json.loads(args.stages) if args.stages else None
@@ -155,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_seconds,
         args.candidates,
         args.k,
+        args.client,
     )
     print(json.dumps(out, indent=2))
     if args.out:

@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
-    for router in (health.router, metrics.router, catalog.router, query.router, admin.router):
+    # The router tries routes in order: the hot one first (no path here overlaps another, so order is free).
+    for router in (query.router, health.router, metrics.router, catalog.router, admin.router):
         app.include_router(router)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -79,6 +80,9 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # The labelled children, looked up once per (route template, method, status): as many as the series
+        # themselves, so no more than the metrics already hold.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,8 +99,14 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            labels = {"route": template, "method": scope.get("method", ""), "status": str(status[0])}
-            self.metrics.requests.labels(**labels).inc()
-            self.metrics.latency.labels(**labels).observe(time.perf_counter() - started)
+            key = (template, scope.get("method", ""), status[0])
+            children = self._children.get(key)
+            if children is None:
+                labels = {"route": key[0], "method": key[1], "status": str(key[2])}
+                children = (self.metrics.requests.labels(**labels), self.metrics.latency.labels(**labels))
+                self._children[key] = children
+            children[0].inc()
+            children[1].observe(elapsed)

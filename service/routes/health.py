@@ -12,13 +12,14 @@ __all__ = ["router"]
 router = APIRouter(tags=["health"])
 
 
+# `async`: both only read memory, so they answer on the event loop without a thread-pool hop.
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz")
-def readyz(state: StateDep) -> JSONResponse:
+async def readyz(state: StateDep) -> JSONResponse:
     snapshot = state.snapshot
     if snapshot is None:
         return JSONResponse(status_code=503, content={"ready": False, "error": state.load_error})

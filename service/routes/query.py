@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from cascade.engine import (
     Target,
@@ -16,7 +16,7 @@ from cascade.engine import (
 )
 from cascade.snapshot import Snapshot, StageError
 from service.cache import cache_key
-from service.dependencies import SnapshotDep, StateDep
+from service.dependencies import snapshot_of
 from service.schemas import ClusterHit, QueryRequest, QueryResponse, StageOut
 from service.state import ServiceState
 
@@ -38,19 +38,24 @@ def _target(snapshot: Snapshot, request: QueryRequest, state: ServiceState) -> T
     return target_from_examples(snapshot, t.examples, candidates)
 
 
+# Kept cheap on purpose, since it is most of what HTTP adds to a small query: state and snapshot are read here
+# rather than through two sub-dependencies, and the answer is serialised here, in the worker thread, and
+# returned as JSON bytes; given a model, FastAPI would validate it a second time against `response_model` in
+# another thread-pool hop before serialising it. `QueryResponse` is still built (so validated) once, and
+# `response_model` still documents the route.
 @router.post("/query", response_model=QueryResponse)
-def query(
-    request: QueryRequest,
-    snapshot: SnapshotDep,
-    state: StateDep,
-) -> QueryResponse | Response:
-    """Runs in FastAPI's thread pool: torch releases the GIL, so queries proceed in parallel. The cache key
-    holds the snapshot id, so an answer is only ever reused on the snapshot that computed it."""
+def query(request: QueryRequest, http: Request) -> Response:
+    """Runs in FastAPI's thread pool: torch releases the GIL, so queries proceed in parallel. The snapshot is
+    taken once, first: the whole query runs on it even if a swap happens meanwhile (503 until one is loaded).
+    The cache key holds the snapshot id, so an answer is only ever reused on the snapshot that computed it."""
+    state: ServiceState = http.app.state.service
+    snapshot = snapshot_of(state)
     started = time.perf_counter()
     if request.k > state.settings.max_k:
         raise StageError("k", f"at most {state.settings.max_k}")
-    key = cache_key(request.model_dump(mode="json"), snapshot.id)
-    cached = state.cache.get(key) if state.cache is not None else None
+    cache = state.cache
+    key = cache_key(request.model_dump(mode="json"), snapshot.id) if cache is not None else ""
+    cached = cache.get(key) if cache is not None else None
     if cached is not None:
         return Response(content=cached, media_type="application/json", headers={"x-cache": "hit"})
     target = _target(snapshot, request, state)
@@ -73,6 +78,11 @@ def query(
         metrics.stage_latency.labels(variant=stage.variant).observe(stage.ms / 1000.0)
         metrics.stage_flops.labels(variant=stage.variant).inc(stage.flops)
     metrics.query_flops.observe(result.flops)
-    if state.cache is not None:
-        state.cache.set(key, response.model_copy(update={"cached": True}).model_dump_json().encode())
-    return response
+    if cache is not None:
+        cache.set(key, _to_json(response.model_copy(update={"cached": True})))
+    return Response(content=_to_json(response), media_type="application/json")
+
+
+def _to_json(response: QueryResponse) -> bytes:
+    """The bytes FastAPI's own `response_model` path would send (pydantic's JSON, straight to bytes)."""
+    return QueryResponse.__pydantic_serializer__.to_json(response)
