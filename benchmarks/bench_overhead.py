@@ -21,47 +21,15 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import BIG_SPACE, DEFAULT_HOME, dump_json, load_snapshot_from, median, percentile, wait_ready
+from benchmarks.common import BIG_SPACE, DEFAULT_HOME, dump_json, load_snapshot_from, median, percentile, serve
 
 __all__ = ["main", "measure"]
-
-
-@contextmanager
-def _server(home: Path, space: str, port: int, tree: Path) -> Iterator[str]:
-    """uvicorn on 127.0.0.1 running the code under `tree` (its own directory first on the path)."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(tree),
-        "PRUNECASCADE_HOME": str(home),
-        "PRUNECASCADE_SPACE": space,
-        "PRUNECASCADE_TORCH_THREADS": "1",
-        "PRUNECASCADE_LOG_LEVEL": "warning",
-        "PRUNECASCADE_CACHE_ENABLED": "false",
-    }
-    cmd = [str(Path(sys.executable).with_name("uvicorn")), "service.app:create_app", "--factory"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 class _Probe:
@@ -135,7 +103,7 @@ def measure(
     with ExitStack() as stack:
         probes: dict[str, _Probe] = {}
         for j, (name, tree) in enumerate(trees.items()):
-            url = stack.enter_context(_server(home, space, port + j, tree))
+            url = stack.enter_context(serve(home, space, port + j, tree=tree))
             probes[name] = _Probe(url, port + j)
             stack.callback(probes[name].close)
         names = list(probes)

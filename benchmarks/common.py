@@ -212,9 +212,11 @@ def serve(
     omp_threads: int | None = None,
     log: Path | None = None,
     cache: bool = False,
+    tree: Path | None = None,
 ) -> Iterator[str]:
     """uvicorn on 127.0.0.1 only, as the deployment runs it (`--factory --workers N`); stopped by its own pid.
-    The result cache is off by default: a benchmark must measure every query, not a cache hit."""
+    The result cache is off by default: a benchmark must measure every query, not a cache hit. With `tree`, the
+    server runs the code of that checkout instead of this one (to compare two versions side by side)."""
     if not 1 <= port <= 65535:
         raise ValueError("port")
     env = {
@@ -227,6 +229,8 @@ def serve(
     }
     if omp_threads is not None:
         env["OMP_NUM_THREADS"] = str(omp_threads)  # FAISS's OpenMP pool (torch's is set explicitly)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     cmd = [
         str(Path(sys.executable).with_name("uvicorn")),
         "service.app:create_app",
@@ -242,7 +246,7 @@ def serve(
         "--no-access-log",
     ]
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, consecutive=1 if workers == 1 else 30 * workers)
