@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import fnmatch
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -190,6 +192,22 @@ def test_kustomization_lists_every_manifest() -> None:
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kust["resources"]) == files
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_kustomize_renders_every_manifest(manifests: list[dict[str, Any]]) -> None:
+    """kubectl's own kustomize (offline: no cluster needed) accepts the kustomization and renders exactly the
+    objects the manifests define, with the common labels it adds."""
+    done = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rendered = [d for d in yaml.safe_load_all(done.stdout) if d]
+    objects = [d for d in manifests if d["kind"] != "Kustomization"]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in objects
+    )
+    (pairs,) = [entry["pairs"] for entry in yaml.safe_load((K8S / "kustomization.yaml").read_text())["labels"]]
+    for doc in rendered:
+        assert pairs.items() <= doc["metadata"].get("labels", {}).items()
 
 
 def test_deployment_probes_ports_and_env(manifests: list[dict[str, Any]]) -> None:
