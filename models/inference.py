@@ -1,6 +1,6 @@
 """Serving-time forward passes in cache-sized chunks.
 
-Every network of the cascade ran 2.4-3.2x slower per item over one 20,000-item batch than over chunks of a few
+The networks of the cascade ran up to 3.2x slower per item over one 20,000-item batch than over chunks of a few
 thousand rows (docs/performance.md, section 4): once a layer's activations outgrow the core's L2 cache every
 layer streams them from memory. The chunk is therefore sized from the network's widest activation, so the
 cheap first stage gets large chunks and the dense model small ones.
