@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--rare-relevant", type=int, default=20)
     pr.add_argument("--rare-clusters", type=int, default=10_000)
     pr.add_argument("--rare-name", default=RARE_SPACE, help="directory of the rare space under HOME/spaces")
+    pr.add_argument("--big-name", default=BIG_SPACE, help="directory of the common-target space under HOME/spaces")
     r = sub.add_parser("run", help="sweep cascade settings against the oracle, interleaved")
     r.add_argument("--home", type=Path, default=DEFAULT_HOME)
     r.add_argument("--regime", choices=["common", "rare"], default="rare")
@@ -431,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             rare_relevant=args.rare_relevant,
             rare_clusters=args.rare_clusters,
             rare_name=args.rare_name,
+            big_name=args.big_name,
         )
         return 0
     if args.cmd == "run":

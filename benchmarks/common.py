@@ -100,6 +100,7 @@ def prepare_home(
     rare_clusters: int = 10_000,
     cluster_size: int = 10,
     rare_name: str = RARE_SPACE,
+    big_name: str = BIG_SPACE,
 ) -> None:
     """Build whatever is missing: default models (dense trained for `epochs`), cnn-s10, the big and rare spaces."""
     from cascade.bootstrap import BootstrapConfig, bootstrap
@@ -135,7 +136,7 @@ def prepare_home(
     x, y = big.x_pool, big.y_pool
     prior = train.prior  # the class frequencies the models were trained with
     rng = np.random.default_rng(big_seed)
-    big_dir = _space_dir(home, BIG_SPACE)
+    big_dir = _space_dir(home, big_name)
     if not all((big_dir / f).exists() for f in (SPACE_FILE, META_FILE)):
         cluster = clusters_by_label(y, cluster_size, rng)
         meta = {"id": f"bench-big-s{big_seed}-n{len(y)}", "dataset": "mnist1d", "clusters": "same-label"}
