@@ -436,7 +436,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.cmd == "run":
-        cascades = json.loads(args.cascades)
+        try:
+            cascades = json.loads(args.cascades)
+            if not isinstance(cascades, dict) or not all(isinstance(v, list) and v for v in cascades.values()):
+                raise ValueError("expected an object of name -> non-empty list of stages")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            p.error(f"--cascades: {e}")
         sweep = Grid(
             firsts=tuple(f for f in args.firsts.split(",") if f),
             samples=parse_ints(args.samples),
