@@ -103,7 +103,15 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--max-shift", type=int, default=8)
     p.add_argument("--pool", type=int, default=1)
+    p.add_argument("--regions", type=int, default=1)
+    p.add_argument("--energies", action="store_true")
+    p.add_argument("--trunk-layers", type=int, default=1)
+    p.add_argument("--interaction", default="channels", choices=["channels", "positions"])
     p.add_argument("--hidden", default="512,256")
+    p.add_argument("--hard-fraction", type=float, default=PairTrainConfig().hard_fraction)
+    p.add_argument("--lr", type=float, default=PairTrainConfig().lr)
+    p.add_argument("--batch", type=int, default=PairTrainConfig().batch_size)
+    p.add_argument("--skip-bi", action="store_true", help="only the pair model (architecture search)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the numbers to this file")
     args = p.parse_args()
@@ -126,6 +134,8 @@ def main() -> None:
     out: dict[str, object] = {"args": vars(args)}
 
     start = time.perf_counter()
+    if args.skip_bi:
+        args.bi_steps = 1
     bi = train_biencoder(train, val, replace(BiEncoderTrainConfig(), steps=args.bi_steps, seed=args.seed))
     bi_seconds = time.perf_counter() - start
     cents = cluster_centroids(embed_numpy(bi, space.x), space.cluster, args.prototypes)
@@ -137,9 +147,20 @@ def main() -> None:
         trunk_channels=args.channels,
         max_shift=args.max_shift,
         pool=args.pool,
+        regions=args.regions,
+        energies=args.energies,
+        trunk_layers=args.trunk_layers,
+        interaction=args.interaction,
         hidden=tuple(int(h) for h in args.hidden.split(",")),
     )
-    config = replace(PairTrainConfig(), steps=args.pair_steps, seed=args.seed)
+    config = replace(
+        PairTrainConfig(),
+        steps=args.pair_steps,
+        seed=args.seed,
+        hard_fraction=args.hard_fraction,
+        lr=args.lr,
+        batch_size=args.batch,
+    )
     model, report = train_pair_model(spec, train, val, config)
     print(
         f"pair model: val pair accuracy {report.val_accuracy:.3f} (best step {report.best_step}), "

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.pair import PairNetwork, PairSpec
-from models.prototypes import PrototypeSet, make_views
+from models.prototypes import PrototypeSet, make_views, similar_prototypes
 
 __all__ = [
     "PairBatch",
@@ -53,6 +53,10 @@ class PairTrainConfig:
     weight_decay: float = 1e-4
     grade_mix: tuple[float, float, float] = (0.2, 0.4, 0.4)
     """Fractions of grade 0, 1, 2 pairs in every batch; it is the grade prior of the trained model."""
+    hard_fraction: float = 0.5
+    """Fraction of grade 1 pairs whose item is one of the `hard_neighbours` most similar prototypes of the
+    same digit (hard negatives); the rest are any other prototype of the digit."""
+    hard_neighbours: int = 10
     eval_every: int = 250
     val_pairs: int = 3000
     seed: int = 0
@@ -72,10 +76,16 @@ class PairTrainReport:
 
 
 def sample_pair_ids(
-    labels: np.ndarray, count: int, grade_mix: tuple[float, ...], rng: np.random.Generator
+    labels: np.ndarray,
+    count: int,
+    grade_mix: tuple[float, ...],
+    rng: np.random.Generator,
+    neighbours: np.ndarray | None = None,
+    hard_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prototype ids (query, item) and grades: 2 same prototype, 1 another prototype of the same digit,
-    0 a prototype of another digit. `labels` is the digit of every prototype."""
+    0 a prototype of another digit. `labels` is the digit of every prototype. With `neighbours` ((K, h)
+    similar prototypes of the same digit), a `hard_fraction` of grade 1 items is one of them."""
     labels = np.asarray(labels)
     k = len(labels)
     by_label = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
@@ -93,6 +103,8 @@ def sample_pair_ids(
             while j == qid[i]:
                 j = pool[rng.integers(len(pool))]
             xid[i] = j
+            if neighbours is not None and rng.random() < hard_fraction:
+                xid[i] = neighbours[qid[i], rng.integers(neighbours.shape[1])]
         else:
             j = qid[i]
             while labels[j] == labels[qid[i]]:
@@ -101,9 +113,16 @@ def sample_pair_ids(
     return qid, xid, grade
 
 
-def make_pairs(data: PrototypeSet, count: int, grade_mix: tuple[float, ...], rng: np.random.Generator) -> PairBatch:
+def make_pairs(
+    data: PrototypeSet,
+    count: int,
+    grade_mix: tuple[float, ...],
+    rng: np.random.Generator,
+    neighbours: np.ndarray | None = None,
+    hard_fraction: float = 0.0,
+) -> PairBatch:
     """`count` pairs of fresh views (never the set's stored items) of `data`'s prototypes."""
-    qid, xid, grade = sample_pair_ids(data.cluster_labels, count, grade_mix, rng)
+    qid, xid, grade = sample_pair_ids(data.cluster_labels, count, grade_mix, rng, neighbours, hard_fraction)
     q = make_views(data.prototypes, qid, rng)
     x = make_views(data.prototypes, xid, rng)
     return PairBatch(torch.from_numpy(q), torch.from_numpy(x), torch.from_numpy(grade))
@@ -147,7 +166,10 @@ def train_pair_model(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 11])
     model = model if model is not None else PairNetwork(spec)
-    val_pairs = make_pairs(val, config.val_pairs, config.grade_mix, np.random.default_rng([config.seed, 13]))
+    neighbours = similar_prototypes(train.prototypes, config.hard_neighbours) if config.hard_fraction > 0 else None
+    val_neighbours = similar_prototypes(val.prototypes, config.hard_neighbours) if config.hard_fraction > 0 else None
+    val_rng = np.random.default_rng([config.seed, 13])
+    val_pairs = make_pairs(val, config.val_pairs, config.grade_mix, val_rng, val_neighbours, config.hard_fraction)
     params = list(model.parameters()) if train_front else list(model.scorer.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
@@ -161,7 +183,7 @@ def train_pair_model(
         if not train_front:
             model.trunk.eval()
             model.norm.eval()
-        batch = make_pairs(train, config.batch_size, config.grade_mix, rng)
+        batch = make_pairs(train, config.batch_size, config.grade_mix, rng, neighbours, config.hard_fraction)
         opt.zero_grad(set_to_none=True)
         loss_fn(model(batch.q, batch.x), batch.grade).backward()
         opt.step()
