@@ -23,8 +23,16 @@ from models.biencoder import (
     train_biencoder,
 )
 from models.pair import PairNetwork, default_pair_spec, pair_cost
-from models.pair_training import PairTrainConfig, make_pairs, pair_logits, train_pair_model
+from models.pair_training import (
+    PairTrainConfig,
+    make_pairs,
+    pair_accuracy,
+    pair_calibration,
+    pair_logits,
+    train_pair_model,
+)
 from models.prototypes import DEFAULT_PROTOTYPES, grades, make_prototype_set, make_queries
+from models.pruning.pair import probe_pairs, prune_pair
 
 GAINS = np.array([0.0, 1.0, 3.0])
 
@@ -109,6 +117,8 @@ def main() -> None:
     p.add_argument("--interaction", default="channels", choices=["channels", "positions"])
     p.add_argument("--hidden", default="512,256")
     p.add_argument("--hard-fraction", type=float, default=PairTrainConfig().hard_fraction)
+    p.add_argument("--listwise", type=float, default=PairTrainConfig().listwise)
+    p.add_argument("--group-size", type=int, default=PairTrainConfig().group_size)
     p.add_argument("--lr", type=float, default=PairTrainConfig().lr)
     p.add_argument("--batch", type=int, default=PairTrainConfig().batch_size)
     p.add_argument("--skip-bi", action="store_true", help="only the pair model (architecture search)")
@@ -158,6 +168,8 @@ def main() -> None:
         steps=args.pair_steps,
         seed=args.seed,
         hard_fraction=args.hard_fraction,
+        listwise=args.listwise,
+        group_size=args.group_size,
         lr=args.lr,
         batch_size=args.batch,
     )
@@ -191,6 +203,23 @@ def main() -> None:
         "oracle_seconds_per_query": round(seconds / len(xq), 3),
     }
     print("pair model  ", json.dumps(out["pair"]), flush=True)
+    calibration = pair_calibration(train, 512, seed=args.seed)
+    probes = probe_pairs(val, seed=args.seed)
+    for method, keep in (("greedy-asymmetric", 0.1), ("greedy-asymmetric", 0.25)):
+        pruned = prune_pair(model, method, keep, calibration, reweight=True)
+        c = pair_cost(pruned)
+        row = {
+            "method": method,
+            "keep": keep,
+            "reweight": True,
+            "flops_per_pair": c.per_pair.dense_kernel,
+            "flops_ratio": round(cost.per_pair.dense_kernel / c.per_pair.dense_kernel, 2),
+            "ms_per_10k_pairs": round(time_per_10k(pruned, space.x), 1),
+            "pair_accuracy_balanced": round(pair_accuracy(pruned, probes), 3),
+            "dense_pair_accuracy_balanced": round(pair_accuracy(model, probes), 3),
+        }
+        out.setdefault("pruned", []).append(row)  # type: ignore[union-attr]
+        print("pruned      ", json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
