@@ -50,7 +50,7 @@ class PairBatch:
 
 @dataclass(frozen=True)
 class PairTrainConfig:
-    steps: int = 2500
+    steps: int = 1500
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 1e-4
