@@ -35,6 +35,7 @@ from models.pair_training import (
 from models.prototypes import PrototypeConfig, PrototypeSet, make_prototype_set
 from models.pruning import list_methods
 from models.pruning.pair import prune_pair, prune_pair_and_register
+from models.pruning.pipeline import prune_and_register
 from models.registry import ModelRegistry
 
 torch.set_num_threads(1)
@@ -281,6 +282,8 @@ def test_prune_pair_and_register_fine_tunes_the_scorer_only(tmp_path: Path) -> N
     for a, b in zip(pruned.trunk.parameters(), dense.trunk.parameters(), strict=True):
         torch.testing.assert_close(a, b)  # the cached item features of the parent stay valid
     torch.testing.assert_close(pruned.norm.running_mean, dense.norm.running_mean)
+    with pytest.raises(ValueError, match="prune_pair_and_register"):
+        prune_and_register(registry, "pair-dense", "magnitude", 0.5, "pair-m50", None)  # type: ignore[arg-type]
     registry.register("clf", copy.deepcopy(dense.scorer), accuracy=0.5)
     with pytest.raises(ValueError, match="not a pair model"):
         prune_pair_and_register(registry, "clf", "magnitude", 0.5, "clf-m", train, val)
