@@ -1,10 +1,11 @@
 """Pair models (cross-encoders): logits over relevance grades for a query q and an item x read together.
 
-Architecture (chosen by measurement, docs/premise.md): a shallow shared trunk (one conv + ReLU, optional
-max-pool) maps q and x to C feature channels; the first interaction is a per-channel correlation of the two
-over shifts -S..S (a translation shifts the peak instead of breaking a position-by-position comparison, the
-failure of early fusion measured in issue 14); a fixed affine normalisation of those C x (2S+1) numbers is
-the input of `scorer`, an ordinary `Classifier`, so all 16 pruning methods apply to it unchanged.
+Architecture (chosen by measurement, docs/premise.md): a shallow shared trunk (one or two conv + ReLU,
+optional max-pool) maps q and x to C feature channels; the first interaction is a per-channel correlation of
+the two over shifts -S..S, per region of the query's positions (a translation shifts the peak instead of
+breaking a position-by-position comparison, the failure of early fusion measured in issue 14), optionally
+with the squared features per region ("energies"); a fixed affine normalisation of those numbers is the input
+of `scorer`, an ordinary `Classifier`, so all 16 pruning methods apply to it unchanged.
 
 The trunk does not depend on the query, so `item_features` may be computed once per item and cached; it is
 shared by every pruned variant of one dense model (pruning only touches the scorer). Everything from the
@@ -244,6 +245,11 @@ class PairNetwork(nn.Module):
 
     def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.scorer(self.interaction(q, x))
+
+    def score(self, query: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scorer interface issue 14 proposes for both kinds: (logits, hidden) of one query (1, D)
+        against items (P, D). A classifier's version ignores the query."""
+        return self.forward_with_hidden(query, items)
 
     def with_scorer(self, scorer: Classifier) -> PairNetwork:
         """The same front end (trunk, normalisation; copied) with another scorer, e.g. a pruned one."""
