@@ -33,6 +33,8 @@ __all__ = [
     "cost_volume",
     "PairFlops",
     "pair_flops",
+    "FoldedQuery",
+    "folded_pair_cost",
     "pair_cost",
     "default_pair_spec",
 ]
@@ -251,6 +253,59 @@ class PairNetwork(nn.Module):
         against items (P, D). A classifier's version ignores the query."""
         return self.forward_with_hidden(query, items)
 
+    # -- serving one query against many items: fold the query into the scorer's first layer ---------------
+    @torch.no_grad()
+    def fold_query(self, fq: torch.Tensor) -> FoldedQuery:
+        """For one query (features (1, C, L)), the correlation, the normalisation (eval) and the scorer's
+        first Linear are all linear in the item's features, so they compose into one (h1, C*L) matrix: per
+        pair, the first interaction becomes one matrix-vector product with the cached item features (plus
+        the item energies). Same outputs as `forward_features` in eval mode; 'channels' interaction only."""
+        spec = self.spec
+        if spec.interaction != "channels":
+            raise ValueError("folding is implemented for the 'channels' interaction")
+        channels, length = fq.shape[1:]
+        s, regions, width = spec.max_shift, spec.regions, spec.shifts
+        seg = length // regions
+        first = self.scorer.body[0]
+        a = self.norm.weight / torch.sqrt(self.norm.running_var + self.norm.eps)
+        b = self.norm.bias - self.norm.running_mean * a
+        w = first.weight * a[None, :]  # (h1, D): normalisation folded into the first layer
+        bias = first.bias + first.weight @ b
+        n_corr = channels * regions * width
+        # A[c, r * W + j, u] = fq[c, t] / seg with t = u - j + S in region r: corr = A @ fx per channel
+        u = torch.arange(length)[None, :]
+        j = torch.arange(width)[:, None]
+        t = u - j + s
+        valid = (t >= 0) & (t < length)
+        rows = ((t.clamp(0, length - 1) // seg) * width + j)[valid]
+        cols = u.expand_as(t)[valid]
+        op = fq.new_zeros(channels, regions * width, length)
+        op[:, rows, cols] = fq[0][:, t[valid]] / seg
+        w_corr = w[:, :n_corr].reshape(-1, channels, regions * width).transpose(0, 1)  # (C, h1, R*W)
+        matrix = torch.bmm(w_corr, op).transpose(0, 1).reshape(len(w), channels * length)  # (h1, C*L)
+        energy = None
+        if spec.energies:
+            eq = fq[0].pow(2).unflatten(1, (regions, seg)).mean(-1).reshape(-1)
+            bias = bias + w[:, n_corr : n_corr + channels * regions] @ eq
+            energy = w[:, n_corr + channels * regions :].contiguous()
+        return FoldedQuery(matrix.T.contiguous(), bias, None if energy is None else energy.T.contiguous())
+
+    def item_energies(self, fx: torch.Tensor) -> torch.Tensor:
+        """(P, C*R) mean squared feature per channel and region: query independent, cacheable with fx."""
+        return fx.pow(2).unflatten(2, (self.spec.regions, -1)).mean(-1).flatten(1)
+
+    def forward_folded(
+        self, folded: FoldedQuery, fx: torch.Tensor, energies: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden) of a folded query against cached item features fx (P, C, L); `energies` are
+        the cached `item_energies(fx)` (computed here when not given)."""
+        y = torch.addmm(folded.bias, fx.flatten(1), folded.matrix)
+        if folded.energy is not None:
+            ex = self.item_energies(fx) if energies is None else energies
+            y = torch.addmm(y, ex, folded.energy)
+        h = self.scorer.body[1:](y)
+        return self.scorer.head(h), h
+
     def with_scorer(self, scorer: Classifier) -> PairNetwork:
         """The same front end (trunk, normalisation; copied) with another scorer, e.g. a pruned one."""
         out = PairNetwork(self.spec.with_scorer(scorer.spec), scorer)
@@ -301,6 +356,33 @@ def cost_volume(fq: torch.Tensor, fx: torch.Tensor, max_shift: int) -> torch.Ten
         idx = ((t[:, None] + torch.arange(width)[None, :]) * length + t[:, None]).reshape(-1)
         return grid.reshape(len(fx), -1)[:, idx].reshape(len(fx), length, width) / channels
     return torch.stack([(fq * padded[..., j : j + length]).sum(1) for j in range(width)], dim=-1) / channels
+
+
+@dataclass(frozen=True)
+class FoldedQuery:
+    """A query folded into a pair model's first scorer layer (`PairNetwork.fold_query`)."""
+
+    matrix: torch.Tensor  # (C*L, h1)
+    bias: torch.Tensor  # (h1,)
+    energy: torch.Tensor | None  # (C*R, h1) when the spec has energies
+
+
+def folded_pair_cost(model: PairNetwork) -> tuple[Flops, Flops]:
+    """(per pair, per query) FLOPs of the folded path: per pair the (C*L -> h1) product, the item energies
+    and the scorer after its first layer; per query the folding itself. The folded matrix is dense whatever
+    the first layer's mask, so its nonzero count equals its dense-kernel count."""
+    s = model.spec
+    first = model.scorer.body[0]
+    h1, cl = first.weight.shape[0], s.trunk_channels * s.feature_length
+    per_pair = 2 * h1 * cl
+    if s.energies:
+        per_pair += 2 * cl + 2 * h1 * s.trunk_channels * s.regions
+    rest = count_flops(model.scorer, s.interaction_dim)
+    first_dense = 2 * first.weight.numel()
+    first_nz = 2 * int(torch.count_nonzero(first.weight))
+    pair = Flops(per_pair + rest.dense_kernel - first_dense, per_pair + rest.nonzero - first_nz)
+    fold = 2 * h1 * s.trunk_channels * s.regions * s.shifts * s.feature_length
+    return pair, Flops(fold, fold)
 
 
 @dataclass(frozen=True)
