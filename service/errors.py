@@ -116,6 +116,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """401/403/404/405/503 from FastAPI, auth and routing: the same body shape as a 422."""
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400:
+            # FastAPI's and Starlette's 400 for a body they cannot decode (bad UTF-8, broken multipart): invalid
+            # input like any other, so the documented 422 naming the body.
+            msg = f"the body could not be decoded: {detail}"[:300]
+            return JSONResponse(
+                status_code=422, content={"detail": [{"loc": ["body"], "msg": msg, "type": "body_invalid"}]}
+            )
         kind = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )
