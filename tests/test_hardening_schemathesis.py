@@ -68,7 +68,9 @@ def _schemathesis(server: Server, token: str | None, out: Path) -> subprocess.Co
     ]
     if token is not None:
         command += ["--header", f"Authorization: Bearer {token}"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+    env = {**os.environ, "NO_COLOR": "1"}
+    # cwd: schemathesis keeps a `.schemathesis/` cache in its working directory, which must not land in the tree
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
 
 
 @pytest.mark.parametrize("token", [None, TOKEN], ids=["no-token", "token"])
