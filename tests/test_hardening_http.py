@@ -287,3 +287,18 @@ def test_the_fallback_cache_keeps_hits_while_redis_is_down(
         assert _metric(s.url, "prunecascade_cache_hits_total", backend="fallback") == hits_before + 3
     finally:
         stop_server(s)
+
+
+def test_connections_beyond_the_limit_get_503(tiny_home: Path, tmp_path: Path) -> None:
+    home = copy_home(tiny_home, tmp_path / "home")
+    s = start_server(home, {"PRUNECASCADE_MAX_CONNECTIONS": "3"})
+    port = int(s.url.rsplit(":", 1)[1])
+    try:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        time.sleep(0.3)
+        assert httpx.get(f"{s.url}/healthz").status_code == 503
+        for sock in held:
+            sock.close()
+        assert wait_for(lambda: httpx.get(f"{s.url}/healthz").status_code == 200, timeout=5)
+    finally:
+        stop_server(s)
