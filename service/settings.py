@@ -21,7 +21,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_k: int = Field(1000, ge=1)
     max_examples: int = Field(64, ge=1)
-    example_candidates: int = Field(256, ge=1, description="clusters the index proposes for a query by example")
+    example_candidates: int = Field(
+        200, ge=1, description="clusters the embedding index proposes for a query by example (stage 0's M)"
+    )
+    max_query_flops: int = Field(
+        20_000_000_000,
+        ge=1,
+        description="cost budget per query, checked on the stage plan before anything runs (422 beyond it)",
+    )
     log_level: str = "info"
     log_json: bool = Field(True, description="one JSON object per log line, with the request id")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cascade.config import CONFIG_FILE, CascadeConfig
-from cascade.snapshot import Snapshot, StageError, Variant, build_snapshot, load_snapshot
+from cascade.snapshot import Snapshot, StageError, Variant, build_snapshot, load_snapshot, misfit, variant_for
 from models.registry import ModelRegistry, RegistryError
 from service.metrics import Metrics
 from service.settings import Settings
@@ -94,6 +94,10 @@ class ServiceState:
             {v.name: (v.version, v.manifest.sha256) for v in snapshot.variants.values()}, snapshot.id
         )
 
+    def exact_table(self, snapshot: Snapshot) -> None:
+        """Placeholder until the exact-table lifecycle lands: no table, so every query runs the cascade."""
+        return None
+
     def require_snapshot(self) -> Snapshot:
         snapshot = self._snapshot
         if snapshot is None:
@@ -111,18 +115,13 @@ class ServiceState:
             if old is not None and old.version == version:
                 variants[name] = old
                 continue
-            spec = self.registry.manifest(name, version).network_spec
-            if spec.input_dim != space.input_dim or spec.num_classes != space.num_classes:
+            reason = misfit(self.registry.manifest(name, version), space)
+            if reason is not None:
                 if name == strict:
-                    raise StageError(
-                        "version",
-                        f"{name}:{version} takes {spec.input_dim} inputs / {spec.num_classes} classes; the space "
-                        f"has {space.input_dim} / {space.num_classes}",
-                    )
+                    raise StageError("version", f"{name}:{version} {reason}")
                 continue
-            loaded = self.registry.load(name, version)
-            variants[name] = Variant(loaded.model, loaded.manifest, loaded.gadget)
-        return build_snapshot(space, current.index, variants, config)
+            variants[name] = variant_for(self.registry.load(name, version), space)
+        return build_snapshot(space, current.index, variants, config, current.embedding, current.queries)
 
     # -- changes (each: candidate first, then disk, then swap, then tell the other replicas) -------------------
     def activate(self, name: str, version: int | None = None, reason: str = "activate") -> Snapshot:
