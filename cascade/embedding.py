@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cascade.index import ClusterIndex
+from models.biencoder import BiEncoder, BiEncoderSpec
+from models.flops import count_flops
 from models.registry import sha256_file, state_dict_for_saving
 
 __all__ = ["EmbeddingIndex", "ENCODER_WEIGHTS", "ENCODER_SPEC", "EMBEDDING_INDEX_FILE", "embed_chunked"]
@@ -45,10 +47,9 @@ class EmbeddingIndex:
 
     @classmethod
     def build(cls, encoder: torch.nn.Module, features: np.ndarray, offsets: np.ndarray) -> EmbeddingIndex:
-        from models.biencoder import biencoder_flops
-
         vectors = embed_chunked(encoder.eval(), features)
-        return cls(encoder, ClusterIndex.from_vectors(vectors, offsets), biencoder_flops(encoder))
+        flops = count_flops(encoder, encoder.spec.input_dim).nonzero  # type: ignore[union-attr]
+        return cls(encoder, ClusterIndex.from_vectors(vectors, offsets), flops)
 
     def save(self, directory: Path) -> None:
         """Weights, then the index, then the spec (with the weights' sha256) last: its presence marks a
@@ -69,12 +70,10 @@ class EmbeddingIndex:
         spec_file = directory / ENCODER_SPEC
         if not spec_file.exists():
             return None
-        from models.biencoder import BiEncoderSpec, build_biencoder
-
         meta = json.loads(spec_file.read_text())
         weights = directory / ENCODER_WEIGHTS
         if sha256_file(weights) != meta["sha256"]:
             raise ValueError(f"{weights} does not match the sha256 in {spec_file}")
-        encoder = build_biencoder(BiEncoderSpec.from_dict(meta["spec"]))
+        encoder = BiEncoder(BiEncoderSpec.from_dict(meta["spec"]))
         encoder.load_state_dict(load_file(weights), strict=True)
         return cls(encoder.eval(), ClusterIndex.load(directory, EMBEDDING_INDEX_FILE), int(meta["flops_per_query"]))

@@ -222,7 +222,8 @@ def plan_flops(
     for i, stage in enumerate(stages):
         variant = snapshot.variants[stage.variant]
         n = min(stage.samples, max_size)
-        total += alive * n * variant.flops.nonzero * len(target.queries)
+        outputs = len(variant.log_prior)  # the elementwise aggregators' share; a gadget's is small beside it
+        total += alive * n * (variant.flops.nonzero + outputs) * len(target.queries)
         alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
     return total
 

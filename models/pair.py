@@ -127,6 +127,8 @@ def default_pair_spec(
 class PairNetwork(nn.Module):
     """`forward_with_hidden(q, x)`: q is (P, D) or (1, D) (broadcast over the P items of x)."""
 
+    scorer_kind = "pair"
+
     def __init__(self, spec: PairSpec, scorer: Classifier | None = None) -> None:
         super().__init__()
         self.spec = spec
@@ -166,6 +168,19 @@ class PairNetwork(nn.Module):
 
     def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.scorer(self.interaction(q, x))
+
+    def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scorer interface (`models.scorer`): one query (1, D) read with every item. The item trunk is
+        recomputed here rather than cached: it is a small share of a pair's cost (`pair_cost`), and a cache of
+        C x L floats per item would outweigh the space itself."""
+        if query is None:
+            raise ValueError("a pair model needs the query")
+        return self.forward_with_hidden(query, items)
+
+    def activation_width(self) -> int:
+        """Floats per pair of the widest tensor of a forward pass (sizes serving chunks, `models.inference`)."""
+        s = self.spec
+        return max(s.trunk_channels * (s.input_dim + 2 * s.max_shift), s.interaction_dim, *s.scorer.hidden)
 
     def with_scorer(self, scorer: Classifier) -> PairNetwork:
         """The same front end (trunk, normalisation; copied) with another scorer, e.g. a pruned one."""
@@ -221,5 +236,7 @@ def pair_cost(model: PairNetwork) -> PairFlops:
 
 
 def pair_flops(model: PairNetwork) -> Flops:
-    """FLOPs per (q, x) pair with item features cached: correlation + scorer (dense-kernel and nonzero)."""
-    return pair_cost(model).per_pair
+    """FLOPs per (q, x) pair as served (`PairNetwork.score`): the item trunk, recomputed per pair, then the
+    correlation and the scorer (dense-kernel and nonzero). The query's trunk is paid once per query."""
+    cost = pair_cost(model)
+    return cost.per_pair + cost.per_item

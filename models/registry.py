@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from models.flops import count_flops
 from models.manifest import NAME_PATTERN, Manifest, utc_now
 from models.networks import Classifier, build_network
-from models.pair import PairNetwork, PairSpec, pair_cost
+from models.pair import PairNetwork, PairSpec, pair_cost, pair_flops
 from models.spec import NetworkSpec
 
 __all__ = [
@@ -197,7 +197,7 @@ class ModelRegistry:
         extra = dict(extra or {})
         if isinstance(model, PairNetwork):  # FLOPs per (q, x) pair; trunk and cache size recorded beside them
             cost = pair_cost(model)
-            flops = cost.per_pair
+            flops = pair_flops(model)
             extra.setdefault("flops_per_item_trunk", cost.per_item.dense_kernel)
             extra.setdefault("flops_per_query", cost.per_query.dense_kernel)
             extra.setdefault("cache_floats_per_item", cost.cache_floats_per_item)

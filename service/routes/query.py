@@ -87,6 +87,10 @@ def _target(snapshot: Snapshot, request: QueryRequest, state: ServiceState) -> T
 
 def _exact_table(state: ServiceState, snapshot: Snapshot, request: QueryRequest, target: Target) -> Any:
     """The exact table answers a classifier target unless the request asks for the cascade; None: cascade."""
+    if request.mode == "exact" and request.stages is not None:
+        raise StageError("mode", "an exact answer runs no stages; drop stages or use mode cascade")
+    if request.mode == "exact" and target.kind != "classifier":
+        raise StageError("mode", "a query by example is read by the pair models with every item: no exact table")
     if target.kind != "classifier" or request.mode == "cascade" or request.stages is not None:
         return None
     table = state.exact_table(snapshot)
