@@ -78,7 +78,8 @@ class ExactTables:
         return table
 
     def status(self, snapshot: Snapshot) -> dict[str, Any]:
-        """state: ready | building | disabled | failed, with the one-time build cost and its break-even."""
+        """state: ready | building (with `progress`, 0..1, once the build runs) | disabled | failed, with the
+        one-time build cost and its break-even against the default cascade."""
         key = table_key(snapshot)
         space = snapshot.space
         out: dict[str, Any] = {
@@ -130,7 +131,8 @@ class ExactTables:
             if self._building is not None and self._building != key:
                 self._cancel.set()  # a build nobody will use any more: stop it, this one comes next
             self._wanted = snapshot
-            self._status[key] = {"state": "building"}
+            if self._status.get(key, {}).get("state") != "building":
+                self._status[key] = {"state": "building"}
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="exact-table-builder", daemon=True)
                 self._thread.start()
@@ -202,7 +204,10 @@ class ExactTables:
                 pass  # removed meanwhile: build it
             except TableError as exc:
                 log.warning("exact table file rejected, rebuilding it: %s", exc)
-        table = build_table(snapshot, progress=False, cancel=self._cancel)
+        status = self._status.setdefault(key, {"state": "building"})
+        table = build_table(
+            snapshot, progress=False, cancel=self._cancel, on_progress=lambda done: status.update(progress=done)
+        )
         try:
             save_table(table, path)
         except OSError as exc:  # a read-only volume: serve it from memory, rebuild at the next start

@@ -196,7 +196,8 @@ def test_new_dense_version_gets_its_own_table_never_the_stale_one(tiny_home: Pat
     assert new_sha != old_sha
     deadline = time.monotonic() + 120
     while (seen := state.exact_table(new_snapshot)) is None and time.monotonic() < deadline:
-        assert state.exact_status(new_snapshot)["state"] == "building"
+        status = state.exact_status(new_snapshot)
+        assert status["state"] == "building" and 0.0 <= status.get("progress", 0.0) <= 1.0
         time.sleep(0.005)
     assert seen is not None and seen.dense_sha256 == new_sha and seen.dense_ref == f"dense:{version}"
     assert not np.array_equal(seen.log_post, old_table.log_post)
