@@ -4,6 +4,7 @@ side by side in one process (not a test).
     .venv/bin/python -m benchmarks.bench_exact prepare --home /tmp/exact-home        # a >= 100,000-item space
     .venv/bin/python -m benchmarks.bench_exact run --home var --out var/bench/exact_default.json
     .venv/bin/python -m benchmarks.bench_exact run --home /tmp/exact-home --space big --out var/bench/exact_big.json
+    .venv/bin/python -m benchmarks.bench_exact lookup --clusters 100000,1000000
 
 `prepare` bootstraps HOME if needed (the embedded default: dense trained 40 epochs) and adds a `big` space
 built as `bench_cascade prepare` builds its own (the same MNIST-1D generation and seed, same-label clusters of
@@ -26,7 +27,7 @@ import numpy as np
 
 from benchmarks.common import BIG_SPACE, dump_json, load_snapshot_from, median, parse_ints, set_threads
 
-__all__ = ["main", "prepare_big", "run"]
+__all__ = ["main", "prepare_big", "run", "lookup", "report"]
 
 PATHS = ("exact", "cascade", "oracle")
 
@@ -187,6 +188,39 @@ def run(home: Path, space_name: str, k: int, seeds: tuple[int, ...], utilities: 
     }
 
 
+def lookup(clusters: tuple[int, ...], classes: int, repeats: int) -> list[dict]:
+    """Per-query time of the lookup alone on synthetic tables (random log posteriors) of many clusters: what
+    an exact answer costs where no oracle could be run in a benchmark."""
+    import torch
+
+    from cascade.engine import Target
+    from cascade.exact import ExactTable
+
+    set_threads(1)
+    rng = np.random.default_rng(0)
+    out = []
+    for K in clusters:
+        logits = torch.from_numpy(rng.normal(size=(K, classes)).astype(np.float32) * 5)
+        table = ExactTable((logits - logits.logsumexp(1, keepdim=True)).numpy(), "synthetic:1", "0" * 64, "", 0.0, 0)
+        label = Target(utility=np.eye(classes)[3], label=3)
+        utility = Target(utility=rng.dirichlet(np.ones(classes)))
+        times = {"label": [], "utility": []}
+        for i in range(repeats + 1):
+            for kind, target in (("label", label), ("utility", utility)):
+                t0 = time.perf_counter()
+                table.answer(target, 10)
+                if i:  # the first round warms up
+                    times[kind].append((time.perf_counter() - t0) * 1000)
+        row = {"clusters": K, "bytes": table.nbytes, **{f"{k}_ms": median(v) for k, v in times.items()}}
+        print(
+            f"{K:,} clusters x {classes} classes: table {table.nbytes:,} bytes; median lookup over {repeats}: "
+            f"label {row['label_ms']:.2f} ms, utility {row['utility_ms']:.2f} ms",
+            flush=True,
+        )
+        out.append(row)
+    return out
+
+
 def report(result: dict) -> str:
     s, b = result["summary"], result["break_even"]
     lines = [
@@ -248,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--utilities", type=int, default=5, help="random utility targets per seed (besides labels)")
     r.add_argument("--builds", type=int, default=3, help="table builds timed (median reported)")
     r.add_argument("--out", type=Path)
+    lk = sub.add_parser("lookup", help="lookup time alone on synthetic tables of many clusters")
+    lk.add_argument("--clusters", default="100000,1000000")
+    lk.add_argument("--classes", type=int, default=10)
+    lk.add_argument("--repeats", type=int, default=20)
     rep = sub.add_parser("report", help="the markdown summary of a run's JSON")
     rep.add_argument("--results", type=Path, required=True)
     args = p.parse_args(argv)
@@ -264,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             dump_json(args.out, result)
         print(report(result))
+        return 0
+    if args.cmd == "lookup":
+        lookup(parse_ints(args.clusters), args.classes, args.repeats)
         return 0
     import json
 
