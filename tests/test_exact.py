@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cascade import exact
 from cascade.engine import Target, dense_oracle, target_from_label, target_from_utility
 from cascade.exact import (
     ExactTable,
@@ -55,14 +56,22 @@ def test_table_is_the_oracles_posterior_of_every_cluster(snapshot: Snapshot, tab
     assert table.build_flops == snapshot.space.num_items * snapshot.dense.flops.nonzero
 
 
-def test_every_label_equals_the_oracles_top_k(snapshot: Snapshot, table: ExactTable) -> None:
+@pytest.mark.parametrize("key_rows", [16_384, 7])
+def test_every_label_equals_the_oracles_top_k(
+    snapshot: Snapshot, table: ExactTable, key_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exact, "KEY_ROWS", key_rows)
     K = snapshot.space.num_clusters
     for label in range(snapshot.space.num_classes):
         for k in (1, 10, K):
             _same_answer(snapshot, table, target_from_label(snapshot, label), k)
 
 
-def test_random_utilities_equal_the_oracles_top_k(snapshot: Snapshot, table: ExactTable) -> None:
+@pytest.mark.parametrize("key_rows", [16_384, 7])  # 7: the ranking key in many blocks, as on a big space
+def test_random_utilities_equal_the_oracles_top_k(
+    snapshot: Snapshot, table: ExactTable, key_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exact, "KEY_ROWS", key_rows)
     rng = np.random.default_rng(0)
     C = snapshot.space.num_classes
     for i in range(20):
