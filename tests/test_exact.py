@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cascade import exact
+from cascade.config import CascadeConfig
 from cascade.engine import Target, dense_oracle, target_from_label, target_from_utility
 from cascade.exact import (
     ExactTable,
@@ -25,7 +26,7 @@ from cascade.exact import (
     table_key,
     table_path,
 )
-from cascade.snapshot import Snapshot, StageError
+from cascade.snapshot import Snapshot, StageError, build_snapshot
 from service.exact_tables import ExactTables
 from service.settings import Settings
 from service.state import ServiceState
@@ -274,3 +275,25 @@ def test_too_big_or_switched_off_tables_are_not_built(snapshot: Snapshot, tmp_pa
     off.request(snapshot)
     assert off.wait(5) and off.get(snapshot) is None and off.status(snapshot)["state"] == "disabled"
     assert not (tmp_path / "exact").exists()
+
+
+def test_a_swap_during_a_build_serves_only_the_new_dense_model(snapshot: Snapshot, tmp_path: Path) -> None:
+    """Two swaps in a row (the first build may be cancelled or finish): only the last snapshot's table is served,
+    and it is the table of the model the config names as dense."""
+    other = build_snapshot(
+        snapshot.space,
+        snapshot.index,
+        snapshot.variants,
+        CascadeConfig(stages=snapshot.config.stages, dense="cnn-s50"),
+    )
+    assert table_key(other) != table_key(snapshot)
+    tables = ExactTables(tmp_path)
+    tables.request(snapshot)
+    tables.request(other)
+    assert tables.wait(120)
+    assert tables.get(snapshot) is None and tables.status(snapshot)["state"] != "ready"
+    table = tables.get(other)
+    assert table is not None and table.dense_ref == f"cnn-s50:{other.dense.version}"
+    assert tables.status(other)["state"] == "ready"
+    for label in (0, 6):
+        _same_answer(other, table, target_from_label(other, label), 10)
