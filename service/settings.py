@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     example_candidates: int = Field(
         200, ge=1, description="clusters the embedding index proposes for a query by example (stage 0's M)"
     )
+    exact_enabled: bool = Field(
+        True, description="answer label and utility targets from the dense cluster posteriors once built"
+    )
+    exact_max_bytes: int = Field(
+        1 << 30, ge=0, description="largest exact table (clusters x classes x 4 bytes); beyond it, the cascade"
+    )
     max_query_flops: int = Field(
         20_000_000_000,
         ge=1,

@@ -141,7 +141,7 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
             body["latency_ms"] = (time.perf_counter() - started) * 1000.0
             return Response(content=json.dumps(body), media_type="application/json", headers={"x-cache": "hit"})
     if table is not None:
-        result, mode = table.answer(target, request.k), "exact"
+        result, mode = table.answer(target, request.k, snapshot.id), "exact"
     else:
         _check_budget(state, snapshot, request, target)
         result = run_cascade(snapshot, target, request.k, request.stages, request.seed)
