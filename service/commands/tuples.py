@@ -12,21 +12,21 @@ import json
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from models.aggregation import list_aggregators
-from models.flops import count_flops
-from models.gadget import Gadget, GadgetTrainConfig
-from models.networks import Classifier
-from models.pruning import get_method, prune
-from models.pruning.pipeline import calibration_from
-from models.registry import ModelRegistry
-from models.tuples import DEFAULT_AGGREGATORS, ExperimentResult, ResultRow, SweetSpotRow, Variant, run_experiment
 from service.commands.common import add_home, registry_from, settings_from, splits_for
 
-__all__ = ["register", "run", "write_outputs"]
+if TYPE_CHECKING:
+    import torch
+
+    from models.networks import Classifier
+    from models.registry import ModelRegistry
+    from models.tuples import ExperimentResult, ResultRow, Variant
+
+__all__ = ["register", "run", "write_outputs", "AGGREGATORS"]
+
+# models.tuples.DEFAULT_AGGREGATORS, spelled out so that the parser does not import torch (a test checks they agree)
+AGGREGATORS = ("mean_prob", "mean_logit", "bayes", "lstm", "deepsets")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default="magnitude,layer-weight-norm", help="pruning methods for --source prune")
     p.add_argument("--keeps", default="0.5,0.25,0.1,0.05", help="compression levels (fractions kept) to prune")
     p.add_argument("--ns", default="1,2,4,8,16", help="tuple sizes")
-    p.add_argument("--aggregators", default=",".join(DEFAULT_AGGREGATORS))
+    p.add_argument("--aggregators", default=",".join(AGGREGATORS))
     p.add_argument("--budgets", default="0.5,1,2,4,8", help="FLOPs budgets per tuple, in dense-network passes")
     p.add_argument("--tuples", type=int, default=2000, help="test tuples per (n, aggregator, variant)")
     p.add_argument("--n-cap", type=int, default=32, help="largest n considered for a budget")
@@ -62,6 +62,10 @@ def _floats(text: str) -> list[float]:
 
 
 def _variant(label: str, method: str, keep: float, model: Classifier, gadget: torch.nn.Module | None = None) -> Variant:
+    from models.flops import count_flops
+    from models.gadget import Gadget
+    from models.tuples import Variant
+
     f = count_flops(model, model.spec.input_dim)
     v = Variant(label, method, keep, model, f.nonzero, f.dense_kernel)
     if isinstance(gadget, Gadget):
@@ -84,6 +88,14 @@ def _registry_variants(
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.aggregation import list_aggregators
+    from models.gadget import GadgetTrainConfig
+    from models.pruning import get_method, prune
+    from models.pruning.pipeline import calibration_from
+    from models.tuples import run_experiment
+
     torch.set_num_threads(settings_from(args).torch_threads)
     registry = registry_from(args)
     name, _, version = args.dense.partition(":")
@@ -170,6 +182,8 @@ def _summary(result: ExperimentResult) -> str:
 
 
 def write_outputs(result: ExperimentResult, out: Path, plots: bool = True) -> None:
+    from models.tuples import ResultRow, SweetSpotRow
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.to_json(), indent=1))
     _write_csv(out / "results.csv", result.rows, ResultRow)
