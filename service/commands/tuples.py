@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -23,10 +24,11 @@ if TYPE_CHECKING:
     from models.registry import ModelRegistry
     from models.tuples import ExperimentResult, ResultRow, Variant
 
-__all__ = ["register", "run", "write_outputs", "AGGREGATORS"]
+__all__ = ["register", "run", "write_outputs", "sweet_spot_figure", "sparse_log_ticks", "AGGREGATORS", "SWEET_SPOT_PNG"]
 
 # models.tuples.DEFAULT_AGGREGATORS, spelled out so that the parser does not import torch (a test checks they agree)
 AGGREGATORS = ("mean_prob", "mean_logit", "bayes", "lstm", "deepsets")
+SWEET_SPOT_PNG = "aggregation_sweet_spot.png"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -253,11 +255,29 @@ def _plot(result: ExperimentResult, out: Path) -> None:
     fig.savefig(out / "aggregation_ri_vs_flops.png", dpi=110)
     plt.close(fig)
 
+    fig = sweet_spot_figure(result)
+    if fig is not None:
+        fig.savefig(out / SWEET_SPOT_PNG, dpi=110)
+        plt.close(fig)
+
+
+def sweet_spot_figure(result: ExperimentResult) -> Any:
+    """n-accuracy against the fraction kept, one panel per FLOPs budget (None without budgets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    aggs = list(dict.fromkeys(r.aggregator for r in result.rows))
     budgets = list(dict.fromkeys(s.budget for s in result.sweet_spots))
     methods = [m for m in dict.fromkeys(r.method for r in result.budget_rows) if m != "dense"]
     if not budgets:
-        return
-    fig, axes = plt.subplots(1, len(budgets), figsize=(3.4 * len(budgets), 3.2), squeeze=False, sharey=True)
+        return None
+    fig, axes = plt.subplots(
+        1, len(budgets), figsize=(3.4 * len(budgets) + 2.2, 3.4), squeeze=False, sharey=True, layout="constrained"
+    )
+    keeps = sparse_log_ticks(sorted({r.keep for r in result.budget_rows}, reverse=True))
     for ax, b in zip(axes.flat, budgets, strict=True):
         brs = _rows_at_budget(result.budget_rows, b)
         for a in aggs:
@@ -266,11 +286,25 @@ def _plot(result: ExperimentResult, out: Path) -> None:
                 if rs:
                     ax.plot([r.keep for r in rs], [r.n_accuracy for r in rs], marker="o", ms=3, label=f"{a} {m}")
         ax.set_xscale("log")
+        # one plain label per compression level present (log scale's minor labels overlapped: "4x10^-1 3x10^-1")
+        ax.xaxis.set_major_locator(FixedLocator(keeps))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
         ax.invert_xaxis()
         ax.set_title(f"budget {b:,} FLOPs", fontsize=8)
         ax.set_xlabel("fraction kept (n = budget / cost)")
+        ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("n-accuracy")
-    axes[0, -1].legend(fontsize=5)
-    fig.tight_layout()
-    fig.savefig(out / "aggregation_sweet_spot.png", dpi=110)
-    plt.close(fig)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=6, title="aggregator, method", title_fontsize=7)
+    return fig
+
+
+def sparse_log_ticks(values: list[float], min_gap: float = 0.12) -> list[float]:
+    """Tick positions from `values` (descending), dropping any closer than `min_gap` decades to the last kept
+    one, so labels on a log axis never run into each other however many compression levels there are."""
+    kept: list[float] = []
+    for v in values:
+        if v > 0 and (not kept or abs(math.log10(kept[-1]) - math.log10(v)) >= min_gap):
+            kept.append(v)
+    return kept
