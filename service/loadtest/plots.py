@@ -102,10 +102,11 @@ def config_points(rows: Sequence[Mapping[str, Any]], summaries: Sequence[ConfigS
     ]
 
 
-def _log_position(x: float, xs: Sequence[float]) -> float:
-    """Where x lies between the smallest and largest of xs on a log axis, 0..1 (0.5 when they are equal)."""
-    lo, hi = math.log10(min(xs)), math.log10(max(xs))
-    return 0.5 if hi <= lo else (math.log10(x) - lo) / (hi - lo)
+def _flops_text(flops: float) -> str:
+    for scale, unit in ((1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "kFLOPs")):
+        if flops >= scale:
+            return f"{flops / scale:,.1f} {unit}"
+    return f"{flops:,.0f} FLOPs"
 
 
 def _oracle(rows: Sequence[Mapping[str, Any]]) -> Reference | None:
@@ -141,16 +142,24 @@ def _figure_for(points: Sequence[ConfigPoint], width: float, plot_height: float,
     return fig, axes[0]
 
 
+def _panel_rows(rows: Sequence[Mapping[str, Any]], rate: float) -> tuple[list[Mapping[str, Any]], int]:
+    """The rows at one rate and their most common answer count (named once in the panel's title)."""
+    at = [r for r in rows if float(r["rate"]) == rate]
+    counts = [int(r["ok"]) for r in at]
+    return at, max(set(counts), key=counts.count) if counts else 0
+
+
 def latency_figure(rows: Sequence[Mapping[str, Any]], points: Sequence[ConfigPoint]) -> Any:
-    """One panel per request rate: per configuration p50 (dot) to p99 (bar end), each with its sample count."""
+    """One panel per request rate: per configuration p50 (dot) to p99 (triangle), with the number of answers
+    behind them: in the title when a configuration has the panel's usual count, beside its id otherwise."""
     rates = sorted({float(r["rate"]) for r in rows})
-    by_key = {p.config: p for p in points}
+    by_config = {p.config: p for p in points}
     fig, axes = _figure_for(points, max(7.0, 4.2 * len(rates)), 4.6, panels=max(1, len(rates)))
     few = False
-    xs = [p.kernel_flops for p in points if not math.isnan(p.kernel_flops)]
     for ax, rate in zip(axes, rates, strict=False):
-        for r in (r for r in rows if float(r["rate"]) == rate):
-            p = by_key.get(str(r["config"]))
+        at, usual = _panel_rows(rows, rate)
+        for r in at:
+            p = by_config.get(str(r["config"]))
             p50, p99, n = float(r["p50_ms"]), float(r["p99_ms"]), int(r["ok"])
             if p is None or math.isnan(p.kernel_flops) or math.isnan(p50):
                 continue
@@ -161,17 +170,16 @@ def latency_figure(rows: Sequence[Mapping[str, Any]], points: Sequence[ConfigPoi
             few |= thin
             ax.plot([p.kernel_flops], [p99], "v" if not thin else "o", ms=6, color=color,
                     mfc="none" if thin else color)  # fmt: skip
-            right = _log_position(p.kernel_flops, xs) > 0.7  # label inwards, so it stays inside the axes
-            up = int(p.key) % 2 == 1  # neighbours alternate above and below their marker
-            ax.annotate(f"{p.key}: n={n}", (p.kernel_flops, p99), textcoords="offset points",
-                        xytext=(-5 if right else 5, 3 if up else -9), ha="right" if right else "left", fontsize=7,
-                        color=color)  # fmt: skip
+            label = p.key if n == usual else f"{p.key} (n={n})"
+            ax.annotate(label, (p.kernel_flops, p99), textcoords="offset points", xytext=(0, 5), ha="center",
+                        fontsize=7, color=color)  # fmt: skip
         ax.set_xscale("log")
-        ax.set_title(f"{rate:g} requests/s (open loop)", fontsize=9)
+        ax.margins(y=0.12)
+        ax.set_title(f"{rate:g} requests/s: n = {usual} answers each", fontsize=9)
         ax.set_xlabel("dense-kernel FLOPs per query")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("latency from scheduled send (ms)")
-    fig.suptitle("Latency per configuration: dot p50, triangle p99; id: n = answers behind both", fontsize=10)
+    fig.suptitle("Latency per configuration (open loop): dot p50, triangle p99, labelled by id", fontsize=10)
     note = "key: id  configuration   (+ Pareto front, * sweet spot, r reference)"
     if few:
         note += (f"\nhollow circle instead of a triangle: p99 of fewer than {MIN_P99_SAMPLES} answers, i.e. about the "
@@ -211,14 +219,16 @@ def quality_figure(points: Sequence[ConfigPoint], references: Sequence[Reference
         if math.isnan(ref.flops):
             continue
         ax.axvline(ref.flops, color="tab:purple", ls=":", lw=1)
-        for y, marker, what in ((ref.recall_at_k, "*", "recall"), (ref.agreement_at_k, "P", "agreement")):
-            if math.isnan(y):
-                continue
+        shown = [(y, m, w) for y, m, w in ((ref.recall_at_k, "*", "recall"), (ref.agreement_at_k, "P", "agreement"))
+                 if not math.isnan(y)]  # fmt: skip
+        for y, marker, what in shown:
             label = None if what in used else f"reference: {what}{at}"
             used.add(what)
             ax.scatter([ref.flops], [y], marker=marker, s=140, c="tab:purple", zorder=5, label=label)
-            ax.annotate(f"{ref.name}\n{ref.flops / 1e6:,.1f} MFLOPs", (ref.flops, y), textcoords="offset points",
-                        xytext=(-8, -6), ha="right", va="top", fontsize=8, color="tab:purple")  # fmt: skip
+        if shown:  # the name once, under the lowest of its points
+            ax.annotate(f"{ref.name}\n{_flops_text(ref.flops)}", (ref.flops, min(y for y, _, _ in shown)),
+                        textcoords="offset points", xytext=(0, -10), ha="center", va="top", fontsize=8,
+                        color="tab:purple", bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("dense-kernel FLOPs per query (masked variants count every weight)")
     ax.set_ylabel(f"fraction of top{'-' + str(k) if k else '-k'}")
