@@ -234,7 +234,7 @@ def quality_figure(points: Sequence[ConfigPoint], references: Sequence[Reference
     ax.set_ylabel(f"fraction of top{'-' + str(k) if k else '-k'}")
     ax.set_title("Quality vs cost per configuration", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     _add_key(fig, points, "key: id  configuration   (+ Pareto front, * sweet spot, r reference)")
     return fig
 
