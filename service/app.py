@@ -12,6 +12,7 @@ import torch
 from fastapi import FastAPI
 
 from service.cache import LocalCache, RedisCache
+from service.docs_ui import install_offline_docs
 from service.errors import BodySizeLimit, install_error_handlers
 from service.logs import RequestIdMiddleware, setup_logging
 from service.metrics import Metrics, MetricsMiddleware
@@ -71,4 +72,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The router tries routes in order: the hot one first (no path here overlaps another, so order is free).
     for router in (query.router, health.router, metrics.router, catalog.router, inspect.router, admin.router):
         app.include_router(router)
+    install_offline_docs(app)  # /docs and /redoc without a CDN
     return app

@@ -5,19 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from cascade.config import CONFIG_FILE, CascadeConfig, Stage
-from cascade.evaluation import evaluate_label_queries
-from cascade.snapshot import load_snapshot
-from models.registry import ModelRegistry
 from service.commands.common import add_home, settings_from
 
 __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="recall, agreement, FLOPs and wall time of a cascade vs the oracle")
+    p = sub.add_parser("evaluate", help="recall, FLOPs and time of a cascade vs the dense model")
     add_home(p)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3, help="queries per label")
@@ -27,6 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cascade.config import CONFIG_FILE, CascadeConfig, Stage
+    from cascade.evaluation import evaluate_label_queries
+    from cascade.snapshot import load_snapshot
+    from models.registry import ModelRegistry
+
     torch.set_num_threads(args.threads)
     settings = settings_from(args)
     snapshot = load_snapshot(
