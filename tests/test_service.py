@@ -31,7 +31,8 @@ def test_label_queries_return_that_label_and_flops_add_up(server) -> None:
     space = Space.load(server.home / "spaces" / "default")
     recalls = []
     for label in range(space.num_classes):
-        r = httpx.post(f"{server.url}/v1/query", json={"target": {"label": label}, "k": 10, "seed": label})
+        query = {"target": {"label": label}, "k": 10, "seed": label, "mode": "cascade"}
+        r = httpx.post(f"{server.url}/v1/query", json=query)
         assert r.status_code == 200, r.text
         body = r.json()
         ids = np.array([c["cluster_id"] for c in body["clusters"]])
