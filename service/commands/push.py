@@ -45,7 +45,7 @@ def push(url: str, token: str, entry_dir: Path, activate: bool = False, timeout:
     base = url.rstrip("/")
     with httpx.Client(timeout=timeout, headers=headers) as client:
         r = client.post(f"{base}/v1/admin/models", files=files)
-        if r.status_code != 201:
+        if r.status_code not in (200, 201):  # 200: identical bytes were stored before, that version is answered
             raise ValueError(f"upload refused ({r.status_code}): {r.text}")
         out = r.json()
         if activate:
