@@ -130,6 +130,8 @@ class ExactTables:
                 return
             if self._building is not None and self._building != key:
                 self._cancel.set()  # a build nobody will use any more: stop it, this one comes next
+            elif self._building == key:
+                self._cancel.clear()  # swapped away and back while it ran: let it finish
             self._wanted = snapshot
             if self._status.get(key, {}).get("state") != "building":
                 self._status[key] = {"state": "building"}
