@@ -162,6 +162,9 @@ def _build_prototype_space_dir(
     space_dir.mkdir(parents=True, exist_ok=True)
     np.savez(space_dir / PROBE_FILE, x=splits.x_test, y=splits.y_test)
     QuerySet(x=xq, cluster=cq, label=yq).save(space_dir)
+    gate = replace(pair.train, num_prototypes=200, seed=pair.train.seed + 1000)  # prototypes no model saw
+    probes = probe_pairs(make_prototype_set(gate, "val"), seed=config.seed)
+    np.savez(space_dir / PAIR_PROBE_FILE, q=probes.q.numpy(), x=probes.x.numpy(), grade=probes.grade.numpy())
     ClusterIndex.build(space).save(space_dir)
     EmbeddingIndex.build(encoder, space.features, space.offsets).save(space_dir)
     space.save(space_dir)  # written last: its presence marks a complete space

@@ -40,7 +40,8 @@ __all__ = [
 
 RANKING_KEYS = {
     "label_log_odds": "log p(label | cluster) - log p(not label | cluster), from the final stage's posterior",
-    "expected_utility": "sum over outputs of utility x p(output | cluster) (for a query by example: gains x grades)",
+    "neg_log_shortfall": "-log sum_o (max u - u_o) p(o | cluster), u the utility over outputs (gains over grades "
+    "for a query by example): ranks exactly as the expected utility `score` does, without ties where p saturates",
     "negative_sq_distance": "minus the squared L2 distance from the query's embedding to the cluster centroid "
     "(FAISS only, no model stage)",
 }
@@ -62,7 +63,7 @@ class Target:
 
     @property
     def ranking(self) -> str:
-        return "label_log_odds" if self.label is not None else "expected_utility"
+        return "label_log_odds" if self.label is not None else "neg_log_shortfall"
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class CascadeResult:
     stages: list[StageReport] = field(default_factory=list)
     snapshot_id: str = ""
     ranking_values: np.ndarray | None = None  # what the ranking used (`ranking`), best first
-    ranking: str = "expected_utility"
+    ranking: str = "neg_log_shortfall"
 
     @property
     def flops(self) -> int:
@@ -170,12 +171,19 @@ def target_from_examples(
 
 
 def ranking_key(log_post: torch.Tensor, target: Target) -> torch.Tensor:
-    """What clusters are ranked by. For a label target, the log-odds of the label computed from log
-    posteriors: confident clusters all have p(label) == 1.0 in float64, and ranking by that would pick among
-    hundreds of ties at random. Otherwise the expected utility."""
+    """What clusters are ranked by, computed from log posteriors: confident clusters all have p == 1.0 in
+    float64, and ranking by probabilities would pick among hundreds of ties at random. For a label target, the
+    log-odds of the label. Otherwise minus the log of the expected shortfall from the best utility,
+    -log sum_o (max u - u_o) p(o): the same order as the expected utility u . p (which is max u minus that
+    shortfall), resolved where the posterior saturates."""
     lp = log_post.double()
     if target.label is None:
-        return lp.exp() @ torch.from_numpy(target.utility).double()
+        u = torch.from_numpy(target.utility).double()
+        gap = u.max() - u
+        below = gap > 0
+        if not bool(below.any()):  # every output is worth the same: nothing to rank by
+            return lp.exp() @ u
+        return -torch.logsumexp(lp[:, below] + gap[below].log(), dim=1)
     others = lp.clone()
     others[:, target.label] = -torch.inf
     return lp[:, target.label] - torch.logsumexp(others, dim=1)

@@ -23,7 +23,7 @@ from torch import nn
 
 from models.flops import Flops, count_flops
 from models.networks import Classifier
-from models.spec import NetworkSpec
+from models.spec import MAX_INPUT_DIM, NetworkSpec, spec_int
 
 __all__ = ["PairSpec", "PairNetwork", "correlate", "PairFlops", "pair_flops", "pair_cost", "default_pair_spec"]
 
@@ -97,13 +97,13 @@ class PairSpec:
             raise ValueError(f"pair spec lacks keys: {sorted(missing)}")
         if not isinstance(d["scorer"], dict):
             raise ValueError("pair spec 'scorer' must be a network spec object")
-        return cls(
-            input_dim=int(d["input_dim"]),
-            num_grades=int(d["num_grades"]),
-            trunk_channels=int(d["trunk_channels"]),
-            kernel_size=int(d["kernel_size"]),
-            max_shift=int(d["max_shift"]),
-            pool=int(d["pool"]),
+        return cls(  # every number range-checked first: untrusted JSON (an upload) may hold Infinity or 1e300
+            input_dim=spec_int(d, "input_dim", 1, MAX_INPUT_DIM),
+            num_grades=spec_int(d, "num_grades", 2, 64),
+            trunk_channels=spec_int(d, "trunk_channels", 1, 4096),
+            kernel_size=spec_int(d, "kernel_size", 1, 255),
+            max_shift=spec_int(d, "max_shift", 0, 4096),
+            pool=spec_int(d, "pool", 1, 4096),
             scorer=NetworkSpec.from_dict(d["scorer"]),
         )
 

@@ -77,8 +77,8 @@ class Settings(BaseSettings):
         0.5,
         ge=0.0,
         le=1.0,
-        description="every upload must reach this fraction of the served dense model's probe accuracy (0: off); "
-        "refuses random weights (chance level) whatever the absolute floor",
+        description="every upload must keep this fraction of the served dense model's probe accuracy above chance "
+        "(the most frequent output's share; 0: off): refuses random weights whatever the absolute floor",
     )
     max_params: int = Field(
         20_000_000,

@@ -101,3 +101,17 @@ def test_ranking_separates_clusters_whose_posteriors_saturate() -> None:
     # a utility target ranks by expected utility
     key = ranking_key(log_post.log_softmax(1), Target(utility=np.array([0.0, 1.0, 0.0])))
     assert key[0] > key[1]
+
+
+def test_shortfall_ranks_as_the_expected_utility_and_breaks_saturated_ties() -> None:
+    from cascade.engine import Target, ranking_key
+
+    lp = (3 * torch.randn(300, 4, generator=torch.Generator().manual_seed(0))).double().log_softmax(1)
+    u = np.array([0.0, 1.0, 3.0, 0.5])
+    key = ranking_key(lp, Target(utility=u))
+    expected = lp.exp() @ torch.from_numpy(u)
+    assert torch.equal(torch.argsort(key, descending=True), torch.argsort(expected, descending=True))
+    saturated = torch.tensor([[-40.0, -45.0, 0.0, -50.0], [-90.0, -95.0, 0.0, -99.0]], dtype=torch.float64)
+    assert (saturated.exp() @ torch.from_numpy(u)).unique().tolist() == [3.0]  # a tie in expected utility
+    key = ranking_key(saturated, Target(utility=u))
+    assert key[1] > key[0]  # the surer cluster first

@@ -50,5 +50,8 @@ def test_mode_exact_and_a_utility(server) -> None:
     utility = [0.0] * 10
     utility[7], utility[1] = 1.0, 0.5
     body = _query(server, {"target": {"utility": utility}, "k": 4, "mode": "exact"})
-    assert body["mode"] == "exact" and body["ranking"] == "expected_utility"
-    assert [c["score"] for c in body["clusters"]] == [c["ranking_value"] for c in body["clusters"]]
+    assert body["mode"] == "exact" and body["ranking"] == "neg_log_shortfall"
+    scores = [c["score"] for c in body["clusters"]]
+    assert scores == sorted(scores, reverse=True)  # the shortfall ranks as the expected utility does
+    values = [c["ranking_value"] for c in body["clusters"]]
+    assert values == sorted(values, reverse=True)
