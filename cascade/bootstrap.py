@@ -105,7 +105,9 @@ class BootstrapConfig:
     )
     dense_name: str = "dense"
     pair: PairConfig | None = field(default_factory=PairConfig)
-    """None: no pair models; the space is then the held-out pool of `dataset` (the classifier-only default)."""
+    """None: no pair models; the space is then the held-out pool of `dataset`. Only MNIST-1D has prototypes to
+    build the pair models' space from, so other datasets get none (queries by example then use the dense
+    classifier's view of the examples)."""
 
 
 def space_is_built(space_dir: Path) -> bool:
@@ -221,7 +223,9 @@ def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress:
     registry = ModelRegistry(home / "registry")
     space_dir = home / "spaces" / "default"
     config_path = home / CONFIG_FILE
-    pair = config.pair
+    pair = config.pair if config.dataset == "mnist1d" else None  # prototypes are MNIST-1D's; other data: none yet
+    if pair is None and config.pair is not None:
+        config = replace(config, pair=None)
     pair_steps = 0 if pair is None else 1 + len(pair.variants)
     steps = tqdm(total=4 + len(config.variants) + pair_steps, desc="bootstrap", disable=not progress)
 

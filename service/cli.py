@@ -17,6 +17,7 @@ __all__ = ["main", "build_parser", "command_list", "COMMANDS", "DESCRIPTION", "p
 COMMANDS: dict[str, str] = {
     "bootstrap": "build a home from the MNIST-1D demo or your own .npz file",
     "serve": "serve a home over HTTP (queries, catalog, admin, /docs)",
+    "queries": "print held-out queries by example, ready to POST to /v1/query",
     "train": "train a dense model and add it to the home's registry",
     "prune": "prune a registered model into a smaller registry entry",
     "methods": "list the pruning methods and the data each one needs",

@@ -154,11 +154,21 @@ class ModelsOut(BaseModel):
 
 class SpaceOut(BaseModel):
     name: str
+    dataset: str = Field(description="where the items came from")
+    clusters: str = Field(description="how the clusters were made: prototypes, given, same-label or kmeans")
     num_items: int
     num_clusters: int
     num_classes: int
     input_dim: int
     max_cluster_size: int
+    cluster_sizes: dict[str, float] = Field(description="min, median and max members per cluster")
+    held_out_queries: int = Field(description="queries by example shipped with the space (GET /v1/space/queries)")
+    num_grades: int = Field(description="relevance grades of the pair models (0: no pair models)")
+    exact: dict[str, Any] = Field(
+        description="the exact table of the dense classifier's cluster posteriors: state (ready, building, disabled, "
+        "failed), bytes, build_seconds, build_flops, lookup_flops, break_even_queries (build cost over the default "
+        "cascade's cost per query)"
+    )
     snapshot_id: str
 
 

@@ -35,6 +35,10 @@ def test_label_targets_are_answered_exactly_and_the_oracle_ranking_is_shown(serv
     assert values == sorted(values, reverse=True)
     cascade = _query(server, {"target": {"label": 5}, "k": 5, "mode": "cascade"})
     assert cascade["mode"] == "cascade" and len(cascade["stages"]) == 2
+    space = httpx.get(f"{server.url}/v1/space").json()
+    assert space["exact"]["state"] == "ready" and space["exact"]["build_flops"] == body["dense_flops"]
+    assert space["exact"]["bytes"] == space["num_clusters"] * space["num_classes"] * 4
+    assert space["held_out_queries"] > 0 and space["num_grades"] == 3 and space["clusters"] == "prototypes"
 
 
 def test_exact_answers_take_no_seed(server) -> None:

@@ -209,3 +209,15 @@ def test_http_missing_cluster_and_item_are_404(server) -> None:
     assert httpx.get(f"{server.url}/v1/clusters/999999").status_code == 404
     assert httpx.get(f"{server.url}/v1/items/-1").status_code == 404
     assert httpx.get(f"{server.url}/v1/space/queries", params={"limit": 100000}).status_code == 422
+
+
+def test_cli_prints_held_out_queries_as_request_bodies(tiny_home, snapshot, capsys) -> None:
+    from service.cli import main
+
+    assert main(["queries", "--home", str(tiny_home), "--offset", "2", "--limit", "3", "--k", "7"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["truth"]["index"] for line in lines] == [2, 3, 4]
+    for line in lines:
+        i = line["truth"]["index"]
+        assert line["truth"]["cluster_id"] == int(snapshot.queries.cluster[i]) and line["request"]["k"] == 7
+        np.testing.assert_allclose(line["request"]["target"]["examples"][0], snapshot.queries.x[i], atol=1e-5)
