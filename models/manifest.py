@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.pair import PairSpec
 from models.spec import NetworkSpec
 
 __all__ = ["Manifest", "NAME_PATTERN", "utc_now", "MAX_EXTRA_BYTES"]
@@ -58,11 +59,34 @@ class Manifest(BaseModel):
     @field_validator("spec")
     @classmethod
     def _spec_builds(cls, value: dict[str, Any]) -> dict[str, Any]:
-        NetworkSpec.from_dict(value)  # raises ValueError naming the problem
+        # issue 14: the spec's "kind" says which model it is ("pair": a cross-encoder, else a classifier)
+        if value.get("kind") == "pair":
+            PairSpec.from_dict(value)
+        else:
+            NetworkSpec.from_dict(value)  # raises ValueError naming the problem
         return value
 
     @property
+    def model_kind(self) -> str:
+        """`pair` (cross-encoder, models/pair.py) or `classifier`."""
+        return "pair" if self.spec.get("kind") == "pair" else "classifier"
+
+    @property
+    def pair_spec(self) -> PairSpec:
+        if self.model_kind != "pair":
+            raise TypeError(f"{self.ref} is a classifier, not a pair model")
+        return PairSpec.from_dict(self.spec)
+
+    @property
+    def model_spec(self) -> NetworkSpec | PairSpec:
+        """The spec of either kind (`NetworkSpec` for a classifier, `PairSpec` for a pair model)."""
+        return self.pair_spec if self.model_kind == "pair" else self.network_spec
+
+    @property
     def network_spec(self) -> NetworkSpec:
+        """A classifier's spec; for a pair model, the spec of its prunable scorer."""
+        if self.model_kind == "pair":
+            return PairSpec.from_dict(self.spec).scorer
         return NetworkSpec.from_dict(self.spec)
 
     @property

@@ -20,9 +20,12 @@ from safetensors.torch import load_file, save_file
 from models.flops import count_flops
 from models.manifest import NAME_PATTERN, Manifest, utc_now
 from models.networks import Classifier, build_network
+from models.pair import PairNetwork, PairSpec, pair_cost, pair_flops
+from models.spec import NetworkSpec
 
 __all__ = [
     "ModelRegistry",
+    "build_model",
     "LoadedModel",
     "RegistryError",
     "BrokenEntryError",
@@ -51,7 +54,8 @@ class BrokenEntryError(RegistryError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: Classifier
+    model: Classifier | PairNetwork
+    """A `PairNetwork` when the manifest's spec has `"kind": "pair"` (issue 14), else a `Classifier`."""
     manifest: Manifest
     gadget: torch.nn.Module | None = None
     """The variant's trained aggregation gadget (the `lstm` aggregator), when one is stored beside it."""
@@ -75,6 +79,13 @@ def _write_atomic(path: Path, text: str) -> None:
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights only: mask buffers are dropped (masked weights are stored as zeros)."""
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
+
+
+def build_model(spec: dict[str, Any]) -> Classifier | PairNetwork:
+    """An untrained model of either kind from a manifest's spec dict (`"kind": "pair"` -> `PairNetwork`)."""
+    if spec.get("kind") == "pair":
+        return PairNetwork(PairSpec.from_dict(spec))
+    return build_network(NetworkSpec.from_dict(spec))
 
 
 class ModelRegistry:
@@ -122,7 +133,7 @@ class ModelRegistry:
         weights = d / WEIGHTS_FILE
         if sha256_file(weights) != manifest.sha256:
             raise RegistryError(f"{manifest.ref}: weights do not match the manifest's sha256")
-        model = build_network(manifest.network_spec)
+        model = build_model(manifest.spec)
         model.load_state_dict(load_file(weights), strict=True)
         model.eval()
         return LoadedModel(model, manifest, self.load_gadget(manifest.name, manifest.version))
@@ -178,7 +189,7 @@ class ModelRegistry:
     def register(
         self,
         name: str,
-        model: Classifier,
+        model: Classifier | PairNetwork,
         *,
         accuracy: float,
         parent: str | None = None,
@@ -193,7 +204,15 @@ class ModelRegistry:
 
         if not re.match(NAME_PATTERN, name):
             raise ValueError(f"invalid model name {name!r}: lowercase letters, digits, '.', '_' and '-'")
-        flops = count_flops(model, model.spec.input_dim)
+        extra = dict(extra or {})
+        if isinstance(model, PairNetwork):  # FLOPs per (q, x) pair; trunk and cache size recorded beside them
+            cost = pair_cost(model)
+            flops = pair_flops(model)
+            extra.setdefault("flops_per_item_trunk", cost.per_item.dense_kernel)
+            extra.setdefault("flops_per_query", cost.per_query.dense_kernel)
+            extra.setdefault("cache_floats_per_item", cost.cache_floats_per_item)
+        else:
+            flops = count_flops(model, model.spec.input_dim)
         (self.root / name).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".staging-"))
         try:
@@ -212,7 +231,7 @@ class ModelRegistry:
                 output_deviation_p95=output_deviation[1],
                 sha256=sha256_file(staging / WEIGHTS_FILE),
                 created_at=utc_now(),
-                extra=extra or {},
+                extra=extra,
             )
             manifest = self.commit_staged(staging, fields)
         finally:

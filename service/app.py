@@ -12,12 +12,13 @@ import torch
 from fastapi import FastAPI
 
 from service.cache import LocalCache, RedisCache
+from service.docs_ui import install_offline_docs
 from service.errors import BodySizeLimit, install_error_handlers
 from service.limits import QueryLimiter
 from service.logs import RequestIdMiddleware, setup_logging
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_link import RedisLink
-from service.routes import admin, catalog, health, metrics, query
+from service.routes import admin, catalog, health, inspect, metrics, query
 from service.settings import Settings
 from service.shared_state import SharedState
 from service.state import ServiceState
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     # The router tries routes in order: the hot one first (no path here overlaps another, so order is free).
-    for router in (query.router, health.router, metrics.router, catalog.router, admin.router):
+    for router in (query.router, health.router, metrics.router, catalog.router, inspect.router, admin.router):
         app.include_router(router)
+    install_offline_docs(app)  # /docs and /redoc without a CDN
     return app

@@ -39,7 +39,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_k: int = Field(1000, ge=1)
     max_examples: int = Field(64, ge=1)
-    example_candidates: int = Field(256, ge=1, description="clusters the index proposes for a query by example")
+    example_candidates: int = Field(
+        200, ge=1, description="clusters the embedding index proposes for a query by example (stage 0's M)"
+    )
+    exact_enabled: bool = Field(
+        True, description="answer label and utility targets from the dense cluster posteriors once built"
+    )
+    exact_max_bytes: int = Field(
+        1 << 30, ge=0, description="largest exact table (clusters x classes x 4 bytes); beyond it, the cascade"
+    )
+    max_query_flops: int = Field(
+        20_000_000_000,
+        ge=1,
+        description="cost budget per query, checked on the stage plan before anything runs (422 beyond it)",
+    )
     # -- HTTP connections (uvicorn) ----------------------------------------------------------------------------
     header_timeout_s: float = Field(
         10.0,
@@ -64,8 +77,8 @@ class Settings(BaseSettings):
         0.5,
         ge=0.0,
         le=1.0,
-        description="every upload must reach this fraction of the served dense model's probe accuracy (0: off); "
-        "refuses random weights (chance level) whatever the absolute floor",
+        description="every upload must keep this fraction of the served dense model's probe accuracy above chance "
+        "(the most frequent output's share; 0: off): refuses random weights whatever the absolute floor",
     )
     max_params: int = Field(
         20_000_000,
