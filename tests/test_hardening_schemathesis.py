@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,20 +17,6 @@ pytest.importorskip("schemathesis")
 
 MAX_EXAMPLES = int(os.environ.get("PRUNECASCADE_SCHEMATHESIS_EXAMPLES", "8"))
 CHECKS = "not_a_server_error,status_code_conformance"
-
-
-def _ragged_examples_refused() -> bool:
-    """Issue 11 defect 1 (ragged `examples` rows end in a 500) is fixed in service/schemas.py by another change;
-    until it is, schemathesis finds exactly that 500 on POST /v1/query."""
-    from pydantic import ValidationError
-
-    from service.schemas import Target
-
-    try:
-        Target(examples=[[1.0], [1.0, 2.0]])
-    except ValidationError:
-        return True
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +64,6 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(
 ) -> None:
     result = _schemathesis(fuzzed, token, tmp_path / "junit.xml")
     tail = (result.stdout + result.stderr)[-6000:]
-    failing = set(re.findall(r"^_+ ([A-Z]+ \S+) _+$", result.stdout, flags=re.MULTILINE))
-    if result.returncode != 0 and failing == {"POST /v1/query"} and not _ragged_examples_refused():
-        pytest.xfail("issue 11 defect 1: ragged target.examples still reach the engine (fixed in service/schemas.py)")
     assert result.returncode == 0, tail
     assert "No issues found" in result.stdout or "passed" in result.stdout.lower(), tail
     assert fuzzed.process.poll() is None  # the server is still up

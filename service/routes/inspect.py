@@ -7,6 +7,7 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from service.dependencies import SnapshotDep
+from service.errors import error_responses
 
 __all__ = ["router", "MAX_PAGE"]
 
@@ -47,7 +48,12 @@ def _not_found(field: str, message: str) -> HTTPException:
     return HTTPException(404, [{"loc": ["path", field], "msg": message, "type": "not_found"}])
 
 
-@router.get("/space/queries", response_model=QueriesOut, summary="Held-out queries by example, with their truth")
+@router.get(
+    "/space/queries",
+    response_model=QueriesOut,
+    summary="Held-out queries by example, with their truth",
+    responses=error_responses(503),
+)
 def held_out_queries(
     snapshot: SnapshotDep,
     offset: int = Query(0, ge=0, le=10**9),
@@ -73,7 +79,12 @@ def held_out_queries(
     )
 
 
-@router.get("/clusters/{cluster_id}", response_model=ClusterOut, summary="A cluster's members")
+@router.get(
+    "/clusters/{cluster_id}",
+    response_model=ClusterOut,
+    summary="A cluster's members",
+    responses=error_responses(404, 503),
+)
 def cluster(
     snapshot: SnapshotDep,
     cluster_id: int,
@@ -94,7 +105,7 @@ def cluster(
     )
 
 
-@router.get("/items/{item_id}", response_model=ItemOut, summary="An item's vector")
+@router.get("/items/{item_id}", response_model=ItemOut, summary="An item's vector", responses=error_responses(404, 503))
 def item(snapshot: SnapshotDep, item_id: int) -> ItemOut:
     space = snapshot.space
     if not 0 <= item_id < space.num_items:
