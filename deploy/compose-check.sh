@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The compose stack run for real: build (or reuse) the images, bootstrap the shared volume once, bring up
+# two replicas + nginx + Redis, send a bounded open-loop query load to the load balancer on 127.0.0.1, kill
+# one replica (SIGKILL) mid-load, count the failed queries, check the replica comes back and serves again,
+# and tear everything down (trap, also on failure or Ctrl-C). Exit 0 only if no query failed.
+#
+#   deploy/compose-check.sh                       # as root, with a running Docker engine
+#
+# Knobs (environment): PC_LOCAL_IMAGES=1 (default: build the base, Redis and nginx images locally, no image
+# registry needed; 0: python:3.11-slim, redis:7.4-alpine, nginx:1.27-alpine), PC_LB_PORT (18080),
+# PC_CHECK_REQUESTS (600), PC_CHECK_RATE (20 queries/s), PC_CHECK_KILL_AT (10 s into the load),
+# PC_CHECK_BOOTSTRAP=tiny|default (tiny: deploy/tiny_bootstrap.py, seconds; default: `prunecascade bootstrap`,
+# minutes), PYTHON (runs the load generator; needs httpx and this repository: default .venv/bin/python).
+# Traffic goes to 127.0.0.1 only; every wait and the load itself are bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+START=$SECONDS
+
+PROJECT=${PC_PROJECT:-pccheck}
+export PC_LB_PORT=${PC_LB_PORT:-18080}
+LOCAL=${PC_LOCAL_IMAGES:-1}
+REQUESTS=${PC_CHECK_REQUESTS:-600}
+RATE=${PC_CHECK_RATE:-20}
+KILL_AT=${PC_CHECK_KILL_AT:-10}
+BOOT=${PC_CHECK_BOOTSTRAP:-tiny}
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+LB=http://127.0.0.1:$PC_LB_PORT
+
+log() { printf '[compose-check %4ds] %s\n' $((SECONDS - START)) "$*" >&2; }
+die() { log "FAILED: $*"; exit 2; }
+
+# -- tools --------------------------------------------------------------------------------------------------
+docker info >/dev/null 2>&1 || die "no Docker engine (as root: dockerd > /tmp/dockerd.log 2>&1 &)"
+if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+elif command -v docker-compose >/dev/null; then
+    COMPOSE=(docker-compose)
+else
+    die "neither 'docker compose' nor 'docker-compose' (apt-get install docker-compose)"
+fi
+"$PYTHON" -c 'import httpx' 2>/dev/null || die "$PYTHON cannot import httpx: set PYTHON to the project's venv"
+FILES=(-f docker-compose.yml)
+[[ $BOOT == tiny ]] && FILES+=(-f deploy/compose-check.override.yml)
+dc() { "${COMPOSE[@]}" -p "$PROJECT" "${FILES[@]}" "$@"; }
+
+# -- images (each step reuses what exists or is cached) ------------------------------------------------------
+if [[ $LOCAL == 1 ]]; then
+    export PC_BASE_IMAGE=prunecascade-base:bookworm PC_REDIS_IMAGE=prunecascade-redis:local \
+        PC_NGINX_IMAGE=prunecascade-nginx:local
+    bash deploy/base-image.sh "$PC_BASE_IMAGE" >&2
+    ls deploy/wheels/*.whl >/dev/null 2>&1 || PYTHON=${PYTHON_WHEELS:-python3} bash deploy/fetch-wheels.sh >&2
+    for img in redis nginx; do
+        var=PC_${img^^}_IMAGE
+        docker image inspect "${!var}" >/dev/null 2>&1 \
+            || docker build -q -f "deploy/local-images/$img.Dockerfile" --build-arg BASE_IMAGE="$PC_BASE_IMAGE" \
+                -t "${!var}" deploy/local-images >&2
+    done
+fi
+export PC_IMAGE=${PC_IMAGE:-prunecascade:latest}
+log "building $PC_IMAGE on ${PC_BASE_IMAGE:-python:3.11-slim} (cached layers are reused)"
+docker build -q -f deploy/Dockerfile --build-arg BASE_IMAGE="${PC_BASE_IMAGE:-python:3.11-slim}" -t "$PC_IMAGE" . >&2
+
+# -- the stack; torn down whatever happens --------------------------------------------------------------------
+TMP=$(mktemp -d)
+cleanup() {
+    log "tearing down project $PROJECT"
+    dc logs --no-color > "$TMP/compose.log" 2>&1 || true
+    [[ -n ${KEEP_LOGS:-} ]] && cp "$TMP/compose.log" "$KEEP_LOGS" && log "logs kept in $KEEP_LOGS"
+    dc down -v --remove-orphans --timeout 10 >/dev/null 2>&1 || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+(umask 022; openssl rand -hex 32 > "$TMP/admin_token")
+export PC_ADMIN_TOKEN_FILE=$TMP/admin_token
+
+log "compose up (bootstrap: $BOOT, then api-1, api-2, lb on 127.0.0.1:$PC_LB_PORT)"
+timeout 1200 "${COMPOSE[@]}" -p "$PROJECT" "${FILES[@]}" up -d --no-build >&2 || die "compose up"
+boot_id=$(dc ps -q bootstrap)
+[[ $(docker inspect -f '{{.State.ExitCode}}' "$boot_id") == 0 ]] || die "bootstrap exited non-zero"
+for _ in $(seq 1 120); do
+    curl -fsS -m 3 "$LB/readyz" >/dev/null 2>&1 && break
+    sleep 1
+done
+curl -fsS -m 3 "$LB/readyz" >/dev/null || die "$LB/readyz never answered 200"
+log "ready: $(curl -fsS -m 3 "$LB/v1/cascade" | head -c 300)"
+
+# -- load, with one replica killed mid-load --------------------------------------------------------------------
+victim=$(dc ps -q api-1)
+log "load: $REQUESTS queries at $RATE/s; SIGKILL api-1 (${victim:0:12}) at ${KILL_AT}s"
+set +e
+PYTHONPATH=$ROOT "$PYTHON" deploy/compose_load.py --url "$LB" --requests "$REQUESTS" --rate "$RATE" \
+    --fault-at "$KILL_AT" --fault-cmd "docker kill -s KILL $victim" > "$TMP/load.json"
+load_rc=$?
+set -e
+cat "$TMP/load.json"
+failed=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["failed"])' "$TMP/load.json")
+
+# -- the killed replica: restarted by its policy, healthy again, and serving ------------------------------------
+recovered=no
+for _ in $(seq 1 90); do
+    [[ $(docker inspect -f '{{.State.Health.Status}}' "$victim" 2>/dev/null) == healthy ]] && recovered=yes && break
+    sleep 2
+done
+log "api-1 after the kill: $(docker inspect -f 'status={{.State.Status}} restarts={{.RestartCount}} health={{.State.Health.Status}}' "$victim")"
+set +e
+PYTHONPATH=$ROOT "$PYTHON" deploy/compose_load.py --url "$LB" --requests 100 --rate 20 --seed 100000 \
+    > "$TMP/after.json"
+after_rc=$?
+set -e
+after_failed=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["failed"])' "$TMP/after.json")
+served() { dc logs --no-color "$1" 2>/dev/null | grep -c '/v1/query' || true; }
+log "after recovery: 100 queries, $after_failed failed; log lines naming /v1/query: api-1 $(served api-1), api-2 $(served api-2)"
+
+log "RESULT: $failed of $REQUESTS queries failed with api-1 killed at ${KILL_AT}s; api-1 recovered: $recovered;" \
+    "$after_failed of 100 failed after recovery; total $((SECONDS - START)) s"
+[[ $load_rc == 0 && $after_rc == 0 && $recovered == yes ]]
