@@ -49,7 +49,8 @@ if [[ $LOCAL == 1 ]]; then
     export PC_BASE_IMAGE=prunecascade-base:bookworm PC_REDIS_IMAGE=prunecascade-redis:local \
         PC_NGINX_IMAGE=prunecascade-nginx:local
     bash deploy/base-image.sh "$PC_BASE_IMAGE" >&2
-    ls deploy/wheels/*.whl >/dev/null 2>&1 || PYTHON=${PYTHON_WHEELS:-python3} bash deploy/fetch-wheels.sh >&2
+    ls deploy/wheels/*.whl >/dev/null 2>&1 \
+        || BASE_IMAGE=$PC_BASE_IMAGE PYTHON=${PYTHON_WHEELS:-python3} bash deploy/fetch-wheels.sh >&2
     for img in redis nginx; do
         var=PC_${img^^}_IMAGE
         docker image inspect "${!var}" >/dev/null 2>&1 \
@@ -86,33 +87,52 @@ done
 curl -fsS -m 3 "$LB/readyz" >/dev/null || die "$LB/readyz never answered 200"
 log "ready: $(curl -fsS -m 3 "$LB/v1/cascade" | head -c 300)"
 
-# -- load, with one replica killed mid-load --------------------------------------------------------------------
-victim=$(dc ps -q api-1)
-log "load: $REQUESTS queries at $RATE/s; SIGKILL api-1 (${victim:0:12}) at ${KILL_AT}s"
-set +e
-PYTHONPATH=$ROOT "$PYTHON" deploy/compose_load.py --url "$LB" --requests "$REQUESTS" --rate "$RATE" \
-    --fault-at "$KILL_AT" --fault-cmd "docker kill -s KILL $victim" > "$TMP/load.json"
-load_rc=$?
-set -e
-cat "$TMP/load.json"
-failed=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["failed"])' "$TMP/load.json")
+# -- load phases -------------------------------------------------------------------------------------------
+# phase NAME REQUESTS [FAULT_CMD]: one bounded load run; its JSON summary goes to stdout and $TMP/NAME.json.
+phase() {
+    local name=$1 n=$2 fault=${3:-} rc
+    local args=(--url "$LB" --requests "$n" --rate "$RATE" --seed "$((${#name} * 100000 + n))")
+    [[ -n $fault ]] && args+=(--fault-at "$KILL_AT" --fault-cmd "$fault")
+    set +e
+    PYTHONPATH=$ROOT "$PYTHON" deploy/compose_load.py "${args[@]}" > "$TMP/$name.json"
+    rc=$?
+    set -e
+    [[ $rc -le 1 ]] || die "load generator $name exited $rc"
+    printf '"%s": ' "$name"; cat "$TMP/$name.json"
+}
+failed() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["failed"])' "$TMP/$1.json"; }
+health() { docker inspect -f '{{.State.Health.Status}}' "$1" 2>/dev/null || echo gone; }
+wait_healthy() {  # bounded: 180 s
+    for _ in $(seq 1 90); do [[ $(health "$1") == healthy ]] && return 0; sleep 2; done
+    return 1
+}
+state() { docker inspect -f 'status={{.State.Status}} restarts={{.RestartCount}} health={{.State.Health.Status}}' "$1"; }
+queries_since() { docker logs --since "$2" "$1" 2>&1 | grep -c 'POST /v1/query' || true; }
 
-# -- the killed replica: restarted by its policy, healthy again, and serving ------------------------------------
-recovered=no
-for _ in $(seq 1 90); do
-    [[ $(docker inspect -f '{{.State.Health.Status}}' "$victim" 2>/dev/null) == healthy ]] && recovered=yes && break
-    sleep 2
-done
-log "api-1 after the kill: $(docker inspect -f 'status={{.State.Status}} restarts={{.RestartCount}} health={{.State.Health.Status}}' "$victim")"
-set +e
-PYTHONPATH=$ROOT "$PYTHON" deploy/compose_load.py --url "$LB" --requests 100 --rate 20 --seed 100000 \
-    > "$TMP/after.json"
-after_rc=$?
-set -e
-after_failed=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["failed"])' "$TMP/after.json")
-served() { dc logs --no-color "$1" 2>/dev/null | grep -c '/v1/query' || true; }
-log "after recovery: 100 queries, $after_failed failed; log lines naming /v1/query: api-1 $(served api-1), api-2 $(served api-2)"
+api1=$(dc ps -q api-1)
+api2=$(dc ps -q api-2)
 
-log "RESULT: $failed of $REQUESTS queries failed with api-1 killed at ${KILL_AT}s; api-1 recovered: $recovered;" \
-    "$after_failed of 100 failed after recovery; total $((SECONDS - START)) s"
-[[ $load_rc == 0 && $after_rc == 0 && $recovered == yes ]]
+# A: api-1 crashes (its main process gets SIGKILL, as from the OOM killer); the restart policy brings it back.
+pid1=$(docker inspect -f '{{.State.Pid}}' "$api1")
+log "A: $REQUESTS queries at $RATE/s; api-1 crashes at ${KILL_AT}s (kill -KILL $pid1, its uvicorn process)"
+phase crash "$REQUESTS" "kill -KILL $pid1"
+t=$SECONDS; wait_healthy "$api1" && a_back="healthy again $((SECONDS - t)) s after the load" || a_back="NOT back"
+log "A: $(failed crash) of $REQUESTS failed; api-1 $a_back ($(state "$api1"))"
+
+# B: api-2's container is killed and stays down (docker kill: no restart); nginx must route around a dead address.
+log "B: $REQUESTS queries at $RATE/s; api-2 killed for good at ${KILL_AT}s (docker kill)"
+phase down "$REQUESTS" "docker kill -s KILL $api2"
+log "B: $(failed down) of $REQUESTS failed"
+
+# C: api-2 started again; both replicas serve.
+docker start "$api2" >/dev/null
+t=$SECONDS; wait_healthy "$api2" && c_back="healthy after $((SECONDS - t)) s" || c_back="NOT healthy"
+since=$(date -u +%Y-%m-%dT%H:%M:%S)
+phase rejoin 100
+n1=$(queries_since "$api1" "$since"); n2=$(queries_since "$api2" "$since")
+log "C: api-2 started again, $c_back; 100 queries, $(failed rejoin) failed; served by api-1: $n1, api-2: $n2"
+
+total=$(( $(failed crash) + $(failed down) + $(failed rejoin) ))
+log "RESULT: failed queries: crash $(failed crash)/$REQUESTS, down $(failed down)/$REQUESTS, rejoin $(failed rejoin)/100;" \
+    "api-1 $a_back; api-2 $c_back; total $((SECONDS - START)) s"
+[[ $total == 0 && $n1 -gt 0 && $n2 -gt 0 && $a_back == healthy* && $c_back == healthy* ]]

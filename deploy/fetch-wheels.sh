@@ -3,6 +3,9 @@
 # so `docker build` installs offline (no index needs to be reachable from inside a build container).
 # The host's Python must match the image's (3.11 on x86_64 Linux); pass PIP_ARGS for an extra index, e.g.
 #   PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" deploy/fetch-wheels.sh
+# With BASE_IMAGE set (and Docker running), the set is then resolved offline inside that image, and whatever
+# its Python still lacks is added: markers such as `python_full_version < "3.11.3"` (redis -> async-timeout
+# on Debian's 3.11.2) are evaluated by the host's pip for the host's Python, not the image's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -19,4 +22,18 @@ project = tomllib.load(open("pyproject.toml", "rb"))
 print(*project["project"]["dependencies"], *project["build-system"]["requires"], sep="\n")')
 # shellcheck disable=SC2086
 "$PYTHON" -m pip download --quiet --dest "$DEST" ${PIP_ARGS:-} "${DEPS[@]}"
+if [[ -n ${BASE_IMAGE:-} ]]; then
+    printf '%s\n' "${DEPS[@]}" > "$DEST/.requirements.txt"
+    for _ in 1 2 3 4 5; do
+        missing=$(docker run --rm --network none -v "$PWD/$DEST:/wheels:ro" "$BASE_IMAGE" \
+            pip install --dry-run --quiet --no-index --find-links /wheels -r /wheels/.requirements.txt 2>&1 \
+            | sed -n 's/.*No matching distribution found for \([^; ]*\).*/\1/p' | head -n1 || true)
+        [[ -z $missing ]] && break
+        echo "the image's Python also needs $missing: downloading it"
+        # shellcheck disable=SC2086
+        "$PYTHON" -m pip download --quiet --dest "$DEST" ${PIP_ARGS:-} "$missing"
+    done
+    [[ -z $missing ]] || { echo "still unresolved in $BASE_IMAGE: $missing" >&2; exit 1; }
+    rm -f "$DEST/.requirements.txt"
+fi
 echo "$(find "$DEST" -maxdepth 1 -name '*.whl' -o -maxdepth 1 -name '*.tar.gz' | wc -l) files, $(du -sh "$DEST" | cut -f1) in $DEST"
