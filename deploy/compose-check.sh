@@ -8,7 +8,7 @@
 #
 # Knobs (environment): PC_LOCAL_IMAGES=1 (default: build the base, Redis and nginx images locally, no image
 # registry needed; 0: python:3.11-slim, redis:7.4-alpine, nginx:1.27-alpine), PC_LB_PORT (18080),
-# PC_CHECK_REQUESTS (600), PC_CHECK_RATE (20 queries/s), PC_CHECK_KILL_AT (10 s into the load),
+# PC_CHECK_REQUESTS (300), PC_CHECK_RATE (10 queries/s), PC_CHECK_KILL_AT (10 s into the load),
 # PC_CHECK_BOOTSTRAP=tiny|default (tiny: deploy/tiny_bootstrap.py, seconds; default: `prunecascade bootstrap`,
 # minutes), PYTHON (runs the load generator; needs httpx and this repository: default .venv/bin/python).
 # Traffic goes to 127.0.0.1 only; every wait and the load itself are bounded.
@@ -20,8 +20,8 @@ START=$SECONDS
 PROJECT=${PC_PROJECT:-pccheck}
 export PC_LB_PORT=${PC_LB_PORT:-18080}
 LOCAL=${PC_LOCAL_IMAGES:-1}
-REQUESTS=${PC_CHECK_REQUESTS:-600}
-RATE=${PC_CHECK_RATE:-20}
+REQUESTS=${PC_CHECK_REQUESTS:-300}
+RATE=${PC_CHECK_RATE:-10}
 KILL_AT=${PC_CHECK_KILL_AT:-10}
 BOOT=${PC_CHECK_BOOTSTRAP:-tiny}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}

@@ -69,9 +69,7 @@ def _latencies_ms(outcomes: list[Outcome]) -> dict[str, float]:
     }
 
 
-def summarise(
-    outcomes: list[Outcome], fault: dict[str, Any] | None, wall_s: float, window_s: float = 5.0
-) -> Summary:
+def summarise(outcomes: list[Outcome], fault: dict[str, Any] | None, wall_s: float, window_s: float = 5.0) -> Summary:
     """Counts and percentiles; `around_fault` covers the queries sent in [fault, fault + window_s)."""
     errors: dict[str, int] = {}
     for o in outcomes:
