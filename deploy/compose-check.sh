@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The compose stack run for real: build (or reuse) the images, bootstrap the shared volume once, bring up
-# two replicas + nginx + Redis, send a bounded open-loop query load to the load balancer on 127.0.0.1, kill
-# one replica (SIGKILL) mid-load, count the failed queries, check the replica comes back and serves again,
-# and tear everything down (trap, also on failure or Ctrl-C). Exit 0 only if no query failed.
+# two replicas + nginx + Redis, and send bounded open-loop query loads to the load balancer on 127.0.0.1:
+# A) api-1's process is SIGKILLed mid-load (a crash: the restart policy brings it back), B) api-2's container
+# is killed mid-load and stays down, C) api-2 is started again and both replicas must serve. Counts the failed
+# queries of each phase and tears everything down (trap, also on failure or Ctrl-C). Exit 0 only if no query
+# failed and both replicas came back. Results and timings: docs/deploy.md.
 #
 #   deploy/compose-check.sh                       # as root, with a running Docker engine
 #
@@ -10,7 +12,8 @@
 # registry needed; 0: python:3.11-slim, redis:7.4-alpine, nginx:1.27-alpine), PC_LB_PORT (18080),
 # PC_CHECK_REQUESTS (300), PC_CHECK_RATE (10 queries/s), PC_CHECK_KILL_AT (10 s into the load),
 # PC_CHECK_BOOTSTRAP=tiny|default (tiny: deploy/tiny_bootstrap.py, seconds; default: `prunecascade bootstrap`,
-# minutes), PYTHON (runs the load generator; needs httpx and this repository: default .venv/bin/python).
+# minutes), PYTHON (runs the load generator; needs httpx and this repository: default .venv/bin/python),
+# KEEP_LOGS=FILE (keep the stack's logs there), PC_PROJECT (compose project name, pccheck).
 # Traffic goes to 127.0.0.1 only; every wait and the load itself are bounded.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -304,6 +304,7 @@ def test_wheelhouse_and_secrets_are_never_committed() -> None:
         lines = (ROOT / folder / ".gitignore").read_text().splitlines()
         assert "*" in lines, f"{folder}: everything ignored"
         assert {ln.removeprefix("!") for ln in lines if ln.startswith("!")} == kept
+    assert "deploy/secrets" in _dockerignore(), "the admin token must not reach the build context"
     if shutil.which("git") and (ROOT / ".git").exists():
         tracked = subprocess.run(
             ["git", "ls-files", "deploy/wheels", "deploy/secrets"], cwd=ROOT, capture_output=True, text=True
