@@ -5,24 +5,74 @@ run is ready in seconds."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
+from cascade.embedding import EmbeddingIndex
 from cascade.index import INDEX_FILE, ClusterIndex
+from cascade.queries import QuerySet
 from cascade.space import META_FILE, SPACE_FILE, build_space, clusters_by_kmeans, clusters_by_label
+from models.biencoder import BiEncoderTrainConfig, train_biencoder
 from models.data import Splits, load_dataset
 from models.dense import default_spec, train_and_register
+from models.pair import default_pair_spec
+from models.pair_training import PairTrainConfig, pair_accuracy, train_pair_model
+from models.prototypes import PrototypeConfig, PrototypeSet, make_prototype_set, make_queries
+from models.pruning.pair import probe_pairs, prune_pair_and_register
 from models.pruning.pipeline import prune_and_register
 from models.registry import ModelRegistry
 from models.training import TrainConfig
 
-__all__ = ["BootstrapConfig", "PrunedVariant", "bootstrap", "space_is_built", "build_space_dir"]
+__all__ = [
+    "BootstrapConfig",
+    "PairConfig",
+    "PrunedVariant",
+    "PrunedPairVariant",
+    "bootstrap",
+    "space_is_built",
+    "build_space_dir",
+]
 
 PROBE_FILE = "probe.npz"
+PAIR_PROBE_FILE = "pair_probe.npz"
+
+
+@dataclass(frozen=True)
+class PrunedPairVariant:
+    name: str
+    method: str
+    keep: float
+    reweight: bool = True
+    finetune_steps: int = 0
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """The query-by-example path of the embedded default: a space of MNIST-1D prototypes (clusters are views
+    of one prototype, so the grade of a cluster for a query is constant on it), a bi-encoder for stage 0,
+    a dense pair model and its pruned variants (issue 14)."""
+
+    space: PrototypeConfig = PrototypeConfig(num_prototypes=2300)
+    train: PrototypeConfig = PrototypeConfig(num_prototypes=4000)
+    queries: int = 500
+    biencoder: BiEncoderTrainConfig = BiEncoderTrainConfig()
+    training: PairTrainConfig = PairTrainConfig()
+    hidden: tuple[int, ...] = (512, 256)
+    dense_name: str = "pair-dense"
+    variants: tuple[PrunedPairVariant, ...] = (
+        PrunedPairVariant("pair-s10", "greedy-asymmetric", 0.1, finetune_steps=500),
+        PrunedPairVariant("pair-s30", "greedy-asymmetric", 0.3, finetune_steps=500),
+    )
+    stages: tuple[Stage, ...] = (
+        Stage(variant="pair-s10", samples=2, keep=40, aggregator="bayes"),
+        Stage(variant="pair-s30", samples=4, keep=10, aggregator="bayes"),
+        Stage(variant="pair-dense", samples=10, aggregator="bayes"),
+    )
 
 
 @dataclass(frozen=True)
@@ -54,14 +104,25 @@ class BootstrapConfig:
         Stage(variant="dense", samples=10, aggregator="bayes"),
     )
     dense_name: str = "dense"
+    pair: PairConfig | None = field(default_factory=PairConfig)
+    """None: no pair models; the space is then the held-out pool of `dataset`. Only MNIST-1D has prototypes to
+    build the pair models' space from, so other datasets get none (queries by example then use the dense
+    classifier's view of the examples)."""
 
 
 def space_is_built(space_dir: Path) -> bool:
     return all((space_dir / f).exists() for f in (SPACE_FILE, META_FILE, INDEX_FILE, PROBE_FILE))
 
 
-def build_space_dir(space_dir: Path, splits: Splits, config: BootstrapConfig) -> None:
-    """The space is the held-out pool; the probe set (test split) lets an operator gate new checkpoints."""
+def build_space_dir(
+    space_dir: Path, splits: Splits, config: BootstrapConfig, encoder: torch.nn.Module | None = None
+) -> None:
+    """The space is the held-out pool, or with pair models the prototype views of `config.pair.space`; the probe
+    set (test split) lets an operator gate new checkpoints."""
+    if config.pair is not None:
+        assert encoder is not None
+        _build_prototype_space_dir(space_dir, splits, config, config.pair, encoder)
+        return
     rng = np.random.default_rng(config.seed)
     if splits.cluster_pool is not None:
         cluster, how = splits.cluster_pool, "given"
@@ -83,12 +144,90 @@ def build_space_dir(space_dir: Path, splits: Splits, config: BootstrapConfig) ->
     space.save(space_dir)  # written last: its presence marks a complete space
 
 
+def _build_prototype_space_dir(
+    space_dir: Path, splits: Splits, config: BootstrapConfig, pair: PairConfig, encoder: torch.nn.Module
+) -> None:
+    """Items are views of prototypes (cluster = prototype); queries are fresh views of the same prototypes,
+    never items. Stage 0 indexes the bi-encoder's embedding; the raw-feature index stays for the classifier
+    path."""
+    views = make_prototype_set(pair.space, "space")
+    meta = {
+        "id": f"mnist1d-prototypes-s{pair.space.seed}-k{pair.space.num_prototypes}-m{pair.space.views}",
+        "dataset": "mnist1d-prototypes",
+        "clusters": "prototypes",
+        "cluster_size": pair.space.views,
+        "jitter": pair.space.jitter,
+        "seed": pair.space.seed,
+    }
+    space = build_space(views.x, views.y, splits.prior, views.cluster, meta)
+    xq, cq, yq = make_queries(pair.space, pair.queries, seed=config.seed)
+    space_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(space_dir / PROBE_FILE, x=splits.x_test, y=splits.y_test)
+    QuerySet(x=xq, cluster=cq, label=yq).save(space_dir)
+    gate = replace(pair.train, num_prototypes=200, seed=pair.train.seed + 1000)  # prototypes no model saw
+    probes = probe_pairs(make_prototype_set(gate, "val"), seed=config.seed)
+    np.savez(space_dir / PAIR_PROBE_FILE, q=probes.q.numpy(), x=probes.x.numpy(), grade=probes.grade.numpy())
+    ClusterIndex.build(space).save(space_dir)
+    EmbeddingIndex.build(encoder, space.features, space.offsets).save(space_dir)
+    space.save(space_dir)  # written last: its presence marks a complete space
+
+
+def _build_pair_models(
+    registry: ModelRegistry, pair: PairConfig, steps: tqdm, progress: bool, seed: int
+) -> tuple[PrototypeSet, PrototypeSet]:
+    train = make_prototype_set(pair.train, "train")
+    val = make_prototype_set(replace(pair.train, num_prototypes=max(200, pair.train.num_prototypes // 5)), "val")
+    if registry.active_version(pair.dense_name) is None:
+        steps.set_postfix_str(f"training {pair.dense_name}")
+        spec = default_pair_spec(train.x.shape[1], hidden=pair.hidden)
+        model, report = train_pair_model(spec, train, val, replace(pair.training, seed=seed), progress=progress)
+        probes = probe_pairs(val, seed=seed)
+        registry.register(
+            pair.dense_name,
+            model,
+            accuracy=pair_accuracy(model, probes),
+            dataset="mnist1d-prototypes",
+            extra={
+                "grade_prior": list(report.grade_prior),
+                "steps": report.steps_run,
+                "best_step": report.best_step,
+                "val_accuracy": report.val_accuracy,
+                "train_seconds": report.seconds,
+                "prototypes": asdict(pair.train),
+            },
+        )
+    steps.update()
+    for v in pair.variants:
+        if registry.active_version(v.name) is None:
+            steps.set_postfix_str(f"pruning {v.name} ({v.method}, keep {v.keep})")
+            prune_pair_and_register(
+                registry,
+                pair.dense_name,
+                v.method,
+                v.keep,
+                v.name,
+                train,
+                val,
+                reweight=v.reweight,
+                finetune_steps=v.finetune_steps,
+                finetune=pair.training,
+                seed=seed,
+                progress=progress,
+            )
+        steps.update()
+    return train, val
+
+
 def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress: bool = True) -> CascadeConfig:
     """Build whatever of the embedded default is missing under `home`; returns the default cascade."""
     registry = ModelRegistry(home / "registry")
     space_dir = home / "spaces" / "default"
     config_path = home / CONFIG_FILE
-    steps = tqdm(total=4 + len(config.variants), desc="bootstrap", disable=not progress)
+    pair = config.pair if config.dataset == "mnist1d" else None  # prototypes are MNIST-1D's; other data: none yet
+    if pair is None and config.pair is not None:
+        config = replace(config, pair=None)
+    pair_steps = 0 if pair is None else 1 + len(pair.variants)
+    steps = tqdm(total=4 + len(config.variants) + pair_steps, desc="bootstrap", disable=not progress)
 
     steps.set_postfix_str(f"data: {config.dataset}")
     splits = load_dataset(config.dataset, seed=config.seed, num_samples=config.num_samples, cache_dir=home / "data")
@@ -119,13 +258,25 @@ def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress:
             )
         steps.update()
 
+    encoder = None
+    if pair is not None:
+        train, val = _build_pair_models(registry, pair, steps, progress, config.seed)
+        if not space_is_built(space_dir):
+            steps.set_postfix_str("training the bi-encoder (stage 0)")
+            encoder = train_biencoder(train, val, replace(pair.biencoder, seed=config.seed, progress=progress))
+
     if not space_is_built(space_dir):
-        steps.set_postfix_str("building space and FAISS index")
-        build_space_dir(space_dir, splits, config)
+        steps.set_postfix_str("building space and FAISS indexes")
+        build_space_dir(space_dir, splits, config, encoder)
     steps.update()
 
     if not config_path.exists():
-        CascadeConfig(stages=config.stages, dense=config.dense_name).save(config_path)
+        CascadeConfig(
+            stages=config.stages,
+            dense=config.dense_name,
+            pair_stages=None if pair is None else pair.stages,
+            pair_dense=None if pair is None else pair.dense_name,
+        ).save(config_path)
         (home / "bootstrap.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     steps.update()
     steps.close()

@@ -20,11 +20,15 @@ from safetensors.torch import load_file, save_file
 from models.flops import count_flops
 from models.manifest import NAME_PATTERN, Manifest, utc_now
 from models.networks import Classifier, build_network
+from models.pair import PairNetwork, PairSpec, pair_cost, pair_flops
+from models.spec import NetworkSpec
 
 __all__ = [
     "ModelRegistry",
+    "build_model",
     "LoadedModel",
     "RegistryError",
+    "BrokenEntryError",
     "sha256_file",
     "WEIGHTS_FILE",
     "MANIFEST_FILE",
@@ -44,9 +48,14 @@ class RegistryError(LookupError):
     """Unknown name or version, or an entry whose files do not match its manifest."""
 
 
+class BrokenEntryError(RegistryError):
+    """An entry exists on disk but its manifest (or ACTIVE file) cannot be read or does not validate."""
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    model: Classifier
+    model: Classifier | PairNetwork
+    """A `PairNetwork` when the manifest's spec has `"kind": "pair"` (issue 14), else a `Classifier`."""
     manifest: Manifest
     gadget: torch.nn.Module | None = None
     """The variant's trained aggregation gadget (the `lstm` aggregator), when one is stored beside it."""
@@ -72,6 +81,13 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
 
 
+def build_model(spec: dict[str, Any]) -> Classifier | PairNetwork:
+    """An untrained model of either kind from a manifest's spec dict (`"kind": "pair"` -> `PairNetwork`)."""
+    if spec.get("kind") == "pair":
+        return PairNetwork(PairSpec.from_dict(spec))
+    return build_network(NetworkSpec.from_dict(spec))
+
+
 class ModelRegistry:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -89,7 +105,12 @@ class ModelRegistry:
 
     def active_version(self, name: str) -> int | None:
         f = self.root / name / _ACTIVE
-        return int(f.read_text().strip()) if f.exists() else None
+        if not f.exists():
+            return None
+        text = f.read_text(errors="replace").strip()
+        if not text.isdigit() or len(text) > 10:
+            raise BrokenEntryError(f"{name}: ACTIVE holds {text[:20]!r}, not a version number")
+        return int(text)
 
     def entry_dir(self, name: str, version: int | None = None) -> Path:
         if version is None:
@@ -104,15 +125,15 @@ class ModelRegistry:
         return d
 
     def manifest(self, name: str, version: int | None = None) -> Manifest:
-        return Manifest.model_validate_json((self.entry_dir(name, version) / MANIFEST_FILE).read_text())
+        return _read_manifest(self.entry_dir(name, version))
 
     def load(self, name: str, version: int | None = None) -> LoadedModel:
         d = self.entry_dir(name, version)
-        manifest = Manifest.model_validate_json((d / MANIFEST_FILE).read_text())
+        manifest = _read_manifest(d)
         weights = d / WEIGHTS_FILE
         if sha256_file(weights) != manifest.sha256:
             raise RegistryError(f"{manifest.ref}: weights do not match the manifest's sha256")
-        model = build_network(manifest.network_spec)
+        model = build_model(manifest.spec)
         model.load_state_dict(load_file(weights), strict=True)
         model.eval()
         return LoadedModel(model, manifest, self.load_gadget(manifest.name, manifest.version))
@@ -168,7 +189,7 @@ class ModelRegistry:
     def register(
         self,
         name: str,
-        model: Classifier,
+        model: Classifier | PairNetwork,
         *,
         accuracy: float,
         parent: str | None = None,
@@ -183,7 +204,15 @@ class ModelRegistry:
 
         if not re.match(NAME_PATTERN, name):
             raise ValueError(f"invalid model name {name!r}: lowercase letters, digits, '.', '_' and '-'")
-        flops = count_flops(model, model.spec.input_dim)
+        extra = dict(extra or {})
+        if isinstance(model, PairNetwork):  # FLOPs per (q, x) pair; trunk and cache size recorded beside them
+            cost = pair_cost(model)
+            flops = pair_flops(model)
+            extra.setdefault("flops_per_item_trunk", cost.per_item.dense_kernel)
+            extra.setdefault("flops_per_query", cost.per_query.dense_kernel)
+            extra.setdefault("cache_floats_per_item", cost.cache_floats_per_item)
+        else:
+            flops = count_flops(model, model.spec.input_dim)
         (self.root / name).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".staging-"))
         try:
@@ -202,7 +231,7 @@ class ModelRegistry:
                 output_deviation_p95=output_deviation[1],
                 sha256=sha256_file(staging / WEIGHTS_FILE),
                 created_at=utc_now(),
-                extra=extra or {},
+                extra=extra,
             )
             manifest = self.commit_staged(staging, fields)
         finally:
@@ -290,12 +319,44 @@ class ModelRegistry:
             raise ValueError(f"{name}:{version} is active; activate another version first")
         shutil.rmtree(self.entry_dir(name, version))
 
+    def find_identical(self, name: str, sha256: str, gadget_sha256: str | None) -> Manifest | None:
+        """The stored version of `name` with exactly these weights (and this gadget, or none), if any: an
+        identical re-upload is answered with it instead of a duplicate version."""
+        for v in self.versions(name):
+            d = self.root / name / str(v)
+            try:
+                m = _read_manifest(d)
+                spec_file = d / GADGET_SPEC_FILE
+                stored_gadget = json.loads(spec_file.read_text()).get("sha256") if spec_file.exists() else None
+            except (RegistryError, ValueError, OSError, AttributeError):
+                continue  # a broken entry is never "the same" as a valid upload
+            if m.sha256 == sha256 and stored_gadget == gadget_sha256:
+                return m
+        return None
+
     def describe(self) -> list[dict[str, Any]]:
-        """Every version of every name, with which one is active (for listings)."""
-        out = []
+        """Every version of every name, with which one is active (for listings). Robust to whatever is on disk:
+        an entry whose manifest does not read or validate is listed with `broken` saying why, never raised."""
+        out: list[dict[str, Any]] = []
         for name in self.names():
-            active = self.active_version(name)
+            try:
+                active = self.active_version(name)
+            except BrokenEntryError:
+                active = None
             for v in self.versions(name):
-                m = self.manifest(name, v)
-                out.append({**json.loads(m.model_dump_json()), "active": v == active})
+                try:
+                    m = _read_manifest(self.root / name / str(v))
+                    out.append({**json.loads(m.model_dump_json()), "active": v == active})
+                except BrokenEntryError as exc:
+                    out.append({"name": name, "version": v, "active": v == active, "broken": str(exc)})
         return out
+
+
+def _read_manifest(entry: Path) -> Manifest:
+    """The entry's manifest, validated; any failure (missing, unreadable, invalid) is a BrokenEntryError."""
+    try:
+        return Manifest.model_validate_json((entry / MANIFEST_FILE).read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:  # pydantic's ValidationError is a ValueError
+        first = exc.errors()[0] if hasattr(exc, "errors") else None
+        why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else f"{type(exc).__name__}: {exc}"
+        raise BrokenEntryError(f"{entry.parent.name}:{entry.name}: manifest is broken ({why[:300]})") from None

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cascade.config import CONFIG_FILE, CascadeConfig
-from cascade.snapshot import Snapshot, StageError, Variant, build_snapshot, load_snapshot
+from cascade.exact import ExactTable
+from cascade.snapshot import Snapshot, StageError, Variant, build_snapshot, load_snapshot, misfit, variant_for
 from models.registry import ModelRegistry, RegistryError
+from service.exact_tables import ExactTables
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -43,6 +45,11 @@ class ServiceState:
         self.cache: ResultCache | None = None
         self.loaded = threading.Event()
         self.generation = 0  # bumped by every local change; a reconcile that read Redis before it stands down
+        self.exact = ExactTables(
+            settings.space_dir,
+            enabled=settings.exact_enabled,
+            max_bytes=settings.exact_max_bytes,
+        )
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -90,9 +97,21 @@ class ServiceState:
         self._snapshot = snapshot  # one reference assignment: readers see the old or the new, never a mix
         if previous is None or previous.id != snapshot.id:
             self.metrics.swaps.labels(reason=reason).inc()
+        self.exact.request(snapshot)  # non-blocking: a new dense version or space gets its table built
         self.metrics.set_active(
             {v.name: (v.version, v.manifest.sha256) for v in snapshot.variants.values()}, snapshot.id
         )
+
+    # -- exact answers (cascade/exact.py): built in the background after every swap ------------------------------
+    def exact_table(self, snapshot: Snapshot) -> ExactTable | None:
+        """The table of this snapshot's dense checkpoint and space if it is ready, else None (the query then runs
+        the cascade). Never blocks, never returns a table of another dense version."""
+        return self.exact.get(snapshot)
+
+    def exact_status(self, snapshot: Snapshot) -> dict:
+        """For `/v1/space`: state (ready | building | disabled | failed), bytes, build_seconds, build_flops,
+        lookup_flops, break_even_queries (build FLOPs over the FLOPs the default cascade spends per query)."""
+        return self.exact.status(snapshot)
 
     def require_snapshot(self) -> Snapshot:
         snapshot = self._snapshot
@@ -111,18 +130,13 @@ class ServiceState:
             if old is not None and old.version == version:
                 variants[name] = old
                 continue
-            spec = self.registry.manifest(name, version).network_spec
-            if spec.input_dim != space.input_dim or spec.num_classes != space.num_classes:
+            reason = misfit(self.registry.manifest(name, version), space)
+            if reason is not None:
                 if name == strict:
-                    raise StageError(
-                        "version",
-                        f"{name}:{version} takes {spec.input_dim} inputs / {spec.num_classes} classes; the space "
-                        f"has {space.input_dim} / {space.num_classes}",
-                    )
+                    raise StageError("version", f"{name}:{version} {reason}")
                 continue
-            loaded = self.registry.load(name, version)
-            variants[name] = Variant(loaded.model, loaded.manifest, loaded.gadget)
-        return build_snapshot(space, current.index, variants, config)
+            variants[name] = variant_for(self.registry.load(name, version), space)
+        return build_snapshot(space, current.index, variants, config, current.embedding, current.queries)
 
     # -- changes (each: candidate first, then disk, then swap, then tell the other replicas) -------------------
     def activate(self, name: str, version: int | None = None, reason: str = "activate") -> Snapshot:

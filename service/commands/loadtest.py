@@ -6,19 +6,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from service.commands.common import settings_from
-from service.loadtest.grid import StageSpec, cascade_label, expand_grid
-from service.loadtest.session import Plan, planned_requests, run_loadtest
-from service.loadtest.target import check_target
+
+if TYPE_CHECKING:
+    from service.loadtest.grid import StageSpec
+    from service.loadtest.session import Plan
 
 __all__ = ["register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("loadtest", help="drive a running service at constant request rates over a config grid")
+    p = sub.add_parser("loadtest", help="load-test a running service over cascade configurations")
     p.add_argument("--url", default=None, help="service base URL (default: http://$PRUNECASCADE_HOST:PORT)")
     p.add_argument("--rates", default="5,10,20", help="comma-separated request rates per second")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per (configuration, rate) point")
@@ -55,6 +55,10 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
+    from service.loadtest.grid import cascade_label, expand_grid
+    from service.loadtest.session import Plan, planned_requests
+    from service.loadtest.target import check_target
+
     settings = settings_from(args)
     url = args.url or f"http://{settings.host}:{settings.port}"
     check_target(url, args.allow_remote)
@@ -89,7 +93,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
 
 def run(args: argparse.Namespace) -> int:
+    import httpx
+
     from cascade.space import Space
+    from service.loadtest.session import run_loadtest
 
     plan = build_plan(args)
     space_dir = args.space_dir or settings_from(args).space_dir

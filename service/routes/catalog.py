@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from fastapi import APIRouter
 
 from service.dependencies import SnapshotDep, StateDep
@@ -24,14 +27,27 @@ def default_cascade(snapshot: SnapshotDep) -> CascadeOut:
 
 
 @router.get("/space", response_model=SpaceOut)
-def space_summary(snapshot: SnapshotDep) -> SpaceOut:
+def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
+    """What the space is: its source, its clusters, the held-out queries it ships, and the exact table's state."""
     space = snapshot.space
+    sizes = space.sizes
     return SpaceOut(
         name=str(space.meta.get("id", "")),
+        dataset=str(space.meta.get("dataset", "")),
+        clusters=str(space.meta.get("clusters", "")),
         num_items=space.num_items,
         num_clusters=space.num_clusters,
         num_classes=space.num_classes,
         input_dim=space.input_dim,
-        max_cluster_size=int(space.sizes.max()),
+        max_cluster_size=int(sizes.max()),
+        cluster_sizes={"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
+        held_out_queries=0 if snapshot.queries is None else len(snapshot.queries),
+        num_grades=snapshot.num_grades,
+        exact=_finite(state.exact_status(snapshot)),
         snapshot_id=snapshot.id,
     )
+
+
+def _finite(status: dict) -> dict:
+    """JSON has no Infinity: an unknown break-even (no cascade cost to compare) is reported as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in status.items()}

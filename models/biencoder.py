@@ -1,0 +1,170 @@
+"""The bi-encoder: an item embedding for FAISS candidates (issue 14, item 3).
+
+A small 1-D CNN trained contrastively (InfoNCE) on pairs of fresh views of the same prototype: views of one
+prototype should embed close together and away from the other prototypes in the batch. Embeddings are
+L2-normalised, so inner product = cosine and a cluster's centroid is the normalised mean of its members.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.prototypes import PrototypeSet, make_views
+
+__all__ = [
+    "BiEncoderSpec",
+    "BiEncoder",
+    "BiEncoderTrainConfig",
+    "DEFAULT_BIENCODER_TRAINING",
+    "train_biencoder",
+    "cluster_centroids",
+    "embed_numpy",
+]
+
+
+@dataclass(frozen=True)
+class BiEncoderSpec:
+    input_dim: int = 40
+    channels: tuple[int, ...] = (32, 64)
+    kernel_size: int = 5
+    hidden: int = 128
+    embed_dim: int = 64
+
+    kind = "biencoder"
+
+    def __post_init__(self) -> None:
+        if self.input_dim <= 0 or not self.channels or min(self.channels) <= 0 or self.embed_dim <= 0:
+            raise ValueError("input_dim, channels and embed_dim must be positive")
+        if self.kernel_size % 2 != 1:
+            raise ValueError("kernel_size must be odd")
+        if self.input_dim >> len(self.channels) < 1:
+            raise ValueError("input too small for that many conv blocks")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "biencoder", **asdict(self), "channels": list(self.channels)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BiEncoderSpec:
+        d = dict(d)
+        if d.pop("kind", "biencoder") != "biencoder":
+            raise ValueError("not a bi-encoder spec")
+        unknown = set(d) - {"input_dim", "channels", "kernel_size", "hidden", "embed_dim"}
+        if unknown:
+            raise ValueError(f"unknown bi-encoder spec keys: {sorted(unknown)}")
+        return cls(**{**d, "channels": tuple(int(c) for c in d.get("channels", (32, 64)))})
+
+
+class BiEncoder(nn.Module):
+    """conv-ReLU-maxpool blocks, a hidden layer, a linear embedding; `embed` L2-normalises."""
+
+    def __init__(self, spec: BiEncoderSpec = BiEncoderSpec()) -> None:
+        super().__init__()
+        self.spec = spec
+        layers: list[nn.Module] = [nn.Unflatten(1, (1, spec.input_dim))]
+        in_ch, length = 1, spec.input_dim
+        for ch in spec.channels:
+            layers += [
+                nn.Conv1d(in_ch, ch, spec.kernel_size, padding=spec.kernel_size // 2),
+                nn.ReLU(),
+                nn.MaxPool1d(2),
+            ]
+            in_ch, length = ch, length // 2
+        layers += [
+            nn.Flatten(),
+            nn.Linear(in_ch * length, spec.hidden),
+            nn.ReLU(),
+            nn.Linear(spec.hidden, spec.embed_dim),
+        ]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, embed_dim), unit L2 norm."""
+        return F.normalize(self.net(x), dim=1)
+
+
+@dataclass(frozen=True)
+class BiEncoderTrainConfig:
+    steps: int = 2000
+    batch_prototypes: int = 256
+    temperature: float = 0.1
+    lr: float = 3e-3
+    eval_every: int = 250
+    seed: int = 0
+    progress: bool = False
+
+
+DEFAULT_BIENCODER_TRAINING = BiEncoderTrainConfig()
+
+
+@torch.no_grad()
+def embed_numpy(model: BiEncoder, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    model.eval()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    return torch.cat([model.embed(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]).numpy()
+
+
+def cluster_centroids(emb: np.ndarray, cluster: np.ndarray, num_clusters: int | None = None) -> np.ndarray:
+    """Normalised mean member embedding of every cluster (the IVF coarse quantizer's vectors)."""
+    k = int(cluster.max()) + 1 if num_clusters is None else num_clusters
+    sums = np.zeros((k, emb.shape[1]), dtype=np.float64)
+    np.add.at(sums, cluster, emb)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _val_recall(model: BiEncoder, val: PrototypeSet, rng: np.random.Generator, queries: int = 500) -> float:
+    """Recall@1 of a fresh view's own prototype against the val set's centroids."""
+    cents = cluster_centroids(embed_numpy(model, val.x), val.cluster, len(val.cluster_labels))
+    qid = rng.integers(0, len(val.cluster_labels), size=queries)
+    eq = embed_numpy(model, make_views(val.prototypes, qid, rng))
+    return float(((eq @ cents.T).argmax(1) == qid).mean())
+
+
+def train_biencoder(
+    train: PrototypeSet,
+    val: PrototypeSet | None = None,
+    config: BiEncoderTrainConfig = DEFAULT_BIENCODER_TRAINING,
+    spec: BiEncoderSpec | None = None,
+) -> BiEncoder:
+    """InfoNCE (symmetric, in-batch negatives) on two fresh views of each of `batch_prototypes` training
+    prototypes per step; with `val`, the weights with the best validation recall@1 are kept."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng([config.seed, 21])
+    model = BiEncoder(spec or BiEncoderSpec(input_dim=train.x.shape[1]))
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
+    k = len(train.cluster_labels)
+    best = (-1.0, copy.deepcopy(model.state_dict()))
+    start = time.perf_counter()
+    targets = torch.arange(config.batch_prototypes)
+    for step in tqdm(range(1, config.steps + 1), desc="train bi-encoder", disable=not config.progress, leave=False):
+        model.train()
+        ids = rng.choice(k, size=config.batch_prototypes, replace=False)
+        a = model.embed(torch.from_numpy(make_views(train.prototypes, ids, rng)))
+        b = model.embed(torch.from_numpy(make_views(train.prototypes, ids, rng)))
+        logits = a @ b.T / config.temperature
+        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if val is not None and (step % config.eval_every == 0 or step == config.steps):
+            r = _val_recall(model, val, np.random.default_rng([config.seed, 23]))
+            if r > best[0]:
+                best = (r, copy.deepcopy(model.state_dict()))
+    if val is not None:
+        model.load_state_dict(best[1])
+    model.train_seconds = time.perf_counter() - start  # type: ignore[attr-defined]
+    return model.eval()

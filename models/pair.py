@@ -1,0 +1,242 @@
+"""Pair models (cross-encoders): logits over relevance grades for a query q and an item x read together.
+
+Architecture (chosen by measurement, docs/premise.md): a shallow shared trunk (one conv + ReLU, optional
+max-pool) maps q and x to C feature channels; the first interaction is a per-channel correlation of the two
+over shifts -S..S (a translation shifts the peak instead of breaking a position-by-position comparison, the
+failure of early fusion measured in issue 14); a fixed affine normalisation of those C x (2S+1) numbers is
+the input of `scorer`, an ordinary `Classifier`, so all 16 pruning methods apply to it unchanged.
+
+The trunk does not depend on the query, so `item_features` may be computed once per item and cached; it is
+shared by every pruned variant of one dense model (pruning only touches the scorer). Everything from the
+correlation on is computed per pair.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.flops import Flops, count_flops
+from models.networks import Classifier
+from models.spec import MAX_INPUT_DIM, NetworkSpec, spec_int
+
+__all__ = ["PairSpec", "PairNetwork", "correlate", "PairFlops", "pair_flops", "pair_cost", "default_pair_spec"]
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """JSON description of a pair model; `scorer` is the prunable part (an MLP over the interaction)."""
+
+    input_dim: int
+    num_grades: int
+    trunk_channels: int
+    kernel_size: int
+    max_shift: int
+    pool: int
+    scorer: NetworkSpec
+
+    kind = "pair"
+
+    def __post_init__(self) -> None:
+        if self.input_dim <= 0 or self.num_grades < 2:
+            raise ValueError("input_dim must be positive and num_grades at least 2")
+        if self.trunk_channels <= 0 or self.kernel_size % 2 != 1 or self.max_shift < 0 or self.pool < 1:
+            raise ValueError("trunk_channels > 0, odd kernel_size, max_shift >= 0 and pool >= 1 are required")
+        if self.feature_length < 1 or self.max_shift >= self.feature_length:
+            raise ValueError("max_shift must be smaller than the trunk's output length")
+        if self.scorer.input_dim != self.interaction_dim or self.scorer.num_classes != self.num_grades:
+            raise ValueError(
+                f"scorer must take interaction_dim={self.interaction_dim} inputs and give num_grades="
+                f"{self.num_grades} outputs, got {self.scorer.input_dim} -> {self.scorer.num_classes}"
+            )
+
+    @property
+    def feature_length(self) -> int:
+        return self.input_dim // self.pool
+
+    @property
+    def shifts(self) -> int:
+        return 2 * self.max_shift + 1
+
+    @property
+    def interaction_dim(self) -> int:
+        return self.trunk_channels * self.shifts
+
+    def with_scorer(self, scorer: NetworkSpec) -> PairSpec:
+        return PairSpec(
+            self.input_dim, self.num_grades, self.trunk_channels, self.kernel_size, self.max_shift, self.pool, scorer
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "pair",
+            "input_dim": self.input_dim,
+            "num_grades": self.num_grades,
+            "trunk_channels": self.trunk_channels,
+            "kernel_size": self.kernel_size,
+            "max_shift": self.max_shift,
+            "pool": self.pool,
+            "scorer": self.scorer.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PairSpec:
+        known = {"kind", "input_dim", "num_grades", "trunk_channels", "kernel_size", "max_shift", "pool", "scorer"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown pair spec keys: {sorted(unknown)}")
+        if d.get("kind") != "pair":
+            raise ValueError(f"a pair spec has kind 'pair', got {d.get('kind')!r}")
+        missing = known - set(d)
+        if missing:
+            raise ValueError(f"pair spec lacks keys: {sorted(missing)}")
+        if not isinstance(d["scorer"], dict):
+            raise ValueError("pair spec 'scorer' must be a network spec object")
+        return cls(  # every number range-checked first: untrusted JSON (an upload) may hold Infinity or 1e300
+            input_dim=spec_int(d, "input_dim", 1, MAX_INPUT_DIM),
+            num_grades=spec_int(d, "num_grades", 2, 64),
+            trunk_channels=spec_int(d, "trunk_channels", 1, 4096),
+            kernel_size=spec_int(d, "kernel_size", 1, 255),
+            max_shift=spec_int(d, "max_shift", 0, 4096),
+            pool=spec_int(d, "pool", 1, 4096),
+            scorer=NetworkSpec.from_dict(d["scorer"]),
+        )
+
+
+def default_pair_spec(
+    input_dim: int = 40,
+    num_grades: int = 3,
+    *,
+    trunk_channels: int = 32,
+    kernel_size: int = 5,
+    max_shift: int = 8,
+    pool: int = 1,
+    hidden: tuple[int, ...] = (512, 256),
+) -> PairSpec:
+    """The default dense pair model: the scorer dominates the per-pair cost, so pruning it pays."""
+    dim = trunk_channels * (2 * max_shift + 1)
+    scorer = NetworkSpec("mlp", dim, num_grades, hidden=hidden)
+    return PairSpec(input_dim, num_grades, trunk_channels, kernel_size, max_shift, pool, scorer)
+
+
+class PairNetwork(nn.Module):
+    """`forward_with_hidden(q, x)`: q is (P, D) or (1, D) (broadcast over the P items of x)."""
+
+    scorer_kind = "pair"
+
+    def __init__(self, spec: PairSpec, scorer: Classifier | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.trunk = nn.Conv1d(1, spec.trunk_channels, spec.kernel_size, padding=spec.kernel_size // 2)
+        # a per-feature affine of the correlations (BatchNorm: batch statistics in training, fixed in eval)
+        self.norm = nn.BatchNorm1d(spec.interaction_dim)
+        self.scorer = scorer if scorer is not None else Classifier(spec.scorer)
+        if self.scorer.spec != spec.scorer:
+            raise ValueError("the scorer's spec differs from spec.scorer")
+
+    # -- item side (query independent; cacheable) ----------------------------------------------------------
+    def item_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, C, L): one conv + ReLU (+ max-pool). Memory per cached item: C x L floats."""
+        f = F.relu(self.trunk(x.unsqueeze(1)))
+        return F.max_pool1d(f, self.spec.pool) if self.spec.pool > 1 else f
+
+    def query_features(self, q: torch.Tensor) -> torch.Tensor:
+        """The query goes through the same trunk (once per query)."""
+        return self.item_features(q)
+
+    # -- per pair ------------------------------------------------------------------------------------------
+    def interact(self, fq: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+        """Per-channel correlation over shifts: z[p, c, s] = mean_t fq[p, c, t] * fx[p, c, t + s - S]
+        (zero outside), then the fixed affine normalisation. fq: (P or 1, C, L); fx: (P, C, L)."""
+        return self.norm(correlate(fq, fx, self.spec.max_shift).flatten(1))
+
+    def interaction(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The scorer's input z for raw query and item vectors."""
+        return self.interact(self.query_features(q), self.item_features(x))
+
+    def forward_features(self, fq: torch.Tensor, fx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden) from trunk features (cached item features, a query's features)."""
+        return self.scorer.forward_with_hidden(self.interact(fq, fx))
+
+    def forward_with_hidden(self, q: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scorer.forward_with_hidden(self.interaction(q, x))
+
+    def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.scorer(self.interaction(q, x))
+
+    def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scorer interface (`models.scorer`): one query (1, D) read with every item. The item trunk is
+        recomputed here rather than cached: it is a small share of a pair's cost (`pair_cost`), and a cache of
+        C x L floats per item would outweigh the space itself."""
+        if query is None:
+            raise ValueError("a pair model needs the query")
+        return self.forward_with_hidden(query, items)
+
+    def activation_width(self) -> int:
+        """Floats per pair of the widest tensor of a forward pass (sizes serving chunks, `models.inference`)."""
+        s = self.spec
+        return max(s.trunk_channels * (s.input_dim + 2 * s.max_shift), s.interaction_dim, *s.scorer.hidden)
+
+    def with_scorer(self, scorer: Classifier) -> PairNetwork:
+        """The same front end (trunk, normalisation; copied) with another scorer, e.g. a pruned one."""
+        out = PairNetwork(self.spec.with_scorer(scorer.spec), scorer)
+        out.trunk = copy.deepcopy(self.trunk)
+        out.norm = copy.deepcopy(self.norm)
+        return out.train(self.training)
+
+
+def correlate(fq: torch.Tensor, fx: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """(P, C, 2S+1) correlations over shifts, divided by L. One query for all items (serving): one batched
+    GEMM per channel against the query's Toeplitz matrix; one query per item (training): a loop over shifts."""
+    s, length = max_shift, fx.shape[-1]
+    padded = F.pad(fx, (s, s))
+    if fq.shape[0] == 1 and fx.shape[0] != 1:
+        # toeplitz[c, t + j, j] = fq[c, t]: (C, L + 2S, 2S + 1), built from a strided view of a padded query
+        q = fq[0]
+        toeplitz = F.pad(q, (0, 2 * s + 1)).repeat(1, 2 * s + 1)[:, : (2 * s + 1) * (length + 2 * s)]
+        toeplitz = toeplitz.reshape(q.shape[0], 2 * s + 1, length + 2 * s).transpose(1, 2)
+        return torch.bmm(padded.transpose(0, 1), toeplitz).transpose(0, 1) / length
+    return torch.stack([(fq * padded[..., j : j + length]).sum(-1) for j in range(2 * s + 1)], dim=-1) / length
+
+
+@dataclass(frozen=True)
+class PairFlops:
+    """FLOPs of one pair model. `per_pair` is what the cascade pays per scored (q, x): the correlation and
+    the scorer. `per_item` (trunk of x) and `per_query` (trunk of q) are paid once when item features are
+    cached; without a cache `per_item` is paid per pair as well. `cache_floats_per_item` is the cache size."""
+
+    per_pair: Flops
+    interaction: Flops
+    scorer: Flops
+    per_item: Flops
+    per_query: Flops
+    cache_floats_per_item: int
+
+
+def pair_cost(model: PairNetwork) -> PairFlops:
+    s = model.spec
+    trunk = 2 * s.trunk_channels * s.kernel_size * s.input_dim
+    trunk_nz = 2 * int(torch.count_nonzero(model.trunk.weight)) * s.input_dim
+    inter = 2 * s.trunk_channels * s.shifts * s.feature_length
+    scorer = count_flops(model.scorer, s.interaction_dim)
+    interaction = Flops(inter, inter)
+    return PairFlops(
+        per_pair=interaction + scorer,
+        interaction=interaction,
+        scorer=scorer,
+        per_item=Flops(trunk, trunk_nz),
+        per_query=Flops(trunk, trunk_nz),
+        cache_floats_per_item=s.trunk_channels * s.feature_length,
+    )
+
+
+def pair_flops(model: PairNetwork) -> Flops:
+    """FLOPs per (q, x) pair as served (`PairNetwork.score`): the item trunk, recomputed per pair, then the
+    correlation and the scorer (dense-kernel and nonzero). The query's trunk is paid once per query."""
+    cost = pair_cost(model)
+    return cost.per_pair + cost.per_item

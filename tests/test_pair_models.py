@@ -1,0 +1,256 @@
+"""Pair models (cross-encoders), the bi-encoder, pair training, pair pruning with every method, registry."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.biencoder import BiEncoder, BiEncoderSpec, BiEncoderTrainConfig, cluster_centroids, train_biencoder
+from models.manifest import Manifest
+from models.pair import PairNetwork, PairSpec, correlate, default_pair_spec, pair_cost, pair_flops
+from models.pair_training import (
+    PairTrainConfig,
+    make_pairs,
+    pair_accuracy,
+    pair_calibration,
+    sample_pair_ids,
+    train_pair_model,
+)
+from models.prototypes import PrototypeConfig, PrototypeSet, make_prototype_set
+from models.pruning import list_methods
+from models.pruning.pair import prune_pair, prune_pair_and_register
+from models.registry import ModelRegistry
+
+torch.set_num_threads(1)
+
+TINY = default_pair_spec(trunk_channels=4, max_shift=2, hidden=(16, 12))
+CFG = PrototypeConfig(num_prototypes=60, views=4, seed=1)
+ALL_METHODS = [m.name for m in list_methods()]
+
+
+@cache
+def _data() -> tuple[PrototypeSet, PrototypeSet]:
+    return make_prototype_set(CFG, "train"), make_prototype_set(replace(CFG, num_prototypes=30), "val")
+
+
+@cache
+def _trained() -> PairNetwork:
+    train, val = _data()
+    config = PairTrainConfig(steps=120, batch_size=128, eval_every=40, val_pairs=600, lr=1e-2)
+    model, _ = train_pair_model(TINY, train, val, config)
+    return model
+
+
+def trained() -> PairNetwork:
+    return copy.deepcopy(_trained())
+
+
+# -- spec and network ----------------------------------------------------------------------------------------
+def test_spec_round_trips_and_rejects_nonsense() -> None:
+    assert PairSpec.from_dict(TINY.to_dict()) == TINY
+    assert TINY.to_dict()["kind"] == "pair" and TINY.kind == "pair"
+    assert TINY.interaction_dim == 4 * 5 == TINY.scorer.input_dim
+    with pytest.raises(ValueError, match="unknown pair spec keys"):
+        PairSpec.from_dict({**TINY.to_dict(), "depth": 2})
+    with pytest.raises(ValueError, match="kind 'pair'"):
+        PairSpec.from_dict({**TINY.to_dict(), "kind": "mlp"})
+    with pytest.raises(ValueError, match="interaction_dim"):
+        replace(TINY, max_shift=3)
+    with pytest.raises(ValueError, match="max_shift"):
+        default_pair_spec(max_shift=40)
+
+
+def test_correlate_matches_the_definition_on_both_paths() -> None:
+    torch.manual_seed(0)
+    fq, fx = torch.randn(1, 3, 9), torch.randn(5, 3, 9)
+    s = 2
+    ref = torch.zeros(5, 3, 2 * s + 1)
+    for j in range(2 * s + 1):
+        for t in range(9):
+            u = t + j - s
+            if 0 <= u < 9:
+                ref[:, :, j] += fq[0, :, t] * fx[:, :, u]
+    ref /= 9
+    torch.testing.assert_close(correlate(fq, fx, s), ref)
+    torch.testing.assert_close(correlate(fq.expand(5, -1, -1), fx, s), ref)
+
+
+def test_correlation_peak_follows_a_translation() -> None:
+    """Shifting the item by d moves the autocorrelation peak by d shifts: translation shows up as a shift of
+    the features instead of breaking a position-by-position comparison."""
+    signal = torch.zeros(1, 1, 30)
+    signal[0, 0, 10:16] = torch.tensor([1.0, 3.0, 2.0, 5.0, 1.0, 2.0])
+    for d in (-3, 0, 2):
+        moved = torch.roll(signal, d, dims=2)
+        peak = int(correlate(signal, moved, 4)[0, 0].argmax()) - 4
+        assert peak == d
+
+
+def test_forward_broadcast_cached_features_and_hidden() -> None:
+    torch.manual_seed(0)
+    model = PairNetwork(TINY).eval()
+    q, x = torch.randn(1, 40), torch.randn(7, 40)
+    logits, h = model.forward_with_hidden(q, x)
+    assert logits.shape == (7, 3) and h.shape == (7, TINY.scorer.hidden_dim)
+    torch.testing.assert_close(model(q.expand(7, -1), x), logits)
+    fx = model.item_features(x)
+    assert fx.shape == (7, 4, 40)
+    torch.testing.assert_close(model.forward_features(model.query_features(q), fx)[0], logits)
+    z = model.interaction(q, x)
+    assert z.shape == (7, TINY.interaction_dim)
+    torch.testing.assert_close(model.scorer(z), logits)
+
+
+def test_the_pair_model_reads_the_query() -> None:
+    model = trained()
+    train, _ = _data()
+    x = torch.from_numpy(train.x[:8])
+    a = model(torch.from_numpy(train.x[:1]), x)
+    b = model(torch.from_numpy(train.x[100:101]), x)
+    assert not torch.allclose(a, b)
+
+
+def test_flops_match_the_torch_counter_where_it_counts() -> None:
+    model = PairNetwork(TINY).eval()
+    cost = pair_cost(model)
+    assert cost.interaction.dense_kernel == 2 * 4 * 5 * 40
+    assert cost.per_pair == cost.interaction + cost.scorer
+    assert pair_flops(model) == cost.per_pair + cost.per_item  # served: the item trunk is recomputed per pair
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.scorer(torch.zeros(1, TINY.interaction_dim))
+    assert cost.scorer.dense_kernel == counter.get_total_flops()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.item_features(torch.zeros(1, 40))
+    assert cost.per_item.dense_kernel == counter.get_total_flops()
+    assert cost.cache_floats_per_item == 4 * 40
+
+
+def test_with_scorer_keeps_the_front_end() -> None:
+    model = trained()
+    pairs = pair_calibration(_data()[0], 32, seed=0)
+    pruned = prune_pair(model, "greedy-asymmetric", 0.5, pairs, reweight=True)
+    torch.testing.assert_close(pruned.interaction(pairs.q, pairs.x), model.interaction(pairs.q, pairs.x))
+    assert pruned.spec.scorer.hidden == (8, 6) and pruned.spec.trunk_channels == model.spec.trunk_channels
+    assert model.spec.scorer.hidden == (16, 12)  # the input model is untouched
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def test_pair_sampling_has_the_asked_grades() -> None:
+    labels = np.arange(40) % 10
+    rng = np.random.default_rng(0)
+    qid, xid, grade = sample_pair_ids(labels, 3000, (0.2, 0.4, 0.4), rng)
+    assert np.allclose(np.bincount(grade, minlength=3) / 3000, [0.2, 0.4, 0.4], atol=0.04)
+    assert (qid[grade == 2] == xid[grade == 2]).all()
+    g1 = grade == 1
+    assert (labels[qid[g1]] == labels[xid[g1]]).all() and (qid[g1] != xid[g1]).all()
+    assert (labels[qid[grade == 0]] != labels[xid[grade == 0]]).all()
+
+
+def test_training_learns_grades_and_records_the_prior() -> None:
+    train, val = _data()
+    config = PairTrainConfig(steps=120, batch_size=128, eval_every=40, val_pairs=600, lr=1e-2)
+    model, report = train_pair_model(TINY, train, val, config)
+    assert report.grade_prior == pytest.approx((0.2, 0.4, 0.4))
+    untrained = PairNetwork(TINY)
+    probes = make_pairs(val, 900, (1 / 3, 1 / 3, 1 / 3), np.random.default_rng(5))
+    assert pair_accuracy(model, probes) > pair_accuracy(untrained, probes) + 0.1
+    assert pair_accuracy(model, probes) > 0.42  # chance is 1/3
+    with pytest.raises(ValueError, match="grade_mix"):
+        train_pair_model(TINY, train, val, replace(config, grade_mix=(0.5, 0.5)))
+
+
+# -- bi-encoder ----------------------------------------------------------------------------------------------
+def test_biencoder_spec_embeds_unit_vectors_and_learns_views() -> None:
+    spec = BiEncoderSpec(channels=(8, 8), hidden=32, embed_dim=16)
+    assert BiEncoderSpec.from_dict(spec.to_dict()) == spec
+    train, val = _data()
+    model = train_biencoder(train, val, BiEncoderTrainConfig(steps=60, batch_prototypes=48, eval_every=30), spec)
+    emb = model.embed(torch.from_numpy(val.x)).detach()
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(emb)))
+    cents = cluster_centroids(emb.numpy(), val.cluster)
+    own = (emb.numpy() * cents[val.cluster]).sum(1).mean()
+    other = (emb.numpy() @ cents.T).mean()
+    assert own > other + 0.2
+    untrained = BiEncoder(spec).embed(torch.from_numpy(val.x)).detach().numpy()
+    c0 = cluster_centroids(untrained, val.cluster)
+    assert own - other > (untrained * c0[val.cluster]).sum(1).mean() - (untrained @ c0.T).mean()
+
+
+# -- pruning with every method and the registry --------------------------------------------------------------
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_prunes_a_pair_model_and_it_round_trips(method: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = trained()
+    kind = next(m.kind for m in list_methods() if m.name == method)
+    pairs = pair_calibration(_data()[0], 96, seed=0)
+    pruned = prune_pair(model, method, 0.4, pairs)
+    before, after = pair_flops(model), pair_flops(pruned)
+    if kind == "structured":
+        assert after.dense_kernel < before.dense_kernel
+    else:
+        assert after.nonzero < before.nonzero and after.dense_kernel == before.dense_kernel
+    logits, h = pruned.forward_with_hidden(pairs.q[:1], pairs.x)
+    assert torch.isfinite(logits).all() and h.shape[0] == len(pairs)
+    registry = ModelRegistry(tmp_path)
+    manifest = registry.register("pair-x", pruned, accuracy=0.5, method=method, keep=0.4)
+    assert manifest.model_kind == "pair" and manifest.spec["kind"] == "pair"
+    assert manifest.flops_nonzero == after.nonzero and manifest.flops_dense_kernel == after.dense_kernel
+    loaded = registry.load("pair-x")
+    assert isinstance(loaded.model, PairNetwork) and loaded.model.spec == pruned.spec
+    torch.testing.assert_close(loaded.model(pairs.q, pairs.x), pruned.eval()(pairs.q, pairs.x))
+
+
+def test_manifest_checks_pair_specs_and_keeps_classifiers() -> None:
+    fields = dict(name="p", version=1, flops_dense_kernel=1, flops_nonzero=1, accuracy=0.5, sha256="0" * 64)
+    m = Manifest(spec=TINY.to_dict(), **fields)
+    assert m.model_kind == "pair" and m.pair_spec == TINY and m.model_spec == TINY
+    assert m.network_spec == TINY.scorer
+    bad = TINY.to_dict()
+    bad["scorer"] = {**bad["scorer"], "input_dim": 7}
+    with pytest.raises(ValidationError, match="interaction_dim"):
+        Manifest(spec=bad, **fields)
+    c = Manifest(spec=TINY.scorer.to_dict(), **fields)
+    assert c.model_kind == "classifier" and c.model_spec == TINY.scorer
+    with pytest.raises(TypeError, match="classifier"):
+        _ = c.pair_spec
+
+
+def test_prune_pair_and_register_fine_tunes_the_scorer_only(tmp_path: Path) -> None:
+    train, val = _data()
+    registry = ModelRegistry(tmp_path)
+    dense = trained()
+    registry.register("pair-dense", dense, accuracy=0.6, extra={"grade_prior": [0.2, 0.4, 0.4], "epochs_run": 3})
+    manifest = prune_pair_and_register(
+        registry,
+        "pair-dense",
+        "greedy-asymmetric",
+        0.25,
+        "pair-s25",
+        train,
+        val,
+        reweight=True,
+        finetune_steps=20,
+        finetune=PairTrainConfig(batch_size=64, eval_every=10, val_pairs=300, lr=1e-3),
+        calibration_size=96,
+    )
+    assert manifest.parent == "pair-dense:1" and manifest.extra["grade_prior"] == [0.2, 0.4, 0.4]
+    assert "epochs_run" not in manifest.extra and manifest.extra["finetune_steps"] == 20
+    assert manifest.flops_dense_kernel < registry.manifest("pair-dense").flops_dense_kernel
+    pruned = registry.load("pair-s25").model
+    assert isinstance(pruned, PairNetwork)
+    for a, b in zip(pruned.trunk.parameters(), dense.trunk.parameters(), strict=True):
+        torch.testing.assert_close(a, b)  # the cached item features of the parent stay valid
+    torch.testing.assert_close(pruned.norm.running_mean, dense.norm.running_mean)
+    registry.register("clf", copy.deepcopy(dense.scorer), accuracy=0.5)
+    with pytest.raises(ValueError, match="not a pair model"):
+        prune_pair_and_register(registry, "clf", "magnitude", 0.5, "clf-m", train, val)
