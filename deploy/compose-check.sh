@@ -52,8 +52,8 @@ if [[ $LOCAL == 1 ]]; then
     export PC_BASE_IMAGE=prunecascade-base:bookworm PC_REDIS_IMAGE=prunecascade-redis:local \
         PC_NGINX_IMAGE=prunecascade-nginx:local
     bash deploy/base-image.sh "$PC_BASE_IMAGE" >&2
-    ls deploy/wheels/*.whl >/dev/null 2>&1 \
-        || BASE_IMAGE=$PC_BASE_IMAGE PYTHON=${PYTHON_WHEELS:-python3} bash deploy/fetch-wheels.sh >&2
+    # downloads only when pyproject.toml asks for something the wheelhouse lacks
+    BASE_IMAGE=$PC_BASE_IMAGE PYTHON=${PYTHON_WHEELS:-python3} bash deploy/fetch-wheels.sh >&2
     for img in redis nginx; do
         var=PC_${img^^}_IMAGE
         docker image inspect "${!var}" >/dev/null 2>&1 \
