@@ -1,7 +1,8 @@
 """Bounded query load against a deployment's load balancer, with an optional fault injected mid-load.
 
-Used by deploy/compose-check.sh: it sends a fixed number of distinct label queries (a fresh `seed` each, so no
-answer comes from the cache) at a constant rate in open loop, runs `--fault-cmd` once `--fault-at` seconds in
+Used by deploy/compose-check.sh: it sends a fixed number of distinct label queries (a fresh `seed` each, and
+`"mode": "cascade"` so that every query runs the models rather than the exact table or the cache) at a
+constant rate in open loop, runs `--fault-cmd` once `--fault-at` seconds in
 (for example `docker kill` of one replica), and prints one JSON summary: how many queries failed and why,
 latency percentiles, and the latencies of the queries sent around the fault. Loopback URLs only; the number
 of requests, the per-request timeout and the total run time are all capped, so it always stops by itself.
@@ -38,7 +39,7 @@ class Outcome:
 
     sent_s: float
     latency_s: float
-    error: str | None  # None: a 200 with k clusters; else "http 502", "ReadTimeout", "bad body", ...
+    error: str | None  # None: a 200 with k clusters (from the mode asked for); else "http 502", "ReadTimeout", ...
 
 
 @dataclass
@@ -103,8 +104,9 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any], start:
     if resp.status_code != 200:
         return Outcome(at, latency, f"http {resp.status_code}")
     try:
-        ok = len(resp.json()["clusters"]) == body["k"]
-    except (ValueError, KeyError, TypeError):
+        answer = resp.json()
+        ok = len(answer["clusters"]) == body["k"] and answer.get("mode") == body.get("mode", answer.get("mode"))
+    except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
     return Outcome(at, latency, None if ok else "bad body")
 
@@ -129,6 +131,7 @@ async def run_load(
     fault_at: float | None,
     fault_cmd: str | None,
     seed: int,
+    mode: str | None = "cascade",
 ) -> Summary:
     """Open loop: query i is sent at i / rate seconds, whatever the earlier ones are doing."""
     rng = random.Random(seed)
@@ -136,10 +139,10 @@ async def run_load(
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        tasks = [
-            _one(client, url, {"target": {"label": rng.randrange(labels)}, "k": k, "seed": seed + i}, start, i / rate)
-            for i in range(requests)
-        ]
+        bodies = [{"target": {"label": rng.randrange(labels)}, "k": k, "seed": seed + i} for i in range(requests)]
+        if mode:
+            bodies = [{**body, "mode": mode} for body in bodies]
+        tasks = [_one(client, url, body, start, i / rate) for i, body in enumerate(bodies)]
         fault_task = asyncio.ensure_future(_fault(fault_cmd, start, fault_at)) if fault_cmd and fault_at else None
         outcomes = await asyncio.gather(*tasks)
         fault = await fault_task if fault_task is not None else None
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault-at", type=float, default=None, help="seconds after the start")
     p.add_argument("--fault-cmd", default=None, help="command run once at --fault-at (no shell)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--mode", default="cascade", help='the query\'s "mode" ("" leaves it out: the service default)')
     args = p.parse_args(argv)
     check_target(args.url, allow_remote=False)
     if not 1 <= args.requests <= MAX_REQUESTS:
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.fault_at,
                 args.fault_cmd,
                 args.seed,
+                args.mode or None,
             ),
             timeout=budget,
         )
