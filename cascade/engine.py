@@ -36,7 +36,13 @@ __all__ = [
     "ranking_key",
     "RANKING_KEYS",
     "resolve_stages",
+    "DeadlineExceeded",
 ]
+
+
+class DeadlineExceeded(TimeoutError):
+    """The query's deadline (`time.monotonic()` seconds) passed between two stages: the rest is not computed."""
+
 
 RANKING_KEYS = {
     "utility_log_odds": "log(E[u] - min u) - log(max u - E[u]) with E[u] = sum_o u_o p(o | cluster), u the utility "
@@ -239,7 +245,10 @@ def run_cascade(
     k: int,
     stages: tuple[Stage, ...] | list[Stage] | None = None,
     seed: int = 0,
+    deadline: float | None = None,
 ) -> CascadeResult:
+    """`deadline`: a `time.monotonic()` instant; past it, the next stage raises DeadlineExceeded instead of
+    running (the service has answered 504 by then and wants its worker back)."""
     alive = _candidates(snapshot, target)
     if not 1 <= k <= len(alive):
         raise StageError("k", f"must be between 1 and the {len(alive)} candidate clusters, got {k}")
@@ -252,6 +261,8 @@ def run_cascade(
     reports: list[StageReport] = []
     scores = posteriors = keys = torch.empty(0)
     for i, stage in enumerate(stages):
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"deadline passed before stage {i} ({stage.variant})")
         started = time.perf_counter()
         variant = snapshot.variants[stage.variant]
         rows, counts = sample_members(space.offsets, alive, stage.samples, rng)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, HTTPException, Request, Response
 
 from cascade.engine import (
     CascadeResult,
+    DeadlineExceeded,
     Target,
     dense_flops,
     plan_flops,
@@ -150,7 +151,11 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
         result, mode = table.answer(target, request.k, snapshot.id), "exact"
     else:
         _check_budget(state, snapshot, request, target)
-        result = run_cascade(snapshot, target, request.k, request.stages, request.seed)
+        deadline = getattr(http.state, "deadline", None)
+        try:
+            result = run_cascade(snapshot, target, request.k, request.stages, request.seed, deadline)
+        except DeadlineExceeded as exc:  # the limiter has answered 504 already; this frees the worker
+            raise HTTPException(504, str(exc)) from None
         mode = "cascade" if result.stages else "faiss"
     response = _response(snapshot, target, result, mode, started)
     metrics = state.metrics
