@@ -107,6 +107,8 @@ def load_npz(path: Path) -> UserData:
     if not np.issubdtype(x.dtype, np.number):
         raise DatasetError(f"{path}: x must be numeric, got dtype {x.dtype}")
     y = _integers("y", arrays["y"], path)
+    if len(y) and y.min() < 0:
+        raise DatasetError(f"{path}: labels must be non-negative integers (queries name them), found {int(y.min())}")
     if len(y) != len(x):
         raise DatasetError(f"{path}: x has {len(x)} rows but y has {len(y)}")
     if not np.isfinite(x).all():
