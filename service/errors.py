@@ -83,6 +83,14 @@ def field_error(
     )
 
 
+def _is_error_items(detail: Any) -> bool:
+    return (
+        isinstance(detail, list)
+        and bool(detail)
+        and all(isinstance(d, dict) and {"loc", "msg", "type"} <= set(d) for d in detail)
+    )
+
+
 def capped_errors(errors: list[dict[str, Any]], limit: int = MAX_REPORTED_ERRORS) -> list[dict[str, Any]]:
     """The first `limit` errors without their input (a NaN in it would make the answer unserialisable), then
     one item saying how many more there were."""
@@ -115,7 +123,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """401/403/404/405/503 from FastAPI, auth and routing: the same body shape as a 422."""
+        if _is_error_items(exc.detail):  # already in the shared shape (a route naming its field): kept as is
+            return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=exc.headers)
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400:
+            # FastAPI's and Starlette's 400 for a body they cannot decode (bad UTF-8, broken multipart): invalid
+            # input like any other, so the documented 422 naming the body.
+            msg = f"the body could not be decoded: {detail}"[:300]
+            return JSONResponse(
+                status_code=422, content={"detail": [{"loc": ["body"], "msg": msg, "type": "body_invalid"}]}
+            )
         kind = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error"
         )

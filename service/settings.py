@@ -84,7 +84,7 @@ class Settings(BaseSettings):
         20_000_000,
         ge=1,
         description="parameter budget of an uploaded network or gadget, checked from its spec before anything is "
-        "allocated (the shipped models have under 0.1M)",
+        "allocated (the dense MNIST-1D cnn1d has 93,834)",
     )
     max_accuracy_drop: float | None = Field(
         0.05, ge=0.0, le=1.0, description="largest probe-accuracy drop from the active version of the same name"

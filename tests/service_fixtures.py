@@ -55,6 +55,16 @@ def entry_payload(entry: Path, manifest: dict | None = None, weights: bytes | No
     }
 
 
+def resaved_payload(entry: Path, note: str) -> dict:
+    """The entry's tensors re-saved with a metadata note: the same model in other bytes, so an upload of it is
+    a new version (identical bytes answer the version already stored)."""
+    from safetensors.torch import load, save
+
+    data = save(dict(load((entry / WEIGHTS_FILE).read_bytes())), metadata={"note": note})
+    manifest = {**json.loads((entry / MANIFEST_FILE).read_text()), "sha256": sha(data)}
+    return entry_payload(entry, manifest=manifest, weights=data)
+
+
 def entry_of(server: Server, name: str, version: int | None = None) -> Path:
     d = server.home / "registry" / name
     v = version if version is not None else int((d / "ACTIVE").read_text())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import httpx
 import pytest
+from safetensors.torch import load, save
 from service_fixtures import AUTH, TOKEN, admin_server, entry_of  # noqa: F401
 
+from models.registry import MANIFEST_FILE, WEIGHTS_FILE
 from service.cli import main
 
 
@@ -16,13 +21,27 @@ def _push(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_push_prints_active_as_the_server_has_it(admin_server, capsys: pytest.CaptureFixture[str]) -> None:
+def _new_bytes_copy(entry: Path, into: Path) -> str:
+    """The entry's tensors re-saved with a metadata note: other bytes, so the server stores a new version (the
+    very same bytes would answer the version already stored)."""
+    shutil.copytree(entry, into)
+    data = save(load((into / WEIGHTS_FILE).read_bytes()), metadata={"note": into.name})
+    (into / WEIGHTS_FILE).write_bytes(data)
+    manifest = json.loads((into / MANIFEST_FILE).read_text())
+    (into / MANIFEST_FILE).write_text(json.dumps({**manifest, "sha256": hashlib.sha256(data).hexdigest()}))
+    return str(into)
+
+
+def test_push_prints_active_as_the_server_has_it(
+    admin_server, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     url = admin_server.url
-    entry = str(entry_of(admin_server, "cnn-s50"))
+    entry = _new_bytes_copy(entry_of(admin_server, "cnn-s50"), tmp_path / "entry")
     stored = _push(["--url", url, "--token", TOKEN, entry], capsys)
     assert stored["active"] is False and "activated" not in stored  # uploads are stored inactive
 
-    out = _push(["--url", url, "--token", TOKEN, "--activate", entry], capsys)
+    again = _new_bytes_copy(entry_of(admin_server, "cnn-s50"), tmp_path / "again")
+    out = _push(["--url", url, "--token", TOKEN, "--activate", again], capsys)
     assert out["active"] is True
     assert out["version"] > stored["version"]
     state = httpx.get(f"{url}/v1/models").json()["models"]

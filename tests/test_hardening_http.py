@@ -98,18 +98,16 @@ def test_the_query_deadline_answers_504(tiny_home: Path, tmp_path: Path) -> None
 
 
 def test_a_huge_invalid_body_gets_a_small_422(limited: Server) -> None:
-    """240,000 invalid example values (about 960 KB): the 422 lists 20 and counts the rest."""
-    body = b'{"target": {"examples": [[' + b",".join([b'"x"'] * 240_000) + b"]]}}"
+    """60,000 unknown keys (about 840 KB), each its own validation error: the 422 lists 20 and counts the rest
+    (a body of 90,000 extra keys made an 8.1 MB answer before)."""
+    body = json.dumps({"target": {"label": 1}, **{f"key{i:05d}": 0 for i in range(60_000)}}).encode()
     assert len(body) < 1_000_000
-    started = time.monotonic()
     r = httpx.post(f"{limited.url}/v1/query", content=body, headers={"content-type": "application/json"}, timeout=60)
-    elapsed = time.monotonic() - started
     assert r.status_code == 422, r.text[:500]
     detail = r.json()["detail"]
     assert len(detail) == 21 and detail[-1]["type"] == "too_many_errors"
-    assert "239980 more" in detail[-1]["msg"]
+    assert "59980 more" in detail[-1]["msg"]
     assert len(r.content) < 10_000
-    assert elapsed < 6  # was 6-9 s for a 23.9 MB answer
 
 
 def test_idle_and_slow_header_connections_are_closed(limited: Server) -> None:
@@ -136,7 +134,12 @@ def test_a_slow_body_gets_408(limited: Server) -> None:
         sock.sendall(
             b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
         )
-        answer = sock.recv(4096)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):  # head and body may come apart
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"did not arrive" in answer
 
@@ -225,7 +228,7 @@ def test_every_log_line_of_a_request_carries_its_id_500s_included(logged_app: tu
             calls = []
             for i in range(6):
                 route = "/test/boom" if i % 2 else "/test/ok"
-                calls.append(client.get(route, params={"tag": f"t{i}"}, headers={"x-request-id": f"rid-{i}"}))
+                calls.append(client.get(route, params={"tag": f"tag-{i}-q"}, headers={"x-request-id": f"rid-{i}"}))
             return await asyncio.gather(*calls)
 
     responses = asyncio.run(many())
@@ -238,11 +241,11 @@ def test_every_log_line_of_a_request_carries_its_id_500s_included(logged_app: tu
             assert r.status_code == 200
     for i in range(6):
         server_lines = [line for line in lines.lines if line["logger"] != "httpx"]  # not the test's own client
-        mine = [line for line in server_lines if f"t{i}" in line["msg"] or f"t{i}" in line.get("exc", "")]
+        mine = [line for line in server_lines if f"tag-{i}-q" in line["msg"] or f"tag-{i}-q" in line.get("exc", "")]
         assert mine, i
         assert all(line["request_id"] == f"rid-{i}" for line in mine), mine
         if i % 2:
-            tracebacks = [line for line in lines.lines if f"boom t{i}" in line.get("exc", "")]
+            tracebacks = [line for line in lines.lines if f"boom tag-{i}-q" in line.get("exc", "")]
             assert len(tracebacks) == 1 and tracebacks[0]["request_id"] == f"rid-{i}"
     assert not [line for line in lines.lines if "Exception in ASGI application" in line["msg"]]
 
@@ -285,3 +288,24 @@ def test_the_fallback_cache_keeps_hits_while_redis_is_down(
         assert _metric(s.url, "prunecascade_cache_hits_total", backend="fallback") == hits_before + 3
     finally:
         stop_server(s)
+
+
+def test_connections_beyond_the_limit_get_503(tiny_home: Path, tmp_path: Path) -> None:
+    home = copy_home(tiny_home, tmp_path / "home")
+    s = start_server(home, {"PRUNECASCADE_MAX_CONNECTIONS": "3"})
+    port = int(s.url.rsplit(":", 1)[1])
+    try:
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        time.sleep(0.3)
+        assert httpx.get(f"{s.url}/healthz").status_code == 503
+        for sock in held:
+            sock.close()
+        assert wait_for(lambda: httpx.get(f"{s.url}/healthz").status_code == 200, timeout=5)
+    finally:
+        stop_server(s)
+
+
+def test_a_route_naming_its_field_keeps_its_error_items(limited: Server) -> None:
+    r = httpx.get(f"{limited.url}/v1/clusters/999999999")
+    assert r.status_code == 404
+    assert r.json()["detail"][0]["loc"] == ["path", "cluster_id"] and r.json()["detail"][0]["type"] == "not_found"

@@ -96,7 +96,7 @@ async def test_not_loaded_yet_answers_503_and_bad_input_still_names_the_field(ti
         ready = await client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False
         r = await client.post("/v1/query", json=QUERY)
-        assert r.status_code == 503 and "loading" in r.json()["detail"]
+        assert r.status_code == 503 and "loading" in r.json()["detail"][0]["msg"]
         app.state.service.load()
         assert (await client.get("/readyz")).json()["ready"] is True
         bad = await client.post("/v1/query", json={"target": {"label": 3}, "k": 0})

@@ -221,3 +221,5 @@ def test_cli_prints_held_out_queries_as_request_bodies(tiny_home, snapshot, caps
         i = line["truth"]["index"]
         assert line["truth"]["cluster_id"] == int(snapshot.queries.cluster[i]) and line["request"]["k"] == 7
         np.testing.assert_allclose(line["request"]["target"]["examples"][0], snapshot.queries.x[i], atol=1e-5)
+    assert main(["queries", "--home", str(tiny_home), "--limit", "1", "--body"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"target", "k"}  # a /v1/query body, nothing else

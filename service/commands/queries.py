@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offset", type=int, default=0, help="first query (0-based)")
     p.add_argument("--limit", type=int, default=1, help="how many (one JSON object per line)")
     p.add_argument("--k", type=int, default=10, help="k in the printed request bodies")
+    p.add_argument("--body", action="store_true", help="print only the request bodies (pipe one into curl -d @-)")
     p.set_defaults(func=run)
 
 
@@ -32,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.offset, min(args.offset + args.limit, len(queries))):
         body = {"target": {"examples": [[round(float(v), 6) for v in queries.x[i]]]}, "k": args.k}
         truth = {"index": i, "cluster_id": int(queries.cluster[i]), "label": int(queries.label[i])}
-        print(json.dumps({"request": body, "truth": truth}))
+        print(json.dumps(body if args.body else {"request": body, "truth": truth}))
     return 0

@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from cascade.snapshot import Snapshot, misfit
 from models.registry import RegistryError
 from service.dependencies import SnapshotDep, StateDep
+from service.errors import error_responses
 from service.schemas import CascadeOut, ModelsOut, SpaceOut
 from service.state import ServiceState
 
@@ -22,7 +23,8 @@ router = APIRouter(prefix="/v1", tags=["catalog"])
 def list_models(state: StateDep) -> ModelsOut:
     """Every version of every registered model: `active` (the registry's choice on disk), `served` (whether the
     current snapshot answers queries with it) and, when it is not served, `not_served` saying why (inactive, does
-    not fit the space, or activated on disk after the snapshot was built: `POST /v1/admin/reload`)."""
+    not fit the space, or activated on disk after the snapshot was built: `POST /v1/admin/reload`). An entry whose
+    manifest on disk does not validate is listed with `broken` saying why (it cannot be activated)."""
     snapshot = state.snapshot
     entries = state.registry.describe()
     for entry in entries:
@@ -51,12 +53,12 @@ def _served(state: ServiceState, snapshot: Snapshot | None, entry: dict) -> tupl
     return False, "activated on disk after the current snapshot was built: POST /v1/admin/reload to serve it"
 
 
-@router.get("/cascade", response_model=CascadeOut)
+@router.get("/cascade", response_model=CascadeOut, responses=error_responses(503))
 def default_cascade(snapshot: SnapshotDep) -> CascadeOut:
     return CascadeOut(stages=list(snapshot.config.stages), dense=snapshot.config.dense)
 
 
-@router.get("/space", response_model=SpaceOut)
+@router.get("/space", response_model=SpaceOut, responses=error_responses(503))
 def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
     """What the space is: its source, its clusters, the held-out queries it ships, and the exact table's state."""
     space = snapshot.space

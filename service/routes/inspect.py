@@ -4,8 +4,7 @@ with the space (so that a user can try the main path without writing code)."""
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Path, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from service.dependencies import SnapshotDep
@@ -47,11 +46,9 @@ class ItemOut(BaseModel):
     x: list[float]
 
 
-def _not_found(field: str, message: str) -> JSONResponse:
-    """The shared error shape (service.errors), with `loc` naming the path parameter."""
-    return JSONResponse(
-        status_code=404, content={"detail": [{"loc": ["path", field], "msg": message, "type": "not_found"}]}
-    )
+def _not_found(field: str, message: str) -> HTTPException:
+    """In the shared error shape (service.errors keeps these items as they are), `loc` naming the path part."""
+    return HTTPException(404, [{"loc": ["path", field], "msg": message, "type": "not_found"}])
 
 
 def _known(ids: np.ndarray, what: str) -> str:
@@ -64,7 +61,12 @@ def _known(ids: np.ndarray, what: str) -> str:
     return f"{len(ids)} {what} from {int(ids.min())} to {int(ids.max())}, e.g. {first}"
 
 
-@router.get("/space/queries", response_model=QueriesOut, summary="Held-out queries by example, with their truth")
+@router.get(
+    "/space/queries",
+    response_model=QueriesOut,
+    summary="Held-out queries by example, with their truth",
+    responses=error_responses(503),
+)
 def held_out_queries(
     snapshot: SnapshotDep,
     offset: int = Query(0, ge=0, le=10**9),
@@ -92,19 +94,22 @@ def held_out_queries(
 
 
 @router.get(
-    "/clusters/{cluster_id}", response_model=ClusterOut, summary="A cluster's members", responses=error_responses(404)
+    "/clusters/{cluster_id}",
+    response_model=ClusterOut,
+    summary="A cluster's members",
+    responses=error_responses(404, 503),
 )
 def cluster(
     snapshot: SnapshotDep,
     cluster_id: int = Path(description="the cluster's own id, as query answers give it", ge=-(2**63), lt=2**63),
     offset: int = Query(0, ge=0, le=10**9),
     limit: int = Query(100, ge=1, le=MAX_PAGE),
-) -> ClusterOut | JSONResponse:
+) -> ClusterOut:
     """The cluster's size, its majority label and a page of its members' item ids."""
     space = snapshot.space
     c = space.cluster_of(cluster_id)
     if c is None:
-        return _not_found("cluster_id", f"no cluster {cluster_id}; {_known(space.cluster_ids, 'cluster ids')}")  # type: ignore[arg-type]
+        raise _not_found("cluster_id", f"no cluster {cluster_id}; {_known(space.cluster_ids, 'cluster ids')}")  # type: ignore[arg-type]
     start, end = int(space.offsets[c]), int(space.offsets[c + 1])
     first = min(start + offset, end)
     majority = int(space.cluster_labels[c])
@@ -118,16 +123,16 @@ def cluster(
     )
 
 
-@router.get("/items/{item_id}", response_model=ItemOut, summary="An item's vector", responses=error_responses(404))
+@router.get("/items/{item_id}", response_model=ItemOut, summary="An item's vector", responses=error_responses(404, 503))
 def item(
     snapshot: SnapshotDep,
     item_id: int = Path(description="the item's own id, as a cluster's members list it", ge=-(2**63), lt=2**63),
-) -> ItemOut | JSONResponse:
+) -> ItemOut:
     """The item's features (send them as `target.examples[0]` to query by example), its cluster and label."""
     space = snapshot.space
     row = space.item_of(item_id)
     if row is None:
-        return _not_found("item_id", f"no item {item_id}; {_known(space.item_ids, 'item ids')}")  # type: ignore[arg-type]
+        raise _not_found("item_id", f"no item {item_id}; {_known(space.item_ids, 'item ids')}")  # type: ignore[arg-type]
     c = int(space.offsets.searchsorted(row, side="right") - 1)
     return ItemOut(
         item_id=item_id,
