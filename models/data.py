@@ -310,5 +310,7 @@ def load_dataset(
     path = _npz_path(name)
     space = None
     if space_dataset is not None:
-        space = load_npz(_npz_path(space_dataset, "space dataset"))
-    return _from_user_data(str(path), load_npz(path), space, space_dataset, fractions, seed)
+        space_path = _npz_path(space_dataset, "space dataset")
+        space, space_dataset = load_npz(space_path), str(space_path.resolve())
+    # named by its absolute path: manifests record it, and `prune` re-cuts the same splits from any directory
+    return _from_user_data(str(path.resolve()), load_npz(path), space, space_dataset, fractions, seed)
