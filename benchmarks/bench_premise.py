@@ -23,8 +23,16 @@ from models.biencoder import (
     train_biencoder,
 )
 from models.pair import PairNetwork, default_pair_spec, pair_cost
-from models.pair_training import PairTrainConfig, make_pairs, pair_logits, train_pair_model
-from models.prototypes import DEFAULT_PROTOTYPES, grades, make_prototype_set, make_queries
+from models.pair_training import (
+    PairTrainConfig,
+    make_pairs,
+    pair_accuracy,
+    pair_calibration,
+    pair_logits,
+    train_pair_model,
+)
+from models.prototypes import DEFAULT_PROTOTYPES, PrototypeSet, grades, make_prototype_set, make_queries
+from models.pruning.pair import probe_pairs, prune_pair
 
 GAINS = np.array([0.0, 1.0, 3.0])
 
@@ -89,6 +97,27 @@ def time_per_10k(model: PairNetwork, items: np.ndarray, repeats: int = 5) -> flo
     return 1e3 * float(np.median(times)) * 10_000 / len(fx)
 
 
+def classifier_embedding(space: PrototypeSet, xq: np.ndarray, g: np.ndarray, seed: int) -> dict[str, float]:
+    """The bootstrap's dense classifier (default cnn1d on MNIST-1D, 52,000 generated items) with its
+    penultimate representation h, L2-normalised, as the embedding; clusters by their mean h."""
+    from models.data import load_dataset
+    from models.dense import default_spec
+    from models.networks import build_network
+    from models.training import TrainConfig, train_classifier
+
+    splits = load_dataset("mnist1d", seed=seed)
+    torch.manual_seed(seed)
+    model = build_network(default_spec(splits, "cnn1d"))
+    start = time.perf_counter()
+    train_classifier(model, splits.x_train, splits.y_train, splits.x_val, splits.y_val, TrainConfig(progress=False))
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        h_items = torch.nn.functional.normalize(model.body(torch.from_numpy(space.x)), dim=1).numpy()
+        h_q = torch.nn.functional.normalize(model.body(torch.from_numpy(xq)), dim=1).numpy()
+    cents = cluster_centroids(h_items, space.cluster, len(space.cluster_labels))
+    return {**ranking_metrics(h_q @ cents.T, g), "train_seconds": round(seconds, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prototypes", type=int, default=2000)
@@ -100,10 +129,27 @@ def main() -> None:
     p.add_argument("--corr-noise", type=float, default=DEFAULT_PROTOTYPES.corr_noise_scale)
     p.add_argument("--pair-steps", type=int, default=PairTrainConfig().steps)
     p.add_argument("--bi-steps", type=int, default=BiEncoderTrainConfig().steps)
-    p.add_argument("--channels", type=int, default=32)
-    p.add_argument("--max-shift", type=int, default=8)
-    p.add_argument("--pool", type=int, default=1)
-    p.add_argument("--hidden", default="512,256")
+    d = default_pair_spec()
+    p.add_argument("--channels", type=int, default=d.trunk_channels)
+    p.add_argument("--max-shift", type=int, default=d.max_shift)
+    p.add_argument("--pool", type=int, default=d.pool)
+    p.add_argument("--regions", type=int, default=d.regions)
+    p.add_argument("--energies", action=argparse.BooleanOptionalAction, default=d.energies)
+    p.add_argument("--trunk-layers", type=int, default=d.trunk_layers)
+    p.add_argument("--interaction", default=d.interaction, choices=["channels", "positions"])
+    p.add_argument("--hidden", default=",".join(str(h) for h in d.scorer.hidden))
+    p.add_argument("--hard-fraction", type=float, default=PairTrainConfig().hard_fraction)
+    p.add_argument("--listwise", type=float, default=PairTrainConfig().listwise)
+    p.add_argument("--group-size", type=int, default=PairTrainConfig().group_size)
+    p.add_argument("--lr", type=float, default=PairTrainConfig().lr)
+    p.add_argument("--batch", type=int, default=PairTrainConfig().batch_size)
+    p.add_argument("--skip-bi", action="store_true", help="only the pair model (architecture search)")
+    p.add_argument(
+        "--classifier-embedding",
+        action="store_true",
+        help="also measure the dense classifier's penultimate layer as the embedding (trains the default cnn1d)",
+    )
+    p.add_argument("--only-embeddings", action="store_true", help="skip the pair model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the numbers to this file")
     args = p.parse_args()
@@ -126,20 +172,40 @@ def main() -> None:
     out: dict[str, object] = {"args": vars(args)}
 
     start = time.perf_counter()
+    if args.skip_bi:
+        args.bi_steps = 1
     bi = train_biencoder(train, val, replace(BiEncoderTrainConfig(), steps=args.bi_steps, seed=args.seed))
     bi_seconds = time.perf_counter() - start
     cents = cluster_centroids(embed_numpy(bi, space.x), space.cluster, args.prototypes)
     bi_scores = embed_numpy(bi, xq) @ cents.T
     out["biencoder"] = {**ranking_metrics(bi_scores, g), "train_seconds": round(bi_seconds, 1)}
     print("bi-encoder  ", out["biencoder"], flush=True)
+    if args.classifier_embedding:
+        out["classifier_embedding"] = classifier_embedding(space, xq, g, args.seed)
+        print("classifier h", out["classifier_embedding"], flush=True)
+    if args.only_embeddings:
+        return
 
     spec = default_pair_spec(
         trunk_channels=args.channels,
         max_shift=args.max_shift,
         pool=args.pool,
+        regions=args.regions,
+        energies=args.energies,
+        trunk_layers=args.trunk_layers,
+        interaction=args.interaction,
         hidden=tuple(int(h) for h in args.hidden.split(",")),
     )
-    config = replace(PairTrainConfig(), steps=args.pair_steps, seed=args.seed)
+    config = replace(
+        PairTrainConfig(),
+        steps=args.pair_steps,
+        seed=args.seed,
+        hard_fraction=args.hard_fraction,
+        listwise=args.listwise,
+        group_size=args.group_size,
+        lr=args.lr,
+        batch_size=args.batch,
+    )
     model, report = train_pair_model(spec, train, val, config)
     print(
         f"pair model: val pair accuracy {report.val_accuracy:.3f} (best step {report.best_step}), "
@@ -170,6 +236,23 @@ def main() -> None:
         "oracle_seconds_per_query": round(seconds / len(xq), 3),
     }
     print("pair model  ", json.dumps(out["pair"]), flush=True)
+    calibration = pair_calibration(train, 512, seed=args.seed)
+    probes = probe_pairs(val, seed=args.seed)
+    for method, keep in (("greedy-asymmetric", 0.1), ("greedy-asymmetric", 0.25)):
+        pruned = prune_pair(model, method, keep, calibration, reweight=True)
+        c = pair_cost(pruned)
+        row = {
+            "method": method,
+            "keep": keep,
+            "reweight": True,
+            "flops_per_pair": c.per_pair.dense_kernel,
+            "flops_ratio": round(cost.per_pair.dense_kernel / c.per_pair.dense_kernel, 2),
+            "ms_per_10k_pairs": round(time_per_10k(pruned, space.x), 1),
+            "pair_accuracy_balanced": round(pair_accuracy(pruned, probes), 3),
+            "dense_pair_accuracy_balanced": round(pair_accuracy(model, probes), 3),
+        }
+        out.setdefault("pruned", []).append(row)  # type: ignore[union-attr]
+        print("pruned      ", json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

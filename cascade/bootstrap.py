@@ -65,11 +65,11 @@ class PairConfig:
     queries: int = 500
     biencoder: BiEncoderTrainConfig = BiEncoderTrainConfig()
     training: PairTrainConfig = PairTrainConfig()
-    hidden: tuple[int, ...] = (512, 256)
+    hidden: tuple[int, ...] = (256, 256)
     dense_name: str = "pair-dense"
     variants: tuple[PrunedPairVariant, ...] = (
-        PrunedPairVariant("pair-s10", "greedy-asymmetric", 0.1, finetune_steps=500),
-        PrunedPairVariant("pair-s30", "greedy-asymmetric", 0.3, finetune_steps=500),
+        PrunedPairVariant("pair-s10", "greedy-asymmetric", 0.1, finetune_steps=300),
+        PrunedPairVariant("pair-s30", "greedy-asymmetric", 0.3, finetune_steps=300),
     )
     stages: tuple[Stage, ...] = (
         Stage(variant="pair-s10", samples=2, keep=40, aggregator="bayes"),

@@ -39,9 +39,9 @@ __all__ = [
 ]
 
 RANKING_KEYS = {
-    "label_log_odds": "log p(label | cluster) - log p(not label | cluster), from the final stage's posterior",
-    "neg_log_shortfall": "-log sum_o (max u - u_o) p(o | cluster), u the utility over outputs (gains over grades "
-    "for a query by example): ranks exactly as the expected utility `score` does, without ties where p saturates",
+    "utility_log_odds": "log(E[u] - min u) - log(max u - E[u]) with E[u] = sum_o u_o p(o | cluster), u the utility "
+    "over outputs (one-hot for a label: its log-odds; gains over grades for a query by example): ranks as the "
+    "expected utility `score` does, without ties where the posterior saturates",
     "negative_sq_distance": "minus the squared L2 distance from the query's embedding to the cluster centroid "
     "(FAISS only, no model stage)",
 }
@@ -63,7 +63,7 @@ class Target:
 
     @property
     def ranking(self) -> str:
-        return "label_log_odds" if self.label is not None else "neg_log_shortfall"
+        return "utility_log_odds"
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class CascadeResult:
     stages: list[StageReport] = field(default_factory=list)
     snapshot_id: str = ""
     ranking_values: np.ndarray | None = None  # what the ranking used (`ranking`), best first
-    ranking: str = "neg_log_shortfall"
+    ranking: str = "utility_log_odds"
 
     @property
     def flops(self) -> int:
@@ -171,22 +171,19 @@ def target_from_examples(
 
 
 def ranking_key(log_post: torch.Tensor, target: Target) -> torch.Tensor:
-    """What clusters are ranked by, computed from log posteriors: confident clusters all have p == 1.0 in
-    float64, and ranking by probabilities would pick among hundreds of ties at random. For a label target, the
-    log-odds of the label. Otherwise minus the log of the expected shortfall from the best utility,
-    -log sum_o (max u - u_o) p(o): the same order as the expected utility u . p (which is max u minus that
-    shortfall), resolved where the posterior saturates."""
+    """What clusters are ranked by: the log-odds of the utility, log(E[u] - min u) - log(max u - E[u]), computed
+    from log posteriors. It ranks exactly as the expected utility E[u] = u . p does (it is increasing in it), but
+    a probability that saturates at 1.0 in float64 (hundreds of confident clusters) or sits at 0 no longer ties:
+    both the excess over the worst output and the shortfall from the best are sums of small probabilities,
+    computed in log space. For a label (one-hot u) it is the label's log-odds."""
     lp = log_post.double()
-    if target.label is None:
-        u = torch.from_numpy(target.utility).double()
-        gap = u.max() - u
-        below = gap > 0
-        if not bool(below.any()):  # every output is worth the same: nothing to rank by
-            return lp.exp() @ u
-        return -torch.logsumexp(lp[:, below] + gap[below].log(), dim=1)
-    others = lp.clone()
-    others[:, target.label] = -torch.inf
-    return lp[:, target.label] - torch.logsumexp(others, dim=1)
+    u = torch.from_numpy(target.utility).double()
+    low, high = u - u.min(), u.max() - u
+    if not bool((high > 0).any()):  # every output is worth the same: nothing to rank by
+        return torch.zeros(len(lp), dtype=torch.float64)
+    excess = torch.logsumexp(lp[:, low > 0] + low[low > 0].log(), dim=1)
+    shortfall = torch.logsumexp(lp[:, high > 0] + high[high > 0].log(), dim=1)
+    return excess - shortfall
 
 
 def _aggregator_flops(name: str, counts: np.ndarray, num_outputs: int, gadget: torch.nn.Module | None) -> int:

@@ -8,8 +8,12 @@ L2-normalised, so inner product = cosine and a cluster's centroid is the normali
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +32,11 @@ __all__ = [
     "train_biencoder",
     "cluster_centroids",
     "embed_numpy",
+    "save_biencoder",
+    "load_biencoder",
 ]
+
+_WEIGHTS, _SPEC = "biencoder.safetensors", "biencoder.json"
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ class BiEncoder(nn.Module):
 
 @dataclass(frozen=True)
 class BiEncoderTrainConfig:
-    steps: int = 2000
+    steps: int = 1000
     batch_prototypes: int = 256
     temperature: float = 0.1
     lr: float = 3e-3
@@ -167,4 +175,35 @@ def train_biencoder(
     if val is not None:
         model.load_state_dict(best[1])
     model.train_seconds = time.perf_counter() - start  # type: ignore[attr-defined]
+    return model.eval()
+
+
+def save_biencoder(model: BiEncoder, directory: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Weights (safetensors) first, then `biencoder.json` (spec, sha256 of the weights, extra), each renamed
+    into place, so a reader never loads a half-written pair. Returns the JSON's path."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{_WEIGHTS}.tmp"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, directory / _WEIGHTS)
+    meta = directory / f".{_SPEC}.tmp"
+    meta.write_text(json.dumps({"spec": model.spec.to_dict(), "sha256": digest, "extra": extra or {}}, indent=2))
+    os.replace(meta, directory / _SPEC)
+    return directory / _SPEC
+
+
+def load_biencoder(directory: Path) -> BiEncoder:
+    """The bi-encoder stored by `save_biencoder`; refuses weights that do not match the recorded sha256."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / _SPEC).read_text())
+    weights = directory / _WEIGHTS
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{weights}: weights do not match biencoder.json's sha256")
+    model = BiEncoder(BiEncoderSpec.from_dict(meta["spec"]))
+    model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval()

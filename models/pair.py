@@ -14,7 +14,7 @@ correlation on is computed per pair.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,16 @@ from models.flops import Flops, count_flops
 from models.networks import Classifier
 from models.spec import MAX_INPUT_DIM, NetworkSpec, spec_int
 
-__all__ = ["PairSpec", "PairNetwork", "correlate", "PairFlops", "pair_flops", "pair_cost", "default_pair_spec"]
+__all__ = [
+    "PairSpec",
+    "PairNetwork",
+    "correlate",
+    "cost_volume",
+    "PairFlops",
+    "pair_flops",
+    "pair_cost",
+    "default_pair_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,17 @@ class PairSpec:
     max_shift: int
     pool: int
     scorer: NetworkSpec
+    regions: int = 1
+    """The query's positions are split into `regions` equal segments, each correlated separately (a cost
+    volume pooled per region: where along the signal the two agree, not only at which shift)."""
+    trunk_layers: int = 1
+    """Conv + ReLU layers of the shared trunk (1 or 2; issue 14 allows at most a shallow item-side trunk)."""
+    energies: bool = False
+    """Also feed the mean squared feature per channel and region of q and of x (with the correlations they
+    give the scorer squared distances under every shift)."""
+    interaction: str = "channels"
+    """`channels`: per channel (and region) correlation summed over positions, C x R x (2S+1) numbers.
+    `positions`: a cost volume, per position and shift summed over channels, L x (2S+1) numbers."""
 
     kind = "pair"
 
@@ -49,6 +69,14 @@ class PairSpec:
             raise ValueError("trunk_channels > 0, odd kernel_size, max_shift >= 0 and pool >= 1 are required")
         if self.feature_length < 1 or self.max_shift >= self.feature_length:
             raise ValueError("max_shift must be smaller than the trunk's output length")
+        if self.trunk_layers not in (1, 2):
+            raise ValueError("trunk_layers must be 1 or 2")
+        if self.interaction not in ("channels", "positions"):
+            raise ValueError("interaction must be 'channels' or 'positions'")
+        if self.interaction == "positions" and self.regions != 1:
+            raise ValueError("regions apply to the 'channels' interaction only")
+        if self.regions < 1 or self.feature_length % self.regions:
+            raise ValueError(f"regions must divide the trunk's output length {self.feature_length}")
         if self.scorer.input_dim != self.interaction_dim or self.scorer.num_classes != self.num_grades:
             raise ValueError(
                 f"scorer must take interaction_dim={self.interaction_dim} inputs and give num_grades="
@@ -65,12 +93,12 @@ class PairSpec:
 
     @property
     def interaction_dim(self) -> int:
-        return self.trunk_channels * self.shifts
+        if self.interaction == "positions":
+            return self.feature_length * (self.shifts + (2 if self.energies else 0))
+        return _interaction_dim(self.trunk_channels, self.max_shift, self.regions, self.energies)
 
     def with_scorer(self, scorer: NetworkSpec) -> PairSpec:
-        return PairSpec(
-            self.input_dim, self.num_grades, self.trunk_channels, self.kernel_size, self.max_shift, self.pool, scorer
-        )
+        return replace(self, scorer=scorer)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,18 +109,23 @@ class PairSpec:
             "kernel_size": self.kernel_size,
             "max_shift": self.max_shift,
             "pool": self.pool,
+            "regions": self.regions,
+            "trunk_layers": self.trunk_layers,
+            "energies": self.energies,
+            "interaction": self.interaction,
             "scorer": self.scorer.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PairSpec:
-        known = {"kind", "input_dim", "num_grades", "trunk_channels", "kernel_size", "max_shift", "pool", "scorer"}
+        required = {"kind", "input_dim", "num_grades", "trunk_channels", "kernel_size", "max_shift", "pool", "scorer"}
+        known = required | {"regions", "energies", "trunk_layers", "interaction"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown pair spec keys: {sorted(unknown)}")
         if d.get("kind") != "pair":
             raise ValueError(f"a pair spec has kind 'pair', got {d.get('kind')!r}")
-        missing = known - set(d)
+        missing = required - set(d)
         if missing:
             raise ValueError(f"pair spec lacks keys: {sorted(missing)}")
         if not isinstance(d["scorer"], dict):
@@ -105,7 +138,27 @@ class PairSpec:
             max_shift=spec_int(d, "max_shift", 0, 4096),
             pool=spec_int(d, "pool", 1, 4096),
             scorer=NetworkSpec.from_dict(d["scorer"]),
+            regions=spec_int(d, "regions", 1, 4096, default=1),
+            trunk_layers=spec_int(d, "trunk_layers", 1, 2, default=1),
+            energies=_flag(d.get("energies", False), "energies"),
+            interaction=_choice(d.get("interaction", "channels"), "interaction", ("channels", "positions")),
         )
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{key}: one of {', '.join(choices)}")
+    return str(value)
+
+
+def _interaction_dim(channels: int, max_shift: int, regions: int, energies: bool) -> int:
+    return channels * regions * (2 * max_shift + 1 + (2 if energies else 0))
 
 
 def default_pair_spec(
@@ -116,12 +169,33 @@ def default_pair_spec(
     kernel_size: int = 5,
     max_shift: int = 8,
     pool: int = 1,
-    hidden: tuple[int, ...] = (512, 256),
+    hidden: tuple[int, ...] = (256, 256),
+    regions: int = 4,
+    energies: bool = True,
+    trunk_layers: int = 1,
+    interaction: str = "channels",
 ) -> PairSpec:
-    """The default dense pair model: the scorer dominates the per-pair cost, so pruning it pays."""
-    dim = trunk_channels * (2 * max_shift + 1)
+    """The default dense pair model (chosen by measurement, docs/premise.md): 32 trunk channels, shifts
+    -8..8, 4 regions, energies, an MLP scorer 2432 -> 256 -> 256 -> grades. The scorer is 97% of the
+    per-pair FLOPs, so pruning it pays."""
+    if interaction == "positions":
+        dim = (input_dim // pool) * (2 * max_shift + 1 + (2 if energies else 0))
+    else:
+        dim = _interaction_dim(trunk_channels, max_shift, regions, energies)
     scorer = NetworkSpec("mlp", dim, num_grades, hidden=hidden)
-    return PairSpec(input_dim, num_grades, trunk_channels, kernel_size, max_shift, pool, scorer)
+    return PairSpec(
+        input_dim,
+        num_grades,
+        trunk_channels,
+        kernel_size,
+        max_shift,
+        pool,
+        scorer,
+        regions,
+        trunk_layers,
+        energies,
+        interaction,
+    )
 
 
 class PairNetwork(nn.Module):
@@ -132,7 +206,11 @@ class PairNetwork(nn.Module):
     def __init__(self, spec: PairSpec, scorer: Classifier | None = None) -> None:
         super().__init__()
         self.spec = spec
-        self.trunk = nn.Conv1d(1, spec.trunk_channels, spec.kernel_size, padding=spec.kernel_size // 2)
+        c, k = spec.trunk_channels, spec.kernel_size
+        layers: list[nn.Module] = [nn.Conv1d(1, c, k, padding=k // 2), nn.ReLU()]
+        if spec.trunk_layers == 2:
+            layers += [nn.Conv1d(c, c, k, padding=k // 2), nn.ReLU()]
+        self.trunk = nn.Sequential(*layers)
         # a per-feature affine of the correlations (BatchNorm: batch statistics in training, fixed in eval)
         self.norm = nn.BatchNorm1d(spec.interaction_dim)
         self.scorer = scorer if scorer is not None else Classifier(spec.scorer)
@@ -142,7 +220,7 @@ class PairNetwork(nn.Module):
     # -- item side (query independent; cacheable) ----------------------------------------------------------
     def item_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) -> (N, C, L): one conv + ReLU (+ max-pool). Memory per cached item: C x L floats."""
-        f = F.relu(self.trunk(x.unsqueeze(1)))
+        f = self.trunk(x.unsqueeze(1))
         return F.max_pool1d(f, self.spec.pool) if self.spec.pool > 1 else f
 
     def query_features(self, q: torch.Tensor) -> torch.Tensor:
@@ -153,7 +231,19 @@ class PairNetwork(nn.Module):
     def interact(self, fq: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
         """Per-channel correlation over shifts: z[p, c, s] = mean_t fq[p, c, t] * fx[p, c, t + s - S]
         (zero outside), then the fixed affine normalisation. fq: (P or 1, C, L); fx: (P, C, L)."""
-        return self.norm(correlate(fq, fx, self.spec.max_shift).flatten(1))
+        spec = self.spec
+        if spec.interaction == "positions":
+            z = cost_volume(fq, fx, spec.max_shift).flatten(1)
+            if spec.energies:
+                c = fq.shape[1]
+                z = torch.cat([z, (fq.pow(2).sum(1) / c).expand(len(z), -1), fx.pow(2).sum(1) / c], dim=1)
+            return self.norm(z)
+        z = correlate(fq, fx, spec.max_shift, spec.regions).flatten(1)
+        if spec.energies:
+            eq = fq.pow(2).unflatten(2, (spec.regions, -1)).mean(-1).flatten(1).expand(len(z), -1)
+            ex = fx.pow(2).unflatten(2, (spec.regions, -1)).mean(-1).flatten(1)
+            z = torch.cat([z, eq, ex], dim=1)
+        return self.norm(z)
 
     def interaction(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The scorer's input z for raw query and item vectors."""
@@ -190,18 +280,48 @@ class PairNetwork(nn.Module):
         return out.train(self.training)
 
 
-def correlate(fq: torch.Tensor, fx: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """(P, C, 2S+1) correlations over shifts, divided by L. One query for all items (serving): one batched
-    GEMM per channel against the query's Toeplitz matrix; one query per item (training): a loop over shifts."""
+def correlate(fq: torch.Tensor, fx: torch.Tensor, max_shift: int, regions: int = 1) -> torch.Tensor:
+    """(P, C, R, 2S+1) correlations over shifts, one per region r of the query's positions, each divided by
+    the region's length: z[p, c, r, j] = mean_{t in r} fq[p, c, t] * fx[p, c, t + j - S] (zero outside).
+    With R = 1 the region axis is dropped: (P, C, 2S+1). One query for all items (serving): one batched GEMM
+    per channel against the query's block-Toeplitz matrix; one query per item (training): a loop over shifts."""
     s, length = max_shift, fx.shape[-1]
+    seg, width = length // regions, 2 * s + 1
     padded = F.pad(fx, (s, s))
     if fq.shape[0] == 1 and fx.shape[0] != 1:
-        # toeplitz[c, t + j, j] = fq[c, t]: (C, L + 2S, 2S + 1), built from a strided view of a padded query
+        # toeplitz[c, t + j, r * width + j] = fq[c, t] for t in region r: (C, L + 2S, R * (2S + 1))
         q = fq[0]
-        toeplitz = F.pad(q, (0, 2 * s + 1)).repeat(1, 2 * s + 1)[:, : (2 * s + 1) * (length + 2 * s)]
-        toeplitz = toeplitz.reshape(q.shape[0], 2 * s + 1, length + 2 * s).transpose(1, 2)
-        return torch.bmm(padded.transpose(0, 1), toeplitz).transpose(0, 1) / length
-    return torch.stack([(fq * padded[..., j : j + length]).sum(-1) for j in range(2 * s + 1)], dim=-1) / length
+        channels = q.shape[0]
+        toeplitz = q.new_zeros(channels, length + 2 * s, regions * width)
+        t = torch.arange(length)
+        j = torch.arange(width)
+        rows = (t[:, None] + j[None, :]).reshape(-1)
+        cols = ((t // seg)[:, None] * width + j[None, :]).reshape(-1)
+        toeplitz[:, rows, cols] = q[:, t].repeat_interleave(width, dim=1)
+        out = torch.bmm(padded.transpose(0, 1), toeplitz).transpose(0, 1) / seg  # (P, C, R * width)
+    else:
+        windows = [(fq * padded[..., j : j + length]).unflatten(-1, (regions, seg)).sum(-1) for j in range(width)]
+        out = torch.stack(windows, dim=-1) / seg  # (P, C, R, width)
+    return (
+        out.reshape(out.shape[0], out.shape[1], regions, width)
+        if regions > 1
+        else out.reshape(out.shape[0], out.shape[1], width)
+    )
+
+
+def cost_volume(fq: torch.Tensor, fx: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """(P, L, 2S+1): v[p, t, j] = mean_c fq[p, c, t] * fx[p, c, t + j - S] (zero outside): where along the
+    signal and at which shift the two agree. One query for all items: one GEMM of every item position with
+    every query position, then the band |shift| <= S is gathered; one query per item: a loop over shifts."""
+    s, (channels, length) = max_shift, fx.shape[1:]
+    width = 2 * s + 1
+    padded = F.pad(fx, (s, s))
+    if fq.shape[0] == 1 and fx.shape[0] != 1:
+        grid = torch.matmul(padded.transpose(1, 2), fq[0])  # (P, L + 2S, L): [p, u, t] = <fx[:, u], fq[:, t]>
+        t = torch.arange(length)
+        idx = ((t[:, None] + torch.arange(width)[None, :]) * length + t[:, None]).reshape(-1)
+        return grid.reshape(len(fx), -1)[:, idx].reshape(len(fx), length, width) / channels
+    return torch.stack([(fq * padded[..., j : j + length]).sum(1) for j in range(width)], dim=-1) / channels
 
 
 @dataclass(frozen=True)
@@ -220,9 +340,12 @@ class PairFlops:
 
 def pair_cost(model: PairNetwork) -> PairFlops:
     s = model.spec
-    trunk = 2 * s.trunk_channels * s.kernel_size * s.input_dim
-    trunk_nz = 2 * int(torch.count_nonzero(model.trunk.weight)) * s.input_dim
+    convs = [m for m in model.trunk if isinstance(m, nn.Conv1d)]
+    trunk = sum(2 * m.weight.numel() * s.input_dim for m in convs)
+    trunk_nz = sum(2 * int(torch.count_nonzero(m.weight)) * s.input_dim for m in convs)
     inter = 2 * s.trunk_channels * s.shifts * s.feature_length
+    if s.energies:  # squares of q and x per channel and position (the query's once per query, not counted)
+        inter += 2 * s.trunk_channels * s.feature_length
     scorer = count_flops(model.scorer, s.interaction_dim)
     interaction = Flops(inter, inter)
     return PairFlops(

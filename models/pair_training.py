@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.pair import PairNetwork, PairSpec
-from models.prototypes import PrototypeSet, make_views
+from models.prototypes import PrototypeSet, make_views, similar_prototypes
 
 __all__ = [
     "PairBatch",
@@ -26,6 +26,9 @@ __all__ = [
     "DEFAULT_PAIR_TRAINING",
     "sample_pair_ids",
     "make_pairs",
+    "make_groups",
+    "group_recall",
+    "group_grade_prior",
     "pair_calibration",
     "pair_accuracy",
     "pair_logits",
@@ -47,12 +50,24 @@ class PairBatch:
 
 @dataclass(frozen=True)
 class PairTrainConfig:
-    steps: int = 2500
+    steps: int = 1500
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 1e-4
     grade_mix: tuple[float, float, float] = (0.2, 0.4, 0.4)
     """Fractions of grade 0, 1, 2 pairs in every batch; it is the grade prior of the trained model."""
+    hard_fraction: float = 0.5
+    """Fraction of grade 1 pairs whose item is one of the `hard_neighbours` most similar prototypes of the
+    same digit (hard negatives); the rest are any other prototype of the digit."""
+    hard_neighbours: int = 10
+    listwise: float = 0.0
+    """> 0: batches are groups (one query view, its own prototype and `group_size - 1` others: hard
+    neighbours with probability `hard_fraction`, else any prototype of the same digit or another one, half
+    and half), and the loss adds `listwise` x a softmax cross-entropy over each group's log p(grade 2) with
+    the own prototype as target (a ranking loss, as retrieve-and-rerank cross-encoders are trained). The
+    grade prior is then the groups' grade frequencies, and checkpoints are chosen by validation group
+    recall@1."""
+    group_size: int = 16
     eval_every: int = 250
     val_pairs: int = 3000
     seed: int = 0
@@ -72,10 +87,16 @@ class PairTrainReport:
 
 
 def sample_pair_ids(
-    labels: np.ndarray, count: int, grade_mix: tuple[float, ...], rng: np.random.Generator
+    labels: np.ndarray,
+    count: int,
+    grade_mix: tuple[float, ...],
+    rng: np.random.Generator,
+    neighbours: np.ndarray | None = None,
+    hard_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prototype ids (query, item) and grades: 2 same prototype, 1 another prototype of the same digit,
-    0 a prototype of another digit. `labels` is the digit of every prototype."""
+    0 a prototype of another digit. `labels` is the digit of every prototype. With `neighbours` ((K, h)
+    similar prototypes of the same digit), a `hard_fraction` of grade 1 items is one of them."""
     labels = np.asarray(labels)
     k = len(labels)
     by_label = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
@@ -93,6 +114,8 @@ def sample_pair_ids(
             while j == qid[i]:
                 j = pool[rng.integers(len(pool))]
             xid[i] = j
+            if neighbours is not None and rng.random() < hard_fraction:
+                xid[i] = neighbours[qid[i], rng.integers(neighbours.shape[1])]
         else:
             j = qid[i]
             while labels[j] == labels[qid[i]]:
@@ -101,12 +124,64 @@ def sample_pair_ids(
     return qid, xid, grade
 
 
-def make_pairs(data: PrototypeSet, count: int, grade_mix: tuple[float, ...], rng: np.random.Generator) -> PairBatch:
+def make_pairs(
+    data: PrototypeSet,
+    count: int,
+    grade_mix: tuple[float, ...],
+    rng: np.random.Generator,
+    neighbours: np.ndarray | None = None,
+    hard_fraction: float = 0.0,
+) -> PairBatch:
     """`count` pairs of fresh views (never the set's stored items) of `data`'s prototypes."""
-    qid, xid, grade = sample_pair_ids(data.cluster_labels, count, grade_mix, rng)
+    qid, xid, grade = sample_pair_ids(data.cluster_labels, count, grade_mix, rng, neighbours, hard_fraction)
     q = make_views(data.prototypes, qid, rng)
     x = make_views(data.prototypes, xid, rng)
     return PairBatch(torch.from_numpy(q), torch.from_numpy(x), torch.from_numpy(grade))
+
+
+def group_grade_prior(config: PairTrainConfig) -> tuple[float, float, float]:
+    """Expected grade frequencies of listwise groups (the prior Bayes aggregation divides out)."""
+    m, h = config.group_size, config.hard_fraction
+    p2 = 1 / m
+    p1 = (1 - p2) * (h + (1 - h) * 0.5)
+    return (1 - p2 - p1, p1, p2)
+
+
+def make_groups(
+    data: PrototypeSet, groups: int, size: int, rng: np.random.Generator, neighbours: np.ndarray, hard: float
+) -> PairBatch:
+    """`groups` x `size` pairs, query-major: pair g * size + 0 is the positive of group g."""
+    labels = data.cluster_labels
+    k = len(labels)
+    qid = rng.integers(0, k, size=groups)
+    cand = np.empty((groups, size), dtype=np.int64)
+    cand[:, 0] = qid
+    by_label = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
+    for g in range(groups):
+        for j in range(1, size):
+            u = rng.random()
+            if u < hard:
+                cand[g, j] = neighbours[qid[g], rng.integers(neighbours.shape[1])]
+            elif u < hard + (1 - hard) / 2:
+                pool = by_label[int(labels[qid[g]])]
+                cand[g, j] = pool[rng.integers(len(pool))]
+            else:
+                cand[g, j] = rng.integers(0, k)
+    cand[:, 1:][cand[:, 1:] == qid[:, None]] = (
+        neighbours[qid, 0].repeat(size - 1).reshape(groups, -1)[cand[:, 1:] == qid[:, None]]
+    )
+    q = np.repeat(make_views(data.prototypes, qid, rng), size, axis=0)
+    x = make_views(data.prototypes, cand.reshape(-1), rng)
+    same = labels[cand] == labels[qid][:, None]
+    grade = np.where(cand == qid[:, None], 2, same.astype(np.int64)).reshape(-1)
+    return PairBatch(torch.from_numpy(q), torch.from_numpy(x), torch.from_numpy(grade))
+
+
+@torch.no_grad()
+def group_recall(model: PairNetwork, groups: PairBatch, size: int) -> float:
+    """Fraction of groups whose own prototype (first pair) has the highest log p(grade 2)."""
+    logp = torch.log_softmax(pair_logits(model, groups), 1)[:, 2].reshape(-1, size)
+    return float((logp.argmax(1) == 0).float().mean())
 
 
 def pair_calibration(
@@ -147,7 +222,16 @@ def train_pair_model(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 11])
     model = model if model is not None else PairNetwork(spec)
-    val_pairs = make_pairs(val, config.val_pairs, config.grade_mix, np.random.default_rng([config.seed, 13]))
+    neighbours = similar_prototypes(train.prototypes, config.hard_neighbours) if config.hard_fraction > 0 else None
+    val_neighbours = similar_prototypes(val.prototypes, config.hard_neighbours) if config.hard_fraction > 0 else None
+    val_rng = np.random.default_rng([config.seed, 13])
+    val_pairs = make_pairs(val, config.val_pairs, config.grade_mix, val_rng, val_neighbours, config.hard_fraction)
+    listwise = config.listwise > 0
+    if listwise:
+        if neighbours is None or val_neighbours is None:
+            raise ValueError("listwise training needs hard_fraction > 0")
+        m = config.group_size
+        val_groups = make_groups(val, max(config.val_pairs // m, 1), m, val_rng, val_neighbours, config.hard_fraction)
     params = list(model.parameters()) if train_front else list(model.scorer.parameters())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
@@ -161,20 +245,28 @@ def train_pair_model(
         if not train_front:
             model.trunk.eval()
             model.norm.eval()
-        batch = make_pairs(train, config.batch_size, config.grade_mix, rng)
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(batch.q, batch.x), batch.grade).backward()
+        if listwise:
+            batch = make_groups(train, config.batch_size // m, m, rng, neighbours, config.hard_fraction)
+            logits = model(batch.q, batch.x)
+            rank_logits = torch.log_softmax(logits, 1)[:, 2].reshape(-1, m)
+            target = torch.zeros(len(rank_logits), dtype=torch.long)
+            loss = loss_fn(logits, batch.grade) + config.listwise * loss_fn(rank_logits, target)
+        else:
+            batch = make_pairs(train, config.batch_size, config.grade_mix, rng, neighbours, config.hard_fraction)
+            loss = loss_fn(model(batch.q, batch.x), batch.grade)
+        loss.backward()
         opt.step()
         sched.step()
         _reapply_masks(model)
         if step % config.eval_every == 0 or step == config.steps:
-            acc = pair_accuracy(model, val_pairs)
+            acc = group_recall(model, val_groups, m) if listwise else pair_accuracy(model, val_pairs)
             bar.set_postfix(val_acc=f"{acc:.3f}")
             if acc > best[0]:
                 best = (acc, step, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
     model.eval()
-    mix = np.asarray(config.grade_mix, dtype=np.float64)
+    mix = np.asarray(group_grade_prior(config) if listwise else config.grade_mix, dtype=np.float64)
     prior = tuple(float(p) for p in mix / mix.sum())
     return model, PairTrainReport(config.steps, best[1], best[0], prior, time.perf_counter() - start)
 

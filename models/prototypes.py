@@ -31,6 +31,7 @@ __all__ = [
     "make_queries",
     "grades",
     "normalise",
+    "similar_prototypes",
 ]
 
 ROLES = {"space": 0, "train": 1, "val": 2}
@@ -198,6 +199,27 @@ def make_queries(
     cluster_q = rng.integers(0, len(protos), size=count).astype(np.int64)
     xq = make_views(protos, cluster_q, rng)
     return xq, cluster_q, protos.digit[cluster_q].copy()
+
+
+def similar_prototypes(protos: Prototypes, count: int = 10) -> np.ndarray:
+    """(K, count) ids of the most similar *other* prototypes of the same digit (L2 between noise-free,
+    jitter-free renderings): the hard negatives of pair training (grade 1 pairs that look alike)."""
+    c = protos.config
+    clean = PrototypeConfig(**{**c.__dict__, "jitter": 0, "corr_noise_scale": 0.0, "iid_noise_scale": 0.0})
+    x = make_views(Prototypes(**{**protos.__dict__, "config": clean}), np.arange(len(protos)), _rng(c, "space", 99))
+    x = x.astype(np.float64)
+    out = np.zeros((len(protos), count), dtype=np.int64)
+    for digit in np.unique(protos.digit):
+        ids = np.flatnonzero(protos.digit == digit)
+        d = ((x[ids, None, :] - x[None, ids, :]) ** 2).sum(-1)
+        np.fill_diagonal(d, np.inf)
+        k = min(count, len(ids) - 1)
+        if k < 1:
+            out[ids] = ids[:, None]
+            continue
+        nearest = ids[np.argsort(d, axis=1)[:, :k]]
+        out[ids] = nearest[:, np.arange(count) % k]
+    return out
 
 
 def grades(

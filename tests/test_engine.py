@@ -103,7 +103,7 @@ def test_ranking_separates_clusters_whose_posteriors_saturate() -> None:
     assert key[0] > key[1]
 
 
-def test_shortfall_ranks_as_the_expected_utility_and_breaks_saturated_ties() -> None:
+def test_utility_log_odds_rank_as_the_expected_utility_and_break_saturated_ties() -> None:
     from cascade.engine import Target, ranking_key
 
     lp = (3 * torch.randn(300, 4, generator=torch.Generator().manual_seed(0))).double().log_softmax(1)

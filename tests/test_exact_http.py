@@ -30,7 +30,7 @@ def test_label_targets_are_answered_exactly_and_the_oracle_ranking_is_shown(serv
     body = _wait_for_exact(server)
     (stage,) = body["stages"]
     assert stage["aggregator"] == "exact" and stage["items"] == 0
-    assert body["ranking"] == "label_log_odds" and body["flops"] < body["dense_flops"] / 100
+    assert body["ranking"] == "utility_log_odds" and body["flops"] < body["dense_flops"] / 100
     values = [c["ranking_value"] for c in body["clusters"]]
     assert values == sorted(values, reverse=True)
     cascade = _query(server, {"target": {"label": 5}, "k": 5, "mode": "cascade"})
@@ -54,7 +54,7 @@ def test_mode_exact_and_a_utility(server) -> None:
     utility = [0.0] * 10
     utility[7], utility[1] = 1.0, 0.5
     body = _query(server, {"target": {"utility": utility}, "k": 4, "mode": "exact"})
-    assert body["mode"] == "exact" and body["ranking"] == "neg_log_shortfall"
+    assert body["mode"] == "exact" and body["ranking"] == "utility_log_odds"
     scores = [c["score"] for c in body["clusters"]]
     assert scores == sorted(scores, reverse=True)  # the shortfall ranks as the expected utility does
     values = [c["ranking_value"] for c in body["clusters"]]

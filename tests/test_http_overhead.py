@@ -77,7 +77,7 @@ async def test_cached_answer_is_the_same_answer_marked_cached(tiny_home: Path) -
     app = _app(tiny_home, cache=True)
     async with _client(app) as client:
         first = await client.post("/v1/query", json=QUERY)
-        second = await client.post("/v1/query", json={"seed": 7, "k": 5, "target": {"label": 3}})  # reordered
+        second = await client.post("/v1/query", json={"mode": "cascade", "seed": 7, "k": 5, "target": {"label": 3}})
     assert first.status_code == second.status_code == 200
     assert "x-cache" not in first.headers and second.headers["x-cache"] == "hit"
     a, b = first.json(), second.json()

@@ -169,7 +169,7 @@ def test_http_query_by_example_with_a_held_out_query(server) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["mode"] == "cascade" and body["outputs"] == ["other", "same_label", "same_cluster"]
-    assert body["ranking"] == "neg_log_shortfall" and len(body["clusters"]) == 5
+    assert body["ranking"] == "utility_log_odds" and len(body["clusters"]) == 5
     assert body["dense_flops"] > body["flops"] > 0 and body["target_flops"] > 0
     hit = body["clusters"][0]
     assert hit["score"] == pytest.approx(sum(g * p for g, p in zip([0, 1, 3], hit["posterior"], strict=True)))

@@ -13,7 +13,15 @@ import torch
 from pydantic import ValidationError
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.biencoder import BiEncoder, BiEncoderSpec, BiEncoderTrainConfig, cluster_centroids, train_biencoder
+from models.biencoder import (
+    BiEncoder,
+    BiEncoderSpec,
+    BiEncoderTrainConfig,
+    cluster_centroids,
+    load_biencoder,
+    save_biencoder,
+    train_biencoder,
+)
 from models.manifest import Manifest
 from models.pair import PairNetwork, PairSpec, correlate, default_pair_spec, pair_cost, pair_flops
 from models.pair_training import (
@@ -27,6 +35,7 @@ from models.pair_training import (
 from models.prototypes import PrototypeConfig, PrototypeSet, make_prototype_set
 from models.pruning import list_methods
 from models.pruning.pair import prune_pair, prune_pair_and_register
+from models.pruning.pipeline import prune_and_register
 from models.registry import ModelRegistry
 
 torch.set_num_threads(1)
@@ -57,7 +66,9 @@ def trained() -> PairNetwork:
 def test_spec_round_trips_and_rejects_nonsense() -> None:
     assert PairSpec.from_dict(TINY.to_dict()) == TINY
     assert TINY.to_dict()["kind"] == "pair" and TINY.kind == "pair"
-    assert TINY.interaction_dim == 4 * 5 == TINY.scorer.input_dim
+    # 4 channels x 4 regions x (5 shifts + 2 energies)
+    assert TINY.interaction_dim == 4 * 4 * 7 == TINY.scorer.input_dim
+    assert default_pair_spec(interaction="positions", regions=1, energies=False).interaction_dim == 40 * 17
     with pytest.raises(ValueError, match="unknown pair spec keys"):
         PairSpec.from_dict({**TINY.to_dict(), "depth": 2})
     with pytest.raises(ValueError, match="kind 'pair'"):
@@ -66,6 +77,10 @@ def test_spec_round_trips_and_rejects_nonsense() -> None:
         replace(TINY, max_shift=3)
     with pytest.raises(ValueError, match="max_shift"):
         default_pair_spec(max_shift=40)
+    with pytest.raises(ValueError, match="regions must divide"):
+        default_pair_spec(regions=3)
+    with pytest.raises(ValueError, match="trunk_layers"):
+        default_pair_spec(trunk_layers=3)
 
 
 def test_correlate_matches_the_definition_on_both_paths() -> None:
@@ -94,18 +109,30 @@ def test_correlation_peak_follows_a_translation() -> None:
         assert peak == d
 
 
-def test_forward_broadcast_cached_features_and_hidden() -> None:
+VARIANTS = {
+    "default": TINY,
+    "one-region": default_pair_spec(trunk_channels=4, max_shift=2, hidden=(16, 12), regions=1, energies=False),
+    "positions": default_pair_spec(
+        trunk_channels=4, max_shift=2, hidden=(16, 12), interaction="positions", regions=1, trunk_layers=2
+    ),
+}
+
+
+@pytest.mark.parametrize("spec", VARIANTS.values(), ids=VARIANTS.keys())
+def test_forward_broadcast_cached_features_and_hidden(spec: PairSpec) -> None:
     torch.manual_seed(0)
-    model = PairNetwork(TINY).eval()
+    model = PairNetwork(spec).eval()
+    assert PairSpec.from_dict(spec.to_dict()) == spec
     q, x = torch.randn(1, 40), torch.randn(7, 40)
     logits, h = model.forward_with_hidden(q, x)
-    assert logits.shape == (7, 3) and h.shape == (7, TINY.scorer.hidden_dim)
+    assert logits.shape == (7, 3) and h.shape == (7, spec.scorer.hidden_dim)
     torch.testing.assert_close(model(q.expand(7, -1), x), logits)
     fx = model.item_features(x)
     assert fx.shape == (7, 4, 40)
     torch.testing.assert_close(model.forward_features(model.query_features(q), fx)[0], logits)
     z = model.interaction(q, x)
-    assert z.shape == (7, TINY.interaction_dim)
+    assert z.shape == (7, spec.interaction_dim)
+    torch.testing.assert_close(model.interaction(q.expand(7, -1), x), z)
     torch.testing.assert_close(model.scorer(z), logits)
 
 
@@ -121,7 +148,7 @@ def test_the_pair_model_reads_the_query() -> None:
 def test_flops_match_the_torch_counter_where_it_counts() -> None:
     model = PairNetwork(TINY).eval()
     cost = pair_cost(model)
-    assert cost.interaction.dense_kernel == 2 * 4 * 5 * 40
+    assert cost.interaction.dense_kernel == 2 * 4 * 5 * 40 + 2 * 4 * 40  # correlations + item energies
     assert cost.per_pair == cost.interaction + cost.scorer
     assert pair_flops(model) == cost.per_pair + cost.per_item  # served: the item trunk is recomputed per pair
     counter = FlopCounterMode(display=False)
@@ -170,7 +197,7 @@ def test_training_learns_grades_and_records_the_prior() -> None:
 
 
 # -- bi-encoder ----------------------------------------------------------------------------------------------
-def test_biencoder_spec_embeds_unit_vectors_and_learns_views() -> None:
+def test_biencoder_spec_embeds_unit_vectors_and_learns_views(tmp_path: Path) -> None:
     spec = BiEncoderSpec(channels=(8, 8), hidden=32, embed_dim=16)
     assert BiEncoderSpec.from_dict(spec.to_dict()) == spec
     train, val = _data()
@@ -181,6 +208,11 @@ def test_biencoder_spec_embeds_unit_vectors_and_learns_views() -> None:
     own = (emb.numpy() * cents[val.cluster]).sum(1).mean()
     other = (emb.numpy() @ cents.T).mean()
     assert own > other + 0.2
+    save_biencoder(model, tmp_path / "bi")
+    torch.testing.assert_close(load_biencoder(tmp_path / "bi").embed(torch.from_numpy(val.x)), emb)
+    (tmp_path / "bi" / "biencoder.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="sha256"):
+        load_biencoder(tmp_path / "bi")
     untrained = BiEncoder(spec).embed(torch.from_numpy(val.x)).detach().numpy()
     c0 = cluster_centroids(untrained, val.cluster)
     assert own - other > (untrained * c0[val.cluster]).sum(1).mean() - (untrained @ c0.T).mean()
@@ -251,6 +283,8 @@ def test_prune_pair_and_register_fine_tunes_the_scorer_only(tmp_path: Path) -> N
     for a, b in zip(pruned.trunk.parameters(), dense.trunk.parameters(), strict=True):
         torch.testing.assert_close(a, b)  # the cached item features of the parent stay valid
     torch.testing.assert_close(pruned.norm.running_mean, dense.norm.running_mean)
+    with pytest.raises(ValueError, match="prune_pair_and_register"):
+        prune_and_register(registry, "pair-dense", "magnitude", 0.5, "pair-m50", None)  # type: ignore[arg-type]
     registry.register("clf", copy.deepcopy(dense.scorer), accuracy=0.5)
     with pytest.raises(ValueError, match="not a pair model"):
         prune_pair_and_register(registry, "clf", "magnitude", 0.5, "clf-m", train, val)

@@ -34,7 +34,7 @@ def test_hot_swap_under_load(admin_server) -> None:
             for i in range(MAX_QUERIES_PER_WORKER):
                 if stop.is_set():
                     return
-                body = {"target": {"label": (w + i) % 10}, "k": 5, "seed": w * 100_000 + i}
+                body = {"target": {"label": (w + i) % 10}, "k": 5, "seed": w * 100_000 + i, "mode": "cascade"}
                 try:
                     resp = client.post(f"{url}/v1/query", json=body)
                 except httpx.HTTPError as exc:

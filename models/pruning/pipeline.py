@@ -7,6 +7,7 @@ import torch
 from models.data import Splits
 from models.evaluation import accuracy, output_deviation
 from models.manifest import Manifest
+from models.networks import Classifier
 from models.pruning.api import prune
 from models.pruning.budgets import BudgetRule
 from models.pruning.masks import Scope
@@ -43,6 +44,10 @@ def prune_and_register(
     """`parent` is a model name (its active version) or `name:version`."""
     name, _, version = parent.partition(":")
     dense = registry.load(name, int(version) if version else None)
+    if not isinstance(dense.model, Classifier):  # issue 14: pair models are pruned on (q, x) pairs
+        raise ValueError(
+            f"{dense.manifest.ref} is a pair model; prune it with models.pruning.pair.prune_pair_and_register"
+        )
     needs_calibration = get_method(method).needs_data or reweight or budget != "uniform"
     calibration = calibration_from(splits, calibration_size, seed) if needs_calibration else None
     torch.manual_seed(seed)

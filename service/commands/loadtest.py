@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--keep", default="-", help="e.g. '200/40/-'; '-' on the last stage (it keeps k)")
     g.add_argument("--aggregators", default="bayes", help="e.g. 'bayes,mean_prob/bayes'")
     g.add_argument("--with-default", action="store_true", help="also run the service's default cascade")
+    g.add_argument(
+        "--no-exact", action="store_true", help="leave out the exact path (label answers from the dense table)"
+    )
     g.add_argument("--max-configs", type=int, default=64, help="refuse grids larger than this")
     b = p.add_argument_group("bounds")
     b.add_argument("--max-requests", type=int, default=20_000, help="refuse runs that would send more")
@@ -56,7 +59,7 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     from service.loadtest.grid import cascade_label, expand_grid
-    from service.loadtest.session import Plan, planned_requests
+    from service.loadtest.session import EXACT, Plan, planned_requests
     from service.loadtest.target import check_target
 
     settings = settings_from(args)
@@ -70,6 +73,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         configs += [(cascade_label(stages), stages) for stages in grid]
     if not args.variants or args.with_default:
         configs.append(("default", None))
+    if not args.no_exact:
+        configs.append((EXACT, None))
     if not configs:
         raise ValueError("no valid configuration in the grid")
     labels = tuple(int(x) for x in args.labels.split(",")) if args.labels else None
