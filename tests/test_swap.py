@@ -34,6 +34,7 @@ def test_hot_swap_under_load(admin_server) -> None:
             for i in range(MAX_QUERIES_PER_WORKER):
                 if stop.is_set():
                     return
+                # mode cascade: the swapped variant must answer (label targets are otherwise answered exactly)
                 body = {"target": {"label": (w + i) % 10}, "k": 5, "seed": w * 100_000 + i, "mode": "cascade"}
                 try:
                     resp = client.post(f"{url}/v1/query", json=body)

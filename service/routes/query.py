@@ -23,6 +23,7 @@ from cascade.engine import (
 from cascade.snapshot import Snapshot, StageError
 from service.cache import cache_key
 from service.dependencies import snapshot_of
+from service.errors import error_responses
 from service.schemas import ClusterHit, QueryRequest, QueryResponse, StageOut
 from service.state import ServiceState
 
@@ -115,7 +116,12 @@ def _check_budget(state: ServiceState, snapshot: Snapshot, request: QueryRequest
 # returned as JSON bytes; given a model, FastAPI would validate it a second time against `response_model` in
 # another thread-pool hop before serialising it. `QueryResponse` is still built (so validated) once, and
 # `response_model` still documents the route.
-@router.post("/query", response_model=QueryResponse, summary="Find the clusters that best match a target")
+@router.post(
+    "/query",
+    response_model=QueryResponse,
+    summary="Find the clusters that best match a target",
+    responses=error_responses(408, 413, 422, 503, 504),
+)
 def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXAMPLES)) -> Response:  # noqa: B008
     """Returns the `k` best clusters for a label, a utility over classes, or example items, with the posterior
     and the value each was ranked by, and what the answer cost (FLOPs per stage, against `dense_flops`: the
