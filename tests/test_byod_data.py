@@ -164,3 +164,25 @@ def test_variants_are_named_by_the_network_kind() -> None:
     assert [v.name for v in BootstrapConfig().variants] == ["cnn-s25", "cnn-s50", "cnn-m10"]  # type: ignore[union-attr]
     assert variant_name("cnn2d", "s", 0.5) == "cnn2d-s50"
     assert default_stages("mlp", "big")[-1].variant == "big"
+
+
+def test_bootstrap_from_a_training_file_and_a_space_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from models.registry import ModelRegistry
+    from service.cli import main
+
+    train = user_npz(tmp_path / "train.npz", clusters=60)
+    space = user_npz(tmp_path / "space.npz", clusters=25)
+    home = tmp_path / "home"
+    argv = ["bootstrap", "--dataset", str(train), "--space-dataset", str(space), "--home", str(home)]
+    assert main([*argv, "--epochs", "2", "--quiet"]) == 0
+    meta = json.loads((home / "spaces" / "default" / META_FILE).read_text())
+    assert meta["space_dataset"] == str(space) and meta["dataset"] == str(train)
+    assert meta["num_items"] == 150 and meta["num_clusters"] == 25  # the whole space file, nothing trained on
+    dense = ModelRegistry(home / "registry").manifest("dense")
+    assert dense.extra["data_args"]["space_dataset"] == str(space)
+    # `prune` re-cuts the training file as the bootstrap did (train/val/test only), from the manifest
+    prune = ["prune", "--home", str(home), "--from", "dense", "--method", "magnitude", "--keep", "0.3"]
+    assert main([*prune, "--name", "mlp-m30"]) == 0
+    assert "registered mlp-m30:1" in capsys.readouterr().out
+    assert main(["bootstrap", "--dataset", "digits", "--space-dataset", str(space), "--home", str(tmp_path / "x")]) == 2
+    assert "--space-dataset: needs --dataset to be your own training .npz" in capsys.readouterr().err
