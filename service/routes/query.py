@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Body, HTTPException, Request, Response
 
 from cascade.engine import (
@@ -169,14 +170,21 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
 
 
 def _response(snapshot: Snapshot, target: Target, result: CascadeResult, mode: str, started: float) -> QueryResponse:
+    """The answer in the user's terms: cluster ids are the space's own (`Space.cluster_ids`), outputs of a
+    classifier are the user's labels."""
     values = result.ranking_values if result.ranking_values is not None else result.scores
+    space = snapshot.space
+    user_ids = space.cluster_ids[np.asarray(result.cluster_ids, dtype=np.int64)]  # type: ignore[index]
+    outputs = _outputs(snapshot, target) if result.posteriors.shape[1] else []
+    if target.kind == "classifier" and outputs:
+        outputs = [str(label) for label in space.labels_known]
     return QueryResponse(
         mode=mode,  # type: ignore[arg-type]
         ranking=result.ranking,
-        outputs=_outputs(snapshot, target) if result.posteriors.shape[1] else [],
+        outputs=outputs,
         clusters=[
             ClusterHit(cluster_id=int(c), score=float(s), ranking_value=float(v), posterior=[float(p) for p in post])
-            for c, s, v, post in zip(result.cluster_ids, result.scores, values, result.posteriors, strict=True)
+            for c, s, v, post in zip(user_ids, result.scores, values, result.posteriors, strict=True)
         ],
         stages=[StageOut(**vars(s)) for s in result.stages],
         flops=result.flops,
