@@ -106,11 +106,15 @@ class CascadeResult:
 
 
 def target_from_label(snapshot: Snapshot, label: int) -> Target:
-    if not 0 <= label < snapshot.space.num_classes:
-        raise StageError("target.label", f"unknown label {label}; labels are 0..{snapshot.space.num_classes - 1}")
-    utility = np.zeros(snapshot.space.num_classes)
-    utility[label] = 1.0
-    return Target(utility=utility, label=label)
+    """`label` is one of the user's labels (`Space.labels_known`); the target is over class indices."""
+    space = snapshot.space
+    index = space.class_of(label)
+    if index is None:
+        known = ", ".join(str(v) for v in space.labels_known)
+        raise StageError("target.label", f"unknown label {label}; this space's labels are {known}")
+    utility = np.zeros(space.num_classes)
+    utility[index] = 1.0
+    return Target(utility=utility, label=index)
 
 
 def target_from_utility(snapshot: Snapshot, utility: list[float] | np.ndarray) -> Target:

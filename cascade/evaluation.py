@@ -82,7 +82,7 @@ def evaluate_label_queries(
     for label in range(space.num_classes):
         relevant = int((space.cluster_labels == label).sum())
         for seed in seeds:
-            target = target_from_label(snapshot, label)
+            target = target_from_label(snapshot, space.labels_known[label])  # the user's label of class `label`
             t0 = time.perf_counter()
             result = run_cascade(snapshot, target, k, stages, seed)
             t1 = time.perf_counter()
