@@ -86,6 +86,7 @@ def test_space_describes_the_users_data(byod_server: Server) -> None:
     space = httpx.get(f"{byod_server.url}/v1/space").json()
     assert space["clusters"] == "given" and space["dataset"].endswith("mine.npz")
     assert space["num_classes"] == 3 and space["cluster_sizes"] == {"min": 6, "median": 6, "max": 6}
+    assert space["classes"] == [2, 7, 9]
 
 
 def test_cli_changes_reach_the_running_server_through_reload(byod_server: Server) -> None:

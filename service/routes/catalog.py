@@ -70,6 +70,7 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         num_items=space.num_items,
         num_clusters=space.num_clusters,
         num_classes=space.num_classes,
+        classes=[int(c) for c in space.labels_known],
         input_dim=space.input_dim,
         max_cluster_size=int(sizes.max()),
         cluster_sizes={"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
