@@ -5,6 +5,7 @@ run is ready in seconds."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -220,12 +221,12 @@ def _build_prototype_space_dir(
 
 
 def _build_pair_models(
-    registry: ModelRegistry, pair: PairConfig, steps: tqdm, progress: bool, seed: int
+    registry: ModelRegistry, pair: PairConfig, steps: Progress, progress: bool, seed: int
 ) -> tuple[PrototypeSet, PrototypeSet]:
     train = make_prototype_set(pair.train, "train")
     val = make_prototype_set(replace(pair.train, num_prototypes=max(200, pair.train.num_prototypes // 5)), "val")
     if registry.active_version(pair.dense_name) is None:
-        steps.set_postfix_str(f"training {pair.dense_name}")
+        steps.start(f"training {pair.dense_name}")
         spec = default_pair_spec(train.x.shape[1], hidden=pair.hidden)
         model, report = train_pair_model(spec, train, val, replace(pair.training, seed=seed), progress=progress)
         probes = probe_pairs(val, seed=seed)
@@ -243,10 +244,10 @@ def _build_pair_models(
                 "prototypes": asdict(pair.train),
             },
         )
-    steps.update()
+    steps.done()
     for v in pair.variants:
         if registry.active_version(v.name) is None:
-            steps.set_postfix_str(f"pruning {v.name} ({v.method}, keep {v.keep})")
+            steps.start(f"pruning {v.name} ({v.method}, keep {v.keep})")
             prune_pair_and_register(
                 registry,
                 pair.dense_name,
@@ -261,11 +262,42 @@ def _build_pair_models(
                 seed=seed,
                 progress=progress,
             )
-        steps.update()
+        steps.done()
     return train, val
 
 
-def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress: bool = True) -> CascadeConfig:
+class Progress:
+    """The bootstrap's steps: a bar on the terminal (no ETA: the steps take minutes or milliseconds, so a rate
+    says nothing) and `on_progress(done, total, what)` for a server that reports it on /healthz."""
+
+    def __init__(self, total: int, show: bool, on_progress: Callable[[int, int, str], None] | None = None) -> None:
+        fmt = "{desc}: {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]"
+        self.bar = tqdm(total=total, desc="bootstrap", disable=not show, bar_format=fmt)
+        self.total, self.count, self.what = total, 0, ""
+        self.on_progress = on_progress
+
+    def start(self, what: str) -> None:
+        self.what = what
+        self.bar.set_postfix_str(what)
+        if self.on_progress is not None:
+            self.on_progress(self.count, self.total, what)
+
+    def done(self) -> None:
+        self.count += 1
+        self.bar.update()
+        if self.on_progress is not None:
+            self.on_progress(self.count, self.total, self.what)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def bootstrap(
+    home: Path,
+    config: BootstrapConfig = BootstrapConfig(),
+    progress: bool = True,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> CascadeConfig:
     """Build whatever of the embedded default is missing under `home`; returns the default cascade."""
     registry = ModelRegistry(home / "registry")
     space_dir = home / "spaces" / "default"
@@ -274,9 +306,9 @@ def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress:
     if pair is None and config.pair is not None:
         config = replace(config, pair=None)
     pair_steps = 0 if pair is None else 1 + len(pair.variants)
-    steps = tqdm(total=4 + len(config.variants) + pair_steps, desc="bootstrap", disable=not progress)
+    steps = Progress(4 + len(config.variants) + pair_steps, progress, on_progress)
 
-    steps.set_postfix_str(f"data: {config.dataset}")
+    steps.start(f"data: {config.dataset}")
     splits = load_dataset(
         config.dataset,
         seed=config.seed,
@@ -284,21 +316,21 @@ def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress:
         cache_dir=home / "data",
         space_dataset=config.space_dataset,
     )
-    steps.update()
+    steps.done()
 
     if registry.active_version(config.dense_name) is None:
-        steps.set_postfix_str(f"training {config.dense_name}")
+        steps.start(f"training {config.dense_name}")
         spec = default_spec(splits, config.arch)  # type: ignore[arg-type]
         train_config = TrainConfig(epochs=config.epochs, seed=config.seed, progress=progress)
         data_args: dict[str, object] = {"seed": config.seed, "num_samples": config.num_samples}
         if config.space_dataset is not None:  # later commands (prune) must cut the training file alike
             data_args["space_dataset"] = config.space_dataset
         train_and_register(registry, config.dense_name, spec, splits, train_config, data_args)
-    steps.update()
+    steps.done()
 
     for v in config.variants:
         if registry.active_version(v.name) is None:
-            steps.set_postfix_str(f"pruning {v.name} ({v.method}, keep {v.keep})")
+            steps.start(f"pruning {v.name} ({v.method}, keep {v.keep})")
             prune_and_register(
                 registry,
                 config.dense_name,
@@ -311,19 +343,19 @@ def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress:
                 seed=config.seed,
                 progress=progress,
             )
-        steps.update()
+        steps.done()
 
     encoder = None
     if pair is not None:
         train, val = _build_pair_models(registry, pair, steps, progress, config.seed)
         if not space_is_built(space_dir):
-            steps.set_postfix_str("training the bi-encoder (stage 0)")
+            steps.start("training the bi-encoder (stage 0)")
             encoder = train_biencoder(train, val, replace(pair.biencoder, seed=config.seed, progress=progress))
 
     if not space_is_built(space_dir):
-        steps.set_postfix_str("building space and FAISS indexes")
+        steps.start("building space and FAISS indexes")
         build_space_dir(space_dir, splits, config, encoder)
-    steps.update()
+    steps.done()
 
     if not config_path.exists():
         CascadeConfig(
@@ -333,6 +365,6 @@ def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress:
             pair_dense=None if pair is None else pair.dense_name,
         ).save(config_path)
         (home / "bootstrap.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-    steps.update()
+    steps.done()
     steps.close()
     return CascadeConfig.load(config_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,7 @@ class ServiceState:
         self._active: dict[str, int] = {}
         self.lock = threading.RLock()
         self.load_error: str | None = None
+        self.bootstrap_progress: dict[str, object] | None = None
         self.shared: SharedState | None = None  # set when Redis is configured
         self.cache: ResultCache | None = None
         self.loaded = threading.Event()
@@ -82,9 +83,19 @@ class ServiceState:
         self.loaded.set()
         return snapshot
 
-    def load_in_background(self) -> threading.Thread:
+    def report_bootstrap(self, done: int, total: int, what: str) -> None:
+        """Progress of a bootstrap running before the first load (shown by /healthz and /readyz)."""
+        self.bootstrap_progress = {"done": done, "total": total, "step": what}
+
+    def load_in_background(self, before: Callable[[], None] | None = None) -> threading.Thread:
+        """Load the snapshot in a thread, after `before` (the first run's bootstrap), so that the port is open
+        and /healthz answers from the start."""
+
         def run() -> None:
             try:
+                if before is not None:
+                    before()
+                    self.bootstrap_progress = None
                 self.load()
             except Exception as exc:  # readiness reports it; the process stays up for operators to inspect
                 self.load_error = f"{type(exc).__name__}: {exc}"
