@@ -180,7 +180,7 @@ def load_snapshot_from(home: Path, space: str, stages: tuple | None = None):
 
     config = CascadeConfig.load(home / CONFIG_FILE)
     if stages is not None:
-        config = CascadeConfig(stages=stages, dense=config.dense)
+        config = config.model_copy(update={"stages": stages})
     return load_snapshot(ModelRegistry(home / "registry"), _space_dir(home, space), config)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Stage", "CascadeConfig", "CONFIG_FILE"]
+__all__ = ["Stage", "CascadeConfig", "CONFIG_FILE", "scale_keeps"]
 
 CONFIG_FILE = "cascade.json"
 
@@ -24,10 +25,32 @@ class Stage(BaseModel):
 
 
 class CascadeConfig(BaseModel):
+    """One default cascade per kind of scorer: classifiers (label and utility targets) and pair models
+    (queries by example). Default `keep`s are tuned for k = `reference_k`; a larger k scales them up."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     stages: tuple[Stage, ...] = Field(min_length=1, max_length=8)
     dense: str = Field("dense", description="the dense model: the oracle and, by convention, the last stage")
+    pair_stages: tuple[Stage, ...] | None = Field(
+        None, min_length=1, max_length=8, description="the default cascade of pair models (queries by example)"
+    )
+    pair_dense: str | None = Field(None, description="the dense pair model: the oracle of queries by example")
+    reference_k: int = Field(10, ge=1, description="the k the default keeps are tuned for")
+
+    def stages_for(self, kind: str) -> tuple[Stage, ...]:
+        if kind == "pair":
+            if self.pair_stages is None:
+                raise LookupError("no default cascade of pair models is configured")
+            return self.pair_stages
+        return self.stages
+
+    def dense_for(self, kind: str) -> str:
+        if kind == "pair":
+            if self.pair_dense is None:
+                raise LookupError("no dense pair model is configured")
+            return self.pair_dense
+        return self.dense
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -37,3 +60,14 @@ class CascadeConfig(BaseModel):
     @classmethod
     def load(cls, path: Path) -> CascadeConfig:
         return cls.model_validate_json(path.read_text())
+
+
+def scale_keeps(stages: tuple[Stage, ...], k: int, reference_k: int) -> tuple[Stage, ...]:
+    """The default cascade for a k above the one its keeps were tuned for: every keep grows by k / reference_k
+    (rounded up), so that any k up to the service's maximum works without the user naming a stage."""
+    if k <= reference_k:
+        return stages
+    factor = k / reference_k
+    return tuple(
+        s if s.keep is None else s.model_copy(update={"keep": max(k, math.ceil(s.keep * factor))}) for s in stages
+    )

@@ -1,19 +1,26 @@
-"""The cascade: candidates from the index, then per stage one batched forward pass over the sampled members
-of every surviving cluster, aggregation into cluster posteriors, scoring against the target, and a cut."""
+"""The cascade: candidates from the index, then per stage one batched scoring pass over the sampled members
+of every surviving cluster, aggregation into cluster posteriors, scoring against the target, and a cut.
+
+Every stage calls `score(query, items)` on its model (`models.scorer`), so one loop serves classifiers
+(label and utility targets; the query is ignored) and pair models (queries by example; the query is read with
+every item). A target says which kind of model can answer it; the stage list is checked against that once."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from cascade.config import Stage
-from cascade.snapshot import Snapshot, StageError
+from cascade.config import Stage, scale_keeps
+from cascade.queries import DEFAULT_GAINS
+from cascade.snapshot import Snapshot, StageError, Variant
 from cascade.space import sample_members
 from models.aggregation import MemberOutputs, aggregate, get_aggregator
-from models.inference import forward_chunked
+from models.inference import score_chunked
+from models.scorer import ScorerKind
 
 __all__ = [
     "Target",
@@ -25,18 +32,44 @@ __all__ = [
     "target_from_utility",
     "target_from_examples",
     "dense_flops",
+    "plan_flops",
     "ranking_key",
+    "RANKING_KEYS",
+    "resolve_stages",
+    "DeadlineExceeded",
 ]
+
+
+class DeadlineExceeded(TimeoutError):
+    """The query's deadline (`time.monotonic()` seconds) passed between two stages: the rest is not computed."""
+
+
+RANKING_KEYS = {
+    "utility_log_odds": "log(E[u] - min u) - log(max u - E[u]) with E[u] = sum_o u_o p(o | cluster), u the utility "
+    "over outputs (one-hot for a label: its log-odds; gains over grades for a query by example): ranks as the "
+    "expected utility `score` does, without ties where the posterior saturates",
+    "negative_sq_distance": "minus the squared L2 distance from the query's embedding to the cluster centroid "
+    "(FAISS only, no model stage)",
+}
 
 
 @dataclass(frozen=True)
 class Target:
-    """What the query wants: score(cluster) = sum_c utility[c] * p(c | cluster) (research notes 2)."""
+    """What the query wants: score(cluster) = sum_o utility[o] * p(o | query, cluster) (research notes 2), over
+    classes for a classifier target and over relevance grades for a query by example."""
 
     utility: np.ndarray
+    kind: ScorerKind = "classifier"
+    queries: tuple[torch.Tensor | None, ...] = (None,)
+    """One (1, D) tensor per example for a pair model; `(None,)` for a classifier, which ignores the query."""
     candidates: np.ndarray | None = None  # None: every cluster
+    candidate_distances: np.ndarray | None = None  # squared L2 in the embedding, for FAISS-only answers
     label: int | None = None
-    flops: int = 0  # what it cost to build the target (the dense passes of a query by example)
+    flops: int = 0  # what it cost to build the target (embedding the examples)
+
+    @property
+    def ranking(self) -> str:
+        return "utility_log_odds"
 
 
 @dataclass(frozen=True)
@@ -56,10 +89,12 @@ class StageReport:
 @dataclass(frozen=True)
 class CascadeResult:
     cluster_ids: np.ndarray
-    scores: np.ndarray
-    posteriors: np.ndarray  # (k, C)
+    scores: np.ndarray  # expected utility under the final posterior (or -distance for FAISS only)
+    posteriors: np.ndarray  # (k, outputs); (k, 0) for FAISS only
     stages: list[StageReport] = field(default_factory=list)
     snapshot_id: str = ""
+    ranking_values: np.ndarray | None = None  # what the ranking used (`ranking`), best first
+    ranking: str = "utility_log_odds"
 
     @property
     def flops(self) -> int:
@@ -71,11 +106,15 @@ class CascadeResult:
 
 
 def target_from_label(snapshot: Snapshot, label: int) -> Target:
-    if not 0 <= label < snapshot.space.num_classes:
-        raise StageError("target.label", f"unknown label {label}; labels are 0..{snapshot.space.num_classes - 1}")
-    utility = np.zeros(snapshot.space.num_classes)
-    utility[label] = 1.0
-    return Target(utility=utility, label=label)
+    """`label` is one of the user's labels (`Space.labels_known`); the target is over class indices."""
+    space = snapshot.space
+    index = space.class_of(label)
+    if index is None:
+        known = ", ".join(str(v) for v in space.labels_known)
+        raise StageError("target.label", f"unknown label {label}; this space's labels are {known}")
+    utility = np.zeros(space.num_classes)
+    utility[index] = 1.0
+    return Target(utility=utility, label=index)
 
 
 def target_from_utility(snapshot: Snapshot, utility: list[float] | np.ndarray) -> Target:
@@ -84,40 +123,124 @@ def target_from_utility(snapshot: Snapshot, utility: list[float] | np.ndarray) -
         raise StageError("target.utility", f"needs {snapshot.space.num_classes} values, got {u.size}")
     if not np.isfinite(u).all():
         raise StageError("target.utility", "values must be finite")
+    if not (u != 0).any():
+        raise StageError("target.utility", "all weights are zero: every cluster would score 0")
     return Target(utility=u)
 
 
-def target_from_examples(snapshot: Snapshot, examples: list[list[float]] | np.ndarray, candidates: int) -> Target:
-    """The dense model's mean posterior over the examples is the utility; candidates are the clusters whose
-    centroids are nearest to the examples."""
-    x = np.asarray(examples, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != snapshot.space.input_dim:
+def _examples_array(snapshot: Snapshot, examples: list[list[float]] | np.ndarray) -> np.ndarray:
+    try:
+        x = np.asarray(examples, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise StageError("target.examples", "every example must be a list of numbers of the same length") from None
+    if x.ndim != 2 or x.shape[1] != snapshot.space.input_dim or len(x) == 0:
         raise StageError("target.examples", f"each example needs {snapshot.space.input_dim} features")
     if not np.isfinite(x).all():
         raise StageError("target.examples", "values must be finite")
-    dense = snapshot.dense
-    with torch.inference_mode():
-        utility = forward_chunked(dense.model, torch.from_numpy(x))[0].softmax(1).mean(0).double().numpy()
-    nearest = snapshot.index.nearest_clusters(x, candidates)
-    return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
+    return x
+
+
+def target_from_examples(
+    snapshot: Snapshot,
+    examples: list[list[float]] | np.ndarray,
+    candidates: int,
+    gains: list[float] | tuple[float, ...] | None = None,
+) -> Target:
+    """A query by example. With a pair model in the snapshot (the main path): the examples are the query,
+    read by the pair models with every item, the utility is `gains` over relevance grades, and the candidates
+    are the clusters nearest to the examples in the bi-encoder's embedding. Several examples: each cluster's
+    grade posterior is the mean over examples, at a cost proportional to their number.
+
+    Without one (an older home): the dense classifier's mean posterior over the examples is a utility over
+    classes and the candidates come from the raw-feature index."""
+    x = _examples_array(snapshot, examples)
+    if snapshot.embedding is None or snapshot.config.pair_dense is None:
+        if gains is not None:
+            raise StageError("target.gains", "this space has no pair model, so no relevance grades")
+        dense = snapshot.dense
+        with torch.inference_mode():
+            utility = score_chunked(dense.model, None, torch.from_numpy(x))[0].softmax(1).mean(0).double().numpy()
+        nearest = snapshot.index.nearest_clusters(x, candidates)
+        return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
+    num_grades = snapshot.num_grades
+    g = np.asarray(DEFAULT_GAINS if gains is None else gains, dtype=np.float64)
+    if g.shape != (num_grades,) or not np.isfinite(g).all():
+        raise StageError("target.gains", f"needs {num_grades} finite values, one per relevance grade")
+    if not (g != 0).any():
+        raise StageError("target.gains", "all gains are zero: every cluster would score 0")
+    nearest, distances = snapshot.embedding.candidates(x, candidates)
+    queries = tuple(torch.from_numpy(row[None, :].copy()) for row in x)
+    return Target(
+        utility=g,
+        kind="pair",
+        queries=queries,
+        candidates=nearest,
+        candidate_distances=distances,
+        flops=len(x) * snapshot.embedding.flops_per_query,
+    )
 
 
 def ranking_key(log_post: torch.Tensor, target: Target) -> torch.Tensor:
-    """What clusters are ranked by. For a label target, the log-odds of the label computed from log
-    posteriors: confident clusters all have p(label) == 1.0 in float64, and ranking by that would pick among
-    hundreds of ties at random. Otherwise the expected utility."""
+    """What clusters are ranked by: the log-odds of the utility, log(E[u] - min u) - log(max u - E[u]), computed
+    from log posteriors. It ranks exactly as the expected utility E[u] = u . p does (it is increasing in it), but
+    a probability that saturates at 1.0 in float64 (hundreds of confident clusters) or sits at 0 no longer ties:
+    both the excess over the worst output and the shortfall from the best are sums of small probabilities,
+    computed in log space. For a label (one-hot u) it is the label's log-odds."""
     lp = log_post.double()
-    if target.label is None:
-        return lp.exp() @ torch.from_numpy(target.utility).double()
-    others = lp.clone()
-    others[:, target.label] = -torch.inf
-    return lp[:, target.label] - torch.logsumexp(others, dim=1)
+    u = torch.from_numpy(target.utility).double()
+    low, high = u - u.min(), u.max() - u
+    if not bool((high > 0).any()):  # every output is worth the same: nothing to rank by
+        return torch.zeros(len(lp), dtype=torch.float64)
+    excess = torch.logsumexp(lp[:, low > 0] + low[low > 0].log(), dim=1)
+    shortfall = torch.logsumexp(lp[:, high > 0] + high[high > 0].log(), dim=1)
+    return excess - shortfall
 
 
-def _aggregator_flops(name: str, counts: np.ndarray, num_classes: int, gadget: torch.nn.Module | None) -> int:
+def _aggregator_flops(name: str, counts: np.ndarray, num_outputs: int, gadget: torch.nn.Module | None) -> int:
     agg = get_aggregator(name)
     values, times = np.unique(counts, return_counts=True)
-    return int(sum(int(t) * agg.flops(int(n), num_classes, gadget) for n, t in zip(values, times, strict=True)))
+    return int(sum(int(t) * agg.flops(int(n), num_outputs, gadget) for n, t in zip(values, times, strict=True)))
+
+
+def resolve_stages(
+    snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...] | list[Stage] | None
+) -> tuple[Stage, ...]:
+    """The stages a query runs: its own (checked as given), or the default cascade for the target's kind with
+    its keeps scaled to k. An empty list is a FAISS-only answer (queries by example only)."""
+    if stages is None:
+        try:
+            default = snapshot.config.stages_for(target.kind)
+        except LookupError as exc:
+            raise StageError("target", str(exc)) from None
+        stages = scale_keeps(default, k, snapshot.config.reference_k)
+    stages = tuple(stages)
+    if not stages and target.candidates is None:
+        raise StageError("stages", "an empty stage list (FAISS only) needs a query by example")
+    if stages:
+        snapshot.validate_stages(stages, k, target.kind)
+    return stages
+
+
+def _candidates(snapshot: Snapshot, target: Target) -> np.ndarray:
+    return target.candidates if target.candidates is not None else np.arange(snapshot.space.num_clusters)
+
+
+def plan_flops(
+    snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...] | list[Stage] | None = None
+) -> int:
+    """An upper bound on a query's FLOPs from its stage plan, before anything runs (for the cost budget):
+    every surviving cluster is assumed to have at least `samples` members."""
+    stages = resolve_stages(snapshot, target, k, stages)
+    alive = len(_candidates(snapshot, target))
+    total = target.flops
+    max_size = int(snapshot.space.sizes.max()) if snapshot.space.num_clusters else 0
+    for i, stage in enumerate(stages):
+        variant = snapshot.variants[stage.variant]
+        n = min(stage.samples, max_size)
+        outputs = len(variant.log_prior)  # the elementwise aggregators' share; a gadget's is small beside it
+        total += alive * n * (variant.flops.nonzero + outputs) * len(target.queries)
+        alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
+    return total
 
 
 def run_cascade(
@@ -126,39 +249,40 @@ def run_cascade(
     k: int,
     stages: tuple[Stage, ...] | list[Stage] | None = None,
     seed: int = 0,
+    deadline: float | None = None,
 ) -> CascadeResult:
-    stages = tuple(stages) if stages else snapshot.config.stages
-    space = snapshot.space
-    alive = target.candidates if target.candidates is not None else np.arange(space.num_clusters)
+    """`deadline`: a `time.monotonic()` instant; past it, the next stage raises DeadlineExceeded instead of
+    running (the service has answered 504 by then and wants its worker back)."""
+    alive = _candidates(snapshot, target)
     if not 1 <= k <= len(alive):
         raise StageError("k", f"must be between 1 and the {len(alive)} candidate clusters, got {k}")
-    snapshot.validate_stages(stages, k)
+    stages = resolve_stages(snapshot, target, k, stages)
+    if not stages:
+        return _faiss_only(snapshot, target, k)
+    space = snapshot.space
     rng = np.random.default_rng(seed)
     utility = torch.from_numpy(target.utility).double()
     reports: list[StageReport] = []
-    scores = posteriors = torch.empty(0)
+    scores = posteriors = keys = torch.empty(0)
     for i, stage in enumerate(stages):
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"deadline passed before stage {i} ({stage.variant})")
         started = time.perf_counter()
         variant = snapshot.variants[stage.variant]
         rows, counts = sample_members(space.offsets, alive, stage.samples, rng)
         with torch.inference_mode():
             x = torch.index_select(snapshot.features, 0, torch.from_numpy(rows))  # ~2x faster than features[rows]
-            logits, hidden = forward_chunked(variant.model, x)
-            log_post = aggregate(
-                stage.aggregator,
-                MemberOutputs(logits, hidden),
-                torch.from_numpy(counts),
-                snapshot.log_prior,
-                variant.gadget,
-            )
+            log_post = _stage_log_posterior(variant, stage.aggregator, target.queries, x, torch.from_numpy(counts))
             post = log_post.double().exp()
             cluster_scores = post @ utility
             n_keep = k if i == len(stages) - 1 else min(stage.keep or k, len(alive))
-            top = torch.topk(ranking_key(log_post, target), n_keep).indices
+            stage_keys = ranking_key(log_post, target)
+            top = torch.topk(stage_keys, n_keep).indices
         clusters_in = len(alive)
         alive = alive[top.numpy()]
-        scores, posteriors = cluster_scores[top], post[top]
-        agg_flops = _aggregator_flops(stage.aggregator, counts, space.num_classes, variant.gadget)
+        scores, posteriors, keys = cluster_scores[top], post[top], stage_keys[top]
+        examples = len(target.queries)
+        agg_flops = examples * _aggregator_flops(stage.aggregator, counts, post.shape[1], variant.gadget)
         reports.append(
             StageReport(
                 variant=variant.name,
@@ -168,8 +292,8 @@ def run_cascade(
                 kept=len(alive),
                 samples=stage.samples,
                 items=len(rows),
-                flops=len(rows) * variant.flops.nonzero + agg_flops,
-                flops_dense_kernel=len(rows) * variant.flops.dense_kernel + agg_flops,
+                flops=examples * len(rows) * variant.flops.nonzero + agg_flops,
+                flops_dense_kernel=examples * len(rows) * variant.flops.dense_kernel + agg_flops,
                 ms=(time.perf_counter() - started) * 1000.0,
             )
         )
@@ -179,41 +303,84 @@ def run_cascade(
         posteriors=posteriors.float().numpy(),
         stages=reports,
         snapshot_id=snapshot.id,
+        ranking_values=keys.double().numpy(),
+        ranking=target.ranking,
+    )
+
+
+def _stage_log_posterior(
+    variant: Variant, aggregator: str, queries: tuple[torch.Tensor | None, ...], x: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Cluster log posteriors of one stage: per example, score the members and aggregate them; with several
+    examples, the log of the mean posterior over examples."""
+    total: torch.Tensor | None = None
+    for query in queries:
+        logits, hidden = score_chunked(variant.model, query, x)
+        log_post = aggregate(aggregator, MemberOutputs(logits, hidden), counts, variant.log_prior, variant.gadget)
+        log_post = log_post.double()
+        total = log_post if total is None else torch.logaddexp(total, log_post)
+    assert total is not None
+    return total - math.log(len(queries)) if len(queries) > 1 else total
+
+
+def _faiss_only(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
+    """Stage 0 alone: the k candidates nearest in the embedding, scored by minus their squared distance."""
+    assert target.candidates is not None and target.candidate_distances is not None
+    values = -target.candidate_distances[:k]
+    return CascadeResult(
+        cluster_ids=target.candidates[:k],
+        scores=values,
+        posteriors=np.zeros((min(k, len(target.candidates)), 0), dtype=np.float32),
+        stages=[],
+        snapshot_id=snapshot.id,
+        ranking_values=values,
+        ranking="negative_sq_distance",
     )
 
 
 def dense_flops(snapshot: Snapshot, target: Target) -> int:
-    """What the dense exhaustive oracle costs for this target: the dense model on every candidate member."""
-    sizes = snapshot.space.sizes
-    items = int(sizes.sum() if target.candidates is None else sizes[target.candidates].sum())
-    return items * snapshot.dense.flops.nonzero
+    """What the dense exhaustive oracle costs for this target: the dense model on every member of every
+    cluster (for every example of a query by example)."""
+    dense = snapshot.dense_for(target.kind)
+    return int(snapshot.space.sizes.sum()) * dense.flops.nonzero * len(target.queries)
 
 
 def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
-    """The dense model on every member of every candidate cluster, `bayes` aggregation (research notes 2), run
-    with the same chunked forward pass as the cascade's stages so that wall-time ratios compare like with like."""
+    """The dense model on every member of every cluster, `bayes` aggregation (research notes 2), run with the
+    same chunked scoring as the cascade's stages so that wall-time ratios compare like with like. It ignores
+    the index's candidates: it is what exhaustive scoring would answer."""
     started = time.perf_counter()
     space = snapshot.space
-    alive = target.candidates if target.candidates is not None else np.arange(space.num_clusters)
-    rows, counts = sample_members(space.offsets, alive, int(space.sizes.max()), np.random.default_rng(0))
-    dense = snapshot.dense
+    alive = np.arange(space.num_clusters)
+    widest = int(space.sizes.max())
+    rows, counts = sample_members(space.offsets, alive, widest, np.random.default_rng(0))
+    dense = snapshot.dense_for(target.kind)
     with torch.inference_mode():
-        logits, _ = forward_chunked(dense.model, torch.index_select(snapshot.features, 0, torch.from_numpy(rows)))
-        log_post = aggregate("bayes", MemberOutputs(logits), torch.from_numpy(counts), snapshot.log_prior)
-        post = log_post.double().exp()
+        x = torch.index_select(snapshot.features, 0, torch.from_numpy(rows))
+        log_post = _stage_log_posterior(dense, "bayes", target.queries, x, torch.from_numpy(counts))
+        post = log_post.exp()
         scores = post @ torch.from_numpy(target.utility).double()
-        top = torch.topk(ranking_key(log_post, target), min(k, len(alive))).indices
-    flops = len(rows) * dense.flops.nonzero
+        keys = ranking_key(log_post, target)
+        top = torch.topk(keys, min(k, len(alive))).indices
+    examples = len(target.queries)
     report = StageReport(
         variant=dense.name,
         version=dense.version,
         aggregator="bayes",
         clusters_in=len(alive),
         kept=len(top),
-        samples=int(space.sizes.max()),
+        samples=widest,
         items=len(rows),
-        flops=flops,
-        flops_dense_kernel=len(rows) * dense.flops.dense_kernel,
+        flops=examples * len(rows) * dense.flops.nonzero,
+        flops_dense_kernel=examples * len(rows) * dense.flops.dense_kernel,
         ms=(time.perf_counter() - started) * 1000.0,
     )
-    return CascadeResult(alive[top.numpy()], scores[top].numpy(), post[top].float().numpy(), [report], snapshot.id)
+    return CascadeResult(
+        alive[top.numpy()],
+        scores[top].numpy(),
+        post[top].float().numpy(),
+        [report],
+        snapshot.id,
+        ranking_values=keys[top].double().numpy(),
+        ranking=target.ranking,
+    )

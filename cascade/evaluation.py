@@ -13,7 +13,16 @@ from cascade.config import Stage
 from cascade.engine import dense_oracle, run_cascade, target_from_label
 from cascade.snapshot import Snapshot
 
-__all__ = ["recall_at_k", "ndcg_at_k", "agreement_at_k", "LabelQueryReport", "evaluate_label_queries"]
+__all__ = [
+    "recall_at_k",
+    "ndcg_at_k",
+    "agreement_at_k",
+    "graded_metrics",
+    "LabelQueryReport",
+    "evaluate_label_queries",
+    "ExampleQueryReport",
+    "evaluate_example_queries",
+]
 
 
 def recall_at_k(retrieved_labels: np.ndarray, label: int, k: int, num_relevant: int) -> float:
@@ -73,7 +82,7 @@ def evaluate_label_queries(
     for label in range(space.num_classes):
         relevant = int((space.cluster_labels == label).sum())
         for seed in seeds:
-            target = target_from_label(snapshot, label)
+            target = target_from_label(snapshot, space.labels_known[label])  # the user's label of class `label`
             t0 = time.perf_counter()
             result = run_cascade(snapshot, target, k, stages, seed)
             t1 = time.perf_counter()
@@ -96,3 +105,78 @@ def evaluate_label_queries(
     quality_and_flops = np.nanmean(table[:, :6], axis=0)
     times = np.median(table[:, 6:], axis=0)  # medians: one slow query on a shared machine must not decide
     return LabelQueryReport(len(rows), k, *(float(v) for v in (*quality_and_flops, *times)))
+
+
+def graded_metrics(
+    cluster_ids: np.ndarray, grades: np.ndarray, gains: np.ndarray, k: int = 10
+) -> tuple[float, float, float]:
+    """Hit@1 and hit@k of the grade-2 cluster (recall, since there is exactly one), and graded nDCG@k with
+    `gains[grade]`, for one query whose clusters have `grades` (K,)."""
+    got = grades[cluster_ids[:k]]
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = float((gains[got] * discounts[: len(got)]).sum())
+    ideal = float((np.sort(gains[grades])[::-1][:k] * discounts[: min(k, len(grades))]).sum())
+    top = int(grades.max())
+    return float(len(got) > 0 and got[0] == top), float((got == top).any()), dcg / ideal if ideal > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class ExampleQueryReport:
+    """One way of answering queries by example, over a held-out query set (means, and median times)."""
+
+    name: str
+    queries: int
+    k: int
+    recall_at_1: float
+    recall_at_k: float
+    ndcg_at_10: float
+    agreement_at_10: float  # with the oracle's top 10
+    flops: float
+    ms: float
+
+
+def evaluate_example_queries(
+    snapshot: Snapshot,
+    methods: dict[str, tuple[Stage, ...] | list[Stage] | None],
+    k: int = 10,
+    candidates: int = 200,
+    queries: int | None = None,
+    oracle: bool = True,
+    seed: int = 0,
+) -> dict[str, ExampleQueryReport]:
+    """Every method (a stage list; None is the default cascade, [] is FAISS only) and the dense exhaustive oracle
+    on the snapshot's held-out queries, side by side: per query, each method runs once in turn, so machine noise
+    hits all of them alike. Grades come from each query's own cluster and label (research notes 2)."""
+    from cascade.engine import target_from_examples
+    from cascade.queries import cluster_grades
+
+    qs = snapshot.queries
+    if qs is None or len(qs) == 0:
+        raise ValueError("the space has no held-out queries")
+    count = len(qs) if queries is None else min(queries, len(qs))
+    names = [*methods, *(["oracle"] if oracle else [])]
+    rows: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}
+    for i in range(count):
+        target = target_from_examples(snapshot, qs.x[i : i + 1], max(candidates, k))
+        grades = cluster_grades(snapshot.space.cluster_labels, int(qs.cluster[i]), int(qs.label[i]))
+        answers = {}
+        for name in names:
+            t0 = time.perf_counter()
+            if name == "oracle" and oracle:
+                result = dense_oracle(snapshot, target, max(k, 10))
+            else:
+                result = run_cascade(snapshot, target, max(k, 10), methods[name], seed + i)
+            ms = (time.perf_counter() - t0) * 1000
+            answers[name] = (result, ms)
+        reference = answers["oracle"][0].cluster_ids if oracle else None
+        for name, (result, ms) in answers.items():
+            r1, rk, ndcg = graded_metrics(result.cluster_ids, grades, target.utility, k)
+            agree = agreement_at_k(result.cluster_ids, reference, 10) if reference is not None else math.nan
+            stage0 = 0 if name == "oracle" else target.flops  # the oracle embeds nothing
+            rows[name].append((r1, rk, ndcg, agree, result.flops + stage0, ms))
+    out = {}
+    for name, values in rows.items():
+        table = np.asarray(values, dtype=np.float64)
+        means = np.nanmean(table[:, :5], axis=0)
+        out[name] = ExampleQueryReport(name, count, k, *(float(v) for v in means), float(np.median(table[:, 5])))
+    return out

@@ -21,14 +21,23 @@ class ClusterIndex:
 
     @classmethod
     def build(cls, space: Space) -> ClusterIndex:
-        d, k = space.input_dim, space.num_clusters
+        """Over the raw features (the classifier path's query-by-example fallback)."""
+        return cls.from_vectors(space.features, space.offsets)
+
+    @classmethod
+    def from_vectors(cls, vectors: np.ndarray, offsets: np.ndarray) -> ClusterIndex:
+        """Over any per-item vectors stored grouped by cluster (`offsets` as in `Space`), e.g. a learned
+        embedding; each coarse centroid is the mean of its cluster's vectors."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        sizes = np.diff(offsets)
+        d, k = x.shape[1], len(sizes)
+        centroids = np.add.reduceat(x.astype(np.float64), offsets[:-1], axis=0) / sizes[:, None]
         quantizer = faiss.IndexFlatL2(d)
-        quantizer.add(space.centroids())
+        quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
         ivf = faiss.IndexIVFFlat(quantizer, d, k)
         ivf.is_trained = True  # the centroids are the clusters' own, not trained
-        x = np.ascontiguousarray(space.features, dtype=np.float32)
-        ids = np.arange(space.num_items, dtype=np.int64)
-        assign = np.repeat(np.arange(k, dtype=np.int64), space.sizes)
+        ids = np.arange(len(x), dtype=np.int64)
+        assign = np.repeat(np.arange(k, dtype=np.int64), sizes)
         ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
         index = cls(ivf)
         index._quantizer = quantizer  # keep the Python object alive with the index
@@ -43,18 +52,25 @@ class ClusterIndex:
 
     def nearest_clusters(self, queries: np.ndarray, count: int) -> np.ndarray:
         """Distinct clusters nearest to any query vector, best first (round-robin over queries)."""
-        count = min(count, self.num_clusters)
-        _, ids = self.ivf.quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), count)
-        flat = ids.T.reshape(-1)
-        flat = flat[flat >= 0]
-        _, first = np.unique(flat, return_index=True)
-        return flat[np.sort(first)][:count].astype(np.int64)
+        return self.nearest_clusters_with_distances(queries, count)[0]
 
-    def save(self, directory: Path) -> None:
-        tmp = directory / f".{INDEX_FILE}.tmp"
+    def nearest_clusters_with_distances(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """As `nearest_clusters`, with each cluster's squared L2 distance from its centroid to the query that
+        proposed it."""
+        count = min(count, self.num_clusters)
+        dist, ids = self.ivf.quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), count)
+        flat, flat_dist = ids.T.reshape(-1), dist.T.reshape(-1)
+        keep = flat >= 0
+        flat, flat_dist = flat[keep], flat_dist[keep]
+        _, first = np.unique(flat, return_index=True)
+        order = np.sort(first)[:count]
+        return flat[order].astype(np.int64), flat_dist[order].astype(np.float64)
+
+    def save(self, directory: Path, name: str = INDEX_FILE) -> None:
+        tmp = directory / f".{name}.tmp"
         faiss.write_index(self.ivf, str(tmp))
-        tmp.replace(directory / INDEX_FILE)
+        tmp.replace(directory / name)
 
     @classmethod
-    def load(cls, directory: Path) -> ClusterIndex:
-        return cls(faiss.read_index(str(directory / INDEX_FILE)))  # already the concrete IVF type
+    def load(cls, directory: Path, name: str = INDEX_FILE) -> ClusterIndex:
+        return cls(faiss.read_index(str(directory / name)))  # already the concrete IVF type

@@ -10,19 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-import numpy as np
 import torch
 
 from cascade.config import CascadeConfig, Stage
+from cascade.embedding import EmbeddingIndex
 from cascade.index import ClusterIndex
+from cascade.queries import QuerySet
 from cascade.space import Space
-from models.aggregation import get_aggregator
+from models.aggregation import get_aggregator, log_prior_of
 from models.flops import Flops
 from models.manifest import Manifest
-from models.networks import Classifier
-from models.registry import ModelRegistry
+from models.registry import LoadedModel, ModelRegistry
+from models.scorer import Scorer
 
-__all__ = ["Variant", "Snapshot", "StageError", "load_snapshot", "build_snapshot"]
+__all__ = ["Variant", "Snapshot", "StageError", "load_snapshot", "build_snapshot", "variant_for", "misfit"]
 
 
 class StageError(ValueError):
@@ -36,9 +37,16 @@ class StageError(ValueError):
 
 @dataclass(frozen=True)
 class Variant:
-    model: Classifier
+    model: Scorer
     manifest: Manifest
     gadget: torch.nn.Module | None
+    log_prior: torch.Tensor
+    """Prior over the model's outputs, for `bayes`: the space's class frequencies for a classifier, the
+    training grade mix for a pair model."""
+
+    @property
+    def kind(self) -> str:
+        return self.model.scorer_kind
 
     @property
     def name(self) -> str:
@@ -62,13 +70,29 @@ class Snapshot:
     variants: Mapping[str, Variant]
     config: CascadeConfig
     log_prior: torch.Tensor
+    embedding: EmbeddingIndex | None = None
+    queries: QuerySet | None = None
 
     @property
     def dense(self) -> Variant:
         return self.variants[self.config.dense]
 
-    def validate_stages(self, stages: tuple[Stage, ...] | list[Stage], k: int) -> None:
-        """Every variant known and fitting the space, every aggregator known and usable, keep >= k."""
+    def dense_for(self, kind: str) -> Variant:
+        try:
+            return self.variants[self.config.dense_for(kind)]
+        except LookupError as exc:
+            raise StageError("target", str(exc.args[0])) from None
+
+    @property
+    def num_grades(self) -> int:
+        """Relevance grades of the pair models (0 when the snapshot has none)."""
+        if self.config.pair_dense is None or self.config.pair_dense not in self.variants:
+            return 0
+        return int(self.variants[self.config.pair_dense].manifest.spec.get("num_grades", 3))
+
+    def validate_stages(self, stages: tuple[Stage, ...] | list[Stage], k: int, kind: str = "classifier") -> None:
+        """Every variant known, of the kind the target needs and fitting the space, every aggregator known and
+        usable, keep >= k."""
         if not stages:
             raise StageError("stages", "at least one stage is required")
         for i, stage in enumerate(stages):
@@ -77,6 +101,12 @@ class Snapshot:
             if variant is None:
                 known = ", ".join(sorted(self.variants))
                 raise StageError(f"{where}.variant", f"unknown variant {stage.variant!r}; active: {known}")
+            if variant.kind != kind:
+                fitting = ", ".join(sorted(n for n, v in self.variants.items() if v.kind == kind)) or "none"
+                need = "pair models (a query by example)" if kind == "pair" else "classifiers (a label or utility)"
+                raise StageError(
+                    f"{where}.variant", f"{stage.variant!r} is a {variant.kind}; this target needs {need}: {fitting}"
+                )
             try:
                 agg = get_aggregator(stage.aggregator)
             except KeyError as exc:
@@ -102,11 +132,40 @@ def _snapshot_id(space: Space, variants: Mapping[str, Variant], config: CascadeC
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def misfit(manifest: Manifest, space: Space) -> str | None:
+    """Why a model cannot serve this space, or None when it can."""
+    spec = manifest.spec
+    if spec.get("input_dim") != space.input_dim:
+        return f"takes {spec.get('input_dim')} inputs; the space's items have {space.input_dim} features"
+    if spec.get("kind") != "pair" and spec.get("num_classes") != space.num_classes:
+        return f"predicts {spec.get('num_classes')} classes; the space has {space.num_classes}"
+    return None
+
+
+def variant_for(loaded: LoadedModel, space: Space) -> Variant:
+    """A loaded model as a stage of this space's cascades, with the prior its `bayes` aggregation needs."""
+    if loaded.model.scorer_kind == "pair":
+        grade_prior = loaded.manifest.extra.get("grade_prior")
+        if grade_prior is None:
+            raise StageError("version", f"{loaded.manifest.ref} is a pair model without a grade_prior in its manifest")
+        log_prior = log_prior_of(torch.tensor(grade_prior, dtype=torch.float64))
+    else:
+        log_prior = log_prior_of(torch.from_numpy(space.prior))
+    return Variant(loaded.model, loaded.manifest, loaded.gadget, log_prior)
+
+
 def build_snapshot(
-    space: Space, index: ClusterIndex, variants: Mapping[str, Variant], config: CascadeConfig
+    space: Space,
+    index: ClusterIndex,
+    variants: Mapping[str, Variant],
+    config: CascadeConfig,
+    embedding: EmbeddingIndex | None = None,
+    queries: QuerySet | None = None,
 ) -> Snapshot:
     if config.dense not in variants:
         raise StageError("dense", f"dense model {config.dense!r} is not among the active variants")
+    if config.pair_dense is not None and config.pair_dense not in variants:
+        raise StageError("pair_dense", f"dense pair model {config.pair_dense!r} is not among the active variants")
     snap = Snapshot(
         id=_snapshot_id(space, variants, config),
         space=space,
@@ -114,22 +173,24 @@ def build_snapshot(
         features=torch.from_numpy(space.features),
         variants=MappingProxyType(dict(variants)),
         config=config,
-        log_prior=torch.from_numpy(np.log(np.clip(space.prior, 1e-12, None))).float(),
+        log_prior=log_prior_of(torch.from_numpy(space.prior)),
+        embedding=embedding,
+        queries=queries,
     )
     snap.validate_stages(config.stages, k=1)
+    if config.pair_stages is not None:
+        snap.validate_stages(config.pair_stages, k=1, kind="pair")
     return snap
 
 
 def load_snapshot(registry: ModelRegistry, space_dir: Path, config: CascadeConfig) -> Snapshot:
-    """Active versions of every registered model whose input size and classes fit the space."""
+    """Active versions of every registered model that fits the space."""
     space = Space.load(space_dir)
     index = ClusterIndex.load(space_dir)
     variants: dict[str, Variant] = {}
     for name in registry.names():
         if registry.active_version(name) is None:
             continue
-        loaded = registry.load(name)
-        spec = loaded.manifest.network_spec
-        if spec.input_dim == space.input_dim and spec.num_classes == space.num_classes:
-            variants[name] = Variant(loaded.model, loaded.manifest, loaded.gadget)
-    return build_snapshot(space, index, variants, config)
+        if misfit(registry.manifest(name), space) is None:
+            variants[name] = variant_for(registry.load(name), space)
+    return build_snapshot(space, index, variants, config, EmbeddingIndex.load(space_dir), QuerySet.load(space_dir))

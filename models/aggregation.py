@@ -3,6 +3,7 @@ rows, any n >= 1 per tuple. Every aggregator returns normalised log posteriors, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ __all__ = [
     "AGGREGATORS",
     "entropy",
     "log_prior_of",
+    "impossible_classes",
+    "IMPOSSIBLE_LOG_PRIOR",
     "lstm",
     "deepsets",
 ]
@@ -144,13 +147,29 @@ def mean_logit(
     return log_softmax_rows(_segment_sum(outputs.logits.double(), counts) / counts[:, None]).float()
 
 
+IMPOSSIBLE_LOG_PRIOR = math.log(1e-11)
+"""A log prior at or below this is a class the space does not hold (priors of 0 arrive clipped to 1e-12)."""
+
+
+def impossible_classes(log_prior: torch.Tensor) -> torch.Tensor:
+    """Mask of the classes with prior 0 (or clipped to ~1e-12), unless that would be every class."""
+    mask = ~(log_prior.double() > IMPOSSIBLE_LOG_PRIOR)  # NaN and -inf count as impossible too
+    return mask if not bool(mask.all()) else torch.zeros_like(mask)
+
+
 @register_aggregator("bayes")
 def bayes(outputs: MemberOutputs, counts: torch.Tensor, log_prior: torch.Tensor, _g: nn.Module | None) -> torch.Tensor:
-    """Product of experts: sum_i log p(y|x_i) - (n - 1) log pi(y); exact for members independent given y."""
+    """Product of experts: sum_i log p(y|x_i) - (n - 1) log pi(y); exact for members independent given y.
+    A class the space cannot hold (prior 0) gets no mass: -(n - 1) log pi would otherwise reward it without
+    bound (with pi clipped to 1e-12, by 27.6 nats per extra member), so it is masked to -inf."""
+    impossible = impossible_classes(log_prior)
     if _one_member_each(outputs, counts):
-        return log_softmax_rows(outputs.logits.double()).float()
-    summed = _segment_sum(log_softmax_rows(outputs.logits.double()), counts)
-    summed -= (counts[:, None] - 1).double() * log_prior.double()[None, :]
+        summed = outputs.logits.double()
+    else:
+        summed = _segment_sum(log_softmax_rows(outputs.logits.double()), counts)
+        summed -= (counts[:, None] - 1).double() * log_prior.double().masked_fill(impossible, 0.0)[None, :]
+    if bool(impossible.any()):
+        summed = summed.masked_fill(impossible[None, :], -torch.inf)
     return log_softmax_rows(summed).float()
 
 

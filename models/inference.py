@@ -11,9 +11,17 @@ from __future__ import annotations
 import torch
 
 from models.networks import Classifier
+from models.scorer import Scorer
 from models.spec import NetworkSpec
 
-__all__ = ["ACTIVATION_BUDGET_BYTES", "MIN_CHUNK_ROWS", "widest_activation", "chunk_rows", "forward_chunked"]
+__all__ = [
+    "ACTIVATION_BUDGET_BYTES",
+    "MIN_CHUNK_ROWS",
+    "widest_activation",
+    "chunk_rows",
+    "forward_chunked",
+    "score_chunked",
+]
 
 ACTIVATION_BUDGET_BYTES = 2 * 1024 * 1024  # the L2 cache of one core here; chosen by benchmarks/bench_compute.py
 MIN_CHUNK_ROWS = 256
@@ -44,4 +52,18 @@ def forward_chunked(model: Classifier, x: torch.Tensor, chunk: int | None = None
     if len(x) <= step:
         return model.forward_with_hidden(x)
     parts = [model.forward_with_hidden(x[i : i + step]) for i in range(0, len(x), step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def score_chunked(
+    model: Scorer, query: torch.Tensor | None, items: torch.Tensor, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.score(query, items)` over `items` in chunks: the one call the cascade makes, whatever the kind of
+    model (a classifier ignores the query; a pair model reads it with every item). Chunks are sized from the
+    model's widest activation (`activation_width()` where the model has one, else its spec)."""
+    width = model.activation_width() if hasattr(model, "activation_width") else widest_activation(model.spec)
+    step = chunk or max(MIN_CHUNK_ROWS, ACTIVATION_BUDGET_BYTES // (4 * width))
+    if len(items) <= step:
+        return model.score(query, items)
+    parts = [model.score(query, items[i : i + step]) for i in range(0, len(items), step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

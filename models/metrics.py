@@ -1,4 +1,5 @@
-"""Shared-label metrics (research notes section 1): n-accuracy and relative information, with intervals."""
+"""Shared-label metrics (research notes section 1): n-accuracy and relative information, with 95% intervals
+that stay inside the values the metric can take (a normal approximation put n-accuracy at [0.9787, 1.0013])."""
 
 from __future__ import annotations
 
@@ -9,35 +10,61 @@ import torch
 
 from models.aggregation import entropy
 
-__all__ = ["Estimate", "n_accuracy", "relative_information", "TupleMetrics"]
+__all__ = ["Estimate", "n_accuracy", "relative_information", "wilson_interval", "TupleMetrics"]
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A mean with a 95% normal-approximation confidence interval."""
+    """A mean with a 95% confidence interval [low, high]."""
 
     value: float
     low: float
     high: float
 
 
-def _mean_ci(values: torch.Tensor) -> Estimate:
+def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: inside [0, 1] by construction and not degenerate at 0 or n
+    successes, where the normal approximation gives a zero-width interval or one that crosses 0 or 1."""
+    if trials < 1:
+        raise ValueError(f"a proportion needs at least one trial, got {trials}")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be in [0, {trials}], got {successes}")
+    p = successes / trials
+    z2 = z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    # exact ends at 0 and n successes (where the formula gives them up to rounding), and the estimate inside
+    low = 0.0 if successes == 0 else max(0.0, min(p, centre - half))
+    high = 1.0 if successes == trials else min(1.0, max(p, centre + half))
+    return low, high
+
+
+def _mean_ci(values: torch.Tensor, upper: float = math.inf) -> Estimate:
+    """Normal-approximation interval of a mean, cut at `upper` when no single value can exceed it (the mean
+    cannot either, so the cut loses no coverage)."""
     v = values.double()
     mean = float(v.mean())
-    half = 1.96 * float(v.std(unbiased=True)) / math.sqrt(len(v)) if len(v) > 1 else math.inf
-    return Estimate(mean, mean - half, mean + half)
+    half = Z95 * float(v.std(unbiased=True)) / math.sqrt(len(v)) if len(v) > 1 else math.inf
+    return Estimate(mean, mean - half, min(upper, mean + half))
 
 
 def n_accuracy(log_posterior: torch.Tensor, labels: torch.Tensor) -> Estimate:
-    """P(argmax of the aggregated posterior == y) over tuples."""
-    return _mean_ci((log_posterior.argmax(1) == labels).double())
+    """P(argmax of the aggregated posterior == y) over tuples, with its Wilson interval."""
+    hits = int((log_posterior.argmax(1) == labels).sum())
+    trials = len(labels)
+    low, high = wilson_interval(hits, trials)
+    return Estimate(hits / trials, low, high)
 
 
 def relative_information(log_posterior: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor) -> Estimate:
-    """RI = (H(pi) - CE) / H(pi), CE in nats; 1 is certainty, 0 is the prior (project definition)."""
+    """RI = (H(pi) - CE) / H(pi), CE in nats; 1 is certainty, 0 is the prior (project definition).
+
+    Per tuple RI is at most 1 (CE >= 0) and unbounded below, so the interval is cut at 1 only."""
     h = entropy(prior)
     nll = -log_posterior.double().gather(1, labels.long()[:, None]).squeeze(1)
-    return _mean_ci((h - nll) / h)
+    return _mean_ci((h - nll) / h, upper=1.0)
 
 
 class TupleMetrics:

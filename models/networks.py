@@ -15,6 +15,8 @@ WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 class Classifier(nn.Module):
     """The aggregators need the penultimate representation h, so it is a first-class output."""
 
+    scorer_kind = "classifier"
+
     def __init__(self, spec: NetworkSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -27,6 +29,11 @@ class Classifier(nn.Module):
     def forward_with_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)
         return self.head(h), h
+
+    def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scorer interface shared with pair models (`models.pair`): a classifier's output for an item is
+        the same for every query, so the query is ignored."""
+        return self.forward_with_hidden(items)
 
     def weight_layers(self) -> list[nn.Module]:
         """Linear/Conv layers in order, head last: the units of all but the head are prunable."""

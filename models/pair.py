@@ -24,7 +24,7 @@ from torch import nn
 
 from models.flops import Flops, count_flops
 from models.networks import Classifier
-from models.spec import NetworkSpec
+from models.spec import MAX_INPUT_DIM, NetworkSpec, spec_int
 
 __all__ = [
     "PairSpec",
@@ -133,19 +133,31 @@ class PairSpec:
             raise ValueError(f"pair spec lacks keys: {sorted(missing)}")
         if not isinstance(d["scorer"], dict):
             raise ValueError("pair spec 'scorer' must be a network spec object")
-        return cls(
-            input_dim=int(d["input_dim"]),
-            num_grades=int(d["num_grades"]),
-            trunk_channels=int(d["trunk_channels"]),
-            kernel_size=int(d["kernel_size"]),
-            max_shift=int(d["max_shift"]),
-            pool=int(d["pool"]),
+        return cls(  # every number range-checked first: untrusted JSON (an upload) may hold Infinity or 1e300
+            input_dim=spec_int(d, "input_dim", 1, MAX_INPUT_DIM),
+            num_grades=spec_int(d, "num_grades", 2, 64),
+            trunk_channels=spec_int(d, "trunk_channels", 1, 4096),
+            kernel_size=spec_int(d, "kernel_size", 1, 255),
+            max_shift=spec_int(d, "max_shift", 0, 4096),
+            pool=spec_int(d, "pool", 1, 4096),
             scorer=NetworkSpec.from_dict(d["scorer"]),
-            regions=int(d.get("regions", 1)),
-            trunk_layers=int(d.get("trunk_layers", 1)),
-            energies=bool(d.get("energies", False)),
-            interaction=str(d.get("interaction", "channels")),
+            regions=spec_int(d, "regions", 1, 4096, default=1),
+            trunk_layers=spec_int(d, "trunk_layers", 1, 2, default=1),
+            energies=_flag(d.get("energies", False), "energies"),
+            interaction=_choice(d.get("interaction", "channels"), "interaction", ("channels", "positions")),
         )
+
+
+def _flag(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{key}: one of {', '.join(choices)}")
+    return str(value)
 
 
 def _interaction_dim(channels: int, max_shift: int, regions: int, energies: bool) -> int:
@@ -191,6 +203,8 @@ def default_pair_spec(
 
 class PairNetwork(nn.Module):
     """`forward_with_hidden(q, x)`: q is (P, D) or (1, D) (broadcast over the P items of x)."""
+
+    scorer_kind = "pair"
 
     def __init__(self, spec: PairSpec, scorer: Classifier | None = None) -> None:
         super().__init__()
@@ -248,10 +262,18 @@ class PairNetwork(nn.Module):
     def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.scorer(self.interaction(q, x))
 
-    def score(self, query: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scorer interface issue 14 proposes for both kinds: (logits, hidden) of one query (1, D)
-        against items (P, D). A classifier's version ignores the query."""
+    def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scorer interface (`models.scorer`): one query (1, D) read with every item. The item trunk is
+        recomputed here rather than cached: it is a small share of a pair's cost (`pair_cost`), and a cache of
+        C x L floats per item would outweigh the space itself."""
+        if query is None:
+            raise ValueError("a pair model needs the query")
         return self.forward_with_hidden(query, items)
+
+    def activation_width(self) -> int:
+        """Floats per pair of the widest tensor of a forward pass (sizes serving chunks, `models.inference`)."""
+        s = self.spec
+        return max(s.trunk_channels * (s.input_dim + 2 * s.max_shift), s.interaction_dim, *s.scorer.hidden)
 
     # -- serving one query against many items: fold the query into the scorer's first layer ---------------
     @torch.no_grad()
@@ -420,5 +442,7 @@ def pair_cost(model: PairNetwork) -> PairFlops:
 
 
 def pair_flops(model: PairNetwork) -> Flops:
-    """FLOPs per (q, x) pair with item features cached: correlation + scorer (dense-kernel and nonzero)."""
-    return pair_cost(model).per_pair
+    """FLOPs per (q, x) pair as served (`PairNetwork.score`): the item trunk, recomputed per pair, then the
+    correlation and the scorer (dense-kernel and nonzero). The query's trunk is paid once per query."""
+    cost = pair_cost(model)
+    return cost.per_pair + cost.per_item

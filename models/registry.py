@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from models.flops import count_flops
 from models.manifest import NAME_PATTERN, Manifest, utc_now
 from models.networks import Classifier, build_network
-from models.pair import PairNetwork, PairSpec, pair_cost
+from models.pair import PairNetwork, PairSpec, pair_cost, pair_flops
 from models.spec import NetworkSpec
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "build_model",
     "LoadedModel",
     "RegistryError",
+    "BrokenEntryError",
     "sha256_file",
     "WEIGHTS_FILE",
     "MANIFEST_FILE",
@@ -45,6 +46,10 @@ _HISTORY = "HISTORY"
 
 class RegistryError(LookupError):
     """Unknown name or version, or an entry whose files do not match its manifest."""
+
+
+class BrokenEntryError(RegistryError):
+    """An entry exists on disk but its manifest (or ACTIVE file) cannot be read or does not validate."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,12 @@ class ModelRegistry:
 
     def active_version(self, name: str) -> int | None:
         f = self.root / name / _ACTIVE
-        return int(f.read_text().strip()) if f.exists() else None
+        if not f.exists():
+            return None
+        text = f.read_text(errors="replace").strip()
+        if not text.isdigit() or len(text) > 10:
+            raise BrokenEntryError(f"{name}: ACTIVE holds {text[:20]!r}, not a version number")
+        return int(text)
 
     def entry_dir(self, name: str, version: int | None = None) -> Path:
         if version is None:
@@ -115,11 +125,11 @@ class ModelRegistry:
         return d
 
     def manifest(self, name: str, version: int | None = None) -> Manifest:
-        return Manifest.model_validate_json((self.entry_dir(name, version) / MANIFEST_FILE).read_text())
+        return _read_manifest(self.entry_dir(name, version))
 
     def load(self, name: str, version: int | None = None) -> LoadedModel:
         d = self.entry_dir(name, version)
-        manifest = Manifest.model_validate_json((d / MANIFEST_FILE).read_text())
+        manifest = _read_manifest(d)
         weights = d / WEIGHTS_FILE
         if sha256_file(weights) != manifest.sha256:
             raise RegistryError(f"{manifest.ref}: weights do not match the manifest's sha256")
@@ -197,7 +207,7 @@ class ModelRegistry:
         extra = dict(extra or {})
         if isinstance(model, PairNetwork):  # FLOPs per (q, x) pair; trunk and cache size recorded beside them
             cost = pair_cost(model)
-            flops = cost.per_pair
+            flops = pair_flops(model)
             extra.setdefault("flops_per_item_trunk", cost.per_item.dense_kernel)
             extra.setdefault("flops_per_query", cost.per_query.dense_kernel)
             extra.setdefault("cache_floats_per_item", cost.cache_floats_per_item)
@@ -309,12 +319,44 @@ class ModelRegistry:
             raise ValueError(f"{name}:{version} is active; activate another version first")
         shutil.rmtree(self.entry_dir(name, version))
 
+    def find_identical(self, name: str, sha256: str, gadget_sha256: str | None) -> Manifest | None:
+        """The stored version of `name` with exactly these weights (and this gadget, or none), if any: an
+        identical re-upload is answered with it instead of a duplicate version."""
+        for v in self.versions(name):
+            d = self.root / name / str(v)
+            try:
+                m = _read_manifest(d)
+                spec_file = d / GADGET_SPEC_FILE
+                stored_gadget = json.loads(spec_file.read_text()).get("sha256") if spec_file.exists() else None
+            except (RegistryError, ValueError, OSError, AttributeError):
+                continue  # a broken entry is never "the same" as a valid upload
+            if m.sha256 == sha256 and stored_gadget == gadget_sha256:
+                return m
+        return None
+
     def describe(self) -> list[dict[str, Any]]:
-        """Every version of every name, with which one is active (for listings)."""
-        out = []
+        """Every version of every name, with which one is active (for listings). Robust to whatever is on disk:
+        an entry whose manifest does not read or validate is listed with `broken` saying why, never raised."""
+        out: list[dict[str, Any]] = []
         for name in self.names():
-            active = self.active_version(name)
+            try:
+                active = self.active_version(name)
+            except BrokenEntryError:
+                active = None
             for v in self.versions(name):
-                m = self.manifest(name, v)
-                out.append({**json.loads(m.model_dump_json()), "active": v == active})
+                try:
+                    m = _read_manifest(self.root / name / str(v))
+                    out.append({**json.loads(m.model_dump_json()), "active": v == active})
+                except BrokenEntryError as exc:
+                    out.append({"name": name, "version": v, "active": v == active, "broken": str(exc)})
         return out
+
+
+def _read_manifest(entry: Path) -> Manifest:
+    """The entry's manifest, validated; any failure (missing, unreadable, invalid) is a BrokenEntryError."""
+    try:
+        return Manifest.model_validate_json((entry / MANIFEST_FILE).read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:  # pydantic's ValidationError is a ValueError
+        first = exc.errors()[0] if hasattr(exc, "errors") else None
+        why = f"{'.'.join(map(str, first['loc']))}: {first['msg']}" if first else f"{type(exc).__name__}: {exc}"
+        raise BrokenEntryError(f"{entry.parent.name}:{entry.name}: manifest is broken ({why[:300]})") from None

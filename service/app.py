@@ -5,28 +5,42 @@ that /healthz answers at once and /readyz turns true when models and index are i
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
 
 from service.cache import LocalCache, RedisCache
+from service.docs_ui import install_offline_docs
 from service.errors import BodySizeLimit, install_error_handlers
+from service.limits import QueryLimiter
 from service.logs import RequestIdMiddleware, setup_logging
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_link import RedisLink
-from service.routes import admin, catalog, health, metrics, query
+from service.routes import admin, catalog, health, inspect, metrics, query
 from service.settings import Settings
 from service.shared_state import SharedState
 from service.state import ServiceState
 
 __all__ = ["create_app"]
 
+
+def _bootstrapper(state: ServiceState) -> Callable[[], None]:
+    def run() -> None:
+        from cascade.bootstrap import bootstrap
+
+        bootstrap(state.settings.home, progress=True, on_progress=state.report_bootstrap)
+
+    return run
+
+
 log = logging.getLogger("prunecascade")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, bootstrap_first: bool = False) -> FastAPI:
+    """`bootstrap_first`: build whatever of the embedded default is missing before loading it, in the loader
+    thread, so that the port opens at once (/healthz reports the progress, /readyz is 503 until ready)."""
     settings = settings or Settings()
     setup_logging(settings.log_level, settings.log_json)
     torch.set_num_threads(settings.torch_threads)
@@ -37,18 +51,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.redis_url, settings.redis_prefix, settings.redis_timeout_s, settings.redis_retry_s, state.metrics
         )
         if settings.cache_enabled:
-            state.cache = RedisCache(link, settings.cache_ttl_s, state.metrics)
+            fallback = LocalCache(settings.cache_ttl_s, settings.cache_fallback_entries, state.metrics, "fallback")
+            state.cache = RedisCache(link, settings.cache_ttl_s, state.metrics, fallback)
         state.shared = SharedState(link, state, settings.reconcile_interval_s)
     elif settings.cache_enabled:
         state.cache = LocalCache(settings.cache_ttl_s, settings.cache_max_entries, state.metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state.load_in_background()
+        state.load_in_background(_bootstrapper(state) if bootstrap_first else None)
         if state.shared is not None:
             state.shared.start()  # waits for the first load, then reconciles with Redis
         if settings.resolved_admin_token() is None:
             log.warning("no admin token configured: the admin routes answer 403")
+        elif settings.token_was_stripped():
+            log.warning("the admin token had surrounding whitespace; it was stripped (send it without)")
         yield
         if state.shared is not None:
             state.shared.stop()
@@ -63,12 +80,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = state
     install_error_handlers(app)
+    # Outermost last: request id -> metrics -> query limits -> body limits -> routes.
     app.add_middleware(
-        BodySizeLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/admin/models": settings.max_upload_bytes}
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        per_path={"/v1/admin/models": settings.max_upload_bytes},
+        body_timeout_s=settings.body_timeout_s,
+    )
+    app.add_middleware(
+        QueryLimiter,
+        paths=("/v1/query",),
+        concurrency=settings.max_concurrent_queries,
+        queue=settings.max_queued_queries,
+        timeout_s=settings.query_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        metrics=state.metrics,
     )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     # The router tries routes in order: the hot one first (no path here overlaps another, so order is free).
-    for router in (query.router, health.router, metrics.router, catalog.router, admin.router):
+    for router in (query.router, health.router, metrics.router, catalog.router, inspect.router, admin.router):
         app.include_router(router)
+    install_offline_docs(app)  # /docs and /redoc without a CDN
     return app

@@ -1,6 +1,7 @@
 """The query result cache. The key is a hash of the canonical request and the snapshot id, so a swap
 invalidates every entry by construction (old entries just age out). Redis when configured (shared by
-replicas, TTL on each key); otherwise an in-process TTL + LRU dict. A Redis failure is a miss."""
+replicas, TTL on each key); otherwise an in-process TTL + LRU dict. With Redis, a small in-process copy is kept
+as well and answers while Redis is down, so an outage does not cost the hit rate."""
 
 from __future__ import annotations
 
@@ -30,9 +31,8 @@ class ResultCache(Protocol):
 
 
 class LocalCache:
-    backend = "local"
-
-    def __init__(self, ttl_s: float, max_entries: int, metrics: Metrics) -> None:
+    def __init__(self, ttl_s: float, max_entries: int, metrics: Metrics, backend: str = "local") -> None:
+        self.backend = backend
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.metrics = metrics
@@ -61,17 +61,23 @@ class LocalCache:
 
 
 class RedisCache:
+    """Redis first; `fallback` (an in-process LocalCache holding every answer set here) only while Redis is
+    unavailable. Its hits and misses count under backend `fallback`."""
+
     backend = "redis"
 
-    def __init__(self, link: RedisLink, ttl_s: int, metrics: Metrics) -> None:
+    def __init__(self, link: RedisLink, ttl_s: int, metrics: Metrics, fallback: LocalCache | None = None) -> None:
         self.link = link
         self.ttl_s = ttl_s
         self.metrics = metrics
+        self.fallback = fallback
 
     def get(self, key: str) -> bytes | None:
         try:
             value = self.link.run("cache_get", lambda r: r.get(self.link.key("cache", key)))
         except RedisUnavailable:
+            if self.fallback is not None:
+                return self.fallback.get(key)
             self.metrics.cache_misses.labels(backend="unavailable").inc()
             return None
         counter = self.metrics.cache_hits if value is not None else self.metrics.cache_misses
@@ -79,5 +85,7 @@ class RedisCache:
         return value  # type: ignore[return-value]
 
     def set(self, key: str, value: bytes) -> None:
+        if self.fallback is not None:
+            self.fallback.set(key, value)
         with contextlib.suppress(RedisUnavailable):
             self.link.run("cache_set", lambda r: r.set(self.link.key("cache", key), value, ex=self.ttl_s))

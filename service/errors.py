@@ -1,25 +1,105 @@
-"""Every bad input becomes a 4xx naming the field; nothing reaches the client as a 500 traceback."""
+"""Every bad input becomes a 4xx naming the field; nothing reaches the client as a 500 traceback. One error
+body shape for every status (FastAPI's 422 shape, `ErrorBody`), documented per route with `error_responses`."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.snapshot import StageError
-from models.registry import RegistryError
+from models.registry import BrokenEntryError, RegistryError
 from service.checkpoints import UploadError
 from service.state import ConflictError
 
-__all__ = ["install_error_handlers", "BodySizeLimit", "field_error"]
+__all__ = [
+    "install_error_handlers",
+    "BodySizeLimit",
+    "field_error",
+    "ErrorItem",
+    "ErrorBody",
+    "ERROR_RESPONSES",
+    "error_responses",
+    "MAX_REPORTED_ERRORS",
+]
+
+MAX_REPORTED_ERRORS = 20
+"""A 422 lists at most this many errors (then one item counting the rest): a body of 240,000 bad items must not
+become a 24 MB answer."""
 
 
-def field_error(status: int, field: str, message: str, kind: str = "value_error") -> JSONResponse:
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="where: `body`, then the field path (empty for the whole request)")
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx of this service (FastAPI's validation-error shape, for all of them)."""
+
+    detail: list[ErrorItem]
+
+
+_DESCRIPTIONS = {
+    400: "malformed request (e.g. an invalid Content-Length)",
+    401: "missing or wrong admin token",
+    403: "admin routes are closed: no admin token is configured",
+    404: "unknown model name or version",
+    408: "the request body did not arrive in time",
+    409: "conflicts with the current state (e.g. the active version)",
+    413: "body or upload part too large",
+    415: "not a safetensors file (pickles are refused)",
+    422: "invalid input; `loc` names the field",
+    429: "too many requests",
+    500: "internal error (logged with the request id)",
+    503: "not ready yet, or the query queue is full (see Retry-After)",
+    504: "the server-side deadline passed",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text} for code, text in _DESCRIPTIONS.items()
+}
+"""For a route decorator's `responses=`: every status this service can answer with an `ErrorBody`."""
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for the given statuses, each with the shared `ErrorBody` schema."""
+    return {code: ERROR_RESPONSES[code] for code in codes}
+
+
+def field_error(
+    status: int, field: str, message: str, kind: str = "value_error", headers: dict[str, str] | None = None
+) -> JSONResponse:
     """FastAPI's own error shape, so clients parse one format for schema and semantic errors alike."""
-    parts = ["body", *field.replace("]", "").replace("[", ".").split(".")]
+    parts = ["body", *field.replace("]", "").replace("[", ".").split(".")] if field else []
     loc = [int(p) if p.isdigit() else p for p in parts]
-    return JSONResponse(status_code=status, content={"detail": [{"loc": loc, "msg": message, "type": kind}]})
+    return JSONResponse(
+        status_code=status, content={"detail": [{"loc": loc, "msg": message, "type": kind}]}, headers=headers
+    )
+
+
+def _is_error_items(detail: Any) -> bool:
+    return (
+        isinstance(detail, list)
+        and bool(detail)
+        and all(isinstance(d, dict) and {"loc", "msg", "type"} <= set(d) for d in detail)
+    )
+
+
+def capped_errors(errors: list[dict[str, Any]], limit: int = MAX_REPORTED_ERRORS) -> list[dict[str, Any]]:
+    """The first `limit` errors without their input (a NaN in it would make the answer unserialisable), then
+    one item saying how many more there were."""
+    out: list[dict[str, Any]] = [
+        {"loc": list(e["loc"])[:32], "msg": str(e["msg"])[:500], "type": e["type"]} for e in errors[:limit]
+    ]
+    if len(errors) > limit:
+        out.append({"loc": [], "msg": f"{len(errors) - limit} more errors not shown", "type": "too_many_errors"})
+    return out
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -35,32 +115,100 @@ def install_error_handlers(app: FastAPI) -> None:
     async def registry_error(_request: Request, exc: RegistryError) -> JSONResponse:
         return field_error(404, "name", str(exc.args[0]) if exc.args else "not found", "not_found")
 
+    @app.exception_handler(BrokenEntryError)
+    async def broken_entry(_request: Request, exc: BrokenEntryError) -> JSONResponse:
+        """A version whose manifest on disk does not validate cannot be served: refused, never a 500."""
+        return field_error(409, "version", str(exc), "broken_entry")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """401/403/404/405/503 from FastAPI, auth and routing: the same body shape as a 422."""
+        if _is_error_items(exc.detail):  # already in the shared shape (a route naming its field): kept as is
+            return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=exc.headers)
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400:
+            # FastAPI's and Starlette's 400 for a body they cannot decode (bad UTF-8, broken multipart): invalid
+            # input like any other, so the documented 422 naming the body.
+            msg = f"the body could not be decoded: {detail}"[:300]
+            return JSONResponse(
+                status_code=422, content={"detail": [{"loc": ["body"], "msg": msg, "type": "body_invalid"}]}
+            )
+        kind = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        return field_error(exc.status_code, "", detail, kind, headers=getattr(exc, "headers", None))
+
     @app.exception_handler(ConflictError)
     async def conflict_error(_request: Request, exc: ConflictError) -> JSONResponse:
         return field_error(409, "", str(exc), "conflict")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        """Without echoing the input back: a NaN in it would make the error itself unserialisable."""
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return JSONResponse(status_code=422, content={"detail": errors})
+        """Without echoing the input back, and at most MAX_REPORTED_ERRORS of them (then a count)."""
+        return JSONResponse(status_code=422, content={"detail": capped_errors(list(exc.errors()))})
+
+
+class BodyTimeout(HTTPException):
+    """The body did not arrive within the body timeout (a slow client). FastAPI re-raises its HTTPExceptions
+    from body parsing unchanged, so this becomes a 408 in the shared error shape."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(status_code=408, detail=f"the request body did not arrive within {seconds:g} s")
 
 
 class BodySizeLimit:
     """Pure ASGI, so the body is never read twice: refuse by Content-Length before reading, or buffer a
-    chunked body up to the limit. `per_path` raises the limit for given exact paths (checkpoint uploads)."""
+    chunked body up to the limit. `per_path` raises the limit for given exact paths (checkpoint uploads).
+    The whole body must arrive within `body_timeout_s` (408), so a slow-body client cannot hold a request."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        per_path: dict[str, int] | None = None,
+        body_timeout_s: float | None = None,
+    ) -> None:
         self.app = app
         self.default_max = max_bytes
         self.per_path = per_path or {}
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.per_path.get(scope.get("path", ""), self.default_max)
-        await _Limited(self.app, limit)(scope, receive, send)
+        if self.body_timeout_s is not None:
+            receive = _timed_receive(receive, self.body_timeout_s)
+        try:
+            await _Limited(self.app, limit)(scope, receive, send)
+        except BodyTimeout as exc:  # raised while we buffered a chunked body ourselves
+            await field_error(408, "", str(exc.detail), "timeout")(scope, receive, send)
+
+
+def _timed_receive(receive: Receive, seconds: float) -> Receive:
+    """`receive` that raises BodyTimeout once the body has taken longer than `seconds` in total; after the last
+    body chunk it is the plain `receive` (waiting for a disconnect is not a slow body)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    done = False
+
+    async def timed() -> Message:
+        nonlocal done
+        if done:
+            return await receive()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise BodyTimeout(seconds)
+        try:
+            message = await asyncio.wait_for(receive(), remaining)
+        except TimeoutError:
+            raise BodyTimeout(seconds) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            done = True
+        return message
+
+    return timed
 
 
 class _Limited:

@@ -15,7 +15,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["setup_logging", "RequestIdMiddleware", "request_id", "JsonFormatter"]
 
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
+"""Set by the middleware for the whole request, reset after it. Starlette runs sync routes and dependencies
+through anyio's thread pool, which copies the context, so log lines from worker threads carry it too."""
 access_log = logging.getLogger("prunecascade.access")
+error_log = logging.getLogger("prunecascade.error")
+_INTERNAL_ERROR = json.dumps(
+    {"detail": [{"loc": [], "msg": "internal error; the log has it under this request id", "type": "internal_error"}]}
+).encode()
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
 
@@ -48,6 +54,10 @@ def setup_logging(level: str, as_json: bool) -> None:
 
 
 class RequestIdMiddleware:
+    """Outermost of ours: assigns the id, writes the access line and, for an unhandled exception, logs the
+    traceback while the id is still set (uvicorn would log it later, outside the request, with `-`) and
+    answers 500 in the shared error shape."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -60,9 +70,11 @@ class RequestIdMiddleware:
         token = request_id.set(rid)
         started = time.perf_counter()
         status = [500]
+        started_response = [False]
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
+                started_response[0] = True
                 status[0] = int(message["status"])
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
@@ -70,6 +82,22 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            error_log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started_response[0]:
+                raise  # too late for a 500: the server closes the connection
+            status[0] = 500
+            await send_wrapper(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", b"%d" % len(_INTERNAL_ERROR)),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
         finally:
             access_log.info(
                 "%s %s %s",

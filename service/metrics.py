@@ -63,6 +63,20 @@ class Metrics:
         self.redis_errors = Counter("prunecascade_redis_errors", "Failed Redis operations", ["op"], registry=r)
         self.redis_up = Gauge("prunecascade_redis_up", "1 while Redis answers (absent without Redis)", registry=r)
         self.uploads = Counter("prunecascade_uploads", "Checkpoint uploads by outcome", ["outcome"], registry=r)
+        self.query_inflight = Gauge("prunecascade_query_inflight", "Queries holding a compute slot", registry=r)
+        self.query_queued = Gauge("prunecascade_query_queued", "Queries waiting for a compute slot", registry=r)
+        self.query_rejected = Counter(
+            "prunecascade_query_rejected",
+            "Queries refused by the limits: queue_full (503) or deadline (504)",
+            ["reason"],
+            registry=r,
+        )
+        self.query_queue_seconds = Histogram(
+            "prunecascade_query_queue_seconds",
+            "Time a query waited for a compute slot",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def set_active(self, versions: Mapping[str, tuple[int, str]], snapshot_id: str) -> None:
         """Replace the info series: exactly one per served model, and one for the snapshot."""

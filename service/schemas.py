@@ -3,11 +3,12 @@ range, feature length, known variants) is checked against the snapshot and repor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cascade.config import Stage
+from cascade.engine import RANKING_KEYS
 
 __all__ = [
     "Target",
@@ -26,14 +27,49 @@ __all__ = [
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+MAX_EXAMPLES_SCHEMA = 1024  # a hard ceiling; the served limit is the `max_examples` setting
+
+
 class Target(BaseModel):
-    """Exactly one of: a label, a utility vector over classes, or example items (query by example)."""
+    """Exactly one of: a label, a utility vector over classes, or example items (a query by example)."""
 
     model_config = _STRICT
 
-    label: int | None = Field(None, ge=0)
-    utility: list[float] | None = Field(None, min_length=1, max_length=10_000)
-    examples: list[list[float]] | None = Field(None, min_length=1)
+    label: int | None = Field(None, ge=0, description="return the clusters most surely of this label")
+    utility: list[float] | None = Field(
+        None, min_length=1, max_length=10_000, description="one weight per class; clusters ranked by expected utility"
+    )
+    examples: list[list[float]] | None = Field(
+        None,
+        description="query objects (each a vector of the items' features): the pair models read each with every "
+        "item; several examples average the clusters' grade posteriors, at a proportional cost",
+    )
+    gains: list[float] | None = Field(
+        None,
+        min_length=1,
+        max_length=16,
+        description="with examples: the value of each relevance grade (other, same label, same cluster); "
+        "default [0, 1, 3]",
+    )
+
+    @field_validator("examples", mode="before")
+    @classmethod
+    def _rectangular(cls, value: Any) -> Any:
+        """One error for the whole field, checked before pydantic looks at each element: a ragged or huge list
+        must not turn into one error per element."""
+        if value is None:
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError("a non-empty list of examples, each a list of numbers")
+        if len(value) > MAX_EXAMPLES_SCHEMA:
+            raise ValueError(f"at most {MAX_EXAMPLES_SCHEMA} examples")
+        width = len(value[0]) if isinstance(value[0], list) else -1
+        for row in value:
+            if not isinstance(row, list) or len(row) != width or width == 0:
+                raise ValueError("every example must be a non-empty list of numbers of the same length")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row):
+                raise ValueError("every example must contain numbers only")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
@@ -48,15 +84,31 @@ class QueryRequest(BaseModel):
 
     target: Target
     k: int = Field(10, ge=1, description="clusters to return")
-    stages: list[Stage] | None = Field(None, min_length=1, max_length=8, description="override the default cascade")
+    mode: Literal["auto", "exact", "cascade"] = Field(
+        "auto",
+        description="auto: label and utility targets are answered exactly from the dense cluster posteriors once "
+        "they are built (before that, by the cascade); queries by example always run the cascade. exact: only "
+        "the table (503 while it builds). cascade: always the cascade (research, load tests).",
+    )
+    stages: list[Stage] | None = Field(
+        None,
+        max_length=8,
+        description="override the default cascade; [] (queries by example only) answers from FAISS alone",
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds the member sampling; same seed, same answer")
-    candidates: int | None = Field(None, ge=1, description="clusters the index proposes for a query by example")
+    candidates: int | None = Field(
+        None, ge=1, description="with examples: clusters the embedding index proposes (stage 0's M)"
+    )
 
 
 class ClusterHit(BaseModel):
     cluster_id: int
-    score: float = Field(description="expected utility under the final stage's cluster posterior")
-    posterior: list[float] = Field(description="the final stage's class posterior for the cluster")
+    score: float = Field(
+        description="expected utility under the final cluster posterior (gains x grade posterior for a query by "
+        "example); minus the squared embedding distance for a FAISS-only answer"
+    )
+    ranking_value: float = Field(description="the value the clusters are ranked by; its name is `ranking`")
+    posterior: list[float] = Field(description="the final posterior over `outputs` (classes or relevance grades)")
 
 
 class StageOut(BaseModel):
@@ -73,13 +125,20 @@ class StageOut(BaseModel):
 
 
 class QueryResponse(BaseModel):
+    mode: Literal["exact", "cascade", "faiss"] = Field(
+        description="what answered: the exact table, the cascade, or the embedding index alone"
+    )
+    ranking: str = Field(
+        description="what `ranking_value` is: " + "; ".join(f"{k}: {v}" for k, v in RANKING_KEYS.items())
+    )
+    outputs: list[str] = Field(description="what each posterior entry is the probability of")
     clusters: list[ClusterHit]
     stages: list[StageOut]
     flops: int = Field(description="sum of the stages' flops")
     flops_dense_kernel: int
-    dense_flops: int = Field(description="what the dense exhaustive oracle would have cost")
-    target_flops: int = Field(description="dense passes spent turning examples into a target")
-    latency_ms: float
+    dense_flops: int = Field(description="what the dense exhaustive oracle would have cost (every item, dense model)")
+    target_flops: int = Field(description="spent turning examples into a target (embedding them for stage 0)")
+    latency_ms: float = Field(description="this request's own server-side time (a cache hit reports its own)")
     snapshot_id: str
     cached: bool = Field(False, description="served from the result cache (same query, same snapshot)")
 
@@ -95,11 +154,22 @@ class ModelsOut(BaseModel):
 
 class SpaceOut(BaseModel):
     name: str
+    dataset: str = Field(description="where the items came from")
+    clusters: str = Field(description="how the clusters were made: prototypes, given, same-label or kmeans")
     num_items: int
     num_clusters: int
     num_classes: int
+    classes: list[int] = Field(description="the labels a label target may name, as the data spells them")
     input_dim: int
     max_cluster_size: int
+    cluster_sizes: dict[str, float] = Field(description="min, median and max members per cluster")
+    held_out_queries: int = Field(description="queries by example shipped with the space (GET /v1/space/queries)")
+    num_grades: int = Field(description="relevance grades of the pair models (0: no pair models)")
+    exact: dict[str, Any] = Field(
+        description="the exact table of the dense classifier's cluster posteriors: state (ready, building, disabled, "
+        "failed), bytes, build_seconds, build_flops, lookup_flops, break_even_queries (build cost over the default "
+        "cascade's cost per query)"
+    )
     snapshot_id: str
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.cpus import usable_cpus
+
 __all__ = ["Settings"]
 
 
@@ -17,11 +19,52 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     space: str = Field("default", description="Name of the space to serve (a directory under HOME/spaces)")
-    torch_threads: int = Field(1, ge=1, description="Intra-op threads per query; requests run in parallel")
+    # -- bounded cost and fair sharing of /v1/query --------------------------------------------------------------
+    query_timeout_s: float = Field(
+        10.0, gt=0.0, description="server-side deadline of a query, queueing included: 504 when it passes"
+    )
+    max_concurrent_queries: int = Field(4, ge=1, description="queries computed at once; more wait in the queue")
+    max_queued_queries: int = Field(
+        32, ge=0, description="queries waiting for a slot; beyond it: 503 with Retry-After at once"
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 from a full queue")
+    torch_threads: int = Field(
+        default_factory=lambda data: max(1, usable_cpus() // data.get("max_concurrent_queries", 1)),
+        ge=1,
+        description="intra-op torch threads per query (queries run in parallel). Unset: the CPUs this process may "
+        "use (its CPU affinity, os.sched_getaffinity, capped by the cgroup CPU quota: cpu.max, or "
+        "cpu.cfs_quota_us / cpu.cfs_period_us) divided by MAX_CONCURRENT_QUERIES, at least 1; never the host's "
+        "core count (os.cpu_count), which overcommits a container with a CPU limit",
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_k: int = Field(1000, ge=1)
     max_examples: int = Field(64, ge=1)
-    example_candidates: int = Field(256, ge=1, description="clusters the index proposes for a query by example")
+    example_candidates: int = Field(
+        200, ge=1, description="clusters the embedding index proposes for a query by example (stage 0's M)"
+    )
+    exact_enabled: bool = Field(
+        True, description="answer label and utility targets from the dense cluster posteriors once built"
+    )
+    exact_max_bytes: int = Field(
+        1 << 30, ge=0, description="largest exact table (clusters x classes x 4 bytes); beyond it, the cascade"
+    )
+    max_query_flops: int = Field(
+        20_000_000_000,
+        ge=1,
+        description="cost budget per query, checked on the stage plan before anything runs (422 beyond it)",
+    )
+    # -- HTTP connections (uvicorn) ----------------------------------------------------------------------------
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="a connection must send a complete request head this soon after opening (or "
+        "after its previous response), else it is closed: slow-header and idle connections cannot pile up",
+    )
+    body_timeout_s: float = Field(30.0, gt=0.0, description="a request body must arrive this soon: 408 beyond")
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this long")
+    max_connections: int = Field(
+        1000, ge=1, description="open connections + in-flight requests beyond which uvicorn answers 503"
+    )
     log_level: str = "info"
     log_json: bool = Field(True, description="one JSON object per log line, with the request id")
 
@@ -30,6 +73,19 @@ class Settings(BaseSettings):
     admin_token_file: Path | None = Field(None, description="file holding the admin token (used if no token)")
     max_upload_bytes: int = Field(64_000_000, ge=1024, description="largest checkpoint upload (413 beyond)")
     accuracy_floor: float = Field(0.0, ge=0.0, le=1.0, description="probe accuracy every upload must reach")
+    relative_accuracy_floor: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="every upload must keep this fraction of the served dense model's probe accuracy above chance "
+        "(the most frequent output's share; 0: off): refuses random weights whatever the absolute floor",
+    )
+    max_params: int = Field(
+        20_000_000,
+        ge=1,
+        description="parameter budget of an uploaded network or gadget, checked from its spec before anything is "
+        "allocated (the dense MNIST-1D cnn1d has 93,834)",
+    )
     max_accuracy_drop: float | None = Field(
         0.05, ge=0.0, le=1.0, description="largest probe-accuracy drop from the active version of the same name"
     )
@@ -44,6 +100,9 @@ class Settings(BaseSettings):
     cache_enabled: bool = Field(True, description="off for benchmarks that must measure every query")
     cache_ttl_s: int = Field(300, ge=1)
     cache_max_entries: int = Field(4096, ge=1, description="size of the in-process cache (no Redis)")
+    cache_fallback_entries: int = Field(
+        1024, ge=1, description="with Redis: size of the in-process copy that answers while Redis is down"
+    )
 
     @property
     def registry_dir(self) -> Path:
@@ -61,10 +120,18 @@ class Settings(BaseSettings):
     def space_dir(self) -> Path:
         return self.spaces_dir / self.space
 
+    def token_was_stripped(self) -> bool:
+        """The configured token had surrounding whitespace (a trailing newline from `$(cat file)`, a stray
+        space): it could never be sent in a header, so it is stripped, and the app logs that once."""
+        if self.admin_token is None:
+            return False
+        raw = self.admin_token.get_secret_value()
+        return raw != raw.strip()
+
     def resolved_admin_token(self) -> str | None:
         """The token from the environment, else from the token file; None keeps the admin routes closed."""
-        if self.admin_token is not None and self.admin_token.get_secret_value():
-            return self.admin_token.get_secret_value()
+        if self.admin_token is not None and self.admin_token.get_secret_value().strip():
+            return self.admin_token.get_secret_value().strip()
         if self.admin_token_file is not None and self.admin_token_file.is_file():
             token = self.admin_token_file.read_text().strip()
             return token or None

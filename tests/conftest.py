@@ -15,12 +15,26 @@ import httpx
 import pytest
 import torch
 
-from cascade.bootstrap import BootstrapConfig, PrunedVariant, bootstrap
+from cascade.bootstrap import BootstrapConfig, PairConfig, PrunedPairVariant, PrunedVariant, bootstrap
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.snapshot import Snapshot, load_snapshot
+from models.biencoder import BiEncoderTrainConfig
+from models.pair_training import PairTrainConfig
+from models.prototypes import PrototypeConfig
 from models.registry import ModelRegistry
 
 torch.set_num_threads(1)
+
+TINY_PAIR = PairConfig(
+    space=PrototypeConfig(num_prototypes=150, views=6),
+    train=PrototypeConfig(num_prototypes=300),
+    queries=40,
+    biencoder=BiEncoderTrainConfig(steps=150, batch_prototypes=64, eval_every=50),
+    training=PairTrainConfig(steps=300, eval_every=100, val_pairs=500),
+    hidden=(64, 32),
+    variants=(PrunedPairVariant("pair-s25", "greedy-asymmetric", 0.25, finetune_steps=50),),
+    stages=(Stage(variant="pair-s25", samples=2, keep=20), Stage(variant="pair-dense", samples=6)),
+)
 
 TINY = BootstrapConfig(
     num_samples=6000,
@@ -34,6 +48,7 @@ TINY = BootstrapConfig(
         Stage(variant="cnn-s50", samples=2, keep=40, aggregator="bayes"),
         Stage(variant="dense", samples=8, aggregator="bayes"),
     ),
+    pair=TINY_PAIR,
 )
 
 

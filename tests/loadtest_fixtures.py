@@ -26,6 +26,7 @@ LOADTEST_TINY = BootstrapConfig(
     cluster_size=8,
     variants=(PrunedVariant("cnn-m10", "magnitude", 0.1),),
     stages=(Stage(variant="cnn-m10", samples=2, keep=20), Stage(variant="dense", samples=4)),
+    pair=None,  # classifier-only: the load tester's grid is over classifier cascades
 )
 
 

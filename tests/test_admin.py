@@ -221,8 +221,13 @@ def test_upload_activate_rollback_delete(admin_server) -> None:
     url = admin_server.url
     before_body, before_state = _snapshot_state(admin_server)
     old = before_state["active"]["cnn-m20"]
-    # FLOPs claims are checked, then replaced by the server's measurement
-    r = httpx.post(f"{url}/v1/admin/models", files=entry_payload(entry_of(admin_server, "cnn-m20")), headers=AUTH)
+    # FLOPs claims are checked, then replaced by the server's measurement. The same tensors re-saved with a
+    # metadata note: other bytes, so a new version (identical bytes would answer the stored version, 200).
+    data = save_safetensors(_tensors(admin_server), metadata={"copy": "new-version"})
+    files = entry_payload(
+        entry_of(admin_server, "cnn-m20"), manifest={**_manifest(admin_server), "sha256": sha(data)}, weights=data
+    )
+    r = httpx.post(f"{url}/v1/admin/models", files=files, headers=AUTH)
     assert r.status_code == 201, r.text
     new = r.json()
     assert new["name"] == "cnn-m20" and new["version"] > old and new["active"] is False
@@ -269,8 +274,15 @@ def test_put_cascade_validates_against_the_registry(admin_server) -> None:
     assert r.status_code == 200 and httpx.get(f"{url}/v1/cascade").json() == original
 
 
-def test_push_command_uploads_and_activates(admin_server) -> None:
-    entry = entry_of(admin_server, "cnn-s50")
+def test_push_command_uploads_and_activates(admin_server, tmp_path) -> None:
+    """A copy of the cnn-s50 entry with its tensors re-saved (other bytes: a new version)."""
+    source = entry_of(admin_server, "cnn-s50")
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    data = save_safetensors(_tensors(admin_server, "cnn-s50"), metadata={"copy": "push"})
+    (entry / WEIGHTS_FILE).write_bytes(data)
+    manifest = json.loads((source / MANIFEST_FILE).read_text())
+    (entry / MANIFEST_FILE).write_text(json.dumps({**manifest, "sha256": sha(data)}))
     with pytest.raises(ValueError, match="401"):
         push(admin_server.url, "wrong", entry)
     out = push(admin_server.url, TOKEN, entry, activate=True)

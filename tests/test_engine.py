@@ -7,19 +7,26 @@ import pytest
 import torch
 
 from cascade.config import Stage
-from cascade.engine import dense_flops, dense_oracle, run_cascade, target_from_examples, target_from_label
+from cascade.engine import dense_flops, dense_oracle, run_cascade, target_from_label
 from cascade.evaluation import agreement_at_k, evaluate_label_queries, ndcg_at_k, recall_at_k
 from cascade.snapshot import StageError
 
 
 def test_label_queries_find_clusters_of_that_label(snapshot) -> None:
+    """Clusters are views of one prototype, so a classifier that misreads a prototype misreads all its views:
+    the cascade is held to the oracle's precision, and the oracle to a floor."""
     space = snapshot.space
+    oracle_precision = []
     for label in range(space.num_classes):
-        result = run_cascade(snapshot, target_from_label(snapshot, label), k=10, seed=label)
-        assert (space.cluster_labels[result.cluster_ids] == label).mean() >= 0.9
+        target = target_from_label(snapshot, label)
+        result = run_cascade(snapshot, target, k=10, seed=label)
+        oracle = (space.cluster_labels[dense_oracle(snapshot, target, 10).cluster_ids] == label).mean()
+        oracle_precision.append(oracle)
+        assert (space.cluster_labels[result.cluster_ids] == label).mean() >= oracle - 0.1
         assert result.flops == sum(s.flops for s in result.stages)
         assert len(result.cluster_ids) == len(set(result.cluster_ids.tolist())) == 10
         assert np.all(np.diff(result.scores) <= 1e-9)  # best first (p(label) is monotone in the log-odds)
+    assert np.mean(oracle_precision) >= 0.85
 
 
 def test_stage_accounting(snapshot) -> None:
@@ -48,17 +55,6 @@ def test_oracle_is_a_single_dense_stage_over_all_members(snapshot) -> None:
     one_stage = run_cascade(snapshot, t, 10, [Stage(variant="dense", samples=int(snapshot.space.sizes.max()))])
     np.testing.assert_allclose(np.sort(oracle.scores), np.sort(one_stage.scores), rtol=1e-5)
     assert oracle.flops == dense_flops(snapshot, t) == one_stage.stages[0].items * snapshot.dense.flops.nonzero
-
-
-def test_query_by_example_restricts_candidates(snapshot) -> None:
-    space = snapshot.space
-    rows = np.flatnonzero(space.labels == 4)[:3]
-    target = target_from_examples(snapshot, space.features[rows], candidates=60)
-    assert target.candidates is not None and len(target.candidates) == 60
-    assert int(np.argmax(target.utility)) == 4
-    result = run_cascade(snapshot, target, k=5)
-    assert set(result.cluster_ids.tolist()) <= set(target.candidates.tolist())
-    assert (space.cluster_labels[result.cluster_ids] == 4).mean() >= 0.8
 
 
 @pytest.mark.parametrize(
@@ -105,3 +101,28 @@ def test_ranking_separates_clusters_whose_posteriors_saturate() -> None:
     # a utility target ranks by expected utility
     key = ranking_key(log_post.log_softmax(1), Target(utility=np.array([0.0, 1.0, 0.0])))
     assert key[0] > key[1]
+
+
+def test_utility_log_odds_rank_as_the_expected_utility_and_break_saturated_ties() -> None:
+    from cascade.engine import Target, ranking_key
+
+    lp = (3 * torch.randn(300, 4, generator=torch.Generator().manual_seed(0))).double().log_softmax(1)
+    u = np.array([0.0, 1.0, 3.0, 0.5])
+    key = ranking_key(lp, Target(utility=u))
+    expected = lp.exp() @ torch.from_numpy(u)
+    assert torch.equal(torch.argsort(key, descending=True), torch.argsort(expected, descending=True))
+    saturated = torch.tensor([[-40.0, -45.0, 0.0, -50.0], [-90.0, -95.0, 0.0, -99.0]], dtype=torch.float64)
+    assert (saturated.exp() @ torch.from_numpy(u)).unique().tolist() == [3.0]  # a tie in expected utility
+    key = ranking_key(saturated, Target(utility=u))
+    assert key[1] > key[0]  # the surer cluster first
+
+
+def test_a_passed_deadline_stops_the_cascade_before_the_next_stage(snapshot) -> None:
+    import time
+
+    from cascade.engine import DeadlineExceeded
+
+    target = target_from_label(snapshot, 1)
+    with pytest.raises(DeadlineExceeded, match="stage 0"):
+        run_cascade(snapshot, target, 5, deadline=time.monotonic() - 1.0)
+    assert len(run_cascade(snapshot, target, 5, deadline=time.monotonic() + 60.0).cluster_ids) == 5

@@ -32,7 +32,9 @@ def test_loadtest_against_a_live_service(loadtest_service: LiveService, tmp_path
         assert {"p50_ms", "p99_ms", "flops", "recall_at_k", "agreement_at_k"} <= set(reader.fieldnames)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
-    assert [r["config"] for r in rows] == ["cnn-m10/1/20 > dense/4", "cnn-m10/2/20 > dense/4", "default"]
+    assert [r["config"] for r in rows] == ["cnn-m10/1/20 > dense/4", "cnn-m10/2/20 > dense/4", "default", "exact"]
+    exact = rows[-1]  # the table of dense cluster posteriors: the oracle's answers at a lookup's cost
+    assert float(exact["agreement_at_k"]) == 1.0 and float(exact["flops"]) < float(rows[0]["flops"])
     for r in rows:
         assert (r["sent"], r["ok"], r["errors"]) == ("8", "8", "0"), r["first_error"]
         assert 0.0 < float(r["p50_ms"]) <= float(r["p99_ms"])
@@ -49,7 +51,8 @@ def test_loadtest_against_a_live_service(loadtest_service: LiveService, tmp_path
 
 def test_oracle_through_the_service_agrees_with_itself(loadtest_service: LiveService, tmp_path: Path) -> None:
     """A grid whose only stage is the dense model on every member is the oracle: agreement@k must be 1."""
-    code = _run(loadtest_service, tmp_path, "--rates", "3", "--duration", "1", "--variants", "dense", "--samples", "8")
+    grid = ["--variants", "dense", "--samples", "8", "--no-exact"]
+    code = _run(loadtest_service, tmp_path, "--rates", "3", "--duration", "1", *grid)
     assert code == 0
     with (tmp_path / "results.csv").open() as f:
         (row,) = list(csv.DictReader(f))

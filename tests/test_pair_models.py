@@ -188,7 +188,8 @@ def test_flops_match_the_torch_counter_where_it_counts() -> None:
     model = PairNetwork(TINY).eval()
     cost = pair_cost(model)
     assert cost.interaction.dense_kernel == 2 * 4 * 5 * 40 + 2 * 4 * 40  # correlations + item energies
-    assert pair_flops(model) == cost.per_pair == cost.interaction + cost.scorer
+    assert cost.per_pair == cost.interaction + cost.scorer
+    assert pair_flops(model) == cost.per_pair + cost.per_item  # served: the item trunk is recomputed per pair
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model.scorer(torch.zeros(1, TINY.interaction_dim))

@@ -22,6 +22,7 @@ from service_fixtures import (  # noqa: F401
     entry_of,
     entry_payload,
     redis_proc,
+    resaved_payload,
     wait_for,
 )
 
@@ -65,8 +66,10 @@ def test_replicas_converge_through_redis_and_survive_its_loss(replicas, redis_pr
     old = _served(a)["cnn-m20"]
     assert _served(b)["cnn-m20"] == old
 
-    # an upload on A lands on the shared volume; its activation is live on B within 2 s
-    r = httpx.post(f"{a.url}/v1/admin/models", files=entry_payload(entry_of(a, "cnn-m20")), headers=AUTH)
+    # an upload on A lands on the shared volume; its activation is live on B within 2 s. The tensors are
+    # re-saved with a note: other bytes, so a new version (identical bytes answer the stored one).
+    files = resaved_payload(entry_of(a, "cnn-m20"), "redis")
+    r = httpx.post(f"{a.url}/v1/admin/models", files=files, headers=AUTH)
     assert r.status_code == 201, r.text
     new = r.json()["version"]
     r = httpx.post(f"{a.url}/v1/admin/models/cnn-m20/activate", json={"version": new}, headers=AUTH)

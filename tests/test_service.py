@@ -31,7 +31,8 @@ def test_label_queries_return_that_label_and_flops_add_up(server) -> None:
     space = Space.load(server.home / "spaces" / "default")
     recalls = []
     for label in range(space.num_classes):
-        r = httpx.post(f"{server.url}/v1/query", json={"target": {"label": label}, "k": 10, "seed": label})
+        query = {"target": {"label": label}, "k": 10, "seed": label, "mode": "cascade"}
+        r = httpx.post(f"{server.url}/v1/query", json=query)
         assert r.status_code == 200, r.text
         body = r.json()
         ids = np.array([c["cluster_id"] for c in body["clusters"]])
@@ -53,15 +54,15 @@ def test_utility_and_example_queries_and_stage_override(server) -> None:
     rows = np.flatnonzero(space.labels == 2)[:2]
     examples = space.features[rows].tolist()
     stages = [
-        {"variant": "cnn-m20", "samples": 3, "keep": 12, "aggregator": "mean_prob"},
-        {"variant": "dense", "samples": 4},
+        {"variant": "pair-s25", "samples": 3, "keep": 12, "aggregator": "mean_prob"},
+        {"variant": "pair-dense", "samples": 4},
     ]
     r = httpx.post(f"{server.url}/v1/query", json={"target": {"examples": examples}, "k": 4, "stages": stages})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert [s["variant"] for s in body["stages"]] == ["cnn-m20", "dense"]
+    assert [s["variant"] for s in body["stages"]] == ["pair-s25", "pair-dense"]
     assert body["stages"][0]["aggregator"] == "mean_prob" and body["target_flops"] > 0
-    assert (space.cluster_labels[[c["cluster_id"] for c in body["clusters"]]] == 2).mean() >= 0.75
+    assert (space.cluster_labels[[c["cluster_id"] for c in body["clusters"]]] == 2).mean() >= 0.5
 
 
 BAD = [

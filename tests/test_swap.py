@@ -8,7 +8,7 @@ import time
 from collections import defaultdict
 
 import httpx
-from service_fixtures import AUTH, admin_server, entry_of, entry_payload, served_versions  # noqa: F401
+from service_fixtures import AUTH, admin_server, entry_of, resaved_payload, served_versions  # noqa: F401
 
 SWAPS = 20
 WORKERS = 3
@@ -17,7 +17,9 @@ MAX_QUERIES_PER_WORKER = 400
 
 def test_hot_swap_under_load(admin_server) -> None:
     url = admin_server.url
-    r = httpx.post(f"{url}/v1/admin/models", files=entry_payload(entry_of(admin_server, "cnn-s50")), headers=AUTH)
+    r = httpx.post(
+        f"{url}/v1/admin/models", files=resaved_payload(entry_of(admin_server, "cnn-s50"), "swap"), headers=AUTH
+    )
     assert r.status_code == 201, r.text
     new = r.json()["version"]
     old = httpx.get(f"{url}/v1/admin/state", headers=AUTH).json()["active"]["cnn-s50"]
@@ -32,7 +34,8 @@ def test_hot_swap_under_load(admin_server) -> None:
             for i in range(MAX_QUERIES_PER_WORKER):
                 if stop.is_set():
                     return
-                body = {"target": {"label": (w + i) % 10}, "k": 5, "seed": w * 100_000 + i}
+                # mode cascade: the swapped variant must answer (label targets are otherwise answered exactly)
+                body = {"target": {"label": (w + i) % 10}, "k": 5, "seed": w * 100_000 + i, "mode": "cascade"}
                 try:
                     resp = client.post(f"{url}/v1/query", json=body)
                 except httpx.HTTPError as exc:

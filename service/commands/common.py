@@ -1,12 +1,15 @@
-"""Arguments and loaders several commands share."""
+"""Arguments and loaders several commands share. Heavy modules (torch, the registry) are imported inside the
+functions, so that building the parser stays fast."""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from models.data import Splits, load_dataset
-from models.registry import ModelRegistry
-from service.settings import Settings
+if TYPE_CHECKING:
+    from models.data import Splits
+    from models.registry import ModelRegistry
+    from service.settings import Settings
 
 __all__ = ["add_home", "settings_from", "registry_from", "splits_for"]
 
@@ -16,13 +19,31 @@ def add_home(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    from service.settings import Settings
+
     return Settings(home=args.home) if getattr(args, "home", None) else Settings()
 
 
 def registry_from(args: argparse.Namespace) -> ModelRegistry:
+    from models.registry import ModelRegistry
+
     return ModelRegistry(settings_from(args).registry_dir)
 
 
-def splits_for(dataset: str, args: argparse.Namespace, seed: int = 0, num_samples: int = 52_000) -> Splits:
-    """The same seed and size give the same splits the model was trained on."""
-    return load_dataset(dataset, seed=seed, num_samples=num_samples, cache_dir=settings_from(args).data_dir)
+def splits_for(
+    dataset: str,
+    args: argparse.Namespace,
+    seed: int = 0,
+    num_samples: int = 52_000,
+    space_dataset: str | None = None,
+) -> Splits:
+    """The same seed, size and space file give the same splits the model was trained on."""
+    from models.data import load_dataset
+
+    return load_dataset(
+        dataset,
+        seed=seed,
+        num_samples=num_samples,
+        cache_dir=settings_from(args).data_dir,
+        space_dataset=space_dataset,
+    )

@@ -6,19 +6,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from service.commands.common import settings_from
-from service.loadtest.grid import StageSpec, cascade_label, expand_grid
-from service.loadtest.session import Plan, planned_requests, run_loadtest
-from service.loadtest.target import check_target
+
+if TYPE_CHECKING:
+    from service.loadtest.grid import StageSpec
+    from service.loadtest.session import Plan
 
 __all__ = ["register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("loadtest", help="drive a running service at constant request rates over a config grid")
+    p = sub.add_parser("loadtest", help="load-test a running service over cascade configurations")
     p.add_argument("--url", default=None, help="service base URL (default: http://$PRUNECASCADE_HOST:PORT)")
     p.add_argument("--rates", default="5,10,20", help="comma-separated request rates per second")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per (configuration, rate) point")
@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--keep", default="-", help="e.g. '200/40/-'; '-' on the last stage (it keeps k)")
     g.add_argument("--aggregators", default="bayes", help="e.g. 'bayes,mean_prob/bayes'")
     g.add_argument("--with-default", action="store_true", help="also run the service's default cascade")
+    g.add_argument(
+        "--no-exact", action="store_true", help="leave out the exact path (label answers from the dense table)"
+    )
     g.add_argument("--max-configs", type=int, default=64, help="refuse grids larger than this")
     b = p.add_argument_group("bounds")
     b.add_argument("--max-requests", type=int, default=20_000, help="refuse runs that would send more")
@@ -55,6 +58,10 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
+    from service.loadtest.grid import cascade_label, expand_grid
+    from service.loadtest.session import EXACT, Plan, planned_requests
+    from service.loadtest.target import check_target
+
     settings = settings_from(args)
     url = args.url or f"http://{settings.host}:{settings.port}"
     check_target(url, args.allow_remote)
@@ -66,6 +73,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         configs += [(cascade_label(stages), stages) for stages in grid]
     if not args.variants or args.with_default:
         configs.append(("default", None))
+    if not args.no_exact:
+        configs.append((EXACT, None))
     if not configs:
         raise ValueError("no valid configuration in the grid")
     labels = tuple(int(x) for x in args.labels.split(",")) if args.labels else None
@@ -89,7 +98,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
 
 def run(args: argparse.Namespace) -> int:
+    import httpx
+
     from cascade.space import Space
+    from service.loadtest.session import run_loadtest
 
     plan = build_plan(args)
     space_dir = args.space_dir or settings_from(args).space_dir

@@ -7,10 +7,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-
-import httpx
-
-from models.registry import GADGET_SPEC_FILE, GADGET_WEIGHTS_FILE, MANIFEST_FILE, WEIGHTS_FILE
+from typing import Any
 
 __all__ = ["register", "push"]
 
@@ -25,8 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def push(url: str, token: str, entry_dir: Path, activate: bool = False, timeout: float = 120.0) -> dict:
-    """Returns the upload answer (plus `activated` with the admin state when asked to activate)."""
+def push(url: str, token: str, entry_dir: Path, activate: bool = False, timeout: float = 120.0) -> dict[str, Any]:
+    """Returns the upload answer; when asked to activate, `active` is true once the service reports this
+    version as the active one, and `activated` holds the admin state it answered."""
+    import httpx
+
+    from models.registry import GADGET_SPEC_FILE, GADGET_WEIGHTS_FILE, MANIFEST_FILE, WEIGHTS_FILE
+
     files = {}
     for field, fname in (
         ("manifest", MANIFEST_FILE),
@@ -43,7 +45,7 @@ def push(url: str, token: str, entry_dir: Path, activate: bool = False, timeout:
     base = url.rstrip("/")
     with httpx.Client(timeout=timeout, headers=headers) as client:
         r = client.post(f"{base}/v1/admin/models", files=files)
-        if r.status_code != 201:
+        if r.status_code not in (200, 201):  # 200: identical bytes were stored before, that version is answered
             raise ValueError(f"upload refused ({r.status_code}): {r.text}")
         out = r.json()
         if activate:
@@ -53,10 +55,14 @@ def push(url: str, token: str, entry_dir: Path, activate: bool = False, timeout:
                     f"stored as {out['name']}:{out['version']} but activation failed ({a.status_code}): {a.text}"
                 )
             out["activated"] = a.json()
+            # the upload answer said `active: false` (uploads are stored inactive); say what holds now
+            out["active"] = out["activated"].get("active", {}).get(out["name"]) == out["version"]
     return out
 
 
 def run(args: argparse.Namespace) -> int:
+    import httpx
+
     token = args.token or os.environ.get("PRUNECASCADE_ADMIN_TOKEN")
     if not token:
         raise ValueError("no admin token: pass --token or set PRUNECASCADE_ADMIN_TOKEN")

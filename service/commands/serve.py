@@ -6,9 +6,9 @@ import argparse
 
 import uvicorn
 
-from cascade.bootstrap import bootstrap
 from service.app import create_app
 from service.commands.common import add_home, settings_from
+from service.connections import with_head_timeout
 
 __all__ = ["register"]
 
@@ -26,12 +26,19 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
-    if args.bootstrap:
-        bootstrap(settings.home)
     # log_config=None: uvicorn's own loggers propagate to the JSON handler `create_app` installs; the access
-    # line is written by service.logs (with the request id), so uvicorn's is off.
-    app = create_app(settings)
+    # line is written by service.logs (with the request id), so uvicorn's is off. Slow or idle clients are
+    # bounded: request-head timeout, keep-alive timeout, and a connection limit (503 beyond it).
+    app = create_app(settings, bootstrap_first=args.bootstrap)  # the port opens before the bootstrap runs
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None, access_log=False
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        http=with_head_timeout(settings.header_timeout_s),
+        timeout_keep_alive=settings.keep_alive_s,
+        limit_concurrency=settings.max_connections,
     )
     return 0

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from models.dense import default_spec, train_and_register
-from models.spec import NetworkSpec
-from models.training import TrainConfig
 from service.commands.common import add_home, registry_from, splits_for
 
 __all__ = ["register"]
@@ -31,6 +28,10 @@ def _widths(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from models.dense import default_spec, train_and_register
+    from models.spec import NetworkSpec
+    from models.training import TrainConfig
+
     splits = splits_for(args.dataset, args, seed=args.seed, num_samples=args.num_samples)
     base = default_spec(splits, args.arch)
     spec = NetworkSpec(

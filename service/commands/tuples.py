@@ -9,24 +9,26 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from models.aggregation import list_aggregators
-from models.flops import count_flops
-from models.gadget import Gadget, GadgetTrainConfig
-from models.networks import Classifier
-from models.pruning import get_method, prune
-from models.pruning.pipeline import calibration_from
-from models.registry import ModelRegistry
-from models.tuples import DEFAULT_AGGREGATORS, ExperimentResult, ResultRow, SweetSpotRow, Variant, run_experiment
 from service.commands.common import add_home, registry_from, settings_from, splits_for
 
-__all__ = ["register", "run", "write_outputs"]
+if TYPE_CHECKING:
+    import torch
+
+    from models.networks import Classifier
+    from models.registry import ModelRegistry
+    from models.tuples import ExperimentResult, ResultRow, Variant
+
+__all__ = ["register", "run", "write_outputs", "sweet_spot_figure", "sparse_log_ticks", "AGGREGATORS", "SWEET_SPOT_PNG"]
+
+# models.tuples.DEFAULT_AGGREGATORS, spelled out so that the parser does not import torch (a test checks they agree)
+AGGREGATORS = ("mean_prob", "mean_logit", "bayes", "lstm", "deepsets")
+SWEET_SPOT_PNG = "aggregation_sweet_spot.png"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default="magnitude,layer-weight-norm", help="pruning methods for --source prune")
     p.add_argument("--keeps", default="0.5,0.25,0.1,0.05", help="compression levels (fractions kept) to prune")
     p.add_argument("--ns", default="1,2,4,8,16", help="tuple sizes")
-    p.add_argument("--aggregators", default=",".join(DEFAULT_AGGREGATORS))
+    p.add_argument("--aggregators", default=",".join(AGGREGATORS))
     p.add_argument("--budgets", default="0.5,1,2,4,8", help="FLOPs budgets per tuple, in dense-network passes")
     p.add_argument("--tuples", type=int, default=2000, help="test tuples per (n, aggregator, variant)")
     p.add_argument("--n-cap", type=int, default=32, help="largest n considered for a budget")
@@ -62,6 +64,10 @@ def _floats(text: str) -> list[float]:
 
 
 def _variant(label: str, method: str, keep: float, model: Classifier, gadget: torch.nn.Module | None = None) -> Variant:
+    from models.flops import count_flops
+    from models.gadget import Gadget
+    from models.tuples import Variant
+
     f = count_flops(model, model.spec.input_dim)
     v = Variant(label, method, keep, model, f.nonzero, f.dense_kernel)
     if isinstance(gadget, Gadget):
@@ -84,6 +90,14 @@ def _registry_variants(
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.aggregation import list_aggregators
+    from models.gadget import GadgetTrainConfig
+    from models.pruning import get_method, prune
+    from models.pruning.pipeline import calibration_from
+    from models.tuples import run_experiment
+
     torch.set_num_threads(settings_from(args).torch_threads)
     registry = registry_from(args)
     name, _, version = args.dense.partition(":")
@@ -170,6 +184,8 @@ def _summary(result: ExperimentResult) -> str:
 
 
 def write_outputs(result: ExperimentResult, out: Path, plots: bool = True) -> None:
+    from models.tuples import ResultRow, SweetSpotRow
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.to_json(), indent=1))
     _write_csv(out / "results.csv", result.rows, ResultRow)
@@ -239,11 +255,29 @@ def _plot(result: ExperimentResult, out: Path) -> None:
     fig.savefig(out / "aggregation_ri_vs_flops.png", dpi=110)
     plt.close(fig)
 
+    fig = sweet_spot_figure(result)
+    if fig is not None:
+        fig.savefig(out / SWEET_SPOT_PNG, dpi=110)
+        plt.close(fig)
+
+
+def sweet_spot_figure(result: ExperimentResult) -> Any:
+    """n-accuracy against the fraction kept, one panel per FLOPs budget (None without budgets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    aggs = list(dict.fromkeys(r.aggregator for r in result.rows))
     budgets = list(dict.fromkeys(s.budget for s in result.sweet_spots))
     methods = [m for m in dict.fromkeys(r.method for r in result.budget_rows) if m != "dense"]
     if not budgets:
-        return
-    fig, axes = plt.subplots(1, len(budgets), figsize=(3.4 * len(budgets), 3.2), squeeze=False, sharey=True)
+        return None
+    fig, axes = plt.subplots(
+        1, len(budgets), figsize=(3.4 * len(budgets) + 2.2, 3.4), squeeze=False, sharey=True, layout="constrained"
+    )
+    keeps = sparse_log_ticks(sorted({r.keep for r in result.budget_rows}, reverse=True))
     for ax, b in zip(axes.flat, budgets, strict=True):
         brs = _rows_at_budget(result.budget_rows, b)
         for a in aggs:
@@ -252,11 +286,25 @@ def _plot(result: ExperimentResult, out: Path) -> None:
                 if rs:
                     ax.plot([r.keep for r in rs], [r.n_accuracy for r in rs], marker="o", ms=3, label=f"{a} {m}")
         ax.set_xscale("log")
+        # one plain label per compression level present (log scale's minor labels overlapped: "4x10^-1 3x10^-1")
+        ax.xaxis.set_major_locator(FixedLocator(keeps))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
         ax.invert_xaxis()
         ax.set_title(f"budget {b:,} FLOPs", fontsize=8)
         ax.set_xlabel("fraction kept (n = budget / cost)")
+        ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("n-accuracy")
-    axes[0, -1].legend(fontsize=5)
-    fig.tight_layout()
-    fig.savefig(out / "aggregation_sweet_spot.png", dpi=110)
-    plt.close(fig)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=6, title="aggregator, method", title_fontsize=7)
+    return fig
+
+
+def sparse_log_ticks(values: list[float], min_gap: float = 0.12) -> list[float]:
+    """Tick positions from `values` (descending), dropping any closer than `min_gap` decades to the last kept
+    one, so labels on a log axis never run into each other however many compression levels there are."""
+    kept: list[float] = []
+    for v in values:
+        if v > 0 and (not kept or abs(math.log10(kept[-1]) - math.log10(v)) >= min_gap):
+            kept.append(v)
+    return kept

@@ -21,7 +21,9 @@ from service.loadtest.report import CSV_FILE, SUMMARY_FILE, summary_text, write_
 from service.loadtest.runner import Outcome, run_open_loop
 from service.loadtest.schedule import open_loop_schedule
 
-__all__ = ["Plan", "Result", "planned_requests", "run_loadtest"]
+EXACT = "exact"  # the configuration name of the exact path (`mode: exact`)
+
+__all__ = ["EXACT", "Plan", "Result", "planned_requests", "run_loadtest"]
 
 QUERY_PATH = "/v1/query"
 
@@ -87,6 +89,18 @@ async def _wait_ready(client: httpx.AsyncClient, seconds: float) -> None:
         await asyncio.sleep(0.5)
 
 
+async def _wait_exact(client: httpx.AsyncClient, seconds: float) -> None:
+    """The exact path answers 503 while its table builds (in the background after start-up): wait for it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        state = (await _get_json(client, "/v1/space")).get("exact", {}).get("state")
+        if state == "ready":
+            return
+        if state in ("disabled", "failed") or time.monotonic() >= deadline:
+            raise RuntimeError(f"the exact table is {state!r}: run without the exact configuration (--no-exact)")
+        await asyncio.sleep(0.5)
+
+
 async def _oracle(
     client: httpx.AsyncClient, labels: Sequence[int], k: int, samples: int, timeout: float
 ) -> dict[int, list[int]]:
@@ -120,9 +134,13 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
                 " pass the --space-dir the service serves, or recall@k would be meaningless"
             )
         labels = plan.labels if plan.labels is not None else tuple(range(int(info["num_classes"])))
+        if list(info.get("classes", labels)) != list(range(int(info["num_classes"]))):
+            raise ValueError("the load tester scores recall on spaces whose labels are 0..C-1 and ids are positions")
         relevant = {label: relevant_clusters(cluster_labels, label) for label in labels}
         log(f"fetching the dense oracle's top-{plan.k} for {len(labels)} labels")
         oracle = await _oracle(client, labels, plan.k, int(info["max_cluster_size"]), max(plan.timeout, 120.0))
+        if any(name == EXACT for name, _ in plan.configs):
+            await _wait_exact(client, plan.ready_wait)
         log(f"{len(plan.configs)} configurations x {len(plan.rates)} rates, {total} requests planned")
 
         rows: list[dict[str, Any]] = []
@@ -135,8 +153,12 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
                     continue
                 offsets = open_loop_schedule(rate, plan.duration, plan.max_requests)
                 base: dict[str, Any] = {"k": plan.k}
-                if stages is not None:
+                if name == EXACT:
+                    base["mode"] = "exact"  # the table of dense cluster posteriors: what a cascade must beat
+                elif stages is not None:
                     base["stages"] = stages_payload(stages)
+                else:
+                    base["mode"] = "cascade"  # the default cascade, even once the exact table is ready
 
                 def make(i: int, base: dict[str, Any] = base) -> tuple[str, dict[str, Any]]:
                     return QUERY_PATH, {**base, "target": {"label": labels[i % len(labels)]}, "seed": i}

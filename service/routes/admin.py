@@ -1,11 +1,14 @@
 """Operator routes (bearer token): upload a checkpoint as an inactive version, activate, roll back, delete
-a version, replace the default cascade. Each change is complete or not applied at all (see ServiceState)."""
+a version, replace the default cascade, reload what the command line changed on disk. Each change is complete
+or not applied at all (see ServiceState)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, File, Path, Response
+from pydantic import Field
 
 from cascade.config import CascadeConfig
 from cascade.snapshot import Snapshot
@@ -13,13 +16,19 @@ from models.manifest import NAME_PATTERN
 from service.auth import require_admin
 from service.checkpoints import GatePolicy, UploadError, load_probe, validate_upload
 from service.dependencies import SnapshotDep, StateDep, current_snapshot
+from service.errors import error_responses
 from service.schemas import ActivateRequest, AdminStateOut, UploadOut
 from service.state import ServiceState
 
 __all__ = ["router"]
 
 # Auth first (401/403 before anything else), then the snapshot (503 while loading).
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin), Depends(current_snapshot)])
+router = APIRouter(
+    prefix="/v1/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin), Depends(current_snapshot)],
+    responses=error_responses(401, 403, 503),
+)
 
 Name = Annotated[str, Path(pattern=NAME_PATTERN, description="registry name of the model")]
 Version = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -33,30 +42,57 @@ def _state_out(state: ServiceState, snapshot: Snapshot) -> AdminStateOut:
     )
 
 
-@router.post("/models", status_code=201, response_model=UploadOut)
+@router.post(
+    "/models",
+    status_code=201,
+    response_model=UploadOut,
+    responses={
+        200: {"model": UploadOut, "description": "identical bytes were uploaded before: that version, unchanged"},
+        **error_responses(413, 415, 422),
+    },
+)
 def upload_model(
     state: StateDep,
     snapshot: SnapshotDep,
+    response: Response,
     manifest: Annotated[bytes, File(description="manifest.json of the entry")],
     weights: Annotated[bytes, File(description="weights.safetensors (pickles are refused)")],
     gadget: Annotated[bytes | None, File(description="gadget.safetensors, when the variant has one")] = None,
     gadget_spec: Annotated[bytes | None, File(description="gadget.json, required with a gadget")] = None,
 ) -> UploadOut:
-    """Validated completely before anything is written; stored as the next, inactive version."""
+    """Validated completely before anything is written; stored as the next, inactive version (201). The same
+    weights (and gadget) as a stored version of that name answer 200 with that version; nothing is stored."""
     settings = state.settings
-    for field, data in (("manifest", manifest), ("weights", weights), ("gadget", gadget), ("gadget_spec", gadget_spec)):
-        if data is not None and len(data) > settings.max_upload_bytes:
-            raise UploadError(413, field, f"larger than {settings.max_upload_bytes} bytes")
-    policy = GatePolicy(settings.accuracy_floor, settings.max_accuracy_drop, settings.flops_tolerance)
+    policy = GatePolicy(
+        settings.accuracy_floor,
+        settings.max_accuracy_drop,
+        settings.flops_tolerance,
+        relative_accuracy_floor=settings.relative_accuracy_floor,
+        max_params=settings.max_params,
+    )
     try:
+        parts = (("manifest", manifest), ("weights", weights), ("gadget", gadget), ("gadget_spec", gadget_spec))
+        for field, data in parts:
+            if data is not None and len(data) > settings.max_upload_bytes:
+                raise UploadError(413, field, f"larger than {settings.max_upload_bytes} bytes")
         upload = validate_upload(
             manifest, weights, gadget, gadget_spec, snapshot, load_probe(settings.space_dir), policy
         )
     except UploadError:
         state.metrics.uploads.labels(outcome="refused").inc()
         raise
-    stored = state.registry.stage_files(upload.name, upload.files, upload.fields)
-    state.metrics.uploads.labels(outcome="stored").inc()
+    except Exception:
+        state.metrics.uploads.labels(outcome="error").inc()  # a bug, not the upload's fault: still counted
+        raise
+    gadget_sha = hashlib.sha256(gadget).hexdigest() if gadget is not None else None
+    existing = state.registry.find_identical(upload.name, upload.fields["sha256"], gadget_sha)
+    if existing is not None:
+        state.metrics.uploads.labels(outcome="identical").inc()
+        response.status_code = 200
+        stored = existing
+    else:
+        stored = state.registry.stage_files(upload.name, upload.files, upload.fields)
+        state.metrics.uploads.labels(outcome="stored").inc()
     return UploadOut(
         name=stored.name,
         version=stored.version,
@@ -64,11 +100,11 @@ def upload_model(
         flops_dense_kernel=stored.flops_dense_kernel,
         flops_nonzero=stored.flops_nonzero,
         accuracy=stored.accuracy,
-        active=False,
+        active=state.active.get(stored.name) == stored.version,
     )
 
 
-@router.post("/models/{name}/activate", response_model=AdminStateOut)
+@router.post("/models/{name}/activate", response_model=AdminStateOut, responses=error_responses(404, 409, 413, 422))
 def activate_model(
     state: StateDep, name: Name, request: Annotated[ActivateRequest | None, Body()] = None
 ) -> AdminStateOut:
@@ -77,23 +113,40 @@ def activate_model(
     return _state_out(state, snapshot)
 
 
-@router.post("/models/{name}/rollback", response_model=AdminStateOut)
+@router.post("/models/{name}/rollback", response_model=AdminStateOut, responses=error_responses(404, 409, 422))
 def rollback_model(state: StateDep, name: Name) -> AdminStateOut:
     """Back to the version active before the current one."""
     return _state_out(state, state.rollback(name))
 
 
-@router.delete("/models/{name}/versions/{version}", status_code=204)
+@router.delete("/models/{name}/versions/{version}", status_code=204, responses=error_responses(404, 409, 422))
 def delete_version(state: StateDep, name: Name, version: Version) -> Response:
     """Refused (409) for the active version."""
     state.delete(name, version)
     return Response(status_code=204)
 
 
-@router.put("/cascade", response_model=AdminStateOut)
+@router.put("/cascade", response_model=AdminStateOut, responses=error_responses(413, 422))
 def put_cascade(state: StateDep, config: CascadeConfig) -> AdminStateOut:
     """The new default stage list, validated against the active models before it is stored."""
     return _state_out(state, state.set_cascade(config))
+
+
+class ReloadOut(AdminStateOut):
+    changed: list[str] = Field(
+        description="what the reload adopted: `name:version` for every newly active version, `cascade` for a new "
+        "default cascade; empty when the disk held nothing new"
+    )
+
+
+@router.post("/reload", response_model=ReloadOut, responses=error_responses(409, 422))
+def reload_registry(state: StateDep) -> ReloadOut:
+    """Serve what the command line changed in this home's registry while the server ran (for example
+    `prunecascade prune --home HOME ...`, which registers and activates a new version, or `prunecascade train`):
+    the active versions and the default cascade are read from disk and swapped in as one complete snapshot.
+    Active models that do not fit the space are left out and logged once; `GET /v1/models` says why."""
+    snapshot, changed = state.reload()
+    return ReloadOut(**_state_out(state, snapshot).model_dump(), changed=changed)
 
 
 @router.get("/state", response_model=AdminStateOut)

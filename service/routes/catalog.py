@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 from fastapi import APIRouter
 
+from cascade.snapshot import Snapshot, misfit
+from models.registry import RegistryError
 from service.dependencies import SnapshotDep, StateDep
+from service.errors import error_responses
 from service.schemas import CascadeOut, ModelsOut, SpaceOut
+from service.state import ServiceState
 
 __all__ = ["router"]
 
@@ -14,24 +21,66 @@ router = APIRouter(prefix="/v1", tags=["catalog"])
 
 @router.get("/models", response_model=ModelsOut)
 def list_models(state: StateDep) -> ModelsOut:
-    """Every version of every registered model, with the active one marked."""
-    return ModelsOut(models=state.registry.describe())
+    """Every version of every registered model: `active` (the registry's choice on disk), `served` (whether the
+    current snapshot answers queries with it) and, when it is not served, `not_served` saying why (inactive, does
+    not fit the space, or activated on disk after the snapshot was built: `POST /v1/admin/reload`). An entry whose
+    manifest on disk does not validate is listed with `broken` saying why (it cannot be activated)."""
+    snapshot = state.snapshot
+    entries = state.registry.describe()
+    for entry in entries:
+        entry["served"], entry["not_served"] = _served(state, snapshot, entry)
+    return ModelsOut(models=entries)
 
 
-@router.get("/cascade", response_model=CascadeOut)
+def _served(state: ServiceState, snapshot: Snapshot | None, entry: dict) -> tuple[bool, str | None]:
+    name, version = entry["name"], entry["version"]
+    if "broken" in entry:
+        return False, entry["broken"]
+    if snapshot is None:
+        return False, "the server is still loading its snapshot"
+    variant = snapshot.variants.get(name)
+    if variant is not None and variant.version == version:
+        return True, None
+    try:
+        reason = misfit(state.registry.manifest(name, version), snapshot.space)
+    except RegistryError as exc:
+        return False, str(exc)
+    if reason is not None:
+        return False, f"does not fit the space: it {reason}"
+    if not entry.get("active"):
+        serving = f"; version {variant.version} is served" if variant is not None else ""
+        return False, f"not the active version{serving}"
+    return False, "activated on disk after the current snapshot was built: POST /v1/admin/reload to serve it"
+
+
+@router.get("/cascade", response_model=CascadeOut, responses=error_responses(503))
 def default_cascade(snapshot: SnapshotDep) -> CascadeOut:
     return CascadeOut(stages=list(snapshot.config.stages), dense=snapshot.config.dense)
 
 
-@router.get("/space", response_model=SpaceOut)
-def space_summary(snapshot: SnapshotDep) -> SpaceOut:
+@router.get("/space", response_model=SpaceOut, responses=error_responses(503))
+def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
+    """What the space is: its source, its clusters, the held-out queries it ships, and the exact table's state."""
     space = snapshot.space
+    sizes = space.sizes
     return SpaceOut(
         name=str(space.meta.get("id", "")),
+        dataset=str(space.meta.get("dataset", "")),
+        clusters=str(space.meta.get("clusters", "")),
         num_items=space.num_items,
         num_clusters=space.num_clusters,
         num_classes=space.num_classes,
+        classes=[int(c) for c in space.labels_known],
         input_dim=space.input_dim,
-        max_cluster_size=int(space.sizes.max()),
+        max_cluster_size=int(sizes.max()),
+        cluster_sizes={"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
+        held_out_queries=0 if snapshot.queries is None else len(snapshot.queries),
+        num_grades=snapshot.num_grades,
+        exact=_finite(state.exact_status(snapshot)),
         snapshot_id=snapshot.id,
     )
+
+
+def _finite(status: dict) -> dict:
+    """JSON has no Infinity: an unknown break-even (no cascade cost to compare) is reported as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in status.items()}

@@ -1,0 +1,177 @@
+"""Queries by example on a space of >= 100,000 items: the cascade of pair models against the three answers a
+user could pick instead, side by side in one run (issue 14 item 6; not a test).
+
+    .venv/bin/python -m benchmarks.bench_pair prepare --home var --name pairbig --prototypes 10000
+    .venv/bin/python -m benchmarks.bench_pair run --home var --space pairbig --queries 200 \
+        --out var/bench/pair_big.json
+
+(a) the oracle: the dense pair model on every item, Bayes over all members of every cluster;
+(b) FAISS only: the k clusters nearest to the query in the bi-encoder's embedding (`stages: []`);
+(c) retrieve and rerank: FAISS top M, then the dense pair model on every member of those M clusters;
+(d) cascades of pruned pair models over the same M candidates (a small grid, plus the service default).
+Per query every method runs once, in turn, so machine noise hits all alike; times are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, replace
+from itertools import product
+from pathlib import Path
+
+from benchmarks.common import dump_json, load_snapshot_from, set_threads
+
+__all__ = ["main", "prepare", "methods_grid"]
+
+
+def prepare(home: Path, name: str, prototypes: int, views: int, queries: int, seed: int) -> None:
+    """A prototype space under HOME/spaces/NAME, embedded with the default space's bi-encoder (the index is
+    only valid for the embedding it was built with), with its held-out queries."""
+    from cascade.bootstrap import PairConfig
+    from cascade.embedding import EmbeddingIndex
+    from cascade.index import ClusterIndex
+    from cascade.queries import QuerySet
+    from cascade.space import Space, build_space
+    from models.prototypes import make_prototype_set, make_queries
+
+    default_dir = home / "spaces" / "default"
+    embedding = EmbeddingIndex.load(default_dir)
+    if embedding is None:
+        raise SystemExit(f"{default_dir} has no bi-encoder: run `prunecascade bootstrap --home {home}` first")
+    prior = Space.load(default_dir).prior
+    config = replace(PairConfig().space, num_prototypes=prototypes, views=views, seed=seed)
+    t0 = time.perf_counter()
+    views_set = make_prototype_set(config, "space")
+    meta = {
+        "id": f"mnist1d-prototypes-s{seed}-k{prototypes}-m{views}",
+        "dataset": "mnist1d-prototypes",
+        "clusters": "prototypes",
+        "cluster_size": views,
+        "jitter": config.jitter,
+        "seed": seed,
+    }
+    space = build_space(views_set.x, views_set.y, prior, views_set.cluster, meta)
+    xq, cq, yq = make_queries(config, queries, seed=seed)
+    out = home / "spaces" / name
+    out.mkdir(parents=True, exist_ok=True)
+    QuerySet(x=xq, cluster=cq, label=yq).save(out)
+    ClusterIndex.build(space).save(out)
+    EmbeddingIndex.build(embedding.encoder, space.features, space.offsets).save(out)
+    space.save(out)
+    print(
+        f"{out}: {space.num_items:,} items in {space.num_clusters:,} clusters, {queries} queries "
+        f"({time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
+
+
+def methods_grid(
+    dense: str, widest: int, firsts: tuple[str, ...], samples: tuple[int, ...], keeps: tuple[int, ...], last: int
+) -> dict[str, list[dict] | None]:
+    methods: dict[str, list[dict] | None] = {
+        "faiss only": [],
+        "retrieve+rerank (dense, every member)": [{"variant": dense, "samples": widest}],
+        "default cascade": None,
+    }
+    for first, n, keep in product(firsts, samples, keeps):
+        methods[f"{first}/n{n}/keep{keep} -> {dense}/n{last}"] = [
+            {"variant": first, "samples": n, "keep": keep},
+            {"variant": dense, "samples": last},
+        ]
+    return methods
+
+
+def run(args: argparse.Namespace) -> dict:
+    from cascade.config import Stage
+    from cascade.evaluation import evaluate_example_queries
+
+    set_threads(args.threads)
+    snapshot = load_snapshot_from(args.home, args.space)
+    dense = snapshot.config.pair_dense
+    assert dense is not None, "the home has no pair models"
+    widest = int(snapshot.space.sizes.max())
+    grid = methods_grid(
+        dense,
+        widest,
+        tuple(args.firsts.split(",")),
+        tuple(int(v) for v in args.samples.split(",")),
+        tuple(int(v) for v in args.keeps.split(",")),
+        args.last_samples,
+    )
+    methods = {n: None if s is None else tuple(Stage.model_validate(x) for x in s) for n, s in grid.items()}
+    t0 = time.perf_counter()
+    reports = evaluate_example_queries(snapshot, methods, k=args.k, candidates=args.candidates, queries=args.queries)
+    oracle = reports["oracle"]
+    rerank = reports["retrieve+rerank (dense, every member)"]
+    space = snapshot.space
+    print(
+        f"space {space.meta.get('id')}: {space.num_items:,} items, {space.num_clusters:,} clusters; "
+        f"{oracle.queries} held-out queries, M = {args.candidates}, k = {args.k}, {args.threads} thread(s); "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    header = (
+        f"{'method':48s} {'R@1':>6s} {'R@10':>6s} {'nDCG@10':>7s} {'agree@10':>8s} {'FLOPs/query':>14s} "
+        f"{'x fewer':>8s} {'ms (med)':>9s} {'x faster':>8s} {'vs (c)':>7s}"
+    )
+    print(header)
+    rows = []
+    for name, r in reports.items():
+        row = {
+            **asdict(r),
+            "flops_ratio": oracle.flops / r.flops if r.flops else float("inf"),
+            "time_ratio": oracle.ms / r.ms,
+            "vs_rerank_time": rerank.ms / r.ms,
+            "stages": grid.get(name),
+        }
+        rows.append(row)
+        print(
+            f"{name:48s} {r.recall_at_1:6.3f} {r.recall_at_k:6.3f} {r.ndcg_at_10:7.3f} {r.agreement_at_10:8.3f} "
+            f"{r.flops:14,.0f} {row['flops_ratio']:8.1f} {r.ms:9.2f} {row['time_ratio']:8.1f} "
+            f"{row['vs_rerank_time']:7.2f}"
+        )
+    default_stages = [s.model_dump() for s in snapshot.config.pair_stages or ()]
+    return {
+        "space": space.meta,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "default": default_stages,
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="build a big prototype space beside the default one")
+    p.add_argument("--home", type=Path, default=Path("var"))
+    p.add_argument("--name", default="pairbig")
+    p.add_argument("--prototypes", type=int, default=10_000)
+    p.add_argument("--views", type=int, default=10)
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--seed", type=int, default=7)
+    r = sub.add_parser("run", help="oracle, FAISS only, retrieve+rerank and cascades, side by side")
+    r.add_argument("--home", type=Path, default=Path("var"))
+    r.add_argument("--space", default="pairbig")
+    r.add_argument("--queries", type=int, default=200)
+    r.add_argument("--candidates", type=int, default=200, help="M, the clusters stage 0 proposes")
+    r.add_argument("--k", type=int, default=10)
+    r.add_argument("--firsts", default="pair-s10,pair-s30")
+    r.add_argument("--samples", default="1,2")
+    r.add_argument("--keeps", default="20,40")
+    r.add_argument("--last-samples", type=int, default=10)
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        set_threads(1)
+        prepare(args.home, args.name, args.prototypes, args.views, args.queries, args.seed)
+        return 0
+    result = run(args)
+    if args.out is not None:
+        dump_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

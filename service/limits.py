@@ -1,0 +1,135 @@
+"""Bounded cost and fair sharing of the query route: at most `concurrency` queries computed at once, at most
+`queue` more waiting (beyond: 503 with Retry-After at once), and a server-side deadline on each, queueing
+included (504 when it passes). Pure ASGI, around the route, so it needs nothing from the route itself.
+
+A query past its deadline is answered 504 at once; the engine checks the deadline between stages and stops, but
+a stage already running finishes first (a worker thread, which Python cannot
+interrupt) runs to its end and keeps its slot until then: the slots bound the CPU really in use, and the
+per-query cost budget bounds how long that takes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+__all__ = ["QueryLimiter"]
+
+log = logging.getLogger("prunecascade.limits")
+
+
+def _error(status: int, msg: str, kind: str, headers: list[tuple[bytes, bytes]]) -> tuple[Message, Message]:
+    body = json.dumps({"detail": [{"loc": [], "msg": msg, "type": kind}]}).encode()
+    start: Message = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *headers],
+    }
+    return start, {"type": "http.response.body", "body": body}
+
+
+class QueryLimiter:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        paths: tuple[str, ...],
+        concurrency: int,
+        queue: int,
+        timeout_s: float,
+        retry_after_s: int,
+        metrics: Metrics,
+    ) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+        self.concurrency = concurrency
+        self.queue = queue
+        self.timeout_s = timeout_s
+        self.retry_after = str(retry_after_s).encode()
+        self.metrics = metrics
+        self._slots: asyncio.Semaphore | None = None  # created on the server's event loop
+        self._waiting = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+        slots = self._slots
+        started = time.monotonic()
+        if slots.locked() and self._waiting >= self.queue:
+            self.metrics.query_rejected.labels(reason="queue_full").inc()
+            await self._send_error(
+                send,
+                503,
+                f"too many queries: {self.concurrency} running and {self.queue} queued; retry later",
+                "overloaded",
+                [(b"retry-after", self.retry_after)],
+            )
+            return
+        if not slots.locked():
+            await slots.acquire()  # a free slot: taken at once, without a timer
+        else:
+            self._waiting += 1
+            self.metrics.query_queued.inc()
+            try:
+                await asyncio.wait_for(slots.acquire(), self.timeout_s)
+            except TimeoutError:
+                self.metrics.query_rejected.labels(reason="deadline").inc()
+                await self._send_error(
+                    send, 504, f"deadline of {self.timeout_s:g} s passed while queued", "timeout", []
+                )
+                return
+            finally:
+                self._waiting -= 1
+                self.metrics.query_queued.dec()
+        self.metrics.query_queue_seconds.observe(time.monotonic() - started)
+        self.metrics.query_inflight.inc()
+        # the route reads it (`request.state.deadline`) and the engine stops between stages once it passes, so a
+        # query answered 504 gives its slot back instead of computing to the end
+        scope.setdefault("state", {})["deadline"] = started + self.timeout_s
+        await self._run(scope, receive, send, slots, started + self.timeout_s - time.monotonic())
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, slots: asyncio.Semaphore, left: float) -> None:
+        late = False
+        response_started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if late:
+                return  # the client already has its 504
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        def finished(t: asyncio.Task[None]) -> None:
+            """The slot is freed when the computation really ends, not when the client got its answer."""
+            slots.release()
+            self.metrics.query_inflight.dec()
+            if late and not t.cancelled() and (exc := t.exception()) is not None:
+                log.error("a query answered 504 failed later", exc_info=exc)
+
+        task = asyncio.create_task(self.app(scope, receive, guarded_send))  # copies the context: same request id
+        task.add_done_callback(finished)
+        done, _ = await asyncio.wait({task}, timeout=max(left, 0.0))
+        if done or response_started:
+            await task  # finished (its exceptions propagate to the request-id middleware), or already answering
+            return
+        late = True
+        self.metrics.query_rejected.labels(reason="deadline").inc()
+        log.warning(
+            "query passed its deadline of %g s; answered 504, its computation still holds a slot", self.timeout_s
+        )
+        await self._send_error(send, 504, f"deadline of {self.timeout_s:g} s passed", "timeout", [])
+
+    @staticmethod
+    async def _send_error(send: Send, status: int, msg: str, kind: str, headers: list[tuple[bytes, bytes]]) -> None:
+        start, body = _error(status, msg, kind, headers)
+        await send(start)
+        await send(body)
