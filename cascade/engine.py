@@ -293,9 +293,8 @@ def run_cascade(
                 kept=len(alive),
                 samples=stage.samples,
                 items=len(rows),
-                flops=examples * (len(rows) * variant.flops.nonzero + variant.query_flops) + agg_flops,
-                flops_dense_kernel=examples * (len(rows) * variant.flops.dense_kernel + variant.query_flops)
-                + agg_flops,
+                flops=examples * (len(rows) * variant.flops.nonzero + per_query) + agg_flops,
+                flops_dense_kernel=examples * (len(rows) * variant.flops.dense_kernel + per_query) + agg_flops,
                 ms=(time.perf_counter() - started) * 1000.0,
             )
         )
