@@ -41,6 +41,10 @@ def test_one_scorer_interface_for_both_kinds(snapshot, kind: str) -> None:
         torch.testing.assert_close(a_logits, b_logits)  # a classifier ignores the query
     else:
         assert not torch.allclose(a_logits, b_logits)  # a pair model reads it
+        with torch.inference_mode():  # served folded: the same function as reading q and x unfolded
+            plain_logits, plain_hidden = variant.model.forward_with_hidden(q1, items)
+        torch.testing.assert_close(a_logits, plain_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a_hidden, plain_hidden, rtol=1e-4, atol=1e-4)
 
 
 def test_ground_truth_is_constant_on_every_cluster(snapshot) -> None:
