@@ -4,7 +4,9 @@
 
 Pruning shrinks the scorer only; the trunk, the correlation over shifts and its normalisation are the same in
 every variant. This prints, side by side in one run (medians of --repeats calls, 1 thread), the milliseconds of
-each part for --pairs items against one query, so the share that pruning cannot touch is measured, not guessed.
+--pairs items against one query: as served (the query folded into the first layer, fold included), unfolded,
+and each unfolded part, so the share that pruning cannot touch is measured, not guessed. FLOPs per pair are the
+served ones (`models.pair.pair_flops`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def _parts(model: object, q: object, x: object, repeats: int) -> dict[str, float
         fq, fx = model.query_features(q), model.item_features(x)  # type: ignore[attr-defined]
         z = model.interact(fq, fx)  # type: ignore[attr-defined]
         return {
-            "score": _median_ms(lambda: model.score(q, x), repeats),  # type: ignore[attr-defined]
+            "served": _median_ms(lambda: model.score(q, x), repeats),  # type: ignore[attr-defined]
+            "unfolded": _median_ms(lambda: model.forward_with_hidden(q, x), repeats),  # type: ignore[attr-defined]
             "trunk": _median_ms(lambda: model.item_features(x), repeats),  # type: ignore[attr-defined]
             "correlate": _median_ms(lambda: correlate(fq, fx, spec.max_shift, spec.regions), repeats),
             "interact": _median_ms(lambda: model.interact(fq, fx), repeats),  # type: ignore[attr-defined]
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cascade.space import Space
-    from models.pair import PairNetwork, pair_cost
+    from models.pair import PairNetwork, pair_flops
     from models.registry import ModelRegistry
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.from_numpy(space.features[rng.choice(space.num_items, args.pairs, replace=False)])
     q = torch.from_numpy(space.features[rng.integers(space.num_items)][None, :].copy())
     print(f"{args.pairs} items against one query, medians of {args.repeats} calls, 1 thread (ms)")
-    header = f"{'variant':12s} {'FLOPs/pair':>11s} {'score':>7s} {'trunk':>7s} {'correlate':>9s} {'energies+norm':>13s}"
-    print(f"{header} {'scorer':>7s}")
+    header = f"{'variant':12s} {'FLOPs/pair':>11s} {'served':>7s} {'unfolded':>8s} {'trunk':>7s} {'correlate':>9s}"
+    print(f"{header} {'energies+norm':>13s} {'scorer':>7s}")
     for name in registry.names():
         if registry.active_version(name) is None:
             continue
@@ -78,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         parts = _parts(model, q, x, args.repeats)
         rest = parts["interact"] - parts["correlate"]
-        flops = pair_cost(model).per_pair.nonzero + pair_cost(model).per_item.nonzero
+        flops = pair_flops(model).nonzero
         print(
-            f"{name:12s} {flops:11,d} {parts['score']:7.2f} {parts['trunk']:7.2f} {parts['correlate']:9.2f} "
-            f"{rest:13.2f} {parts['scorer']:7.2f}"
+            f"{name:12s} {flops:11,d} {parts['served']:7.2f} {parts['unfolded']:8.2f} {parts['trunk']:7.2f} "
+            f"{parts['correlate']:9.2f} {rest:13.2f} {parts['scorer']:7.2f}"
         )
     return 0
 
