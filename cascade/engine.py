@@ -238,7 +238,7 @@ def plan_flops(
         variant = snapshot.variants[stage.variant]
         n = min(stage.samples, max_size)
         outputs = len(variant.log_prior)  # the elementwise aggregators' share; a gadget's is small beside it
-        total += alive * n * (variant.flops.nonzero + outputs) * len(target.queries)
+        total += (alive * n * (variant.flops.nonzero + outputs) + variant.query_flops) * len(target.queries)
         alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
     return total
 
@@ -283,6 +283,7 @@ def run_cascade(
         scores, posteriors, keys = cluster_scores[top], post[top], stage_keys[top]
         examples = len(target.queries)
         agg_flops = examples * _aggregator_flops(stage.aggregator, counts, post.shape[1], variant.gadget)
+        per_query = variant.query_flops  # a pair model's fold of the query, once per example and stage
         reports.append(
             StageReport(
                 variant=variant.name,
@@ -292,8 +293,8 @@ def run_cascade(
                 kept=len(alive),
                 samples=stage.samples,
                 items=len(rows),
-                flops=examples * len(rows) * variant.flops.nonzero + agg_flops,
-                flops_dense_kernel=examples * len(rows) * variant.flops.dense_kernel + agg_flops,
+                flops=examples * (len(rows) * variant.flops.nonzero + per_query) + agg_flops,
+                flops_dense_kernel=examples * (len(rows) * variant.flops.dense_kernel + per_query) + agg_flops,
                 ms=(time.perf_counter() - started) * 1000.0,
             )
         )
@@ -342,7 +343,7 @@ def dense_flops(snapshot: Snapshot, target: Target) -> int:
     """What the dense exhaustive oracle costs for this target: the dense model on every member of every
     cluster (for every example of a query by example)."""
     dense = snapshot.dense_for(target.kind)
-    return int(snapshot.space.sizes.sum()) * dense.flops.nonzero * len(target.queries)
+    return (int(snapshot.space.sizes.sum()) * dense.flops.nonzero + dense.query_flops) * len(target.queries)
 
 
 def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
@@ -371,8 +372,8 @@ def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
         kept=len(top),
         samples=widest,
         items=len(rows),
-        flops=examples * len(rows) * dense.flops.nonzero,
-        flops_dense_kernel=examples * len(rows) * dense.flops.dense_kernel,
+        flops=examples * (len(rows) * dense.flops.nonzero + dense.query_flops),
+        flops_dense_kernel=examples * (len(rows) * dense.flops.dense_kernel + dense.query_flops),
         ms=(time.perf_counter() - started) * 1000.0,
     )
     return CascadeResult(

@@ -33,6 +33,7 @@ __all__ = [
     "cost_volume",
     "PairFlops",
     "pair_flops",
+    "pair_query_flops",
     "FoldedQuery",
     "folded_pair_cost",
     "pair_cost",
@@ -262,18 +263,35 @@ class PairNetwork(nn.Module):
     def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.scorer(self.interaction(q, x))
 
-    def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scorer interface (`models.scorer`): one query (1, D) read with every item. The item trunk is
-        recomputed here rather than cached: it is a small share of a pair's cost (`pair_cost`), and a cache of
-        C x L floats per item would outweigh the space itself."""
+    # -- the scorer interface (`models.scorer`) -------------------------------------------------------------
+    def prepare(self, query: torch.Tensor | None) -> FoldedQuery | torch.Tensor:
+        """Once per query: its trunk features folded into the scorer's first layer (`fold_query`), so that
+        every pair after it costs one product with the item's features. The 'positions' interaction has no
+        fold: its query features are kept as they are."""
         if query is None:
             raise ValueError("a pair model needs the query")
-        return self.forward_with_hidden(query, items)
+        fq = self.query_features(query)
+        return self.fold_query(fq) if self.spec.interaction == "channels" else fq
+
+    def score_prepared(
+        self, prepared: FoldedQuery | torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden) of a prepared query against items (P, D). The item trunk runs here, per item: it
+        is a small share of a pair's time (`benchmarks/bench_pair_parts.py`), and caching it would cost C x L
+        floats per item."""
+        fx = self.item_features(items)
+        if isinstance(prepared, FoldedQuery):
+            return self.forward_folded(prepared, fx)
+        return self.forward_features(prepared, fx)
+
+    def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query (1, D) read with every item (P, D): `prepare`, then `score_prepared`."""
+        return self.score_prepared(self.prepare(query), items)
 
     def activation_width(self) -> int:
-        """Floats per pair of the widest tensor of a forward pass (sizes serving chunks, `models.inference`)."""
+        """Floats per pair of the widest tensor of a served forward pass (sizes chunks, `models.inference`)."""
         s = self.spec
-        return max(s.trunk_channels * (s.input_dim + 2 * s.max_shift), s.interaction_dim, *s.scorer.hidden)
+        return max(s.trunk_channels * s.input_dim, *s.scorer.hidden)
 
     # -- serving one query against many items: fold the query into the scorer's first layer ---------------
     @torch.no_grad()
@@ -442,7 +460,18 @@ def pair_cost(model: PairNetwork) -> PairFlops:
 
 
 def pair_flops(model: PairNetwork) -> Flops:
-    """FLOPs per (q, x) pair as served (`PairNetwork.score`): the item trunk, recomputed per pair, then the
-    correlation and the scorer (dense-kernel and nonzero). The query's trunk is paid once per query."""
+    """FLOPs per (q, x) pair as served (`PairNetwork.score_prepared`): the item trunk, recomputed per pair, then
+    the folded first layer and the rest of the scorer (`folded_pair_cost`); 'positions' models: the unfolded
+    interaction and scorer."""
     cost = pair_cost(model)
-    return cost.per_pair + cost.per_item
+    if model.spec.interaction != "channels":
+        return cost.per_pair + cost.per_item
+    return folded_pair_cost(model)[0] + cost.per_item
+
+
+def pair_query_flops(model: PairNetwork) -> Flops:
+    """FLOPs paid once per query and variant: the query's trunk and the fold (`PairNetwork.prepare`)."""
+    cost = pair_cost(model)
+    if model.spec.interaction != "channels":
+        return cost.per_query
+    return folded_pair_cost(model)[1] + cost.per_query

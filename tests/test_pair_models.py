@@ -31,6 +31,7 @@ from models.pair import (
     folded_pair_cost,
     pair_cost,
     pair_flops,
+    pair_query_flops,
 )
 from models.pair_training import (
     PairTrainConfig,
@@ -189,7 +190,9 @@ def test_flops_match_the_torch_counter_where_it_counts() -> None:
     cost = pair_cost(model)
     assert cost.interaction.dense_kernel == 2 * 4 * 5 * 40 + 2 * 4 * 40  # correlations + item energies
     assert cost.per_pair == cost.interaction + cost.scorer
-    assert pair_flops(model) == cost.per_pair + cost.per_item  # served: the item trunk is recomputed per pair
+    folded, fold = folded_pair_cost(model)
+    assert pair_flops(model) == folded + cost.per_item  # served folded; the item trunk is recomputed per pair
+    assert pair_query_flops(model) == fold + cost.per_query
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model.scorer(torch.zeros(1, TINY.interaction_dim))
