@@ -66,7 +66,12 @@ def _run(splits: Splits, arch: str, seed: int, epochs: int, save: Path | None = 
     model = build_network(default_spec(splits, arch))  # type: ignore[arg-type]
     t0 = time.perf_counter()
     report = train_classifier(
-        model, splits.x_train, splits.y_train, splits.x_val, splits.y_val, TrainConfig(epochs=epochs, seed=seed, progress=False)
+        model,
+        splits.x_train,
+        splits.y_train,
+        splits.x_val,
+        splits.y_val,
+        TrainConfig(epochs=epochs, seed=seed, progress=False),
     )
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     for arch in args.archs:
         accs = [float(r["test_accuracy"]) for r in rows if r["arch"] == arch]  # type: ignore[arg-type]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"{args.protocol} {arch}: test accuracy {statistics.mean(accs):.4f} ± {spread:.4f} over seeds {args.seeds}")
+        print(
+            f"{args.protocol} {arch}: test accuracy {statistics.mean(accs):.4f} ± {spread:.4f} over seeds {args.seeds}"
+        )
 
 
 if __name__ == "__main__":
