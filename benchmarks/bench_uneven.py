@@ -1,6 +1,7 @@
 """Uneven clusters: what the dense oracle ranks by, and how often the classifier cascade agrees (issue 13, item 5).
 
     .venv/bin/python -m benchmarks.bench_uneven --home /tmp/pc-uneven --kmeans 400 --seeds 0 1 2
+    .venv/bin/python -m benchmarks.bench_uneven --home /tmp/pc-even --kmeans 0     # same-label clusters of 10
 
 Builds (once) a classifier-only home whose space is the held-out MNIST-1D pool (22,880 items) partitioned by FAISS
 k-means (`BootstrapConfig(pair=None, kmeans_clusters=K)`: sizes from 1 to a few hundred), with the bootstrap's
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from cascade.bootstrap import BootstrapConfig, bootstrap
-from cascade.engine import ranking_key, run_cascade, target_from_label
+from cascade.engine import dense_oracle, ranking_key, run_cascade, target_from_label
 from cascade.evaluation import agreement_at_k
 from cascade.snapshot import Snapshot
 from cascade.space import sample_members
@@ -92,6 +93,12 @@ def main(argv: list[str] | None = None) -> None:
         name: {label: oracle_top(snapshot, label, args.k, agg, m) for label in range(space.num_classes)}
         for name, (agg, m) in ORACLES.items()
     }
+    same = all(
+        set(dense_oracle(snapshot, target_from_label(snapshot, label), args.k).cluster_ids.tolist())
+        == set(oracles["bayes-all"][label].tolist())
+        for label in range(space.num_classes)
+    )
+    print(f"bayes-all top {args.k} = cascade.engine.dense_oracle's for every label: {same}", flush=True)
     for name, tops in oracles.items():
         med = statistics.median(float(np.median(sizes[t])) for t in tops.values())
         print(f"oracle {name}: median over labels of the median size in its top {args.k}: {med:.0f}", flush=True)
