@@ -45,6 +45,7 @@ def test_weights_bit_identical_under_one_and_two_threads() -> None:
 
 
 def test_context_restores_threads_and_flags() -> None:
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
     flag = torch.are_deterministic_algorithms_enabled()
     try:
@@ -54,4 +55,4 @@ def test_context_restores_threads_and_flags() -> None:
         assert torch.get_num_threads() == 2
         assert torch.are_deterministic_algorithms_enabled() == flag
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(before)
