@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from models.networks import Classifier
-from models.pruning.masks import prunable_weights
+from models.pruning.masks import Scope, apply_masks, prunable_weights, select_masks
 from models.pruning.registry import Calibration, register_method
 from models.pruning.surgery import _unfold
 
@@ -27,6 +27,7 @@ __all__ = [
     "jacobian_moments_vmap",
     "score_elimination_compensation",
     "compensation_shifts",
+    "prune_in_rounds",
 ]
 
 
@@ -182,3 +183,26 @@ def score_elimination_compensation(model: Classifier, calibration: Calibration) 
     moments = jacobian_moments(model, calibration.x)
     weights = prunable_weights(model)
     return {n: _per_weight(weights[n], moments[n])[0] for n in weights}
+
+
+def prune_in_rounds(model: Classifier, keep: float, calibration: Calibration, scope: Scope, rounds: int) -> Classifier:
+    """Elimination-compensation in `rounds` steps, each removing an equal share (1 - keep) / rounds of the weights:
+    scores and bias shifts are recomputed on the network pruned and compensated so far, so each linearisation
+    only has to hold for a smaller change (issue 13: one-shot shifts add up and overshoot at high sparsity).
+    Removed weights stay removed. `rounds=1` is the one-shot method (`prune(..., "elimination-compensation")`)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    pruned = copy.deepcopy(model).eval()
+    kept: dict[str, torch.Tensor] | None = None
+    for t in range(1, rounds + 1):
+        scores = score_elimination_compensation(pruned, calibration)
+        if kept is not None:
+            scores = {n: s.masked_fill(~kept[n], -torch.inf) for n, s in scores.items()}
+        kept = select_masks(scores, 1.0 - t * (1.0 - keep) / rounds if t < rounds else keep, scope)
+        shifts = compensation_shifts(pruned, calibration, kept)
+        apply_masks(pruned, kept)
+        params = dict(pruned.named_parameters())
+        with torch.no_grad():
+            for name, shift in shifts.items():
+                params[name].add_(shift.to(params[name].dtype))
+    return pruned
