@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from models.pair import PairNetwork, PairSpec
 from models.prototypes import PrototypeSet, make_views, similar_prototypes
+from models.training import reapply_masks
 
 __all__ = [
     "PairBatch",
@@ -258,7 +259,7 @@ def train_pair_model(
         loss.backward()
         opt.step()
         sched.step()
-        _reapply_masks(model)
+        reapply_masks(model)
         if step % config.eval_every == 0 or step == config.steps:
             acc = group_recall(model, val_groups, m) if listwise else pair_accuracy(model, val_pairs)
             bar.set_postfix(val_acc=f"{acc:.3f}")
@@ -269,12 +270,3 @@ def train_pair_model(
     mix = np.asarray(group_grade_prior(config) if listwise else config.grade_mix, dtype=np.float64)
     prior = tuple(float(p) for p in mix / mix.sum())
     return model, PairTrainReport(config.steps, best[1], best[0], prior, time.perf_counter() - start)
-
-
-@torch.no_grad()
-def _reapply_masks(model: nn.Module) -> None:
-    """Masked (unstructured-pruned) weights stay zero through fine-tuning."""
-    for module in model.modules():
-        mask = getattr(module, "weight_mask", None)
-        if isinstance(mask, torch.Tensor):
-            module.weight.mul_(mask)

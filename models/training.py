@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from models.evaluation import accuracy
 
-__all__ = ["TrainConfig", "TrainReport", "deterministic_training", "train_classifier"]
+__all__ = ["TrainConfig", "TrainReport", "deterministic_training", "reapply_masks", "train_classifier"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def train_classifier(
 ) -> TrainReport:
     """Trains in place, deterministically for a given seed whatever the caller's thread count
     (`deterministic_training`). Parameters whose zeros must survive (masked pruning) are re-masked: the optimiser
-    step is followed by `_reapply_masks`, which honours `weight_mask` buffers."""
+    step is followed by `reapply_masks`, which honours `weight_mask` buffers."""
     with deterministic_training():
         return _train(model, x_train, y_train, x_val, y_val, config, description)
 
@@ -95,7 +95,7 @@ def _train(
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xt[idx]), yt[idx]).backward()
             opt.step()
-            _reapply_masks(model)
+            reapply_masks(model)
         val_acc = accuracy(model, x_val, y_val)
         bar.set_postfix(val_acc=f"{val_acc:.3f}")
         if val_acc > best_acc:
@@ -108,7 +108,7 @@ def _train(
 
 
 @torch.no_grad()
-def _reapply_masks(model: nn.Module) -> None:
+def reapply_masks(model: nn.Module) -> None:
     """Masked weights stay zero through fine-tuning: any module carrying a `weight_mask` buffer is re-masked."""
     for module in model.modules():
         mask = getattr(module, "weight_mask", None)
