@@ -72,10 +72,9 @@ class PairConfig:
         PrunedPairVariant("pair-s10", "greedy-asymmetric", 0.1, finetune_steps=300),
         PrunedPairVariant("pair-s30", "greedy-asymmetric", 0.3, finetune_steps=300),
     )
-    stages: tuple[Stage, ...] = (
-        Stage(variant="pair-s10", samples=2, keep=40, aggregator="bayes"),
-        Stage(variant="pair-s30", samples=4, keep=10, aggregator="bayes"),
-        Stage(variant="pair-dense", samples=10, aggregator="bayes"),
+    stages: tuple[Stage, ...] = (  # the cheapest setting that kept recall@10 >= 0.99 x the oracle on both
+        Stage(variant="pair-s10", samples=1, keep=40, aggregator="bayes"),  # spaces of docs/performance.md
+        Stage(variant="pair-dense", samples=10, aggregator="bayes"),  # section 0
     )
 
 
