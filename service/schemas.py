@@ -144,8 +144,10 @@ class QueryResponse(BaseModel):
 
 
 class CascadeOut(BaseModel):
-    stages: list[Stage]
+    stages: list[Stage] = Field(description="classifiers: label and utility targets in mode cascade")
     dense: str
+    pair_stages: list[Stage] | None = Field(None, description="pair models: queries by example")
+    pair_dense: str | None = None
 
 
 class ModelsOut(BaseModel):

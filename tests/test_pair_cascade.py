@@ -232,3 +232,13 @@ def test_cli_prints_held_out_queries_as_request_bodies(tiny_home, snapshot, caps
         np.testing.assert_allclose(line["request"]["target"]["examples"][0], snapshot.queries.x[i], atol=1e-5)
     assert main(["queries", "--home", str(tiny_home), "--limit", "1", "--body"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"target", "k"}  # a /v1/query body, nothing else
+
+
+def test_http_default_cascades_and_a_k_above_the_default_keep(server) -> None:
+    cascade = httpx.get(f"{server.url}/v1/cascade").json()
+    assert cascade["pair_dense"] == "pair-dense" and cascade["pair_stages"][-1]["variant"] == "pair-dense"
+    keep = cascade["stages"][0]["keep"]
+    body = {"target": {"label": 2}, "k": keep + 1, "mode": "cascade"}  # no stages sent: none may be blamed
+    r = _post(server, body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["clusters"]) == keep + 1 and r.json()["stages"][0]["kept"] >= keep + 1

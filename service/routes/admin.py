@@ -151,4 +151,6 @@ def reload_registry(state: StateDep) -> ReloadOut:
 
 @router.get("/state", response_model=AdminStateOut)
 def admin_state(state: StateDep, snapshot: SnapshotDep) -> AdminStateOut:
+    """The active version of every model, and the versions the current snapshot serves (those that fit the
+    space); `snapshot_id` is the one every answer names."""
     return _state_out(state, snapshot)

@@ -55,7 +55,15 @@ def _served(state: ServiceState, snapshot: Snapshot | None, entry: dict) -> tupl
 
 @router.get("/cascade", response_model=CascadeOut, responses=error_responses(503))
 def default_cascade(snapshot: SnapshotDep) -> CascadeOut:
-    return CascadeOut(stages=list(snapshot.config.stages), dense=snapshot.config.dense)
+    """The default cascades: `stages` (classifiers, for label and utility targets in mode cascade) and
+    `pair_stages` (pair models, for queries by example), with their dense models."""
+    config = snapshot.config
+    return CascadeOut(
+        stages=list(config.stages),
+        dense=config.dense,
+        pair_stages=None if config.pair_stages is None else list(config.pair_stages),
+        pair_dense=config.pair_dense,
+    )
 
 
 @router.get("/space", response_model=SpaceOut, responses=error_responses(503))

@@ -33,6 +33,7 @@ async def healthz(state: StateDep) -> dict[str, object]:
     responses={503: {"model": Readiness, "description": "models and index are still loading (or failed to)"}},
 )
 async def readyz(state: StateDep) -> JSONResponse:
+    """200 once models, space and index are in memory; 503 before, with the bootstrap step or the load error."""
     snapshot = state.snapshot
     if snapshot is None:
         progress = state.bootstrap_progress

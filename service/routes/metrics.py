@@ -14,4 +14,6 @@ router = APIRouter(tags=["health"])
 
 @router.get("/metrics", response_class=Response)
 def metrics(state: StateDep) -> Response:
+    """Prometheus text: requests by route and status, per-stage time and FLOPs, cache, swaps, active versions,
+    query limits, and the process collectors."""
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
