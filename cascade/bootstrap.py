@@ -5,6 +5,7 @@ run is ready in seconds."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -36,6 +37,9 @@ __all__ = [
     "bootstrap",
     "space_is_built",
     "build_space_dir",
+    "variant_name",
+    "default_variants",
+    "default_stages",
 ]
 
 PROBE_FILE = "probe.npz"
@@ -84,6 +88,33 @@ class PrunedVariant:
     finetune_epochs: int = 0
 
 
+VARIANT_PREFIX = {"mlp": "mlp", "cnn1d": "cnn", "cnn2d": "cnn2d"}
+
+
+def variant_name(arch: str, kind: str, keep: float) -> str:
+    """A pruned variant's name from the network kind and what it keeps: `mlp-s25` is an MLP pruned
+    structurally to 25%, `cnn-m10` a 1-D CNN with 10% of its weights left (masked)."""
+    return f"{VARIANT_PREFIX.get(arch, arch)}-{kind}{round(keep * 100)}"
+
+
+def default_variants(arch: str) -> tuple[PrunedVariant, ...]:
+    """The embedded default's pruned variants, named after the architecture they are pruned from."""
+    return (
+        PrunedVariant(variant_name(arch, "s", 0.25), "greedy-asymmetric", 0.25, reweight=True, finetune_epochs=3),
+        PrunedVariant(variant_name(arch, "s", 0.5), "greedy-asymmetric", 0.5, reweight=True, finetune_epochs=3),
+        PrunedVariant(variant_name(arch, "m", 0.1), "magnitude", 0.1, finetune_epochs=3),
+    )
+
+
+def default_stages(arch: str, dense_name: str = "dense") -> tuple[Stage, ...]:
+    """The default cascade over `default_variants(arch)`."""
+    return (
+        Stage(variant=variant_name(arch, "s", 0.25), samples=2, keep=200, aggregator="bayes"),
+        Stage(variant=variant_name(arch, "s", 0.5), samples=4, keep=40, aggregator="bayes"),
+        Stage(variant=dense_name, samples=10, aggregator="bayes"),
+    )
+
+
 @dataclass(frozen=True)
 class BootstrapConfig:
     dataset: str = "mnist1d"
@@ -93,21 +124,23 @@ class BootstrapConfig:
     epochs: int = 40
     cluster_size: int = 10
     kmeans_clusters: int = 0  # > 0: partition the pool by FAISS k-means instead of same-label clusters
-    variants: tuple[PrunedVariant, ...] = (
-        PrunedVariant("cnn-s25", "greedy-asymmetric", 0.25, reweight=True, finetune_epochs=3),
-        PrunedVariant("cnn-s50", "greedy-asymmetric", 0.5, reweight=True, finetune_epochs=3),
-        PrunedVariant("cnn-m10", "magnitude", 0.1, finetune_epochs=3),
-    )
-    stages: tuple[Stage, ...] = (
-        Stage(variant="cnn-s25", samples=2, keep=200, aggregator="bayes"),
-        Stage(variant="cnn-s50", samples=4, keep=40, aggregator="bayes"),
-        Stage(variant="dense", samples=10, aggregator="bayes"),
-    )
+    variants: tuple[PrunedVariant, ...] | None = None
+    """None: `default_variants(arch)` (cnn-s25, cnn-s50, cnn-m10 for the 1-D CNN; mlp-s25, ... for an MLP)."""
+    stages: tuple[Stage, ...] | None = None
+    """None: `default_stages(arch)`, the default cascade over those variants."""
     dense_name: str = "dense"
     pair: PairConfig | None = field(default_factory=PairConfig)
     """None: no pair models; the space is then the held-out pool of `dataset`. Only MNIST-1D has prototypes to
     build the pair models' space from, so other datasets get none (queries by example then use the dense
     classifier's view of the examples)."""
+    space_dataset: str | None = None
+    """A separate `.npz` that is the space; `dataset` is then split into train/validation/test only."""
+
+    def __post_init__(self) -> None:
+        if self.variants is None:
+            object.__setattr__(self, "variants", default_variants(self.arch))
+        if self.stages is None:
+            object.__setattr__(self, "stages", default_stages(self.arch, self.dense_name))
 
 
 def space_is_built(space_dir: Path) -> bool:
@@ -124,20 +157,35 @@ def build_space_dir(
         _build_prototype_space_dir(space_dir, splits, config, config.pair, encoder)
         return
     rng = np.random.default_rng(config.seed)
+    how_built: dict[str, object]
     if splits.cluster_pool is not None:
-        cluster, how = splits.cluster_pool, "given"
+        cluster, how, how_built = splits.cluster_pool, "given", {}
     elif config.kmeans_clusters > 0:
         cluster, how = clusters_by_kmeans(splits.x_pool, config.kmeans_clusters, config.seed), "kmeans"
+        how_built = {"kmeans_clusters": config.kmeans_clusters}
     else:
         cluster, how = clusters_by_label(splits.y_pool, config.cluster_size, rng), "same-label"
+        how_built = {"cluster_size": config.cluster_size}
+    source = Path(splits.space_source or splits.name)
     meta = {
-        "id": f"{splits.name}-s{config.seed}-n{len(splits.x_pool)}-{how}",
+        "id": f"{source.stem}-s{config.seed}-n{len(splits.x_pool)}-{how}",
         "dataset": splits.name,
+        "space_dataset": splits.space_source,
+        "split": splits.split,
         "clusters": how,
-        "cluster_size": config.cluster_size,
+        **how_built,
+        "item_ids": "given" if splits.id_pool is not None else "rows",
         "seed": config.seed,
     }
-    space = build_space(splits.x_pool, splits.y_pool, splits.prior, cluster, meta)
+    space = build_space(
+        splits.x_pool,
+        splits.y_pool,
+        splits.prior,
+        cluster,
+        meta,
+        item_ids=splits.id_pool,
+        class_labels=splits.labels,
+    )
     space_dir.mkdir(parents=True, exist_ok=True)
     np.savez(space_dir / PROBE_FILE, x=splits.x_test, y=splits.y_test)
     ClusterIndex.build(space).save(space_dir)
@@ -173,12 +221,12 @@ def _build_prototype_space_dir(
 
 
 def _build_pair_models(
-    registry: ModelRegistry, pair: PairConfig, steps: tqdm, progress: bool, seed: int
+    registry: ModelRegistry, pair: PairConfig, steps: Progress, progress: bool, seed: int
 ) -> tuple[PrototypeSet, PrototypeSet]:
     train = make_prototype_set(pair.train, "train")
     val = make_prototype_set(replace(pair.train, num_prototypes=max(200, pair.train.num_prototypes // 5)), "val")
     if registry.active_version(pair.dense_name) is None:
-        steps.set_postfix_str(f"training {pair.dense_name}")
+        steps.start(f"training {pair.dense_name}")
         spec = default_pair_spec(train.x.shape[1], hidden=pair.hidden)
         model, report = train_pair_model(spec, train, val, replace(pair.training, seed=seed), progress=progress)
         probes = probe_pairs(val, seed=seed)
@@ -196,10 +244,10 @@ def _build_pair_models(
                 "prototypes": asdict(pair.train),
             },
         )
-    steps.update()
+    steps.done()
     for v in pair.variants:
         if registry.active_version(v.name) is None:
-            steps.set_postfix_str(f"pruning {v.name} ({v.method}, keep {v.keep})")
+            steps.start(f"pruning {v.name} ({v.method}, keep {v.keep})")
             prune_pair_and_register(
                 registry,
                 pair.dense_name,
@@ -214,11 +262,42 @@ def _build_pair_models(
                 seed=seed,
                 progress=progress,
             )
-        steps.update()
+        steps.done()
     return train, val
 
 
-def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress: bool = True) -> CascadeConfig:
+class Progress:
+    """The bootstrap's steps: a bar on the terminal (no ETA: the steps take minutes or milliseconds, so a rate
+    says nothing) and `on_progress(done, total, what)` for a server that reports it on /healthz."""
+
+    def __init__(self, total: int, show: bool, on_progress: Callable[[int, int, str], None] | None = None) -> None:
+        fmt = "{desc}: {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]"
+        self.bar = tqdm(total=total, desc="bootstrap", disable=not show, bar_format=fmt)
+        self.total, self.count, self.what = total, 0, ""
+        self.on_progress = on_progress
+
+    def start(self, what: str) -> None:
+        self.what = what
+        self.bar.set_postfix_str(what)
+        if self.on_progress is not None:
+            self.on_progress(self.count, self.total, what)
+
+    def done(self) -> None:
+        self.count += 1
+        self.bar.update()
+        if self.on_progress is not None:
+            self.on_progress(self.count, self.total, self.what)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def bootstrap(
+    home: Path,
+    config: BootstrapConfig = BootstrapConfig(),
+    progress: bool = True,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> CascadeConfig:
     """Build whatever of the embedded default is missing under `home`; returns the default cascade."""
     registry = ModelRegistry(home / "registry")
     space_dir = home / "spaces" / "default"
@@ -227,23 +306,31 @@ def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress:
     if pair is None and config.pair is not None:
         config = replace(config, pair=None)
     pair_steps = 0 if pair is None else 1 + len(pair.variants)
-    steps = tqdm(total=4 + len(config.variants) + pair_steps, desc="bootstrap", disable=not progress)
+    steps = Progress(4 + len(config.variants) + pair_steps, progress, on_progress)
 
-    steps.set_postfix_str(f"data: {config.dataset}")
-    splits = load_dataset(config.dataset, seed=config.seed, num_samples=config.num_samples, cache_dir=home / "data")
-    steps.update()
+    steps.start(f"data: {config.dataset}")
+    splits = load_dataset(
+        config.dataset,
+        seed=config.seed,
+        num_samples=config.num_samples,
+        cache_dir=home / "data",
+        space_dataset=config.space_dataset,
+    )
+    steps.done()
 
     if registry.active_version(config.dense_name) is None:
-        steps.set_postfix_str(f"training {config.dense_name}")
+        steps.start(f"training {config.dense_name}")
         spec = default_spec(splits, config.arch)  # type: ignore[arg-type]
         train_config = TrainConfig(epochs=config.epochs, seed=config.seed, progress=progress)
-        data_args = {"seed": config.seed, "num_samples": config.num_samples}
+        data_args: dict[str, object] = {"seed": config.seed, "num_samples": config.num_samples}
+        if config.space_dataset is not None:  # later commands (prune) must cut the training file alike
+            data_args["space_dataset"] = config.space_dataset
         train_and_register(registry, config.dense_name, spec, splits, train_config, data_args)
-    steps.update()
+    steps.done()
 
     for v in config.variants:
         if registry.active_version(v.name) is None:
-            steps.set_postfix_str(f"pruning {v.name} ({v.method}, keep {v.keep})")
+            steps.start(f"pruning {v.name} ({v.method}, keep {v.keep})")
             prune_and_register(
                 registry,
                 config.dense_name,
@@ -256,19 +343,19 @@ def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress:
                 seed=config.seed,
                 progress=progress,
             )
-        steps.update()
+        steps.done()
 
     encoder = None
     if pair is not None:
         train, val = _build_pair_models(registry, pair, steps, progress, config.seed)
         if not space_is_built(space_dir):
-            steps.set_postfix_str("training the bi-encoder (stage 0)")
+            steps.start("training the bi-encoder (stage 0)")
             encoder = train_biencoder(train, val, replace(pair.biencoder, seed=config.seed, progress=progress))
 
     if not space_is_built(space_dir):
-        steps.set_postfix_str("building space and FAISS indexes")
+        steps.start("building space and FAISS indexes")
         build_space_dir(space_dir, splits, config, encoder)
-    steps.update()
+    steps.done()
 
     if not config_path.exists():
         CascadeConfig(
@@ -278,6 +365,6 @@ def bootstrap(home: Path, config: BootstrapConfig = BootstrapConfig(), progress:
             pair_dense=None if pair is None else pair.dense_name,
         ).save(config_path)
         (home / "bootstrap.json").write_text(json.dumps(asdict(config), indent=2, default=str))
-    steps.update()
+    steps.done()
     steps.close()
     return CascadeConfig.load(config_path)

@@ -36,7 +36,13 @@ __all__ = [
     "ranking_key",
     "RANKING_KEYS",
     "resolve_stages",
+    "DeadlineExceeded",
 ]
+
+
+class DeadlineExceeded(TimeoutError):
+    """The query's deadline (`time.monotonic()` seconds) passed between two stages: the rest is not computed."""
+
 
 RANKING_KEYS = {
     "utility_log_odds": "log(E[u] - min u) - log(max u - E[u]) with E[u] = sum_o u_o p(o | cluster), u the utility "
@@ -100,11 +106,15 @@ class CascadeResult:
 
 
 def target_from_label(snapshot: Snapshot, label: int) -> Target:
-    if not 0 <= label < snapshot.space.num_classes:
-        raise StageError("target.label", f"unknown label {label}; labels are 0..{snapshot.space.num_classes - 1}")
-    utility = np.zeros(snapshot.space.num_classes)
-    utility[label] = 1.0
-    return Target(utility=utility, label=label)
+    """`label` is one of the user's labels (`Space.labels_known`); the target is over class indices."""
+    space = snapshot.space
+    index = space.class_of(label)
+    if index is None:
+        known = ", ".join(str(v) for v in space.labels_known)
+        raise StageError("target.label", f"unknown label {label}; this space's labels are {known}")
+    utility = np.zeros(space.num_classes)
+    utility[index] = 1.0
+    return Target(utility=utility, label=index)
 
 
 def target_from_utility(snapshot: Snapshot, utility: list[float] | np.ndarray) -> Target:
@@ -228,7 +238,7 @@ def plan_flops(
         variant = snapshot.variants[stage.variant]
         n = min(stage.samples, max_size)
         outputs = len(variant.log_prior)  # the elementwise aggregators' share; a gadget's is small beside it
-        total += alive * n * (variant.flops.nonzero + outputs) * len(target.queries)
+        total += (alive * n * (variant.flops.nonzero + outputs) + variant.query_flops) * len(target.queries)
         alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
     return total
 
@@ -239,7 +249,10 @@ def run_cascade(
     k: int,
     stages: tuple[Stage, ...] | list[Stage] | None = None,
     seed: int = 0,
+    deadline: float | None = None,
 ) -> CascadeResult:
+    """`deadline`: a `time.monotonic()` instant; past it, the next stage raises DeadlineExceeded instead of
+    running (the service has answered 504 by then and wants its worker back)."""
     alive = _candidates(snapshot, target)
     if not 1 <= k <= len(alive):
         raise StageError("k", f"must be between 1 and the {len(alive)} candidate clusters, got {k}")
@@ -252,6 +265,8 @@ def run_cascade(
     reports: list[StageReport] = []
     scores = posteriors = keys = torch.empty(0)
     for i, stage in enumerate(stages):
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"deadline passed before stage {i} ({stage.variant})")
         started = time.perf_counter()
         variant = snapshot.variants[stage.variant]
         rows, counts = sample_members(space.offsets, alive, stage.samples, rng)
@@ -268,6 +283,7 @@ def run_cascade(
         scores, posteriors, keys = cluster_scores[top], post[top], stage_keys[top]
         examples = len(target.queries)
         agg_flops = examples * _aggregator_flops(stage.aggregator, counts, post.shape[1], variant.gadget)
+        per_query = variant.query_flops  # a pair model's fold of the query, once per example and stage
         reports.append(
             StageReport(
                 variant=variant.name,
@@ -277,8 +293,8 @@ def run_cascade(
                 kept=len(alive),
                 samples=stage.samples,
                 items=len(rows),
-                flops=examples * len(rows) * variant.flops.nonzero + agg_flops,
-                flops_dense_kernel=examples * len(rows) * variant.flops.dense_kernel + agg_flops,
+                flops=examples * (len(rows) * variant.flops.nonzero + per_query) + agg_flops,
+                flops_dense_kernel=examples * (len(rows) * variant.flops.dense_kernel + per_query) + agg_flops,
                 ms=(time.perf_counter() - started) * 1000.0,
             )
         )
@@ -327,7 +343,7 @@ def dense_flops(snapshot: Snapshot, target: Target) -> int:
     """What the dense exhaustive oracle costs for this target: the dense model on every member of every
     cluster (for every example of a query by example)."""
     dense = snapshot.dense_for(target.kind)
-    return int(snapshot.space.sizes.sum()) * dense.flops.nonzero * len(target.queries)
+    return (int(snapshot.space.sizes.sum()) * dense.flops.nonzero + dense.query_flops) * len(target.queries)
 
 
 def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
@@ -356,8 +372,8 @@ def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
         kept=len(top),
         samples=widest,
         items=len(rows),
-        flops=examples * len(rows) * dense.flops.nonzero,
-        flops_dense_kernel=examples * len(rows) * dense.flops.dense_kernel,
+        flops=examples * (len(rows) * dense.flops.nonzero + dense.query_flops),
+        flops_dense_kernel=examples * (len(rows) * dense.flops.dense_kernel + dense.query_flops),
         ms=(time.perf_counter() - started) * 1000.0,
     )
     return CascadeResult(

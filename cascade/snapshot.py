@@ -20,6 +20,7 @@ from cascade.space import Space
 from models.aggregation import get_aggregator, log_prior_of
 from models.flops import Flops
 from models.manifest import Manifest
+from models.pair import PairNetwork, pair_flops, pair_query_flops
 from models.registry import LoadedModel, ModelRegistry
 from models.scorer import Scorer
 
@@ -43,6 +44,10 @@ class Variant:
     log_prior: torch.Tensor
     """Prior over the model's outputs, for `bayes`: the space's class frequencies for a classifier, the
     training grade mix for a pair model."""
+    flops: Flops
+    """Per item (a classifier) or per (query, item) pair (a pair model), as served."""
+    query_flops: int = 0
+    """Paid once per query and stage (a pair model's query trunk and fold); 0 for a classifier."""
 
     @property
     def kind(self) -> str:
@@ -55,10 +60,6 @@ class Variant:
     @property
     def version(self) -> int:
         return self.manifest.version
-
-    @property
-    def flops(self) -> Flops:
-        return Flops(self.manifest.flops_dense_kernel, self.manifest.flops_nonzero)
 
 
 @dataclass(frozen=True)
@@ -144,14 +145,23 @@ def misfit(manifest: Manifest, space: Space) -> str | None:
 
 def variant_for(loaded: LoadedModel, space: Space) -> Variant:
     """A loaded model as a stage of this space's cascades, with the prior its `bayes` aggregation needs."""
-    if loaded.model.scorer_kind == "pair":
-        grade_prior = loaded.manifest.extra.get("grade_prior")
+    manifest = loaded.manifest
+    if isinstance(loaded.model, PairNetwork):
+        grade_prior = manifest.extra.get("grade_prior")
         if grade_prior is None:
-            raise StageError("version", f"{loaded.manifest.ref} is a pair model without a grade_prior in its manifest")
+            raise StageError("version", f"{manifest.ref} is a pair model without a grade_prior in its manifest")
         log_prior = log_prior_of(torch.tensor(grade_prior, dtype=torch.float64))
-    else:
-        log_prior = log_prior_of(torch.from_numpy(space.prior))
-    return Variant(loaded.model, loaded.manifest, loaded.gadget, log_prior)
+        # counted from the model as this code serves it (folded), not read from an older manifest
+        return Variant(
+            loaded.model,
+            manifest,
+            loaded.gadget,
+            log_prior,
+            pair_flops(loaded.model),
+            pair_query_flops(loaded.model).nonzero,
+        )
+    flops = Flops(manifest.flops_dense_kernel, manifest.flops_nonzero)
+    return Variant(loaded.model, manifest, loaded.gadget, log_prior_of(torch.from_numpy(space.prior)), flops)
 
 
 def build_snapshot(

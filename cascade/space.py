@@ -1,5 +1,6 @@
 """A structured space: items stored sorted by cluster, so cluster c is the row range offsets[c]:offsets[c+1].
-Labels are the offline truth used for evaluation only; the cascade never reads them."""
+Labels are the offline truth used for evaluation only; the cascade never reads them. The user's own cluster ids,
+item ids and labels are stored beside the positions, so that answers can speak the user's language."""
 
 from __future__ import annotations
 
@@ -25,12 +26,35 @@ META_FILE = "meta.json"
 
 @dataclass(frozen=True)
 class Space:
+    """Rows are addressed internally by position (cluster c, item i); the user's own ids and labels are kept
+    beside them (`cluster_ids`, `item_ids`, `class_labels`) and are what every answer shows."""
+
     features: np.ndarray  # (N, D) float32, rows grouped by cluster
-    labels: np.ndarray  # (N,) int64, true item labels (offline only)
+    labels: np.ndarray  # (N,) int64, true item classes 0..C-1 (offline only)
     offsets: np.ndarray  # (K + 1,) int64
-    cluster_labels: np.ndarray  # (K,) int64, majority label of each cluster
+    cluster_labels: np.ndarray  # (K,) int64, majority class of each cluster
     prior: np.ndarray  # (C,) float64, class frequencies of the training data
     meta: dict
+    cluster_ids: np.ndarray | None = None  # (K,) int64, the user's id of each cluster; default 0..K-1
+    item_ids: np.ndarray | None = None  # (N,) int64, the user's id of each item (row); default 0..N-1
+    class_labels: np.ndarray | None = None  # (C,) int64, the user's label of each class; default 0..C-1
+
+    def __post_init__(self) -> None:
+        defaults = {
+            "cluster_ids": len(self.offsets) - 1,
+            "item_ids": len(self.features),
+            "class_labels": len(self.prior),
+        }
+        for name, n in defaults.items():
+            value = getattr(self, name)
+            value = np.arange(n, dtype=np.int64) if value is None else np.asarray(value, dtype=np.int64)
+            if value.shape != (n,):
+                raise ValueError(f"{name} needs {n} entries, got {value.shape}")
+            object.__setattr__(self, name, value)
+        for name in ("cluster_ids", "item_ids", "class_labels"):
+            values = getattr(self, name)
+            if len(np.unique(values)) != len(values):
+                raise ValueError(f"{name} must be unique")
 
     @property
     def num_items(self) -> int:
@@ -52,6 +76,23 @@ class Space:
     def sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def labels_known(self) -> list[int]:
+        """The labels a query may ask for, as the user wrote them (class c is `labels_known[c]`)."""
+        return [int(v) for v in self.class_labels]  # type: ignore[union-attr]
+
+    def class_of(self, label: int) -> int | None:
+        """The class index of one of the user's labels, or None when the space cannot have that label."""
+        return _position(self.class_labels, label)  # type: ignore[arg-type]
+
+    def cluster_of(self, cluster_id: int) -> int | None:
+        """The cluster index (0..K-1) of a user's cluster id, or None when there is no such cluster."""
+        return _position(self.cluster_ids, cluster_id)  # type: ignore[arg-type]
+
+    def item_of(self, item_id: int) -> int | None:
+        """The row of a user's item id, or None when there is no such item."""
+        return _position(self.item_ids, item_id)  # type: ignore[arg-type]
+
     def centroids(self) -> np.ndarray:
         sums = np.add.reduceat(self.features.astype(np.float64), self.offsets[:-1], axis=0)
         return (sums / self.sizes[:, None]).astype(np.float32)
@@ -66,15 +107,27 @@ class Space:
             offsets=self.offsets,
             cluster_labels=self.cluster_labels,
             prior=self.prior,
+            cluster_ids=self.cluster_ids,
+            item_ids=self.item_ids,
+            class_labels=self.class_labels,
         )
         tmp.replace(directory / SPACE_FILE)
         (directory / META_FILE).write_text(json.dumps(self.meta, indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> Space:
+        """Spaces saved before ids were kept load with the default ids (positions)."""
         with np.load(directory / SPACE_FILE, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
         return cls(meta=json.loads((directory / META_FILE).read_text()), **arrays)
+
+
+def _position(ids: np.ndarray, value: int) -> int | None:
+    """Where `value` sits in `ids` (unique), or None; a value beyond int64 is simply absent."""
+    if not -(2**63) <= int(value) < 2**63:
+        return None
+    hits = np.flatnonzero(ids == int(value))
+    return int(hits[0]) if len(hits) else None
 
 
 def clusters_by_label(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,27 +158,49 @@ def build_space(
     prior: np.ndarray,
     cluster: np.ndarray,
     meta: dict | None = None,
+    item_ids: np.ndarray | None = None,
+    class_labels: np.ndarray | None = None,
 ) -> Space:
-    """Sort items by cluster and record each cluster's majority label and the partition's purity."""
+    """Sort items by cluster and record each cluster's majority label, the partition's purity and its sizes.
+    The values of `cluster` become the clusters' ids (`cluster_ids`, in increasing order); `item_ids` (one per
+    row of `features`, default: the row in the sorted space) and `class_labels` (the user's label of each class)
+    are kept for answers."""
     if not (len(features) == len(labels) == len(cluster)):
         raise ValueError("features, labels and cluster must have one row per item")
-    cluster = np.unique(cluster, return_inverse=True)[1]  # dense ids 0..K-1
+    if item_ids is not None and len(item_ids) != len(features):
+        raise ValueError("item_ids must have one entry per item")
+    cluster_ids, cluster = np.unique(cluster, return_inverse=True)  # dense ids 0..K-1, the user's ids kept
     order = np.argsort(cluster, kind="stable")
     cluster = cluster[order]
     k = int(cluster.max()) + 1
+    sizes = np.bincount(cluster, minlength=k)
     offsets = np.zeros(k + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(np.bincount(cluster, minlength=k))
+    offsets[1:] = np.cumsum(sizes)
     num_classes = len(prior)
     votes = np.zeros((k, num_classes), dtype=np.int64)
     np.add.at(votes, (cluster, labels[order]), 1)
     purity = float(votes.max(1).sum() / len(labels))
+    class_labels = np.arange(num_classes) if class_labels is None else np.asarray(class_labels, dtype=np.int64)
+    present = np.unique(labels)
+    described = {
+        "num_items": len(labels),
+        "num_clusters": k,
+        "purity": purity,
+        "cluster_sizes": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
+        "num_classes": num_classes,
+        "classes": [int(c) for c in class_labels],
+        "classes_in_space": [int(class_labels[c]) for c in present],
+    }
     return Space(
         features=np.ascontiguousarray(features[order], dtype=np.float32),
         labels=labels[order].astype(np.int64),
         offsets=offsets,
         cluster_labels=votes.argmax(1).astype(np.int64),
         prior=np.asarray(prior, dtype=np.float64),
-        meta={**(meta or {}), "num_items": len(labels), "num_clusters": k, "purity": purity},
+        meta={**(meta or {}), **described},
+        cluster_ids=cluster_ids.astype(np.int64),
+        item_ids=None if item_ids is None else np.asarray(item_ids, dtype=np.int64)[order],
+        class_labels=class_labels,
     )
 
 

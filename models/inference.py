@@ -63,7 +63,8 @@ def score_chunked(
     model's widest activation (`activation_width()` where the model has one, else its spec)."""
     width = model.activation_width() if hasattr(model, "activation_width") else widest_activation(model.spec)
     step = chunk or max(MIN_CHUNK_ROWS, ACTIVATION_BUDGET_BYTES // (4 * width))
+    prepared = model.prepare(query)  # once per query, not per chunk
     if len(items) <= step:
-        return model.score(query, items)
-    parts = [model.score(query, items[i : i + step]) for i in range(0, len(items), step)]
+        return model.score_prepared(prepared, items)
+    parts = [model.score_prepared(prepared, items[i : i + step]) for i in range(0, len(items), step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

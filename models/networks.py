@@ -30,9 +30,15 @@ class Classifier(nn.Module):
         h = self.body(x)
         return self.head(h), h
 
+    # -- the scorer interface shared with pair models (`models.scorer`): a classifier's output for an item is
+    # the same for every query, so the query is ignored
+    def prepare(self, query: torch.Tensor | None) -> None:
+        return None
+
+    def score_prepared(self, prepared: None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_with_hidden(items)
+
     def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scorer interface shared with pair models (`models.pair`): a classifier's output for an item is
-        the same for every query, so the query is ignored."""
         return self.forward_with_hidden(items)
 
     def weight_layers(self) -> list[nn.Module]:

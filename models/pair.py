@@ -1,10 +1,11 @@
 """Pair models (cross-encoders): logits over relevance grades for a query q and an item x read together.
 
-Architecture (chosen by measurement, docs/premise.md): a shallow shared trunk (one conv + ReLU, optional
-max-pool) maps q and x to C feature channels; the first interaction is a per-channel correlation of the two
-over shifts -S..S (a translation shifts the peak instead of breaking a position-by-position comparison, the
-failure of early fusion measured in issue 14); a fixed affine normalisation of those C x (2S+1) numbers is
-the input of `scorer`, an ordinary `Classifier`, so all 16 pruning methods apply to it unchanged.
+Architecture (chosen by measurement, docs/premise.md): a shallow shared trunk (one or two conv + ReLU,
+optional max-pool) maps q and x to C feature channels; the first interaction is a per-channel correlation of
+the two over shifts -S..S, per region of the query's positions (a translation shifts the peak instead of
+breaking a position-by-position comparison, the failure of early fusion measured in issue 14), optionally
+with the squared features per region ("energies"); a fixed affine normalisation of those numbers is the input
+of `scorer`, an ordinary `Classifier`, so all 16 pruning methods apply to it unchanged.
 
 The trunk does not depend on the query, so `item_features` may be computed once per item and cached; it is
 shared by every pruned variant of one dense model (pruning only touches the scorer). Everything from the
@@ -32,6 +33,9 @@ __all__ = [
     "cost_volume",
     "PairFlops",
     "pair_flops",
+    "pair_query_flops",
+    "FoldedQuery",
+    "folded_pair_cost",
     "pair_cost",
     "default_pair_spec",
 ]
@@ -259,18 +263,88 @@ class PairNetwork(nn.Module):
     def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.scorer(self.interaction(q, x))
 
-    def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scorer interface (`models.scorer`): one query (1, D) read with every item. The item trunk is
-        recomputed here rather than cached: it is a small share of a pair's cost (`pair_cost`), and a cache of
-        C x L floats per item would outweigh the space itself."""
+    # -- the scorer interface (`models.scorer`) -------------------------------------------------------------
+    def prepare(self, query: torch.Tensor | None) -> FoldedQuery | torch.Tensor:
+        """Once per query: its trunk features folded into the scorer's first layer (`fold_query`), so that
+        every pair after it costs one product with the item's features. The 'positions' interaction has no
+        fold: its query features are kept as they are."""
         if query is None:
             raise ValueError("a pair model needs the query")
-        return self.forward_with_hidden(query, items)
+        fq = self.query_features(query)
+        return self.fold_query(fq) if self.spec.interaction == "channels" else fq
+
+    def score_prepared(
+        self, prepared: FoldedQuery | torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden) of a prepared query against items (P, D). The item trunk runs here, per item: it
+        is a small share of a pair's time (`benchmarks/bench_pair_parts.py`), and caching it would cost C x L
+        floats per item."""
+        fx = self.item_features(items)
+        if isinstance(prepared, FoldedQuery):
+            return self.forward_folded(prepared, fx)
+        return self.forward_features(prepared, fx)
+
+    def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query (1, D) read with every item (P, D): `prepare`, then `score_prepared`."""
+        return self.score_prepared(self.prepare(query), items)
 
     def activation_width(self) -> int:
-        """Floats per pair of the widest tensor of a forward pass (sizes serving chunks, `models.inference`)."""
+        """Floats per pair of the widest tensor of a served forward pass (sizes chunks, `models.inference`)."""
         s = self.spec
-        return max(s.trunk_channels * (s.input_dim + 2 * s.max_shift), s.interaction_dim, *s.scorer.hidden)
+        return max(s.trunk_channels * s.input_dim, *s.scorer.hidden)
+
+    # -- serving one query against many items: fold the query into the scorer's first layer ---------------
+    @torch.no_grad()
+    def fold_query(self, fq: torch.Tensor) -> FoldedQuery:
+        """For one query (features (1, C, L)), the correlation, the normalisation (eval) and the scorer's
+        first Linear are all linear in the item's features, so they compose into one (h1, C*L) matrix: per
+        pair, the first interaction becomes one matrix-vector product with the cached item features (plus
+        the item energies). Same outputs as `forward_features` in eval mode; 'channels' interaction only."""
+        spec = self.spec
+        if spec.interaction != "channels":
+            raise ValueError("folding is implemented for the 'channels' interaction")
+        channels, length = fq.shape[1:]
+        s, regions, width = spec.max_shift, spec.regions, spec.shifts
+        seg = length // regions
+        first = self.scorer.body[0]
+        a = self.norm.weight / torch.sqrt(self.norm.running_var + self.norm.eps)
+        b = self.norm.bias - self.norm.running_mean * a
+        w = first.weight * a[None, :]  # (h1, D): normalisation folded into the first layer
+        bias = first.bias + first.weight @ b
+        n_corr = channels * regions * width
+        # A[c, r * W + j, u] = fq[c, t] / seg with t = u - j + S in region r: corr = A @ fx per channel
+        u = torch.arange(length)[None, :]
+        j = torch.arange(width)[:, None]
+        t = u - j + s
+        valid = (t >= 0) & (t < length)
+        rows = ((t.clamp(0, length - 1) // seg) * width + j)[valid]
+        cols = u.expand_as(t)[valid]
+        op = fq.new_zeros(channels, regions * width, length)
+        op[:, rows, cols] = fq[0][:, t[valid]] / seg
+        w_corr = w[:, :n_corr].reshape(-1, channels, regions * width).transpose(0, 1)  # (C, h1, R*W)
+        matrix = torch.bmm(w_corr, op).transpose(0, 1).reshape(len(w), channels * length)  # (h1, C*L)
+        energy = None
+        if spec.energies:
+            eq = fq[0].pow(2).unflatten(1, (regions, seg)).mean(-1).reshape(-1)
+            bias = bias + w[:, n_corr : n_corr + channels * regions] @ eq
+            energy = w[:, n_corr + channels * regions :].contiguous()
+        return FoldedQuery(matrix.T.contiguous(), bias, None if energy is None else energy.T.contiguous())
+
+    def item_energies(self, fx: torch.Tensor) -> torch.Tensor:
+        """(P, C*R) mean squared feature per channel and region: query independent, cacheable with fx."""
+        return fx.pow(2).unflatten(2, (self.spec.regions, -1)).mean(-1).flatten(1)
+
+    def forward_folded(
+        self, folded: FoldedQuery, fx: torch.Tensor, energies: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden) of a folded query against cached item features fx (P, C, L); `energies` are
+        the cached `item_energies(fx)` (computed here when not given)."""
+        y = torch.addmm(folded.bias, fx.flatten(1), folded.matrix)
+        if folded.energy is not None:
+            ex = self.item_energies(fx) if energies is None else energies
+            y = torch.addmm(y, ex, folded.energy)
+        h = self.scorer.body[1:](y)
+        return self.scorer.head(h), h
 
     def with_scorer(self, scorer: Classifier) -> PairNetwork:
         """The same front end (trunk, normalisation; copied) with another scorer, e.g. a pruned one."""
@@ -325,6 +399,33 @@ def cost_volume(fq: torch.Tensor, fx: torch.Tensor, max_shift: int) -> torch.Ten
 
 
 @dataclass(frozen=True)
+class FoldedQuery:
+    """A query folded into a pair model's first scorer layer (`PairNetwork.fold_query`)."""
+
+    matrix: torch.Tensor  # (C*L, h1)
+    bias: torch.Tensor  # (h1,)
+    energy: torch.Tensor | None  # (C*R, h1) when the spec has energies
+
+
+def folded_pair_cost(model: PairNetwork) -> tuple[Flops, Flops]:
+    """(per pair, per query) FLOPs of the folded path: per pair the (C*L -> h1) product, the item energies
+    and the scorer after its first layer; per query the folding itself. The folded matrix is dense whatever
+    the first layer's mask, so its nonzero count equals its dense-kernel count."""
+    s = model.spec
+    first = model.scorer.body[0]
+    h1, cl = first.weight.shape[0], s.trunk_channels * s.feature_length
+    per_pair = 2 * h1 * cl
+    if s.energies:
+        per_pair += 2 * cl + 2 * h1 * s.trunk_channels * s.regions
+    rest = count_flops(model.scorer, s.interaction_dim)
+    first_dense = 2 * first.weight.numel()
+    first_nz = 2 * int(torch.count_nonzero(first.weight))
+    pair = Flops(per_pair + rest.dense_kernel - first_dense, per_pair + rest.nonzero - first_nz)
+    fold = 2 * h1 * s.trunk_channels * s.regions * s.shifts * s.feature_length
+    return pair, Flops(fold, fold)
+
+
+@dataclass(frozen=True)
 class PairFlops:
     """FLOPs of one pair model. `per_pair` is what the cascade pays per scored (q, x): the correlation and
     the scorer. `per_item` (trunk of x) and `per_query` (trunk of q) are paid once when item features are
@@ -359,7 +460,18 @@ def pair_cost(model: PairNetwork) -> PairFlops:
 
 
 def pair_flops(model: PairNetwork) -> Flops:
-    """FLOPs per (q, x) pair as served (`PairNetwork.score`): the item trunk, recomputed per pair, then the
-    correlation and the scorer (dense-kernel and nonzero). The query's trunk is paid once per query."""
+    """FLOPs per (q, x) pair as served (`PairNetwork.score_prepared`): the item trunk, recomputed per pair, then
+    the folded first layer and the rest of the scorer (`folded_pair_cost`); 'positions' models: the unfolded
+    interaction and scorer."""
     cost = pair_cost(model)
-    return cost.per_pair + cost.per_item
+    if model.spec.interaction != "channels":
+        return cost.per_pair + cost.per_item
+    return folded_pair_cost(model)[0] + cost.per_item
+
+
+def pair_query_flops(model: PairNetwork) -> Flops:
+    """FLOPs paid once per query and variant: the query's trunk and the fold (`PairNetwork.prepare`)."""
+    cost = pair_cost(model)
+    if model.spec.interaction != "channels":
+        return cost.per_query
+    return folded_pair_cost(model)[1] + cost.per_query

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from models.flops import count_flops
 from models.manifest import NAME_PATTERN, Manifest, utc_now
 from models.networks import Classifier, build_network
-from models.pair import PairNetwork, PairSpec, pair_cost, pair_flops
+from models.pair import PairNetwork, PairSpec, pair_cost, pair_flops, pair_query_flops
 from models.spec import NetworkSpec
 
 __all__ = [
@@ -209,7 +209,7 @@ class ModelRegistry:
             cost = pair_cost(model)
             flops = pair_flops(model)
             extra.setdefault("flops_per_item_trunk", cost.per_item.dense_kernel)
-            extra.setdefault("flops_per_query", cost.per_query.dense_kernel)
+            extra.setdefault("flops_per_query", pair_query_flops(model).dense_kernel)  # query trunk + fold
             extra.setdefault("cache_floats_per_item", cost.cache_floats_per_item)
         else:
             flops = count_flops(model, model.spec.input_dim)

@@ -5,7 +5,7 @@ that /healthz answers at once and /readyz turns true when models and index are i
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import torch
@@ -25,10 +25,22 @@ from service.state import ServiceState
 
 __all__ = ["create_app"]
 
+
+def _bootstrapper(state: ServiceState) -> Callable[[], None]:
+    def run() -> None:
+        from cascade.bootstrap import bootstrap
+
+        bootstrap(state.settings.home, progress=True, on_progress=state.report_bootstrap)
+
+    return run
+
+
 log = logging.getLogger("prunecascade")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, bootstrap_first: bool = False) -> FastAPI:
+    """`bootstrap_first`: build whatever of the embedded default is missing before loading it, in the loader
+    thread, so that the port opens at once (/healthz reports the progress, /readyz is 503 until ready)."""
     settings = settings or Settings()
     setup_logging(settings.log_level, settings.log_json)
     torch.set_num_threads(settings.torch_threads)
@@ -47,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state.load_in_background()
+        state.load_in_background(_bootstrapper(state) if bootstrap_first else None)
         if state.shared is not None:
             state.shared.start()  # waits for the first load, then reconciles with Redis
         if settings.resolved_admin_token() is None:

@@ -2,7 +2,8 @@
 `queue` more waiting (beyond: 503 with Retry-After at once), and a server-side deadline on each, queueing
 included (504 when it passes). Pure ASGI, around the route, so it needs nothing from the route itself.
 
-A query past its deadline is answered 504 at once, but its computation (a worker thread, which Python cannot
+A query past its deadline is answered 504 at once; the engine checks the deadline between stages and stops, but
+a stage already running finishes first (a worker thread, which Python cannot
 interrupt) runs to its end and keeps its slot until then: the slots bound the CPU really in use, and the
 per-query cost budget bounds how long that takes."""
 
@@ -90,6 +91,9 @@ class QueryLimiter:
                 self.metrics.query_queued.dec()
         self.metrics.query_queue_seconds.observe(time.monotonic() - started)
         self.metrics.query_inflight.inc()
+        # the route reads it (`request.state.deadline`) and the engine stops between stages once it passes, so a
+        # query answered 504 gives its slot back instead of computing to the end
+        scope.setdefault("state", {})["deadline"] = started + self.timeout_s
         await self._run(scope, receive, send, slots, started + self.timeout_s - time.monotonic())
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, slots: asyncio.Semaphore, left: float) -> None:

@@ -159,6 +159,7 @@ class SpaceOut(BaseModel):
     num_items: int
     num_clusters: int
     num_classes: int
+    classes: list[int] = Field(description="the labels a label target may name, as the data spells them")
     input_dim: int
     max_cluster_size: int
     cluster_sizes: dict[str, float] = Field(description="min, median and max members per cluster")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,10 +41,12 @@ class ServiceState:
         self._active: dict[str, int] = {}
         self.lock = threading.RLock()
         self.load_error: str | None = None
+        self.bootstrap_progress: dict[str, object] | None = None
         self.shared: SharedState | None = None  # set when Redis is configured
         self.cache: ResultCache | None = None
         self.loaded = threading.Event()
         self.generation = 0  # bumped by every local change; a reconcile that read Redis before it stands down
+        self._misfits_logged: set[tuple[str, int]] = set()  # active versions that do not fit, logged once each
         self.exact = ExactTables(
             settings.space_dir,
             enabled=settings.exact_enabled,
@@ -72,6 +74,7 @@ class ServiceState:
             snapshot = load_snapshot(self.registry, self.settings.space_dir, config)
             self._active = {n: v for n in self.registry.names() if (v := self.registry.active_version(n)) is not None}
             self._swap(snapshot, "load")
+            self.log_misfits(snapshot)
         log.info(
             "snapshot %s loaded: %s",
             snapshot.id,
@@ -80,9 +83,19 @@ class ServiceState:
         self.loaded.set()
         return snapshot
 
-    def load_in_background(self) -> threading.Thread:
+    def report_bootstrap(self, done: int, total: int, what: str) -> None:
+        """Progress of a bootstrap running before the first load (shown by /healthz and /readyz)."""
+        self.bootstrap_progress = {"done": done, "total": total, "step": what}
+
+    def load_in_background(self, before: Callable[[], None] | None = None) -> threading.Thread:
+        """Load the snapshot in a thread, after `before` (the first run's bootstrap), so that the port is open
+        and /healthz answers from the start."""
+
         def run() -> None:
             try:
+                if before is not None:
+                    before()
+                    self.bootstrap_progress = None
                 self.load()
             except Exception as exc:  # readiness reports it; the process stays up for operators to inspect
                 self.load_error = f"{type(exc).__name__}: {exc}"
@@ -225,6 +238,54 @@ class ServiceState:
             self._swap(snapshot, "reconcile")
         log.info("converged on shared state: snapshot %s", snapshot.id)
         return True
+
+    def reload(self) -> tuple[Snapshot, list[str]]:
+        """Adopt what the command line changed on disk while the server ran (`prunecascade train/prune` into the
+        served home: new versions, other active versions, a new default cascade), as one complete snapshot built
+        before anything is swapped; models already loaded are reused. Returns the snapshot and what changed
+        (`name:version` or `cascade`)."""
+        with self.lock:
+            current = self.require_snapshot()
+            wanted: dict[str, int] = {}
+            for name in self.registry.names():
+                try:
+                    version = self.registry.active_version(name)
+                except RegistryError as exc:
+                    log.warning("reload: %s is left out: %s", name, exc)
+                    continue
+                if version is not None:
+                    wanted[name] = version
+            config = CascadeConfig.load(self.config_path)
+            if wanted == self._active and config == current.config:
+                return current, []
+            snapshot = self.candidate(wanted, config)
+            names = sorted({n for n, v in wanted.items() if self._active.get(n) != v} | (self._active.keys() - wanted))
+            changed = [f"{n}:{wanted[n]}" if n in wanted else f"{n}: no active version" for n in names]
+            if config != current.config:
+                changed.append("cascade")
+            self._active = wanted
+            self._swap(snapshot, "reload")
+            for name in names:
+                self._changed(name)
+            if config != current.config:
+                self._changed(None)
+            self.log_misfits(snapshot)
+        log.info("reloaded from disk: snapshot %s (%s)", snapshot.id, ", ".join(changed) or "no change")
+        self._push()
+        return snapshot, changed
+
+    def log_misfits(self, snapshot: Snapshot) -> None:
+        """Log, once per name and version, every active model that the space cannot serve and why."""
+        for name, version in sorted(self._active.items()):
+            if name in snapshot.variants or (name, version) in self._misfits_logged:
+                continue
+            try:
+                reason = misfit(self.registry.manifest(name, version), snapshot.space)
+            except RegistryError as exc:
+                reason = str(exc)
+            if reason is not None:
+                self._misfits_logged.add((name, version))
+                log.warning("%s:%s is active but not served: it %s", name, version, reason)
 
     def _changed(self, name: str | None) -> None:
         """Called under the lock by every local change: remembered as dirty (for Redis) in the same step."""

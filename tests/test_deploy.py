@@ -4,16 +4,21 @@ env var and probe they name exists in the repository and in service.settings.Set
 from __future__ import annotations
 
 import ast
+import asyncio
 import fnmatch
+import importlib.util
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 import yaml  # pyyaml, from the test extra
+from conftest import Server, start_server, stop_server
 
 from service.settings import Settings
 
@@ -67,6 +72,8 @@ def test_dockerfile_copies_paths_that_exist_and_are_not_dockerignored() -> None:
     copies = [args for instr, args in _dockerfile() if instr in ("COPY", "ADD")]
     assert copies, "the Dockerfile copies nothing"
     for args in copies:
+        if args.startswith("--from="):  # from an earlier build stage, not from the build context
+            continue
         *sources, _dest = args.split()
         for src in sources:
             assert not src.startswith("--"), f"unexpected COPY flag in {args!r}"
@@ -75,7 +82,7 @@ def test_dockerfile_copies_paths_that_exist_and_are_not_dockerignored() -> None:
     package_dirs = set(
         tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     )
-    copied = {s.split()[0] for s in copies}
+    copied = {s.split()[0] for s in copies if not s.startswith("--from=")}
     for pattern in package_dirs:
         assert pattern.rstrip("*") in copied, f"package {pattern} is installed from pyproject but not copied"
 
@@ -83,8 +90,10 @@ def test_dockerfile_copies_paths_that_exist_and_are_not_dockerignored() -> None:
 def test_dockerfile_installs_pinned_cpu_torch_before_the_project() -> None:
     runs = [args for instr, args in _dockerfile() if instr == "RUN"]
     torch_i = next(i for i, r in enumerate(runs) if "torch==" in r)
-    project_i = next(i for i, r in enumerate(runs) if re.search(r"pip install \.(\s|$)", r))
+    project_i = next(i for i, r in enumerate(runs) if re.search(r"pip install [^&;]*\s\.(\s|$)", r))
     assert torch_i < project_i
+    # offline from deploy/wheels when it holds wheels, else the CPU index (never PyPI's CUDA build)
+    assert "--no-index --find-links /tmp/wheels" in runs[torch_i]
     assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_i]
     pinned = next(
         d
@@ -263,3 +272,154 @@ def test_locustfile_queries_the_contract_endpoint() -> None:
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
     assert any(isinstance(b, ast.Name) and b.id == "HttpUser" for c in classes for b in c.bases)
     assert '"/v1/query"' in source
+
+
+# -- building without a registry, and deploy/compose-check.sh -----------------------------------------------
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for instr, args in _dockerfile():
+        if instr == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((instr, args))
+    return stages
+
+
+def test_dockerfile_base_is_a_build_arg_and_wheels_stay_out_of_the_runtime_image() -> None:
+    instrs = _dockerfile()
+    assert instrs[0] == ("ARG", "BASE_IMAGE=python:3.11-slim"), "the default base must stay the official image"
+    build, runtime = _stages()
+    assert build[0] == ("FROM", "${BASE_IMAGE} AS build") and runtime[0] == ("FROM", "${BASE_IMAGE}")
+    assert ("COPY", "deploy/wheels /tmp/wheels") in build
+    runtime_copies = [args for instr, args in runtime if instr in ("COPY", "ADD")]
+    assert runtime_copies == ["--from=build /opt/prunecascade /opt/prunecascade"], "only the venv reaches the image"
+    env = _dockerfile_env()
+    assert env["PATH"].startswith("/opt/prunecascade/bin:")
+
+
+def test_wheelhouse_and_secrets_are_never_committed() -> None:
+    for folder, kept in (("deploy/wheels", {".gitignore", "README.md"}), ("deploy/secrets", {".gitignore"})):
+        lines = (ROOT / folder / ".gitignore").read_text().splitlines()
+        assert "*" in lines, f"{folder}: everything ignored"
+        assert {ln.removeprefix("!") for ln in lines if ln.startswith("!")} == kept
+    assert "deploy/secrets" in _dockerignore(), "the admin token must not reach the build context"
+    if shutil.which("git") and (ROOT / ".git").exists():
+        tracked = subprocess.run(
+            ["git", "ls-files", "deploy/wheels", "deploy/secrets"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.split()
+        assert all(Path(t).name in {".gitignore", "README.md"} for t in tracked), tracked
+
+
+def test_compose_images_default_to_the_official_ones_and_commands_are_explicit(compose: dict[str, Any]) -> None:
+    """The local images of compose-check.sh have no entrypoint scripts: the compose file spells out the commands
+    the official images would run, so both kinds behave alike."""
+    svcs = compose["services"]
+    assert svcs["redis"]["image"] == "${PC_REDIS_IMAGE:-redis:7.4-alpine}"
+    assert svcs["lb"]["image"] == "${PC_NGINX_IMAGE:-nginx:1.27-alpine}"
+    assert svcs["lb"]["command"] == ["nginx", "-g", "daemon off;"]
+    redis_cmd = svcs["redis"]["command"]
+    assert redis_cmd[0] == "redis-server" and redis_cmd[redis_cmd.index("--dir") + 1] == "/data"
+    for name in ("bootstrap", *_api_services(compose)):
+        assert svcs[name]["image"] == "${PC_IMAGE:-prunecascade:latest}"
+        assert svcs[name]["build"]["args"]["BASE_IMAGE"] == "${PC_BASE_IMAGE:-python:3.11-slim}"
+    assert "name" not in compose, "Debian's docker-compose 1.29 refuses a top-level name"
+    (secret,) = compose["secrets"].values()
+    assert set(secret) == {"file"}, "docker-compose 1.29 knows file secrets only"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
+def test_docker_compose_accepts_the_file_and_the_check_overlay() -> None:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PC_ADMIN_TOKEN_FILE": "/nonexistent/token"}
+    base = ["-f", "docker-compose.yml"]
+    for files in (base, [*base, "-f", "deploy/compose-check.override.yml"]):
+        done = subprocess.run(
+            ["docker-compose", *files, "config"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        merged = yaml.safe_load(done.stdout)
+        assert set(merged["services"]) == {"redis", "bootstrap", "api-1", "api-2", "lb"}
+    boot = merged["services"]["bootstrap"]
+    assert boot["command"] == ["python", "/opt/check/tiny_bootstrap.py"]
+    assert any(v.endswith("/opt/check/tiny_bootstrap.py:ro") for v in boot["volumes"] if isinstance(v, str)) or any(
+        isinstance(v, dict) and v.get("target") == "/opt/check/tiny_bootstrap.py" for v in boot["volumes"]
+    )
+
+
+def _load_module(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_bootstrap_builds_every_variant_its_stages_name() -> None:
+    tiny = _load_module(ROOT / "deploy" / "tiny_bootstrap.py").TINY
+    built = {v.name for v in tiny.variants} | {tiny.dense_name}
+    assert {s.variant for s in tiny.stages} <= built
+    assert tiny.stages[-1].variant == tiny.dense_name
+
+
+def test_nginx_retries_queries_and_gives_up_on_a_dead_replica_fast() -> None:
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    (connect,) = re.findall(r"proxy_connect_timeout\s+(\d+)s;", conf)
+    assert int(connect) <= 2, "a dead replica's address must not hold a query for the 60 s default"
+    (query_block,) = re.findall(r"location = /v1/query \{(.*?)\}", conf, flags=re.S)
+    retry = re.search(r"proxy_next_upstream ([^;]+);", query_block).group(1).split()
+    assert {"error", "timeout", "http_503", "non_idempotent"} <= set(retry)
+    keepalive_fields = [f for f in Settings.model_fields if "keep_alive" in f or "keepalive" in f]
+    if keepalive_fields:  # a setting for uvicorn's keep-alive, if the service has one
+        replica_keepalive = Settings.model_fields[keepalive_fields[0]].default
+    else:
+        replica_keepalive = uvicorn.Config(app=None).timeout_keep_alive
+    (upstream_keepalive,) = re.findall(r"keepalive_timeout\s+(\d+)s;", conf)
+    assert int(upstream_keepalive) < replica_keepalive
+
+
+def test_compose_check_targets_loopback_tears_down_and_is_bounded() -> None:
+    script = (ROOT / "deploy" / "compose-check.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "deploy" / "compose-check.sh")]).returncode == 0
+    assert "LB=http://127.0.0.1:$PC_LB_PORT" in script
+    assert re.search(r"trap cleanup EXIT", script) and "down -v --remove-orphans" in script
+    assert not re.search(r"\b(pkill|killall)\b", script)
+    assert not re.search(r"while true|until ", script), "every wait is a bounded for loop"
+    for url in re.findall(r"https?://[^\s\"']+", script):
+        assert url.startswith(("http://127.0.0.1", "$LB")), url
+
+
+def test_compose_load_refuses_non_loopback_and_unbounded_runs() -> None:
+    load = _load_module(ROOT / "deploy" / "compose_load.py")
+    with pytest.raises(ValueError, match="not loopback"):
+        load.main(["--url", "http://192.0.2.10:8080", "--requests", "1"])
+    with pytest.raises(SystemExit):
+        load.main(["--requests", str(load.MAX_REQUESTS + 1)])
+    with pytest.raises(SystemExit):
+        load.main(["--timeout", "0"])
+
+
+def test_compose_load_answers_every_query_of_a_live_server(server: Server) -> None:
+    load = _load_module(ROOT / "deploy" / "compose_load.py")
+    summary = asyncio.run(load.run_load(server.url, 20, 50.0, 10.0, 3, 10, None, None, seed=7))
+    assert (summary.requests, summary.ok, summary.failed, summary.errors) == (20, 20, 0, {})
+    assert summary.fault is None and 0 < summary.latency_ms["p50"] <= summary.latency_ms["max"]
+
+
+def test_compose_load_counts_the_queries_a_killed_server_loses(tiny_home: Path) -> None:
+    """The fault command runs mid-load and every query sent after it is counted as failed, with its reason."""
+    load = _load_module(ROOT / "deploy" / "compose_load.py")
+    victim = start_server(tiny_home)
+    try:
+        summary = asyncio.run(
+            load.run_load(victim.url, 30, 30.0, 5.0, 3, 10, 0.4, f"kill -KILL {victim.process.pid}", seed=11)
+        )
+    finally:
+        stop_server(victim)
+    assert summary.fault["rc"] == 0 and summary.fault["at_s"] >= 0.4
+    assert summary.ok > 0 and summary.failed > 0 and summary.ok + summary.failed == 30
+    assert sum(summary.errors.values()) == summary.failed
+    assert all(reason in {"ConnectError", "ReadError", "RemoteProtocolError"} for reason in summary.errors)
+    late = [o for o in range(30) if o / 30.0 >= summary.fault["at_s"] + 0.2]
+    assert len(summary.failed_at_s) >= len(late)

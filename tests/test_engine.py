@@ -115,3 +115,14 @@ def test_utility_log_odds_rank_as_the_expected_utility_and_break_saturated_ties(
     assert (saturated.exp() @ torch.from_numpy(u)).unique().tolist() == [3.0]  # a tie in expected utility
     key = ranking_key(saturated, Target(utility=u))
     assert key[1] > key[0]  # the surer cluster first
+
+
+def test_a_passed_deadline_stops_the_cascade_before_the_next_stage(snapshot) -> None:
+    import time
+
+    from cascade.engine import DeadlineExceeded
+
+    target = target_from_label(snapshot, 1)
+    with pytest.raises(DeadlineExceeded, match="stage 0"):
+        run_cascade(snapshot, target, 5, deadline=time.monotonic() - 1.0)
+    assert len(run_cascade(snapshot, target, 5, deadline=time.monotonic() + 60.0).cluster_ids) == 5

@@ -51,6 +51,8 @@ def test_metrics_cover_requests_stages_cache_versions_and_swaps(admin_server) ->
     snapshot_ids = [s.labels["snapshot_id"] for s in m["prunecascade_snapshot_info"]]
     assert snapshot_ids == [second.json()["snapshot_id"]]
     assert sum(s.value for s in m["prunecascade_swaps_total"]) >= 1  # the initial load counts as one
+    assert "process_cpu_seconds_total" in m and "python_info" in m  # prometheus-client's default collectors
+    assert not [name for name in m if name.endswith("_created")]
 
 
 def test_request_id_is_echoed_or_assigned(admin_server) -> None:

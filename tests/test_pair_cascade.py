@@ -41,6 +41,10 @@ def test_one_scorer_interface_for_both_kinds(snapshot, kind: str) -> None:
         torch.testing.assert_close(a_logits, b_logits)  # a classifier ignores the query
     else:
         assert not torch.allclose(a_logits, b_logits)  # a pair model reads it
+        with torch.inference_mode():  # served folded: the same function as reading q and x unfolded
+            plain_logits, plain_hidden = variant.model.forward_with_hidden(q1, items)
+        torch.testing.assert_close(a_logits, plain_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a_hidden, plain_hidden, rtol=1e-4, atol=1e-4)
 
 
 def test_ground_truth_is_constant_on_every_cluster(snapshot) -> None:
@@ -73,7 +77,8 @@ def test_pair_cascade_accounting_and_candidates(snapshot) -> None:
     assert first.clusters_in == 40 and first.kept == snapshot.config.pair_stages[0].keep
     variant = snapshot.variants[first.variant]
     assert variant.kind == "pair"
-    assert first.flops == first.items * variant.flops.nonzero + first.items * snapshot.num_grades
+    assert variant.query_flops > 0  # the fold of the query into the first layer, once per query and stage
+    assert first.flops == first.items * variant.flops.nonzero + variant.query_flops + first.items * snapshot.num_grades
     assert result.posteriors.shape == (5, snapshot.num_grades)
     np.testing.assert_allclose(result.posteriors.sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(result.scores, result.posteriors @ target.utility, rtol=1e-5)
@@ -96,7 +101,11 @@ def test_oracle_scores_every_cluster_and_retrieve_and_rerank_is_one_dense_stage(
     oracle = dense_oracle(snapshot, target, k=5)
     dense = snapshot.dense_for("pair")
     assert oracle.stages[0].clusters_in == snapshot.space.num_clusters
-    assert oracle.flops == dense_flops(snapshot, target) == snapshot.space.num_items * dense.flops.nonzero
+    assert (
+        oracle.flops
+        == dense_flops(snapshot, target)
+        == snapshot.space.num_items * dense.flops.nonzero + dense.query_flops
+    )
     widest = int(snapshot.space.sizes.max())
     rerank = run_cascade(snapshot, target, 5, [Stage(variant=dense.name, samples=widest)])
     assert rerank.stages[0].items == int(snapshot.space.sizes[target.candidates].sum())

@@ -23,7 +23,16 @@ from models.biencoder import (
     train_biencoder,
 )
 from models.manifest import Manifest
-from models.pair import PairNetwork, PairSpec, correlate, default_pair_spec, pair_cost, pair_flops
+from models.pair import (
+    PairNetwork,
+    PairSpec,
+    correlate,
+    default_pair_spec,
+    folded_pair_cost,
+    pair_cost,
+    pair_flops,
+    pair_query_flops,
+)
 from models.pair_training import (
     PairTrainConfig,
     make_pairs,
@@ -136,6 +145,37 @@ def test_forward_broadcast_cached_features_and_hidden(spec: PairSpec) -> None:
     torch.testing.assert_close(model.scorer(z), logits)
 
 
+@pytest.mark.parametrize("name", ["default", "one-region"])
+def test_folding_the_query_gives_the_same_outputs(name: str) -> None:
+    torch.manual_seed(1)
+    model = PairNetwork(VARIANTS[name])
+    with torch.no_grad():  # a non-trivial normalisation, as after training
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.5, 2.0)
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    model.eval()
+    pruned = prune_pair(model, "magnitude", 0.3)  # masked first layer: folding must keep the zeros' effect
+    for m in (model, pruned):
+        q, x = torch.randn(1, 40), torch.randn(50, 40)
+        fq, fx = m.query_features(q), m.item_features(x)
+        logits, hidden = m.forward_features(fq, fx)
+        folded = m.fold_query(fq)
+        out, h = m.forward_folded(folded, fx)
+        torch.testing.assert_close(out, logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(h, hidden, atol=1e-5, rtol=1e-4)
+        if m.spec.energies:
+            torch.testing.assert_close(m.forward_folded(folded, fx, m.item_energies(fx))[0], out)
+        per_pair, per_query = folded_pair_cost(m)
+        c, length, h1 = m.spec.trunk_channels, 40, m.scorer.body[0].weight.shape[0]
+        extra = 2 * c * length + 2 * h1 * c * m.spec.regions if m.spec.energies else 0
+        rest = pair_cost(m).scorer.dense_kernel - 2 * m.scorer.body[0].weight.numel()
+        assert per_pair.dense_kernel == 2 * h1 * c * length + extra + rest
+        assert per_query.dense_kernel > 0
+    with pytest.raises(ValueError, match="channels"):
+        PairNetwork(VARIANTS["positions"]).fold_query(torch.zeros(1, 4, 40))
+
+
 def test_the_pair_model_reads_the_query() -> None:
     model = trained()
     train, _ = _data()
@@ -150,7 +190,9 @@ def test_flops_match_the_torch_counter_where_it_counts() -> None:
     cost = pair_cost(model)
     assert cost.interaction.dense_kernel == 2 * 4 * 5 * 40 + 2 * 4 * 40  # correlations + item energies
     assert cost.per_pair == cost.interaction + cost.scorer
-    assert pair_flops(model) == cost.per_pair + cost.per_item  # served: the item trunk is recomputed per pair
+    folded, fold = folded_pair_cost(model)
+    assert pair_flops(model) == folded + cost.per_item  # served folded; the item trunk is recomputed per pair
+    assert pair_query_flops(model) == fold + cost.per_query
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model.scorer(torch.zeros(1, TINY.interaction_dim))

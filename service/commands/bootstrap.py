@@ -1,5 +1,6 @@
-"""`prunecascade bootstrap [--dataset mnist1d|digits|PATH.npz] [--arch mlp|cnn1d|cnn2d] [--home DIR]`: build a
-home (data, dense model, pruned variants, space with its index, default cascade); skips what exists."""
+"""`prunecascade bootstrap [--dataset mnist1d|digits|PATH.npz] [--space-dataset PATH.npz] [--arch mlp|cnn1d|cnn2d]
+[--home DIR]`: build a home (data, dense model, pruned variants, space with its index, default cascade); skips
+what exists."""
 
 from __future__ import annotations
 
@@ -29,7 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dataset",
         default="mnist1d",
         help="mnist1d (generated locally), digits, or a path to an .npz with x (items x features), y (integer "
-        "labels) and optionally cluster (an integer cluster id per item)",
+        "labels, any values) and optionally cluster (an integer cluster id per item), id (a unique integer id per "
+        "item) and classes (every label the data may have). With a cluster column, whole clusters go either to "
+        "training or to the space",
+    )
+    p.add_argument(
+        "--space-dataset",
+        metavar="PATH.npz",
+        help="a separate .npz that is the space (same columns); --dataset is then only trained on",
     )
     p.add_argument("--arch", choices=ARCHS, help="dense network (default: cnn1d for mnist1d, else mlp)")
     p.add_argument("--epochs", type=int, help="training epochs of the dense model (default: 40)")
@@ -46,12 +54,12 @@ def config_from(args: argparse.Namespace) -> Any:
 
     dataset = args.dataset
     if dataset not in ("mnist1d", "digits"):
-        path = Path(dataset).expanduser()
-        if path.suffix != ".npz":
-            raise ValueError(f"--dataset: expected mnist1d, digits or a path ending in .npz, got {dataset!r}")
-        if not path.is_file():
-            raise ValueError(f"--dataset: no such file {str(path)!r}")
-        dataset = str(path.resolve())  # the home records it; later commands may run from another directory
+        dataset = _npz_path("--dataset", dataset, "mnist1d, digits or a path ending in .npz")
+    space_dataset = getattr(args, "space_dataset", None)
+    if space_dataset is not None:
+        if dataset in ("mnist1d", "digits"):
+            raise ValueError("--space-dataset: needs --dataset to be your own training .npz")
+        space_dataset = _npz_path("--space-dataset", space_dataset, "a path ending in .npz")
     arch = args.arch or ("cnn1d" if dataset == "mnist1d" else "mlp")
     for name in ("epochs", "cluster_size"):
         value = getattr(args, name)
@@ -69,7 +77,19 @@ def config_from(args: argparse.Namespace) -> Any:
         )
         if v is not None
     }
+    if space_dataset is not None:
+        overrides["space_dataset"] = space_dataset
     return BootstrapConfig(dataset=dataset, arch=arch, **overrides)
+
+
+def _npz_path(flag: str, value: str, expected: str) -> str:
+    """An existing .npz, recorded absolute: the home keeps it and later commands may run from elsewhere."""
+    path = Path(value).expanduser()
+    if path.suffix != ".npz":
+        raise ValueError(f"{flag}: expected {expected}, got {value!r}")
+    if not path.is_file():
+        raise ValueError(f"{flag}: no such file {str(path)!r}")
+    return str(path.resolve())
 
 
 def _check_home_matches(home: Path, config: Any) -> None:
@@ -78,10 +98,10 @@ def _check_home_matches(home: Path, config: Any) -> None:
     if not record.is_file():
         return
     built = json.loads(record.read_text())
-    for key in ("dataset", "arch"):
-        if key in built and str(built[key]) != str(getattr(config, key)):
+    for key in ("dataset", "space_dataset", "arch"):
+        if str(built.get(key)) != str(getattr(config, key)) and (key in built or getattr(config, key) is not None):
             raise ValueError(
-                f"{home} was bootstrapped with {key}={built[key]!r}, not {getattr(config, key)!r}: "
+                f"{home} was bootstrapped with {key}={built.get(key)!r}, not {getattr(config, key)!r}: "
                 "pass another --home for different data"
             )
 

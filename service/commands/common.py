@@ -30,8 +30,20 @@ def registry_from(args: argparse.Namespace) -> ModelRegistry:
     return ModelRegistry(settings_from(args).registry_dir)
 
 
-def splits_for(dataset: str, args: argparse.Namespace, seed: int = 0, num_samples: int = 52_000) -> Splits:
-    """The same seed and size give the same splits the model was trained on."""
+def splits_for(
+    dataset: str,
+    args: argparse.Namespace,
+    seed: int = 0,
+    num_samples: int = 52_000,
+    space_dataset: str | None = None,
+) -> Splits:
+    """The same seed, size and space file give the same splits the model was trained on."""
     from models.data import load_dataset
 
-    return load_dataset(dataset, seed=seed, num_samples=num_samples, cache_dir=settings_from(args).data_dir)
+    return load_dataset(
+        dataset,
+        seed=seed,
+        num_samples=num_samples,
+        cache_dir=settings_from(args).data_dir,
+        space_dataset=space_dataset,
+    )

@@ -6,7 +6,6 @@ import argparse
 
 import uvicorn
 
-from cascade.bootstrap import bootstrap
 from service.app import create_app
 from service.commands.common import add_home, settings_from
 from service.connections import with_head_timeout
@@ -27,12 +26,10 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
-    if args.bootstrap:
-        bootstrap(settings.home)
     # log_config=None: uvicorn's own loggers propagate to the JSON handler `create_app` installs; the access
     # line is written by service.logs (with the request id), so uvicorn's is off. Slow or idle clients are
     # bounded: request-head timeout, keep-alive timeout, and a connection limit (503 beyond it).
-    app = create_app(settings)
+    app = create_app(settings, bootstrap_first=args.bootstrap)  # the port opens before the bootstrap runs
     uvicorn.run(
         app,
         host=settings.host,

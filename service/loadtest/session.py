@@ -134,6 +134,8 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
                 " pass the --space-dir the service serves, or recall@k would be meaningless"
             )
         labels = plan.labels if plan.labels is not None else tuple(range(int(info["num_classes"])))
+        if list(info.get("classes", labels)) != list(range(int(info["num_classes"]))):
+            raise ValueError("the load tester scores recall on spaces whose labels are 0..C-1 and ids are positions")
         relevant = {label: relevant_clusters(cluster_labels, label) for label in labels}
         log(f"fetching the dense oracle's top-{plan.k} for {len(labels)} labels")
         oracle = await _oracle(client, labels, plan.k, int(info["max_cluster_size"]), max(plan.timeout, 120.0))

@@ -1,5 +1,6 @@
 """Operator routes (bearer token): upload a checkpoint as an inactive version, activate, roll back, delete
-a version, replace the default cascade. Each change is complete or not applied at all (see ServiceState)."""
+a version, replace the default cascade, reload what the command line changed on disk. Each change is complete
+or not applied at all (see ServiceState)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, File, Path, Response
+from pydantic import Field
 
 from cascade.config import CascadeConfig
 from cascade.snapshot import Snapshot
@@ -128,6 +130,23 @@ def delete_version(state: StateDep, name: Name, version: Version) -> Response:
 def put_cascade(state: StateDep, config: CascadeConfig) -> AdminStateOut:
     """The new default stage list, validated against the active models before it is stored."""
     return _state_out(state, state.set_cascade(config))
+
+
+class ReloadOut(AdminStateOut):
+    changed: list[str] = Field(
+        description="what the reload adopted: `name:version` for every newly active version, `cascade` for a new "
+        "default cascade; empty when the disk held nothing new"
+    )
+
+
+@router.post("/reload", response_model=ReloadOut, responses=error_responses(409, 422))
+def reload_registry(state: StateDep) -> ReloadOut:
+    """Serve what the command line changed in this home's registry while the server ran (for example
+    `prunecascade prune --home HOME ...`, which registers and activates a new version, or `prunecascade train`):
+    the active versions and the default cascade are read from disk and swapped in as one complete snapshot.
+    Active models that do not fit the space are left out and logged once; `GET /v1/models` says why."""
+    snapshot, changed = state.reload()
+    return ReloadOut(**_state_out(state, snapshot).model_dump(), changed=changed)
 
 
 @router.get("/state", response_model=AdminStateOut)

@@ -7,9 +7,12 @@ import math
 import numpy as np
 from fastapi import APIRouter
 
+from cascade.snapshot import Snapshot, misfit
+from models.registry import RegistryError
 from service.dependencies import SnapshotDep, StateDep
 from service.errors import error_responses
 from service.schemas import CascadeOut, ModelsOut, SpaceOut
+from service.state import ServiceState
 
 __all__ = ["router"]
 
@@ -18,9 +21,36 @@ router = APIRouter(prefix="/v1", tags=["catalog"])
 
 @router.get("/models", response_model=ModelsOut)
 def list_models(state: StateDep) -> ModelsOut:
-    """Every version of every registered model, with the active one marked; an entry whose manifest on disk
-    does not validate is listed with `broken` saying why (it cannot be activated)."""
-    return ModelsOut(models=state.registry.describe())
+    """Every version of every registered model: `active` (the registry's choice on disk), `served` (whether the
+    current snapshot answers queries with it) and, when it is not served, `not_served` saying why (inactive, does
+    not fit the space, or activated on disk after the snapshot was built: `POST /v1/admin/reload`). An entry whose
+    manifest on disk does not validate is listed with `broken` saying why (it cannot be activated)."""
+    snapshot = state.snapshot
+    entries = state.registry.describe()
+    for entry in entries:
+        entry["served"], entry["not_served"] = _served(state, snapshot, entry)
+    return ModelsOut(models=entries)
+
+
+def _served(state: ServiceState, snapshot: Snapshot | None, entry: dict) -> tuple[bool, str | None]:
+    name, version = entry["name"], entry["version"]
+    if "broken" in entry:
+        return False, entry["broken"]
+    if snapshot is None:
+        return False, "the server is still loading its snapshot"
+    variant = snapshot.variants.get(name)
+    if variant is not None and variant.version == version:
+        return True, None
+    try:
+        reason = misfit(state.registry.manifest(name, version), snapshot.space)
+    except RegistryError as exc:
+        return False, str(exc)
+    if reason is not None:
+        return False, f"does not fit the space: it {reason}"
+    if not entry.get("active"):
+        serving = f"; version {variant.version} is served" if variant is not None else ""
+        return False, f"not the active version{serving}"
+    return False, "activated on disk after the current snapshot was built: POST /v1/admin/reload to serve it"
 
 
 @router.get("/cascade", response_model=CascadeOut, responses=error_responses(503))
@@ -40,6 +70,7 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         num_items=space.num_items,
         num_clusters=space.num_clusters,
         num_classes=space.num_classes,
+        classes=[int(c) for c in space.labels_known],
         input_dim=space.input_dim,
         max_cluster_size=int(sizes.max()),
         cluster_sizes={"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},

@@ -21,8 +21,10 @@ class Readiness(BaseModel):
 
 # `async`: both only read memory, so they answer on the event loop without a thread-pool hop.
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz(state: StateDep) -> dict[str, object]:
+    """Alive; while the first run builds the embedded default, how far it is (`bootstrap`: done, total, step)."""
+    progress = state.bootstrap_progress
+    return {"status": "ok"} if progress is None else {"status": "ok", "bootstrap": progress}
 
 
 @router.get(
@@ -33,5 +35,9 @@ async def healthz() -> dict[str, str]:
 async def readyz(state: StateDep) -> JSONResponse:
     snapshot = state.snapshot
     if snapshot is None:
-        return JSONResponse(status_code=503, content={"ready": False, "error": state.load_error})
+        progress = state.bootstrap_progress
+        error = state.load_error
+        if error is None and progress is not None:
+            error = f"bootstrapping: {progress['done']}/{progress['total']} steps ({progress['step']})"
+        return JSONResponse(status_code=503, content={"ready": False, "error": error})
     return JSONResponse(content={"ready": True, "snapshot_id": snapshot.id})

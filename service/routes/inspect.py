@@ -3,7 +3,8 @@ with the space (so that a user can try the main path without writing code)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Query
+import numpy as np
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from service.dependencies import SnapshotDep
@@ -30,22 +31,34 @@ class QueriesOut(BaseModel):
 
 
 class ClusterOut(BaseModel):
-    cluster_id: int
+    cluster_id: int = Field(description="the cluster's own id (the data's cluster column, else its number)")
     size: int
     label: int = Field(description="the offline truth: the majority label of the members (never used to answer)")
     offset: int
-    members: list[int] = Field(description="item ids of the members on this page")
+    members: list[int] = Field(description="item ids of the members on this page (GET /v1/items/{item_id})")
+    purity: float | None = Field(None, description="the share of members that carry the majority label")
 
 
 class ItemOut(BaseModel):
-    item_id: int
+    item_id: int = Field(description="the item's own id (the data's id column, else its row in the space)")
     cluster_id: int
     label: int
     x: list[float]
 
 
 def _not_found(field: str, message: str) -> HTTPException:
+    """In the shared error shape (service.errors keeps these items as they are), `loc` naming the path part."""
     return HTTPException(404, [{"loc": ["path", field], "msg": message, "type": "not_found"}])
+
+
+def _known(ids: np.ndarray, what: str) -> str:
+    """A short description of the ids that exist, for a 404 that helps find the right one."""
+    if len(ids) <= 5:
+        return f"{what} are {', '.join(str(int(i)) for i in ids)}"
+    if int(ids[-1]) - int(ids[0]) == len(ids) - 1 and bool((np.diff(ids) == 1).all()):
+        return f"{what} are {int(ids[0])}..{int(ids[-1])}"
+    first = ", ".join(str(int(i)) for i in ids[:3])
+    return f"{len(ids)} {what} from {int(ids.min())} to {int(ids.max())}, e.g. {first}"
 
 
 @router.get(
@@ -63,6 +76,7 @@ def held_out_queries(
     queries = snapshot.queries
     if queries is None:
         return QueriesOut(total=0, offset=offset, queries=[])
+    space = snapshot.space
     rows = range(offset, min(offset + limit, len(queries)))
     return QueriesOut(
         total=len(queries),
@@ -70,8 +84,8 @@ def held_out_queries(
         queries=[
             HeldOutQuery(
                 index=i,
-                cluster_id=int(queries.cluster[i]),
-                label=int(queries.label[i]),
+                cluster_id=int(space.cluster_ids[int(queries.cluster[i])]),  # type: ignore[index]
+                label=int(space.class_labels[int(queries.label[i])]),  # type: ignore[index]
                 x=[float(v) for v in queries.x[i]],
             )
             for i in rows
@@ -87,33 +101,42 @@ def held_out_queries(
 )
 def cluster(
     snapshot: SnapshotDep,
-    cluster_id: int,
+    cluster_id: int = Path(description="the cluster's own id, as query answers give it", ge=-(2**63), lt=2**63),
     offset: int = Query(0, ge=0, le=10**9),
     limit: int = Query(100, ge=1, le=MAX_PAGE),
 ) -> ClusterOut:
+    """The cluster's size, its majority label and a page of its members' item ids."""
     space = snapshot.space
-    if not 0 <= cluster_id < space.num_clusters:
-        raise _not_found("cluster_id", f"no cluster {cluster_id}; clusters are 0..{space.num_clusters - 1}")
-    start, end = int(space.offsets[cluster_id]), int(space.offsets[cluster_id + 1])
+    c = space.cluster_of(cluster_id)
+    if c is None:
+        raise _not_found("cluster_id", f"no cluster {cluster_id}; {_known(space.cluster_ids, 'cluster ids')}")  # type: ignore[arg-type]
+    start, end = int(space.offsets[c]), int(space.offsets[c + 1])
     first = min(start + offset, end)
+    majority = int(space.cluster_labels[c])
     return ClusterOut(
         cluster_id=cluster_id,
         size=end - start,
-        label=int(space.cluster_labels[cluster_id]),
+        label=int(space.class_labels[majority]),  # type: ignore[index]
         offset=offset,
-        members=list(range(first, min(first + limit, end))),
+        members=[int(i) for i in space.item_ids[first : min(first + limit, end)]],  # type: ignore[index]
+        purity=float((space.labels[start:end] == majority).mean()),
     )
 
 
 @router.get("/items/{item_id}", response_model=ItemOut, summary="An item's vector", responses=error_responses(404, 503))
-def item(snapshot: SnapshotDep, item_id: int) -> ItemOut:
+def item(
+    snapshot: SnapshotDep,
+    item_id: int = Path(description="the item's own id, as a cluster's members list it", ge=-(2**63), lt=2**63),
+) -> ItemOut:
+    """The item's features (send them as `target.examples[0]` to query by example), its cluster and label."""
     space = snapshot.space
-    if not 0 <= item_id < space.num_items:
-        raise _not_found("item_id", f"no item {item_id}; items are 0..{space.num_items - 1}")
-    cluster_id = int(space.offsets.searchsorted(item_id, side="right") - 1)
+    row = space.item_of(item_id)
+    if row is None:
+        raise _not_found("item_id", f"no item {item_id}; {_known(space.item_ids, 'item ids')}")  # type: ignore[arg-type]
+    c = int(space.offsets.searchsorted(row, side="right") - 1)
     return ItemOut(
         item_id=item_id,
-        cluster_id=cluster_id,
-        label=int(space.labels[item_id]),
-        x=[float(v) for v in space.features[item_id]],
+        cluster_id=int(space.cluster_ids[c]),  # type: ignore[index]
+        label=int(space.class_labels[int(space.labels[row])]),  # type: ignore[index]
+        x=[float(v) for v in space.features[row]],
     )

@@ -7,10 +7,12 @@ import json
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Body, HTTPException, Request, Response
 
 from cascade.engine import (
     CascadeResult,
+    DeadlineExceeded,
     Target,
     dense_flops,
     plan_flops,
@@ -150,7 +152,11 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
         result, mode = table.answer(target, request.k, snapshot.id), "exact"
     else:
         _check_budget(state, snapshot, request, target)
-        result = run_cascade(snapshot, target, request.k, request.stages, request.seed)
+        deadline = getattr(http.state, "deadline", None)
+        try:
+            result = run_cascade(snapshot, target, request.k, request.stages, request.seed, deadline)
+        except DeadlineExceeded as exc:  # the limiter has answered 504 already; this frees the worker
+            raise HTTPException(504, str(exc)) from None
         mode = "cascade" if result.stages else "faiss"
     response = _response(snapshot, target, result, mode, started)
     metrics = state.metrics
@@ -164,14 +170,21 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
 
 
 def _response(snapshot: Snapshot, target: Target, result: CascadeResult, mode: str, started: float) -> QueryResponse:
+    """The answer in the user's terms: cluster ids are the space's own (`Space.cluster_ids`), outputs of a
+    classifier are the user's labels."""
     values = result.ranking_values if result.ranking_values is not None else result.scores
+    space = snapshot.space
+    user_ids = space.cluster_ids[np.asarray(result.cluster_ids, dtype=np.int64)]  # type: ignore[index]
+    outputs = _outputs(snapshot, target) if result.posteriors.shape[1] else []
+    if target.kind == "classifier" and outputs:
+        outputs = [str(label) for label in space.labels_known]
     return QueryResponse(
         mode=mode,  # type: ignore[arg-type]
         ranking=result.ranking,
-        outputs=_outputs(snapshot, target) if result.posteriors.shape[1] else [],
+        outputs=outputs,
         clusters=[
             ClusterHit(cluster_id=int(c), score=float(s), ranking_value=float(v), posterior=[float(p) for p in post])
-            for c, s, v, post in zip(result.cluster_ids, result.scores, values, result.posteriors, strict=True)
+            for c, s, v, post in zip(user_ids, result.scores, values, result.posteriors, strict=True)
         ],
         stages=[StageOut(**vars(s)) for s in result.stages],
         flops=result.flops,

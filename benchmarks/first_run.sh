@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The README's first command from a fresh clone, timed: `make run` until /readyz answers 200, then one query by
+# example (a held-out query) and one label query. Bounded: gives up after 40 minutes; stops the server at the end.
+#   bash benchmarks/first_run.sh [PORT]     (clones this checkout's HEAD into a temporary directory)
+set -euo pipefail
+port=${1:-8765}
+repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
+dir=$(mktemp -d /tmp/first-run.XXXXXX)
+git clone -q "$repo" "$dir/clone"
+cd "$dir/clone"
+start=$(date +%s)
+echo "start $(date -u) load $(cut -d' ' -f1-3 /proc/loadavg) commit $(git rev-parse --short HEAD)"
+PRUNECASCADE_PORT=$port timeout 2400 make run > "$dir/make-run.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; pkill -f "serve --bootstrap" 2>/dev/null || true' EXIT
+ready=0
+for i in $(seq 1 2400); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "localhost:$port/readyz" || true)
+  if [ "$code" = "200" ]; then ready=1; break; fi
+  if [ $((i % 60)) = 0 ]; then echo "t=$(( $(date +%s) - start ))s healthz=$(curl -s "localhost:$port/healthz" || true)"; fi
+  sleep 1
+done
+[ "$ready" = 1 ] || { echo "not ready after 40 minutes; log: $dir/make-run.log"; exit 1; }
+echo "ready after $(( $(date +%s) - start )) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
+.venv/bin/prunecascade queries --home var --limit 1 --body \
+  | curl -s "localhost:$port/v1/query" -H 'content-type: application/json' -d @- | head -c 400; echo
+curl -s "localhost:$port/v1/query" -H 'content-type: application/json' -d '{"target": {"label": 3}, "k": 3}' | head -c 300; echo
