@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import done_keys
 from models.data import Splits, load_dataset
 from models.dense import default_spec
 from models.evaluation import accuracy, predict_logits
@@ -72,11 +73,7 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["arch"], r["seed"], r["scope"], r["keep"], r["method"]))
+    done = done_keys(out, ("arch", "seed", "scope", "keep", "method"))
     for seed in args.seeds:
         for arch in args.archs:
             dense, splits = _dense(arch, seed, Path(args.models), Path(args.cache))

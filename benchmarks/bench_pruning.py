@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import done_keys
 from models.data import Splits, load_dataset
 from models.dense import default_spec
 from models.evaluation import accuracy, output_deviation, predict_logits
@@ -104,11 +105,7 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["model"], r["seed"], r["method"], r["keep"], r["reweight"], r["budget"]))
+    done = done_keys(out, ("model", "seed", "method", "keep", "reweight", "budget"))
     for model_name in args.models:
         for seed in args.seeds:
             dense, splits = _dense(model_name, seed, Path(args.cache))

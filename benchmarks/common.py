@@ -38,6 +38,7 @@ __all__ = [
     "wait_ready",
     "parse_ints",
     "dump_json",
+    "done_keys",
 ]
 
 DEFAULT_HOME = Path("/tmp/bench-home")
@@ -266,3 +267,10 @@ def serve(
 def dump_json(path: Path, payload: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=float))
+
+
+def done_keys(path: Path, fields: tuple[str, ...]) -> set[tuple]:
+    """The rows already written to a JSON-lines results file, as tuples of `fields`: a resumed run skips them."""
+    if not path.exists():
+        return set()
+    return {tuple(json.loads(line)[f] for f in fields) for line in path.read_text().splitlines() if line.strip()}
