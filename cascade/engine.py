@@ -238,7 +238,7 @@ def plan_flops(
         variant = snapshot.variants[stage.variant]
         n = min(stage.samples, max_size)
         outputs = len(variant.log_prior)  # the elementwise aggregators' share; a gadget's is small beside it
-        total += (alive * n * (variant.flops.nonzero + outputs) + variant.query_flops) * len(target.queries)
+        total += (variant.cost(alive * n).nonzero + alive * n * outputs) * len(target.queries)
         alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
     return total
 
@@ -271,8 +271,12 @@ def run_cascade(
         variant = snapshot.variants[stage.variant]
         rows, counts = sample_members(space.offsets, alive, stage.samples, rng)
         with torch.inference_mode():
-            x = torch.index_select(snapshot.features, 0, torch.from_numpy(rows))  # ~2x faster than features[rows]
-            log_post = _stage_log_posterior(variant, stage.aggregator, target.queries, x, torch.from_numpy(counts))
+            # the rows' item inputs: raw features, or a pair model's cached trunk features (index_select: ~2x
+            # faster than fancy indexing)
+            x = snapshot.item_inputs(variant, torch.from_numpy(rows))
+            log_post = _stage_log_posterior(
+                variant, stage.aggregator, target.queries, x, torch.from_numpy(counts), inputs=True
+            )
             post = log_post.double().exp()
             cluster_scores = post @ utility
             n_keep = k if i == len(stages) - 1 else min(stage.keep or k, len(alive))
@@ -283,7 +287,7 @@ def run_cascade(
         scores, posteriors, keys = cluster_scores[top], post[top], stage_keys[top]
         examples = len(target.queries)
         agg_flops = examples * _aggregator_flops(stage.aggregator, counts, post.shape[1], variant.gadget)
-        per_query = variant.query_flops  # a pair model's fold of the query, once per example and stage
+        cost = variant.cost(len(rows))  # per example: a pair model's query trunk and fold (if it folds), the pairs
         reports.append(
             StageReport(
                 variant=variant.name,
@@ -293,8 +297,8 @@ def run_cascade(
                 kept=len(alive),
                 samples=stage.samples,
                 items=len(rows),
-                flops=examples * (len(rows) * variant.flops.nonzero + per_query) + agg_flops,
-                flops_dense_kernel=examples * (len(rows) * variant.flops.dense_kernel + per_query) + agg_flops,
+                flops=examples * cost.nonzero + agg_flops,
+                flops_dense_kernel=examples * cost.dense_kernel + agg_flops,
                 ms=(time.perf_counter() - started) * 1000.0,
             )
         )
@@ -310,13 +314,20 @@ def run_cascade(
 
 
 def _stage_log_posterior(
-    variant: Variant, aggregator: str, queries: tuple[torch.Tensor | None, ...], x: torch.Tensor, counts: torch.Tensor
+    variant: Variant,
+    aggregator: str,
+    queries: tuple[torch.Tensor | None, ...],
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    inputs: bool = False,
 ) -> torch.Tensor:
     """Cluster log posteriors of one stage: per example, score the members and aggregate them; with several
-    examples, the log of the mean posterior over examples."""
+    examples, the log of the mean posterior over examples. `x`: the members' raw features, or with
+    `inputs=True` their item inputs (`Snapshot.item_inputs`: a pair model's cached trunk features)."""
     total: torch.Tensor | None = None
     for query in queries:
-        logits, hidden = score_chunked(variant.model, query, x)
+        logits, hidden = score_chunked(variant.model, query, x, inputs=inputs)
         log_post = aggregate(aggregator, MemberOutputs(logits, hidden), counts, variant.log_prior, variant.gadget)
         log_post = log_post.double()
         total = log_post if total is None else torch.logaddexp(total, log_post)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -22,9 +24,19 @@ from models.flops import Flops
 from models.manifest import Manifest
 from models.pair import PairNetwork, pair_flops, pair_query_flops
 from models.registry import LoadedModel, ModelRegistry
-from models.scorer import Scorer
+from models.scorer import Scorer, item_inputs, item_inputs_key, query_flops
 
-__all__ = ["Variant", "Snapshot", "StageError", "load_snapshot", "build_snapshot", "variant_for", "misfit"]
+__all__ = [
+    "Variant",
+    "Snapshot",
+    "StageError",
+    "ItemCache",
+    "CachedInputs",
+    "load_snapshot",
+    "build_snapshot",
+    "variant_for",
+    "misfit",
+]
 
 
 class StageError(ValueError):
@@ -47,7 +59,15 @@ class Variant:
     flops: Flops
     """Per item (a classifier) or per (query, item) pair (a pair model), as served."""
     query_flops: int = 0
-    """Paid once per query and stage (a pair model's query trunk and fold); 0 for a classifier."""
+    """Paid once per query and stage on the many-items path (a pair model's query trunk and fold); 0 for a
+    classifier. `cost(n)` is exact for any n."""
+    inputs_key: str | None = None
+    """`models.scorer.item_inputs_key` of the model (None: it reads raw items); set by `variant_for`."""
+
+    def cost(self, num_items: int) -> Flops:
+        """FLOPs of one query (one example) against `num_items` items as this variant serves them (a pair
+        model picks folded or plain by the number; item inputs come from the snapshot's cache)."""
+        return query_flops(self.model, num_items, self.flops)
 
     @property
     def kind(self) -> str:
@@ -63,6 +83,56 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class CachedInputs:
+    """One table of item inputs (`models.scorer.item_inputs`) for every item of the space."""
+
+    key: str
+    table: torch.Tensor  # (num_items, width) float32
+    build_flops: int  # paid once, when the table is built (counted here, not per query)
+    build_ms: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.numel() * self.table.element_size()
+
+
+class ItemCache:
+    """Query-independent item inputs, one table per `item_inputs_key`, built on first use (a pair model's
+    trunk over all items: 100,000 items x 1,408 floats = 563 MB for the default pair models) and shared by
+    every variant with that key. Thread safe: concurrent first queries build a table once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tables: dict[str, CachedInputs] = {}
+
+    def get(self, key: str, build: Callable[[], tuple[torch.Tensor, int]]) -> CachedInputs:
+        entry = self._tables.get(key)
+        if entry is not None:
+            return entry
+        with self._lock:
+            entry = self._tables.get(key)
+            if entry is None:
+                started = time.perf_counter()
+                table, flops = build()
+                entry = CachedInputs(key, table, flops, (time.perf_counter() - started) * 1000.0)
+                self._tables[key] = entry
+        return entry
+
+    def entries(self) -> list[CachedInputs]:
+        return list(self._tables.values())
+
+
+def _build_inputs(model: Scorer, features: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, int]:
+    with torch.inference_mode():
+        first = item_inputs(model, features[:1])
+        table = torch.empty(len(features), first.shape[1], dtype=first.dtype)
+        for i in range(0, len(features), chunk):
+            table[i : i + chunk] = item_inputs(model, features[i : i + chunk])
+    per_item = model.item_input_flops().nonzero if hasattr(model, "item_input_flops") else 0
+    return table, len(features) * per_item
+
+
+@dataclass(frozen=True)
 class Snapshot:
     id: str
     space: Space
@@ -73,6 +143,18 @@ class Snapshot:
     log_prior: torch.Tensor
     embedding: EmbeddingIndex | None = None
     queries: QuerySet | None = None
+    item_cache: ItemCache = field(default_factory=ItemCache, compare=False, repr=False)
+
+    def cached_inputs(self, variant: Variant) -> CachedInputs | None:
+        """The variant's item inputs for every item (built on first use), or None when it reads raw items."""
+        if variant.inputs_key is None:
+            return None
+        return self.item_cache.get(variant.inputs_key, lambda: _build_inputs(variant.model, self.features))
+
+    def item_inputs(self, variant: Variant, rows: torch.Tensor) -> torch.Tensor:
+        """What `variant.model.score_prepared` reads for these rows: cached inputs, or the raw features."""
+        cached = self.cached_inputs(variant)
+        return torch.index_select(self.features if cached is None else cached.table, 0, rows)
 
     @property
     def dense(self) -> Variant:
@@ -151,7 +233,8 @@ def variant_for(loaded: LoadedModel, space: Space) -> Variant:
         if grade_prior is None:
             raise StageError("version", f"{manifest.ref} is a pair model without a grade_prior in its manifest")
         log_prior = log_prior_of(torch.tensor(grade_prior, dtype=torch.float64))
-        # counted from the model as this code serves it (folded), not read from an older manifest
+        # counted from the model as this code serves it (item inputs cached, query folded), not read from an
+        # older manifest; `Variant.cost(n)` is exact for any number of items
         return Variant(
             loaded.model,
             manifest,
@@ -159,6 +242,7 @@ def variant_for(loaded: LoadedModel, space: Space) -> Variant:
             log_prior,
             pair_flops(loaded.model),
             pair_query_flops(loaded.model).nonzero,
+            item_inputs_key(loaded.model),
         )
     flops = Flops(manifest.flops_dense_kernel, manifest.flops_nonzero)
     return Variant(loaded.model, manifest, loaded.gadget, log_prior_of(torch.from_numpy(space.prior)), flops)
