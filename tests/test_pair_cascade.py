@@ -17,6 +17,7 @@ from cascade.engine import dense_flops, dense_oracle, plan_flops, run_cascade, t
 from cascade.queries import cluster_grades
 from cascade.snapshot import StageError
 from models.inference import score_chunked
+from models.pair import folded_pair_cost, plain_pair_cost
 
 
 def _query(snapshot, i: int = 0) -> np.ndarray:
@@ -77,8 +78,14 @@ def test_pair_cascade_accounting_and_candidates(snapshot) -> None:
     assert first.clusters_in == 40 and first.kept == snapshot.config.pair_stages[0].keep
     variant = snapshot.variants[first.variant]
     assert variant.kind == "pair"
-    assert variant.query_flops > 0  # the fold of the query into the first layer, once per query and stage
-    assert first.flops == first.items * variant.flops.nonzero + variant.query_flops + first.items * snapshot.num_grades
+    assert variant.query_flops > 0  # the query's trunk and fold, once per query and stage
+    # the scorer's own count for this many items (folded or plain, whichever is cheaper), then Bayes per member
+    paths = [plain_pair_cost(variant.model), folded_pair_cost(variant.model)]
+    dense = [q.dense_kernel + first.items * p.dense_kernel for p, q in paths]
+    pick = int(variant.model.folds(first.items))
+    assert dense[pick] == min(dense)  # the scorer picks the cheaper path (by dense kernels)
+    pair, query = paths[pick]
+    assert first.flops == query.nonzero + first.items * pair.nonzero + first.items * snapshot.num_grades
     assert result.posteriors.shape == (5, snapshot.num_grades)
     np.testing.assert_allclose(result.posteriors.sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(result.scores, result.posteriors @ target.utility, rtol=1e-5)
@@ -242,3 +249,51 @@ def test_http_default_cascades_and_a_k_above_the_default_keep(server) -> None:
     r = _post(server, body)
     assert r.status_code == 200, r.text
     assert len(r.json()["clusters"]) == keep + 1 and r.json()["stages"][0]["kept"] >= keep + 1
+
+
+def test_item_inputs_are_cached_once_per_trunk_and_give_the_uncached_scores(snapshot) -> None:
+    pairs = [v for v in snapshot.variants.values() if v.kind == "pair"]
+    classifiers = [v for v in snapshot.variants.values() if v.kind == "classifier"]
+    assert len(pairs) >= 2 and classifiers
+    rows = torch.arange(0, snapshot.space.num_items, 7)
+    q = torch.from_numpy(_query(snapshot, 4))
+    for v in pairs:
+        cached = snapshot.item_inputs(v, rows)
+        with torch.inference_mode():
+            got = score_chunked(v.model, q, cached, inputs=True)[0]
+            want = v.model.forward_with_hidden(q, snapshot.features[rows])[0]  # the plain forward, raw items
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    entries = snapshot.item_cache.entries()
+    assert len({v.inputs_key for v in pairs}) == 1 and len(entries) == 1  # pruned variants share the trunk
+    (entry,) = entries
+    assert entry.table.shape == (snapshot.space.num_items, pairs[0].model.item_input_width)
+    assert entry.nbytes == 4 * snapshot.space.num_items * pairs[0].model.item_input_width
+    assert entry.build_flops == snapshot.space.num_items * pairs[0].model.item_input_flops().nonzero
+    for v in classifiers:  # a classifier reads the raw features: nothing cached
+        assert v.inputs_key is None and snapshot.cached_inputs(v) is None
+        torch.testing.assert_close(snapshot.item_inputs(v, rows), snapshot.features[rows])
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_stage_flops_equal_the_plan_where_every_cluster_has_enough_members(snapshot, samples: int) -> None:
+    """plan_flops assumes every cluster has `samples` members; where they do, it is exact, and the stage's
+    FLOPs are the scorer's count (plain or folded by the number of items) plus Bayes's accumulations."""
+    target = target_from_examples(snapshot, _query(snapshot, 6), candidates=30)
+    assert int(snapshot.space.sizes[target.candidates].min()) >= samples
+    names = [v.name for v in snapshot.variants.values() if v.kind == "pair"]
+    stages = [Stage(variant=names[0], samples=samples, keep=10), Stage(variant=names[-1], samples=samples)]
+    result = run_cascade(snapshot, target, 5, stages, seed=2)
+    assert plan_flops(snapshot, target, 5, stages) == result.flops + target.flops
+    for report in result.stages:
+        variant = snapshot.variants[report.variant]
+        assert report.items == report.clusters_in * samples
+        assert report.flops == variant.cost(report.items).nonzero + report.items * snapshot.num_grades
+
+
+def test_a_classifier_stage_costs_its_manifest_flops_per_item(snapshot) -> None:
+    target = target_from_label(snapshot, snapshot.space.labels_known[1])
+    result = run_cascade(snapshot, target, 5, seed=1)
+    for report in result.stages:
+        variant = snapshot.variants[report.variant]
+        assert variant.kind == "classifier" and variant.query_flops == 0
+        assert variant.cost(report.items).nonzero == report.items * variant.manifest.flops_nonzero
