@@ -64,10 +64,11 @@ class Variant:
     inputs_key: str | None = None
     """`models.scorer.item_inputs_key` of the model (None: it reads raw items); set by `variant_for`."""
 
-    def cost(self, num_items: int) -> Flops:
+    def cost(self, num_items: int, prepared_for: int | None = None) -> Flops:
         """FLOPs of one query (one example) against `num_items` items as this variant serves them (a pair
-        model picks folded or plain by the number; item inputs come from the snapshot's cache)."""
-        return query_flops(self.model, num_items, self.flops)
+        model picks folded or plain by the number; item inputs come from the snapshot's cache).
+        `prepared_for`: the query was prepared before for that many items and is reused (no query cost)."""
+        return query_flops(self.model, num_items, self.flops, prepared_for)
 
     @property
     def kind(self) -> str:

@@ -347,11 +347,16 @@ class PairNetwork(nn.Module):
             self.__dict__["_costs"] = cached
         return cached[1]
 
-    def flops(self, num_items: int) -> Flops:
+    def flops(self, num_items: int, *, prepared_for: int | None = None) -> Flops:
         """FLOPs of one query against `num_items` cached item inputs, as `prepare` + `score_prepared` serve
-        it (the path `folds` picks): per query the query's trunk (and the fold), per pair the rest."""
-        pair, query = self._choose(num_items, self._path_costs())[1]
-        return query + pair * num_items
+        it (the path `folds` picks): per query the query's trunk (and the fold), per pair the rest.
+        `prepared_for`: the query was prepared before for that many items (its path) and is reused: only the
+        pairs count."""
+        if prepared_for is None:
+            pair, query = self._choose(num_items, self._path_costs())[1]
+            return query + pair * num_items
+        pair, _ = self._choose(prepared_for, self._path_costs())[1]
+        return pair * num_items
 
     def prepare(self, query: torch.Tensor | None, num_items: int | None = None) -> FoldedQuery | torch.Tensor:
         """Once per query: its trunk features, folded into the scorer's first layer (`fold_query`) when that

@@ -77,8 +77,9 @@ def prepare_for(model: Scorer, query: torch.Tensor | None, num_items: int) -> An
     return model.prepare(query)
 
 
-def query_flops(model: Scorer, num_items: int, per_item: Flops) -> Flops:
+def query_flops(model: Scorer, num_items: int, per_item: Flops, prepared_for: int | None = None) -> Flops:
     """FLOPs of one query against `num_items` item inputs: the model's own count (`flops(n)`, which knows its
-    path) or `num_items * per_item` for a model that costs the same per item whatever the query."""
+    path) or `num_items * per_item` for a model that costs the same per item whatever the query.
+    `prepared_for`: the query was prepared (and paid for) before, for that many items; only the items count."""
     fn = getattr(model, "flops", None)
-    return fn(num_items) if callable(fn) else per_item * num_items
+    return fn(num_items, prepared_for=prepared_for) if callable(fn) else per_item * num_items

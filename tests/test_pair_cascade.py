@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import httpx
 import numpy as np
@@ -16,6 +17,7 @@ from cascade.config import Stage
 from cascade.engine import dense_flops, dense_oracle, plan_flops, run_cascade, target_from_examples, target_from_label
 from cascade.queries import cluster_grades
 from cascade.snapshot import StageError
+from cascade.space import sample_members
 from models.inference import score_chunked
 from models.pair import folded_pair_cost, plain_pair_cost
 
@@ -297,3 +299,50 @@ def test_a_classifier_stage_costs_its_manifest_flops_per_item(snapshot) -> None:
         variant = snapshot.variants[report.variant]
         assert variant.kind == "classifier" and variant.query_flops == 0
         assert variant.cost(report.items).nonzero == report.items * variant.manifest.flops_nonzero
+
+
+def _with_twin(snapshot, name: str, twin: str):
+    """The snapshot with a second name for one variant (the same model): a stage of the twin is not the
+    same variant as a stage of the original, so nothing is reused between them."""
+    variants = dict(snapshot.variants)
+    variants[twin] = variants[name]
+    return dataclasses.replace(snapshot, variants=types.MappingProxyType(variants))
+
+
+def test_a_stage_of_the_same_variant_extends_the_members_scored_before(snapshot) -> None:
+    dense = snapshot.dense_for("pair").name
+    twin_snapshot = _with_twin(snapshot, dense, "twin")
+    target = target_from_examples(snapshot, _query(snapshot, 7), candidates=30)
+    widest = int(snapshot.space.sizes.max())
+    first, last = Stage(variant=dense, samples=2, keep=12), Stage(variant=dense, samples=widest)
+    reused = run_cascade(twin_snapshot, target, 5, [first, last], seed=4)
+    fresh = run_cascade(twin_snapshot, target, 5, [first, Stage(variant="twin", samples=widest)], seed=4)
+    # the last stage takes every member either way: the same posteriors, but only the new members are scored
+    np.testing.assert_array_equal(reused.cluster_ids, fresh.cluster_ids)
+    np.testing.assert_allclose(reused.posteriors, fresh.posteriors, rtol=1e-5, atol=1e-6)
+    assert reused.stages[1].items == fresh.stages[1].items - reused.stages[0].kept * 2
+    variant = snapshot.variants[dense]
+    prepared_for = reused.stages[0].items
+    pairs = variant.cost(reused.stages[1].items, prepared_for=prepared_for)
+    per_pair, _ = (folded_pair_cost if variant.model.folds(prepared_for) else plain_pair_cost)(variant.model)
+    assert pairs == per_pair * reused.stages[1].items  # the pairs only: the query was prepared by stage 0
+    assert reused.stages[1].flops == pairs.nonzero + fresh.stages[1].items * snapshot.num_grades
+    assert plan_flops(twin_snapshot, target, 5, [first, last]) == reused.flops + target.flops
+    assert reused.flops < fresh.flops
+
+
+def test_extending_members_samples_only_unscored_ones(snapshot) -> None:
+    from cascade.engine import _extend_members
+
+    space = snapshot.space
+    clusters = np.arange(0, space.num_clusters, 3)
+    rng = np.random.default_rng(0)
+    rows, counts = sample_members(space.offsets, clusters, 2, rng)
+    new, need = _extend_members(space.offsets, clusters, rows, counts, 5, rng)
+    sizes = space.sizes[clusters]
+    np.testing.assert_array_equal(need, np.maximum(np.minimum(sizes, 5) - counts, 0))
+    assert len(new) == need.sum() and not set(new.tolist()) & set(rows.tolist())
+    owner = np.searchsorted(space.offsets, new, side="right") - 1
+    np.testing.assert_array_equal(owner, np.repeat(clusters, need))  # grouped by cluster, in order
+    none, zero = _extend_members(space.offsets, clusters, rows, counts, 1, rng)  # already enough
+    assert len(none) == 0 and not zero.any()
