@@ -390,9 +390,13 @@ class PairNetwork(nn.Module):
     # -- serving one query against many items: fold the query into the scorer's first layer ---------------
     def _weights_key(self, everything: bool = False) -> tuple[int, ...]:
         """Changes whenever a weight the fold reads (`everything`: any weight) changes: in-place updates bump
-        a tensor's version, a replaced tensor has a new id."""
-        if everything:
-            tensors = [*self.parameters(), *self.buffers()]
+        a tensor's version, a replaced tensor has a new id (for `everything`, the tensors are listed once per
+        model: a weight changed in place is seen, a module replaced after the first query is not)."""
+        if everything:  # the list is walked once per model (a forward pass is not the place for module walks)
+            tensors = self.__dict__.get("_all_tensors")
+            if tensors is None:
+                tensors = [*self.parameters(), *self.buffers()]
+                self.__dict__["_all_tensors"] = tensors
         else:
             first = self.scorer.body[0]
             tensors = [first.weight, first.bias, self.norm.weight, self.norm.bias]
