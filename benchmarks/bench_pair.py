@@ -76,7 +76,7 @@ def methods_grid(
     extra: tuple[str, ...] = (),
 ) -> dict[str, list[dict] | None]:
     """(b), (c), the default cascade, the grid of two-stage cascades (first stage x samples x keep x the dense
-    stage's samples) and `extra` cascades written `variant/samples/keep,...,variant/samples`."""
+    stage's samples) and `extra` cascades written `variant/samples[/keep[/aggregator]],...` (keep may be empty)."""
     methods: dict[str, list[dict] | None] = {
         "faiss only": [],
         "retrieve+rerank (dense, every member)": [{"variant": dense, "samples": widest}],
@@ -92,11 +92,16 @@ def methods_grid(
         for part in text.split(","):
             fields = part.strip().split("/")
             stage: dict = {"variant": fields[0], "samples": int(fields[1])}
-            if len(fields) > 2:
+            if len(fields) > 2 and fields[2]:
                 stage["keep"] = int(fields[2])
+            if len(fields) > 3:
+                stage["aggregator"] = fields[3]
             stages.append(stage)
         name = " -> ".join(
-            f"{st['variant']}/n{st['samples']}" + (f"/keep{st['keep']}" if "keep" in st else "") for st in stages
+            f"{st['variant']}/n{st['samples']}"
+            + (f"/keep{st['keep']}" if "keep" in st else "")
+            + (f"/{st['aggregator']}" if "aggregator" in st else "")
+            for st in stages
         )
         methods[name] = stages
     return methods
@@ -204,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--keeps", default="20,40")
     r.add_argument("--last-samples", default="10", help="the dense stage's samples, comma-separated")
     r.add_argument(
-        "--extra", action="append", help="another cascade, e.g. pair-s10/1/80,pair-s30/2/40,pair-dense/5 (repeatable)"
+        "--extra",
+        action="append",
+        help="another cascade, e.g. pair-s10/1/80,pair-s30/2/40,pair-dense/5//mean_logit (repeatable)",
     )
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", type=Path)
