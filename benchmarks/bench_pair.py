@@ -188,6 +188,27 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def markdown(result: dict, rerank: str = "retrieve+rerank (dense, every member)") -> str:
+    """The rows of a `run --out` file as a markdown table (docs/performance.md section 0)."""
+    rows = result["rows"]
+    ref = next(r for r in rows if r["name"] == rerank)
+    lines = [
+        "| method | recall@1 | recall@10 | nDCG@10 | agreement@10 | FLOPs per query | x fewer FLOPs than (a) "
+        "| median ms | x less time than (a) | x less time than (c) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        oracle = r["name"] == "oracle"
+        fewer = "-" if oracle else f"{r['flops_ratio']:,.1f}"
+        faster = "-" if oracle else f"{r['time_ratio']:,.1f}"
+        lines.append(
+            f"| {r['name']} | {r['recall_at_1']:.3f} | {r['recall_at_k']:.3f} | {r['ndcg_at_10']:.3f} | "
+            f"{r['agreement_at_10']:.3f} | {r['flops']:,.0f} | {fewer} | {r['ms']:.2f} | {faster} | "
+            f"{ref['ms'] / r['ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,7 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", type=Path)
+    t = sub.add_parser("table", help="print a run's --out file as a markdown table")
+    t.add_argument("file", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "table":
+        import json
+
+        print(markdown(json.loads(args.file.read_text())))
+        return 0
     if args.command == "prepare":
         set_threads(1)
         prepare(args.home, args.name, args.prototypes, args.views, args.queries, args.seed)
