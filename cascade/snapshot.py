@@ -150,7 +150,9 @@ class Snapshot:
         """The variant's item inputs for every item (built on first use), or None when it reads raw items."""
         if variant.inputs_key is None:
             return None
-        return self.item_cache.get(variant.inputs_key, lambda: _build_inputs(variant.model, self.features))
+        # keyed by the features too: `dataclasses.replace` with other features shares the cache object
+        key = f"{variant.inputs_key}@{self.features.data_ptr()}:{tuple(self.features.shape)}"
+        return self.item_cache.get(key, lambda: _build_inputs(variant.model, self.features))
 
     def item_inputs(self, variant: Variant, rows: torch.Tensor) -> torch.Tensor:
         """What `variant.model.score_prepared` reads for these rows: cached inputs, or the raw features."""

@@ -267,10 +267,15 @@ def test_item_inputs_are_cached_once_per_trunk_and_give_the_uncached_scores(snap
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     entries = snapshot.item_cache.entries()
     assert len({v.inputs_key for v in pairs}) == 1 and len(entries) == 1  # pruned variants share the trunk
+    assert entries[0].key.startswith(pairs[0].inputs_key)
     (entry,) = entries
     assert entry.table.shape == (snapshot.space.num_items, pairs[0].model.item_input_width)
     assert entry.nbytes == 4 * snapshot.space.num_items * pairs[0].model.item_input_width
     assert entry.build_flops == snapshot.space.num_items * pairs[0].model.item_input_flops().nonzero
+    other = dataclasses.replace(snapshot, features=snapshot.features * 2.0)  # shares the cache object
+    torch.testing.assert_close(
+        other.item_inputs(pairs[0], rows), pairs[0].model.item_inputs(other.features[rows]), atol=1e-6, rtol=1e-6
+    )
     for v in classifiers:  # a classifier reads the raw features: nothing cached
         assert v.inputs_key is None and snapshot.cached_inputs(v) is None
         torch.testing.assert_close(snapshot.item_inputs(v, rows), snapshot.features[rows])
