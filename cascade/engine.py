@@ -248,11 +248,9 @@ def plan_flops(
         n = min(stage.samples, max_size)
         outputs = len(variant.log_prior)  # the elementwise aggregators' share; a gadget's is small beside it
         if previous is not None and previous[0] == stage.variant:  # extends the members the stage before scored
-            new = max(n - previous[1], 0)
-            cost = variant.cost(alive * new, prepared_for=previous[2])
+            cost = variant.cost(alive * max(n - previous[1], 0), prepared_for=previous[2])
             previous = (stage.variant, max(n, previous[1]), previous[2])
         else:
-            new = n
             cost = variant.cost(alive * n)
             previous = (stage.variant, n, alive * n)
         total += (cost.nonzero + alive * previous[1] * outputs) * len(target.queries)
@@ -312,7 +310,8 @@ def run_cascade(
             top = torch.topk(stage_keys, n_keep).indices
         clusters_in = len(alive)
         alive = alive[top.numpy()]
-        scored = _keep_groups(merged, top.numpy())
+        following = stages[i + 1].variant if i + 1 < len(stages) else None
+        scored = _keep_groups(merged, top.numpy()) if following == stage.variant else None
         scores, posteriors, keys = cluster_scores[top], post[top], stage_keys[top]
         examples = len(target.queries)
         agg_flops = examples * _aggregator_flops(stage.aggregator, counts, post.shape[1], variant.gadget)
