@@ -1,0 +1,230 @@
+"""Issue 14 item 7: do gadgets over pair-model hidden states beat averaging at equal FLOPs, and is there a sweet
+spot? n-accuracy and relative information over grades for pair tuples (`models.pair_tuples`).
+
+Variants: the home's `pair-dense`, `pair-s30`, `pair-s10` (read only: nothing is written to the home) plus
+`greedy-asymmetric` with reweighting pruned here at `--keeps`, each without and with a `--finetune-steps`
+fine-tune of the scorer (front end frozen, as the bootstrap's variants). Per seed: tuples (training pool for the
+gadgets from the pair models' training prototypes, validation pool from unseen prototypes, test tuples from the
+served space's prototypes, which no model trained on) and gadget initialisation change; the variants do not.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_pair_gadgets --home /work/home-default \\
+        --seeds 0 1 2 --out var/bench/pair-gadgets
+    .venv/bin/python -m benchmarks.bench_pair_gadgets --out var/bench/pair-gadgets --summarise
+
+Writes OUT/seed-S/{results.json,results.csv,budget_results.csv,sweet_spots.csv,summary.md} (the `tuples`
+command's formats) and, with --summarise, OUT/summary.md across seeds. A seed whose results.json exists is
+skipped (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+__all__ = ["main", "build_variants", "summarise"]
+
+DENSE_FLOPS_NOTE = "budgets are in dense pair passes (pair-dense's FLOPs per pair as served, folded)"
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_variants(home: Path, keeps: list[float], finetune_steps: int) -> tuple[list, dict]:
+    """The registry's pair models and the ones pruned here; returns (variants, context)."""
+    import torch
+
+    from models.pair_training import PairTrainConfig, pair_calibration, train_pair_model
+    from models.pair_tuples import pair_variant
+    from models.prototypes import PrototypeConfig, make_prototype_set
+    from models.pruning.pair import prune_pair
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(home / "registry")
+    dense = registry.load("pair-dense")
+    extra = dense.manifest.extra
+    train_cfg = PrototypeConfig(**{**extra["prototypes"], "padding": tuple(extra["prototypes"]["padding"])})
+    boot = json.loads((home / "bootstrap.json").read_text())
+    space = boot["pair"]["space"]
+    space_cfg = PrototypeConfig(**{**space, "padding": tuple(space["padding"])})
+    prior = tuple(float(p) for p in extra["grade_prior"])
+    variants = [pair_variant("pair-dense", "dense", 1.0, dense.model)]
+    for name in ("pair-s30", "pair-s10"):
+        loaded = registry.load(name)
+        m = loaded.manifest
+        label = f"{name} (gas {m.keep:g} ft{m.extra.get('finetune_steps', 0)})"
+        variants.append(pair_variant(label, m.method, m.keep, loaded.model))
+    train_set = make_prototype_set(train_cfg, "train")
+    val_set = make_prototype_set(replace(train_cfg, num_prototypes=max(200, train_cfg.num_prototypes // 5)), "val")
+    pairs = pair_calibration(train_set, 512, 0)
+    for keep in keeps:
+        torch.manual_seed(0)
+        pruned = prune_pair(dense.model, "greedy-asymmetric", keep, pairs, reweight=True)
+        variants.append(pair_variant(f"gas@{keep:g}", "greedy-asymmetric", keep, pruned))
+        _log(f"pruned gas@{keep:g}: {variants[-1].flops:,} FLOPs per pair")
+        if finetune_steps > 0:
+            config = replace(PairTrainConfig(), steps=finetune_steps, seed=0, grade_mix=prior)
+            start = copy.deepcopy(pruned)
+            tuned, _ = train_pair_model(pruned.spec, train_set, val_set, config, model=start, train_front=False)
+            variants.append(pair_variant(f"gas@{keep:g}+ft{finetune_steps}", "greedy-asymmetric+ft", keep, tuned))
+            _log(f"fine-tuned gas@{keep:g}")
+    return variants, {"train": train_cfg, "space": space_cfg, "prior": prior}
+
+
+def run_seed(variants: list, ctx: dict, seed: int, args: argparse.Namespace, out: Path) -> None:
+    from dataclasses import replace as dc_replace
+
+    from models.gadget import GadgetTrainConfig
+    from models.pair_tuples import run_pair_experiment, sample_pair_tuples
+    from models.prototypes import make_prototypes
+    from service.commands.tuples import write_outputs
+
+    train_cfg, space_cfg, model_prior = ctx["train"], ctx["space"], ctx["prior"]
+    tuple_prior = model_prior if args.prior == "train" else (1 / 3, 1 / 3, 1 / 3)
+    n_max = args.n_max
+    train_protos = make_prototypes(train_cfg, "train")
+    val_cfg = dc_replace(train_cfg, num_prototypes=max(200, train_cfg.num_prototypes // 5), seed=train_cfg.seed + 2000)
+    val_protos = make_prototypes(val_cfg, "val")
+    test_protos = make_prototypes(space_cfg, "space")
+    train = sample_pair_tuples(train_protos, args.train_tuples, n_max, tuple_prior, seed * 3 + 0)
+    val = sample_pair_tuples(val_protos, args.val_tuples, n_max, tuple_prior, seed * 3 + 1)
+    test = sample_pair_tuples(test_protos, args.tuples, n_max, tuple_prior, seed * 3 + 2)
+    for v in variants:
+        v.gadgets.clear()
+    dense_flops = variants[0].flops
+    budgets = [round(b * dense_flops) for b in args.budgets]
+    started = time.perf_counter()
+    result = run_pair_experiment(
+        variants,
+        train,
+        val,
+        test,
+        tuple_prior=tuple_prior,
+        model_prior=model_prior,
+        ns=list(range(1, n_max + 1)),
+        budgets=budgets,
+        gadget_hidden=args.gadget_hidden,
+        gadget_config=GadgetTrainConfig(n_max=n_max, steps=args.gadget_steps, seed=seed),
+        log=_log,
+    )
+    result.config.update(
+        seed=seed,
+        budgets_in_dense_passes=args.budgets,
+        dense_flops_per_pair=dense_flops,
+        argv=sys.argv[1:],
+        seconds=round(time.perf_counter() - started, 1),
+        prior_choice=args.prior,
+        note=DENSE_FLOPS_NOTE,
+    )
+    write_outputs(result, out, plots=False)
+    _log(f"seed {seed}: wrote {out} in {result.config['seconds']} s")
+
+
+def summarise(out: Path) -> str:
+    """Tables across seeds: n-accuracy and RI per variant and aggregator at n in {1, 2, 4, 8, 16}, and the sweet
+    spot per budget and aggregator in every seed."""
+    runs = sorted(out.glob("seed-*/results.json"))
+    data = [json.loads(p.read_text()) for p in runs]
+    if not data:
+        raise SystemExit(f"no seed-*/results.json under {out}")
+    seeds = [d["config"]["seed"] for d in data]
+    lines = [f"# Pair gadgets: seeds {seeds}, {data[0]['config']['num_tuples']} test tuples per cell", ""]
+    lines.append(f"tuple prior {data[0]['config']['tuple_prior']}, model prior {data[0]['config']['model_prior']}")
+    lines.append("")
+    show = [1, 2, 4, 8, 16]
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for d in data:
+        for r in d["rows"]:
+            cells[(r["variant"], r["aggregator"], r["n"])].append(r)
+    variants = list(dict.fromkeys(r["variant"] for r in data[0]["rows"]))
+    aggs = list(dict.fromkeys(r["aggregator"] for r in data[0]["rows"]))
+    for metric, title in (("n_accuracy", "n-accuracy"), ("ri", "RI")):
+        lines += [f"## {title} at n = {', '.join(map(str, show))} (mean over seeds)", ""]
+        lines.append("| variant | acc (1 pair) | FLOPs/pair | " + " | ".join(aggs) + " |")
+        lines.append("|---|---|---|" + "---|" * len(aggs))
+        for v in variants:
+            first = cells[(v, aggs[0], 1)][0]
+            acc = sum(r["accuracy"] for r in cells[(v, aggs[0], 1)]) / len(data)
+            vals = []
+            for a in aggs:
+                ms = [sum(r[metric] for r in cells[(v, a, n)]) / len(cells[(v, a, n)]) for n in show]
+                vals.append(" ".join(f"{m:.3f}" for m in ms))
+            lines.append(f"| {v} | {acc:.4f} | {first['flops_item']:,} | " + " | ".join(vals) + " |")
+        lines.append("")
+    lines += ["## Aggregator FLOPs per tuple (beyond the n pair passes), first seed", ""]
+    lines.append("| variant | aggregator | n=1 | n=4 | n=16 |")
+    lines.append("|---|---|---|---|---|")
+    for v in variants:
+        for a in aggs:
+            f = [cells[(v, a, n)][0]["flops_aggregator"] for n in (1, 4, 16)]
+            lines.append(f"| {v} | {a} | {f[0]:,} | {f[1]:,} | {f[2]:,} |")
+    lines.append("")
+    lines += ["## Sweet spot per budget (dense pair passes) and aggregator, every seed", ""]
+    lines.append("| budget | aggregator | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    lines.append("|---|---|" + "---|" * len(seeds))
+    per: dict[tuple, dict] = defaultdict(dict)
+    for d in data:
+        passes = dict(zip(d["config"]["budgets"], d["config"]["budgets_in_dense_passes"], strict=True))
+        for s in d["sweet_spots"]:
+            per[(passes[s["budget"]], s["aggregator"])][d["config"]["seed"]] = s
+    for (b, a), by_seed in sorted(per.items(), key=lambda kv: (kv[0][0], aggs.index(kv[0][1]))):
+        cols = []
+        for s in seeds:
+            r = by_seed.get(s)
+            cols.append(
+                "-"
+                if r is None
+                else f"{r['variant']} n={r['n']}: {r['n_accuracy']:.4f} [{r['n_accuracy_low']:.4f}, "
+                f"{r['n_accuracy_high']:.4f}] RI {r['ri']:.3f}"
+            )
+        lines.append(f"| {b:g} | {a} | " + " | ".join(cols) + " |")
+    lines.append("")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--home", type=Path, default=Path("/work/home-default"))
+    p.add_argument("--out", type=Path, default=Path("var/bench/pair-gadgets"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--keeps", type=lambda s: [float(v) for v in s.split(",")], default=[0.02, 0.05, 0.2, 0.5])
+    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--tuples", type=int, default=2000, help="test tuples per cell")
+    p.add_argument("--train-tuples", type=int, default=6000, help="gadget training pool (n_max members each)")
+    p.add_argument("--val-tuples", type=int, default=1000)
+    p.add_argument("--n-max", type=int, default=16)
+    p.add_argument("--gadget-steps", type=int, default=1500)
+    p.add_argument("--gadget-hidden", type=int, default=32)
+    p.add_argument(
+        "--budgets", type=lambda s: [float(v) for v in s.split(",")], default=[0.05, 0.1, 0.25, 0.5, 1, 2, 4]
+    )
+    p.add_argument("--prior", choices=["train", "balanced"], default="train", help="grade prior of the tuples")
+    p.add_argument("--summarise", action="store_true", help="only write OUT/summary.md from the seeds' results")
+    args = p.parse_args(argv)
+    if args.summarise:
+        print(summarise(args.out))
+        return 0
+    import torch
+
+    torch.set_num_threads(1)
+    todo = [s for s in args.seeds if not (args.out / f"seed-{s}" / "results.json").exists()]
+    if not todo:
+        _log("every seed is done")
+        return 0
+    variants, ctx = build_variants(args.home, args.keeps, args.finetune_steps)
+    for seed in todo:
+        run_seed(variants, ctx, seed, args, args.out / f"seed-{seed}")
+    print(summarise(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
