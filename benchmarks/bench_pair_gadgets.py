@@ -26,6 +26,7 @@ import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_variants", "summarise"]
 
@@ -185,9 +186,117 @@ def summarise(out: Path) -> str:
             )
         lines.append(f"| {b:g} | {a} | " + " | ".join(cols) + " |")
     lines.append("")
+    lines += _budget_curves(data, variants, ("mean_logit", "bayes", "lstm", "deepsets"))
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
+
+
+def faiss_grade_mix(home: Path, ms: list[int]) -> str:
+    """The grade mix among stage 0's M candidates for the home's held-out queries (what a first stage sees)."""
+    import numpy as np
+
+    from cascade.embedding import EmbeddingIndex
+    from cascade.queries import QuerySet, cluster_grades
+    from cascade.space import Space
+
+    d = home / "spaces" / "default"
+    space, emb, qs = Space.load(d), EmbeddingIndex.load(d), QuerySet.load(d)
+    lines = ["| M | grade 0 | grade 1 | grade 2 |", "|---|---|---|---|"]
+    for m in ms:
+        counts = np.zeros(3)
+        for i in range(len(qs)):
+            near, _ = emb.candidates(qs.x[i : i + 1], m)
+            counts += np.bincount(
+                cluster_grades(space.cluster_labels, int(qs.cluster[i]), int(qs.label[i]))[near], minlength=3
+            )
+        f = counts / counts.sum()
+        lines.append(f"| {m} | {f[0]:.4f} | {f[1]:.4f} | {f[2]:.4f} |")
+    return f"{len(qs)} held-out queries of {home}\n\n" + "\n".join(lines) + "\n"
+
+
+def diagnose(variants: list, ctx: dict, seed: int, count: int, n_max: int) -> str:
+    """Why does averaging level off? Per true grade, the n-accuracy of `mean_logit` on the study's test tuples
+    (one query view shared by all n members, as in a cascade) and on a control where every member is read with
+    its own fresh view of the query prototype. Averaging cannot remove noise that all members share."""
+    import numpy as np
+    import torch
+
+    from models.aggregation import aggregate, log_prior_of
+    from models.pair_tuples import pair_tuple_outputs_many, sample_pair_tuples
+    from models.prototypes import make_prototypes, make_views
+
+    protos = make_prototypes(ctx["space"], "space")
+    prior = ctx["prior"]
+    tuples = sample_pair_tuples(protos, count, n_max, prior, seed * 3 + 2)
+    rng = np.random.default_rng([seed, 77])
+    own_q = torch.from_numpy(make_views(protos, np.repeat(tuples.query_ids, n_max), rng))
+    models = [v.model for v in variants]
+    shared = pair_tuple_outputs_many(models, tuples)
+    log_prior = log_prior_of(torch.tensor(prior, dtype=torch.float64))
+    lines = ["| variant | query views | grade | n=1 | n=2 | n=4 | n=8 | n=16 |", "|---|---|---|---|---|---|---|---|"]
+    with torch.no_grad():
+        for v, out in zip(variants, shared, strict=True):
+            v.model.eval()
+            x = tuples.members.reshape(-1, tuples.members.shape[2])
+            logits = torch.cat([v.model(own_q[i : i + 4096], x[i : i + 4096]) for i in range(0, len(x), 4096)]).reshape(
+                count, n_max, -1
+            )
+            for label, lg in (("one, shared", out.logits), ("fresh per member", logits)):
+                for g in (0, 1, 2, None):
+                    cols = []
+                    for n in (1, 2, 4, 8, 16):
+                        if n > n_max:
+                            cols.append("-")
+                            continue
+                        counts = torch.full((count,), n, dtype=torch.long)
+                        post = aggregate("mean_logit", _members(lg[:, :n]), counts, log_prior)
+                        hit = post.argmax(1) == tuples.grades
+                        mask = torch.ones_like(hit) if g is None else tuples.grades == g
+                        cols.append(f"{float(hit[mask].float().mean()):.3f}")
+                    name = "all" if g is None else str(g)
+                    lines.append(f"| {v.label} | {label} | {name} | " + " | ".join(cols) + " |")
+    return f"seed {seed}, {count} tuples, aggregator mean_logit\n\n" + "\n".join(lines) + "\n"
+
+
+def _members(logits: Any) -> Any:
+    """(T, n, G) logits as contiguous member runs."""
+    from models.aggregation import MemberOutputs
+
+    return MemberOutputs(logits.reshape(-1, logits.shape[2]))
+
+
+def _budget_curves(data: list[dict], variants: list[str], aggs: tuple[str, ...]) -> list[str]:
+    """Per budget and aggregator, every variant's n-accuracy at the largest n it affords (mean over seeds, with
+    that n): the curve over compression levels whose peak is the sweet spot."""
+    lines: list[str] = []
+    flops = {r["variant"]: r["flops_item"] for r in data[0]["rows"]}
+    order = sorted(variants, key=lambda v: flops[v])
+    for agg in aggs:
+        lines += [f"## n-accuracy at the largest affordable n (<= 16), `{agg}`, mean over seeds: value (n)", ""]
+        lines.append("| budget (dense passes) | " + " | ".join(f"{v} ({flops[v]:,})" for v in order) + " |")
+        lines.append("|---|" + "---|" * len(order))
+        for b, passes in zip(data[0]["config"]["budgets"], data[0]["config"]["budgets_in_dense_passes"], strict=True):
+            cols = []
+            for v in order:
+                picks = []
+                for d in data:
+                    fit = [
+                        r for r in d["rows"] if r["variant"] == v and r["aggregator"] == agg and r["flops_tuple"] <= b
+                    ]
+                    if fit:
+                        picks.append(max(fit, key=lambda r: r["n"]))
+                if len(picks) < len(data):
+                    cols.append("-")
+                    continue
+                mean = sum(r["n_accuracy"] for r in picks) / len(picks)
+                ns = sorted({r["n"] for r in picks})
+                cols.append(f"{mean:.3f} ({'/'.join(map(str, ns))})")
+            top = max((float(c.split()[0]) for c in cols if c != "-"), default=None)
+            cols = [f"**{c}**" if c != "-" and top is not None and float(c.split()[0]) == top else c for c in cols]
+            lines.append(f"| {passes:g} | " + " | ".join(cols) + " |")
+        lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,9 +317,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--prior", choices=["train", "balanced"], default="train", help="grade prior of the tuples")
     p.add_argument("--summarise", action="store_true", help="only write OUT/summary.md from the seeds' results")
+    p.add_argument("--faiss-mix", action="store_true", help="only print the grade mix of stage 0's candidates")
+    p.add_argument("--diagnose", action="store_true", help="only the shared-query control (registry variants)")
     args = p.parse_args(argv)
     if args.summarise:
         print(summarise(args.out))
+        return 0
+    if args.faiss_mix:
+        text = faiss_grade_mix(args.home, [10, 40, 100, 200])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "faiss_grade_mix.md").write_text(text)
+        print(text)
+        return 0
+    if args.diagnose:
+        import torch
+
+        torch.set_num_threads(1)
+        variants, ctx = build_variants(args.home, [], 0)
+        text = diagnose(variants, ctx, args.seeds[0], args.tuples, args.n_max)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"diagnose-s{args.seeds[0]}.md").write_text(text)
+        print(text)
         return 0
     import torch
 
