@@ -299,6 +299,106 @@ def _budget_curves(data: list[dict], variants: list[str], aggs: tuple[str, ...])
     return lines
 
 
+CASCADES = {
+    "default (bayes)": None,
+    "mean_logit": [
+        {"variant": "pair-s10", "samples": 2, "keep": 40, "aggregator": "mean_logit"},
+        {"variant": "pair-s30", "samples": 4, "keep": 10, "aggregator": "mean_logit"},
+        {"variant": "pair-dense", "samples": 10, "aggregator": "mean_logit"},
+    ],
+    "lstm on pair-s10": [
+        {"variant": "pair-s10", "samples": 2, "keep": 40, "aggregator": "lstm"},
+        {"variant": "pair-s30", "samples": 4, "keep": 10, "aggregator": "bayes"},
+        {"variant": "pair-dense", "samples": 10, "aggregator": "bayes"},
+    ],
+    "lstm on pair-s10, pair-s30": [
+        {"variant": "pair-s10", "samples": 2, "keep": 40, "aggregator": "lstm"},
+        {"variant": "pair-s30", "samples": 4, "keep": 10, "aggregator": "lstm"},
+        {"variant": "pair-dense", "samples": 10, "aggregator": "bayes"},
+    ],
+}
+"""The served cascade (a home's `pair_stages`: pair-s10 n2 keep 40, pair-s30 n4 keep 10, pair-dense n10) with
+other aggregators; the lstm ones need `prunecascade gadget --kind lstm` run for pair-s10 and pair-s30 first."""
+
+
+def cascade_comparison(home: Path, queries: int, candidates: int = 200) -> str:
+    """recall@1, recall@10, nDCG@10 and FLOPs of the served cascade with each aggregator choice, on the home's
+    held-out queries (no oracle: it would dominate the run time)."""
+    from cascade.config import CONFIG_FILE, CascadeConfig, Stage
+    from cascade.evaluation import evaluate_example_queries
+    from cascade.snapshot import load_snapshot
+    from models.metrics import wilson_interval
+    from models.registry import ModelRegistry
+
+    snapshot = load_snapshot(
+        ModelRegistry(home / "registry"), home / "spaces" / "default", CascadeConfig.load(home / CONFIG_FILE)
+    )
+    methods = {
+        name: None if stages is None else tuple(Stage.model_validate(s) for s in stages)
+        for name, stages in CASCADES.items()
+    }
+    reports = evaluate_example_queries(snapshot, methods, k=10, candidates=candidates, queries=queries, oracle=False)
+    lines = [
+        f"{queries} held-out queries of {home}, k = 10, M = {candidates}; member sampling seeded by query",
+        "",
+        "| cascade | recall@1 [95% CI] | recall@10 [95% CI] | nDCG@10 | FLOPs per query | median ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in reports.items():
+        c1, c10 = round(r.recall_at_1 * r.queries), round(r.recall_at_k * r.queries)
+        i1, i10 = wilson_interval(c1, r.queries), wilson_interval(c10, r.queries)
+        lines.append(
+            f"| {name} | {r.recall_at_1:.3f} [{i1[0]:.3f}, {i1[1]:.3f}] | {r.recall_at_k:.3f} [{i10[0]:.3f}, "
+            f"{i10[1]:.3f}] | {r.ndcg_at_10:.3f} | {r.flops:,.0f} | {r.ms:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sweet_spot_plot(out: Path, path: Path, aggs: tuple[str, ...] = ("mean_logit", "lstm")) -> None:
+    """n-accuracy at the largest affordable n (<= 16) against the variant's FLOPs per pair, one line per budget and
+    one panel per aggregator; fine-tuned and registry variants only (the family the sweet spot is about); the
+    points are the mean over seeds, the bars the seeds' range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [json.loads(p.read_text()) for p in sorted(out.glob("seed-*/results.json"))]
+    rows0 = data[0]["rows"]
+    flops = {r["variant"]: r["flops_item"] for r in rows0}
+    family = sorted((v for v in flops if v.startswith("pair-") or "+ft" in v), key=lambda v: flops[v])
+    budgets = list(zip(data[0]["config"]["budgets"], data[0]["config"]["budgets_in_dense_passes"], strict=True))
+    fig, axes = plt.subplots(1, len(aggs), figsize=(5.2 * len(aggs) + 1.6, 3.8), sharey=True, squeeze=False)
+    for ax, agg in zip(axes[0], aggs, strict=True):
+        for b, passes in budgets:
+            xs, ys, lo, hi = [], [], [], []
+            for v in family:
+                vals = []
+                for d in data:
+                    fit = [
+                        r for r in d["rows"] if r["variant"] == v and r["aggregator"] == agg and r["flops_tuple"] <= b
+                    ]
+                    if fit:
+                        vals.append(max(fit, key=lambda r: r["n"])["n_accuracy"])
+                if len(vals) == len(data):
+                    xs.append(flops[v])
+                    ys.append(sum(vals) / len(vals))
+                    lo.append(ys[-1] - min(vals))
+                    hi.append(max(vals) - ys[-1])
+            if len(xs) > 1:
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=2, label=f"{passes:g} dense passes")
+        ax.set_xscale("log")
+        ax.set_xlabel("FLOPs per pair of the variant (n = largest affordable, <= 16)")
+        ax.set_title(f"aggregator {agg}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("n-accuracy over grades")
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.legend(handles, labels, loc="center right", fontsize=7, title="budget per tuple", title_fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", type=Path, default=Path("/work/home-default"))
@@ -319,9 +419,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summarise", action="store_true", help="only write OUT/summary.md from the seeds' results")
     p.add_argument("--faiss-mix", action="store_true", help="only print the grade mix of stage 0's candidates")
     p.add_argument("--diagnose", action="store_true", help="only the shared-query control (registry variants)")
+    p.add_argument("--cascade", action="store_true", help="only the served cascade with each aggregator (--home)")
+    p.add_argument("--queries", type=int, default=500, help="with --cascade: held-out queries")
     args = p.parse_args(argv)
+    if args.cascade:
+        import torch
+
+        torch.set_num_threads(1)
+        text = cascade_comparison(args.home, args.queries)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cascade.md").write_text(text)
+        print(text)
+        return 0
     if args.summarise:
         print(summarise(args.out))
+        sweet_spot_plot(args.out, args.out / "pair_sweet_spot.png")
         return 0
     if args.faiss_mix:
         text = faiss_grade_mix(args.home, [10, 40, 100, 200])
