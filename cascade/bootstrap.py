@@ -26,8 +26,15 @@ from cascade.space import META_FILE, SPACE_FILE, build_space, clusters_by_kmeans
 from models.biencoder import BiEncoderTrainConfig, train_biencoder
 from models.data import DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
-from models.pair import default_pair_spec
-from models.pair_training import PairTrainConfig, instance_auc, pair_accuracy, pair_spec_for, train_pair_model
+from models.pair import PairNetwork, default_pair_spec
+from models.pair_training import (
+    PairTrainConfig,
+    PairTrainReport,
+    instance_auc,
+    pair_accuracy,
+    pair_spec_for,
+    train_pair_model,
+)
 from models.prototypes import PrototypeConfig, PrototypeSet, make_prototype_set, make_queries, member_set
 from models.pruning.pair import probe_pairs, prune_pair_and_register
 from models.pruning.pipeline import prune_and_register
@@ -46,6 +53,7 @@ __all__ = [
     "default_variants",
     "default_stages",
     "wants_user_pair",
+    "train_pair_on_clusters",
 ]
 
 PROBE_FILE = "probe.npz"
@@ -351,6 +359,33 @@ def _decide_grades(auc: float, threshold: float, pairs: int) -> dict[str, object
     }
 
 
+def _two_grade_training(training: PairTrainConfig) -> PairTrainConfig:
+    """The same training over two grades: same-cluster pairs count as same label, no listwise loss on grade 2."""
+    mix = training.grade_mix
+    return replace(training, grade_mix=(mix[0], sum(mix[1:])), listwise=0.0)
+
+
+def train_pair_on_clusters(
+    train: PrototypeSet, val: PrototypeSet, pair: PairConfig, seed: int = 0, progress: bool = False
+) -> tuple[PairNetwork, PairTrainReport, dict[str, object]]:
+    """The dense pair model of a user's clusters and the decision on instance structure: train over three
+    grades, measure on `val` (clusters it never saw) whether log p(grade 2) ranks own-cluster pairs above
+    same-label pairs (`instance_auc`); below `pair.instance_auc_threshold`, the clusters say nothing beyond their
+    label, and the model is trained again over two grades (1 same label, 0 other). Returns the model, its
+    training report and the decision record (num_grades, gains, the measured AUC, the threshold, why)."""
+    input_dim = train.x.shape[1]
+    training = replace(pair.training, seed=seed)
+    model, report = train_pair_model(pair_spec_for(input_dim, 3, pair.hidden), train, val, training, progress)
+    auc_pairs = 2000
+    grades = _decide_grades(instance_auc(model, val, seed, auc_pairs), pair.instance_auc_threshold, auc_pairs)
+    if grades["num_grades"] == 2:
+        two = (replace(train, num_grades=2), replace(val, num_grades=2))
+        model, report = train_pair_model(
+            pair_spec_for(input_dim, 2, pair.hidden), *two, _two_grade_training(training), progress
+        )
+    return model, report, grades
+
+
 def _build_user_pair_models(
     registry: ModelRegistry, pair: PairConfig, splits: Splits, steps: Progress, progress: bool, seed: int
 ) -> tuple[PrototypeSet, PrototypeSet, dict[str, object]]:
@@ -360,18 +395,10 @@ def _build_user_pair_models(
     training = replace(pair.training, seed=seed)
     if registry.active_version(pair.dense_name) is None:
         steps.start(f"training {pair.dense_name}")
-        spec = pair_spec_for(splits.input_dim, 3, pair.hidden)
-        model, report = train_pair_model(spec, train, val, training, progress=progress)
-        auc_pairs = 2000
-        grades = _decide_grades(instance_auc(model, val, seed, auc_pairs), pair.instance_auc_threshold, auc_pairs)
+        model, report, grades = train_pair_on_clusters(train, val, pair, seed, progress)
         if grades["num_grades"] == 2:
-            steps.start(f"training {pair.dense_name} on two grades (no instance structure)")
             train, val = replace(train, num_grades=2), replace(val, num_grades=2)
-            mix = training.grade_mix
-            training = replace(training, grade_mix=(mix[0], mix[1] + mix[2]), listwise=0.0)
-            model, report = train_pair_model(
-                pair_spec_for(splits.input_dim, 2, pair.hidden), train, val, training, progress=progress
-            )
+            training = _two_grade_training(training)
         registry.register(
             pair.dense_name,
             model,
@@ -388,9 +415,13 @@ def _build_user_pair_models(
             },
         )
     else:
-        grades = dict(registry.manifest(pair.dense_name).extra.get("grades") or _decide_grades(1.0, 0.0, 0))
+        manifest = registry.manifest(pair.dense_name)
+        grades = dict(manifest.extra.get("grades") or {})
+        grades.setdefault("num_grades", int(manifest.spec.get("num_grades", 3)))
+        grades.setdefault("decision", "the grades of the registered dense pair model (no measurement recorded)")
         if grades["num_grades"] == 2:
             train, val = replace(train, num_grades=2), replace(val, num_grades=2)
+            training = _two_grade_training(training)
     steps.done()
     for v in pair.variants:
         if registry.active_version(v.name) is None:
