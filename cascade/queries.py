@@ -49,10 +49,11 @@ class QuerySet:
             )
 
 
-def cluster_grades(cluster_labels: np.ndarray, own_cluster: int, label: int) -> np.ndarray:
-    """The grade of every cluster for a query whose own cluster and label are given."""
+def cluster_grades(cluster_labels: np.ndarray, own_cluster: int, label: int, num_grades: int = 3) -> np.ndarray:
+    """The grade of every cluster for a query whose own cluster and label are given. With `num_grades` 2 (a
+    space without instance structure) the own cluster is graded as any cluster of its label."""
     grades = (cluster_labels == label).astype(np.int64)
-    if own_cluster >= 0:
+    if own_cluster >= 0 and num_grades > 2:
         grades[own_cluster] = 2
     return grades
 
