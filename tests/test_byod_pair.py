@@ -243,3 +243,19 @@ def test_an_examples_query_runs_the_pair_cascade_over_http(structured_server: Se
         assert len(ids) == 10 and all((i - 11) % 3 == 0 for i in ids)  # the user's cluster ids
         found += q["cluster_id"] in ids
     assert found >= 5  # the held-out member's own cluster is in the top 10 for most queries
+
+
+def test_the_queries_command_gives_the_truth_in_the_users_ids(
+    structured_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    assert main(["queries", "--home", str(structured_home), "--limit", "3"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    data = np.load(structured_home.parent / "views.npz")
+    truth = {row.tobytes(): (int(c), int(y)) for row, c, y in zip(data["x"], data["cluster"], data["y"], strict=True)}
+    space_dir = structured_home / "spaces" / "default"
+    queries = QuerySet.load(space_dir)
+    assert queries is not None and len(lines) == 3
+    for i, line in enumerate(lines):
+        assert (line["truth"]["cluster_id"], line["truth"]["label"]) == truth[queries.x[i].tobytes()]
