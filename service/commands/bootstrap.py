@@ -150,5 +150,7 @@ def run(args: argparse.Namespace) -> int:
     _check_home_matches(settings.home, config)
     cascade = bootstrap(settings.home, config, progress=not args.quiet)
     print(f"ready under {settings.home}: cascade " + " -> ".join(s.variant for s in cascade.stages))
+    if cascade.pair_stages:
+        print("queries by example: pair cascade " + " -> ".join(s.variant for s in cascade.pair_stages))
     print(f"serve it with: prunecascade serve --home {settings.home}")
     return 0
