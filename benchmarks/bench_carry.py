@@ -28,7 +28,7 @@ import numpy as np
 
 from benchmarks.common import DEFAULT_HOME, dump_json, load_snapshot_from, median, parse_ints, set_threads
 
-__all__ = ["main", "CarrySetting", "run_carrying", "settings_for"]
+__all__ = ["main", "CarrySetting", "other_member", "run_carrying", "settings_for"]
 
 FIRST = {"variant": "cnn-s10f", "samples": 1, "keep": 2000}
 
@@ -63,6 +63,19 @@ def settings_for(k: int, seconds: tuple[str, ...], keeps: tuple[int, ...]) -> li
     return out
 
 
+def other_member(offsets: np.ndarray, clusters: np.ndarray, previous: np.ndarray, rng: np.random.Generator):
+    """One uniform member of each cluster other than `previous` (the row the last stage scored there); a cluster
+    of one member gives that member again."""
+    from cascade.space import sample_members
+
+    two, counts = sample_members(offsets, clusters, 2, rng)  # 2 distinct members of every cluster of >= 2
+    firsts = np.cumsum(counts) - counts
+    pick = two[firsts]
+    same = (pick == previous) & (counts >= 2)
+    pick[same] = two[firsts[same] + 1]
+    return pick
+
+
 def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> tuple[np.ndarray, int, list[float]]:
     """The engine's stage loop (`cascade.engine.run_cascade`) with an optional carry per stage: a carried stage
     samples one member per surviving cluster other than the one the previous (one-sample) stage scored, and
@@ -86,13 +99,7 @@ def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> 
         if carry:
             if stage.samples != 1 or prev_rows is None or len(prev_rows) != len(alive):
                 raise ValueError(f"{setting.name}: a carried stage takes 1 sample after a 1-sample stage")
-            two, _ = sample_members(space.offsets, alive, 2, rng)  # 2 distinct members of every cluster of >= 2
-            sizes = space.offsets[alive + 1] - space.offsets[alive]
-            firsts = np.cumsum(np.minimum(sizes, 2)) - np.minimum(sizes, 2)
-            pick = two[firsts]
-            other = (pick == prev_rows) & (sizes >= 2)
-            pick[other] = two[firsts[other] + 1]
-            rows, counts = pick, np.ones(len(alive), dtype=np.int64)
+            rows, counts = other_member(space.offsets, alive, prev_rows, rng), np.ones(len(alive), dtype=np.int64)
         else:
             rows, counts = sample_members(space.offsets, alive, stage.samples, rng)
         with torch.inference_mode():
