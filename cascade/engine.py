@@ -37,7 +37,14 @@ __all__ = [
     "RANKING_KEYS",
     "resolve_stages",
     "DeadlineExceeded",
+    "ORACLE_AGGREGATOR",
 ]
+
+ORACLE_AGGREGATOR = "mean_logit"
+"""How the exhaustive oracle (and the exact table, which must equal it) turns every member's output into a cluster
+posterior: the softmax of the members' mean logits. Unlike `bayes` over every member, its confidence does not grow
+with the cluster's size, so a large cluster does not outrank an equally relevant small one, and a cascade that reads
+a sample of members estimates it without bias (docs/aggregation.md, "What the dense oracle ranks by")."""
 
 
 class DeadlineExceeded(TimeoutError):
@@ -347,9 +354,9 @@ def dense_flops(snapshot: Snapshot, target: Target) -> int:
 
 
 def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
-    """The dense model on every member of every cluster, `bayes` aggregation (research notes 2), run with the
-    same chunked scoring as the cascade's stages so that wall-time ratios compare like with like. It ignores
-    the index's candidates: it is what exhaustive scoring would answer."""
+    """The dense model on every member of every cluster, aggregated by `ORACLE_AGGREGATOR`, run with the same
+    chunked scoring as the cascade's stages so that wall-time ratios compare like with like. It ignores the
+    index's candidates: it is what exhaustive scoring would answer."""
     started = time.perf_counter()
     space = snapshot.space
     alive = np.arange(space.num_clusters)
@@ -358,7 +365,7 @@ def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
     dense = snapshot.dense_for(target.kind)
     with torch.inference_mode():
         x = torch.index_select(snapshot.features, 0, torch.from_numpy(rows))
-        log_post = _stage_log_posterior(dense, "bayes", target.queries, x, torch.from_numpy(counts))
+        log_post = _stage_log_posterior(dense, ORACLE_AGGREGATOR, target.queries, x, torch.from_numpy(counts))
         post = log_post.exp()
         scores = post @ torch.from_numpy(target.utility).double()
         keys = ranking_key(log_post, target)
@@ -367,7 +374,7 @@ def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
     report = StageReport(
         variant=dense.name,
         version=dense.version,
-        aggregator="bayes",
+        aggregator=ORACLE_AGGREGATOR,
         clusters_in=len(alive),
         kept=len(top),
         samples=widest,
