@@ -259,3 +259,27 @@ def test_the_queries_command_gives_the_truth_in_the_users_ids(
     assert queries is not None and len(lines) == 3
     for i, line in enumerate(lines):
         assert (line["truth"]["cluster_id"], line["truth"]["label"]) == truth[queries.x[i].tobytes()]
+
+
+def test_a_two_grade_space_answers_examples_queries_without_gains(tmp_path: Path) -> None:
+    """Structureless clusters: the bootstrap falls back to two grades, and a query that names no gains gets the
+    two-grade default (never a 422 about a field the user did not send), with outputs named for two grades."""
+    home = tmp_path / "home"
+    config = _config(views_npz(tmp_path / "random.npz", structured=False))
+    config = replace(config, pair=replace(SMALL_PAIR, training=replace(SMALL_PAIR.training, steps=100)))
+    bootstrap(home, config, progress=False)
+    server = start_server(home)
+    try:
+        url = server.url
+        space = httpx.get(f"{url}/v1/space").json()
+        assert space["num_grades"] == 2 and space["grades"]["gains"] == [0.0, 1.0]
+        (q,) = httpx.get(f"{url}/v1/space/queries", params={"limit": 1}).json()["queries"]
+        r = httpx.post(f"{url}/v1/query", json={"target": {"examples": [q["x"]]}, "k": 5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["mode"] == "cascade" and body["outputs"] == ["other", "same_label"]
+        assert all(len(c["posterior"]) == 2 for c in body["clusters"])
+        bad = httpx.post(f"{url}/v1/query", json={"target": {"examples": [q["x"]], "gains": [0, 1, 3]}, "k": 5})
+        assert bad.status_code == 422 and "gains" in bad.text
+    finally:
+        stop_server(server)
