@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cascade.config import Stage, scale_keeps
-from cascade.queries import DEFAULT_GAINS
+from cascade.queries import default_gains
 from cascade.snapshot import Snapshot, StageError, Variant
 from cascade.space import sample_members
 from models.aggregation import MemberOutputs, aggregate, get_aggregator
@@ -170,7 +170,7 @@ def target_from_examples(
         nearest = snapshot.index.nearest_clusters(x, candidates)
         return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
     num_grades = snapshot.num_grades
-    g = np.asarray(DEFAULT_GAINS if gains is None else gains, dtype=np.float64)
+    g = np.asarray(default_gains(num_grades) if gains is None else gains, dtype=np.float64)
     if g.shape != (num_grades,) or not np.isfinite(g).all():
         raise StageError("target.gains", f"needs {num_grades} finite values, one per relevance grade")
     if not (g != 0).any():

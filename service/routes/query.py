@@ -67,7 +67,11 @@ QUERY_EXAMPLES: dict[str, dict[str, Any]] = {
 def _outputs(snapshot: Snapshot, target: Target) -> list[str]:
     if target.kind == "pair":
         names = ["other", "same_label", "same_cluster"]
-        return names if snapshot.num_grades == 3 else [f"grade_{g}" for g in range(snapshot.num_grades)]
+        return (
+            names[: snapshot.num_grades]
+            if snapshot.num_grades <= 3
+            else [f"grade_{g}" for g in range(snapshot.num_grades)]
+        )
     return [str(c) for c in range(snapshot.space.num_classes)]
 
 
