@@ -16,7 +16,7 @@ import torch
 from cascade.config import Stage
 from cascade.engine import dense_flops, dense_oracle, plan_flops, run_cascade, target_from_examples, target_from_label
 from cascade.queries import cluster_grades
-from cascade.snapshot import StageError
+from cascade.snapshot import StageError, build_snapshot
 from cascade.space import sample_members
 from models.inference import score_chunked
 from models.pair import folded_pair_cost, plain_pair_cost
@@ -351,3 +351,23 @@ def test_extending_members_samples_only_unscored_ones(snapshot) -> None:
     np.testing.assert_array_equal(owner, np.repeat(clusters, need))  # grouped by cluster, in order
     none, zero = _extend_members(space.offsets, clusters, rows, counts, 1, rng)  # already enough
     assert len(none) == 0 and not zero.any()
+
+
+def test_a_swap_keeps_the_item_cache_and_warm_builds_it_before_serving(snapshot) -> None:
+    """`build_snapshot(..., item_cache=)` hands the tables to the next snapshot (a swap that keeps the trunk
+    rebuilds nothing), `warm()` builds them before the first query, and tables no variant reads are dropped."""
+    parts = (snapshot.space, snapshot.index)
+    first = build_snapshot(*parts, snapshot.variants, snapshot.config, snapshot.embedding, snapshot.queries)
+    assert first.item_cache.entries() == []  # nothing built until asked
+    first.warm()
+    (entry,) = first.item_cache.entries()
+    second = build_snapshot(
+        *parts, snapshot.variants, snapshot.config, snapshot.embedding, snapshot.queries, first.item_cache
+    )
+    second.warm()
+    assert second.item_cache.entries()[0] is entry  # the same table, not rebuilt
+    classifiers = {n: v for n, v in snapshot.variants.items() if v.kind == "classifier"}
+    config = snapshot.config.model_copy(update={"pair_dense": None, "pair_stages": None})
+    third = build_snapshot(*parts, classifiers, config, snapshot.embedding, snapshot.queries, first.item_cache)
+    third.warm()
+    assert third.item_cache.entries() == []  # no served variant reads it any more

@@ -179,6 +179,44 @@ def test_the_gadget_command_stores_a_gadget_the_engine_serves(
     with pytest.raises(StageError) as exc:
         run_cascade(snapshot, target, k=5, stages=[Stage(variant="pair-dense", samples=2, aggregator=kind)])
     assert exc.value.field == "stages[0].aggregator"
+    # a gadget of the other kind is a stage error too (it used to reach `aggregate` and fail there)
+    other = "deepsets" if kind == "lstm" else "lstm"
+    with pytest.raises(StageError, match=f"has a '{kind}' gadget") as exc:
+        run_cascade(snapshot, target, k=5, stages=[Stage(variant="pair-s25", samples=2, aggregator=other)])
+    assert exc.value.field == "stages[0].aggregator"
+
+
+def test_a_running_server_adopts_a_new_gadget_on_reload(gadget_home: Path) -> None:
+    """`prunecascade gadget` writes beside a served variant; `POST /v1/admin/reload` adopts it (a new snapshot id,
+    so no cached answer of the old one is served), and before that a stage asking for it is a 422."""
+    import httpx
+    from conftest import start_server, stop_server
+
+    token = "gadget-admin-token-0123456789"
+    auth = {"Authorization": f"Bearer {token}"}
+    server = start_server(gadget_home, {"PRUNECASCADE_ADMIN_TOKEN": token})
+    try:
+        url = server.url
+        (q,) = httpx.get(f"{url}/v1/space/queries", params={"limit": 1}).json()["queries"]
+        stages = [
+            {"variant": "pair-s25", "samples": 2, "keep": 10, "aggregator": "lstm"},
+            {"variant": "pair-dense", "samples": 4},
+        ]
+        body = {"target": {"examples": [q["x"]]}, "k": 5, "stages": stages}
+        before = httpx.post(f"{url}/v1/query", json=body)
+        assert before.status_code == 422 and "pair-s25 has none" in before.text
+        argv = ["gadget", "--home", str(gadget_home), "--variant", "pair-s25", "--kind", "lstm"]
+        assert main([*argv, "--tuples", "200", "--val-tuples", "100", "--n-max", "4", "--steps", "20"]) == 0
+        old_id = httpx.get(f"{url}/v1/space").json()["snapshot_id"]
+        changed = httpx.post(f"{url}/v1/admin/reload", headers=auth).json()["changed"]
+        assert changed == ["pair-s25:1 gadget"]
+        after = httpx.post(f"{url}/v1/query", json=body)
+        assert after.status_code == 200, after.text
+        assert after.json()["stages"][0]["aggregator"] == "lstm"
+        assert after.json()["snapshot_id"] != old_id
+        assert httpx.post(f"{url}/v1/admin/reload", headers=auth).json()["changed"] == []  # nothing new now
+    finally:
+        stop_server(server)
 
 
 def test_a_gadget_that_does_not_fit_the_variant_is_refused(gadget_home: Path) -> None:

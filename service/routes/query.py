@@ -55,7 +55,8 @@ QUERY_EXAMPLES: dict[str, dict[str, Any]] = {
             "k": 10,
             "candidates": 200,
             "stages": [
-                {"variant": "pair-s10", "samples": 2, "keep": 40, "aggregator": "bayes"},
+                {"variant": "pair-s10", "samples": 1, "keep": 60, "aggregator": "bayes"},
+                {"variant": "pair-dense", "samples": 3, "keep": 20},
                 {"variant": "pair-dense", "samples": 10},
             ],
             "seed": 1,
