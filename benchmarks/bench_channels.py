@@ -15,11 +15,10 @@ random items (20,000: the first stage of a rare query with 2 samples from each o
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import dump_json, median, parse_ints, set_threads
+from benchmarks.common import seconds_per_call as _time
 
 __all__ = ["main", "measure", "shape"]
 
@@ -32,17 +31,6 @@ def shape(channels: int):
     from models.spec import NetworkSpec
 
     return NetworkSpec("cnn1d", INPUT_DIM, CLASSES, hidden=(4 * channels,), channels=(channels, 2 * channels))
-
-
-def _time(fn: Callable[[], object], min_seconds: float = 0.2) -> float:
-    """Seconds per call, repeating the call until `min_seconds` have passed (at least once)."""
-    calls, started = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds:
-            return elapsed / calls
 
 
 def measure(channels: tuple[int, ...], repeats: int, batch: int, threads: int, matmul_n: int = 1024) -> dict:

@@ -14,26 +14,14 @@ rare-target query with 2 samples from each of 10,000 clusters.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import DEFAULT_HOME, RARE_SPACE, dump_json, load_snapshot_from, median, parse_ints, set_threads
+from benchmarks.common import seconds_per_call as _time
 
 __all__ = ["main", "measure"]
 
 WHOLE = "whole batch"
-
-
-def _time(fn: Callable[[], object], min_seconds: float = 0.2) -> float:
-    """Seconds per call, repeating the call until `min_seconds` have passed (at least once)."""
-    calls, started = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= min_seconds:
-            return elapsed / calls
 
 
 def _parse_floats(text: str) -> tuple[float, ...]:

@@ -19,13 +19,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 __all__ = [
+    "seconds_per_call",
     "DEFAULT_HOME",
     "BIG_SPACE",
     "RARE_SPACE",
@@ -53,6 +54,17 @@ EXTRA_VARIANTS = (  # name, method, keep, reweight, fine-tuning epochs, calibrat
 
 def parse_ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def seconds_per_call(fn: Callable[[], object], min_seconds: float = 0.2) -> float:
+    """Seconds per call, repeating the call until `min_seconds` have passed (at least once)."""
+    calls, started = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds:
+            return elapsed / calls
 
 
 def median(values: Sequence[float]) -> float:

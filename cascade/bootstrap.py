@@ -425,24 +425,7 @@ def _build_user_pair_models(
             train, val = replace(train, num_grades=2), replace(val, num_grades=2)
             training = _two_grade_training(training)
     steps.done()
-    for v in pair.variants:
-        if registry.active_version(v.name) is None:
-            steps.start(f"pruning {v.name} ({v.method}, keep {v.keep})")
-            prune_pair_and_register(
-                registry,
-                pair.dense_name,
-                v.method,
-                v.keep,
-                v.name,
-                train,
-                val,
-                reweight=v.reweight,
-                finetune_steps=v.finetune_steps,
-                finetune=training,
-                seed=seed,
-                progress=progress,
-            )
-        steps.done()
+    _prune_pair_variants(registry, pair, train, val, training, steps, progress, seed)
     return train, val, grades
 
 
@@ -471,6 +454,21 @@ def _build_pair_models(
             },
         )
     steps.done()
+    _prune_pair_variants(registry, pair, train, val, pair.training, steps, progress, seed)
+    return train, val
+
+
+def _prune_pair_variants(
+    registry: ModelRegistry,
+    pair: PairConfig,
+    train: PrototypeSet,
+    val: PrototypeSet,
+    training: PairTrainConfig,
+    steps: Progress,
+    progress: bool,
+    seed: int,
+) -> None:
+    """The pruned pair variants of `pair`, each a step; those already registered are skipped."""
     for v in pair.variants:
         if registry.active_version(v.name) is None:
             steps.start(f"pruning {v.name} ({v.method}, keep {v.keep})")
@@ -484,12 +482,11 @@ def _build_pair_models(
                 val,
                 reweight=v.reweight,
                 finetune_steps=v.finetune_steps,
-                finetune=pair.training,
+                finetune=training,
                 seed=seed,
                 progress=progress,
             )
         steps.done()
-    return train, val
 
 
 class Progress:
