@@ -1,0 +1,187 @@
+"""Several seeds of `prunecascade tuples --source both`, summarised for docs/aggregation.md (issue 13, item 2).
+
+    benchmarks/run_tuples_seeds.sh /work/home-tuples var/bench 0 1 2     # the runs (long; 1 torch thread)
+    .venv/bin/python -m benchmarks.tuples_seeds var/bench/tuples-s0 var/bench/tuples-s1 var/bench/tuples-s2
+
+Reads each run's `results.json` and prints Markdown: the sweet spot per budget and aggregator for every seed,
+with FLOPs per item counted nonzero (as `tuples` does) and dense-kernel (a masked variant then costs what the
+dense model costs); the n-accuracy of each fine-tuned variant of the registry at the largest n its budget buys
+(to see whether the best compression level of that family is interior); and each variant's single-item accuracy.
+No torch: it only reads the JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Run", "load_run", "affine_agg_flops", "largest_n", "sweet_spot", "main"]
+
+AVERAGING = ("mean_prob", "mean_logit", "bayes")
+
+
+@dataclass
+class Run:
+    """One seed's results: rows at the fixed ns and rows at the n each budget buys (nonzero counting)."""
+
+    seed: int
+    budgets: list[int]
+    passes: list[float]
+    rows: list[dict[str, Any]]
+    cap: int
+    """The largest n the run considered for a budget."""
+
+    def variants(self) -> list[str]:
+        return list(dict.fromkeys(r["variant"] for r in self.rows))
+
+    def row(self, variant: str, aggregator: str, n: int) -> dict[str, Any] | None:
+        for r in self.rows:
+            if r["variant"] == variant and r["aggregator"] == aggregator and r["n"] == n:
+                return r
+        return None
+
+
+def load_run(directory: Path) -> Run:
+    data = json.loads((directory / "results.json").read_text())
+    cfg = data["config"]
+    # rows at the fixed ns and at each budget's n: same tuples for the same (seed, n), so one pool of rows
+    pool: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in data["rows"] + data["budget_rows"]:
+        pool[(r["variant"], r["aggregator"], r["n"])] = r
+    return Run(
+        cfg["seed"], list(cfg["budgets"]), list(cfg["budgets_in_dense_passes"]), list(pool.values()), cfg["n_cap"]
+    )
+
+
+def affine_agg_flops(run: Run, variant: str, aggregator: str) -> tuple[int, int]:
+    """(per member, fixed) aggregation FLOPs, read from the rows at n = 1 and 2 (every aggregator is affine in n)."""
+    one, two = run.row(variant, aggregator, 1), run.row(variant, aggregator, 2)
+    if one is None or two is None:
+        raise ValueError(f"{variant}/{aggregator}: rows at n = 1 and 2 are needed")
+    per = two["flops_aggregator"] - one["flops_aggregator"]
+    return per, one["flops_aggregator"] - per
+
+
+def largest_n(budget: int, item: int, agg: tuple[int, int], cap: int) -> int:
+    """The largest n <= cap with n * item + agg cost <= budget (0 if none), as `models.tuples.largest_n_within`."""
+    per, fixed = agg
+    n = 0
+    while n < cap and (n + 1) * (item + per) + fixed <= budget:
+        n += 1
+    return n
+
+
+def sweet_spot(
+    run: Run, budget: int, aggregators: Iterable[str], dense_kernel: bool
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The best (n-accuracy, then RI) row among variants affordable at `budget` for any of `aggregators`, and the
+    variants whose affordable n was not evaluated (only possible with dense-kernel counting)."""
+    best, missing = None, []
+    for v in run.variants():
+        for a in aggregators:
+            one = run.row(v, a, 1)
+            if one is None:
+                continue
+            item = one["flops_item_dense_kernel"] if dense_kernel else one["flops_item"]
+            n = largest_n(budget, item, affine_agg_flops(run, v, a), run.cap)
+            if n < 1:
+                continue
+            r = run.row(v, a, n)
+            if r is None:
+                missing.append(f"{v}/{a} n={n}")
+                continue
+            if best is None or (r["n_accuracy"], r["ri"]) > (best["n_accuracy"], best["ri"]):
+                best = r
+    return best, missing
+
+
+def _cell(r: dict[str, Any] | None, interval: bool = True) -> str:
+    if r is None:
+        return "nothing affordable"
+    text = f"`{r['variant']}` n={r['n']}: {r['n_accuracy']:.4f}"
+    if interval:
+        text += f" [{r['n_accuracy_low']:.4f}, {r['n_accuracy_high']:.4f}]"
+    return text
+
+
+def _fmt_pass(p: float) -> str:
+    return f"{p:g}"
+
+
+def sweet_spot_table(runs: Sequence[Run], groups: dict[str, Sequence[str]], dense_kernel: bool) -> list[str]:
+    seeds = " / ".join(f"seed {r.seed}" for r in runs)
+    lines = [f"| budget (dense passes) | {' | '.join(groups)} |", "|---|" + "---|" * len(groups)]
+    for i, passes in enumerate(runs[0].passes):
+        cells = []
+        for aggs in groups.values():
+            per_seed = []
+            for run in runs:
+                best, missing = sweet_spot(run, run.budgets[i], aggs, dense_kernel)
+                per_seed.append(_cell(best) + (f" (not evaluated: {', '.join(missing)})" if missing else ""))
+            cells.append("<br>".join(per_seed))
+        lines.append(f"| {_fmt_pass(passes)} | {' | '.join(cells)} |")
+    return [f"Cells: {seeds}, one per line.", "", *lines]
+
+
+def family_table(runs: Sequence[Run], family: Sequence[str], aggregator: str) -> list[str]:
+    """n-accuracy of each variant of `family` at the largest n each budget buys, one column per variant."""
+    lines = [f"| budget (dense passes) | {' | '.join(f'`{v}`' for v in family)} |", "|---|" + "---|" * len(family)]
+    for i, passes in enumerate(runs[0].passes):
+        cells = []
+        for v in family:
+            ns, vals = set(), []
+            for run in runs:
+                one = run.row(v, aggregator, 1)
+                n = (
+                    largest_n(run.budgets[i], one["flops_item"], affine_agg_flops(run, v, aggregator), run.cap)
+                    if one
+                    else 0
+                )
+                r = run.row(v, aggregator, n) if n else None
+                ns.add(n)
+                vals.append("-" if r is None else f"{r['n_accuracy']:.3f}")
+            n_text = f"n={'/'.join(str(n) for n in sorted(ns))}: " if any(ns) else ""
+            cells.append(n_text + " / ".join(vals))
+        lines.append(f"| {_fmt_pass(passes)} | {' | '.join(cells)} |")
+    return lines
+
+
+def variant_table(runs: Sequence[Run]) -> list[str]:
+    lines = [
+        "| variant | method | keep | FLOPs/item nonzero | dense-kernel | single-item accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in runs[0].variants():
+        r = runs[0].row(v, "mean_logit", 1)
+        if r is None:
+            continue
+        accs = " / ".join(f"{x['accuracy']:.4f}" for run in runs if (x := run.row(v, "mean_logit", 1)))
+        cost = f"{r['flops_item']:,} | {r['flops_item_dense_kernel']:,}"
+        lines.append(f"| `{v}` | {r['method']} | {r['keep']:g} | {cost} | {accs} |")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="output directories of `prunecascade tuples`")
+    p.add_argument("--family", default="cnn-s05:1,cnn-s10:1,cnn-s15:1,cnn-s25:1,cnn-s50:1,dense:1")
+    args = p.parse_args(argv)
+    runs = [load_run(d) for d in args.runs]
+    groups = {"mean_logit / bayes": ("mean_logit", "bayes"), "lstm": ("lstm",), "deepsets": ("deepsets",)}
+    family = [v for v in args.family.split(",") if v]
+    out = ["## Variants (single-item test accuracy per seed)", "", *variant_table(runs), ""]
+    out += ["## Sweet spot, FLOPs per item counted nonzero", "", *sweet_spot_table(runs, groups, False), ""]
+    out += ["## Sweet spot, FLOPs per item counted dense-kernel", "", *sweet_spot_table(runs, groups, True), ""]
+    for agg in ("mean_logit", "bayes", "lstm", "deepsets"):
+        out += [f"## Fine-tuned family with `{agg}`: n-accuracy at the n the budget buys, per seed", ""]
+        out += [*family_table(runs, family, agg), ""]
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
