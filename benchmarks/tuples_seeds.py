@@ -99,10 +99,10 @@ def sweet_spot(
     return best, missing
 
 
-def _cell(r: dict[str, Any] | None, interval: bool = True) -> str:
+def _cell(r: dict[str, Any] | None, interval: bool = True, aggregator: bool = False) -> str:
     if r is None:
         return "nothing affordable"
-    text = f"`{r['variant']}` n={r['n']}: {r['n_accuracy']:.4f}"
+    text = f"`{r['variant']}` n={r['n']}" + (f" {r['aggregator']}" if aggregator else "") + f": {r['n_accuracy']:.4f}"
     if interval:
         text += f" [{r['n_accuracy_low']:.4f}, {r['n_accuracy_high']:.4f}]"
     return text
@@ -121,13 +121,16 @@ def sweet_spot_table(runs: Sequence[Run], groups: dict[str, Sequence[str]], dens
             per_seed = []
             for run in runs:
                 best, missing = sweet_spot(run, run.budgets[i], aggs, dense_kernel)
-                per_seed.append(_cell(best) + (f" (not evaluated: {', '.join(missing)})" if missing else ""))
+                per_seed.append(
+                    _cell(best, aggregator=len(aggs) > 1)
+                    + (f" (not evaluated: {', '.join(missing)})" if missing else "")
+                )
             cells.append("<br>".join(per_seed))
         lines.append(f"| {_fmt_pass(passes)} | {' | '.join(cells)} |")
     return [f"Cells: {seeds}, one per line.", "", *lines]
 
 
-def family_table(runs: Sequence[Run], family: Sequence[str], aggregator: str) -> list[str]:
+def family_table(runs: Sequence[Run], family: Sequence[str], aggregator: str, intervals: bool = False) -> list[str]:
     """n-accuracy of each variant of `family` at the largest n each budget buys, one column per variant."""
     lines = [f"| budget (dense passes) | {' | '.join(f'`{v}`' for v in family)} |", "|---|" + "---|" * len(family)]
     for i, passes in enumerate(runs[0].passes):
@@ -143,7 +146,10 @@ def family_table(runs: Sequence[Run], family: Sequence[str], aggregator: str) ->
                 )
                 r = run.row(v, aggregator, n) if n else None
                 ns.add(n)
-                vals.append("-" if r is None else f"{r['n_accuracy']:.3f}")
+                text = "-" if r is None else f"{r['n_accuracy']:.3f}"
+                if r is not None and intervals:
+                    text += f" [{r['n_accuracy_low']:.3f}, {r['n_accuracy_high']:.3f}]"
+                vals.append(text)
             n_text = f"n={'/'.join(str(n) for n in sorted(ns))}: " if any(ns) else ""
             cells.append(n_text + " / ".join(vals))
         lines.append(f"| {_fmt_pass(passes)} | {' | '.join(cells)} |")
@@ -169,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="output directories of `prunecascade tuples`")
     p.add_argument("--family", default="cnn-s05:1,cnn-s10:1,cnn-s15:1,cnn-s25:1,cnn-s50:1,dense:1")
+    p.add_argument("--intervals", action="store_true", help="95%% intervals in the family tables too")
     args = p.parse_args(argv)
     runs = [load_run(d) for d in args.runs]
     groups = {"mean_logit / bayes": ("mean_logit", "bayes"), "lstm": ("lstm",), "deepsets": ("deepsets",)}
@@ -178,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out += ["## Sweet spot, FLOPs per item counted dense-kernel", "", *sweet_spot_table(runs, groups, True), ""]
     for agg in ("mean_logit", "bayes", "lstm", "deepsets"):
         out += [f"## Fine-tuned family with `{agg}`: n-accuracy at the n the budget buys, per seed", ""]
-        out += [*family_table(runs, family, agg), ""]
+        out += [*family_table(runs, family, agg, args.intervals), ""]
     print("\n".join(out))
     return 0
 
