@@ -156,6 +156,22 @@ def family_table(runs: Sequence[Run], family: Sequence[str], aggregator: str, in
     return lines
 
 
+def equal_n_table(
+    runs: Sequence[Run], variants: Sequence[str], aggregators: Sequence[str], ns: Sequence[int]
+) -> list[str]:
+    """n-accuracy per variant and n for each aggregator, aggregation cost ignored (does a gadget share evidence
+    better than averaging at the same n?). Cells: seeds separated by ' / '."""
+    lines = [f"| variant | n | {' | '.join(aggregators)} |", "|---|---|" + "---|" * len(aggregators)]
+    for v in variants:
+        for n in ns:
+            cells = []
+            for a in aggregators:
+                vals = [f"{r['n_accuracy']:.3f}" for run in runs if (r := run.row(v, a, n))]
+                cells.append(" / ".join(vals) or "-")
+            lines.append(f"| `{v}` | {n} | {' | '.join(cells)} |")
+    return lines
+
+
 def variant_table(runs: Sequence[Run]) -> list[str]:
     lines = [
         "| variant | method | keep | FLOPs/item nonzero | dense-kernel | single-item accuracy |",
@@ -186,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for agg in ("mean_logit", "bayes", "lstm", "deepsets"):
         out += [f"## Fine-tuned family with `{agg}`: n-accuracy at the n the budget buys, per seed", ""]
         out += [*family_table(runs, family, agg, args.intervals), ""]
+    aggs = ("mean_logit", "bayes", "lstm", "deepsets")
+    out += ["## Equal n (aggregation cost ignored), per seed", ""]
+    out += [*equal_n_table(runs, [*family, "magnitude@0.1"], aggs, (1, 4, 16)), ""]
     print("\n".join(out))
     return 0
 
