@@ -172,6 +172,75 @@ def equal_n_table(
     return lines
 
 
+def family_figure(runs: Sequence[Run], family: Sequence[str], aggregators: Sequence[str], path: Path) -> None:
+    """n-accuracy (95% interval) of the fine-tuned family against the fraction kept, one panel per budget at which
+    at least two of its variants are affordable; one line per aggregator and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for i in range(len(runs[0].passes)):
+        affordable = [
+            v for v in family if (one := runs[0].row(v, "mean_logit", 1)) and one["flops_item"] <= runs[0].budgets[i]
+        ]
+        if len(affordable) >= 2:
+            panels.append(i)
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.5, 3.0 * rows), squeeze=False, sharey=True)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    colors = dict(zip(aggregators, ("tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple"), strict=False))
+    markers = ("o", "s", "^", "v", "D")
+    for ax, i in zip(axes.flat, panels, strict=False):
+        for a in aggregators:
+            for k, run in enumerate(runs):
+                xs, ys, lo, hi = [], [], [], []
+                for v in family:
+                    one = run.row(v, a, 1)
+                    n = largest_n(run.budgets[i], one["flops_item"], affine_agg_flops(run, v, a), run.cap) if one else 0
+                    r = run.row(v, a, n) if n else None
+                    if r is not None:
+                        xs.append(r["keep"])
+                        ys.append(r["n_accuracy"])
+                        lo.append(r["n_accuracy"] - r["n_accuracy_low"])
+                        hi.append(r["n_accuracy_high"] - r["n_accuracy"])
+                label = f"{a}, seed {run.seed}"
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=[lo, hi],
+                    color=colors[a],
+                    marker=markers[k % len(markers)],
+                    ms=3,
+                    lw=0.8,
+                    capsize=2,
+                    label=label,
+                )
+        ax.set_xscale("log")
+        keeps = sorted({r["keep"] for r in runs[0].rows if r["variant"] in family})
+        ax.set_xticks(keeps, [f"{k:g}" for k in keeps], fontsize=7)
+        ax.minorticks_off()
+        ax.invert_xaxis()
+        ax.set_title(f"{runs[0].passes[i]:g} dense pass ({runs[0].budgets[i]:,} FLOPs)", fontsize=8)
+        ax.set_xlabel("fraction kept (fine-tuned, structured)", fontsize=8)
+        ax.grid(alpha=0.3)
+    for row in axes:
+        row[0].set_ylabel("n-accuracy at the n the budget buys", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    spare = list(axes.flat)[len(panels) :]
+    if spare:  # the legend goes into the first empty panel
+        spare[0].legend(handles, labels, loc="center", fontsize=7, title="aggregator, seed", title_fontsize=8)
+        fig.tight_layout()
+    else:
+        fig.legend(handles, labels, loc="center right", fontsize=6)
+        fig.tight_layout(rect=(0, 0, 1 - 1.4 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def variant_table(runs: Sequence[Run]) -> list[str]:
     lines = [
         "| variant | method | keep | FLOPs/item nonzero | dense-kernel | single-item accuracy |",
@@ -191,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="output directories of `prunecascade tuples`")
     p.add_argument("--family", default="cnn-s05:1,cnn-s10:1,cnn-s15:1,cnn-s25:1,cnn-s50:1,dense:1")
+    p.add_argument("--figure", type=Path, help="also draw the fine-tuned family's n-accuracy per budget (PNG)")
     p.add_argument("--intervals", action="store_true", help="95%% intervals in the family tables too")
     args = p.parse_args(argv)
     runs = [load_run(d) for d in args.runs]
@@ -206,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out += ["## Equal n (aggregation cost ignored), per seed", ""]
     out += [*equal_n_table(runs, [*family, "magnitude@0.1"], aggs, (1, 4, 16)), ""]
     print("\n".join(out))
+    if args.figure:
+        family_figure(runs, family, ("bayes", "lstm", "deepsets"), args.figure)
     return 0
 
 
