@@ -118,16 +118,28 @@ def sweet_spot_table(runs: Sequence[Run], groups: dict[str, Sequence[str]], dens
     for i, passes in enumerate(runs[0].passes):
         cells = []
         for aggs in groups.values():
-            per_seed = []
+            per_seed, bests = [], []
             for run in runs:
                 best, missing = sweet_spot(run, run.budgets[i], aggs, dense_kernel)
+                bests.append(best)
                 per_seed.append(
                     _cell(best, aggregator=len(aggs) > 1)
                     + (f" (not evaluated: {', '.join(missing)})" if missing else "")
                 )
-            cells.append("<br>".join(per_seed))
+            winners = {None if b is None else (b["variant"], b["n"]) for b in bests}
+            if winners == {None}:
+                cells.append("nothing affordable")
+            elif len(winners) == 1 and None not in winners and "not evaluated" not in "".join(per_seed):
+                b0 = bests[0]
+                values = " / ".join(
+                    f"{b['n_accuracy']:.4f} [{b['n_accuracy_low']:.4f}, {b['n_accuracy_high']:.4f}]" for b in bests
+                )
+                cells.append(f"`{b0['variant']}` n={b0['n']}: {values}")  # the same winner in every seed
+            else:
+                cells.append("<br>".join(per_seed))
         lines.append(f"| {_fmt_pass(passes)} | {' | '.join(cells)} |")
-    return [f"Cells: {seeds}, one per line.", "", *lines]
+    note = f"Cells: {seeds}; one line per seed unless every seed has the same winner and n."
+    return [note, "", *lines]
 
 
 def family_table(runs: Sequence[Run], family: Sequence[str], aggregator: str, intervals: bool = False) -> list[str]:
