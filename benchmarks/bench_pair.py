@@ -67,19 +67,55 @@ def prepare(home: Path, name: str, prototypes: int, views: int, queries: int, se
 
 
 def methods_grid(
-    dense: str, widest: int, firsts: tuple[str, ...], samples: tuple[int, ...], keeps: tuple[int, ...], last: int
+    dense: str,
+    widest: int,
+    firsts: tuple[str, ...],
+    samples: tuple[int, ...],
+    keeps: tuple[int, ...],
+    lasts: tuple[int, ...] | int,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, list[dict] | None]:
+    """(b), (c), the default cascade, the grid of two-stage cascades (first stage x samples x keep x the dense
+    stage's samples) and `extra` cascades written `variant/samples[/keep[/aggregator]],...` (keep may be empty)."""
     methods: dict[str, list[dict] | None] = {
         "faiss only": [],
         "retrieve+rerank (dense, every member)": [{"variant": dense, "samples": widest}],
         "default cascade": None,
     }
-    for first, n, keep in product(firsts, samples, keeps):
+    for first, n, keep, last in product(firsts, samples, keeps, (lasts,) if isinstance(lasts, int) else lasts):
         methods[f"{first}/n{n}/keep{keep} -> {dense}/n{last}"] = [
             {"variant": first, "samples": n, "keep": keep},
             {"variant": dense, "samples": last},
         ]
+    for text in extra:
+        stages = []
+        for part in text.split(","):
+            fields = part.strip().split("/")
+            stage: dict = {"variant": fields[0], "samples": int(fields[1])}
+            if len(fields) > 2 and fields[2]:
+                stage["keep"] = int(fields[2])
+            if len(fields) > 3:
+                stage["aggregator"] = fields[3]
+            stages.append(stage)
+        name = " -> ".join(
+            f"{st['variant']}/n{st['samples']}"
+            + (f"/keep{st['keep']}" if "keep" in st else "")
+            + (f"/{st['aggregator']}" if "aggregator" in st else "")
+            for st in stages
+        )
+        methods[name] = stages
     return methods
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -97,7 +133,8 @@ def run(args: argparse.Namespace) -> dict:
         tuple(args.firsts.split(",")),
         tuple(int(v) for v in args.samples.split(",")),
         tuple(int(v) for v in args.keeps.split(",")),
-        args.last_samples,
+        tuple(int(v) for v in str(args.last_samples).split(",")),
+        tuple(args.extra or ()),
     )
     methods = {n: None if s is None else tuple(Stage.model_validate(x) for x in s) for n, s in grid.items()}
     t0 = time.perf_counter()
@@ -111,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{time.perf_counter() - t0:.0f} s"
     )
     header = (
-        f"{'method':48s} {'R@1':>6s} {'R@10':>6s} {'nDCG@10':>7s} {'agree@10':>8s} {'FLOPs/query':>14s} "
+        f"{'method':64s} {'R@1':>6s} {'R@10':>6s} {'nDCG@10':>7s} {'agree@10':>8s} {'FLOPs/query':>14s} "
         f"{'x fewer':>8s} {'ms (med)':>9s} {'x faster':>8s} {'vs (c)':>7s}"
     )
     print(header)
@@ -126,17 +163,50 @@ def run(args: argparse.Namespace) -> dict:
         }
         rows.append(row)
         print(
-            f"{name:48s} {r.recall_at_1:6.3f} {r.recall_at_k:6.3f} {r.ndcg_at_10:7.3f} {r.agreement_at_10:8.3f} "
+            f"{name:64s} {r.recall_at_1:6.3f} {r.recall_at_k:6.3f} {r.ndcg_at_10:7.3f} {r.agreement_at_10:8.3f} "
             f"{r.flops:14,.0f} {row['flops_ratio']:8.1f} {r.ms:9.2f} {row['time_ratio']:8.1f} "
             f"{row['vs_rerank_time']:7.2f}"
         )
+    caches = [
+        {"key": e.key, "bytes": e.nbytes, "build_flops": e.build_flops, "build_ms": e.build_ms}
+        for e in snapshot.item_cache.entries()
+    ]
+    for c in caches:  # counted once, not per query: like the exact table's build_flops
+        print(
+            f"item-input cache {c['key']}: {c['bytes'] / 1e6:,.1f} MB, built once in {c['build_ms']:,.0f} ms "
+            f"for {c['build_flops']:,} FLOPs (= {c['build_flops'] / oracle.flops:.2f} oracle queries)"
+        )
+    print(f"commit {_commit()}")
     default_stages = [s.model_dump() for s in snapshot.config.pair_stages or ()]
     return {
+        "commit": _commit(),
+        "item_caches": caches,
         "space": space.meta,
         "args": {k: str(v) for k, v in vars(args).items()},
         "default": default_stages,
         "rows": rows,
     }
+
+
+def markdown(result: dict, rerank: str = "retrieve+rerank (dense, every member)") -> str:
+    """The rows of a `run --out` file as a markdown table (docs/performance.md section 0)."""
+    rows = result["rows"]
+    ref = next(r for r in rows if r["name"] == rerank)
+    lines = [
+        "| method | recall@1 | recall@10 | nDCG@10 | agreement@10 | FLOPs per query | x fewer FLOPs than (a) "
+        "| median ms | x less time than (a) | x less time than (c) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        oracle = r["name"] == "oracle"
+        fewer = "-" if oracle else f"{r['flops_ratio']:,.1f}"
+        faster = "-" if oracle else f"{r['time_ratio']:,.1f}"
+        lines.append(
+            f"| {r['name']} | {r['recall_at_1']:.3f} | {r['recall_at_k']:.3f} | {r['ndcg_at_10']:.3f} | "
+            f"{r['agreement_at_10']:.3f} | {r['flops']:,.0f} | {fewer} | {r['ms']:.2f} | {faster} | "
+            f"{ref['ms'] / r['ms']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,10 +228,22 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--firsts", default="pair-s10,pair-s30")
     r.add_argument("--samples", default="1,2")
     r.add_argument("--keeps", default="20,40")
-    r.add_argument("--last-samples", type=int, default=10)
+    r.add_argument("--last-samples", default="10", help="the dense stage's samples, comma-separated")
+    r.add_argument(
+        "--extra",
+        action="append",
+        help="another cascade, e.g. pair-s10/1/80,pair-s30/2/40,pair-dense/5//mean_logit (repeatable)",
+    )
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", type=Path)
+    t = sub.add_parser("table", help="print a run's --out file as a markdown table")
+    t.add_argument("file", type=Path)
     args = parser.parse_args(argv)
+    if args.command == "table":
+        import json
+
+        print(markdown(json.loads(args.file.read_text())))
+        return 0
     if args.command == "prepare":
         set_threads(1)
         prepare(args.home, args.name, args.prototypes, args.views, args.queries, args.seed)

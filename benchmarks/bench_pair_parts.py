@@ -4,9 +4,10 @@
 
 Pruning shrinks the scorer only; the trunk, the correlation over shifts and its normalisation are the same in
 every variant. This prints, side by side in one run (medians of --repeats calls, 1 thread), the milliseconds of
---pairs items against one query: as served (the query folded into the first layer, fold included), unfolded,
-and each unfolded part, so the share that pruning cannot touch is measured, not guessed. FLOPs per pair are the
-served ones (`models.pair.pair_flops`).
+--pairs items against one query: as served (the query prepared for that many items, folded when that is
+cheaper, against cached item inputs), the fold alone, the folded pairs alone, the unfolded forward from raw
+items, and its parts (the item inputs, i.e. trunk and energies, are cached when served), so the share that
+pruning cannot touch is measured, not guessed. FLOPs are the served ones per query (`PairNetwork.flops`).
 """
 
 from __future__ import annotations
@@ -39,13 +40,22 @@ def _parts(model: object, q: object, x: object, repeats: int) -> dict[str, float
     from models.pair import correlate
 
     spec = model.spec  # type: ignore[attr-defined]
+    n = len(x)  # type: ignore[arg-type]
     with torch.inference_mode():
         fq, fx = model.query_features(q), model.item_features(x)  # type: ignore[attr-defined]
         z = model.interact(fq, fx)  # type: ignore[attr-defined]
+        inputs = model.item_inputs(x)  # type: ignore[attr-defined]
+        folded = model.fold_query(fq)  # type: ignore[attr-defined]
         return {
-            "served": _median_ms(lambda: model.score(q, x), repeats),  # type: ignore[attr-defined]
+            # as the cascade serves it: the query prepared for n items (folded or not), cached item inputs
+            "served": _median_ms(
+                lambda: model.score_prepared(model.prepare(q, n), inputs),  # type: ignore[attr-defined]
+                repeats,
+            ),
+            "fold": _median_ms(lambda: model.fold_query(fq), repeats),  # type: ignore[attr-defined]
+            "folded pairs": _median_ms(lambda: model.score_prepared(folded, inputs), repeats),  # type: ignore[attr-defined]
             "unfolded": _median_ms(lambda: model.forward_with_hidden(q, x), repeats),  # type: ignore[attr-defined]
-            "trunk": _median_ms(lambda: model.item_features(x), repeats),  # type: ignore[attr-defined]
+            "item inputs": _median_ms(lambda: model.item_inputs(x), repeats),  # type: ignore[attr-defined]
             "correlate": _median_ms(lambda: correlate(fq, fx, spec.max_shift, spec.regions), repeats),
             "interact": _median_ms(lambda: model.interact(fq, fx), repeats),  # type: ignore[attr-defined]
             "scorer": _median_ms(lambda: model.scorer.forward_with_hidden(z), repeats),  # type: ignore[attr-defined]
@@ -56,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from cascade.space import Space
-    from models.pair import PairNetwork, pair_flops
+    from models.pair import PairNetwork
     from models.registry import ModelRegistry
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.from_numpy(space.features[rng.choice(space.num_items, args.pairs, replace=False)])
     q = torch.from_numpy(space.features[rng.integers(space.num_items)][None, :].copy())
     print(f"{args.pairs} items against one query, medians of {args.repeats} calls, 1 thread (ms)")
-    header = f"{'variant':12s} {'FLOPs/pair':>11s} {'served':>7s} {'unfolded':>8s} {'trunk':>7s} {'correlate':>9s}"
-    print(f"{header} {'energies+norm':>13s} {'scorer':>7s}")
+    cols = ["served", "fold", "folded pairs", "unfolded", "item inputs", "correlate", "energies+norm", "scorer"]
+    print(f"{'variant':12s} {'FLOPs/query':>12s} {'folds':>5s} " + " ".join(f"{c:>13s}" for c in cols))
     for name in registry.names():
         if registry.active_version(name) is None:
             continue
@@ -80,12 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(model, PairNetwork):
             continue
         parts = _parts(model, q, x, args.repeats)
-        rest = parts["interact"] - parts["correlate"]
-        flops = pair_flops(model).nonzero
-        print(
-            f"{name:12s} {flops:11,d} {parts['served']:7.2f} {parts['unfolded']:8.2f} {parts['trunk']:7.2f} "
-            f"{parts['correlate']:9.2f} {rest:13.2f} {parts['scorer']:7.2f}"
-        )
+        parts["energies+norm"] = parts["interact"] - parts["correlate"]
+        flops = model.flops(args.pairs).nonzero
+        print(f"{name:12s} {flops:12,d} {model.folds(args.pairs)!s:>5s} " + " ".join(f"{parts[c]:13.2f}" for c in cols))
     return 0
 
 

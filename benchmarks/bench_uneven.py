@@ -2,17 +2,21 @@
 
     .venv/bin/python -m benchmarks.bench_uneven --home /tmp/pc-uneven --kmeans 400 --seeds 0 1 2
     .venv/bin/python -m benchmarks.bench_uneven --home /tmp/pc-even --kmeans 0     # same-label clusters of 10
+    .venv/bin/python -m benchmarks.bench_uneven --home /tmp/pc-uneven --pure-sizes 200   # pure, sizes 1..199
 
 Builds (once) a classifier-only home whose space is the held-out MNIST-1D pool (22,880 items) partitioned by FAISS
 k-means (`BootstrapConfig(pair=None, kmeans_clusters=K)`: sizes from 1 to a few hundred), with the bootstrap's
-dense model and pruned variants. Then, for every label and member-sampling seed, it runs the default classifier
-cascade twice, with every stage aggregating by `bayes` (the default) and by `mean_logit`, and compares each with
+dense model and pruned variants. `--pure-sizes M` re-partitions the same items into clusters of one true label each
+with sizes drawn uniformly from 1..M-1 (seeded), the shape of issue 13's space: uneven and pure.
+
+Then, for every label and member-sampling seed, it runs the default classifier cascade twice, with every stage
+aggregating by `bayes` (the default) and by `mean_logit`, and compares each with
 three oracles that use the dense model on the clusters' members:
 
-- `bayes-all`: `bayes` over every member (what `cascade/engine.py dense_oracle` ranks by today);
+- `bayes-all`: `bayes` over every member (what `cascade/engine.py dense_oracle` ranked by until issue 13);
 - `bayes-10`: `bayes` over 10 members per cluster (a seeded uniform subset; all members of smaller clusters);
 - `mean_logit-all`: `mean_logit` over every member, i.e. the members' mean log-posterior, the evidence of an
-  average member, which does not grow with the cluster's size.
+  average member, which does not grow with the cluster's size; `dense_oracle` ranks by it now (the script checks).
 
 Printed per (cascade, oracle): agreement@10, and the median size of the clusters in each top 10.
 """
@@ -20,6 +24,7 @@ Printed per (cascade, oracle): agreement@10, and the median size of the clusters
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -28,10 +33,10 @@ import numpy as np
 import torch
 
 from cascade.bootstrap import BootstrapConfig, bootstrap
-from cascade.engine import dense_oracle, ranking_key, run_cascade, target_from_label
+from cascade.engine import ORACLE_AGGREGATOR, dense_oracle, ranking_key, run_cascade, target_from_label
 from cascade.evaluation import agreement_at_k
 from cascade.snapshot import Snapshot
-from cascade.space import sample_members
+from cascade.space import build_space, sample_members
 from models.aggregation import MemberOutputs, aggregate
 from models.inference import score_chunked
 
@@ -56,18 +61,39 @@ def oracle_top(snapshot: Snapshot, label: int, k: int, aggregator: str, members:
         return torch.topk(keys, k).indices.numpy()
 
 
+def pure_uneven(snapshot: Snapshot, max_size: int, seed: int) -> Snapshot:
+    """The snapshot's items re-partitioned into clusters of one true label each, sizes uniform in 1..max_size-1."""
+    space = snapshot.space
+    rng = np.random.default_rng(seed)
+    cluster = np.empty(space.num_items, dtype=np.int64)
+    next_id = 0
+    for label in np.unique(space.labels):
+        idx = rng.permutation(np.flatnonzero(space.labels == label))
+        start = 0
+        while start < len(idx):
+            size = int(rng.integers(1, max_size))
+            cluster[idx[start : start + size]] = next_id
+            next_id, start = next_id + 1, start + size
+    meta = {**space.meta, "id": f"{space.meta.get('id', '')}-pure-uneven{max_size}-s{seed}", "clusters": "pure-uneven"}
+    resized = build_space(space.features, space.labels, space.prior, cluster, meta)
+    return dataclasses.replace(snapshot, space=resized, features=torch.from_numpy(resized.features))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=Path("/tmp/pc-uneven"))
     parser.add_argument("--kmeans", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--pure-sizes", type=int, default=0, help="re-partition: pure clusters of sizes 1..N-1")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = bootstrap(args.home, BootstrapConfig(pair=None, kmeans_clusters=args.kmeans), progress=False)
     from benchmarks.common import load_snapshot_from
 
     snapshot = load_snapshot_from(args.home, "default")
+    if args.pure_sizes:
+        snapshot = pure_uneven(snapshot, args.pure_sizes, seed=0)
     space = snapshot.space
     sizes = space.sizes
     print(
@@ -95,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     same = all(
         set(dense_oracle(snapshot, target_from_label(snapshot, label), args.k).cluster_ids.tolist())
-        == set(oracles["bayes-all"][label].tolist())
+        == set(oracles[f"{ORACLE_AGGREGATOR}-all"][label].tolist())
         for label in range(space.num_classes)
     )
-    print(f"bayes-all top {args.k} = cascade.engine.dense_oracle's for every label: {same}", flush=True)
+    print(f"{ORACLE_AGGREGATOR}-all top {args.k} = cascade.engine.dense_oracle's for every label: {same}", flush=True)
     for name, tops in oracles.items():
         med = statistics.median(float(np.median(sizes[t])) for t in tops.values())
         print(f"oracle {name}: median over labels of the median size in its top {args.k}: {med:.0f}", flush=True)

@@ -1,6 +1,11 @@
 """The embedded default: MNIST-1D generated locally, a dense CNN, pruned variants, a space of held-out items
 with its index, and the default cascade. Every step is skipped when its artefact already exists, so a second
-run is ready in seconds."""
+run is ready in seconds.
+
+A user's `.npz` with a `cluster` column gets the query-by-example path too (issue 14, item 2): pair models and
+the bi-encoder trained on the training split's clusters, a space whose held-out queries are members removed
+from their clusters, and a measured decision whether the clusters carry instance structure (three grades) or
+not (two: same label, other)."""
 
 from __future__ import annotations
 
@@ -16,14 +21,21 @@ from tqdm.auto import tqdm
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.embedding import EmbeddingIndex
 from cascade.index import INDEX_FILE, ClusterIndex
-from cascade.queries import QuerySet
+from cascade.queries import QuerySet, default_gains, hold_out_members
 from cascade.space import META_FILE, SPACE_FILE, build_space, clusters_by_kmeans, clusters_by_label
 from models.biencoder import BiEncoderTrainConfig, train_biencoder
-from models.data import Splits, load_dataset
+from models.data import DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
-from models.pair import default_pair_spec
-from models.pair_training import PairTrainConfig, pair_accuracy, train_pair_model
-from models.prototypes import PrototypeConfig, PrototypeSet, make_prototype_set, make_queries
+from models.pair import PairNetwork, default_pair_spec
+from models.pair_training import (
+    PairTrainConfig,
+    PairTrainReport,
+    instance_auc,
+    pair_accuracy,
+    pair_spec_for,
+    train_pair_model,
+)
+from models.prototypes import PrototypeConfig, PrototypeSet, make_prototype_set, make_queries, member_set
 from models.pruning.pair import probe_pairs, prune_pair_and_register
 from models.pruning.pipeline import prune_and_register
 from models.registry import ModelRegistry
@@ -40,6 +52,8 @@ __all__ = [
     "variant_name",
     "default_variants",
     "default_stages",
+    "wants_user_pair",
+    "train_pair_on_clusters",
 ]
 
 PROBE_FILE = "probe.npz"
@@ -72,10 +86,17 @@ class PairConfig:
         PrunedPairVariant("pair-s10", "greedy-asymmetric", 0.1, finetune_steps=300),
         PrunedPairVariant("pair-s30", "greedy-asymmetric", 0.3, finetune_steps=300),
     )
-    stages: tuple[Stage, ...] = (  # the cheapest setting that kept recall@10 >= 0.99 x the oracle on both
-        Stage(variant="pair-s10", samples=1, keep=40, aggregator="bayes"),  # spaces of docs/performance.md
-        Stage(variant="pair-dense", samples=10, aggregator="bayes"),  # section 0
+    stages: tuple[Stage, ...] = (  # the fewest FLOPs that kept recall@10 >= 0.99 x the (mean_logit) oracle on
+        Stage(variant="pair-s10", samples=1, keep=60, aggregator="bayes"),  # both spaces of docs/performance.md
+        Stage(variant="pair-dense", samples=3, keep=20, aggregator="bayes"),  # section 0; the last stage extends
+        Stage(variant="pair-dense", samples=10, aggregator="bayes"),  # the one before (7 more members each)
     )
+    instance_auc_threshold: float = 0.7
+    """A user's clusters carry instance structure when the dense pair model ranks own-cluster pairs above
+    same-label pairs of validation clusters with an AUC of at least this (0.5 = chance); else the space falls
+    back to two grades. 0.7 sits far from both chance and what clusters of near duplicates reach (measured in
+    tests/test_byod_pair.py: 0.50 on random same-label groups, 0.94 on MNIST-1D prototype views), while the
+    AUC's standard error on the 2,000 measured pairs is about 0.013 at chance, so noise does not flip it."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +150,13 @@ class BootstrapConfig:
     """None: `default_stages(arch)`, the default cascade over those variants."""
     dense_name: str = "dense"
     pair: PairConfig | None = field(default_factory=PairConfig)
-    """None: no pair models; the space is then the held-out pool of `dataset`. Only MNIST-1D has prototypes to
-    build the pair models' space from, so other datasets get none (queries by example then use the dense
-    classifier's view of the examples)."""
+    """None: no pair models; the space is then the held-out pool of `dataset`. MNIST-1D builds the pair models'
+    space from prototypes; a user's `.npz` uses its own clusters (see `user_pair`); digits has no clusters and
+    gets none (queries by example then use the dense classifier's view of the examples)."""
+    user_pair: bool | None = None
+    """A user's `.npz`: train pair models on its clusters (True; the data must have a `cluster` column), not
+    (False), or None: exactly when it has a cluster column. Only `pair`'s training settings, variants and
+    stages apply; its prototype settings are MNIST-1D's."""
     space_dataset: str | None = None
     """A separate `.npz` that is the space; `dataset` is then split into train/validation/test only."""
 
@@ -142,18 +167,38 @@ class BootstrapConfig:
             object.__setattr__(self, "stages", default_stages(self.arch, self.dense_name))
 
 
+def wants_user_pair(config: BootstrapConfig, splits: Splits) -> bool:
+    """Whether a user's data gets pair models: `user_pair`, where None means "when it has clusters"."""
+    if config.dataset in ("mnist1d", "digits") or config.pair is None or config.user_pair is False:
+        return False
+    if splits.cluster_train is None:
+        if config.user_pair:
+            raise DatasetError(f"{splits.name}: pair models need a cluster column (or bootstrap with --no-pair)")
+        return False
+    return True
+
+
 def space_is_built(space_dir: Path) -> bool:
     return all((space_dir / f).exists() for f in (SPACE_FILE, META_FILE, INDEX_FILE, PROBE_FILE))
 
 
 def build_space_dir(
-    space_dir: Path, splits: Splits, config: BootstrapConfig, encoder: torch.nn.Module | None = None
+    space_dir: Path,
+    splits: Splits,
+    config: BootstrapConfig,
+    encoder: torch.nn.Module | None = None,
+    grades: dict[str, object] | None = None,
 ) -> None:
-    """The space is the held-out pool, or with pair models the prototype views of `config.pair.space`; the probe
-    set (test split) lets an operator gate new checkpoints."""
-    if config.pair is not None:
+    """The space is the held-out pool (less the held-out queries when a user's data has pair models, `grades`
+    then recording the decision on instance structure), or for MNIST-1D with pair models the prototype views of
+    `config.pair.space`; the probe set (test split) lets an operator gate new checkpoints."""
+    if config.pair is not None and config.dataset == "mnist1d":
         assert encoder is not None
         _build_prototype_space_dir(space_dir, splits, config, config.pair, encoder)
+        return
+    if grades is not None:
+        assert encoder is not None and config.pair is not None
+        _build_user_pair_space_dir(space_dir, splits, config, config.pair, encoder, grades)
         return
     rng = np.random.default_rng(config.seed)
     how_built: dict[str, object]
@@ -217,6 +262,188 @@ def _build_prototype_space_dir(
     ClusterIndex.build(space).save(space_dir)
     EmbeddingIndex.build(encoder, space.features, space.offsets).save(space_dir)
     space.save(space_dir)  # written last: its presence marks a complete space
+
+
+def _build_user_pair_space_dir(
+    space_dir: Path,
+    splits: Splits,
+    config: BootstrapConfig,
+    pair: PairConfig,
+    encoder: torch.nn.Module,
+    grades: dict[str, object],
+) -> None:
+    """A user's pool with `pair.queries` members held out (one each of that many clusters of two or more
+    members; the clusters stay), the pair probe drawn from the test split's clusters (no model saw them), and
+    both indexes: raw features for the classifier path, the bi-encoder's embedding for stage 0."""
+    assert splits.cluster_pool is not None
+    cluster = splits.cluster_pool
+    held = hold_out_members(cluster, pair.queries, np.random.default_rng([config.seed, 51]))
+    keep = np.ones(len(cluster), dtype=bool)
+    keep[held] = False
+    num_grades = int(grades["num_grades"])  # type: ignore[call-overload]
+    source = Path(splits.space_source or splits.name)
+    meta = {
+        "id": f"{source.stem}-s{config.seed}-n{int(keep.sum())}-given-g{num_grades}",
+        "dataset": splits.name,
+        "space_dataset": splits.space_source,
+        "split": splits.split,
+        "clusters": "given",
+        "item_ids": "given" if splits.id_pool is not None else "rows",
+        "seed": config.seed,
+        "queries": f"{len(held)} members held out of as many clusters (which stay in the space)",
+        "grades": grades,
+    }
+    space = build_space(
+        splits.x_pool[keep],
+        splits.y_pool[keep],
+        splits.prior,
+        cluster[keep],
+        meta,
+        item_ids=None if splits.id_pool is None else splits.id_pool[keep],
+        class_labels=splits.labels,
+    )
+    space_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(space_dir / PROBE_FILE, x=splits.x_test, y=splits.y_test)
+    rows = np.searchsorted(space.cluster_ids, cluster[held])
+    QuerySet(x=splits.x_pool[held], cluster=rows.astype(np.int64), label=splits.y_pool[held]).save(space_dir)
+    assert splits.cluster_test is not None
+    try:
+        probe_set = replace(member_set(splits.x_test, splits.y_test, splits.cluster_test), num_grades=num_grades)
+    except ValueError:
+        probe_set = None  # no test cluster has two members: no pair probe, uploads are not gated on one
+    if probe_set is not None:
+        probes = probe_pairs(probe_set, seed=config.seed)
+        np.savez(space_dir / PAIR_PROBE_FILE, q=probes.q.numpy(), x=probes.x.numpy(), grade=probes.grade.numpy())
+    ClusterIndex.build(space).save(space_dir)
+    EmbeddingIndex.build(encoder, space.features, space.offsets).save(space_dir)
+    space.save(space_dir)  # written last: its presence marks a complete space
+
+
+def _user_pair_sets(splits: Splits) -> tuple[PrototypeSet, PrototypeSet]:
+    """The training and validation splits' clusters as pair-sampling sets (clusters of two or more members)."""
+    assert splits.cluster_train is not None and splits.cluster_val is not None
+    sets = []
+    for what, x, y, c in (
+        ("training", splits.x_train, splits.y_train, splits.cluster_train),
+        ("validation", splits.x_val, splits.y_val, splits.cluster_val),
+    ):
+        try:
+            sets.append(member_set(x, y, c))
+        except ValueError:
+            raise DatasetError(
+                f"{splits.name}: no cluster of the {what} split has two or more members, so pair models have no "
+                "same-cluster pairs to learn from; give larger clusters or bootstrap with --no-pair"
+            ) from None
+    return sets[0], sets[1]
+
+
+def _decide_grades(auc: float, threshold: float, pairs: int) -> dict[str, object]:
+    """The record of the instance-structure decision (space meta, bootstrap.json, the dense manifest)."""
+    structured = auc == auc and auc >= threshold  # NaN (nothing to compare) is no evidence of structure
+    if auc != auc:
+        why = "no label has two validation clusters, so own-cluster and same-label pairs could not be compared"
+    elif structured:
+        why = f"the dense pair model tells a query's own cluster from others of its label (AUC {auc:.3f})"
+    else:
+        why = f"the clusters carry no instance structure the pair model can see (AUC {auc:.3f}, chance 0.5)"
+    return {
+        "num_grades": 3 if structured else 2,
+        "gains": list(default_gains(3 if structured else 2)),
+        "instance_auc": None if auc != auc else round(auc, 4),
+        "threshold": threshold,
+        "measured_on": f"{pairs} validation pairs, own cluster vs same label, AUC of log p(grade 2)",
+        "decision": (
+            "three grades: 2 own cluster, 1 same label, 0 other; "
+            if structured
+            else "two grades: 1 same label, 0 other; "
+        )
+        + why,
+    }
+
+
+def _two_grade_training(training: PairTrainConfig) -> PairTrainConfig:
+    """The same training over two grades: same-cluster pairs count as same label, no listwise loss on grade 2."""
+    mix = training.grade_mix
+    return replace(training, grade_mix=(mix[0], sum(mix[1:])), listwise=0.0)
+
+
+def train_pair_on_clusters(
+    train: PrototypeSet, val: PrototypeSet, pair: PairConfig, seed: int = 0, progress: bool = False
+) -> tuple[PairNetwork, PairTrainReport, dict[str, object]]:
+    """The dense pair model of a user's clusters and the decision on instance structure: train over three
+    grades, measure on `val` (clusters it never saw) whether log p(grade 2) ranks own-cluster pairs above
+    same-label pairs (`instance_auc`); below `pair.instance_auc_threshold`, the clusters say nothing beyond their
+    label, and the model is trained again over two grades (1 same label, 0 other). Returns the model, its
+    training report and the decision record (num_grades, gains, the measured AUC, the threshold, why)."""
+    input_dim = train.x.shape[1]
+    training = replace(pair.training, seed=seed)
+    model, report = train_pair_model(pair_spec_for(input_dim, 3, pair.hidden), train, val, training, progress)
+    auc_pairs = 2000
+    grades = _decide_grades(instance_auc(model, val, seed, auc_pairs), pair.instance_auc_threshold, auc_pairs)
+    if grades["num_grades"] == 2:
+        two = (replace(train, num_grades=2), replace(val, num_grades=2))
+        model, report = train_pair_model(
+            pair_spec_for(input_dim, 2, pair.hidden), *two, _two_grade_training(training), progress
+        )
+    return model, report, grades
+
+
+def _build_user_pair_models(
+    registry: ModelRegistry, pair: PairConfig, splits: Splits, steps: Progress, progress: bool, seed: int
+) -> tuple[PrototypeSet, PrototypeSet, dict[str, object]]:
+    """Dense pair model (three grades, or retrained on two when the measured AUC falls below the threshold) and
+    its pruned variants, all on the training split's clusters. Returns the sets and the grades decision."""
+    train, val = _user_pair_sets(splits)
+    training = replace(pair.training, seed=seed)
+    if registry.active_version(pair.dense_name) is None:
+        steps.start(f"training {pair.dense_name}")
+        model, report, grades = train_pair_on_clusters(train, val, pair, seed, progress)
+        if grades["num_grades"] == 2:
+            train, val = replace(train, num_grades=2), replace(val, num_grades=2)
+            training = _two_grade_training(training)
+        registry.register(
+            pair.dense_name,
+            model,
+            accuracy=pair_accuracy(model, probe_pairs(val, seed=seed)),
+            dataset=splits.name,
+            extra={
+                "grade_prior": list(report.grade_prior),
+                "steps": report.steps_run,
+                "best_step": report.best_step,
+                "val_accuracy": report.val_accuracy,
+                "train_seconds": report.seconds,
+                "gains": grades["gains"],
+                "grades": grades,
+            },
+        )
+    else:
+        manifest = registry.manifest(pair.dense_name)
+        grades = dict(manifest.extra.get("grades") or {})
+        grades.setdefault("num_grades", int(manifest.spec.get("num_grades", 3)))
+        grades.setdefault("decision", "the grades of the registered dense pair model (no measurement recorded)")
+        if grades["num_grades"] == 2:
+            train, val = replace(train, num_grades=2), replace(val, num_grades=2)
+            training = _two_grade_training(training)
+    steps.done()
+    for v in pair.variants:
+        if registry.active_version(v.name) is None:
+            steps.start(f"pruning {v.name} ({v.method}, keep {v.keep})")
+            prune_pair_and_register(
+                registry,
+                pair.dense_name,
+                v.method,
+                v.keep,
+                v.name,
+                train,
+                val,
+                reweight=v.reweight,
+                finetune_steps=v.finetune_steps,
+                finetune=training,
+                seed=seed,
+                progress=progress,
+            )
+        steps.done()
+    return train, val, grades
 
 
 def _build_pair_models(
@@ -287,6 +514,12 @@ class Progress:
         if self.on_progress is not None:
             self.on_progress(self.count, self.total, self.what)
 
+    def add(self, steps: int) -> None:
+        """More steps than first counted (known once the data is loaded)."""
+        self.total += steps
+        self.bar.total = self.total
+        self.bar.refresh()
+
     def close(self) -> None:
         self.bar.close()
 
@@ -301,9 +534,7 @@ def bootstrap(
     registry = ModelRegistry(home / "registry")
     space_dir = home / "spaces" / "default"
     config_path = home / CONFIG_FILE
-    pair = config.pair if config.dataset == "mnist1d" else None  # prototypes are MNIST-1D's; other data: none yet
-    if pair is None and config.pair is not None:
-        config = replace(config, pair=None)
+    pair = config.pair if config.dataset == "mnist1d" else None  # prototypes are MNIST-1D's; user data: below
     pair_steps = 0 if pair is None else 1 + len(pair.variants)
     steps = Progress(4 + len(config.variants) + pair_steps, progress, on_progress)
 
@@ -315,6 +546,11 @@ def bootstrap(
         cache_dir=home / "data",
         space_dataset=config.space_dataset,
     )
+    user_pair = config.pair if wants_user_pair(config, splits) else None
+    if pair is None and user_pair is None and config.pair is not None:
+        config = replace(config, pair=None)
+    if user_pair is not None:
+        steps.add(1 + len(user_pair.variants))
     steps.done()
 
     if registry.active_version(config.dense_name) is None:
@@ -344,26 +580,30 @@ def bootstrap(
             )
         steps.done()
 
-    encoder = None
+    encoder, grades = None, None
     if pair is not None:
         train, val = _build_pair_models(registry, pair, steps, progress, config.seed)
-        if not space_is_built(space_dir):
-            steps.start("training the bi-encoder (stage 0)")
-            encoder = train_biencoder(train, val, replace(pair.biencoder, seed=config.seed, progress=progress))
+    elif user_pair is not None:
+        train, val, grades = _build_user_pair_models(registry, user_pair, splits, steps, progress, config.seed)
+    any_pair = pair or user_pair
+    if any_pair is not None and not space_is_built(space_dir):
+        steps.start("training the bi-encoder (stage 0)")
+        encoder = train_biencoder(train, val, replace(any_pair.biencoder, seed=config.seed, progress=progress))
 
     if not space_is_built(space_dir):
         steps.start("building space and FAISS indexes")
-        build_space_dir(space_dir, splits, config, encoder)
+        build_space_dir(space_dir, splits, config, encoder, grades)
     steps.done()
 
     if not config_path.exists():
         CascadeConfig(
             stages=config.stages,
             dense=config.dense_name,
-            pair_stages=None if pair is None else pair.stages,
-            pair_dense=None if pair is None else pair.dense_name,
+            pair_stages=None if any_pair is None else any_pair.stages,
+            pair_dense=None if any_pair is None else any_pair.dense_name,
         ).save(config_path)
-        (home / "bootstrap.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        record = {**asdict(config), **({} if grades is None else {"grades": grades})}
+        (home / "bootstrap.json").write_text(json.dumps(record, indent=2, default=str))
     steps.done()
     steps.close()
     return CascadeConfig.load(config_path)

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from cascade.config import Stage, scale_keeps
-from cascade.queries import DEFAULT_GAINS
+from cascade.queries import default_gains
 from cascade.snapshot import Snapshot, StageError, Variant
 from cascade.space import sample_members
 from models.aggregation import MemberOutputs, aggregate, get_aggregator
 from models.inference import score_chunked
-from models.scorer import ScorerKind
+from models.scorer import ScorerKind, prepare_for
 
 __all__ = [
     "Target",
@@ -37,7 +37,14 @@ __all__ = [
     "RANKING_KEYS",
     "resolve_stages",
     "DeadlineExceeded",
+    "ORACLE_AGGREGATOR",
 ]
+
+ORACLE_AGGREGATOR = "mean_logit"
+"""How the exhaustive oracle (and the exact table, which must equal it) turns every member's output into a cluster
+posterior: the softmax of the members' mean logits. Unlike `bayes` over every member, its confidence does not grow
+with the cluster's size, so a large cluster does not outrank an equally relevant small one, and a cascade that reads
+a sample of members estimates it without bias (docs/aggregation.md, "What the dense oracle ranks by")."""
 
 
 class DeadlineExceeded(TimeoutError):
@@ -163,7 +170,7 @@ def target_from_examples(
         nearest = snapshot.index.nearest_clusters(x, candidates)
         return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
     num_grades = snapshot.num_grades
-    g = np.asarray(DEFAULT_GAINS if gains is None else gains, dtype=np.float64)
+    g = np.asarray(default_gains(num_grades) if gains is None else gains, dtype=np.float64)
     if g.shape != (num_grades,) or not np.isfinite(g).all():
         raise StageError("target.gains", f"needs {num_grades} finite values, one per relevance grade")
     if not (g != 0).any():
@@ -198,8 +205,9 @@ def ranking_key(log_post: torch.Tensor, target: Target) -> torch.Tensor:
 
 def _aggregator_flops(name: str, counts: np.ndarray, num_outputs: int, gadget: torch.nn.Module | None) -> int:
     agg = get_aggregator(name)
-    values, times = np.unique(counts, return_counts=True)
-    return int(sum(int(t) * agg.flops(int(n), num_outputs, gadget) for n, t in zip(values, times, strict=True)))
+    times = np.bincount(counts)  # clusters per member count (counts are small): cheaper than np.unique
+    values = np.flatnonzero(times)
+    return int(sum(int(times[n]) * agg.flops(int(n), num_outputs, gadget) for n in values))
 
 
 def resolve_stages(
@@ -234,11 +242,18 @@ def plan_flops(
     alive = len(_candidates(snapshot, target))
     total = target.flops
     max_size = int(snapshot.space.sizes.max()) if snapshot.space.num_clusters else 0
+    previous: tuple[str, int, int] | None = None  # (variant, members per cluster, items prepared for)
     for i, stage in enumerate(stages):
         variant = snapshot.variants[stage.variant]
         n = min(stage.samples, max_size)
         outputs = len(variant.log_prior)  # the elementwise aggregators' share; a gadget's is small beside it
-        total += (alive * n * (variant.flops.nonzero + outputs) + variant.query_flops) * len(target.queries)
+        if previous is not None and previous[0] == stage.variant:  # extends the members the stage before scored
+            cost = variant.cost(alive * max(n - previous[1], 0), prepared_for=previous[2])
+            previous = (stage.variant, max(n, previous[1]), previous[2])
+        else:
+            cost = variant.cost(alive * n)
+            previous = (stage.variant, n, alive * n)
+        total += (cost.nonzero + alive * previous[1] * outputs) * len(target.queries)
         alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
     return total
 
@@ -264,15 +279,30 @@ def run_cascade(
     utility = torch.from_numpy(target.utility).double()
     reports: list[StageReport] = []
     scores = posteriors = keys = torch.empty(0)
+    scored: _Scored | None = None
     for i, stage in enumerate(stages):
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceeded(f"deadline passed before stage {i} ({stage.variant})")
         started = time.perf_counter()
         variant = snapshot.variants[stage.variant]
-        rows, counts = sample_members(space.offsets, alive, stage.samples, rng)
+        extend = scored is not None and scored.variant == stage.variant
+        if extend:  # the same model as the stage before: score only members it has not scored yet
+            assert scored is not None
+            rows, new_counts = _extend_members(space.offsets, alive, scored.rows, scored.counts, stage.samples, rng)
+        else:
+            rows, new_counts = sample_members(space.offsets, alive, stage.samples, rng)
         with torch.inference_mode():
-            x = torch.index_select(snapshot.features, 0, torch.from_numpy(rows))  # ~2x faster than features[rows]
-            log_post = _stage_log_posterior(variant, stage.aggregator, target.queries, x, torch.from_numpy(counts))
+            # the rows' item inputs: raw features, or a pair model's cached trunk features (index_select: ~2x
+            # faster than fancy indexing)
+            x = snapshot.item_inputs(variant, torch.from_numpy(rows))
+            prepared = scored.prepared if extend and scored is not None else None
+            outputs, prepared = _score_members(variant, target.queries, x, prepared)
+            if extend and scored is not None:
+                merged = _merge_members(scored, rows, new_counts, outputs)
+            else:
+                merged = _Scored(stage.variant, rows, new_counts, outputs, prepared, len(rows))
+            counts = merged.counts
+            log_post = _aggregate_examples(variant, stage.aggregator, merged.outputs, torch.from_numpy(counts))
             post = log_post.double().exp()
             cluster_scores = post @ utility
             n_keep = k if i == len(stages) - 1 else min(stage.keep or k, len(alive))
@@ -280,10 +310,13 @@ def run_cascade(
             top = torch.topk(stage_keys, n_keep).indices
         clusters_in = len(alive)
         alive = alive[top.numpy()]
+        following = stages[i + 1].variant if i + 1 < len(stages) else None
+        scored = _keep_groups(merged, top.numpy()) if following == stage.variant else None
         scores, posteriors, keys = cluster_scores[top], post[top], stage_keys[top]
         examples = len(target.queries)
         agg_flops = examples * _aggregator_flops(stage.aggregator, counts, post.shape[1], variant.gadget)
-        per_query = variant.query_flops  # a pair model's fold of the query, once per example and stage
+        # per example: a pair model's query trunk and fold (if it folds; not again when extending), the pairs
+        cost = variant.cost(len(rows), prepared_for=merged.prepared_for if extend else None)
         reports.append(
             StageReport(
                 variant=variant.name,
@@ -293,8 +326,8 @@ def run_cascade(
                 kept=len(alive),
                 samples=stage.samples,
                 items=len(rows),
-                flops=examples * (len(rows) * variant.flops.nonzero + per_query) + agg_flops,
-                flops_dense_kernel=examples * (len(rows) * variant.flops.dense_kernel + per_query) + agg_flops,
+                flops=examples * cost.nonzero + agg_flops,
+                flops_dense_kernel=examples * cost.dense_kernel + agg_flops,
                 ms=(time.perf_counter() - started) * 1000.0,
             )
         )
@@ -309,19 +342,119 @@ def run_cascade(
     )
 
 
-def _stage_log_posterior(
-    variant: Variant, aggregator: str, queries: tuple[torch.Tensor | None, ...], x: torch.Tensor, counts: torch.Tensor
+@dataclass(frozen=True)
+class _Scored:
+    """The members a stage scored, grouped by cluster, with their outputs per example: a next stage of the
+    same variant extends them instead of scoring them again (and reuses the prepared queries)."""
+
+    variant: str
+    rows: np.ndarray
+    counts: np.ndarray
+    outputs: list[tuple[torch.Tensor, torch.Tensor]]  # per example: (logits, hidden), in the order of rows
+    prepared: list[object]  # per example: what `prepare` returned
+    prepared_for: int  # the number of items the queries were prepared for (a pair model's path)
+
+
+def _score_members(
+    variant: Variant,
+    queries: tuple[torch.Tensor | None, ...],
+    x: torch.Tensor,
+    prepared: list[object] | None = None,
+    *,
+    inputs: bool = True,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[object]]:
+    """(logits, hidden) of the members per example, and the prepared queries (reused when given)."""
+    outputs, used = [], []
+    for j, query in enumerate(queries):
+        p = prepare_for(variant.model, query, len(x)) if prepared is None else prepared[j]
+        outputs.append(score_chunked(variant.model, query, x, inputs=inputs, prepared=p))
+        used.append(p)
+    return outputs, used
+
+
+def _aggregate_examples(
+    variant: Variant, aggregator: str, outputs: list[tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor
 ) -> torch.Tensor:
-    """Cluster log posteriors of one stage: per example, score the members and aggregate them; with several
-    examples, the log of the mean posterior over examples."""
+    """Cluster log posteriors: per example, aggregate the members; with several examples, the log of the mean
+    posterior over examples."""
     total: torch.Tensor | None = None
-    for query in queries:
-        logits, hidden = score_chunked(variant.model, query, x)
+    for logits, hidden in outputs:
         log_post = aggregate(aggregator, MemberOutputs(logits, hidden), counts, variant.log_prior, variant.gadget)
         log_post = log_post.double()
         total = log_post if total is None else torch.logaddexp(total, log_post)
     assert total is not None
-    return total - math.log(len(queries)) if len(queries) > 1 else total
+    return total - math.log(len(outputs)) if len(outputs) > 1 else total
+
+
+def _stage_log_posterior(
+    variant: Variant,
+    aggregator: str,
+    queries: tuple[torch.Tensor | None, ...],
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    inputs: bool = False,
+) -> torch.Tensor:
+    """Cluster log posteriors of one stage: per example, score the members and aggregate them; with several
+    examples, the log of the mean posterior over examples. `x`: the members' raw features, or with
+    `inputs=True` their item inputs (`Snapshot.item_inputs`: a pair model's cached trunk features)."""
+    outputs, _ = _score_members(variant, queries, x, inputs=inputs)
+    return _aggregate_examples(variant, aggregator, outputs, counts)
+
+
+def _group_index(counts: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Positions, in a grouped array with these counts, of the members of `groups` (in that order)."""
+    starts = np.cumsum(counts) - counts
+    sel = counts[groups]
+    seg = np.repeat(np.arange(len(groups)), sel)
+    return (starts[groups][seg] + np.arange(int(sel.sum())) - (np.cumsum(sel) - sel)[seg]).astype(np.int64)
+
+
+def _keep_groups(scored: _Scored, groups: np.ndarray) -> _Scored:
+    """The scored members of the surviving clusters only, in their new order."""
+    idx = _group_index(scored.counts, groups)
+    t = torch.from_numpy(idx)
+    outputs = [(logits[t], hidden[t]) for logits, hidden in scored.outputs]
+    return _Scored(
+        scored.variant, scored.rows[idx], scored.counts[groups], outputs, scored.prepared, scored.prepared_for
+    )
+
+
+def _extend_members(
+    offsets: np.ndarray, clusters: np.ndarray, rows: np.ndarray, counts: np.ndarray, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """New members for each cluster (grouped, in the order of `clusters`) so that, with the `counts[c]` already
+    scored ones (`rows`, grouped alike), it has min(n, size) members; uniform among those not yet scored. A
+    cluster that already has n or more keeps them all and gets none."""
+    starts = offsets[clusters]
+    sizes = offsets[clusters + 1] - starts
+    need = np.maximum(np.minimum(sizes, n) - counts, 0)
+    if len(clusters) == 0 or not need.any():
+        return np.empty(0, dtype=np.int64), need
+    widest = int(sizes.max())
+    keys = rng.random((len(clusters), widest))
+    keys[np.arange(widest)[None, :] >= sizes[:, None]] = np.inf  # padding
+    seg = np.repeat(np.arange(len(clusters)), counts)
+    keys[seg, rows - starts[seg]] = np.inf  # already scored
+    order = np.argsort(keys, axis=1, kind="stable")
+    take = np.arange(widest)[None, :] < need[:, None]
+    return (starts[:, None] + order)[take].astype(np.int64), need
+
+
+def _merge_members(
+    scored: _Scored, rows: np.ndarray, counts: np.ndarray, outputs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> _Scored:
+    """The kept members and the new ones, grouped by cluster (the kept first in each)."""
+    clusters = np.concatenate(
+        [np.repeat(np.arange(len(counts)), scored.counts), np.repeat(np.arange(len(counts)), counts)]
+    )
+    order = np.argsort(clusters, kind="stable")
+    t = torch.from_numpy(order)
+    merged = [
+        (torch.cat([a[0], b[0]])[t], torch.cat([a[1], b[1]])[t]) for a, b in zip(scored.outputs, outputs, strict=True)
+    ]
+    all_rows = np.concatenate([scored.rows, rows])[order]
+    return _Scored(scored.variant, all_rows, scored.counts + counts, merged, scored.prepared, scored.prepared_for)
 
 
 def _faiss_only(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
@@ -343,37 +476,39 @@ def dense_flops(snapshot: Snapshot, target: Target) -> int:
     """What the dense exhaustive oracle costs for this target: the dense model on every member of every
     cluster (for every example of a query by example)."""
     dense = snapshot.dense_for(target.kind)
-    return (int(snapshot.space.sizes.sum()) * dense.flops.nonzero + dense.query_flops) * len(target.queries)
+    return dense.cost(int(snapshot.space.sizes.sum())).nonzero * len(target.queries)
 
 
 def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
-    """The dense model on every member of every cluster, `bayes` aggregation (research notes 2), run with the
-    same chunked scoring as the cascade's stages so that wall-time ratios compare like with like. It ignores
-    the index's candidates: it is what exhaustive scoring would answer."""
+    """The dense model on every member of every cluster, aggregated by `ORACLE_AGGREGATOR`, run with the same
+    chunked scoring as the cascade's stages so that wall-time ratios compare like with like. It ignores the
+    index's candidates: it is what exhaustive scoring would answer."""
     started = time.perf_counter()
     space = snapshot.space
     alive = np.arange(space.num_clusters)
     widest = int(space.sizes.max())
     rows, counts = sample_members(space.offsets, alive, widest, np.random.default_rng(0))
     dense = snapshot.dense_for(target.kind)
-    with torch.inference_mode():
-        x = torch.index_select(snapshot.features, 0, torch.from_numpy(rows))
-        log_post = _stage_log_posterior(dense, "bayes", target.queries, x, torch.from_numpy(counts))
+    with torch.inference_mode():  # from the same cached item inputs as the stages: no slower than we can make it
+        x = snapshot.item_inputs(dense, torch.from_numpy(rows))
+        counts_t = torch.from_numpy(counts)
+        log_post = _stage_log_posterior(dense, ORACLE_AGGREGATOR, target.queries, x, counts_t, inputs=True)
         post = log_post.exp()
         scores = post @ torch.from_numpy(target.utility).double()
         keys = ranking_key(log_post, target)
         top = torch.topk(keys, min(k, len(alive))).indices
     examples = len(target.queries)
+    cost = dense.cost(len(rows))
     report = StageReport(
         variant=dense.name,
         version=dense.version,
-        aggregator="bayes",
+        aggregator=ORACLE_AGGREGATOR,
         clusters_in=len(alive),
         kept=len(top),
         samples=widest,
         items=len(rows),
-        flops=examples * (len(rows) * dense.flops.nonzero + dense.query_flops),
-        flops_dense_kernel=examples * (len(rows) * dense.flops.dense_kernel + dense.query_flops),
+        flops=examples * cost.nonzero,
+        flops_dense_kernel=examples * cost.dense_kernel,
         ms=(time.perf_counter() - started) * 1000.0,
     )
     return CascadeResult(

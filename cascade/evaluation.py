@@ -160,7 +160,9 @@ def evaluate_example_queries(
         t0 = time.perf_counter()
         target = target_from_examples(snapshot, qs.x[i : i + 1], max(candidates, k))
         stage0_ms = (time.perf_counter() - t0) * 1000  # embedding + centroid search: every method but the oracle
-        grades = cluster_grades(snapshot.space.cluster_labels, int(qs.cluster[i]), int(qs.label[i]))
+        grades = cluster_grades(
+            snapshot.space.cluster_labels, int(qs.cluster[i]), int(qs.label[i]), len(target.utility)
+        )
         answers = {}
         for name in names:
             t0 = time.perf_counter()

@@ -4,7 +4,8 @@ A classifier's posterior of an item does not depend on the query, so for label a
 class-level utility of a query by example) the dense exhaustive oracle ranks clusters by a function of one
 fixed K x C table. Computing that table once per (space, dense checkpoint) turns every such query into a
 lookup that equals the oracle's answer. The table is computed exactly as `dense_oracle` does it (the dense
-model on every member, forward passes chunked at the same row boundaries, `bayes` over all members), persisted
+model on every member, forward passes chunked at the same row boundaries, `ORACLE_AGGREGATOR` over all
+members), persisted
 beside the space keyed by the dense checkpoint's sha256, and checked on load (checksum, dense sha256, space)."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cascade.engine import CascadeResult, StageReport, Target, ranking_key
+from cascade.engine import ORACLE_AGGREGATOR, CascadeResult, StageReport, Target, ranking_key
 from cascade.snapshot import Snapshot, StageError
 from models.aggregation import MemberOutputs, aggregate
 from models.inference import chunk_rows, forward_chunked
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 TABLE_DIR = "exact"  # under the space directory: one file per dense checkpoint
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ORACLE_AGGREGATOR (mean_logit) over every member; 1 was bayes
 BLOCK_ROWS = 16_384  # member rows per build step (rounded to whole forward chunks): bounds the build's memory
 KEY_ROWS = 16_384  # clusters per block of the ranking key at query time (fits the L2 cache in float64)
 
@@ -71,7 +72,7 @@ def table_key(snapshot: Snapshot) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ExactTable:
-    log_post: np.ndarray  # (K, C) float32: the oracle's `bayes` log posterior of every cluster
+    log_post: np.ndarray  # (K, C) float32: the oracle's log posterior of every cluster
     dense_ref: str  # name:version
     dense_sha256: str
     space_id: str
@@ -154,8 +155,8 @@ def build_table(
     on_progress: Callable[[float], None] | None = None,
 ) -> ExactTable:
     """The dense model over every member, in blocks of whole forward chunks starting where the oracle's chunks
-    start (so every logit is the one the oracle computes), and `bayes` over each cluster once all its members
-    are in. Memory: one block of logits plus the members of one unfinished cluster, whatever the space size.
+    start (so every logit is the one the oracle computes), and `ORACLE_AGGREGATOR` over each cluster once all its
+    members are in. Memory: one block of logits plus the members of one unfinished cluster, whatever the space size.
     `cancel` stops a build that is no longer wanted (raises TableError)."""
     started = time.perf_counter()
     space, dense = snapshot.space, snapshot.dense
@@ -182,7 +183,7 @@ def build_table(
                     end_row = int(offsets[last])
                     counts = torch.from_numpy(np.diff(offsets[done : last + 1]))
                     n = end_row - pending_from
-                    log_post = aggregate("bayes", MemberOutputs(pending[:n]), counts, snapshot.log_prior)
+                    log_post = aggregate(ORACLE_AGGREGATOR, MemberOutputs(pending[:n]), counts, snapshot.log_prior)
                     out[done:last] = log_post.numpy()
                     pending, pending_from, done = pending[n:], end_row, last
                 bar.update(stop - start)
@@ -219,6 +220,7 @@ def save_table(table: ExactTable, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT_VERSION,
+        "aggregator": ORACLE_AGGREGATOR,
         "dense_ref": table.dense_ref,
         "dense_sha256": table.dense_sha256,
         "space_id": table.space_id,

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -21,10 +24,23 @@ from models.aggregation import get_aggregator, log_prior_of
 from models.flops import Flops
 from models.manifest import Manifest
 from models.pair import PairNetwork, pair_flops, pair_query_flops
+from models.pair_tuples import gadget_misfit
 from models.registry import LoadedModel, ModelRegistry
-from models.scorer import Scorer
+from models.scorer import Scorer, item_inputs, item_inputs_key, query_flops
 
-__all__ = ["Variant", "Snapshot", "StageError", "load_snapshot", "build_snapshot", "variant_for", "misfit"]
+log = logging.getLogger("prunecascade.snapshot")
+
+__all__ = [
+    "Variant",
+    "Snapshot",
+    "StageError",
+    "ItemCache",
+    "CachedInputs",
+    "load_snapshot",
+    "build_snapshot",
+    "variant_for",
+    "misfit",
+]
 
 
 class StageError(ValueError):
@@ -47,7 +63,18 @@ class Variant:
     flops: Flops
     """Per item (a classifier) or per (query, item) pair (a pair model), as served."""
     query_flops: int = 0
-    """Paid once per query and stage (a pair model's query trunk and fold); 0 for a classifier."""
+    """Paid once per query and stage on the many-items path (a pair model's query trunk and fold); 0 for a
+    classifier. `cost(n)` is exact for any n."""
+    inputs_key: str | None = None
+    """`models.scorer.item_inputs_key` of the model (None: it reads raw items); set by `variant_for`."""
+    gadget_sha256: str | None = None
+    """Digest of the gadget's stored weights: part of the snapshot id, so a replaced gadget is a new snapshot."""
+
+    def cost(self, num_items: int, prepared_for: int | None = None) -> Flops:
+        """FLOPs of one query (one example) against `num_items` items as this variant serves them (a pair
+        model picks folded or plain by the number; item inputs come from the snapshot's cache).
+        `prepared_for`: the query was prepared before for that many items and is reused (no query cost)."""
+        return query_flops(self.model, num_items, self.flops, prepared_for)
 
     @property
     def kind(self) -> str:
@@ -63,6 +90,62 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class CachedInputs:
+    """One table of item inputs (`models.scorer.item_inputs`) for every item of the space."""
+
+    key: str
+    table: torch.Tensor  # (num_items, width) float32
+    build_flops: int  # paid once, when the table is built (counted here, not per query)
+    build_ms: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.numel() * self.table.element_size()
+
+
+class ItemCache:
+    """Query-independent item inputs, one table per `item_inputs_key`, built on first use (a pair model's
+    trunk over all items: 100,000 items x 1,408 floats = 563 MB for the default pair models) and shared by
+    every variant with that key. Thread safe: concurrent first queries build a table once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tables: dict[str, CachedInputs] = {}
+
+    def get(self, key: str, build: Callable[[], tuple[torch.Tensor, int]]) -> CachedInputs:
+        entry = self._tables.get(key)
+        if entry is not None:
+            return entry
+        with self._lock:
+            entry = self._tables.get(key)
+            if entry is None:
+                started = time.perf_counter()
+                table, flops = build()
+                entry = CachedInputs(key, table, flops, (time.perf_counter() - started) * 1000.0)
+                self._tables[key] = entry
+        return entry
+
+    def entries(self) -> list[CachedInputs]:
+        return list(self._tables.values())
+
+    def retain(self, keys: set[str]) -> None:
+        """Drop the tables no served variant reads any more (a replaced trunk); a query still holding one keeps
+        it alive until it is done."""
+        with self._lock:
+            self._tables = {k: v for k, v in self._tables.items() if k in keys}
+
+
+def _build_inputs(model: Scorer, features: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, int]:
+    with torch.inference_mode():
+        first = item_inputs(model, features[:1])
+        table = torch.empty(len(features), first.shape[1], dtype=first.dtype)
+        for i in range(0, len(features), chunk):
+            table[i : i + chunk] = item_inputs(model, features[i : i + chunk])
+    per_item = model.item_input_flops().nonzero if hasattr(model, "item_input_flops") else 0
+    return table, len(features) * per_item
+
+
+@dataclass(frozen=True)
 class Snapshot:
     id: str
     space: Space
@@ -73,6 +156,32 @@ class Snapshot:
     log_prior: torch.Tensor
     embedding: EmbeddingIndex | None = None
     queries: QuerySet | None = None
+    item_cache: ItemCache = field(default_factory=ItemCache, compare=False, repr=False)
+
+    def cached_inputs(self, variant: Variant) -> CachedInputs | None:
+        """The variant's item inputs for every item (built on first use), or None when it reads raw items."""
+        if variant.inputs_key is None:
+            return None
+        return self.item_cache.get(self._cache_key(variant), lambda: _build_inputs(variant.model, self.features))
+
+    def warm(self) -> None:
+        """Build every item-input table the variants read now, not on the first query (which would pay it: 0.65 s
+        for 23,000 items, 1.9 s for 100,000, docs/performance.md section 0), and forget tables no variant reads."""
+        keys = set()
+        for variant in self.variants.values():
+            if variant.inputs_key is not None:
+                keys.add(self._cache_key(variant))
+                self.cached_inputs(variant)
+        self.item_cache.retain(keys)
+
+    def _cache_key(self, variant: Variant) -> str:
+        # keyed by the features too: `dataclasses.replace` with other features shares the cache object
+        return f"{variant.inputs_key}@{self.features.data_ptr()}:{tuple(self.features.shape)}"
+
+    def item_inputs(self, variant: Variant, rows: torch.Tensor) -> torch.Tensor:
+        """What `variant.model.score_prepared` reads for these rows: cached inputs, or the raw features."""
+        cached = self.cached_inputs(variant)
+        return torch.index_select(self.features if cached is None else cached.table, 0, rows)
 
     @property
     def dense(self) -> Variant:
@@ -114,6 +223,12 @@ class Snapshot:
                 raise StageError(f"{where}.aggregator", str(exc.args[0])) from None
             if agg.needs_gadget and variant.gadget is None:
                 raise StageError(f"{where}.aggregator", f"{stage.aggregator!r} needs a gadget; {variant.name} has none")
+            stored = getattr(getattr(variant.gadget, "spec", None), "kind", None)
+            if agg.needs_gadget and stored != stage.aggregator:
+                raise StageError(
+                    f"{where}.aggregator",
+                    f"{stage.aggregator!r} needs a gadget of that kind; {variant.name} has a {stored!r} gadget",
+                )
             last = i == len(stages) - 1
             if not last and stage.keep is None:
                 raise StageError(f"{where}.keep", "every stage but the last must say how many clusters it keeps")
@@ -125,7 +240,9 @@ def _snapshot_id(space: Space, variants: Mapping[str, Variant], config: CascadeC
     blob = json.dumps(
         {
             "space": space.meta.get("id", ""),
-            "variants": sorted((v.name, v.version, v.manifest.sha256) for v in variants.values()),
+            "variants": sorted(
+                (v.name, v.version, v.manifest.sha256, v.gadget_sha256 or "") for v in variants.values()
+            ),
             "config": config.model_dump(mode="json"),
         },
         sort_keys=True,
@@ -151,17 +268,26 @@ def variant_for(loaded: LoadedModel, space: Space) -> Variant:
         if grade_prior is None:
             raise StageError("version", f"{manifest.ref} is a pair model without a grade_prior in its manifest")
         log_prior = log_prior_of(torch.tensor(grade_prior, dtype=torch.float64))
-        # counted from the model as this code serves it (folded), not read from an older manifest
+        gadget, gadget_sha256 = loaded.gadget, loaded.gadget_sha256
+        reason = None if gadget is None else gadget_misfit(gadget, loaded.model)
+        if reason is not None:  # `prunecascade gadget` never stores one; a file changed by hand: serve without it
+            log.warning("%s: its stored gadget is not used: %s", manifest.ref, reason)
+            gadget, gadget_sha256 = None, None
+        # counted from the model as this code serves it (item inputs cached, query folded), not read from an
+        # older manifest; `Variant.cost(n)` is exact for any number of items
         return Variant(
             loaded.model,
             manifest,
-            loaded.gadget,
+            gadget,
             log_prior,
             pair_flops(loaded.model),
             pair_query_flops(loaded.model).nonzero,
+            item_inputs_key(loaded.model),
+            gadget_sha256,
         )
     flops = Flops(manifest.flops_dense_kernel, manifest.flops_nonzero)
-    return Variant(loaded.model, manifest, loaded.gadget, log_prior_of(torch.from_numpy(space.prior)), flops)
+    log_prior = log_prior_of(torch.from_numpy(space.prior))
+    return Variant(loaded.model, manifest, loaded.gadget, log_prior, flops, gadget_sha256=loaded.gadget_sha256)
 
 
 def build_snapshot(
@@ -171,7 +297,10 @@ def build_snapshot(
     config: CascadeConfig,
     embedding: EmbeddingIndex | None = None,
     queries: QuerySet | None = None,
+    item_cache: ItemCache | None = None,
 ) -> Snapshot:
+    """`item_cache`: the tables of the snapshot this one replaces (same space), so that a swap that keeps the
+    pair models' trunk does not rebuild them."""
     if config.dense not in variants:
         raise StageError("dense", f"dense model {config.dense!r} is not among the active variants")
     if config.pair_dense is not None and config.pair_dense not in variants:
@@ -186,6 +315,7 @@ def build_snapshot(
         log_prior=log_prior_of(torch.from_numpy(space.prior)),
         embedding=embedding,
         queries=queries,
+        item_cache=item_cache if item_cache is not None else ItemCache(),
     )
     snap.validate_stages(config.stages, k=1)
     if config.pair_stages is not None:

@@ -91,8 +91,8 @@ def segment_ids(counts: torch.Tensor) -> torch.Tensor:
 
 
 def log_softmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """`x.log_softmax(1)`, computed as x - logsumexp(x): on (10,000 x 10) tensors torch's CPU log_softmax kernel
-    took ~1.1 ms and this ~0.3 ms (one thread), and stage 1 of a rare-target query calls it twice."""
+    """`x.log_softmax(1)`, computed as x - logsumexp(x): on narrow (N x 10) tensors torch's CPU log_softmax kernel
+    was measured slower (second session, not re-measured since), and stage 1 of a rare-target query calls it twice."""
     return x - x.logsumexp(1, keepdim=True)
 
 

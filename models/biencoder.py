@@ -1,7 +1,8 @@
 """The bi-encoder: an item embedding for FAISS candidates (issue 14, item 3).
 
 A small 1-D CNN trained contrastively (InfoNCE) on pairs of fresh views of the same prototype: views of one
-prototype should embed close together and away from the other prototypes in the batch. Embeddings are
+prototype should embed close together and away from the other prototypes in the batch. On a user's clusters
+the two views are two different stored members of one cluster. Embeddings are
 L2-normalised, so inner product = cosine and a cluster's centroid is the normalised mean of its members.
 """
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.prototypes import PrototypeSet, make_views
+from models.prototypes import MemberPool, PrototypeSet, draw_view_pairs, make_views
 
 __all__ = [
     "BiEncoderSpec",
@@ -30,6 +31,7 @@ __all__ = [
     "BiEncoderTrainConfig",
     "DEFAULT_BIENCODER_TRAINING",
     "train_biencoder",
+    "spec_for",
     "cluster_centroids",
     "embed_numpy",
     "save_biencoder",
@@ -133,9 +135,21 @@ def cluster_centroids(emb: np.ndarray, cluster: np.ndarray, num_clusters: int | 
 
 
 def _val_recall(model: BiEncoder, val: PrototypeSet, rng: np.random.Generator, queries: int = 500) -> float:
-    """Recall@1 of a fresh view's own prototype against the val set's centroids."""
-    cents = cluster_centroids(embed_numpy(model, val.x), val.cluster, len(val.cluster_labels))
-    qid = rng.integers(0, len(val.cluster_labels), size=queries)
+    """Recall@1 of a fresh view's own prototype against the val set's centroids. With stored members, the
+    query is a member and its own cluster's centroid is taken without it (leave one out)."""
+    emb = embed_numpy(model, val.x)
+    k = len(val.cluster_labels)
+    if isinstance(val.prototypes, MemberPool):
+        rows = rng.integers(0, len(val.x), size=queries)
+        qid, eq = val.cluster[rows], emb[rows]
+        sums = np.zeros((k, emb.shape[1]), dtype=np.float64)
+        np.add.at(sums, val.cluster, emb)
+        scores = eq @ (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).T
+        rest = sums[qid] - eq
+        scores[np.arange(queries), qid] = (eq * rest).sum(1) / np.maximum(np.linalg.norm(rest, axis=1), 1e-12)
+        return float((scores.argmax(1) == qid).mean())
+    cents = cluster_centroids(emb, val.cluster, k)
+    qid = rng.integers(0, k, size=queries)
     eq = embed_numpy(model, make_views(val.prototypes, qid, rng))
     return float(((eq @ cents.T).argmax(1) == qid).mean())
 
@@ -147,21 +161,24 @@ def train_biencoder(
     spec: BiEncoderSpec | None = None,
 ) -> BiEncoder:
     """InfoNCE (symmetric, in-batch negatives) on two fresh views of each of `batch_prototypes` training
-    prototypes per step; with `val`, the weights with the best validation recall@1 are kept."""
+    prototypes per step (all of them when there are fewer); with `val`, the weights with the best validation
+    recall@1 are kept."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 21])
-    model = BiEncoder(spec or BiEncoderSpec(input_dim=train.x.shape[1]))
+    model = BiEncoder(spec or spec_for(train.x.shape[1]))
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
     k = len(train.cluster_labels)
+    batch = min(config.batch_prototypes, k)
     best = (-1.0, copy.deepcopy(model.state_dict()))
     start = time.perf_counter()
-    targets = torch.arange(config.batch_prototypes)
+    targets = torch.arange(batch)
     for step in tqdm(range(1, config.steps + 1), desc="train bi-encoder", disable=not config.progress, leave=False):
         model.train()
-        ids = rng.choice(k, size=config.batch_prototypes, replace=False)
-        a = model.embed(torch.from_numpy(make_views(train.prototypes, ids, rng)))
-        b = model.embed(torch.from_numpy(make_views(train.prototypes, ids, rng)))
+        ids = rng.choice(k, size=batch, replace=False)
+        views_a, views_b = draw_view_pairs(train.prototypes, ids, ids, rng)
+        a = model.embed(torch.from_numpy(views_a))
+        b = model.embed(torch.from_numpy(views_b))
         logits = a @ b.T / config.temperature
         loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
         opt.zero_grad(set_to_none=True)
@@ -176,6 +193,14 @@ def train_biencoder(
         model.load_state_dict(best[1])
     model.train_seconds = time.perf_counter() - start  # type: ignore[attr-defined]
     return model.eval()
+
+
+def spec_for(input_dim: int) -> BiEncoderSpec:
+    """The default bi-encoder for any feature length: two conv-pool blocks (each halves the length) when there
+    are at least 4 features, one for 2 or 3; a single feature cannot be embedded usefully and is refused."""
+    if input_dim < 2:
+        raise ValueError(f"a bi-encoder needs at least 2 features, got {input_dim}")
+    return BiEncoderSpec(input_dim=input_dim, channels=(32, 64) if input_dim >= 4 else (32,))
 
 
 def save_biencoder(model: BiEncoder, directory: Path, extra: dict[str, Any] | None = None) -> Path:

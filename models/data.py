@@ -50,6 +50,11 @@ class Splits:
     split: str = "items"
     """How train/val/test/pool were cut: `items` (a seeded permutation of items) or `clusters` (of whole
     clusters, so that no cluster of the space lent members to training)."""
+    cluster_train: np.ndarray | None = None
+    """The user's cluster id of every training item (None: the training file has no clusters); with
+    `cluster_val` and `cluster_test`, what pair models are trained, validated and probed on."""
+    cluster_val: np.ndarray | None = None
+    cluster_test: np.ndarray | None = None
 
     @property
     def input_dim(self) -> int:
@@ -228,6 +233,9 @@ def _from_user_data(
         class_labels=labels,
         space_source=space_source,
         split="clusters" if train.cluster is not None else "items",
+        cluster_train=None if train.cluster is None else train.cluster[parts[0]],
+        cluster_val=None if train.cluster is None else train.cluster[parts[1]],
+        cluster_test=None if train.cluster is None else train.cluster[parts[2]],
     )
 
 

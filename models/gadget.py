@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -31,6 +32,8 @@ __all__ = [
     "build_gadget",
     "GadgetTrainConfig",
     "train_gadget",
+    "train_gadget_on",
+    "TupleDraw",
     "hidden_of",
     "pad_segments",
 ]
@@ -183,10 +186,10 @@ class GadgetTrainConfig:
     seed: int = 0
 
 
-def _val_loss(gadget: Gadget, hidden: torch.Tensor, batch: Any) -> float:
-    with torch.no_grad():
-        logits = gadget(hidden[batch.index], batch.counts)
-        return float(nn.functional.cross_entropy(logits, batch.labels))
+TupleDraw = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+"""`draw(counts, gen) -> (hidden, labels)`: one tuple per entry of `counts`, its members as a contiguous run of
+hidden rows (sum(counts) x H) and its shared label; the one thing that differs between classifier tuples (members
+of a class) and pair tuples (a query and members of a graded cluster)."""
 
 
 def train_gadget(
@@ -204,23 +207,52 @@ def train_gadget(
 
     if hidden_train.shape[1] != spec.input_dim:
         raise ValueError(f"gadget expects {spec.input_dim}-dim hidden representations, got {hidden_train.shape[1]}")
+    hidden_train = hidden_train.float()
+    hidden_val = hidden_val.float()
+
+    def draw_from(hidden: torch.Tensor, labels: torch.Tensor) -> TupleDraw:
+        def draw(counts: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = sample_tuples(labels, prior, counts, gen)
+            return hidden[batch.index], batch.labels
+
+        return draw
+
+    return train_gadget_on(
+        spec,
+        draw_from(hidden_train, y_train),
+        draw_from(hidden_val, y_val),
+        (hidden_train.mean(0), hidden_train.std(0).clamp_min(1e-3)),
+        config,
+    )
+
+
+def train_gadget_on(
+    spec: GadgetSpec,
+    draw_train: TupleDraw,
+    draw_val: TupleDraw,
+    standardisation: tuple[torch.Tensor, torch.Tensor],
+    config: GadgetTrainConfig = GadgetTrainConfig(),
+) -> Gadget:
+    """The training loop for any kind of tuple: n ~ U{1..n_max} per tuple, members in random order, Adam with
+    cosine decay, the checkpoint with the lowest cross-entropy on one fixed validation draw kept, then the
+    standardisation (shift, scale) of the hidden representations folded into the first layer."""
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     gadget = build_gadget(spec)
-    hidden_train = hidden_train.float()
-    hidden_val = hidden_val.float()
-    gadget.set_standardisation(hidden_train.mean(0), hidden_train.std(0).clamp_min(1e-3))
+    gadget.set_standardisation(*standardisation)
     opt = torch.optim.Adam(gadget.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(config.steps, 1))
     val_counts = torch.randint(1, config.n_max + 1, (config.val_tuples,), generator=gen)
-    val_batch = sample_tuples(y_val, prior, val_counts, gen)
+    val_hidden, val_labels = draw_val(val_counts, gen)
+    if val_hidden.shape[1] != spec.input_dim:
+        raise ValueError(f"gadget expects {spec.input_dim}-dim hidden representations, got {val_hidden.shape[1]}")
     best_loss, best_state = math.inf, copy.deepcopy(gadget.state_dict())
     for step in range(1, config.steps + 1):
         gadget.train()
         counts = torch.randint(1, config.n_max + 1, (config.batch_tuples,), generator=gen)
-        batch = sample_tuples(y_train, prior, counts, gen)
-        perm = _shuffle_within(batch.counts, gen)  # members are exchangeable: random order
-        loss = nn.functional.cross_entropy(gadget(hidden_train[batch.index[perm]], batch.counts), batch.labels)
+        hidden, labels = draw_train(counts, gen)
+        perm = _shuffle_within(counts, gen)  # members are exchangeable: random order
+        loss = nn.functional.cross_entropy(gadget(hidden[perm].float(), counts), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(gadget.parameters(), 5.0)
@@ -228,7 +260,8 @@ def train_gadget(
         sched.step()
         if step % config.eval_every == 0 or step == config.steps:
             gadget.eval()
-            val = _val_loss(gadget, hidden_val, val_batch)
+            with torch.no_grad():
+                val = float(nn.functional.cross_entropy(gadget(val_hidden.float(), val_counts), val_labels))
             if val < best_loss:
                 best_loss, best_state = val, copy.deepcopy(gadget.state_dict())
     gadget.load_state_dict(best_state)

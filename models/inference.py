@@ -8,10 +8,12 @@ cheap first stage gets large chunks and the dense model small ones.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from models.networks import Classifier
-from models.scorer import Scorer
+from models.scorer import Scorer, item_inputs, prepare_for
 from models.spec import NetworkSpec
 
 __all__ = [
@@ -56,15 +58,29 @@ def forward_chunked(model: Classifier, x: torch.Tensor, chunk: int | None = None
 
 
 def score_chunked(
-    model: Scorer, query: torch.Tensor | None, items: torch.Tensor, chunk: int | None = None
+    model: Scorer,
+    query: torch.Tensor | None,
+    items: torch.Tensor,
+    chunk: int | None = None,
+    *,
+    inputs: bool = False,
+    prepared: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`model.score(query, items)` over `items` in chunks: the one call the cascade makes, whatever the kind of
-    model (a classifier ignores the query; a pair model reads it with every item). Chunks are sized from the
-    model's widest activation (`activation_width()` where the model has one, else its spec)."""
+    model (a classifier ignores the query; a pair model reads it with every item). `items` are raw features,
+    or with `inputs=True` already the model's item inputs (`models.scorer.item_inputs`, e.g. from a cache).
+    The query is prepared once for all the items (so a pair model picks its path from their number), unless
+    `prepared` is given (the query prepared before, for a first batch of items: reused as it is). Chunks
+    are sized from the model's widest activation (`activation_width()` where the model has one, else its spec)."""
     width = model.activation_width() if hasattr(model, "activation_width") else widest_activation(model.spec)
     step = chunk or max(MIN_CHUNK_ROWS, ACTIVATION_BUDGET_BYTES // (4 * width))
-    prepared = model.prepare(query)  # once per query, not per chunk
+    if prepared is None:
+        prepared = prepare_for(model, query, len(items))  # once per query, not per chunk
+
+    def part(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model.score_prepared(prepared, rows if inputs else item_inputs(model, rows))
+
     if len(items) <= step:
-        return model.score_prepared(prepared, items)
-    parts = [model.score_prepared(prepared, items[i : i + step]) for i in range(0, len(items), step)]
+        return part(items)
+    parts = [part(items[i : i + step]) for i in range(0, len(items), step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

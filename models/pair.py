@@ -15,6 +15,7 @@ correlation on is computed per pair.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "pair_query_flops",
     "FoldedQuery",
     "folded_pair_cost",
+    "plain_pair_cost",
     "pair_cost",
     "default_pair_spec",
 ]
@@ -232,9 +234,10 @@ class PairNetwork(nn.Module):
         return self.item_features(q)
 
     # -- per pair ------------------------------------------------------------------------------------------
-    def interact(self, fq: torch.Tensor, fx: torch.Tensor) -> torch.Tensor:
+    def interact(self, fq: torch.Tensor, fx: torch.Tensor, ex: torch.Tensor | None = None) -> torch.Tensor:
         """Per-channel correlation over shifts: z[p, c, s] = mean_t fq[p, c, t] * fx[p, c, t + s - S]
-        (zero outside), then the fixed affine normalisation. fq: (P or 1, C, L); fx: (P, C, L)."""
+        (zero outside), then the fixed affine normalisation. fq: (P or 1, C, L); fx: (P, C, L); `ex` the
+        cached `item_energies(fx)` ('channels' interaction; computed here when not given)."""
         spec = self.spec
         if spec.interaction == "positions":
             z = cost_volume(fq, fx, spec.max_shift).flatten(1)
@@ -245,17 +248,18 @@ class PairNetwork(nn.Module):
         z = correlate(fq, fx, spec.max_shift, spec.regions).flatten(1)
         if spec.energies:
             eq = fq.pow(2).unflatten(2, (spec.regions, -1)).mean(-1).flatten(1).expand(len(z), -1)
-            ex = fx.pow(2).unflatten(2, (spec.regions, -1)).mean(-1).flatten(1)
-            z = torch.cat([z, eq, ex], dim=1)
+            z = torch.cat([z, eq, self.item_energies(fx) if ex is None else ex], dim=1)
         return self.norm(z)
 
     def interaction(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The scorer's input z for raw query and item vectors."""
         return self.interact(self.query_features(q), self.item_features(x))
 
-    def forward_features(self, fq: torch.Tensor, fx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, hidden) from trunk features (cached item features, a query's features)."""
-        return self.scorer.forward_with_hidden(self.interact(fq, fx))
+    def forward_features(
+        self, fq: torch.Tensor, fx: torch.Tensor, ex: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden) from trunk features (cached item features and energies, a query's features)."""
+        return self.scorer.forward_with_hidden(self.interact(fq, fx, ex))
 
     def forward_with_hidden(self, q: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scorer.forward_with_hidden(self.interaction(q, x))
@@ -264,46 +268,152 @@ class PairNetwork(nn.Module):
         return self.scorer(self.interaction(q, x))
 
     # -- the scorer interface (`models.scorer`) -------------------------------------------------------------
-    def prepare(self, query: torch.Tensor | None) -> FoldedQuery | torch.Tensor:
-        """Once per query: its trunk features folded into the scorer's first layer (`fold_query`), so that
-        every pair after it costs one product with the item's features. The 'positions' interaction has no
-        fold: its query features are kept as they are."""
+    # Served from *item inputs*: what the model reads per item that does not depend on the query (`item_inputs`:
+    # the trunk features, flattened, and for the 'channels' interaction the item energies). They are the same
+    # for every variant that shares this trunk (`item_inputs_key`), so a snapshot computes them once per item
+    # and caches them; FLOPs per pair (`flops`) then exclude the trunk, whose one-off cost is
+    # `item_input_flops` per item.
+    def item_inputs(self, items: torch.Tensor) -> torch.Tensor:
+        """(N, D) raw items -> (N, item_input_width) floats: trunk features (C x L), then the item energies
+        (C x R) for a 'channels' model with energies."""
+        fx = self.item_features(items)
+        if self.spec.interaction == "channels" and self.spec.energies:
+            return torch.cat([fx.flatten(1), self.item_energies(fx)], dim=1)
+        return fx.flatten(1)
+
+    @property
+    def item_input_width(self) -> int:
+        """Floats cached per item."""
+        s = self.spec
+        extra = s.trunk_channels * s.regions if s.interaction == "channels" and s.energies else 0
+        return s.trunk_channels * s.feature_length + extra
+
+    def item_inputs_key(self) -> str:
+        """Identity of `item_inputs` as a function: the front end's spec and the trunk's weights. Variants
+        pruned from one dense model share it (pruning touches only the scorer), so one cache serves them all."""
+        s = self.spec
+        h = hashlib.sha256(
+            repr((s.input_dim, s.trunk_channels, s.kernel_size, s.pool, s.trunk_layers, s.regions, s.energies)).encode()
+        )
+        h.update(s.interaction.encode())
+        for t in self.trunk.state_dict().values():
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return "pair-trunk:" + h.hexdigest()[:24]
+
+    def item_input_flops(self) -> Flops:
+        """FLOPs of `item_inputs` per item (paid once per item when cached): the trunk and the energies."""
+        s = self.spec
+        cost = pair_cost(self).per_item
+        if s.interaction == "channels" and s.energies:
+            cost = cost + Flops(2 * s.trunk_channels * s.feature_length, 2 * s.trunk_channels * s.feature_length)
+        return cost
+
+    def _split_inputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.spec
+        cl = s.trunk_channels * s.feature_length
+        if inputs.ndim != 2 or inputs.shape[1] != self.item_input_width:
+            raise ValueError(f"item inputs must be (N, {self.item_input_width}), got {tuple(inputs.shape)}")
+        fx = inputs[:, :cl].reshape(len(inputs), s.trunk_channels, s.feature_length)
+        return fx, (inputs[:, cl:] if inputs.shape[1] > cl else None)
+
+    def folds(self, num_items: int | None) -> bool:
+        """Whether serving one query against `num_items` items folds the query (`fold_query`): the cheaper
+        path in FLOPs (dense kernels), so the choice and `flops` agree. None: many items."""
+        return self._choose(num_items, self._path_costs())[0]
+
+    def _choose(
+        self, num_items: int | None, costs: tuple[tuple[Flops, Flops], tuple[Flops, Flops]]
+    ) -> tuple[bool, tuple[Flops, Flops]]:
+        (f_pair, f_query), plain = costs
+        if self.spec.interaction != "channels":
+            return False, plain
+        if num_items is None:
+            return True, (f_pair, f_query)
+        p_pair, p_query = plain
+        fold = f_query.dense_kernel + num_items * f_pair.dense_kernel <= p_query.dense_kernel + (
+            num_items * p_pair.dense_kernel
+        )
+        return fold, ((f_pair, f_query) if fold else plain)
+
+    def _path_costs(self) -> tuple[tuple[Flops, Flops], tuple[Flops, Flops]]:
+        """(folded, plain) x (per pair, per query) FLOPs, counted once per set of weights (masks change the
+        nonzero counts)."""
+        key = self._weights_key(everything=True)
+        cached = self.__dict__.get("_costs")
+        if cached is None or cached[0] != key:
+            plain = plain_pair_cost(self)
+            folded = folded_pair_cost(self) if self.spec.interaction == "channels" else plain
+            cached = (key, (folded, plain))
+            self.__dict__["_costs"] = cached
+        return cached[1]
+
+    def flops(self, num_items: int, *, prepared_for: int | None = None) -> Flops:
+        """FLOPs of one query against `num_items` cached item inputs, as `prepare` + `score_prepared` serve
+        it (the path `folds` picks): per query the query's trunk (and the fold), per pair the rest.
+        `prepared_for`: the query was prepared before for that many items (its path) and is reused: only the
+        pairs count."""
+        if prepared_for is None:
+            pair, query = self._choose(num_items, self._path_costs())[1]
+            return query + pair * num_items
+        pair, _ = self._choose(prepared_for, self._path_costs())[1]
+        return pair * num_items
+
+    def prepare(self, query: torch.Tensor | None, num_items: int | None = None) -> FoldedQuery | torch.Tensor:
+        """Once per query: its trunk features, folded into the scorer's first layer (`fold_query`) when that
+        is the cheaper path for `num_items` items (`folds`); otherwise kept as they are (the plain path)."""
         if query is None:
             raise ValueError("a pair model needs the query")
         fq = self.query_features(query)
-        return self.fold_query(fq) if self.spec.interaction == "channels" else fq
+        return self.fold_query(fq) if self.folds(num_items) else fq
 
     def score_prepared(
-        self, prepared: FoldedQuery | torch.Tensor, items: torch.Tensor
+        self, prepared: FoldedQuery | torch.Tensor, inputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, hidden) of a prepared query against items (P, D). The item trunk runs here, per item: it
-        is a small share of a pair's time (`benchmarks/bench_pair_parts.py`), and caching it would cost C x L
-        floats per item."""
-        fx = self.item_features(items)
+        """(logits, hidden) of a prepared query against item inputs (P, item_input_width), see `item_inputs`."""
         if isinstance(prepared, FoldedQuery):
-            return self.forward_folded(prepared, fx)
-        return self.forward_features(prepared, fx)
+            if inputs.shape[1] != prepared.stacked.shape[0]:
+                raise ValueError(f"item inputs must be (N, {prepared.stacked.shape[0]}), got {tuple(inputs.shape)}")
+            h = self.scorer.body[1:](torch.addmm(prepared.bias, inputs, prepared.stacked))
+            return self.scorer.head(h), h
+        fx, ex = self._split_inputs(inputs)
+        return self.forward_features(prepared, fx, ex)
 
     def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One query (1, D) read with every item (P, D): `prepare`, then `score_prepared`."""
-        return self.score_prepared(self.prepare(query), items)
+        """One query (1, D) read with every raw item (P, D): `prepare`, `item_inputs`, `score_prepared`."""
+        return self.score_prepared(self.prepare(query, len(items)), self.item_inputs(items))
 
     def activation_width(self) -> int:
         """Floats per pair of the widest tensor of a served forward pass (sizes chunks, `models.inference`)."""
         s = self.spec
-        return max(s.trunk_channels * s.input_dim, *s.scorer.hidden)
+        return max(s.trunk_channels * s.input_dim, self.item_input_width, *s.scorer.hidden)
 
     # -- serving one query against many items: fold the query into the scorer's first layer ---------------
+    def _weights_key(self, everything: bool = False) -> tuple[int, ...]:
+        """Changes whenever a weight the fold reads (`everything`: any weight) changes: in-place updates bump
+        a tensor's version, a replaced tensor has a new id (for `everything`, the tensors are listed once per
+        model: a weight changed in place is seen, a module replaced after the first query is not)."""
+        if everything:  # the list is walked once per model (a forward pass is not the place for module walks)
+            tensors = self.__dict__.get("_all_tensors")
+            if tensors is None:
+                tensors = [*self.parameters(), *self.buffers()]
+                self.__dict__["_all_tensors"] = tensors
+        else:
+            first = self.scorer.body[0]
+            tensors = [first.weight, first.bias, self.norm.weight, self.norm.bias]
+            tensors += [self.norm.running_mean, self.norm.running_var]
+        return tuple(v for t in tensors for v in (id(t), t._version))
+
     @torch.no_grad()
-    def fold_query(self, fq: torch.Tensor) -> FoldedQuery:
-        """For one query (features (1, C, L)), the correlation, the normalisation (eval) and the scorer's
-        first Linear are all linear in the item's features, so they compose into one (h1, C*L) matrix: per
-        pair, the first interaction becomes one matrix-vector product with the cached item features (plus
-        the item energies). Same outputs as `forward_features` in eval mode; 'channels' interaction only."""
+    def _fold_plan(self) -> _FoldPlan:
+        """What the fold needs that does not depend on the query, computed once per set of weights: the
+        normalisation folded into the first layer, its correlation block per channel, the Toeplitz
+        scatter positions."""
+        key = self._weights_key()
+        plan = self.__dict__.get("_plan")
+        if plan is not None and plan.key == key:
+            return plan
         spec = self.spec
-        if spec.interaction != "channels":
-            raise ValueError("folding is implemented for the 'channels' interaction")
-        channels, length = fq.shape[1:]
+        channels, length = spec.trunk_channels, spec.feature_length
         s, regions, width = spec.max_shift, spec.regions, spec.shifts
         seg = length // regions
         first = self.scorer.body[0]
@@ -312,23 +422,49 @@ class PairNetwork(nn.Module):
         w = first.weight * a[None, :]  # (h1, D): normalisation folded into the first layer
         bias = first.bias + first.weight @ b
         n_corr = channels * regions * width
-        # A[c, r * W + j, u] = fq[c, t] / seg with t = u - j + S in region r: corr = A @ fx per channel
-        u = torch.arange(length)[None, :]
-        j = torch.arange(width)[:, None]
+        # op_t[c, u, r * W + j] = fq[c, t] / seg with t = u - j + S in region r: matrix[c] = op_t[c] @ w_corr_t[c]
+        u = torch.arange(length)[:, None]
+        j = torch.arange(width)[None, :]
         t = u - j + s
         valid = (t >= 0) & (t < length)
-        rows = ((t.clamp(0, length - 1) // seg) * width + j)[valid]
-        cols = u.expand_as(t)[valid]
-        op = fq.new_zeros(channels, regions * width, length)
-        op[:, rows, cols] = fq[0][:, t[valid]] / seg
-        w_corr = w[:, :n_corr].reshape(-1, channels, regions * width).transpose(0, 1)  # (C, h1, R*W)
-        matrix = torch.bmm(w_corr, op).transpose(0, 1).reshape(len(w), channels * length)  # (h1, C*L)
+        positions = (u * (regions * width) + (t.clamp(0, length - 1) // seg) * width + j)[valid]
+        w_corr_t = w[:, :n_corr].reshape(-1, channels, regions * width).permute(1, 2, 0).contiguous()
+        w_eq = energy_t = None
+        if spec.energies:
+            w_eq = w[:, n_corr : n_corr + channels * regions].contiguous()
+            energy_t = w[:, n_corr + channels * regions :].T.contiguous()
+        plan = _FoldPlan(key, w_corr_t, positions, t[valid], seg, bias.contiguous(), w_eq, energy_t)
+        self.__dict__["_plan"] = plan
+        return plan
+
+    @torch.no_grad()
+    def fold_query(self, fq: torch.Tensor) -> FoldedQuery:
+        """For one query (features (1, C, L)), the correlation, the normalisation (eval) and the scorer's
+        first Linear are all linear in the item's features, so they compose into one (C*L, h1) matrix: per
+        pair, the first interaction becomes one matrix-vector product with the cached item inputs (features
+        and energies). Same outputs as `forward_features` in eval mode; 'channels' interaction only."""
+        spec = self.spec
+        if spec.interaction != "channels":
+            raise ValueError("folding is implemented for the 'channels' interaction")
+        plan = self._fold_plan()
+        channels, length = fq.shape[1:]
+        width = spec.regions * spec.shifts
+        h1 = len(plan.bias)
+        op_t = fq.new_zeros(channels, length * width)
+        op_t[:, plan.positions] = fq[0][:, plan.sources] / plan.seg
+        extra = channels * spec.regions if spec.energies else 0
+        stacked = fq.new_empty(channels * length + extra, h1)
+        out = stacked[: channels * length].view(channels, length, h1)
+        torch.bmm(op_t.view(channels, length, width), plan.w_corr_t, out=out)
+        bias = plan.bias
         energy = None
         if spec.energies:
-            eq = fq[0].pow(2).unflatten(1, (regions, seg)).mean(-1).reshape(-1)
-            bias = bias + w[:, n_corr : n_corr + channels * regions] @ eq
-            energy = w[:, n_corr + channels * regions :].contiguous()
-        return FoldedQuery(matrix.T.contiguous(), bias, None if energy is None else energy.T.contiguous())
+            assert plan.w_eq is not None and plan.energy_t is not None
+            eq = fq[0].pow(2).unflatten(1, (spec.regions, -1)).mean(-1).reshape(-1)
+            bias = torch.addmv(bias, plan.w_eq, eq)
+            stacked[channels * length :] = plan.energy_t
+            energy = stacked[channels * length :]
+        return FoldedQuery(stacked[: channels * length], bias, energy, stacked)
 
     def item_energies(self, fx: torch.Tensor) -> torch.Tensor:
         """(P, C*R) mean squared feature per channel and region: query independent, cacheable with fx."""
@@ -337,7 +473,7 @@ class PairNetwork(nn.Module):
     def forward_folded(
         self, folded: FoldedQuery, fx: torch.Tensor, energies: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, hidden) of a folded query against cached item features fx (P, C, L); `energies` are
+        """(logits, hidden) of a folded query against item features fx (P, C, L); `energies` are
         the cached `item_energies(fx)` (computed here when not given)."""
         y = torch.addmm(folded.bias, fx.flatten(1), folded.matrix)
         if folded.energy is not None:
@@ -405,31 +541,73 @@ class FoldedQuery:
     matrix: torch.Tensor  # (C*L, h1)
     bias: torch.Tensor  # (h1,)
     energy: torch.Tensor | None  # (C*R, h1) when the spec has energies
+    stacked: torch.Tensor  # (C*L [+ C*R], h1): matrix and energy in one, against cached item inputs
+
+
+@dataclass(frozen=True)
+class _FoldPlan:
+    """The query-independent part of a fold (`PairNetwork._fold_plan`)."""
+
+    key: tuple[int, ...]
+    w_corr_t: torch.Tensor  # (C, R*W, h1)
+    positions: torch.Tensor  # where each query feature lands in a channel's (L x R*W) Toeplitz operator
+    sources: torch.Tensor  # which query position it is
+    seg: int
+    bias: torch.Tensor  # (h1,)
+    w_eq: torch.Tensor | None  # (h1, C*R): the query energies' block
+    energy_t: torch.Tensor | None  # (C*R, h1): the item energies' block
+
+
+def _trunk_flops(model: PairNetwork) -> Flops:
+    s = model.spec
+    convs = [m for m in model.trunk if isinstance(m, nn.Conv1d)]
+    return Flops(
+        sum(2 * m.weight.numel() * s.input_dim for m in convs),
+        sum(2 * int(torch.count_nonzero(m.weight)) * s.input_dim for m in convs),
+    )
 
 
 def folded_pair_cost(model: PairNetwork) -> tuple[Flops, Flops]:
-    """(per pair, per query) FLOPs of the folded path: per pair the (C*L -> h1) product, the item energies
-    and the scorer after its first layer; per query the folding itself. The folded matrix is dense whatever
-    the first layer's mask, so its nonzero count equals its dense-kernel count."""
+    """(per pair, per query) FLOPs of the folded path against cached item inputs: per pair the product of
+    the item inputs (C*L features and C*R energies) with the folded (h1 columns) matrix and the scorer after
+    its first layer; per query the query's trunk, its energies and the fold itself (one (L x R*W) @ (R*W x h1)
+    product per channel, and the energies' bias). The folded matrix is dense whatever the first layer's mask,
+    so its nonzero count equals its dense-kernel count."""
     s = model.spec
     first = model.scorer.body[0]
     h1, cl = first.weight.shape[0], s.trunk_channels * s.feature_length
-    per_pair = 2 * h1 * cl
-    if s.energies:
-        per_pair += 2 * cl + 2 * h1 * s.trunk_channels * s.regions
+    cr = s.trunk_channels * s.regions if s.energies else 0
+    per_pair = 2 * h1 * (cl + cr)
     rest = count_flops(model.scorer, s.interaction_dim)
     first_dense = 2 * first.weight.numel()
     first_nz = 2 * int(torch.count_nonzero(first.weight))
     pair = Flops(per_pair + rest.dense_kernel - first_dense, per_pair + rest.nonzero - first_nz)
     fold = 2 * h1 * s.trunk_channels * s.regions * s.shifts * s.feature_length
-    return pair, Flops(fold, fold)
+    if s.energies:
+        fold += 2 * cl + 2 * h1 * cr  # the query's energies and their product with their block of the layer
+    return pair, _trunk_flops(model) + Flops(fold, fold)
+
+
+def plain_pair_cost(model: PairNetwork) -> tuple[Flops, Flops]:
+    """(per pair, per query) FLOPs of the plain path against cached item inputs: per pair the correlation
+    over shifts (and, for the 'positions' interaction, the item energies) and the whole scorer; per query the
+    query's trunk (and its energies)."""
+    s = model.spec
+    cost = pair_cost(model)
+    query = _trunk_flops(model)
+    if s.energies:
+        e = 2 * s.trunk_channels * s.feature_length
+        query = query + Flops(e, e)
+    return cost.per_pair, query
 
 
 @dataclass(frozen=True)
 class PairFlops:
-    """FLOPs of one pair model. `per_pair` is what the cascade pays per scored (q, x): the correlation and
-    the scorer. `per_item` (trunk of x) and `per_query` (trunk of q) are paid once when item features are
-    cached; without a cache `per_item` is paid per pair as well. `cache_floats_per_item` is the cache size."""
+    """FLOPs of one pair model on its plain (unfolded) path, counted as the served kernels run them (the
+    correlation's products include the block-Toeplitz zeros). `per_pair` is what the cascade pays per scored
+    (q, x) with the item's inputs cached: the correlation (and, for 'positions', the item energies) and the
+    scorer. `per_item` (trunk of x) and `per_query` (trunk of q) are paid once; `cache_floats_per_item` is
+    the size of the cached item inputs (`PairNetwork.item_input_width`)."""
 
     per_pair: Flops
     interaction: Flops
@@ -441,37 +619,37 @@ class PairFlops:
 
 def pair_cost(model: PairNetwork) -> PairFlops:
     s = model.spec
-    convs = [m for m in model.trunk if isinstance(m, nn.Conv1d)]
-    trunk = sum(2 * m.weight.numel() * s.input_dim for m in convs)
-    trunk_nz = sum(2 * int(torch.count_nonzero(m.weight)) * s.input_dim for m in convs)
-    inter = 2 * s.trunk_channels * s.shifts * s.feature_length
-    if s.energies:  # squares of q and x per channel and position (the query's once per query, not counted)
-        inter += 2 * s.trunk_channels * s.feature_length
+    trunk = _trunk_flops(model)
+    padded = s.feature_length + 2 * s.max_shift
+    if s.interaction == "positions":  # every item position against every query position (`cost_volume`)
+        inter = 2 * padded * s.trunk_channels * s.feature_length
+        if s.energies:  # per position, summed over channels: not cached
+            inter += 2 * s.trunk_channels * s.feature_length
+    else:  # one product per channel with the query's block-Toeplitz matrix (`correlate`), zeros included
+        inter = 2 * s.trunk_channels * padded * s.regions * s.shifts
     scorer = count_flops(model.scorer, s.interaction_dim)
     interaction = Flops(inter, inter)
     return PairFlops(
         per_pair=interaction + scorer,
         interaction=interaction,
         scorer=scorer,
-        per_item=Flops(trunk, trunk_nz),
-        per_query=Flops(trunk, trunk_nz),
-        cache_floats_per_item=s.trunk_channels * s.feature_length,
+        per_item=trunk,
+        per_query=trunk,
+        cache_floats_per_item=model.item_input_width,
     )
 
 
 def pair_flops(model: PairNetwork) -> Flops:
-    """FLOPs per (q, x) pair as served (`PairNetwork.score_prepared`): the item trunk, recomputed per pair, then
-    the folded first layer and the rest of the scorer (`folded_pair_cost`); 'positions' models: the unfolded
-    interaction and scorer."""
-    cost = pair_cost(model)
+    """FLOPs per (q, x) pair as served to many items (`PairNetwork.flops` for large counts): the item's inputs
+    come from the cache (counted once per item, `PairNetwork.item_input_flops`), the query is folded into the
+    first layer ('channels' models; 'positions' models: the plain interaction and scorer)."""
     if model.spec.interaction != "channels":
-        return cost.per_pair + cost.per_item
-    return folded_pair_cost(model)[0] + cost.per_item
+        return plain_pair_cost(model)[0]
+    return folded_pair_cost(model)[0]
 
 
 def pair_query_flops(model: PairNetwork) -> Flops:
-    """FLOPs paid once per query and variant: the query's trunk and the fold (`PairNetwork.prepare`)."""
-    cost = pair_cost(model)
+    """FLOPs paid once per query and variant on that path: the query's trunk (and energies) and the fold."""
     if model.spec.interaction != "channels":
-        return cost.per_query
-    return folded_pair_cost(model)[1] + cost.per_query
+        return plain_pair_cost(model)[1]
+    return folded_pair_cost(model)[1]

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.pair import PairNetwork, PairSpec
-from models.prototypes import PrototypeSet, make_views, similar_prototypes
+from models.pair import PairNetwork, PairSpec, default_pair_spec
+from models.prototypes import MemberPool, PrototypeSet, draw_view_pairs, make_views, similar_prototypes
 from models.training import reapply_masks
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "pair_accuracy",
     "pair_logits",
     "train_pair_model",
+    "instance_auc",
+    "pair_spec_for",
 ]
 
 
@@ -133,10 +135,12 @@ def make_pairs(
     neighbours: np.ndarray | None = None,
     hard_fraction: float = 0.0,
 ) -> PairBatch:
-    """`count` pairs of fresh views (never the set's stored items) of `data`'s prototypes."""
+    """`count` pairs of fresh views (never the set's stored items) of `data`'s prototypes; for a user's
+    clusters (`MemberPool`), pairs of stored members, two different ones for a same-cluster pair. Grades above
+    `data.num_grades - 1` merge into it (without instance structure the own cluster is one of its label)."""
     qid, xid, grade = sample_pair_ids(data.cluster_labels, count, grade_mix, rng, neighbours, hard_fraction)
-    q = make_views(data.prototypes, qid, rng)
-    x = make_views(data.prototypes, xid, rng)
+    q, x = draw_view_pairs(data.prototypes, qid, xid, rng)
+    grade = np.minimum(grade, data.num_grades - 1)
     return PairBatch(torch.from_numpy(q), torch.from_numpy(x), torch.from_numpy(grade))
 
 
@@ -171,10 +175,17 @@ def make_groups(
     cand[:, 1:][cand[:, 1:] == qid[:, None]] = (
         neighbours[qid, 0].repeat(size - 1).reshape(groups, -1)[cand[:, 1:] == qid[:, None]]
     )
-    q = np.repeat(make_views(data.prototypes, qid, rng), size, axis=0)
-    x = make_views(data.prototypes, cand.reshape(-1), rng)
+    if isinstance(data.prototypes, MemberPool):  # the positive is another member than the query's
+        pool = data.prototypes
+        qrow = pool.draw_rows(qid, rng)
+        q = np.repeat(pool.x[qrow], size, axis=0)
+        x = pool.x[pool.draw_rows(cand.reshape(-1), rng, avoid=np.repeat(qrow, size))]
+    else:
+        q = np.repeat(make_views(data.prototypes, qid, rng), size, axis=0)
+        x = make_views(data.prototypes, cand.reshape(-1), rng)
     same = labels[cand] == labels[qid][:, None]
     grade = np.where(cand == qid[:, None], 2, same.astype(np.int64)).reshape(-1)
+    grade = np.minimum(grade, data.num_grades - 1)
     return PairBatch(torch.from_numpy(q), torch.from_numpy(x), torch.from_numpy(grade))
 
 
@@ -220,6 +231,8 @@ def train_pair_model(
     parent, so one cache of item features serves every variant."""
     if len(config.grade_mix) != spec.num_grades:
         raise ValueError("grade_mix needs one fraction per grade")
+    if train.num_grades != spec.num_grades or val.num_grades != spec.num_grades:
+        raise ValueError(f"the pair sets are graded {train.num_grades}-way, the model {spec.num_grades}-way")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng([config.seed, 11])
     model = model if model is not None else PairNetwork(spec)
@@ -270,3 +283,46 @@ def train_pair_model(
     mix = np.asarray(group_grade_prior(config) if listwise else config.grade_mix, dtype=np.float64)
     prior = tuple(float(p) for p in mix / mix.sum())
     return model, PairTrainReport(config.steps, best[1], best[0], prior, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def instance_auc(model: PairNetwork, val: PrototypeSet, seed: int = 0, pairs: int = 2000) -> float:
+    """Whether the clusters carry instance structure a pair model can see: the AUC of log p(grade 2) between
+    own-cluster pairs (two members of one cluster) and same-label pairs (members of two clusters of one label),
+    on `val`'s clusters, which the model was not trained on. 0.5 = it cannot tell them apart; 1.0 = always.
+    Ties count one half. NaN when `val` has no label with two clusters."""
+    rng = np.random.default_rng([seed, 41])
+    batch = make_pairs(val, pairs, (0.0, 0.5, 0.5), rng)
+    if not bool((batch.grade == 1).any()) or not bool((batch.grade == 2).any()):
+        return float("nan")
+    score = torch.log_softmax(pair_logits(model, batch), 1)[:, 2].double().numpy()
+    own, other = score[batch.grade.numpy() == 2], score[batch.grade.numpy() == 1]
+    ranks = _midranks(np.concatenate([own, other]))
+    return float((ranks[: len(own)].sum() - len(own) * (len(own) + 1) / 2) / (len(own) * len(other)))
+
+
+def _midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (the Mann-Whitney U statistic's ranks)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def pair_spec_for(input_dim: int, num_grades: int = 3, hidden: tuple[int, ...] = (256, 256)) -> PairSpec:
+    """The default pair model's design (docs/premise.md: correlation over shifts, 4 regions, energies) for a
+    user's feature length, which may be anything. The trunk pools so that at most 128 positions remain (the
+    correlation's cost grows with the length, and wide inputs have the room); shifts reach a fifth of the pooled
+    length, at most the default's 8 (8 of 40 on MNIST-1D), since a translation is a small part of the signal;
+    the query's positions are cut into 4 regions when the pooled length divides by 4 into parts longer than a
+    shift window's half, else 2, else 1 (regions must divide the length). A vector with no order along its
+    features still gets a valid spec; the correlation then compares feature patterns at small offsets."""
+    if input_dim < 1:
+        raise ValueError("input_dim must be positive")
+    pool = max(1, -(-input_dim // 128))
+    length = input_dim // pool
+    max_shift = min(8, length // 5)
+    regions = next((r for r in (4, 2) if length % r == 0 and length // r > max_shift), 1)
+    return default_pair_spec(input_dim, num_grades, max_shift=max_shift, pool=pool, regions=regions, hidden=hidden)

@@ -10,6 +10,10 @@ The pieces are mnist1d's own (templates, `interpolate`, the sigma-2 Gaussian fil
 rearranged so that every random number comes from a `np.random.Generator` (mnist1d draws from the global
 numpy state) and so that rendering is vectorised: padding, dilation and scale are fixed per prototype, the
 final resampling is one fixed linear map. `get_dataset` is never called (it downloads).
+
+A user's own data has no renderer: `MemberPool` stands in for `Prototypes` there. A "view" of cluster c is
+then one of c's stored members drawn at random (`member_set`), and the two sides of a same-cluster pair are
+always two different members, so "identical vectors" is never what grade 2 means.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from scipy.ndimage import gaussian_filter1d
 __all__ = [
     "PrototypeConfig",
     "Prototypes",
+    "MemberPool",
     "PrototypeSet",
+    "member_set",
+    "draw_view_pairs",
     "DEFAULT_PROTOTYPES",
     "ROLES",
     "make_prototypes",
@@ -102,13 +109,47 @@ class Prototypes:
 
 
 @dataclass(frozen=True)
-class PrototypeSet:
-    """N = K x m views, grouped by prototype: rows `c*m .. c*m+m-1` are the views of prototype c."""
+class MemberPool:
+    """A user's clusters as the source of views: the stored members of cluster c are rows
+    `offsets[c] .. offsets[c+1]-1` of `x`, and `digit` is each cluster's label (named as `Prototypes` names it,
+    so every sampler of pairs reads both alike)."""
 
-    x: np.ndarray  # (N, 40) float32, normalised
+    x: np.ndarray  # (N, D) float32, grouped by cluster
+    offsets: np.ndarray  # (K + 1,) int64
+    digit: np.ndarray  # (K,) int64, the label of every cluster
+
+    def __len__(self) -> int:
+        return len(self.digit)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def draw_rows(self, ids: np.ndarray, rng: np.random.Generator, avoid: np.ndarray | None = None) -> np.ndarray:
+        """One uniformly drawn member row of each cluster in `ids`; where `avoid` (a row per entry) is a member
+        of that same cluster and the cluster has another member, that row is never drawn."""
+        ids = np.asarray(ids, dtype=np.int64)
+        start, size = self.offsets[ids], self.sizes[ids]
+        if avoid is None:
+            return start + (rng.random(len(ids)) * size).astype(np.int64)
+        avoid = np.asarray(avoid, dtype=np.int64)
+        skip = (avoid >= start) & (avoid < start + size) & (size > 1)
+        rows = start + (rng.random(len(ids)) * (size - skip)).astype(np.int64)
+        return rows + (skip & (rows >= avoid))
+
+
+@dataclass(frozen=True)
+class PrototypeSet:
+    """N views grouped by prototype (K x m of them for rendered prototypes: rows `c*m .. c*m+m-1` are the
+    views of prototype c; for a `MemberPool`, the stored members of each cluster)."""
+
+    x: np.ndarray  # (N, D) float32, normalised
     y: np.ndarray  # (N,) int64 digit
     cluster: np.ndarray  # (N,) int64 prototype id
-    prototypes: Prototypes = field(repr=False)
+    prototypes: Prototypes | MemberPool = field(repr=False)
+    num_grades: int = 3
+    """Grades pairs of this set are labelled with: 3 (other, same label, same cluster) or 2 when the clusters
+    carry no instance structure (other, same label: the own cluster is then just a cluster of its label)."""
 
     def __len__(self) -> int:
         return len(self.y)
@@ -153,9 +194,12 @@ def make_prototypes(config: PrototypeConfig, role: str = "space") -> Prototypes:
     return Prototypes(config, digit, padding, scale, shear, translation, base)
 
 
-def make_views(protos: Prototypes, prototype_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def make_views(protos: Prototypes | MemberPool, prototype_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Render one view per entry of `prototype_ids`: translation + jitter, fresh correlated and iid noise,
-    the prototype's shear, resampling to 40 and the fixed normalisation. Returns (len(ids), 40) float32."""
+    the prototype's shear, resampling to 40 and the fixed normalisation. Returns (len(ids), 40) float32.
+    For a `MemberPool`: one stored member of each cluster, drawn at random."""
+    if isinstance(protos, MemberPool):
+        return protos.x[protos.draw_rows(prototype_ids, rng)]
     c = protos.config
     ids = np.asarray(prototype_ids, dtype=np.int64)
     n, g = len(ids), c.grid_length
@@ -171,6 +215,40 @@ def make_views(protos: Prototypes, prototype_ids: np.ndarray, rng: np.random.Gen
     x = x - protos.shear[ids, None] * np.linspace(-0.5, 0.5, g)[None, :]
     x = x @ _resample_matrix(g, c.final_seq_length).T
     return normalise(x, c)
+
+
+def draw_view_pairs(
+    protos: Prototypes | MemberPool, qid: np.ndarray, xid: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Views of clusters `qid` and `xid`, pairwise. Rendered prototypes: two independent renderings. Stored
+    members: where qid == xid the two are different members (clusters of one member excepted)."""
+    if isinstance(protos, MemberPool):
+        qrow = protos.draw_rows(qid, rng)
+        return protos.x[qrow], protos.x[protos.draw_rows(xid, rng, avoid=qrow)]
+    return make_views(protos, qid, rng), make_views(protos, xid, rng)
+
+
+def member_set(x: np.ndarray, y: np.ndarray, cluster: np.ndarray, min_size: int = 2) -> PrototypeSet:
+    """A user's items as a `PrototypeSet`: clusters with at least `min_size` members (a same-cluster pair needs
+    two), renumbered 0..K-1 in the order of their ids, each labelled by its majority label; views are its stored
+    members. Raises ValueError when no cluster is left."""
+    x, y, cluster = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64), np.asarray(cluster)
+    ids, inverse, sizes = np.unique(cluster, return_inverse=True, return_counts=True)
+    kept = np.flatnonzero(sizes >= min_size)
+    if len(kept) == 0:
+        raise ValueError(f"no cluster has {min_size} or more members, so no same-cluster pair can be drawn")
+    new_id = np.full(len(ids), -1, dtype=np.int64)
+    new_id[kept] = np.arange(len(kept))
+    c = new_id[inverse]
+    rows = np.flatnonzero(c >= 0)
+    rows = rows[np.argsort(c[rows], kind="stable")]
+    c = c[rows]
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.bincount(c, minlength=len(kept)))
+    votes = np.zeros((len(kept), int(y.max()) + 1), dtype=np.int64)
+    np.add.at(votes, (c, y[rows]), 1)
+    pool = MemberPool(x=x[rows], offsets=offsets, digit=votes.argmax(1).astype(np.int64))
+    return PrototypeSet(x=pool.x, y=y[rows], cluster=c, prototypes=pool)
 
 
 def normalise(x: np.ndarray, config: PrototypeConfig) -> np.ndarray:
@@ -201,17 +279,26 @@ def make_queries(
     return xq, cluster_q, protos.digit[cluster_q].copy()
 
 
-def similar_prototypes(protos: Prototypes, count: int = 10) -> np.ndarray:
+def similar_prototypes(protos: Prototypes | MemberPool, count: int = 10) -> np.ndarray:
     """(K, count) ids of the most similar *other* prototypes of the same digit (L2 between noise-free,
-    jitter-free renderings): the hard negatives of pair training (grade 1 pairs that look alike)."""
-    c = protos.config
-    clean = PrototypeConfig(**{**c.__dict__, "jitter": 0, "corr_noise_scale": 0.0, "iid_noise_scale": 0.0})
-    x = make_views(Prototypes(**{**protos.__dict__, "config": clean}), np.arange(len(protos)), _rng(c, "space", 99))
-    x = x.astype(np.float64)
+    jitter-free renderings; for stored members, between cluster means): the hard negatives of pair training
+    (grade 1 pairs that look alike)."""
+    if isinstance(protos, MemberPool):
+        sums = np.add.reduceat(protos.x.astype(np.float64), protos.offsets[:-1], axis=0)
+        x = sums / protos.sizes[:, None]
+    else:
+        c = protos.config
+        clean = PrototypeConfig(**{**c.__dict__, "jitter": 0, "corr_noise_scale": 0.0, "iid_noise_scale": 0.0})
+        clean_protos = Prototypes(**{**protos.__dict__, "config": clean})
+        x = make_views(clean_protos, np.arange(len(protos)), _rng(c, "space", 99)).astype(np.float64)
     out = np.zeros((len(protos), count), dtype=np.int64)
     for digit in np.unique(protos.digit):
         ids = np.flatnonzero(protos.digit == digit)
-        d = ((x[ids, None, :] - x[None, ids, :]) ** 2).sum(-1)
+        if isinstance(protos, MemberPool):  # a user's label may own thousands of clusters: no K x K x D array
+            sq = (x[ids] ** 2).sum(1)
+            d = sq[:, None] + sq[None, :] - 2 * x[ids] @ x[ids].T
+        else:
+            d = ((x[ids, None, :] - x[None, ids, :]) ** 2).sum(-1)
         np.fill_diagonal(d, np.inf)
         k = min(count, len(ids) - 1)
         if k < 1:

@@ -59,6 +59,8 @@ class LoadedModel:
     manifest: Manifest
     gadget: torch.nn.Module | None = None
     """The variant's trained aggregation gadget (the `lstm` aggregator), when one is stored beside it."""
+    gadget_sha256: str | None = None
+    """The stored gadget's weights digest (`gadget.json`), so a server can tell a gadget replaced on disk."""
 
 
 def sha256_file(path: Path) -> str:
@@ -136,7 +138,19 @@ class ModelRegistry:
         model = build_model(manifest.spec)
         model.load_state_dict(load_file(weights), strict=True)
         model.eval()
-        return LoadedModel(model, manifest, self.load_gadget(manifest.name, manifest.version))
+        gadget_digest = self.gadget_digest(manifest.name, manifest.version)
+        return LoadedModel(model, manifest, self.load_gadget(manifest.name, manifest.version), gadget_digest)
+
+    def gadget_digest(self, name: str, version: int | None = None) -> str | None:
+        """The sha256 `gadget.json` records for the gadget beside a variant (None: no gadget): cheap, for telling
+        whether a loaded variant's gadget is still the one on disk."""
+        spec_file = self.entry_dir(name, version) / GADGET_SPEC_FILE
+        if not spec_file.exists():
+            return None
+        try:
+            return str(json.loads(spec_file.read_text())["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unreadable"
 
     def active_manifests(self) -> list[Manifest]:
         return [self.manifest(n) for n in self.names() if self.active_version(n) is not None]

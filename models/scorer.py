@@ -2,9 +2,16 @@
 
 A classifier maps an item to logits over classes and ignores the query: its cluster posteriors are the same
 for every query, so they can be computed once (`cascade.exact`). A pair model (cross-encoder, `models.pair`)
-reads the query and the item together: nothing can be precomputed, which is what the cascade is for. Both
-answer `score(query, items) -> (logits, hidden)`, split into `prepare(query)` (once per query) and
-`score_prepared(prepared, items)` (per chunk of items), so the engine never branches on the kind."""
+reads the query and the item together: nothing can be precomputed per cluster, which is what the cascade is
+for. Both answer `score(query, items) -> (logits, hidden)`, split into `prepare(query)` (once per query) and
+`score_prepared(prepared, inputs)` (per chunk of items), so the engine never branches on the kind.
+
+`score_prepared` reads *item inputs*: what the model needs per item that does not depend on the query. A
+classifier reads the raw features (it has no such part). A pair model reads its trunk's features of the item,
+which a snapshot computes once per item and caches, shared by every variant with the same trunk. The helpers
+below give the answer for any scorer, so callers need no `if kind == ...`: `item_inputs`, `item_inputs_key`
+(None: nothing worth caching), `prepare_for` (a scorer may choose its path from the number of items) and
+`query_flops` (FLOPs of one query against n item inputs, on the path `prepare_for` picks)."""
 
 from __future__ import annotations
 
@@ -12,7 +19,17 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Scorer", "ScorerKind", "SCORER_KINDS"]
+from models.flops import Flops
+
+__all__ = [
+    "Scorer",
+    "ScorerKind",
+    "SCORER_KINDS",
+    "item_inputs",
+    "item_inputs_key",
+    "prepare_for",
+    "query_flops",
+]
 
 ScorerKind = Literal["classifier", "pair"]
 SCORER_KINDS: tuple[ScorerKind, ...] = ("classifier", "pair")
@@ -29,9 +46,40 @@ class Scorer(Protocol):
         ...
 
     def score_prepared(self, prepared: Any, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (M x outputs) and hidden representations (M x H) of the M items for a prepared query."""
+        """Logits (M x outputs) and hidden representations (M x H) of M items, given as item inputs
+        (`item_inputs`), for a prepared query."""
         ...
 
     def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`score_prepared(prepare(query), items)`: logits and hidden of the M items for `query` ((1, D) or None)."""
+        """The same for raw items (M x D) and a raw query ((1, D) or None)."""
         ...
+
+
+def item_inputs(model: Scorer, items: torch.Tensor) -> torch.Tensor:
+    """What `score_prepared` reads for raw items: the model's own `item_inputs` (a pair model: its trunk
+    features), or the items themselves (a classifier)."""
+    fn = getattr(model, "item_inputs", None)
+    return items if fn is None else fn(items)
+
+
+def item_inputs_key(model: Scorer) -> str | None:
+    """Models with equal keys compute equal item inputs (one cache serves them); None: the inputs are the raw
+    items, nothing to cache."""
+    fn = getattr(model, "item_inputs_key", None)
+    return None if fn is None else fn()
+
+
+def prepare_for(model: Scorer, query: torch.Tensor | None, num_items: int) -> Any:
+    """`prepare(query)`, telling a model that chooses its path by the number of items (a pair model: fold
+    the query or not) how many it will score."""
+    if hasattr(model, "folds"):
+        return model.prepare(query, num_items)  # type: ignore[call-arg]
+    return model.prepare(query)
+
+
+def query_flops(model: Scorer, num_items: int, per_item: Flops, prepared_for: int | None = None) -> Flops:
+    """FLOPs of one query against `num_items` item inputs: the model's own count (`flops(n)`, which knows its
+    path) or `num_items * per_item` for a model that costs the same per item whatever the query.
+    `prepared_for`: the query was prepared (and paid for) before, for that many items; only the items count."""
+    fn = getattr(model, "flops", None)
+    return fn(num_items, prepared_for=prepared_for) if callable(fn) else per_item * num_items

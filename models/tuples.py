@@ -26,10 +26,13 @@ __all__ = [
     "largest_n_within",
     "run_experiment",
     "DEFAULT_AGGREGATORS",
+    "GADGET_AGGREGATORS",
+    "result_row",
+    "sweet_spot_of",
 ]
 
 DEFAULT_AGGREGATORS = ("mean_prob", "mean_logit", "bayes", "lstm", "deepsets")
-_GADGET_AGGREGATORS = ("lstm", "deepsets")
+GADGET_AGGREGATORS = ("lstm", "deepsets")
 
 
 @dataclass(frozen=True)
@@ -169,30 +172,71 @@ class _Evaluator:
     def evaluate(self, variant: Variant, outputs: MemberOutputs, accuracy: float, aggregator: str, n: int) -> ResultRow:
         batch = self.batch(n)
         members = MemberOutputs(outputs.logits[batch.index], outputs.hidden[batch.index])  # type: ignore[index]
-        gadget = variant.gadgets.get(aggregator)
-        log_post = aggregate(aggregator, members, batch.counts, self.log_prior, gadget=gadget)
-        acc = n_accuracy(log_post, batch.labels)
-        ri = relative_information(log_post, batch.labels, self.prior)
-        agg_flops = get_aggregator(aggregator).flops(n, self.splits.num_classes, gadget)
-        return ResultRow(
-            variant=variant.label,
-            method=variant.method,
-            keep=variant.keep,
-            accuracy=accuracy,
-            flops_item=variant.flops,
-            flops_item_dense_kernel=variant.flops_dense_kernel,
-            aggregator=aggregator,
-            n=n,
-            flops_aggregator=agg_flops,
-            flops_tuple=n * variant.flops + agg_flops,
-            n_accuracy=acc.value,
-            n_accuracy_low=acc.low,
-            n_accuracy_high=acc.high,
-            ri=ri.value,
-            ri_low=ri.low,
-            ri_high=ri.high,
-            tuples=self.num_tuples,
+        return result_row(
+            variant, accuracy, aggregator, n, members, batch.counts, batch.labels, self.prior, self.log_prior
         )
+
+
+def result_row(
+    variant: Variant,
+    accuracy: float,
+    aggregator: str,
+    n: int,
+    members: MemberOutputs,
+    counts: torch.Tensor,
+    labels: torch.Tensor,
+    prior: torch.Tensor,
+    log_prior: torch.Tensor,
+) -> ResultRow:
+    """One cell: aggregate tuples of n members each (`counts`, contiguous runs of `members`) and measure
+    n-accuracy and RI (relative to `prior`, the distribution the tuples' labels were drawn from) and FLOPs.
+    `log_prior` is what `bayes` divides out: the prior the network's outputs were trained under. Shared by the
+    classifier experiment and the pair-model one (`models.pair_tuples`)."""
+    gadget = variant.gadgets.get(aggregator)
+    log_post = aggregate(aggregator, members, counts, log_prior, gadget=gadget)
+    acc = n_accuracy(log_post, labels)
+    ri = relative_information(log_post, labels, prior)
+    agg_flops = get_aggregator(aggregator).flops(n, log_post.shape[1], gadget)
+    return ResultRow(
+        variant=variant.label,
+        method=variant.method,
+        keep=variant.keep,
+        accuracy=accuracy,
+        flops_item=variant.flops,
+        flops_item_dense_kernel=variant.flops_dense_kernel,
+        aggregator=aggregator,
+        n=n,
+        flops_aggregator=agg_flops,
+        flops_tuple=n * variant.flops + agg_flops,
+        n_accuracy=acc.value,
+        n_accuracy_low=acc.low,
+        n_accuracy_high=acc.high,
+        ri=ri.value,
+        ri_low=ri.low,
+        ri_high=ri.high,
+        tuples=len(labels),
+    )
+
+
+def sweet_spot_of(budget: int, aggregator: str, candidates: Sequence[tuple[ResultRow, bool]]) -> SweetSpotRow | None:
+    """The best (n-accuracy, then RI) of the rows a budget buys, one per variant, with whether its n was capped."""
+    if not candidates:
+        return None
+    r, capped = max(candidates, key=lambda c: (c[0].n_accuracy, c[0].ri))
+    return SweetSpotRow(
+        budget,
+        aggregator,
+        r.variant,
+        r.method,
+        r.keep,
+        r.n,
+        r.flops_tuple,
+        r.n_accuracy,
+        r.n_accuracy_low,
+        r.n_accuracy_high,
+        r.ri,
+        capped,
+    )
 
 
 def _agg_flops(aggregator: str, num_classes: int, variant: Variant) -> Callable[[int], int]:
@@ -203,7 +247,7 @@ def _agg_flops(aggregator: str, num_classes: int, variant: Variant) -> Callable[
 def _train_missing_gadgets(
     variant: Variant, splits: Splits, aggregators: Sequence[str], hidden_size: int, config: GadgetTrainConfig
 ) -> None:
-    needed = [a for a in aggregators if a in _GADGET_AGGREGATORS and a not in variant.gadgets]
+    needed = [a for a in aggregators if a in GADGET_AGGREGATORS and a not in variant.gadgets]
     if not needed:
         return
     _, h_train = hidden_of(variant.model, splits.x_train)
@@ -250,7 +294,7 @@ def run_experiment(
     cap = min(n_cap, int(np.bincount(splits.y_test).min()))
     for budget in budgets:
         for agg in aggregators:
-            best: tuple[ResultRow, bool] | None = None
+            candidates: list[tuple[ResultRow, bool]] = []
             for v in variants:
                 n, capped = largest_n_within(budget, v.flops, _agg_flops(agg, splits.num_classes, v), cap)
                 if n < 1:
@@ -258,26 +302,10 @@ def run_experiment(
                 out, acc = outputs[v.label]
                 row = ev.evaluate(v, out, acc, agg, n)
                 budget_rows.append(row)
-                if best is None or (row.n_accuracy, row.ri) > (best[0].n_accuracy, best[0].ri):
-                    best = (row, capped)
-            if best is not None:
-                r, capped = best
-                sweet.append(
-                    SweetSpotRow(
-                        budget,
-                        agg,
-                        r.variant,
-                        r.method,
-                        r.keep,
-                        r.n,
-                        r.flops_tuple,
-                        r.n_accuracy,
-                        r.n_accuracy_low,
-                        r.n_accuracy_high,
-                        r.ri,
-                        capped,
-                    )
-                )
+                candidates.append((row, capped))
+            spot = sweet_spot_of(budget, agg, candidates)
+            if spot is not None:
+                sweet.append(spot)
         log(f"budget {budget:,}: done")
     config = {
         "ns": list(ns),

@@ -1,10 +1,15 @@
 """Prometheus metrics, one registry per app (so several apps in one process never collide), and the ASGI
-middleware timing every request by route template and status."""
+middleware timing every request by route template and status, including requests refused before the router
+ran (the body-size limit's 413, the query limiter's 503 and 504): those are labelled by the route the router
+would have chosen, and a refused checkpoint upload is counted in `prunecascade_uploads_total` wherever it was
+refused."""
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import (
@@ -17,9 +22,17 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Metrics", "MetricsMiddleware"]
+__all__ = ["Metrics", "MetricsMiddleware", "UPLOAD_ROUTE", "route_template"]
+
+UPLOAD_ROUTE = ("POST", "/v1/admin/models")
+"""The checkpoint upload (`service/routes/admin.py upload_model`): every 4xx answer to it is a refused upload."""
+
+# Per request: [True] once `prunecascade_uploads_total` was counted for it (by the upload route itself), so the
+# middleware counts an upload that never reached the route (body too large, no token, unparseable form) once.
+_upload_counted: ContextVar[list[bool] | None] = ContextVar("prunecascade_upload_counted", default=None)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -76,7 +89,9 @@ class Metrics:
         self.swaps = Counter("prunecascade_swaps", "Snapshot swaps by cause", ["reason"], registry=r)
         self.redis_errors = Counter("prunecascade_redis_errors", "Failed Redis operations", ["op"], registry=r)
         self.redis_up = Gauge("prunecascade_redis_up", "1 while Redis answers (absent without Redis)", registry=r)
-        self.uploads = Counter("prunecascade_uploads", "Checkpoint uploads by outcome", ["outcome"], registry=r)
+        self.uploads = _MarkingCounter(
+            Counter("prunecascade_uploads", "Checkpoint uploads by outcome", ["outcome"], registry=r)
+        )
         self.query_inflight = Gauge("prunecascade_query_inflight", "Queries holding a compute slot", registry=r)
         self.query_queued = Gauge("prunecascade_query_queued", "Queries waiting for a compute slot", registry=r)
         self.query_rejected = Counter(
@@ -101,9 +116,53 @@ class Metrics:
         self.snapshot.labels(snapshot_id=snapshot_id).set(1)
 
 
+class _MarkingChild:
+    def __init__(self, child: Any) -> None:
+        self._child = child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._child.inc(amount)
+        mark = _upload_counted.get()
+        if mark is not None:
+            mark[0] = True
+
+
+class _MarkingCounter:
+    """A labelled counter whose increments mark the current request as counted (the request's context is copied
+    into the worker thread of a sync route, and the mark is a list, so the middleware sees the route's mark)."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+
+    def labels(self, **labels: str) -> _MarkingChild:
+        return _MarkingChild(self.counter.labels(**labels))
+
+
+def route_template(scope: Scope, templates: Sequence[tuple[re.Pattern[str], str]]) -> str:
+    """The template of the route that served the request; for a request answered before the router ran, the
+    first of `templates` (compiled OpenAPI paths, in route order) that its path matches; else `unmatched`, so the
+    label's values stay the app's templates whatever the URL."""
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return path
+    raw = scope.get("path", "")
+    return next((template for regex, template in templates if regex.match(raw)), "unmatched")
+
+
+def _compiled_templates(app: Any) -> list[tuple[re.Pattern[str], str]]:
+    """Every path template of the app's OpenAPI document (the public list of its routes, whatever the router's
+    internals), compiled as Starlette compiles route paths."""
+    try:
+        paths = list(app.openapi()["paths"])
+    except Exception:  # not a FastAPI app, or no schema: refusals before routing stay `unmatched`
+        return []
+    return [(compile_path(template)[0], template) for template in paths]
+
+
 class MetricsMiddleware:
-    """Pure ASGI: labels by the matched route's template (`/v1/admin/models/{name}/activate`), never the raw
-    path, so fuzzed URLs cannot blow up the label cardinality."""
+    """Pure ASGI: labels by the route's template (`/v1/admin/models/{name}/activate`), never the raw path, so
+    fuzzed URLs cannot blow up the label cardinality. It sits outside the query limiter and the body-size limit,
+    so their refusals are counted here under their route, and a refused upload in `prunecascade_uploads_total`."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -111,6 +170,7 @@ class MetricsMiddleware:
         # The labelled children, looked up once per (route template, method, status): as many as the series
         # themselves, so no more than the metrics already hold.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._templates: list[tuple[re.Pattern[str], str]] | None = None  # built on the first unrouted request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,13 +184,18 @@ class MetricsMiddleware:
                 status[0] = int(message["status"])
             await send(message)
 
+        upload_mark = _upload_counted.set([False])
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            key = (template, scope.get("method", ""), status[0])
+            counted = _upload_counted.get()
+            _upload_counted.reset(upload_mark)
+            if scope.get("route") is None and self._templates is None:
+                self._templates = _compiled_templates(scope.get("app"))
+            key = (route_template(scope, self._templates or ()), scope.get("method", ""), status[0])
+            if (key[1], key[0]) == UPLOAD_ROUTE and 400 <= key[2] < 500 and counted is not None and not counted[0]:
+                self.metrics.uploads.labels(outcome="refused").inc()
             children = self._children.get(key)
             if children is None:
                 labels = {"route": key[0], "method": key[1], "status": str(key[2])}

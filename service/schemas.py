@@ -167,6 +167,12 @@ class SpaceOut(BaseModel):
     cluster_sizes: dict[str, float] = Field(description="min, median and max members per cluster")
     held_out_queries: int = Field(description="queries by example shipped with the space (GET /v1/space/queries)")
     num_grades: int = Field(description="relevance grades of the pair models (0: no pair models)")
+    grades: dict[str, Any] | None = Field(
+        None,
+        description="on your own clusters: whether they carry instance structure, as measured at bootstrap "
+        "(num_grades, default gains, instance_auc of the dense pair model on validation clusters, threshold, "
+        "decision); null where the grades are built in (MNIST-1D prototypes) or there are no pair models",
+    )
     exact: dict[str, Any] = Field(
         description="the exact table of the dense classifier's cluster posteriors: state (ready, building, disabled, "
         "failed), bytes, build_seconds, build_flops, lookup_flops, break_even_queries (build cost over the default "

@@ -106,6 +106,7 @@ class ServiceState:
         return thread
 
     def _swap(self, snapshot: Snapshot, reason: str) -> None:
+        snapshot.warm()  # pair models' item inputs built before the snapshot serves (a no-op for classifiers)
         previous = self._snapshot
         self._snapshot = snapshot  # one reference assignment: readers see the old or the new, never a mix
         if previous is None or previous.id != snapshot.id:
@@ -140,7 +141,7 @@ class ServiceState:
         variants: dict[str, Variant] = {}
         for name, version in sorted(active.items()):
             old = current.variants.get(name)
-            if old is not None and old.version == version:
+            if old is not None and old.version == version and old.gadget_sha256 == self._gadget_digest(name, version):
                 variants[name] = old
                 continue
             reason = misfit(self.registry.manifest(name, version), space)
@@ -149,7 +150,9 @@ class ServiceState:
                     raise StageError("version", f"{name}:{version} {reason}")
                 continue
             variants[name] = variant_for(self.registry.load(name, version), space)
-        return build_snapshot(space, current.index, variants, config, current.embedding, current.queries)
+        return build_snapshot(
+            space, current.index, variants, config, current.embedding, current.queries, current.item_cache
+        )
 
     # -- changes (each: candidate first, then disk, then swap, then tell the other replicas) -------------------
     def activate(self, name: str, version: int | None = None, reason: str = "activate") -> Snapshot:
@@ -239,11 +242,17 @@ class ServiceState:
         log.info("converged on shared state: snapshot %s", snapshot.id)
         return True
 
+    def _gadget_digest(self, name: str, version: int) -> str | None:
+        try:
+            return self.registry.gadget_digest(name, version)
+        except RegistryError:
+            return None
+
     def reload(self) -> tuple[Snapshot, list[str]]:
         """Adopt what the command line changed on disk while the server ran (`prunecascade train/prune` into the
         served home: new versions, other active versions, a new default cascade), as one complete snapshot built
         before anything is swapped; models already loaded are reused. Returns the snapshot and what changed
-        (`name:version` or `cascade`)."""
+        (`name:version`, `name:version gadget` or `cascade`)."""
         with self.lock:
             current = self.require_snapshot()
             wanted: dict[str, int] = {}
@@ -256,11 +265,20 @@ class ServiceState:
                 if version is not None:
                     wanted[name] = version
             config = CascadeConfig.load(self.config_path)
-            if wanted == self._active and config == current.config:
+            new_gadgets = sorted(
+                n
+                for n, v in wanted.items()
+                if self._active.get(n) == v
+                and n in current.variants
+                and current.variants[n].gadget_sha256 != self._gadget_digest(n, v)
+            )
+            if wanted == self._active and config == current.config and not new_gadgets:
                 return current, []
             snapshot = self.candidate(wanted, config)
             names = sorted({n for n, v in wanted.items() if self._active.get(n) != v} | (self._active.keys() - wanted))
             changed = [f"{n}:{wanted[n]}" if n in wanted else f"{n}: no active version" for n in names]
+            changed += [f"{n}:{wanted[n]} gadget" for n in new_gadgets]
+            names = sorted(set(names) | set(new_gadgets))
             if config != current.config:
                 changed.append("cascade")
             self._active = wanted

@@ -174,7 +174,7 @@ def test_bootstrap_from_a_training_file_and_a_space_file(tmp_path: Path, capsys:
     space = user_npz(tmp_path / "space.npz", clusters=25)
     home = tmp_path / "home"
     argv = ["bootstrap", "--dataset", str(train), "--space-dataset", str(space), "--home", str(home)]
-    assert main([*argv, "--epochs", "2", "--quiet"]) == 0
+    assert main([*argv, "--epochs", "2", "--quiet", "--no-pair"]) == 0
     meta = json.loads((home / "spaces" / "default" / META_FILE).read_text())
     assert meta["space_dataset"] == str(space) and meta["dataset"] == str(train)
     assert meta["num_items"] == 150 and meta["num_clusters"] == 25  # the whole space file, nothing trained on

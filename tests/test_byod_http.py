@@ -25,7 +25,9 @@ def byod_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("byod")
     data = user_npz(root / "mine.npz", clusters=150)
     home = root / "var-mine"
-    assert main(["bootstrap", "--dataset", str(data), "--home", str(home), "--epochs", "2", "--quiet"]) == 0
+    assert (
+        main(["bootstrap", "--dataset", str(data), "--home", str(home), "--epochs", "2", "--quiet", "--no-pair"]) == 0
+    )
     return home
 
 

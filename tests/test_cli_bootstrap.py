@@ -71,7 +71,7 @@ def test_an_unknown_arch_is_a_usage_error(tmp_path: Path) -> None:
 def test_bootstrap_a_users_npz_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = _npz(tmp_path / "mine.npz")
     home = tmp_path / "var-mine"
-    argv = ["bootstrap", "--dataset", str(data), "--home", str(home), "--epochs", "2", "--quiet"]
+    argv = ["bootstrap", "--dataset", str(data), "--home", str(home), "--epochs", "2", "--quiet", "--no-pair"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"prunecascade serve --home {home}" in out

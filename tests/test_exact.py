@@ -148,6 +148,14 @@ def test_stale_corrupt_or_truncated_files_are_refused(tmp_path: Path, table: Exa
     np.savez(path, log_post=altered, meta=np.array(json.dumps(meta)))
     with pytest.raises(TableError, match="checksum"):
         load_table(path, sha, space)
+    # a table of the first format ranked by `bayes` over every member: the oracle no longer does, never serve it
+    path.write_bytes(good)
+    with np.load(path) as f:
+        first_format = {**json.loads(str(f["meta"][()])), "format": 1}
+        array = f["log_post"].copy()
+    np.savez(path, log_post=array, meta=np.array(json.dumps(first_format)))
+    with pytest.raises(TableError, match="unknown format 1"):
+        load_table(path, sha, space)
 
 
 def test_table_bytes() -> None:

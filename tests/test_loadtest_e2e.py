@@ -9,6 +9,7 @@ from pathlib import Path
 
 from loadtest_fixtures import LiveService, loadtest_home_fixture, loadtest_service_fixture  # noqa: F401
 
+from cascade.engine import ORACLE_AGGREGATOR
 from service.commands import loadtest as loadtest_command
 from service.loadtest.evaluate import CSV_COLUMNS
 
@@ -50,8 +51,9 @@ def test_loadtest_against_a_live_service(loadtest_service: LiveService, tmp_path
 
 
 def test_oracle_through_the_service_agrees_with_itself(loadtest_service: LiveService, tmp_path: Path) -> None:
-    """A grid whose only stage is the dense model on every member is the oracle: agreement@k must be 1."""
-    grid = ["--variants", "dense", "--samples", "8", "--no-exact"]
+    """A grid whose only stage is the dense model on every member, aggregated as the oracle aggregates, is the
+    oracle: agreement@k must be 1."""
+    grid = ["--variants", "dense", "--samples", "8", "--aggregators", ORACLE_AGGREGATOR, "--no-exact"]
     code = _run(loadtest_service, tmp_path, "--rates", "3", "--duration", "1", *grid)
     assert code == 0
     with (tmp_path / "results.csv").open() as f:

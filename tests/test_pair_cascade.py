@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import httpx
 import numpy as np
@@ -15,8 +16,10 @@ import torch
 from cascade.config import Stage
 from cascade.engine import dense_flops, dense_oracle, plan_flops, run_cascade, target_from_examples, target_from_label
 from cascade.queries import cluster_grades
-from cascade.snapshot import StageError
+from cascade.snapshot import StageError, build_snapshot
+from cascade.space import sample_members
 from models.inference import score_chunked
+from models.pair import folded_pair_cost, plain_pair_cost
 
 
 def _query(snapshot, i: int = 0) -> np.ndarray:
@@ -77,8 +80,14 @@ def test_pair_cascade_accounting_and_candidates(snapshot) -> None:
     assert first.clusters_in == 40 and first.kept == snapshot.config.pair_stages[0].keep
     variant = snapshot.variants[first.variant]
     assert variant.kind == "pair"
-    assert variant.query_flops > 0  # the fold of the query into the first layer, once per query and stage
-    assert first.flops == first.items * variant.flops.nonzero + variant.query_flops + first.items * snapshot.num_grades
+    assert variant.query_flops > 0  # the query's trunk and fold, once per query and stage
+    # the scorer's own count for this many items (folded or plain, whichever is cheaper), then Bayes per member
+    paths = [plain_pair_cost(variant.model), folded_pair_cost(variant.model)]
+    dense = [q.dense_kernel + first.items * p.dense_kernel for p, q in paths]
+    pick = int(variant.model.folds(first.items))
+    assert dense[pick] == min(dense)  # the scorer picks the cheaper path (by dense kernels)
+    pair, query = paths[pick]
+    assert first.flops == query.nonzero + first.items * pair.nonzero + first.items * snapshot.num_grades
     assert result.posteriors.shape == (5, snapshot.num_grades)
     np.testing.assert_allclose(result.posteriors.sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(result.scores, result.posteriors @ target.utility, rtol=1e-5)
@@ -242,3 +251,123 @@ def test_http_default_cascades_and_a_k_above_the_default_keep(server) -> None:
     r = _post(server, body)
     assert r.status_code == 200, r.text
     assert len(r.json()["clusters"]) == keep + 1 and r.json()["stages"][0]["kept"] >= keep + 1
+
+
+def test_item_inputs_are_cached_once_per_trunk_and_give_the_uncached_scores(snapshot) -> None:
+    pairs = [v for v in snapshot.variants.values() if v.kind == "pair"]
+    classifiers = [v for v in snapshot.variants.values() if v.kind == "classifier"]
+    assert len(pairs) >= 2 and classifiers
+    rows = torch.arange(0, snapshot.space.num_items, 7)
+    q = torch.from_numpy(_query(snapshot, 4))
+    for v in pairs:
+        cached = snapshot.item_inputs(v, rows)
+        with torch.inference_mode():
+            got = score_chunked(v.model, q, cached, inputs=True)[0]
+            want = v.model.forward_with_hidden(q, snapshot.features[rows])[0]  # the plain forward, raw items
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    entries = snapshot.item_cache.entries()
+    assert len({v.inputs_key for v in pairs}) == 1 and len(entries) == 1  # pruned variants share the trunk
+    assert entries[0].key.startswith(pairs[0].inputs_key)
+    (entry,) = entries
+    assert entry.table.shape == (snapshot.space.num_items, pairs[0].model.item_input_width)
+    assert entry.nbytes == 4 * snapshot.space.num_items * pairs[0].model.item_input_width
+    assert entry.build_flops == snapshot.space.num_items * pairs[0].model.item_input_flops().nonzero
+    other = dataclasses.replace(snapshot, features=snapshot.features * 2.0)  # shares the cache object
+    torch.testing.assert_close(
+        other.item_inputs(pairs[0], rows), pairs[0].model.item_inputs(other.features[rows]), atol=1e-6, rtol=1e-6
+    )
+    for v in classifiers:  # a classifier reads the raw features: nothing cached
+        assert v.inputs_key is None and snapshot.cached_inputs(v) is None
+        torch.testing.assert_close(snapshot.item_inputs(v, rows), snapshot.features[rows])
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_stage_flops_equal_the_plan_where_every_cluster_has_enough_members(snapshot, samples: int) -> None:
+    """plan_flops assumes every cluster has `samples` members; where they do, it is exact, and the stage's
+    FLOPs are the scorer's count (plain or folded by the number of items) plus Bayes's accumulations."""
+    target = target_from_examples(snapshot, _query(snapshot, 6), candidates=30)
+    assert int(snapshot.space.sizes[target.candidates].min()) >= samples
+    names = [v.name for v in snapshot.variants.values() if v.kind == "pair"]
+    stages = [Stage(variant=names[0], samples=samples, keep=10), Stage(variant=names[-1], samples=samples)]
+    result = run_cascade(snapshot, target, 5, stages, seed=2)
+    assert plan_flops(snapshot, target, 5, stages) == result.flops + target.flops
+    for report in result.stages:
+        variant = snapshot.variants[report.variant]
+        assert report.items == report.clusters_in * samples
+        assert report.flops == variant.cost(report.items).nonzero + report.items * snapshot.num_grades
+
+
+def test_a_classifier_stage_costs_its_manifest_flops_per_item(snapshot) -> None:
+    target = target_from_label(snapshot, snapshot.space.labels_known[1])
+    result = run_cascade(snapshot, target, 5, seed=1)
+    for report in result.stages:
+        variant = snapshot.variants[report.variant]
+        assert variant.kind == "classifier" and variant.query_flops == 0
+        assert variant.cost(report.items).nonzero == report.items * variant.manifest.flops_nonzero
+
+
+def _with_twin(snapshot, name: str, twin: str):
+    """The snapshot with a second name for one variant (the same model): a stage of the twin is not the
+    same variant as a stage of the original, so nothing is reused between them."""
+    variants = dict(snapshot.variants)
+    variants[twin] = variants[name]
+    return dataclasses.replace(snapshot, variants=types.MappingProxyType(variants))
+
+
+def test_a_stage_of_the_same_variant_extends_the_members_scored_before(snapshot) -> None:
+    dense = snapshot.dense_for("pair").name
+    twin_snapshot = _with_twin(snapshot, dense, "twin")
+    target = target_from_examples(snapshot, _query(snapshot, 7), candidates=30)
+    widest = int(snapshot.space.sizes.max())
+    first, last = Stage(variant=dense, samples=2, keep=12), Stage(variant=dense, samples=widest)
+    reused = run_cascade(twin_snapshot, target, 5, [first, last], seed=4)
+    fresh = run_cascade(twin_snapshot, target, 5, [first, Stage(variant="twin", samples=widest)], seed=4)
+    # the last stage takes every member either way: the same posteriors, but only the new members are scored
+    np.testing.assert_array_equal(reused.cluster_ids, fresh.cluster_ids)
+    np.testing.assert_allclose(reused.posteriors, fresh.posteriors, rtol=1e-5, atol=1e-6)
+    assert reused.stages[1].items == fresh.stages[1].items - reused.stages[0].kept * 2
+    variant = snapshot.variants[dense]
+    prepared_for = reused.stages[0].items
+    pairs = variant.cost(reused.stages[1].items, prepared_for=prepared_for)
+    per_pair, _ = (folded_pair_cost if variant.model.folds(prepared_for) else plain_pair_cost)(variant.model)
+    assert pairs == per_pair * reused.stages[1].items  # the pairs only: the query was prepared by stage 0
+    assert reused.stages[1].flops == pairs.nonzero + fresh.stages[1].items * snapshot.num_grades
+    assert plan_flops(twin_snapshot, target, 5, [first, last]) == reused.flops + target.flops
+    assert reused.flops < fresh.flops
+
+
+def test_extending_members_samples_only_unscored_ones(snapshot) -> None:
+    from cascade.engine import _extend_members
+
+    space = snapshot.space
+    clusters = np.arange(0, space.num_clusters, 3)
+    rng = np.random.default_rng(0)
+    rows, counts = sample_members(space.offsets, clusters, 2, rng)
+    new, need = _extend_members(space.offsets, clusters, rows, counts, 5, rng)
+    sizes = space.sizes[clusters]
+    np.testing.assert_array_equal(need, np.maximum(np.minimum(sizes, 5) - counts, 0))
+    assert len(new) == need.sum() and not set(new.tolist()) & set(rows.tolist())
+    owner = np.searchsorted(space.offsets, new, side="right") - 1
+    np.testing.assert_array_equal(owner, np.repeat(clusters, need))  # grouped by cluster, in order
+    none, zero = _extend_members(space.offsets, clusters, rows, counts, 1, rng)  # already enough
+    assert len(none) == 0 and not zero.any()
+
+
+def test_a_swap_keeps_the_item_cache_and_warm_builds_it_before_serving(snapshot) -> None:
+    """`build_snapshot(..., item_cache=)` hands the tables to the next snapshot (a swap that keeps the trunk
+    rebuilds nothing), `warm()` builds them before the first query, and tables no variant reads are dropped."""
+    parts = (snapshot.space, snapshot.index)
+    first = build_snapshot(*parts, snapshot.variants, snapshot.config, snapshot.embedding, snapshot.queries)
+    assert first.item_cache.entries() == []  # nothing built until asked
+    first.warm()
+    (entry,) = first.item_cache.entries()
+    second = build_snapshot(
+        *parts, snapshot.variants, snapshot.config, snapshot.embedding, snapshot.queries, first.item_cache
+    )
+    second.warm()
+    assert second.item_cache.entries()[0] is entry  # the same table, not rebuilt
+    classifiers = {n: v for n, v in snapshot.variants.items() if v.kind == "classifier"}
+    config = snapshot.config.model_copy(update={"pair_dense": None, "pair_stages": None})
+    third = build_snapshot(*parts, classifiers, config, snapshot.embedding, snapshot.queries, first.item_cache)
+    third.warm()
+    assert third.item_cache.entries() == []  # no served variant reads it any more

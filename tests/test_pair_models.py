@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -24,6 +25,7 @@ from models.biencoder import (
 )
 from models.manifest import Manifest
 from models.pair import (
+    FoldedQuery,
     PairNetwork,
     PairSpec,
     correlate,
@@ -168,10 +170,13 @@ def test_folding_the_query_gives_the_same_outputs(name: str) -> None:
             torch.testing.assert_close(m.forward_folded(folded, fx, m.item_energies(fx))[0], out)
         per_pair, per_query = folded_pair_cost(m)
         c, length, h1 = m.spec.trunk_channels, 40, m.scorer.body[0].weight.shape[0]
-        extra = 2 * c * length + 2 * h1 * c * m.spec.regions if m.spec.energies else 0
+        r, w = m.spec.regions, m.spec.shifts
+        energies = c * r if m.spec.energies else 0  # cached with the item's features
         rest = pair_cost(m).scorer.dense_kernel - 2 * m.scorer.body[0].weight.numel()
-        assert per_pair.dense_kernel == 2 * h1 * c * length + extra + rest
-        assert per_query.dense_kernel > 0
+        assert per_pair.dense_kernel == 2 * h1 * (c * length + energies) + rest
+        trunk = 2 * c * 5 * 40
+        query_energies = 2 * c * length + 2 * h1 * c * r if m.spec.energies else 0
+        assert per_query.dense_kernel == trunk + 2 * h1 * c * r * w * length + query_energies
     with pytest.raises(ValueError, match="channels"):
         PairNetwork(VARIANTS["positions"]).fold_query(torch.zeros(1, 4, 40))
 
@@ -188,11 +193,12 @@ def test_the_pair_model_reads_the_query() -> None:
 def test_flops_match_the_torch_counter_where_it_counts() -> None:
     model = PairNetwork(TINY).eval()
     cost = pair_cost(model)
-    assert cost.interaction.dense_kernel == 2 * 4 * 5 * 40 + 2 * 4 * 40  # correlations + item energies
+    # per channel, the (L + 2S) padded positions times the R * (2S + 1) Toeplitz columns (zeros included)
+    assert cost.interaction.dense_kernel == 2 * 4 * (40 + 4) * 4 * 5
     assert cost.per_pair == cost.interaction + cost.scorer
     folded, fold = folded_pair_cost(model)
-    assert pair_flops(model) == folded + cost.per_item  # served folded; the item trunk is recomputed per pair
-    assert pair_query_flops(model) == fold + cost.per_query
+    assert pair_flops(model) == folded  # served from cached item inputs: the trunk is counted once per item
+    assert pair_query_flops(model) == fold
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model.scorer(torch.zeros(1, TINY.interaction_dim))
@@ -201,7 +207,7 @@ def test_flops_match_the_torch_counter_where_it_counts() -> None:
     with counter, torch.no_grad():
         model.item_features(torch.zeros(1, 40))
     assert cost.per_item.dense_kernel == counter.get_total_flops()
-    assert cost.cache_floats_per_item == 4 * 40
+    assert cost.cache_floats_per_item == model.item_input_width == 4 * 40 + 4 * 4  # features + energies
 
 
 def test_with_scorer_keeps_the_front_end() -> None:
@@ -330,3 +336,109 @@ def test_prune_pair_and_register_fine_tunes_the_scorer_only(tmp_path: Path) -> N
     registry.register("clf", copy.deepcopy(dense.scorer), accuracy=0.5)
     with pytest.raises(ValueError, match="not a pair model"):
         prune_pair_and_register(registry, "clf", "magnitude", 0.5, "clf-m", train, val)
+
+
+def _nontrivial(spec: PairSpec, seed: int) -> PairNetwork:
+    torch.manual_seed(seed)
+    model = PairNetwork(spec)
+    with torch.no_grad():  # a non-trivial normalisation, as after training
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.5, 2.0)
+        model.norm.weight.normal_()
+        model.norm.bias.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_cached_item_inputs_give_the_plain_forward_on_both_paths(name: str) -> None:
+    model = _nontrivial(VARIANTS[name], 2)
+    q, x = torch.randn(1, 40), torch.randn(60, 40)
+    with torch.no_grad():
+        want_logits, want_hidden = model.forward_with_hidden(q, x)
+        inputs = model.item_inputs(x)
+        assert inputs.shape == (60, model.item_input_width)
+        fq = model.query_features(q)
+        prepared = [fq, model.prepare(q, 1), model.prepare(q, 10**6)]
+        if model.spec.interaction == "channels":  # folding exists for 'channels' models, whether or not it pays
+            prepared.append(model.fold_query(fq))
+        else:
+            assert not model.folds(10**6)
+        for p in prepared:
+            logits, hidden = model.score_prepared(p, inputs)
+            torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(hidden, want_hidden, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.score(q, x)[0], want_logits, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="item inputs"):
+            model.score_prepared(model.prepare(q, 1), x)  # raw items are not item inputs
+
+
+def test_the_fold_follows_the_weights() -> None:
+    """The fold's query-independent part is computed once per set of weights; changing a weight in place
+    (training, a load) must not serve a stale fold."""
+    model = _nontrivial(VARIANTS["default"], 3)
+    q, x = torch.randn(1, 40), torch.randn(30, 40)
+    with torch.no_grad():
+        inputs = model.item_inputs(x)
+        before = model.score_prepared(model.prepare(q, 10**6), inputs)[0]
+        model.scorer.body[0].weight.mul_(0.5)
+        model.norm.running_var.mul_(2.0)
+        after = model.score_prepared(model.prepare(q, 10**6), inputs)[0]
+        torch.testing.assert_close(after, model.forward_with_hidden(q, x)[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("name", ["default", "one-region"])
+def test_flops_per_query_equal_a_hand_count_and_the_torch_counter(name: str) -> None:
+    model = _nontrivial(VARIANTS[name], 4)
+    spec = model.spec
+    c, length, r, w, s = spec.trunk_channels, 40, spec.regions, spec.shifts, spec.max_shift
+    h1 = model.scorer.body[0].weight.shape[0]
+    scorer = pair_cost(model).scorer.dense_kernel
+    rest = scorer - 2 * h1 * spec.interaction_dim
+    trunk = 2 * c * 5 * 40
+    energies = c * r if spec.energies else 0
+    plain_pair = 2 * c * (length + 2 * s) * r * w + scorer
+    plain_query = trunk + (2 * c * length if spec.energies else 0)
+    folded_pair = 2 * h1 * (c * length + energies) + rest
+    folded_query = trunk + 2 * h1 * c * r * w * length + (2 * c * length + 2 * h1 * energies if spec.energies else 0)
+    # folding pays past this many items, if it ever does (not with one region: fewer correlation numbers)
+    crossover = (folded_query - plain_query) / (plain_pair - folded_pair) if plain_pair > folded_pair else math.inf
+    assert (crossover < 200) == (name == "default")
+    for n in (1, 2, 50, 150, 151, 500) if math.isinf(crossover) else (1, 2, int(crossover), int(crossover) + 1, 500):
+        want = min(plain_query + n * plain_pair, folded_query + n * folded_pair)
+        assert model.flops(n).dense_kernel == want
+        assert model.folds(n) == (n > crossover)
+    # the torch counter sees the same matrix products (it skips elementwise work, the energies' squares, and
+    # matrix-vector products, the query energies' share of the folded bias)
+    q, x = torch.randn(1, 40), torch.randn(50, 40)
+    with torch.no_grad():
+        inputs = model.item_inputs(x)
+        model.flops(1)  # the cost table is built outside the counter
+        for prepare, (pair, query) in (
+            (lambda: model.query_features(q), (plain_pair, plain_query)),
+            (lambda: model.fold_query(model.query_features(q)), (folded_pair, folded_query)),
+        ):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                prepared = prepare()
+            uncounted = 2 * c * length if spec.energies else 0
+            if spec.energies and isinstance(prepared, FoldedQuery):
+                uncounted += 2 * h1 * energies
+            assert counter.get_total_flops() == query - uncounted
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model.score_prepared(prepared, inputs)
+            assert counter.get_total_flops() == 50 * pair
+
+
+def test_item_inputs_key_is_shared_by_pruned_variants_and_follows_the_trunk() -> None:
+    model = _nontrivial(VARIANTS["default"], 5)
+    pruned = prune_pair(model, "magnitude", 0.3)
+    assert pruned.item_inputs_key() == model.item_inputs_key()  # one cache serves both
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.trunk[0].weight.add_(0.01)
+    assert other.item_inputs_key() != model.item_inputs_key()
+    assert PairNetwork(VARIANTS["positions"]).item_inputs_key() != model.item_inputs_key()
+    cost = model.item_input_flops()
+    assert cost.dense_kernel == 2 * 4 * 5 * 40 + 2 * 4 * 40  # the trunk and the item energies, once per item

@@ -1,11 +1,12 @@
 """`prunecascade bootstrap [--dataset mnist1d|digits|PATH.npz] [--space-dataset PATH.npz] [--arch mlp|cnn1d|cnn2d]
-[--home DIR]`: build a home (data, dense model, pruned variants, space with its index, default cascade); skips
-what exists."""
+[--pair/--no-pair] [--pair-steps N] [--home DIR]`: build a home (data, dense model, pruned variants, pair models
+for queries by example, space with its index, default cascade); skips what exists."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="data split and training seed (default: 0)")
     p.add_argument("--cluster-size", type=int, help="items per same-label cluster when the data has no cluster column")
     p.add_argument("--kmeans-clusters", type=int, help="without a cluster column: K clusters by FAISS k-means instead")
+    p.add_argument(
+        "--pair",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="your .npz: train pair models (cross-encoders) and a bi-encoder on its clusters, so that queries by "
+        "example run the pair cascade; the space then ships held-out members as queries. Default: on exactly "
+        "when the data has a cluster column. --no-pair builds the classifier path only (faster)",
+    )
+    p.add_argument(
+        "--pair-steps",
+        type=int,
+        help="training steps of the dense pair model (default: 1500); the bi-encoder gets two thirds as many and "
+        "each pruned variant's fine-tuning a fifth",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -67,6 +82,12 @@ def config_from(args: argparse.Namespace) -> Any:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
     if args.kmeans_clusters is not None and args.kmeans_clusters < 1:
         raise ValueError(f"--kmeans-clusters: must be >= 1, got {args.kmeans_clusters}")
+    pair_flag = getattr(args, "pair", None)
+    pair_steps = getattr(args, "pair_steps", None)
+    if pair_flag is not None and dataset in ("mnist1d", "digits"):
+        raise ValueError("--pair/--no-pair: apply to your own .npz (mnist1d always has pair models, digits none)")
+    if pair_steps is not None and pair_steps < 1:
+        raise ValueError(f"--pair-steps: must be >= 1, got {pair_steps}")
     overrides = {
         k: v
         for k, v in (
@@ -79,7 +100,22 @@ def config_from(args: argparse.Namespace) -> Any:
     }
     if space_dataset is not None:
         overrides["space_dataset"] = space_dataset
-    return BootstrapConfig(dataset=dataset, arch=arch, **overrides)
+    if pair_flag is not None:
+        overrides["user_pair"] = pair_flag
+    config = BootstrapConfig(dataset=dataset, arch=arch, **overrides)
+    if pair_steps is not None and config.pair is not None:
+        config = replace(config, pair=_pair_with_steps(config.pair, pair_steps))
+    return config
+
+
+def _pair_with_steps(pair: Any, steps: int) -> Any:
+    """The pair config with `steps` dense training steps and the others scaled alike (evaluation intervals
+    capped at the step count, so a short run still keeps its best checkpoint)."""
+    training = replace(pair.training, steps=steps, eval_every=min(pair.training.eval_every, steps))
+    bi_steps = max(1, steps * 2 // 3)
+    biencoder = replace(pair.biencoder, steps=bi_steps, eval_every=min(pair.biencoder.eval_every, bi_steps))
+    variants = tuple(replace(v, finetune_steps=min(v.finetune_steps, max(1, steps // 5))) for v in pair.variants)
+    return replace(pair, training=training, biencoder=biencoder, variants=variants)
 
 
 def _npz_path(flag: str, value: str, expected: str) -> str:
@@ -114,5 +150,7 @@ def run(args: argparse.Namespace) -> int:
     _check_home_matches(settings.home, config)
     cascade = bootstrap(settings.home, config, progress=not args.quiet)
     print(f"ready under {settings.home}: cascade " + " -> ".join(s.variant for s in cascade.stages))
+    if cascade.pair_stages:
+        print("queries by example: pair cascade " + " -> ".join(s.variant for s in cascade.pair_stages))
     print(f"serve it with: prunecascade serve --home {settings.home}")
     return 0

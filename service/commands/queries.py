@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cascade.queries import QuerySet
+    from cascade.space import Space
 
     if args.offset < 0 or args.limit < 1:
         raise ValueError("--offset must be >= 0 and --limit >= 1")
@@ -30,8 +31,11 @@ def run(args: argparse.Namespace) -> int:
     queries = QuerySet.load(settings.space_dir)
     if queries is None:
         raise LookupError(f"{settings.space_dir} has no held-out queries (a space without pair models)")
+    space = Space.load(settings.space_dir)  # the truth in the user's ids, as GET /v1/space/queries gives it
     for i in range(args.offset, min(args.offset + args.limit, len(queries))):
         body = {"target": {"examples": [[round(float(v), 6) for v in queries.x[i]]]}, "k": args.k}
-        truth = {"index": i, "cluster_id": int(queries.cluster[i]), "label": int(queries.label[i])}
+        cluster_id = space.cluster_ids[int(queries.cluster[i])]  # type: ignore[index]
+        label = space.class_labels[int(queries.label[i])]  # type: ignore[index]
+        truth = {"index": i, "cluster_id": int(cluster_id), "label": int(label)}
         print(json.dumps(body if args.body else {"request": body, "truth": truth}))
     return 0

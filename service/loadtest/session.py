@@ -104,8 +104,11 @@ async def _wait_exact(client: httpx.AsyncClient, seconds: float) -> None:
 async def _oracle(
     client: httpx.AsyncClient, labels: Sequence[int], k: int, samples: int, timeout: float
 ) -> dict[int, list[int]]:
-    """The dense exhaustive oracle's top-k, fetched once per label (it is deterministic: it samples nothing)."""
-    stages = [{"variant": "dense", "samples": samples, "aggregator": "bayes"}]
+    """The dense exhaustive oracle's top-k, fetched once per label (it is deterministic: it samples nothing):
+    one dense stage over every member, aggregated as the engine's oracle aggregates."""
+    from cascade.engine import ORACLE_AGGREGATOR
+
+    stages = [{"variant": "dense", "samples": samples, "aggregator": ORACLE_AGGREGATOR}]
     answers: dict[int, list[int]] = {}
     for label in labels:
         body = {"target": {"label": label}, "k": k, "stages": stages, "seed": 0}

@@ -84,6 +84,7 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         cluster_sizes={"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
         held_out_queries=0 if snapshot.queries is None else len(snapshot.queries),
         num_grades=snapshot.num_grades,
+        grades=space.meta.get("grades") if snapshot.num_grades else None,
         exact=_finite(state.exact_status(snapshot)),
         snapshot_id=snapshot.id,
     )

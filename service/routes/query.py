@@ -55,7 +55,8 @@ QUERY_EXAMPLES: dict[str, dict[str, Any]] = {
             "k": 10,
             "candidates": 200,
             "stages": [
-                {"variant": "pair-s10", "samples": 2, "keep": 40, "aggregator": "bayes"},
+                {"variant": "pair-s10", "samples": 1, "keep": 60, "aggregator": "bayes"},
+                {"variant": "pair-dense", "samples": 3, "keep": 20},
                 {"variant": "pair-dense", "samples": 10},
             ],
             "seed": 1,
@@ -67,7 +68,11 @@ QUERY_EXAMPLES: dict[str, dict[str, Any]] = {
 def _outputs(snapshot: Snapshot, target: Target) -> list[str]:
     if target.kind == "pair":
         names = ["other", "same_label", "same_cluster"]
-        return names if snapshot.num_grades == 3 else [f"grade_{g}" for g in range(snapshot.num_grades)]
+        return (
+            names[: snapshot.num_grades]
+            if snapshot.num_grades <= 3
+            else [f"grade_{g}" for g in range(snapshot.num_grades)]
+        )
     return [str(c) for c in range(snapshot.space.num_classes)]
 
 
