@@ -178,6 +178,11 @@ class SpaceOut(BaseModel):
         "failed), bytes, build_seconds, build_flops, lookup_flops, break_even_queries (build cost over the default "
         "cascade's cost per query)"
     )
+    item_cache: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="the pair models' query-independent item inputs, computed once per item and trunk and held in "
+        "memory by this process: one entry per table (key, bytes, build_ms, build_flops); empty without pair models",
+    )
     snapshot_id: str
 
 

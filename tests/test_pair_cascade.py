@@ -189,6 +189,8 @@ def test_http_query_by_example_with_a_held_out_query(server) -> None:
     assert body["mode"] == "cascade" and body["outputs"] == ["other", "same_label", "same_cluster"]
     assert body["ranking"] == "utility_log_odds" and len(body["clusters"]) == 5
     assert body["dense_flops"] > body["flops"] > 0 and body["target_flops"] > 0
+    (cache,) = httpx.get(f"{server.url}/v1/space").json()["item_cache"]  # warmed before serving, one trunk
+    assert cache["bytes"] > 0 and cache["build_flops"] > 0 and cache["key"].startswith("pair-trunk:")
     hit = body["clusters"][0]
     assert hit["score"] == pytest.approx(sum(g * p for g, p in zip([0, 1, 3], hit["posterior"], strict=True)))
     faiss = _post(server, {"target": {"examples": [q["x"]]}, "k": 5, "stages": []}).json()

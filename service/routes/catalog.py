@@ -7,7 +7,7 @@ import math
 import numpy as np
 from fastapi import APIRouter
 
-from cascade.snapshot import Snapshot, misfit
+from cascade.snapshot import CachedInputs, Snapshot, misfit
 from models.registry import RegistryError
 from service.dependencies import SnapshotDep, StateDep
 from service.errors import error_responses
@@ -86,8 +86,14 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         num_grades=snapshot.num_grades,
         grades=space.meta.get("grades") if snapshot.num_grades else None,
         exact=_finite(state.exact_status(snapshot)),
+        item_cache=[_cache_entry(e) for e in snapshot.item_cache.entries()],
         snapshot_id=snapshot.id,
     )
+
+
+def _cache_entry(entry: CachedInputs) -> dict:
+    key = entry.key.split("@")[0]  # the trunk's digest; the rest is a memory address
+    return {"key": key, "bytes": entry.nbytes, "build_ms": round(entry.build_ms, 1), "build_flops": entry.build_flops}
 
 
 def _finite(status: dict) -> dict:
