@@ -22,9 +22,9 @@ from cascade.queries import QuerySet
 from cascade.space import Space
 from models.aggregation import get_aggregator, log_prior_of
 from models.flops import Flops
+from models.gadget import gadget_misfit
 from models.manifest import Manifest
 from models.pair import PairNetwork, pair_flops, pair_query_flops
-from models.pair_tuples import gadget_misfit
 from models.registry import LoadedModel, ModelRegistry
 from models.scorer import Scorer, item_inputs, item_inputs_key, query_flops
 

@@ -15,7 +15,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -23,7 +23,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from models.flops import linear_flops, lstm_flops
 
+if TYPE_CHECKING:
+    from models.pair import PairNetwork
+
 __all__ = [
+    "gadget_misfit",
     "GadgetKind",
     "GadgetSpec",
     "Gadget",
@@ -274,3 +278,17 @@ def _shuffle_within(counts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     seg = torch.repeat_interleave(torch.arange(len(counts)), counts.long())
     keys = seg.double() + torch.rand(len(seg), generator=gen, dtype=torch.float64) * 0.5
     return torch.argsort(keys)
+
+
+def gadget_misfit(gadget: nn.Module, model: PairNetwork) -> str | None:
+    """Why `gadget` cannot aggregate this pair model's members (None when it can): it must read the scorer's
+    hidden width and output one logit per relevance grade."""
+    spec = getattr(gadget, "spec", None)
+    if not isinstance(spec, GadgetSpec):
+        return "not a models.gadget gadget"
+    hidden = model.spec.scorer.hidden[-1] if model.spec.scorer.hidden else model.spec.interaction_dim
+    if spec.num_classes != model.spec.num_grades:
+        return f"the gadget outputs {spec.num_classes} classes; the pair model has {model.spec.num_grades} grades"
+    if spec.input_dim != hidden:
+        return f"the gadget reads {spec.input_dim}-dim hidden states; the pair model's are {hidden}-dim"
+    return None

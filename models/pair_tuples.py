@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from models.aggregation import MemberOutputs, aggregate, get_aggregator, log_prior_of
-from models.gadget import Gadget, GadgetSpec, GadgetTrainConfig, TupleDraw, train_gadget_on
+from models.gadget import Gadget, GadgetSpec, GadgetTrainConfig, TupleDraw, gadget_misfit, train_gadget_on
 from models.pair import PairNetwork, pair_flops
 from models.pair_training import sample_pair_ids
 from models.prototypes import PrototypeConfig, Prototypes, make_prototypes, make_views, similar_prototypes
@@ -215,20 +215,6 @@ def train_pair_gadget(
     flat = train.hidden.reshape(-1, h).float()
     stats = (flat.mean(0), flat.std(0).clamp_min(1e-3))
     return train_gadget_on(spec, draw_from_pool(train), draw_from_pool(val), stats, config)
-
-
-def gadget_misfit(gadget: torch.nn.Module, model: PairNetwork) -> str | None:
-    """Why `gadget` cannot aggregate this pair model's members (None when it can): it must read the scorer's
-    hidden width and output one logit per relevance grade."""
-    spec = getattr(gadget, "spec", None)
-    if not isinstance(spec, GadgetSpec):
-        return "not a models.gadget gadget"
-    hidden = model.spec.scorer.hidden[-1] if model.spec.scorer.hidden else model.spec.interaction_dim
-    if spec.num_classes != model.spec.num_grades:
-        return f"the gadget outputs {spec.num_classes} classes; the pair model has {model.spec.num_grades} grades"
-    if spec.input_dim != hidden:
-        return f"the gadget reads {spec.input_dim}-dim hidden states; the pair model's are {hidden}-dim"
-    return None
 
 
 def pair_variant(label: str, method: str, keep: float, model: PairNetwork) -> Variant:
