@@ -27,6 +27,12 @@ class DatasetError(ValueError):
     """A dataset that cannot be used as asked; the message names the problem."""
 
 
+NPZ_REQUIRED = ("x", "y")
+NPZ_OPTIONAL = ("cluster", "id", "classes")
+"""The arrays a user's `.npz` may hold. Any other name is refused: a misspelled `clusters` would otherwise be
+ignored silently, losing the user's clusters and leaking members of one cluster across the split."""
+
+
 @dataclass(frozen=True)
 class Splits:
     name: str
@@ -95,16 +101,36 @@ def _integers(name: str, values: np.ndarray, path: Path) -> np.ndarray:
     raise DatasetError(f"{path}: {name} must hold integers, got dtype {values.dtype}")
 
 
+def _check_array_names(path: Path, names: list[str]) -> None:
+    """Refuse missing required arrays and any array the format does not know, listing the known names (and the
+    closest one, for a misspelling)."""
+    import difflib
+
+    known = (*NPZ_REQUIRED, *NPZ_OPTIONAL)
+    listing = f"x and y, optionally {', '.join(NPZ_OPTIONAL)}"
+    missing = [k for k in NPZ_REQUIRED if k not in names]
+    if missing:
+        raise DatasetError(f"{path} lacks arrays {missing}; an .npz holds {listing}")
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, 1)
+            hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+        raise DatasetError(
+            f"{path}: unknown array{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; an .npz holds {listing} "
+            "(rename or remove the others)"
+        )
+
+
 def load_npz(path: Path) -> UserData:
     """A user's own data: arrays `x` (items x features), `y` (integer labels, any values), and optionally
     `cluster` (an integer cluster id per item), `id` (a unique integer id per item) and `classes` (every label
     the data may have, declared)."""
     path = Path(path)
     with np.load(path, allow_pickle=False) as f:
-        missing = {"x", "y"} - set(f.files)
-        if missing:
-            raise DatasetError(f"{path} lacks arrays {sorted(missing)}")
-        arrays = {k: f[k] for k in ("x", "y", "cluster", "id", "classes") if k in f.files}
+        _check_array_names(path, f.files)
+        arrays = {k: f[k] for k in (*NPZ_REQUIRED, *NPZ_OPTIONAL) if k in f.files}
     x = arrays["x"]
     if x.ndim < 2:
         raise DatasetError(f"{path}: x must be items x features, got shape {x.shape}")

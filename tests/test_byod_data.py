@@ -72,6 +72,19 @@ def test_bad_columns_are_refused_naming_the_column(tmp_path: Path, extra: dict, 
     assert message in str(exc.value)
 
 
+def test_an_array_the_format_does_not_know_is_refused_with_the_known_names(tmp_path: Path) -> None:
+    """A misspelled `clusters` would lose the user's clusters and leak members of one cluster across the split."""
+    path = tmp_path / "typo.npz"
+    arrays = dict(np.load(user_npz(tmp_path / "mine.npz")))
+    arrays["clusters"] = arrays.pop("cluster")
+    np.savez(path, **arrays, extra=np.zeros(3))
+    with pytest.raises(DatasetError) as exc:
+        load_dataset(str(path))
+    message = str(exc.value)
+    assert "unknown arrays 'clusters' (did you mean 'cluster'?), 'extra'" in message
+    assert "x and y, optionally cluster, id, classes" in message
+
+
 def test_a_separate_space_file_is_the_space(tmp_path: Path) -> None:
     train = user_npz(tmp_path / "train.npz", clusters=60)
     space = user_npz(tmp_path / "space.npz", clusters=20, ids=True)
