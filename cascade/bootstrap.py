@@ -24,7 +24,7 @@ from cascade.index import INDEX_FILE, ClusterIndex
 from cascade.queries import QuerySet, default_gains, hold_out_members
 from cascade.space import META_FILE, SPACE_FILE, build_space, clusters_by_kmeans, clusters_by_label
 from models.biencoder import BiEncoderTrainConfig, train_biencoder
-from models.data import DatasetError, Splits, load_dataset
+from models.data import PARTS, DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
 from models.pair import PairNetwork, default_pair_spec
 from models.pair_training import (
@@ -201,39 +201,51 @@ def build_space_dir(
         _build_user_pair_space_dir(space_dir, splits, config, config.pair, encoder, grades)
         return
     rng = np.random.default_rng(config.seed)
+    items = splits.served  # a user's whole file when it has clusters, else the pool
     how_built: dict[str, object]
-    if splits.cluster_pool is not None:
-        cluster, how, how_built = splits.cluster_pool, "given", {}
+    if items.cluster is not None:
+        cluster, how, how_built = items.cluster, "given", {}
     elif config.kmeans_clusters > 0:
-        cluster, how = clusters_by_kmeans(splits.x_pool, config.kmeans_clusters, config.seed), "kmeans"
+        cluster, how = clusters_by_kmeans(items.x, config.kmeans_clusters, config.seed), "kmeans"
         how_built = {"kmeans_clusters": config.kmeans_clusters}
     else:
-        cluster, how = clusters_by_label(splits.y_pool, config.cluster_size, rng), "same-label"
+        cluster, how = clusters_by_label(items.y, config.cluster_size, rng), "same-label"
         how_built = {"cluster_size": config.cluster_size}
     source = Path(splits.space_source or splits.name)
     meta = {
-        "id": f"{source.stem}-s{config.seed}-n{len(splits.x_pool)}-{how}",
+        "id": f"{source.stem}-s{config.seed}-n{len(items.x)}-{how}",
         "dataset": splits.name,
         "space_dataset": splits.space_source,
         "split": splits.split,
+        "served": _served_what(splits),
         "clusters": how,
         **how_built,
-        "item_ids": "given" if splits.id_pool is not None else "rows",
+        "item_ids": "given" if items.ids is not None else "rows",
         "seed": config.seed,
     }
     space = build_space(
-        splits.x_pool,
-        splits.y_pool,
+        items.x,
+        items.y,
         splits.prior,
         cluster,
         meta,
-        item_ids=splits.id_pool,
+        item_ids=items.ids,
         class_labels=splits.labels,
+        item_parts=items.part,
     )
     space_dir.mkdir(parents=True, exist_ok=True)
     np.savez(space_dir / PROBE_FILE, x=splits.x_test, y=splits.y_test)
     ClusterIndex.build(space).save(space_dir)
     space.save(space_dir)  # written last: its presence marks a complete space
+
+
+def _served_what(splits: Splits) -> str:
+    """The space meta's `served`: what of the data the space holds."""
+    if splits.space_source is not None:
+        return "every item of the space file (the training file is only trained on)"
+    if splits.corpus is not None:
+        return "every cluster of the dataset (seen_by_models: which ones the models saw)"
+    return "the pool split: items no model was trained on"
 
 
 def _build_prototype_space_dir(
@@ -272,12 +284,15 @@ def _build_user_pair_space_dir(
     encoder: torch.nn.Module,
     grades: dict[str, object],
 ) -> None:
-    """A user's pool with `pair.queries` members held out (one each of that many clusters of two or more
-    members; the clusters stay), the pair probe drawn from the test split's clusters (no model saw them), and
-    both indexes: raw features for the classifier path, the bi-encoder's embedding for stage 0."""
-    assert splits.cluster_pool is not None
-    cluster = splits.cluster_pool
-    held = hold_out_members(cluster, pair.queries, np.random.default_rng([config.seed, 51]))
+    """A user's whole file (or its space file) with `pair.queries` members held out (one each of that many
+    clusters of two or more members that no model saw; the clusters stay), the pair probe drawn from the test
+    split's clusters, and both indexes: raw features for the classifier path, the bi-encoder's embedding for
+    stage 0."""
+    items = splits.served
+    assert items.cluster is not None
+    cluster = items.cluster
+    unseen = np.arange(len(cluster)) if items.part is None else np.flatnonzero(items.part == PARTS.index("pool"))
+    held = unseen[hold_out_members(cluster[unseen], pair.queries, np.random.default_rng([config.seed, 51]))]
     keep = np.ones(len(cluster), dtype=bool)
     keep[held] = False
     num_grades = int(grades["num_grades"])  # type: ignore[call-overload]
@@ -287,25 +302,27 @@ def _build_user_pair_space_dir(
         "dataset": splits.name,
         "space_dataset": splits.space_source,
         "split": splits.split,
+        "served": _served_what(splits),
         "clusters": "given",
-        "item_ids": "given" if splits.id_pool is not None else "rows",
+        "item_ids": "given" if items.ids is not None else "rows",
         "seed": config.seed,
-        "queries": f"{len(held)} members held out of as many clusters (which stay in the space)",
+        "queries": f"{len(held)} members held out of as many clusters no model saw (the clusters stay in the space)",
         "grades": grades,
     }
     space = build_space(
-        splits.x_pool[keep],
-        splits.y_pool[keep],
+        items.x[keep],
+        items.y[keep],
         splits.prior,
         cluster[keep],
         meta,
-        item_ids=None if splits.id_pool is None else splits.id_pool[keep],
+        item_ids=None if items.ids is None else items.ids[keep],
         class_labels=splits.labels,
+        item_parts=None if items.part is None else items.part[keep],
     )
     space_dir.mkdir(parents=True, exist_ok=True)
     np.savez(space_dir / PROBE_FILE, x=splits.x_test, y=splits.y_test)
     rows = np.searchsorted(space.cluster_ids, cluster[held])
-    QuerySet(x=splits.x_pool[held], cluster=rows.astype(np.int64), label=splits.y_pool[held]).save(space_dir)
+    QuerySet(x=items.x[held], cluster=rows.astype(np.int64), label=items.y[held]).save(space_dir)
     assert splits.cluster_test is not None
     try:
         probe_set = replace(member_set(splits.x_test, splits.y_test, splits.cluster_test), num_grades=num_grades)
