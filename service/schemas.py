@@ -158,6 +158,13 @@ class SpaceOut(BaseModel):
     name: str
     dataset: str = Field(description="where the items came from")
     clusters: str = Field(description="how the clusters were made: prototypes, given, same-label or kmeans")
+    served: str | None = Field(None, description="what of the data the space holds")
+    seen_by_models: dict[str, Any] | None = Field(
+        None,
+        description="your own clusters, all served: how many clusters (and items) went to each split when the "
+        "models were trained (train, validation, test) and how many no model saw (pool, where the held-out queries "
+        "come from); GET /v1/clusters/{id} says it per cluster. Null where the space is only unseen items",
+    )
     num_items: int
     num_clusters: int
     num_classes: int

@@ -147,7 +147,10 @@ def test_queries_are_held_out_members_never_items_and_grades_are_constant_on_clu
     assert queries is not None and len(queries) == SMALL_PAIR.queries
     data = np.load(structured_home.parent / "views.npz")
     splits = load_dataset(str(structured_home.parent / "views.npz"))
-    assert space.num_items + len(queries) == len(splits.x_pool)  # the pool, less one member per query
+    assert space.num_items + len(queries) == len(data["x"])  # every cluster served, less one member per query
+    assert space.num_clusters == len(np.unique(data["cluster"])) > len(np.unique(splits.cluster_pool))
+    # honest measurement: every query comes from a cluster no model saw
+    assert {space.part_of(int(c)) for c in queries.cluster} == {"pool"}
     items = {row.tobytes() for row in space.features}
     assert not any(q.tobytes() in items for q in queries.x)  # a query is never an item
     assert len(set(queries.cluster.tolist())) == len(queries)  # one query per cluster
@@ -230,6 +233,9 @@ def test_an_examples_query_runs_the_pair_cascade_over_http(structured_server: Se
     url = structured_server.url
     space = httpx.get(f"{url}/v1/space").json()
     assert space["num_grades"] == 3 and space["held_out_queries"] == SMALL_PAIR.queries
+    seen = space["seen_by_models"]
+    assert sum(p["clusters"] for p in seen.values()) == space["num_clusters"] == 300  # every cluster served
+    assert seen["train"]["clusters"] > 0 and seen["pool"]["clusters"] >= SMALL_PAIR.queries
     assert space["grades"]["num_grades"] == 3 and space["grades"]["instance_auc"] >= 0.7
     held = httpx.get(f"{url}/v1/space/queries", params={"limit": 10}).json()["queries"]
     found = 0
@@ -242,6 +248,8 @@ def test_an_examples_query_runs_the_pair_cascade_over_http(structured_server: Se
         ids = [c["cluster_id"] for c in body["clusters"]]
         assert len(ids) == 10 and all((i - 11) % 3 == 0 for i in ids)  # the user's cluster ids
         found += q["cluster_id"] in ids
+        own = httpx.get(f"{url}/v1/clusters/{q['cluster_id']}").json()
+        assert own["seen_by_models"] == "pool"  # a query's own cluster is one no model saw
     assert found >= 5  # the held-out member's own cluster is in the top 10 for most queries
 
 

@@ -75,6 +75,8 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         name=str(space.meta.get("id", "")),
         dataset=str(space.meta.get("dataset", "")),
         clusters=str(space.meta.get("clusters", "")),
+        served=space.meta.get("served"),
+        seen_by_models=space.meta.get("seen_by_models"),
         num_items=space.num_items,
         num_clusters=space.num_clusters,
         num_classes=space.num_classes,
