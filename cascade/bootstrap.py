@@ -9,7 +9,6 @@ not (two: same label, other)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cascade.bootstrap_record import describe_run, nothing_left_on_failure, read_record, write_record
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.embedding import EmbeddingIndex
 from cascade.index import INDEX_FILE, ClusterIndex
@@ -544,8 +544,18 @@ def bootstrap(
     progress: bool = True,
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> CascadeConfig:
-    """Build whatever of the embedded default is missing under `home`; returns the default cascade."""
-    registry = ModelRegistry(home / "registry")
+    """Build whatever of the embedded default is missing under `home`; returns the default cascade. The data is
+    checked before anything is written, and a run into a fresh home that fails leaves nothing behind."""
+    with nothing_left_on_failure(home):
+        return _bootstrap(home, config, progress, on_progress)
+
+
+def _bootstrap(
+    home: Path,
+    config: BootstrapConfig,
+    progress: bool,
+    on_progress: Callable[[int, int, str], None] | None,
+) -> CascadeConfig:
     space_dir = home / "spaces" / "default"
     config_path = home / CONFIG_FILE
     pair = config.pair if config.dataset == "mnist1d" else None  # prototypes are MNIST-1D's; user data: below
@@ -564,7 +574,13 @@ def bootstrap(
     if pair is None and user_pair is None and config.pair is not None:
         config = replace(config, pair=None)
     if user_pair is not None:
+        _user_pair_sets(splits)  # refuses clusters too small for pair training before anything is written
         steps.add(1 + len(user_pair.variants))
+    home.mkdir(parents=True, exist_ok=True)
+    record = read_record(home)
+    if record is None:  # from now on this home is this data's, even if the run is interrupted
+        write_record(home, describe_run(config, splits, None), "building")
+    registry = ModelRegistry(home / "registry")
     steps.done()
 
     if registry.active_version(config.dense_name) is None:
@@ -616,8 +632,9 @@ def bootstrap(
             pair_stages=None if any_pair is None else any_pair.stages,
             pair_dense=None if any_pair is None else any_pair.dense_name,
         ).save(config_path)
-        record = {**asdict(config), **({} if grades is None else {"grades": grades})}
-        (home / "bootstrap.json").write_text(json.dumps(record, indent=2, default=str))
+    built = read_record(home)
+    if built is None or built.get("state", "complete") != "complete":  # homes built before states were complete
+        write_record(home, describe_run(config, splits, grades), "complete")
     steps.done()
     steps.close()
     return CascadeConfig.load(config_path)
