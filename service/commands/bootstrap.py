@@ -15,7 +15,7 @@ from service.commands.common import add_home, settings_from
 __all__ = ["register", "run", "config_from", "ARCHS"]
 
 ARCHS = ("mlp", "cnn1d", "cnn2d")
-BOOTSTRAP_RECORD = "bootstrap.json"  # written by cascade.bootstrap once a home is complete
+BOOTSTRAP_RECORD = "bootstrap.json"  # cascade.bootstrap_record.RECORD_FILE (kept here: no torch import)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -134,16 +134,18 @@ def _check_home_matches(home: Path, config: Any) -> None:
     if not record.is_file():
         return
     built = json.loads(record.read_text())
+    started = " (that run did not complete)" if built.get("state", "complete") != "complete" else ""
     for key in ("dataset", "space_dataset", "arch"):
         if str(built.get(key)) != str(getattr(config, key)) and (key in built or getattr(config, key) is not None):
             raise ValueError(
-                f"{home} was bootstrapped with {key}={built.get(key)!r}, not {getattr(config, key)!r}: "
+                f"{home} was bootstrapped with {key}={built.get(key)!r}{started}, not {getattr(config, key)!r}: "
                 "pass another --home for different data"
             )
 
 
 def run(args: argparse.Namespace) -> int:
     from cascade.bootstrap import bootstrap
+    from cascade.bootstrap_record import grades_line, read_record
 
     settings = settings_from(args)
     config = config_from(args)
@@ -152,5 +154,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"ready under {settings.home}: cascade " + " -> ".join(s.variant for s in cascade.stages))
     if cascade.pair_stages:
         print("queries by example: pair cascade " + " -> ".join(s.variant for s in cascade.pair_stages))
+        grades = grades_line(read_record(settings.home) or {})
+        if grades is not None:
+            print(grades)
     print(f"serve it with: prunecascade serve --home {settings.home}")
     return 0
