@@ -6,7 +6,7 @@
 set -euo pipefail
 port=${1:-8765}
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
-dir=$(mktemp -d /tmp/first-run.XXXXXX)
+dir=$(mktemp -d "${TMPDIR:-/tmp}/first-run.XXXXXX")
 git clone -q "$repo" "$dir/clone"
 cd "$dir/clone"
 start=$(date +%s)

@@ -54,7 +54,7 @@ def test_first_run_ends_its_own_processes_and_no_other(tmp_path: Path) -> None:
     # a bystander that `pkill -f "serve --bootstrap"` would match
     bystander = subprocess.Popen(["bash", "-c", "exec -a 'prunecascade serve --bootstrap' sleep 600"])
     try:
-        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
         done = subprocess.run(
             ["bash", str(ROOT / "benchmarks" / "first_run.sh"), str(free_port())],
             env=env,
