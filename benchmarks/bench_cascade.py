@@ -123,8 +123,9 @@ def run_regime(
     queries of many kinds interleave), the last "warm" (as in a service answering a stream of queries with one
     cascade)."""
     from cascade.config import Stage
-    from cascade.engine import dense_oracle, run_cascade, target_from_label
+    from cascade.engine import dense_oracle
     from cascade.evaluation import agreement_at_k, recall_at_k
+    from cascade.plan import run_cascade, target_from_label
 
     set_threads(threads)
     snap = load_snapshot_from(home, space_name or (RARE_SPACE if regime == "rare" else BIG_SPACE))

@@ -62,9 +62,10 @@ def _value(log_post: np.ndarray, ids: np.ndarray, utility: np.ndarray) -> float:
 
 
 def run(home: Path, space_name: str, k: int, seeds: tuple[int, ...], utilities: int, builds: int) -> dict:
-    from cascade.engine import dense_oracle, run_cascade, target_from_label, target_from_utility
+    from cascade.engine import dense_oracle
     from cascade.evaluation import agreement_at_k, recall_at_k
     from cascade.exact import build_table, load_table, lookup_flops, save_table, table_bytes, table_path
+    from cascade.plan import run_cascade, target_from_label, target_from_utility
 
     set_threads(1)
     snap = load_snapshot_from(home, space_name)

@@ -89,7 +89,8 @@ def measure(
     or with `candidates` > 0 are queries by one example item of the space over that many nearest clusters
     (small, cheap queries where the fixed per-request cost shows)."""
     from cascade.config import Stage
-    from cascade.engine import dense_oracle, run_cascade, target_from_examples, target_from_label
+    from cascade.engine import dense_oracle
+    from cascade.plan import run_cascade, target_from_examples, target_from_label
 
     set_threads(1)
     snap = load_snapshot_from(home, space)

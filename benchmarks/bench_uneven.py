@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from cascade.bootstrap import BootstrapConfig, bootstrap
-from cascade.engine import ORACLE_AGGREGATOR, dense_oracle, ranking_key, run_cascade, target_from_label
+from cascade.engine import ORACLE_AGGREGATOR, dense_oracle, ranking_key
 from cascade.evaluation import agreement_at_k
+from cascade.plan import run_cascade, target_from_label
 from cascade.snapshot import Snapshot
 from cascade.space import build_space, sample_members
 from models.aggregation import MemberOutputs, aggregate

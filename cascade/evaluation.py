@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cascade.config import Stage
-from cascade.engine import dense_oracle, run_cascade, target_from_label
+from cascade.engine import dense_oracle
+from cascade.plan import run_cascade, target_from_label
 from cascade.snapshot import Snapshot
 
 __all__ = [
@@ -147,7 +148,7 @@ def evaluate_example_queries(
     """Every method (a stage list; None is the default cascade, [] is FAISS only) and the dense exhaustive oracle
     on the snapshot's held-out queries, side by side: per query, each method runs once in turn, so machine noise
     hits all of them alike. Grades come from each query's own cluster and label (research notes 2)."""
-    from cascade.engine import target_from_examples
+    from cascade.plan import target_from_examples
     from cascade.queries import cluster_grades
 
     qs = snapshot.queries

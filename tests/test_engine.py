@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from cascade.config import Stage
-from cascade.engine import ORACLE_AGGREGATOR, dense_flops, dense_oracle, run_cascade, target_from_label
+from cascade.engine import ORACLE_AGGREGATOR, dense_flops, dense_oracle
 from cascade.evaluation import agreement_at_k, evaluate_label_queries, ndcg_at_k, recall_at_k
+from cascade.plan import run_cascade, target_from_label
 from cascade.snapshot import Snapshot, StageError
 from cascade.space import build_space
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
-from cascade.engine import run_cascade, target_from_examples
+from cascade.plan import run_cascade, target_from_examples
 from cascade.snapshot import load_snapshot
 from models.aggregation import aggregate, log_prior_of
 from models.gadget import GadgetSpec, GadgetTrainConfig, build_gadget
