@@ -123,13 +123,13 @@ def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> 
 def _check_against_engine(snapshot, label: int, k: int, setting: CarrySetting) -> None:
     """Without carrying, this loop must return exactly the engine's clusters, or the comparison means nothing."""
     from cascade.config import Stage
-    from cascade.plan import run_cascade, target_from_label
+    from cascade.plan import execute, plan_target, target_from_label
 
     mine, _, _ = run_carrying(snapshot, target_from_label(snapshot, label), k, setting, 0)
     stages = tuple(Stage(**s) for s in setting.stages)
-    engine = run_cascade(snapshot, target_from_label(snapshot, label), k, stages, 0)
+    engine = execute(plan_target(snapshot, target_from_label(snapshot, label), k, stages), 0)
     if not np.array_equal(np.sort(mine), np.sort(engine.cluster_ids)):
-        raise AssertionError(f"{setting.name}: this loop and run_cascade disagree without carrying")
+        raise AssertionError(f"{setting.name}: this loop and the engine disagree without carrying")
 
 
 def measure(home: Path, space_name: str, seeds: tuple[int, ...], seconds: tuple[str, ...], keeps: tuple[int, ...]):

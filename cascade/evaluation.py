@@ -11,7 +11,7 @@ import numpy as np
 
 from cascade.config import Stage
 from cascade.engine import dense_oracle
-from cascade.plan import run_cascade, target_from_label
+from cascade.plan import execute, plan_target, target_from_label
 from cascade.snapshot import Snapshot
 
 __all__ = [
@@ -85,7 +85,7 @@ def evaluate_label_queries(
         for seed in seeds:
             target = target_from_label(snapshot, space.labels_known[label])  # the user's label of class `label`
             t0 = time.perf_counter()
-            result = run_cascade(snapshot, target, k, stages, seed)
+            result = execute(plan_target(snapshot, target, k, stages), seed)
             t1 = time.perf_counter()
             oracle = dense_oracle(snapshot, target, k)
             t2 = time.perf_counter()
@@ -170,7 +170,7 @@ def evaluate_example_queries(
             if name == "oracle" and oracle:
                 result = dense_oracle(snapshot, target, max(k, 10))
             else:
-                result = run_cascade(snapshot, target, max(k, 10), methods[name], seed + i)
+                result = execute(plan_target(snapshot, target, max(k, 10), methods[name]), seed + i)
             ms = (time.perf_counter() - t0) * 1000 + (0.0 if name == "oracle" else stage0_ms)
             answers[name] = (result, ms)
         reference = answers["oracle"][0].cluster_ids if oracle else None
