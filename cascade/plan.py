@@ -165,7 +165,7 @@ def plan_target(
         raise RequestError(
             field, f"this query may cost {flops:,} FLOPs, over the server's budget of {max_flops:,} (max_query_flops)"
         )
-    _check_k(k, len(_candidates(snapshot, target)))
+    _check_k(k, _num_candidates(snapshot, target))
     path: Path = "cascade" if resolved else "faiss"
     return QueryPlan(snapshot, target, k, path, resolved, costs, flops=flops, dense_flops=dense_flops(snapshot, target))
 
@@ -200,15 +200,15 @@ def _check_k(k: int, alive: int) -> None:
         raise RequestError("k", f"must be between 1 and the {alive} candidate clusters, got {k}")
 
 
-def _candidates(snapshot: Snapshot, target: Target) -> np.ndarray:
-    return target.candidates if target.candidates is not None else np.arange(snapshot.space.num_clusters)
+def _num_candidates(snapshot: Snapshot, target: Target) -> int:
+    return len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters
 
 
 def _stage_costs(snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...]) -> tuple[int, ...]:
     """Each stage's FLOPs as the stage loop will count them (`engine.stage_flops`), before anything runs: every
     surviving cluster is assumed to have at least `samples` members, so the figure is exact where they do and
     an upper bound otherwise."""
-    alive = len(_candidates(snapshot, target))
+    alive = _num_candidates(snapshot, target)
     max_size = int(snapshot.space.sizes.max()) if snapshot.space.num_clusters else 0
     costs = []
     previous: tuple[str, int, int] | None = None  # (variant, members per cluster, items prepared for)

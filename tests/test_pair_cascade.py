@@ -15,9 +15,10 @@ import torch
 
 from cascade.config import Stage
 from cascade.engine import dense_flops, dense_oracle
+from cascade.errors import RequestError
 from cascade.plan import plan_target, run_cascade, target_from_examples, target_from_label
 from cascade.queries import cluster_grades
-from cascade.snapshot import StageError, build_snapshot
+from cascade.snapshot import build_snapshot
 from cascade.space import sample_members
 from models.inference import score_chunked
 from models.pair import folded_pair_cost, plain_pair_cost
@@ -143,7 +144,7 @@ def test_dense_pair_model_finds_the_own_cluster_more_often_than_chance(snapshot)
 )
 def test_a_stage_of_the_wrong_kind_names_the_field(snapshot, make, field: str) -> None:
     target, stages = make(snapshot)
-    with pytest.raises(StageError) as info:
+    with pytest.raises(RequestError) as info:
         run_cascade(snapshot, target, 5, stages)
     assert info.value.field == field
 
@@ -158,7 +159,7 @@ def test_a_stage_of_the_wrong_kind_names_the_field(snapshot, make, field: str) -
     ],
 )
 def test_bad_query_objects_name_the_field(snapshot, examples, gains, field: str) -> None:
-    with pytest.raises(StageError) as info:
+    with pytest.raises(RequestError) as info:
         target_from_examples(snapshot, examples, 10, gains)
     assert info.value.field == field
 
