@@ -107,7 +107,9 @@ def log_likelihoods(protos: Prototypes, xq: np.ndarray, chunk: int = 64) -> np.n
     return out
 
 
-def expected_gains(log_posterior: np.ndarray, digit: np.ndarray, gains: tuple[float, ...] = (0.0, 1.0, 3.0)) -> np.ndarray:
+def expected_gains(
+    log_posterior: np.ndarray, digit: np.ndarray, gains: tuple[float, ...] = (0.0, 1.0, 3.0)
+) -> np.ndarray:
     """Expected gain of every cluster (Q, K) under a posterior over prototypes: gains[2] P(own prototype) +
     gains[1] P(same digit, another prototype) + gains[0] P(other digit)."""
     post = np.exp(log_posterior - log_posterior.max(1, keepdims=True))
