@@ -1,10 +1,13 @@
 """The ceiling's noise model is the generator's: the Gaussian of a prototype at one jitter has the mean and
 covariance of many views rendered by `make_views`, its log-likelihood is that Gaussian's density, and it
-picks a view's own prototype on a tiny space."""
+picks a view's own prototype on a tiny space. The benchmark scores a space's shipped queries and refuses a
+space whose items its config does not render."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ import torch
 from scipy.stats import multivariate_normal
 
 from benchmarks.ceiling import bayes_optimal, expected_gains, jitter_log_likelihoods, view_gaussians
-from models.prototypes import PrototypeConfig, make_prototypes, make_queries, make_views
+from cascade.bootstrap import PairConfig
+from models.prototypes import PrototypeConfig, make_prototype_set, make_prototypes, make_queries, make_views
 
 TINY = PrototypeConfig(num_prototypes=30, views=2, seed=5)
 
@@ -65,3 +69,43 @@ def test_expected_gain_weighs_the_own_prototype_and_its_digit() -> None:
     got = expected_gains(log_post, np.array([0, 0, 1]), (0.0, 1.0, 3.0))
     # cluster 0: 3 x 0.5 + 1 x (0.8 - 0.5); cluster 1: 3 x 0.3 + 1 x 0.5; cluster 2: 3 x 0.2
     np.testing.assert_allclose(got, [[1.8, 1.4, 0.6]])
+
+
+def _tiny_space_dir(root: Path, config: PrototypeConfig, meta_seed: int) -> Path:
+    """A prototype space on disk as the bootstrap writes it (items, meta, shipped queries), with `meta_seed`
+    recorded as its seed."""
+    from cascade.queries import QuerySet
+    from cascade.space import build_space
+
+    views = make_prototype_set(config)
+    meta = {"dataset": "mnist1d-prototypes", "cluster_size": config.views, "jitter": config.jitter, "seed": meta_seed}
+    space_dir = root / "spaces" / "tiny"
+    build_space(views.x, views.y, np.full(10, 0.1), views.cluster, meta).save(space_dir)
+    xq, cq, yq = make_queries(config, 40, seed=1)
+    QuerySet(x=xq, cluster=cq, label=yq).save(space_dir)
+    return space_dir
+
+
+def test_bench_scores_the_shipped_queries_of_a_space(tmp_path: Path) -> None:
+    from benchmarks.bench_ceiling import main, measure
+
+    config = replace(PairConfig().space, num_prototypes=30, views=3, seed=5)
+    _tiny_space_dir(tmp_path, config, meta_seed=5)
+    out = tmp_path / "ceiling.json"
+    assert main(["--home", str(tmp_path), "--space", "tiny", "--queries", "25", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["queries"] == 25 and got["config"]["num_prototypes"] == 30
+    xq, cq, yq = make_queries(config, 40, seed=1)
+    rows, _ = measure(config, xq[:25], cq[:25], yq[:25])
+    assert got["rows"] == rows
+    assert rows["ceiling (expected gain)"]["recall@1"] >= 0.9
+    assert rows["ceiling (expected gain)"]["ndcg@10"] >= rows["ceiling (MAP posterior)"]["ndcg@10"]
+
+
+def test_bench_refuses_a_space_its_config_does_not_render(tmp_path: Path) -> None:
+    from benchmarks.bench_ceiling import main
+
+    config = replace(PairConfig().space, num_prototypes=30, views=3, seed=5)
+    _tiny_space_dir(tmp_path, config, meta_seed=6)  # the meta names another seed than the items were drawn with
+    with pytest.raises(SystemExit, match="not those of"):
+        main(["--home", str(tmp_path), "--space", "tiny"])
