@@ -2,10 +2,14 @@
 `queue` more waiting (beyond: 503 with Retry-After at once), and a server-side deadline on each, queueing
 included (504 when it passes). Pure ASGI, around the route, so it needs nothing from the route itself.
 
+Nothing a client can hold open for free occupies query capacity: the whole body is read (at most `max_body_bytes`,
+within `body_timeout_s`: 413 or 408 beyond) before the request may take a slot or a queue place, and the answer
+is handed to the client after the slot is given back, so neither a body sent one byte at a time nor a client
+that never reads its answer keeps a query slot.
+
 A query past its deadline is answered 504 at once; the engine checks the deadline between stages and stops, but
-a stage already running finishes first (a worker thread, which Python cannot
-interrupt) runs to its end and keeps its slot until then: the slots bound the CPU really in use, and the
-per-query cost budget bounds how long that takes."""
+a stage already running (a worker thread, which Python cannot interrupt) runs to its end and keeps its slot
+until then: the slots bound the CPU really in use, and the per-query cost budget bounds how long that takes."""
 
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ class QueryLimiter:
         timeout_s: float,
         retry_after_s: int,
         metrics: Metrics,
+        max_body_bytes: int,
+        body_timeout_s: float,
     ) -> None:
         self.app = app
         self.paths = frozenset(paths)
@@ -52,6 +58,8 @@ class QueryLimiter:
         self.timeout_s = timeout_s
         self.retry_after = str(retry_after_s).encode()
         self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self._slots: asyncio.Semaphore | None = None  # created on the server's event loop
         self._waiting = 0
 
@@ -59,6 +67,10 @@ class QueryLimiter:
         if scope["type"] != "http" or scope.get("path") not in self.paths:
             await self.app(scope, receive, send)
             return
+        body = await self._read_body(receive, send)
+        if body is None:
+            return  # answered (408, 413) or the client went away: it never took a slot nor a queue place
+        receive = _replay(body, receive)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.concurrency)
         slots = self._slots
@@ -96,17 +108,44 @@ class QueryLimiter:
         scope.setdefault("state", {})["deadline"] = started + self.timeout_s
         await self._run(scope, receive, send, slots, started + self.timeout_s - time.monotonic())
 
+    async def _read_body(self, receive: Receive, send: Send) -> list[Message] | None:
+        """Every message of the request body, or None once the request was answered (too slow, too large) or
+        its client went away."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        messages: list[Message] = []
+        size = 0
+        self.metrics.bodies_pending.inc()
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                except TimeoutError:
+                    self.metrics.query_rejected.labels(reason="slow_body").inc()
+                    msg = f"the request body did not arrive within {self.body_timeout_s:g} s"
+                    await self._send_error(send, 408, msg, "timeout", [(b"connection", b"close")])
+                    return None
+                if message["type"] != "http.request":
+                    return None  # http.disconnect: nobody to answer
+                messages.append(message)
+                size += len(message.get("body", b""))
+                if size > self.max_body_bytes:
+                    msg = f"body larger than {self.max_body_bytes} bytes"
+                    await self._send_error(send, 413, msg, "too_large", [(b"connection", b"close")])
+                    return None
+                if not message.get("more_body", False):
+                    return messages
+        finally:
+            self.metrics.bodies_pending.dec()
+
     async def _run(self, scope: Scope, receive: Receive, send: Send, slots: asyncio.Semaphore, left: float) -> None:
         late = False
-        response_started = False
+        answer: list[Message] = []
 
         async def guarded_send(message: Message) -> None:
-            nonlocal response_started
-            if late:
-                return  # the client already has its 504
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
+            """Kept until the computation ends: a client that reads slowly waits for its answer outside the slot."""
+            if not late:
+                answer.append(message)
 
         def finished(t: asyncio.Task[None]) -> None:
             """The slot is freed when the computation really ends, not when the client got its answer."""
@@ -118,8 +157,10 @@ class QueryLimiter:
         task = asyncio.create_task(self.app(scope, receive, guarded_send))  # copies the context: same request id
         task.add_done_callback(finished)
         done, _ = await asyncio.wait({task}, timeout=max(left, 0.0))
-        if done or response_started:
-            await task  # finished (its exceptions propagate to the request-id middleware), or already answering
+        if done:
+            await task  # its exceptions propagate to the request-id middleware
+            for message in answer:
+                await send(message)
             return
         late = True
         self.metrics.query_rejected.labels(reason="deadline").inc()
@@ -133,3 +174,12 @@ class QueryLimiter:
         start, body = _error(status, msg, kind, headers)
         await send(start)
         await send(body)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """`receive` that gives the body already read, then whatever the connection says next (a disconnect)."""
+
+    async def replay() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return replay
