@@ -13,8 +13,8 @@ from fastapi import FastAPI
 
 from service.cache import LocalCache, RedisCache
 from service.docs_ui import install_offline_docs
-from service.errors import BodySizeLimit, install_error_handlers
-from service.limits import QueryLimiter
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimit, QueryLimiter
 from service.logs import RequestIdMiddleware, setup_logging
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_link import RedisLink
