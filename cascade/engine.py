@@ -28,6 +28,7 @@ __all__ = [
     "CascadeResult",
     "run_stages",
     "stage_flops",
+    "planned_stage_flops",
     "faiss_answer",
     "dense_oracle",
     "dense_flops",
@@ -142,6 +143,33 @@ def stage_flops(
     aggregation = sum(clusters * agg.flops(n, num_outputs, variant.gadget) for n, clusters in members.items())
     cost = variant.cost(items, prepared_for=prepared_for)
     return examples * cost.nonzero + examples * aggregation, examples * cost.dense_kernel + examples * aggregation
+
+
+def planned_stage_flops(snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...]) -> tuple[int, ...]:
+    """Each stage's nonzero FLOPs as `run_stages` will count them (`stage_flops`), before anything runs: every
+    surviving cluster is assumed to have at least `samples` members, so the figure is exact where they do and
+    an upper bound otherwise. A stage of the same variant as the one before extends its members, as the loop
+    does."""
+    alive = len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters
+    max_size = int(snapshot.space.sizes.max()) if snapshot.space.num_clusters else 0
+    costs = []
+    previous: tuple[str, int, int] | None = None  # (variant, members per cluster, items prepared for)
+    for i, stage in enumerate(stages):
+        variant = snapshot.variants[stage.variant]
+        n = min(stage.samples, max_size)
+        if previous is not None and previous[0] == stage.variant:  # extends the members the stage before scored
+            items, prepared_for = alive * max(n - previous[1], 0), previous[2]
+            previous = (stage.variant, max(n, previous[1]), previous[2])
+        else:
+            items, prepared_for = alive * n, None
+            previous = (stage.variant, n, alive * n)
+        members = {previous[1]: alive} if alive and previous[1] else {}
+        nonzero, _ = stage_flops(
+            variant, stage.aggregator, items, members, len(variant.log_prior), len(target.queries), prepared_for
+        )
+        costs.append(nonzero)
+        alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
+    return tuple(costs)
 
 
 def _members(counts: np.ndarray) -> dict[int, int]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cascade.config import Stage, scale_keeps
-from cascade.engine import CascadeResult, Target, dense_flops, faiss_answer, run_stages, stage_flops
+from cascade.engine import CascadeResult, Target, dense_flops, faiss_answer, planned_stage_flops, run_stages
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer, ExactTable, lookup_flops
 from cascade.queries import default_gains
@@ -153,21 +153,23 @@ def plan_target(
     if table is not None:
         alive = table.num_clusters if target.candidates is None else len(target.candidates)
         _check_k(k, alive)
-        cost = lookup_flops(alive, table.num_classes)
-        return QueryPlan(
-            snapshot, target, k, "exact", table=table, flops=cost, dense_flops=dense_flops(snapshot, target)
-        )
-    resolved = resolve_stages(snapshot, target, k, stages)
-    costs = _stage_costs(snapshot, target, k, resolved)
-    flops = target.flops + sum(costs)
-    if max_flops is not None and flops > max_flops:
-        field = "stages" if stages is not None else "k"
-        raise RequestError(
-            field, f"this query may cost {flops:,} FLOPs, over the server's budget of {max_flops:,} (max_query_flops)"
-        )
-    _check_k(k, _num_candidates(snapshot, target))
-    path: Path = "cascade" if resolved else "faiss"
-    return QueryPlan(snapshot, target, k, path, resolved, costs, flops=flops, dense_flops=dense_flops(snapshot, target))
+        path: Path = "exact"
+        resolved, costs, flops = (), (), lookup_flops(alive, table.num_classes)
+        oracle = table.build_flops  # the table is the oracle's pass over every member, counted as dense_flops does
+    else:
+        resolved = resolve_stages(snapshot, target, k, stages)
+        costs = planned_stage_flops(snapshot, target, k, resolved)
+        flops = target.flops + sum(costs)
+        if max_flops is not None and flops > max_flops:
+            field = "stages" if stages is not None else "k"
+            raise RequestError(
+                field,
+                f"this query may cost {flops:,} FLOPs, over the server's budget of {max_flops:,} (max_query_flops)",
+            )
+        _check_k(k, len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters)
+        path = "cascade" if resolved else "faiss"
+        oracle = dense_flops(snapshot, target)
+    return QueryPlan(snapshot, target, k, path, resolved, costs, table, flops, oracle)
 
 
 def execute(plan: QueryPlan, seed: int = 0, deadline: float | None = None) -> Answer:
@@ -198,36 +200,6 @@ def run_cascade(
 def _check_k(k: int, alive: int) -> None:
     if not 1 <= k <= alive:
         raise RequestError("k", f"must be between 1 and the {alive} candidate clusters, got {k}")
-
-
-def _num_candidates(snapshot: Snapshot, target: Target) -> int:
-    return len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters
-
-
-def _stage_costs(snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...]) -> tuple[int, ...]:
-    """Each stage's FLOPs as the stage loop will count them (`engine.stage_flops`), before anything runs: every
-    surviving cluster is assumed to have at least `samples` members, so the figure is exact where they do and
-    an upper bound otherwise."""
-    alive = _num_candidates(snapshot, target)
-    max_size = int(snapshot.space.sizes.max()) if snapshot.space.num_clusters else 0
-    costs = []
-    previous: tuple[str, int, int] | None = None  # (variant, members per cluster, items prepared for)
-    for i, stage in enumerate(stages):
-        variant = snapshot.variants[stage.variant]
-        n = min(stage.samples, max_size)
-        if previous is not None and previous[0] == stage.variant:  # extends the members the stage before scored
-            items, prepared_for = alive * max(n - previous[1], 0), previous[2]
-            previous = (stage.variant, max(n, previous[1]), previous[2])
-        else:
-            items, prepared_for = alive * n, None
-            previous = (stage.variant, n, alive * n)
-        members = {previous[1]: alive} if alive and previous[1] else {}
-        nonzero, _ = stage_flops(
-            variant, stage.aggregator, items, members, len(variant.log_prior), len(target.queries), prepared_for
-        )
-        costs.append(nonzero)
-        alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
-    return tuple(costs)
 
 
 def target_from_label(snapshot: Snapshot, label: int) -> Target:

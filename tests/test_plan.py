@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cascade.config import Stage
-from cascade.engine import CascadeResult
+from cascade.engine import CascadeResult, dense_flops
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer, ExactTable, build_table
 from cascade.plan import Limits, Query, execute, plan_query
@@ -36,6 +36,7 @@ def test_exact_path_is_a_lookup_and_costs_what_the_plan_says(snapshot: Snapshot,
     result = execute(plan, seed=5)
     assert isinstance(result, ExactAnswer)
     assert plan.flops == result.flops == 2 * snapshot.space.num_clusters * snapshot.space.num_classes
+    assert plan.dense_flops == dense_flops(snapshot, plan.target)  # read from the table: the same count
     direct = table.answer(plan.target, 7, snapshot.id)
     np.testing.assert_array_equal(result.cluster_ids, direct.cluster_ids)
     # auto takes the table once it is there, the cascade before; mode cascade never takes it

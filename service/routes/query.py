@@ -75,10 +75,11 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     posteriors once they are built; queries by example run the cascade of pair models (`stages` overrides it,
     `[]` answers from the embedding index alone). Same request, same snapshot, same answer (`seed`)."""
     state: ServiceState = http.app.state.service
+    query, limits = _query(request), _limits(state)
     snapshot = snapshot_of(state)
     started = time.perf_counter()
     try:
-        plan = plan_query(snapshot, _query(request), _limits(state), state.exact_table)
+        plan = plan_query(snapshot, query, limits, state.exact_table)
     except ExactTableNotReady as exc:
         raise HTTPException(503, str(exc), {"Retry-After": "5"}) from None
     cache = state.cache
