@@ -111,7 +111,16 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
 
 def _query(request: QueryRequest) -> Query:
     t = request.target
-    return Query(t.label, t.utility, t.examples, t.gains, request.k, request.mode, request.stages, request.candidates)
+    return Query(
+        label=t.label,
+        utility=t.utility,
+        examples=t.examples,
+        gains=t.gains,
+        k=request.k,
+        mode=request.mode,
+        stages=request.stages,
+        candidates=request.candidates,
+    )
 
 
 def _limits(state: ServiceState) -> Limits:
