@@ -150,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     config = config_from(args)
     _check_home_matches(settings.home, config)
-    cascade = bootstrap(settings.home, config, progress=not args.quiet)
+    cascade = bootstrap(
+        settings.home, config, progress=not args.quiet, on_estimate=lambda e: print(e.line(), flush=True)
+    )
     print(f"ready under {settings.home}: cascade " + " -> ".join(s.variant for s in cascade.stages))
     if cascade.pair_stages:
         print("queries by example: pair cascade " + " -> ".join(s.variant for s in cascade.pair_stages))
