@@ -9,6 +9,7 @@ not (two: same label, other)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cascade.bootstrap_eta import Estimate, estimate_bootstrap
 from cascade.bootstrap_record import describe_run, nothing_left_on_failure, read_record, write_record
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.embedding import EmbeddingIndex
@@ -543,11 +545,13 @@ def bootstrap(
     config: BootstrapConfig = BootstrapConfig(),
     progress: bool = True,
     on_progress: Callable[[int, int, str], None] | None = None,
+    on_estimate: Callable[[Estimate], None] | None = None,
 ) -> CascadeConfig:
     """Build whatever of the embedded default is missing under `home`; returns the default cascade. The data is
-    checked before anything is written, and a run into a fresh home that fails leaves nothing behind."""
+    checked before anything is written, and a run into a fresh home that fails leaves nothing behind. With
+    `on_estimate`, the missing steps are probed first and it is told how long they will take."""
     with nothing_left_on_failure(home):
-        return _bootstrap(home, config, progress, on_progress)
+        return _bootstrap(home, config, progress, on_progress, on_estimate)
 
 
 def _bootstrap(
@@ -555,7 +559,9 @@ def _bootstrap(
     config: BootstrapConfig,
     progress: bool,
     on_progress: Callable[[int, int, str], None] | None,
+    on_estimate: Callable[[Estimate], None] | None = None,
 ) -> CascadeConfig:
+    started = time.perf_counter()
     space_dir = home / "spaces" / "default"
     config_path = home / CONFIG_FILE
     pair = config.pair if config.dataset == "mnist1d" else None  # prototypes are MNIST-1D's; user data: below
@@ -581,6 +587,17 @@ def _bootstrap(
     if record is None:  # from now on this home is this data's, even if the run is interrupted
         write_record(home, describe_run(config, splits, None), "building")
     registry = ModelRegistry(home / "registry")
+    estimate = None
+    if on_estimate is not None and read_record(home).get("state") != "complete":  # type: ignore[union-attr]
+        estimate = estimate_bootstrap(
+            config,
+            splits,
+            pair or user_pair,
+            user_pair is not None,
+            lambda name: registry.active_version(name) is None,
+            not space_is_built(space_dir),
+        )
+        on_estimate(estimate)
     steps.done()
 
     if registry.active_version(config.dense_name) is None:
@@ -634,7 +651,9 @@ def _bootstrap(
         ).save(config_path)
     built = read_record(home)
     if built is None or built.get("state", "complete") != "complete":  # homes built before states were complete
-        write_record(home, describe_run(config, splits, grades), "complete")
+        timing = {} if estimate is None else {"estimate": estimate.record()}
+        timing["seconds"] = round(time.perf_counter() - started, 1)  # of this run (a resumed one: its part)
+        write_record(home, {**describe_run(config, splits, grades), **timing}, "complete")
     steps.done()
     steps.close()
     return CascadeConfig.load(config_path)
