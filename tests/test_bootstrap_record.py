@@ -85,6 +85,21 @@ def test_the_record_of_a_users_run_lists_only_what_shaped_it(
     grades = record["grades"]
     assert grades["num_grades"] in (2, 3)
     assert f"relevance grades: {grades['decision']}; default gains {grades['gains']}" in out  # which it chose
+    # before any step: how long the run will take, probed on this machine; recorded beside what it took
+    assert out.splitlines()[0].startswith("bootstrap: about ")
+    estimate = record["estimate"]
+    assert set(estimate["steps"]) == {
+        "dense classifier",
+        "pruned classifiers",
+        "dense pair model (pair-dense)",
+        "pruned pair models",
+        "bi-encoder",
+        "space and indexes",
+    }
+    assert all(v > 0 for v in estimate["steps"].values()) and estimate["probe_seconds"] > 0
+    assert record["seconds"] > 0
+    assert main([*argv, "--pair-steps", "60"]) == 0  # a complete home: nothing to estimate, nothing rebuilt
+    assert "bootstrap: about" not in capsys.readouterr().out
 
 
 def test_the_builtin_records_keep_what_describes_them() -> None:
