@@ -18,10 +18,14 @@ __all__ = [
     "sample_members",
     "SPACE_FILE",
     "META_FILE",
+    "PROBE_FILE",
+    "PAIR_PROBE_FILE",
 ]
 
 SPACE_FILE = "space.npz"
 META_FILE = "meta.json"
+PROBE_FILE = "probe.npz"  # labelled test items of a space: the accuracy gate of an uploaded classifier
+PAIR_PROBE_FILE = "pair_probe.npz"  # graded (query, item) pairs: the gate of an uploaded pair model
 
 
 @dataclass(frozen=True)
