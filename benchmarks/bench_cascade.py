@@ -124,7 +124,7 @@ def run_regime(
     cascade)."""
     from cascade.config import Stage
     from cascade.engine import dense_oracle, run_cascade, target_from_label
-    from cascade.evaluation import agreement_at_k, recall_at_k
+    from cascade.ranking_metrics import agreement_at_k, recall_at_k, relevant_items
 
     set_threads(threads)
     snap = load_snapshot_from(home, space_name or (RARE_SPACE if regime == "rare" else BIG_SPACE))
@@ -153,12 +153,12 @@ def run_regime(
     started = time.perf_counter()
     for seed in seeds:
         for label in labels:
-            relevant = int((space.cluster_labels == label).sum())
+            relevant = relevant_items(space.cluster_labels, label)
             t0 = time.perf_counter()
             target = target_from_label(snap, label)
             oracle = dense_oracle(snap, target, k)
             oracle_ms = (time.perf_counter() - t0) * 1000
-            oracle_recall = recall_at_k(space.cluster_labels[oracle.cluster_ids], label, k, relevant)
+            oracle_recall = recall_at_k(oracle.cluster_ids, relevant, k)
             oracle_rows.append(
                 {"seed": seed, "label": label, "ms": oracle_ms, "recall": oracle_recall, "flops": oracle.flops}
             )
@@ -177,7 +177,7 @@ def run_regime(
                         "seed": seed,
                         "label": label,
                         "ms": ms,
-                        "recall": recall_at_k(space.cluster_labels[result.cluster_ids], label, k, relevant),
+                        "recall": recall_at_k(result.cluster_ids, relevant, k),
                         "agreement": agreement_at_k(result.cluster_ids, oracle.cluster_ids, k),
                         "flops": result.flops,
                         "flops_dense_kernel": result.flops_dense_kernel,

@@ -34,7 +34,7 @@ PATHS = ("exact", "cascade", "oracle")
 
 def prepare_big(home: Path, samples: int = 120_000, seed: int = 101, name: str = BIG_SPACE) -> None:
     """The default models (bootstrap, skipped where they exist) and `bench_cascade`'s common-target space."""
-    from benchmarks.common import _write_space
+    from benchmarks.common import write_space
     from cascade.bootstrap import BootstrapConfig, bootstrap
     from cascade.space import META_FILE, SPACE_FILE, clusters_by_label
     from models.data import load_dataset
@@ -50,7 +50,7 @@ def prepare_big(home: Path, samples: int = 120_000, seed: int = 101, name: str =
     rng = np.random.default_rng(seed)
     cluster = clusters_by_label(big.y_pool, 10, rng)
     meta = {"id": f"bench-big-s{seed}-n{len(big.y_pool)}", "dataset": "mnist1d", "clusters": "same-label"}
-    space = _write_space(directory, big.x_pool, big.y_pool, train.prior, cluster, meta)
+    space = write_space(directory, big.x_pool, big.y_pool, train.prior, cluster, meta)
     print(f"{name} space: {space.num_items:,} items, {space.num_clusters:,} clusters", flush=True)
 
 
@@ -63,8 +63,8 @@ def _value(log_post: np.ndarray, ids: np.ndarray, utility: np.ndarray) -> float:
 
 def run(home: Path, space_name: str, k: int, seeds: tuple[int, ...], utilities: int, builds: int) -> dict:
     from cascade.engine import dense_oracle, run_cascade, target_from_label, target_from_utility
-    from cascade.evaluation import agreement_at_k, recall_at_k
     from cascade.exact import build_table, load_table, lookup_flops, save_table, table_bytes, table_path
+    from cascade.ranking_metrics import agreement_at_k, recall_at_k, relevant_items
 
     set_threads(1)
     snap = load_snapshot_from(home, space_name)
@@ -131,8 +131,8 @@ def run(home: Path, space_name: str, k: int, seeds: tuple[int, ...], utilities: 
                 if kind == "utility":
                     row["value_ratio"] = _value(table.log_post, result.cluster_ids, target.utility) / exact_value
                 if kind == "label":
-                    relevant = int((space.cluster_labels == which).sum())
-                    row["recall"] = recall_at_k(space.cluster_labels[result.cluster_ids], which, k, relevant)
+                    relevant = relevant_items(space.cluster_labels, which)
+                    row["recall"] = recall_at_k(result.cluster_ids, relevant, k)
                 rows.append(row)
         print(f"  seed {seed} done ({time.perf_counter() - started:.0f}s)", flush=True)
 

@@ -1,5 +1,5 @@
 """Quality and cost of a cascade against the true cluster labels and the dense exhaustive oracle, measured
-side by side in one run (research notes 2)."""
+side by side in one run; the metrics are those of `cascade.ranking_metrics`."""
 
 from __future__ import annotations
 
@@ -11,40 +11,16 @@ import numpy as np
 
 from cascade.config import Stage
 from cascade.engine import dense_oracle, run_cascade, target_from_label
+from cascade.ranking_metrics import agreement_at_k, hit_at_k, ndcg_at_k, recall_at_k, relevant_items
 from cascade.snapshot import Snapshot
 
 __all__ = [
-    "recall_at_k",
-    "ndcg_at_k",
-    "agreement_at_k",
     "graded_metrics",
     "LabelQueryReport",
     "evaluate_label_queries",
     "ExampleQueryReport",
     "evaluate_example_queries",
 ]
-
-
-def recall_at_k(retrieved_labels: np.ndarray, label: int, k: int, num_relevant: int) -> float:
-    """Relevant clusters among the top k, over the most that could be there, min(k, relevant)."""
-    if num_relevant == 0:
-        return math.nan
-    return float((retrieved_labels[:k] == label).sum()) / min(k, num_relevant)
-
-
-def ndcg_at_k(retrieved_labels: np.ndarray, label: int, k: int, num_relevant: int) -> float:
-    """Binary-relevance nDCG: hits near the top count more."""
-    if num_relevant == 0:
-        return math.nan
-    gains = (retrieved_labels[:k] == label).astype(np.float64)
-    discounts = 1.0 / np.log2(np.arange(2, len(gains) + 2))
-    ideal = discounts[: min(k, num_relevant)].sum()
-    return float((gains * discounts).sum() / ideal)
-
-
-def agreement_at_k(retrieved: np.ndarray, oracle: np.ndarray, k: int) -> float:
-    """Fraction of the oracle's top k that the cascade also returned."""
-    return len(set(retrieved[:k].tolist()) & set(oracle[:k].tolist())) / min(k, len(oracle))
 
 
 @dataclass(frozen=True)
@@ -80,7 +56,8 @@ def evaluate_label_queries(
     space = snapshot.space
     rows = []
     for label in range(space.num_classes):
-        relevant = int((space.cluster_labels == label).sum())
+        relevant = relevant_items(space.cluster_labels, label)
+        gains = (space.cluster_labels == label).astype(np.float64)  # binary relevance
         for seed in seeds:
             target = target_from_label(snapshot, space.labels_known[label])  # the user's label of class `label`
             t0 = time.perf_counter()
@@ -88,13 +65,12 @@ def evaluate_label_queries(
             t1 = time.perf_counter()
             oracle = dense_oracle(snapshot, target, k)
             t2 = time.perf_counter()
-            got = space.cluster_labels[result.cluster_ids]
             rows.append(
                 (
-                    recall_at_k(got, label, k, relevant),
-                    ndcg_at_k(got, label, k, relevant),
+                    recall_at_k(result.cluster_ids, relevant, k),
+                    ndcg_at_k(result.cluster_ids, gains, k),
                     agreement_at_k(result.cluster_ids, oracle.cluster_ids, k),
-                    recall_at_k(space.cluster_labels[oracle.cluster_ids], label, k, relevant),
+                    recall_at_k(oracle.cluster_ids, relevant, k),
                     result.flops,
                     oracle.flops,
                     (t1 - t0) * 1000,
@@ -110,14 +86,10 @@ def evaluate_label_queries(
 def graded_metrics(
     cluster_ids: np.ndarray, grades: np.ndarray, gains: np.ndarray, k: int = 10
 ) -> tuple[float, float, float]:
-    """Hit@1 and hit@k of the grade-2 cluster (recall, since there is exactly one), and graded nDCG@k with
+    """Hit@1 and hit@k of the top-grade cluster (recall, when there is exactly one), and graded nDCG@k with
     `gains[grade]`, for one query whose clusters have `grades` (K,)."""
-    got = grades[cluster_ids[:k]]
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = float((gains[got] * discounts[: len(got)]).sum())
-    ideal = float((np.sort(gains[grades])[::-1][:k] * discounts[: min(k, len(grades))]).sum())
-    top = int(grades.max())
-    return float(len(got) > 0 and got[0] == top), float((got == top).any()), dcg / ideal if ideal > 0 else math.nan
+    top = relevant_items(grades, int(grades.max()))
+    return hit_at_k(cluster_ids, top, 1), hit_at_k(cluster_ids, top, k), ndcg_at_k(cluster_ids, gains[grades], k)
 
 
 @dataclass(frozen=True)
@@ -146,7 +118,7 @@ def evaluate_example_queries(
 ) -> dict[str, ExampleQueryReport]:
     """Every method (a stage list; None is the default cascade, [] is FAISS only) and the dense exhaustive oracle
     on the snapshot's held-out queries, side by side: per query, each method runs once in turn, so machine noise
-    hits all of them alike. Grades come from each query's own cluster and label (research notes 2)."""
+    hits all of them alike. Grades come from each query's own cluster and label (`cascade.queries.cluster_grades`)."""
     from cascade.engine import target_from_examples
     from cascade.queries import cluster_grades
 

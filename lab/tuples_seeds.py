@@ -1,10 +1,10 @@
-"""Several seeds of `prunecascade tuples --source both`, summarised for docs/aggregation.md (issue 13, item 2).
+"""Several seeds of `python -m lab.run_tuples --source both`, summarised for docs/aggregation.md.
 
-    benchmarks/run_tuples_seeds.sh /work/home-tuples var/bench 0 1 2     # the runs (long; 1 torch thread)
-    .venv/bin/python -m benchmarks.tuples_seeds var/bench/tuples-s0 var/bench/tuples-s1 var/bench/tuples-s2
+    lab/run_tuples_seeds.sh /work/home-tuples var/bench 0 1 2     # the runs (long; 1 torch thread)
+    .venv/bin/python -m lab.tuples_seeds var/bench/tuples-s0 var/bench/tuples-s1 var/bench/tuples-s2
 
 Reads each run's `results.json` and prints Markdown: the sweet spot per budget and aggregator for every seed,
-with FLOPs per item counted nonzero (as `tuples` does) and dense-kernel (a masked variant then costs what the
+with FLOPs per item counted nonzero (as `lab.run_tuples` does) and dense-kernel (a masked variant then costs what the
 dense model costs); the n-accuracy of each fine-tuned variant of the registry at the largest n its budget buys
 (to see whether the best compression level of that family is interior); and each variant's single-item accuracy.
 No torch: it only reads the JSON files.
@@ -67,7 +67,7 @@ def affine_agg_flops(run: Run, variant: str, aggregator: str) -> tuple[int, int]
 
 
 def largest_n(budget: int, item: int, agg: tuple[int, int], cap: int) -> int:
-    """The largest n <= cap with n * item + agg cost <= budget (0 if none), as `models.tuples.largest_n_within`."""
+    """The largest n <= cap with n * item + agg cost <= budget (0 if none), as `lab.tuples.largest_n_within`."""
     per, fixed = agg
     n = 0
     while n < cap and (n + 1) * (item + per) + fixed <= budget:
@@ -270,7 +270,7 @@ def variant_table(runs: Sequence[Run]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="output directories of `prunecascade tuples`")
+    p.add_argument("runs", nargs="+", type=Path, help="output directories of `python -m lab.run_tuples`")
     p.add_argument("--family", default="cnn-s05:1,cnn-s10:1,cnn-s15:1,cnn-s25:1,cnn-s50:1,dense:1")
     p.add_argument("--figure", type=Path, help="also draw the fine-tuned family's n-accuracy per budget (PNG)")
     p.add_argument("--intervals", action="store_true", help="95%% intervals in the family tables too")

@@ -1,15 +1,15 @@
-"""`benchmarks/bench_carry.py` runs its own copy of the engine's stage loop to carry evidence between stages: without
-carrying it must answer exactly as `run_cascade` (else its comparison means nothing), a carried stage must score a
-member the previous stage did not, and shapes it cannot carry are refused."""
+"""`lab/carry.py` (measured by `benchmarks/bench_carry.py`) runs its own copy of the engine's stage loop to carry
+evidence between stages: without carrying it must answer exactly as `run_cascade` (else its comparison means
+nothing), a carried stage must score a member the previous stage did not, and shapes it cannot carry are refused."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from benchmarks.bench_carry import CarrySetting, other_member, run_carrying
 from cascade.config import Stage
 from cascade.engine import run_cascade, target_from_label
+from lab.carry import CarrySetting, other_member, run_carrying
 
 STAGES = (
     {"variant": "cnn-m20", "samples": 1, "keep": 40},
