@@ -22,12 +22,17 @@ The definitions, in trec_eval's terms (so that our numbers mean what the field's
   grades as given (`ndcg_cut_k`). Binary relevance is gains in {0, 1}.
 - agreement@k = |first k of the ranking ∩ first k of a reference ranking| / |first k of the reference|: recall
   against the reference's top k (P@k with the reference's top k as the relevant set when it has k items).
+
+And the choice among configurations measured this way, once: the Pareto front of cost against quality; the sweet
+spot, the cheapest front point within a tolerance of the best quality (the load tester's); and the best quality a
+cost budget buys (the tuple experiments'). A point with a NaN cost or quality is never chosen.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +48,9 @@ __all__ = [
     "mean_over_queries",
     "wilson_interval",
     "Z95",
+    "pareto_front",
+    "sweet_spot",
+    "best_within_budget",
 ]
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -156,3 +164,52 @@ def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float,
     low = 0.0 if successes == 0 else max(0.0, min(p, centre - half))
     high = 1.0 if successes == trials else min(1.0, max(p, centre + half))
     return low, high
+
+
+def pareto_front(costs: Sequence[float], qualities: Sequence[float]) -> list[int]:
+    """Indices of the non-dominated points (lower cost and higher quality are better), sorted by cost.
+
+    A point is dominated when another is no worse on both axes and strictly better on one. Points with a
+    NaN coordinate are never on the front; exact duplicates are both kept."""
+    if len(costs) != len(qualities):
+        raise ValueError("costs and qualities must have the same length")
+    ok = [i for i in range(len(costs)) if not (math.isnan(costs[i]) or math.isnan(qualities[i]))]
+    front = []
+    for i in ok:
+        dominated = any(
+            costs[j] <= costs[i]
+            and qualities[j] >= qualities[i]
+            and (costs[j] < costs[i] or qualities[j] > qualities[i])
+            for j in ok
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (costs[i], -qualities[i], i))
+
+
+def sweet_spot(costs: Sequence[float], qualities: Sequence[float], tolerance: float = 0.01) -> int | None:
+    """The cheapest front point with quality >= best - tolerance (absolute); None when no point is valid.
+
+    Tolerance is absolute (0.01 = one recall point) because recall is already a fraction in [0, 1]."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    front = pareto_front(costs, qualities)
+    if not front:
+        return None
+    best = max(qualities[i] for i in front)
+    return next(i for i in front if qualities[i] >= best - tolerance)
+
+
+def _undefined(quality: Any) -> bool:
+    first = quality[0] if isinstance(quality, tuple) else quality
+    return isinstance(first, float) and math.isnan(first)
+
+
+def best_within_budget(costs: Sequence[float], qualities: Sequence[Any], budget: float) -> int | None:
+    """The index of the best quality among the points costing at most `budget` (qualities compare as given:
+    a tuple such as (n-accuracy, RI) breaks ties by its later entries); the first such point on a tie; None when
+    nothing is affordable."""
+    if len(costs) != len(qualities):
+        raise ValueError("costs and qualities must have the same length")
+    ok = [i for i in range(len(costs)) if costs[i] <= budget and not _undefined(qualities[i])]
+    return max(ok, key=lambda i: qualities[i]) if ok else None

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cascade.ranking_metrics import best_within_budget
 from lab.metrics import n_accuracy, relative_information
 from models.aggregation import MemberOutputs, aggregate, get_aggregator, log_prior_of
 from models.data import Splits
@@ -258,9 +259,11 @@ def result_row(
 
 def sweet_spot_of(budget: int, aggregator: str, candidates: Sequence[tuple[ResultRow, bool]]) -> SweetSpotRow | None:
     """The best (n-accuracy, then RI) of the rows a budget buys, one per variant, with whether its n was capped."""
-    if not candidates:
+    rows = [r for r, _ in candidates]
+    best = best_within_budget([r.flops_tuple for r in rows], [(r.n_accuracy, r.ri) for r in rows], budget)
+    if best is None:
         return None
-    r, capped = max(candidates, key=lambda c: (c[0].n_accuracy, c[0].ri))
+    r, capped = candidates[best]
     return SweetSpotRow(
         budget,
         aggregator,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cascade.ranking_metrics import best_within_budget
+
 __all__ = ["Run", "load_run", "affine_agg_flops", "largest_n", "sweet_spot", "main"]
 
 AVERAGING = ("mean_prob", "mean_logit", "bayes")
@@ -80,23 +82,25 @@ def sweet_spot(
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """The best (n-accuracy, then RI) row among variants affordable at `budget` for any of `aggregators`, and the
     variants whose affordable n was not evaluated (only possible with dense-kernel counting)."""
-    best, missing = None, []
+    rows, costs, missing = [], [], []
     for v in run.variants():
         for a in aggregators:
             one = run.row(v, a, 1)
             if one is None:
                 continue
             item = one["flops_item_dense_kernel"] if dense_kernel else one["flops_item"]
-            n = largest_n(budget, item, affine_agg_flops(run, v, a), run.cap)
+            per, fixed = affine_agg_flops(run, v, a)
+            n = largest_n(budget, item, (per, fixed), run.cap)
             if n < 1:
                 continue
             r = run.row(v, a, n)
             if r is None:
                 missing.append(f"{v}/{a} n={n}")
                 continue
-            if best is None or (r["n_accuracy"], r["ri"]) > (best["n_accuracy"], best["ri"]):
-                best = r
-    return best, missing
+            rows.append(r)
+            costs.append(n * (item + per) + fixed)  # what `largest_n` kept within the budget
+    best = best_within_budget(costs, [(r["n_accuracy"], r["ri"]) for r in rows], budget)
+    return (None if best is None else rows[best]), missing
 
 
 def _cell(r: dict[str, Any] | None, interval: bool = True, aggregator: bool = False) -> str:

@@ -139,3 +139,15 @@ def test_wilson_interval_holds_its_estimate_and_stays_in_zero_one() -> None:
 def test_relevant_items_are_those_with_the_label() -> None:
     assert relevant_items(np.array([0, 1, 1, 2, 1]), 1) == {1, 2, 4}
     assert relevant_items(np.array([0, 1]), 5) == set()
+
+
+def test_best_within_budget_takes_the_best_affordable_point_and_breaks_ties_in_order() -> None:
+    from cascade.ranking_metrics import best_within_budget
+
+    costs = [5.0, 1.0, 3.0, 2.0, 9.0]
+    assert best_within_budget(costs, [0.9, 0.5, 0.7, 0.7, 1.0], 4.0) == 2  # 0.7 twice: the first one
+    assert best_within_budget(costs, [(0.7, 0.1), (0.5, 0.0), (0.7, 0.1), (0.7, 0.3), (1.0, 0.0)], 4.0) == 3
+    assert best_within_budget(costs, [0.9, math.nan, 0.7, 0.7, 1.0], 1.5) is None  # only a NaN is affordable
+    assert best_within_budget(costs, [0.9, 0.5, 0.7, 0.7, 1.0], 0.5) is None
+    with pytest.raises(ValueError, match="same length"):
+        best_within_budget(costs, [0.1], 1.0)

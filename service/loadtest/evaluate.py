@@ -8,8 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cascade.ranking_metrics import agreement_at_k, mean_over_queries, percentile, recall_at_k
-from service.loadtest.pareto import pareto_front, sweet_spot
+from cascade.ranking_metrics import agreement_at_k, mean_over_queries, pareto_front, percentile, recall_at_k, sweet_spot
 from service.loadtest.runner import PointRun
 
 __all__ = ["CSV_COLUMNS", "summarize_point", "ConfigSummary", "summarize_configs"]
