@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lab.tuples import (
+    ExperimentNetwork,
     ExperimentResult,
     ResultRow,
     SweetSpotRow,
-    TupleVariant,
     largest_n_within,
     result_row,
     sweet_spot_of,
@@ -26,20 +26,20 @@ from models.pair_gadget_training import PairTupleOutputs, PairTuples, pair_tuple
 __all__ = ["pair_variant", "run_pair_experiment"]
 
 
-def pair_variant(label: str, method: str, keep: float, model: PairNetwork) -> TupleVariant:
-    """A pair model as a `lab.tuples.TupleVariant`, costed per pair as served (folded; `pair_flops`)."""
+def pair_variant(label: str, method: str, keep: float, model: PairNetwork) -> ExperimentNetwork:
+    """A pair model as a `lab.tuples.ExperimentNetwork`, costed per pair as served (folded; `pair_flops`)."""
     f = pair_flops(model)
-    return TupleVariant(label, method, keep, model, f.nonzero, f.dense_kernel)  # type: ignore[arg-type]
+    return ExperimentNetwork(label, method, keep, model, f.nonzero, f.dense_kernel)  # type: ignore[arg-type]
 
 
-def _agg_flops(aggregator: str, variant: TupleVariant) -> Callable[[int], int]:
+def _agg_flops(aggregator: str, variant: ExperimentNetwork) -> Callable[[int], int]:
     agg, gadget = get_aggregator(aggregator), variant.gadgets.get(aggregator)
     grades = variant.model.spec.num_grades  # type: ignore[union-attr]
     return lambda n: agg.flops(n, grades, gadget)
 
 
 def run_pair_experiment(
-    variants: Sequence[TupleVariant],
+    variants: Sequence[ExperimentNetwork],
     train: PairTuples,
     val: PairTuples,
     test: PairTuples,

@@ -23,7 +23,7 @@ from service.commands.common import add_home, registry_from, settings_from, spli
 if TYPE_CHECKING:
     import torch
 
-    from lab.tuples import ExperimentResult, ResultRow, TupleVariant
+    from lab.tuples import ExperimentNetwork, ExperimentResult, ResultRow
     from models.networks import Classifier
     from models.registry import ModelRegistry
 
@@ -77,13 +77,13 @@ def _floats(text: str) -> list[float]:
 
 def _variant(
     label: str, method: str, keep: float, model: Classifier, gadget: torch.nn.Module | None = None
-) -> TupleVariant:
-    from lab.tuples import TupleVariant
+) -> ExperimentNetwork:
+    from lab.tuples import ExperimentNetwork
     from models.flops import count_flops
     from models.gadget import Gadget
 
     f = count_flops(model, model.spec.input_dim)
-    v = TupleVariant(label, method, keep, model, f.nonzero, f.dense_kernel)
+    v = ExperimentNetwork(label, method, keep, model, f.nonzero, f.dense_kernel)
     if isinstance(gadget, Gadget):
         v.gadgets[gadget.spec.kind] = gadget
     return v
@@ -91,7 +91,7 @@ def _variant(
 
 def _registry_variants(
     registry: ModelRegistry, dense_name: str, dense_version: int | None, use_stored: bool
-) -> tuple[list[TupleVariant], list[tuple[str, int]]]:
+) -> tuple[list[ExperimentNetwork], list[tuple[str, int]]]:
     dense = registry.load(dense_name, dense_version)
     refs = [(dense.manifest.name, dense.manifest.version)]
     variants = [_variant(dense.manifest.ref, "dense", 1.0, dense.model, dense.gadget if use_stored else None)]

@@ -24,7 +24,7 @@ __all__ = [
     "TupleBatch",
     "sample_tuples",
     "train_gadget",
-    "TupleVariant",
+    "ExperimentNetwork",
     "ResultRow",
     "SweetSpotRow",
     "ExperimentResult",
@@ -110,7 +110,7 @@ def train_gadget(
 
 
 @dataclass
-class TupleVariant:
+class ExperimentNetwork:
     """One network of the experiment. `flops` is the per-item cost used for budgets: nonzero FLOPs (a sparse
     kernel) for masked networks, which equals the dense-kernel count for dense and structurally pruned ones."""
 
@@ -207,7 +207,7 @@ class _Evaluator:
         return self._batches[n]
 
     def evaluate(
-        self, variant: TupleVariant, outputs: MemberOutputs, accuracy: float, aggregator: str, n: int
+        self, variant: ExperimentNetwork, outputs: MemberOutputs, accuracy: float, aggregator: str, n: int
     ) -> ResultRow:
         batch = self.batch(n)
         members = MemberOutputs(outputs.logits[batch.index], outputs.hidden[batch.index])  # type: ignore[index]
@@ -217,7 +217,7 @@ class _Evaluator:
 
 
 def result_row(
-    variant: TupleVariant,
+    variant: ExperimentNetwork,
     accuracy: float,
     aggregator: str,
     n: int,
@@ -280,13 +280,13 @@ def sweet_spot_of(budget: int, aggregator: str, candidates: Sequence[tuple[Resul
     )
 
 
-def _agg_flops(aggregator: str, num_classes: int, variant: TupleVariant) -> Callable[[int], int]:
+def _agg_flops(aggregator: str, num_classes: int, variant: ExperimentNetwork) -> Callable[[int], int]:
     agg, gadget = get_aggregator(aggregator), variant.gadgets.get(aggregator)
     return lambda n: agg.flops(n, num_classes, gadget)
 
 
 def _train_missing_gadgets(
-    variant: TupleVariant, splits: Splits, aggregators: Sequence[str], hidden_size: int, config: GadgetTrainConfig
+    variant: ExperimentNetwork, splits: Splits, aggregators: Sequence[str], hidden_size: int, config: GadgetTrainConfig
 ) -> None:
     needed = [a for a in aggregators if a in GADGET_AGGREGATORS and a not in variant.gadgets]
     if not needed:
@@ -303,7 +303,7 @@ def _train_missing_gadgets(
 
 def run_experiment(
     splits: Splits,
-    variants: Sequence[TupleVariant],
+    variants: Sequence[ExperimentNetwork],
     *,
     ns: Sequence[int] = (1, 2, 4, 8, 16),
     aggregators: Sequence[str] = DEFAULT_AGGREGATORS,

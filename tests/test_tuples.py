@@ -9,7 +9,7 @@ import pytest
 import torch
 from aggregation_fixtures import digits_mlp, digits_splits
 
-from lab.tuples import TupleVariant, largest_n_within, run_experiment, sample_tuples
+from lab.tuples import ExperimentNetwork, largest_n_within, run_experiment, sample_tuples
 from models.flops import count_flops
 from models.gadget_training import GadgetTrainConfig
 from models.pruning import prune
@@ -54,7 +54,7 @@ def test_largest_n_within_a_budget() -> None:
     assert largest_n_within(10_000, 100, lambda n: 0, 4) == (4, True)
 
 
-def _variants() -> list[TupleVariant]:
+def _variants() -> list[ExperimentNetwork]:
     dense = digits_mlp()
     out = []
     for label, method, keep, model in [
@@ -62,7 +62,7 @@ def _variants() -> list[TupleVariant]:
         ("magnitude@0.2", "magnitude", 0.2, prune(dense, "magnitude", 0.2)),
     ]:
         f = count_flops(model, model.spec.input_dim)
-        out.append(TupleVariant(label, method, keep, model, f.nonzero, f.dense_kernel))
+        out.append(ExperimentNetwork(label, method, keep, model, f.nonzero, f.dense_kernel))
     return out
 
 
