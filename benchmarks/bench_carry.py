@@ -11,7 +11,7 @@ other than the one the first stage scored), the same stage with one fresh sample
 without carrying), and the documented best cascade of the rare label 7 (two fresh samples); each then
 `cnn-s50` (4 samples, keep max(k, keep/4)) and the dense model on 5 samples. Every setting runs through the copy of the
 engine's stage loop in `lab/carry.py`; it checks first that, without carrying, the loop returns exactly the
-clusters of `cascade.engine.run_cascade`.
+clusters of the engine (`cascade.plan.execute`).
 Per seed (member sampling): the dense oracle, then every setting in a shuffled order, k = the rare label's
 clusters; recall@k against them, wall ratio = median oracle ms / median setting ms (building the target
 included), as `bench_cascade`.
@@ -55,7 +55,8 @@ def settings_for(k: int, seconds: tuple[str, ...], keeps: tuple[int, ...]) -> li
 
 
 def measure(home: Path, space_name: str, seeds: tuple[int, ...], seconds: tuple[str, ...], keeps: tuple[int, ...]):
-    from cascade.engine import dense_oracle, target_from_label
+    from cascade.engine import dense_oracle
+    from cascade.plan import target_from_label
     from cascade.ranking_metrics import recall_at_k, relevant_items
 
     set_threads(1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cascade.config import Stage
-from cascade.engine import run_cascade, target_from_label
+from cascade.plan import run_cascade, target_from_label
 from lab.carry import CarrySetting, other_member, run_carrying
 
 STAGES = (
