@@ -20,13 +20,12 @@ included), as `bench_cascade`.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.common import DEFAULT_HOME, dump_json, load_snapshot_from, median, parse_ints, set_threads
-from lab.carry import CarrySetting, check_against_engine, run_carrying
+from lab.carry import CarrySetting, carry_method, check_against_engine, run_carrying
 
 __all__ = ["main", "settings_for"]
 
@@ -55,9 +54,9 @@ def settings_for(k: int, seconds: tuple[str, ...], keeps: tuple[int, ...]) -> li
 
 
 def measure(home: Path, space_name: str, seeds: tuple[int, ...], seconds: tuple[str, ...], keeps: tuple[int, ...]):
-    from cascade.engine import dense_oracle
     from cascade.plan import target_from_label
     from cascade.ranking_metrics import recall_at_k, relevant_items
+    from cascade.side_by_side import HeldOutQuery, side_by_side
 
     set_threads(1)
     snap = load_snapshot_from(home, space_name)
@@ -72,20 +71,20 @@ def measure(home: Path, space_name: str, seeds: tuple[int, ...], seconds: tuple[
     print(f"{space.meta.get('id')}: label {label}, k={k}, {len(settings)} settings x {len(seeds)} seeds", flush=True)
     for st in settings:  # warm-up
         run_carrying(snap, target_from_label(snap, label), k, st, 0)
+    query = HeldOutQuery(f"label {label}", lambda s: target_from_label(s, label), frozenset(relevant))
+    methods = [carry_method(str(i), st) for i, st in enumerate(settings)]
+    rounds = side_by_side(snap, [query], methods, k, seeds, shuffle=np.random.default_rng(12345))
+    oracle_ms = [r["oracle"].ms for r in rounds]
+    oracle = rounds[-1]["oracle"]
     rows: list[dict] = []
-    oracle_ms: list[float] = []
-    order = np.random.default_rng(12345)
-    for seed in seeds:
-        t0 = time.perf_counter()
-        oracle = dense_oracle(snap, target_from_label(snap, label), k)
-        oracle_ms.append((time.perf_counter() - t0) * 1000)
-        for i in order.permutation(len(settings)):
-            t0 = time.perf_counter()
-            ids, flops, stage_ms = run_carrying(snap, target_from_label(snap, label), k, settings[i], seed)
-            ms = (time.perf_counter() - t0) * 1000
-            recall = recall_at_k(ids, relevant, k)
-            row = {"setting": int(i), "seed": seed, "ms": ms, "recall": recall, "flops": flops, "stage_ms": stage_ms}
-            rows.append(row)
+    for r in rounds:
+        for i in range(len(settings)):
+            got = r[str(i)]
+            recall = recall_at_k(got.cluster_ids, relevant, k)
+            rows.append(
+                {"setting": i, "seed": r.seed, "ms": got.ms, "recall": recall, "flops": got.flops,
+                 "stage_ms": list(got.stage_ms)}
+            )  # fmt: skip
     o_ms = median(oracle_ms)
     summary = []
     print(f"oracle median {o_ms:.1f} ms, {oracle.flops / 1e9:.2f} GFLOP; medians over seeds {list(seeds)}")

@@ -16,7 +16,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from cascade.ranking_metrics import hit_at_k, mean_over_queries, ndcg_at_k, relevant_items
+from cascade.evaluation import graded_metrics
+from cascade.ranking_metrics import mean_over_queries
 from models.biencoder import cluster_centroids, embed_numpy
 from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.pair import PairNetwork, default_pair_spec, pair_cost
@@ -35,20 +36,13 @@ GAINS = np.array([0.0, 1.0, 3.0])
 
 
 def premise_metrics(scores: np.ndarray, g: np.ndarray, k: int = 10) -> dict[str, float]:
-    """scores, g: (Q, K). recall@1/@k of the grade-2 cluster (one per query: hit@1, hit@k); nDCG@k under GAINS
-    (ties broken by index); means over queries, all from `cascade.ranking_metrics`."""
+    """scores, g: (Q, K). recall@1/@k of the grade-2 cluster (one per query: hit@1, hit@k) and nDCG@k under
+    GAINS (ties broken by index): `cascade.evaluation.graded_metrics`, as every method of the engine's evaluation
+    and the ceiling (`lab/ceiling.py`) are scored; means over queries."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    r1, rk, ndcg = [], [], []
-    for ranking, grades_q in zip(order, g, strict=True):
-        top = relevant_items(grades_q, 2)
-        r1.append(hit_at_k(ranking, top, 1))
-        rk.append(hit_at_k(ranking, top, k))
-        ndcg.append(ndcg_at_k(ranking, GAINS[grades_q], k))
-    return {
-        "recall@1": mean_over_queries(r1),
-        "recall@10": mean_over_queries(rk),
-        "ndcg@10": mean_over_queries(ndcg),
-    }
+    rows = [graded_metrics(ranking, grades_q, GAINS, k) for ranking, grades_q in zip(order, g, strict=True)]
+    r1, rk, ndcg = (mean_over_queries(column) for column in zip(*rows, strict=True))
+    return {"recall@1": r1, "recall@10": rk, "ndcg@10": ndcg}
 
 
 @torch.no_grad()

@@ -34,8 +34,10 @@ import torch
 
 from cascade.bootstrap import BootstrapConfig, bootstrap
 from cascade.engine import ORACLE_AGGREGATOR, dense_oracle, ranking_key
-from cascade.plan import execute, plan_target, target_from_label
+from cascade.plan import target_from_label
 from cascade.ranking_metrics import agreement_at_k
+from cascade.side_by_side import HeldOutQuery, side_by_side
+from cascade.side_by_side import stages as stages_method
 from cascade.snapshot import Snapshot
 from cascade.space import build_space, sample_members
 from models.aggregation import MemberOutputs, aggregate
@@ -129,17 +131,21 @@ def main(argv: list[str] | None = None) -> None:
     for name, tops in oracles.items():
         med = statistics.median(float(np.median(sizes[t])) for t in tops.values())
         print(f"oracle {name}: median over labels of the median size in its top {args.k}: {med:.0f}", flush=True)
-    for cname, cstages in cascades.items():
+    queries = [
+        HeldOutQuery(f"label {label}", lambda s, label=label: target_from_label(s, label), info={"label": label})
+        for label in range(space.num_classes)
+    ]
+    methods = [stages_method(cname, cstages) for cname, cstages in cascades.items()]
+    rounds = side_by_side(snapshot, queries, methods, args.k, args.seeds, reference=None)
+    for cname in cascades:
         agree: dict[str, list[float]] = {o: [] for o in oracles}
         med_sizes, recall = [], []
-        for label in range(space.num_classes):
-            for seed in args.seeds:
-                result = execute(plan_target(snapshot, target_from_label(snapshot, label), args.k, cstages), seed)
-                got = result.cluster_ids
-                med_sizes.append(float(np.median(sizes[got])))
-                recall.append(float((space.cluster_labels[got] == label).mean()))
-                for o, tops in oracles.items():
-                    agree[o].append(agreement_at_k(got, tops[label], args.k))
+        for r in rounds:
+            label, got = r.query.info["label"], r[cname].cluster_ids
+            med_sizes.append(float(np.median(sizes[got])))
+            recall.append(float((space.cluster_labels[got] == label).mean()))
+            for o, tops in oracles.items():
+                agree[o].append(agreement_at_k(got, tops[label], args.k))
         row = {
             "cascade": cname,
             "queries": len(recall),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CarrySetting", "other_member", "run_carrying", "check_against_engine"]
+__all__ = ["CarrySetting", "CarryAnswer", "carry_method", "other_member", "run_carrying", "check_against_engine"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,23 @@ def check_against_engine(snapshot, label: int, k: int, setting: CarrySetting) ->
     engine = execute(plan_target(snapshot, target_from_label(snapshot, label), k, stages), 0)
     if not np.array_equal(np.sort(mine), np.sort(engine.cluster_ids)):
         raise AssertionError(f"{setting.name}: this loop and the engine disagree without carrying")
+
+
+@dataclass(frozen=True)
+class CarryAnswer:
+    """What `run_carrying` answers, as `cascade.side_by_side` reads an answer (nonzero FLOPs only)."""
+
+    cluster_ids: np.ndarray
+    flops: int
+    stage_ms: tuple[float, ...]
+
+
+def carry_method(name: str, setting: CarrySetting):
+    """A setting as a side-by-side method: not a plan (the engine cannot carry), so it runs this loop."""
+    from cascade.side_by_side import Method
+
+    def run(snapshot, target, k: int, seed: int) -> CarryAnswer:
+        ids, flops, stage_ms = run_carrying(snapshot, target, k, setting, seed)
+        return CarryAnswer(ids, flops, tuple(stage_ms))
+
+    return Method(name, run=run)

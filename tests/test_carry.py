@@ -48,3 +48,16 @@ def test_a_carried_stage_needs_one_sample_on_both_sides(snapshot) -> None:
     two_first = CarrySetting("bad", ({**STAGES[0], "samples": 2}, *STAGES[1:]), (False, True, False))
     with pytest.raises(ValueError, match="carried stage"):
         run_carrying(snapshot, target_from_label(snapshot, 3), 5, two_first, 0)
+
+
+def test_a_setting_side_by_side_answers_as_the_loop(snapshot) -> None:
+    from cascade.side_by_side import HeldOutQuery, side_by_side
+    from lab.carry import carry_method
+
+    carried = CarrySetting("carried", STAGES, (False, True, False))
+    query = HeldOutQuery("label 3", lambda s: target_from_label(s, 3))
+    rounds = side_by_side(snapshot, [query], [carry_method("carried", carried)], 5, (0, 1))
+    for r in rounds:
+        ids, flops, stage_ms = run_carrying(snapshot, target_from_label(snapshot, 3), 5, carried, r.seed)
+        assert np.array_equal(r["carried"].cluster_ids, ids) and r["carried"].flops == flops
+        assert len(r["carried"].stage_ms) == len(stage_ms) and r["carried"].flops_dense_kernel is None
