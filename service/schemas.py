@@ -18,6 +18,7 @@ __all__ = [
     "QueryResponse",
     "CascadeOut",
     "ModelsOut",
+    "BrokenEntryOut",
     "SpaceOut",
     "UploadOut",
     "ActivateRequest",
@@ -141,6 +142,11 @@ class QueryResponse(BaseModel):
     latency_ms: float = Field(description="this request's own server-side time (a cache hit reports its own)")
     snapshot_id: str
     cached: bool = Field(False, description="served from the result cache (same query, same snapshot)")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what this answer lacks: a broken model served at its previous good version, or a default "
+        "cascade run shorter than configured (GET /v1/models lists the broken entries)",
+    )
 
 
 class CascadeOut(BaseModel):
@@ -150,8 +156,19 @@ class CascadeOut(BaseModel):
     pair_dense: str | None = None
 
 
+class BrokenEntryOut(BaseModel):
+    name: str
+    version: int | None = Field(description="the active version that does not load (null: ACTIVE does not read)")
+    error: str
+    served_version: int | None = Field(description="the version served in its place (its previous good one), or null")
+
+
 class ModelsOut(BaseModel):
     models: list[dict[str, Any]]
+    broken: list[BrokenEntryOut] = Field(
+        default_factory=list,
+        description="active registry entries the current snapshot could not load; every other model is served",
+    )
 
 
 class SpaceOut(BaseModel):

@@ -11,7 +11,7 @@ from cascade.snapshot import CachedInputs, Snapshot, misfit
 from models.registry import RegistryError
 from service.dependencies import SnapshotDep, StateDep
 from service.errors import error_responses
-from service.schemas import CascadeOut, ModelsOut, SpaceOut
+from service.schemas import BrokenEntryOut, CascadeOut, ModelsOut, SpaceOut
 from service.state import ServiceState
 
 __all__ = ["router"]
@@ -24,12 +24,20 @@ def list_models(state: StateDep) -> ModelsOut:
     """Every version of every registered model: `active` (the registry's choice on disk), `served` (whether the
     current snapshot answers queries with it) and, when it is not served, `not_served` saying why (inactive, does
     not fit the space, or activated on disk after the snapshot was built: `POST /v1/admin/reload`). An entry whose
-    manifest on disk does not validate is listed with `broken` saying why (it cannot be activated)."""
+    manifest on disk does not validate is listed with `broken` saying why (it cannot be activated). `broken` lists
+    the active entries that could not be loaded (and the version served in their place)."""
     snapshot = state.snapshot
+    faults = state.faults
     entries = state.registry.describe()
     for entry in entries:
+        fault = faults.get(entry["name"])
+        if fault is not None and fault.version == entry["version"] and "broken" not in entry:
+            entry["broken"] = fault.error
         entry["served"], entry["not_served"] = _served(state, snapshot, entry)
-    return ModelsOut(models=entries)
+    return ModelsOut(
+        models=entries,
+        broken=[BrokenEntryOut(**vars(f)) for _, f in sorted(faults.items())],
+    )
 
 
 def _served(state: ServiceState, snapshot: Snapshot | None, entry: dict) -> tuple[bool, str | None]:

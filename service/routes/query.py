@@ -164,6 +164,8 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
             raise HTTPException(504, str(exc)) from None
         mode = "cascade" if result.stages else "faiss"
     response = _response(snapshot, target, result, mode, started)
+    if mode != "exact":  # what a default cascade lost to a broken registry entry (the table needs none of it)
+        response.warnings = state.warnings_for(snapshot, target.kind)
     metrics = state.metrics
     for stage in result.stages:
         metrics.stage_latency.labels(variant=stage.variant).observe(stage.ms / 1000.0)
