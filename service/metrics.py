@@ -100,6 +100,12 @@ class Metrics:
             Counter("prunecascade_uploads", "Checkpoint uploads by outcome", ["outcome"], registry=r)
         )
         self.query_inflight = Gauge("prunecascade_query_inflight", "Queries holding a compute slot", registry=r)
+        self.query_inflight_heavy = Gauge(
+            "prunecascade_query_inflight_heavy",
+            "Heavy queries (over HEAVY_QUERY_FLOPS) holding a compute slot; at most MAX_CONCURRENT_QUERIES - "
+            "RESERVED_SLOTS",
+            registry=r,
+        )
         self.query_queued = Gauge("prunecascade_query_queued", "Queries waiting for a compute slot", registry=r)
         self.query_rejected = Counter(
             "prunecascade_query_rejected",

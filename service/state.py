@@ -129,8 +129,11 @@ class ServiceState:
         return snapshot
 
     def report_bootstrap(self, done: int, total: int, what: str) -> None:
-        """Progress of a bootstrap running before the first load (shown by /healthz and /readyz)."""
+        """Progress of a bootstrap running before the first load (shown by /healthz and /readyz, and logged)."""
+        previous = self.bootstrap_progress
         self.bootstrap_progress = {"done": done, "total": total, "step": what}
+        if previous is None or previous.get("step") != what or done == total:  # one line per step
+            log.info("bootstrap %d/%d: %s", done, total, what, extra={"bootstrap": self.bootstrap_progress})
 
     def load_in_background(self, before: Callable[[], None] | None = None) -> threading.Thread:
         """Load the snapshot in a thread, after `before` (the first run's bootstrap), so that the port is open
@@ -338,12 +341,7 @@ class ServiceState:
 
     def set_cascade(self, config: CascadeConfig) -> Snapshot:
         with self.lock:
-            snapshot = self.candidate(self._active, config)
-            if snapshot.config != config:  # a cascade set by hand runs as given, or not at all
-                _, warnings = self._degraded[snapshot.id]
-                raise ConflictError(
-                    f"this cascade cannot run as given: {'; '.join(warnings['classifier'] + warnings['pair'])}"
-                )
+            snapshot = self.candidate(self._active, config, as_given=True)  # runs as given, or 422
             config.save(self.config_path)
             self._config = config
             self._swap(snapshot, "cascade")
