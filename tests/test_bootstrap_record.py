@@ -96,7 +96,7 @@ def test_the_record_of_a_users_run_lists_only_what_shaped_it(
         "bi-encoder",
         "space and indexes",
     }
-    assert all(v > 0 for v in estimate["steps"].values()) and estimate["probe_seconds"] > 0
+    assert estimate["seconds"] > 0 and estimate["probe_seconds"] > 0  # (a step may round to 0.0 s on tiny data)
     assert record["seconds"] > 0
     assert main([*argv, "--pair-steps", "60"]) == 0  # a complete home: nothing to estimate, nothing rebuilt
     assert "bootstrap: about" not in capsys.readouterr().out
