@@ -150,9 +150,10 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     config = config_from(args)
     _check_home_matches(settings.home, config)
-    cascade = bootstrap(
-        settings.home, config, progress=not args.quiet, on_estimate=lambda e: print(e.line(), flush=True)
-    )
+    from tqdm.auto import tqdm
+
+    # tqdm.write: the line goes above a progress bar already on the terminal, never into it
+    cascade = bootstrap(settings.home, config, progress=not args.quiet, on_estimate=lambda e: tqdm.write(e.line()))
     print(f"ready under {settings.home}: cascade " + " -> ".join(s.variant for s in cascade.stages))
     if cascade.pair_stages:
         print("queries by example: pair cascade " + " -> ".join(s.variant for s in cascade.pair_stages))
