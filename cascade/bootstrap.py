@@ -23,6 +23,7 @@ from cascade.embedding import EmbeddingIndex
 from cascade.index import INDEX_FILE, ClusterIndex
 from cascade.queries import QuerySet, default_gains, hold_out_members
 from cascade.space import META_FILE, SPACE_FILE, build_space, clusters_by_kmeans, clusters_by_label
+from cascade.tuner import tune_home
 from models.biencoder import BiEncoderTrainConfig, train_biencoder
 from models.data import DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
@@ -159,6 +160,8 @@ class BootstrapConfig:
     stages apply; its prototype settings are MNIST-1D's."""
     space_dataset: str | None = None
     """A separate `.npz` that is the space; `dataset` is then split into train/validation/test only."""
+    tune: bool = True
+    """End by tuning the default pair cascade on the space's dev queries (`cascade.tuner.tune_home`)."""
 
     def __post_init__(self) -> None:
         if self.variants is None:
@@ -603,4 +606,6 @@ def bootstrap(
         (home / "bootstrap.json").write_text(json.dumps(record, indent=2, default=str))
     steps.done()
     steps.close()
+    if any_pair is not None and config.tune:  # the default pair cascade measured on dev queries, not guessed
+        tune_home(home)
     return CascadeConfig.load(config_path)

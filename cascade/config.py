@@ -33,9 +33,17 @@ class CascadeConfig(BaseModel):
     stages: tuple[Stage, ...] = Field(min_length=1, max_length=8)
     dense: str = Field("dense", description="the dense model: the oracle and, by convention, the last stage")
     pair_stages: tuple[Stage, ...] | None = Field(
-        None, min_length=1, max_length=8, description="the default cascade of pair models (queries by example)"
+        None,
+        max_length=8,
+        description="the default cascade of pair models (queries by example); [] answers from FAISS alone",
     )
     pair_dense: str | None = Field(None, description="the dense pair model: the oracle of queries by example")
+    pair_candidates: int | None = Field(
+        None, ge=1, description="stage 0's M for the default pair cascade (None: the server's example_candidates)"
+    )
+    pair_tuning: TuningRecord | None = Field(
+        None, description="how the default pair cascade was chosen (prunecascade tune): target, front, provenance"
+    )
     reference_k: int = Field(10, ge=1, description="the k the default keeps are tuned for")
 
     def stages_for(self, kind: str) -> tuple[Stage, ...]:
@@ -71,3 +79,8 @@ def scale_keeps(stages: tuple[Stage, ...], k: int, reference_k: int) -> tuple[St
     return tuple(
         s if s.keep is None else s.model_copy(update={"keep": max(k, math.ceil(s.keep * factor))}) for s in stages
     )
+
+
+from cascade.tuning_record import TuningRecord  # noqa: E402  (it imports Stage from here)
+
+CascadeConfig.model_rebuild()
