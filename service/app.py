@@ -18,7 +18,7 @@ from service.limits import QueryLimiter
 from service.logs import RequestIdMiddleware, setup_logging
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_link import RedisLink
-from service.routes import admin, catalog, health, inspect, metrics, query
+from service.routes import admin, catalog, health, inspect, metrics, query, tuning
 from service.settings import Settings
 from service.shared_state import SharedState
 from service.state import ServiceState
@@ -101,5 +101,6 @@ def create_app(settings: Settings | None = None, bootstrap_first: bool = False) 
     # The router tries routes in order: the hot one first (no path here overlaps another, so order is free).
     for router in (query.router, health.router, metrics.router, catalog.router, inspect.router, admin.router):
         app.include_router(router)
+    app.include_router(tuning.router)  # POST/GET /v1/admin/tune: re-tune the default pair cascade
     install_offline_docs(app)  # /docs and /redoc without a CDN
     return app

@@ -22,6 +22,7 @@ from cascade.engine import (
     target_from_utility,
 )
 from cascade.snapshot import Snapshot, StageError
+from cascade.tuning_record import QualityUnmet, plan_for_quality
 from service.cache import cache_key
 from service.dependencies import snapshot_of
 from service.errors import error_responses
@@ -89,8 +90,23 @@ def _target(snapshot: Snapshot, request: QueryRequest, state: ServiceState) -> T
     assert t.examples is not None
     if len(t.examples) > state.settings.max_examples:
         raise StageError("target.examples", f"at most {state.settings.max_examples} examples per query")
-    candidates = request.candidates or max(request.k, state.settings.example_candidates)
+    candidates = request.candidates or max(
+        request.k, snapshot.config.pair_candidates or state.settings.example_candidates
+    )
     return target_from_examples(snapshot, t.examples, candidates, t.gains)
+
+
+def _plan_for_quality(snapshot: Snapshot, request: QueryRequest) -> QueryRequest:
+    """A request that names a quality: the stages and M of the cheapest plan on the tuned front that meets it."""
+    if request.stages is not None or request.candidates is not None:
+        raise StageError("quality", "give a quality or stages and candidates, not both")
+    if request.target.examples is None:
+        raise StageError("quality", "a quality picks a plan of the pair cascade: it needs a query by example")
+    try:
+        point = plan_for_quality(snapshot.config.pair_tuning, request.quality or 0.0)
+    except QualityUnmet as exc:
+        raise StageError("quality", str(exc)) from None
+    return request.model_copy(update={"stages": list(point.stages), "candidates": point.candidates, "quality": None})
 
 
 def _exact_table(state: ServiceState, snapshot: Snapshot, request: QueryRequest, target: Target) -> Any:
@@ -137,6 +153,8 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     state: ServiceState = http.app.state.service
     snapshot = snapshot_of(state)
     started = time.perf_counter()
+    if request.quality is not None:
+        request = _plan_for_quality(snapshot, request)
     if request.k > state.settings.max_k:
         raise StageError("k", f"at most {state.settings.max_k}")
     target = _target(snapshot, request, state)
