@@ -143,16 +143,19 @@ def evaluate_example_queries(
     queries: int | None = None,
     oracle: bool = True,
     seed: int = 0,
+    split: str = "test",
 ) -> dict[str, ExampleQueryReport]:
     """Every method (a stage list; None is the default cascade, [] is FAISS only) and the dense exhaustive oracle
-    on the snapshot's held-out queries, side by side: per query, each method runs once in turn, so machine noise
-    hits all of them alike. Grades come from each query's own cluster and label (research notes 2)."""
+    on the snapshot's held-out queries of `split` (`cascade.queries.SPLIT_RULE`: test, never tuned on; dev; all),
+    side by side: per query, each method runs once in turn, so machine noise hits all of them alike. Grades come
+    from each query's own cluster and label (research notes 2)."""
     from cascade.engine import target_from_examples
     from cascade.queries import cluster_grades
 
     qs = snapshot.queries
     if qs is None or len(qs) == 0:
         raise ValueError("the space has no held-out queries")
+    qs = qs.split(split)
     count = len(qs) if queries is None else min(queries, len(qs))
     names = [*methods, *(["oracle"] if oracle else [])]
     rows: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}

@@ -58,6 +58,7 @@ __all__ = [
 REFERENCE_AGGREGATOR = "mean_logit"  # the dense rerank aggregates all members as the oracle does
 DEFAULT_TARGET = TuneTarget(kind="quality", value=0.99)
 SAMPLE_LADDER = (1, 2, 3, 4, 6, 8, 10, 16, 32, 64)
+GAINS_CHECK_QUERIES = 100  # the gains check reruns the dense rerank: on the first this many dev queries
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ def coarse_grid(space: _Space) -> list[Plan]:
     ms = sorted({big, max(k, big // 2)})
     plans = [Plan(big, ()), *(Plan(m, (_last(space),)) for m in ms)]
     cheap = space.variants[:-1] or (space.dense,)
-    for m in ms:
+    for m in (big,):  # other M: by refinement, one step at a time from the plans that make the front
         keeps = [v for v in (2 * k, 4 * k, 6 * k) if v < m]
         for variant in cheap:
             for keep in keeps:
@@ -433,7 +434,7 @@ def _gains_check(snapshot: Snapshot, queries: list[_Query], space: _Space, bar: 
     ref = reference_plan(space)
     own = np.array([0.0, 0.0, 1.0])
     hits_default, hits_own = [], []
-    for i, q in enumerate(queries):
+    for i, q in enumerate(queries[:GAINS_CHECK_QUERIES]):
         hits_default.append(float(q.ref_top[0] == int(np.argmax(q.grades == 2))))
         result = _answer(snapshot, replace(q.target, utility=own), space.k, ref, seed=i)
         hits_own.append(float(result.cluster_ids[0] == int(np.argmax(q.grades == 2))))
@@ -454,6 +455,7 @@ def _gains_check(snapshot: Snapshot, queries: list[_Query], space: _Space, bar: 
     )
     return {
         "default_gains": default,
+        "queries": len(a),
         "recall_at_1_default_gains": round(float(a.mean()), 4),
         "recall_at_1_gains_0_0_1": round(float(b.mean()), 4),
         "pulls_own_cluster_down": pulls,
@@ -547,9 +549,13 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
         raise ValueError(f"the space has {len(dev)} dev queries; tuning needs at least 2")
     k = space.k
     grid = coarse_grid(space)
+    served = snapshot.config.pair_stages
+    if served:  # the default being replaced is measured too: the tuned plan can only do better
+        m = min(snapshot.config.pair_candidates or options.candidates, space.max_candidates)
+        grid = _unique([*grid, *(p for p in [Plan(m, tuple(served))] if valid(p, space))])
     ref_plan = reference_plan(space)
     grid = [p for p in grid if p.key != ref_plan.key]
-    total = len(dev) * (3 + len(grid)) + min(options.oracle_queries, len(dev))
+    total = len(dev) * (2 + len(grid)) + min(GAINS_CHECK_QUERIES + options.oracle_queries, len(dev))
     bar = _bar(total, options.progress, "tune")
     queries, ref = _prepare(snapshot, dev, space, bar)
     oracle_flops = float(dense_flops(snapshot, queries[0].target))
@@ -557,7 +563,8 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
     if ref.mean_ndcg <= faiss.mean_ndcg and options.stop_when_faiss_wins:
         grid = []  # FAISS alone is the plan whatever the grid holds: measure nothing more
     grid = [p for p in grid if p.stages and _estimated(snapshot, queries[0].target, k, p) <= oracle_flops]
-    bar.total = len(queries) * (3 + len(grid)) + min(options.oracle_queries, len(queries))
+    bar.total = len(queries) * (2 + len(grid)) + min(GAINS_CHECK_QUERIES, len(queries))
+    bar.total += min(options.oracle_queries, len(queries))
     bar.refresh()
     measured = [ref, faiss, *_measure(snapshot, queries, grid, k, bar)]
     gains = _gains_check(snapshot, queries, space, bar)
