@@ -146,6 +146,9 @@ class TuneOptions:
     resamples: int = 1000
     seed: int = 0
     progress: bool | None = None  # None: a bar only when stderr is a terminal
+    faiss_guard: bool = True
+    """False: plans may lose to FAISS alone (to measure the search on a space whose reranker loses; `prunecascade
+    tune --no-faiss-guard` then stores nothing)."""
     stop_when_faiss_wins: bool = False
     """Measure no other plan once the dense rerank has lost to FAISS alone (the plan is FAISS alone anyway);
     False measures the grid all the same, for the picture of the front."""
@@ -477,21 +480,26 @@ def pareto_indices(costs: list[float], qualities: list[float]) -> list[int]:
     return front
 
 
-def _eligible(measured: list[Measured], faiss: Measured, oracle_flops: float) -> list[Measured]:
-    """Plans that never lose to FAISS alone on dev nDCG@10 and cost no more than the dense model on every item."""
+def _eligible(measured: list[Measured], faiss: Measured, oracle_flops: float, guard: bool = True) -> list[Measured]:
+    """Plans that never lose to FAISS alone on dev nDCG@10 and cost no more than the dense model on every item
+    (`guard` False drops the first rule: for measuring the search itself, never for a served plan)."""
+    floor = faiss.mean_ndcg if guard else -math.inf
     return [
-        m
-        for m in measured
-        if m is faiss or (m.mean_ndcg >= faiss.mean_ndcg and m.mean_flops <= oracle_flops and m.plan.stages)
+        m for m in measured if m is faiss or (m.mean_ndcg >= floor and m.mean_flops <= oracle_flops and m.plan.stages)
     ]
 
 
 def select(
-    measured: list[Measured], target: TuneTarget, faiss: Measured, ref: Measured, oracle_flops: float
+    measured: list[Measured],
+    target: TuneTarget,
+    faiss: Measured,
+    ref: Measured,
+    oracle_flops: float,
+    guard: bool = True,
 ) -> tuple[Measured, str, bool]:
     """The chosen plan, why, and whether the dense rerank beats FAISS alone on dev queries."""
     helps = ref.mean_ndcg > faiss.mean_ndcg
-    if not helps:
+    if not helps and guard:
         return (
             faiss,
             f"FAISS alone: the dense rerank of FAISS top {ref.plan.candidates} does not beat it on "
@@ -499,7 +507,7 @@ def select(
             f"{ref.hit1.mean():.3f} against {faiss.hit1.mean():.3f}), so no cascade over it can be worth its cost",
             False,
         )
-    pool = _eligible(measured, faiss, oracle_flops)
+    pool = _eligible(measured, faiss, oracle_flops, guard)
     if target.kind == "quality":
         meets = [m for m in pool if m.rel_ndcg_low >= target.value]
         if not meets:
@@ -573,10 +581,10 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
     seen = {m.plan.key for m in measured}
     rounds = 0
     while len(measured) < options.max_plans and time.perf_counter() - started < options.max_seconds:
-        chosen, _, helps = select(measured, options.target, faiss, ref, oracle_flops)
-        if not helps:
+        chosen, _, helps = select(measured, options.target, faiss, ref, oracle_flops, options.faiss_guard)
+        if not helps and options.faiss_guard:
             break
-        front = _front(measured, faiss, oracle_flops)
+        front = _front(measured, faiss, oracle_flops, options.faiss_guard)
         fresh = _proposals(chosen, front, space, seen, options.round_plans)
         fresh = [p for p in fresh if _estimated(snapshot, queries[0].target, k, p) <= oracle_flops]
         fresh = fresh[: options.max_plans - len(measured)]
@@ -590,10 +598,10 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
         before = {m.plan.key for m in front}
         measured.extend(new)
         rounds += 1
-        if {m.plan.key for m in _front(measured, faiss, oracle_flops)} == before:
+        if {m.plan.key for m in _front(measured, faiss, oracle_flops, options.faiss_guard)} == before:
             break  # the round moved nothing on the front
     bar.close()
-    chosen, reason, helps = select(measured, options.target, faiss, ref, oracle_flops)
+    chosen, reason, helps = select(measured, options.target, faiss, ref, oracle_flops, options.faiss_guard)
     seconds = time.perf_counter() - started
     say(
         f"tuned on {len(queries)} dev queries: {len(measured)} plans measured ({len(grid) + 2} in the coarse grid, "
@@ -608,7 +616,7 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
         faiss_only=faiss.point(),
         dense_rerank=ref.point(),
         oracle={k_: round(v, 4) for k_, v in oracle.items()},
-        front=tuple(m.point() for m in _front(measured, faiss, oracle_flops)),
+        front=tuple(m.point() for m in _front(measured, faiss, oracle_flops, options.faiss_guard)),
         gains_check=gains,
         test=test,
         dev_queries=len(queries),
@@ -626,8 +634,8 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
     return TuneResult(record, measured, chosen, seconds)
 
 
-def _front(measured: list[Measured], faiss: Measured, oracle_flops: float) -> list[Measured]:
-    pool = _eligible(measured, faiss, oracle_flops)
+def _front(measured: list[Measured], faiss: Measured, oracle_flops: float, guard: bool = True) -> list[Measured]:
+    pool = _eligible(measured, faiss, oracle_flops, guard)
     return [pool[i] for i in pareto_indices([m.mean_flops for m in pool], [m.mean_rel for m in pool])]
 
 

@@ -47,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--oracle-queries", type=int, default=0, help="also run the exhaustive oracle on N dev queries")
     p.add_argument("--no-test", action="store_true", help="skip the report on the test queries")
     p.add_argument("--dry-run", action="store_true", help="measure and report, but leave cascade.json unchanged")
+    p.add_argument(
+        "--no-faiss-guard",
+        action="store_true",
+        help="let plans lose to FAISS alone (measures the search where the reranker loses); implies --dry-run",
+    )
     p.add_argument("--out", type=Path, help="write tuning.json, plans.csv and front.png (the plot) here")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument(
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         max_seconds=args.max_seconds,
         oracle_queries=args.oracle_queries,
         progress=args.progress,
+        faiss_guard=not args.no_faiss_guard,
     )
     result = tune(snapshot, options)
     record = result.record
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:13s} " + "  ".join(f"{k} {v:,.4g}" for k, v in row.items()))
     if args.out is not None:
         _write_out(args.out, result)
-    if not args.dry_run:
+    if not args.dry_run and not args.no_faiss_guard:
         save_tuned(settings.home, config, result)
         print(
             f"stored as the default pair cascade in {settings.home / CONFIG_FILE} "
