@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     for name, p in (("FAISS only", record.faiss_only), ("dense rerank", record.dense_rerank)):
         print(f" [{name}] R@1 {p.recall_at_1:.3f} nDCG@10 {p.ndcg:.3f} FLOPs {p.flops:,.0f} ms {p.ms:.2f}")
     print(f"chosen: {record.chosen.name}\n  {record.reason}")
+    print("tuner cost: " + ", ".join(f"{k} {v:g}" for k, v in record.tuner.items()))
     if record.gains_check is not None:
         print(f"gains: {record.gains_check['verdict']}")
     if record.test is not None:
