@@ -152,5 +152,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"ready under {settings.home}: cascade " + " -> ".join(s.variant for s in cascade.stages))
     if cascade.pair_stages:
         print("queries by example: pair cascade " + " -> ".join(s.variant for s in cascade.pair_stages))
+    elif cascade.pair_stages is not None:
+        print("queries by example: FAISS alone")
+    if cascade.pair_tuning is not None:
+        print(f"  (tuned on {cascade.pair_tuning.dev_queries} dev queries: {cascade.pair_tuning.reason})")
     print(f"serve it with: prunecascade serve --home {settings.home}")
     return 0
