@@ -26,7 +26,17 @@ from cascade.config import CONFIG_FILE, CascadeConfig
 from cascade.embedding import EmbeddingIndex
 from cascade.queries import QuerySet, dev_rows
 from cascade.snapshot import Snapshot, load_snapshot
-from cascade.tuner import BOOTSTRAP_RECORD, Plan, TuneOptions, measure_split, tune, tune_home
+from cascade.tuner import (
+    BOOTSTRAP_RECORD,
+    Measured,
+    Plan,
+    TuneOptions,
+    measure_split,
+    pareto_indices,
+    select,
+    tune,
+    tune_home,
+)
 from cascade.tuning_record import QualityUnmet, TuneTarget, plan_for_quality
 from models.biencoder import BiEncoder
 from models.pair import PairNetwork
@@ -238,3 +248,39 @@ def test_plan_names_and_keys_tell_plans_apart() -> None:
     b = Plan(100, (Stage(variant="s", samples=1, keep=30), Stage(variant="d", samples=6)))
     assert a.key != b.key and a.name != b.name
     assert Plan(100, ()).key == Plan(50, ()).key  # FAISS alone does not depend on M
+
+
+def _m(name: str, stages: int, rel: float, ndcg: float, flops: float, low: float | None = None) -> Measured:
+    from cascade.config import Stage
+
+    plan = Plan(100, tuple(Stage(variant=f"{name}{i}", samples=1, keep=50 - i) for i in range(stages)))
+    ones = np.ones(4)
+    return Measured(plan, rel * ones, ones, ones, ndcg * ones, flops * ones, flops / 1e6 * ones, low or rel)
+
+
+def test_select_never_loses_to_faiss_and_takes_the_cheapest_that_meets() -> None:
+    faiss = _m("f", 0, 0.90, 0.80, 1e6)
+    ref = _m("r", 1, 1.00, 0.85, 1e9)
+    cheap_bad = _m("a", 2, 0.995, 0.79, 1e7)  # meets the quality but loses to FAISS alone on the truth
+    good = _m("b", 2, 0.992, 0.84, 2e7)
+    better = _m("c", 2, 0.999, 0.85, 5e7)
+    measured = [faiss, ref, cheap_bad, good, better]
+    chosen, why, helps = select(measured, TuneTarget(kind="quality", value=0.99), faiss, ref, 1e10)
+    assert helps and chosen is good, why
+    chosen, _, _ = select(measured, TuneTarget(kind="quality", value=0.995), faiss, ref, 1e10)
+    assert chosen is better
+    chosen, _, _ = select(measured, TuneTarget(kind="quality", value=0.99), faiss, ref, 1e7)  # cap: dense cost
+    assert chosen is faiss
+    chosen, _, _ = select(measured, TuneTarget(kind="flops", value=3e7), faiss, ref, 1e10)
+    assert chosen is good
+    chosen, _, _ = select(measured, TuneTarget(kind="flops", value=1e5), faiss, ref, 1e10)
+    assert chosen is faiss
+    worse_ref = _m("r", 1, 1.0, 0.75, 1e9)
+    chosen, why, helps = select([faiss, worse_ref, good], TuneTarget(kind="quality", value=0.5), faiss, worse_ref, 1e10)
+    assert chosen is faiss and not helps and "does not beat" in why
+
+
+def test_pareto_indices_keep_the_non_dominated_cheapest_first() -> None:
+    costs = [5.0, 1.0, 3.0, 3.0, 10.0]
+    quality = [0.9, 0.5, 0.9, 0.7, 0.95]
+    assert pareto_indices(costs, quality) == [1, 2, 4]
