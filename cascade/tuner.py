@@ -150,8 +150,8 @@ class TuneOptions:
     """False: plans may lose to FAISS alone (to measure the search on a space whose reranker loses; `prunecascade
     tune --no-faiss-guard` then stores nothing)."""
     stop_when_faiss_wins: bool = False
-    """Measure no other plan once the dense rerank has lost to FAISS alone (the plan is FAISS alone anyway);
-    False measures the grid all the same, for the picture of the front."""
+    """Measure no other plan (nor the gains) once the dense rerank has lost to FAISS alone (the plan is FAISS
+    alone anyway); False measures the grid all the same, for the picture of the front."""
 
 
 @dataclass
@@ -570,14 +570,15 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
     seconds_reference = time.perf_counter() - started
     oracle_flops = float(dense_flops(snapshot, queries[0].target))
     faiss = _measure(snapshot, queries, [Plan(space.max_candidates, ())], k, bar)[0]
-    if ref.mean_ndcg <= faiss.mean_ndcg and options.stop_when_faiss_wins:
+    settled = ref.mean_ndcg <= faiss.mean_ndcg and options.stop_when_faiss_wins
+    if settled:
         grid = []  # FAISS alone is the plan whatever the grid holds: measure nothing more
     grid = [p for p in grid if p.stages and _estimated(snapshot, queries[0].target, k, p) <= oracle_flops]
-    bar.total = len(queries) * (2 + len(grid)) + min(GAINS_CHECK_QUERIES, len(queries))
+    bar.total = len(queries) * (2 + len(grid)) + (0 if settled else min(GAINS_CHECK_QUERIES, len(queries)))
     bar.total += min(options.oracle_queries, len(queries))
     bar.refresh()
     measured = [ref, faiss, *_measure(snapshot, queries, grid, k, bar)]
-    gains = _gains_check(snapshot, queries, space, bar)
+    gains = None if settled else _gains_check(snapshot, queries, space, bar)
     oracle = _oracle(snapshot, queries, options.oracle_queries, k, bar)
     _lower_bounds(measured, options.target.confidence, options.resamples, options.seed)
     seconds_grid = time.perf_counter() - started - seconds_reference
