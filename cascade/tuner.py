@@ -249,17 +249,18 @@ def valid(plan: Plan, space: _Space) -> bool:
 
 
 def coarse_grid(space: _Space) -> list[Plan]:
-    """FAISS only, the dense rerank at a few M, two-stage plans (each cheaper variant on one member, a few
-    keeps, then the dense model on every member) and three-stage plans whose middle stage reads a few members
-    with the dense model (the last one extends it)."""
+    """FAISS only, the dense rerank, two-stage plans (the cheapest variant on one member at a few keeps, each
+    other cheaper variant at the smallest keep, then the dense model on every member) and a three-stage plan
+    whose middle stage reads a few members with the dense model (the last one extends it). Everything else
+    (other M, samples, aggregators, variants, keeps) is left to the refinement, one step at a time from the
+    plans that make the front: the grid is where the time goes on a large space."""
     k, big = space.k, space.max_candidates
-    ms = sorted({big, max(k, big // 2)})
-    plans = [Plan(big, ()), *(Plan(m, (_last(space),)) for m in ms)]
+    plans = [Plan(big, ()), Plan(big, (_last(space),))]
     cheap = space.variants[:-1] or (space.dense,)
-    for m in (big,):  # other M: by refinement, one step at a time from the plans that make the front
+    for m in (big,):
         keeps = [v for v in (2 * k, 4 * k, 6 * k) if v < m]
-        for variant in cheap:
-            for keep in keeps:
+        for j, variant in enumerate(cheap):
+            for keep in keeps if j == 0 else keeps[:1]:
                 plans.append(Plan(m, (Stage(variant=variant, samples=1, keep=keep), _last(space))))
         if keeps:
             first = Stage(variant=cheap[0], samples=1, keep=keeps[-1])
