@@ -32,9 +32,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
-from cascade.engine import CascadeResult, Target, dense_flops, dense_oracle, plan_flops, run_cascade
-from cascade.engine import target_from_examples as _target_from_examples
+from cascade.engine import CascadeResult, Target, dense_flops, dense_oracle
 from cascade.evaluation import graded_metrics
+from cascade.plan import QueryPlan, execute, plan_target
+from cascade.plan import target_from_examples as _target_from_examples
 from cascade.queries import SPLIT_RULE, QuerySet, cluster_grades
 from cascade.snapshot import Snapshot
 from cascade.tuning_record import PlanPoint, TuneTarget, TuningRecord, dev_check
@@ -178,7 +179,14 @@ def _answer(snapshot: Snapshot, target: Target, k: int, plan: Plan, seed: int) -
             candidates=target.candidates[: plan.candidates],  # type: ignore[index]
             candidate_distances=target.candidate_distances[: plan.candidates],  # type: ignore[index]
         )
-    return run_cascade(snapshot, target, k, plan.stages, seed)
+    result = execute(_restricted_plan(snapshot, target, k, plan), seed)
+    assert isinstance(result, CascadeResult)  # a query by example is never the exact table's
+    return result
+
+
+def _restricted_plan(snapshot: Snapshot, target: Target, k: int, plan: Plan) -> QueryPlan:
+    """The engine's query plan for a tuner's plan (stages as given: [] is FAISS alone)."""
+    return plan_target(snapshot, target, k, plan.stages)
 
 
 # -- plans -----------------------------------------------------------------------------------------------------
@@ -537,10 +545,11 @@ def _bar(total: int, show: bool | None, what: str) -> tqdm:
 
 
 def _estimated(snapshot: Snapshot, target: Target, k: int, plan: Plan) -> float:
-    """FLOPs of a plan before it runs (an upper bound, `plan_flops`), for the cap at the dense model's cost."""
+    """FLOPs of a plan before it runs (the engine's estimate: exact where every cluster has the sampled members),
+    for the cap at the dense model's cost."""
     if plan.candidates < len(target.candidates):  # type: ignore[arg-type]
         target = replace(target, candidates=target.candidates[: plan.candidates])  # type: ignore[index]
-    return float(plan_flops(snapshot, target, k, plan.stages)) if plan.stages else float(target.flops)
+    return float(_restricted_plan(snapshot, target, k, plan).flops)
 
 
 def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable[[str], None] = print) -> TuneResult:
