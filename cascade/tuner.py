@@ -59,6 +59,7 @@ __all__ = [
 REFERENCE_AGGREGATOR = "mean_logit"  # the dense rerank aggregates all members as the oracle does
 DEFAULT_TARGET = TuneTarget(kind="quality", value=0.99)
 SAMPLE_LADDER = (1, 2, 3, 4, 6, 8, 10, 16, 32, 64)
+RETIME_QUERIES = 50  # the final front is timed again, side by side, on the first this many dev queries
 GAINS_CHECK_QUERIES = 100  # the gains check reruns the dense rerank: on the first this many dev queries
 
 
@@ -141,7 +142,8 @@ class TuneOptions:
     test: bool = True  # measure the chosen plan, FAISS alone and the dense rerank on the test queries
     max_plans: int = 60
     max_seconds: float = 150.0
-    """Refinement stops once this much time has gone (the coarse grid and the references always run)."""
+    """Refinement measures only the plans that should fit in what is left of this, at the milliseconds per FLOP
+    measured so far (the references and the coarse grid always run)."""
     round_plans: int = 8
     oracle_queries: int = 0  # the dense model on every item, on this many dev queries (slow on a big space)
     resamples: int = 1000
@@ -600,8 +602,17 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
             break
         front = _front(measured, faiss, oracle_flops, options.faiss_guard)
         fresh = _proposals(chosen, front, space, seen, options.round_plans)
-        fresh = [p for p in fresh if _estimated(snapshot, queries[0].target, k, p) <= oracle_flops]
-        fresh = fresh[: options.max_plans - len(measured)]
+        costs = {p.key: _estimated(snapshot, queries[0].target, k, p) for p in fresh}
+        fresh = [p for p in fresh if costs[p.key] <= oracle_flops][: options.max_plans - len(measured)]
+        # as many as the time left should measure, at the ms per FLOP the plans measured so far ran at
+        left, rate = options.max_seconds - (time.perf_counter() - started), _ms_per_flop(measured)
+        fitting = []
+        for p in fresh:
+            left -= len(queries) * (faiss.median_ms + costs[p.key] * rate) / 1000.0
+            if left < 0:
+                break
+            fitting.append(p)
+        fresh = fitting
         if not fresh:
             break
         seen.update(p.key for p in fresh)
@@ -614,6 +625,8 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
         rounds += 1
         if {m.plan.key for m in _front(measured, faiss, oracle_flops, options.faiss_guard)} == before:
             break  # the round moved nothing on the front
+    front = _front(measured, faiss, oracle_flops, options.faiss_guard)
+    _retime(snapshot, queries[:RETIME_QUERIES], [ref, *front], k, bar)
     bar.close()
     chosen, reason, helps = select(measured, options.target, faiss, ref, oracle_flops, options.faiss_guard)
     seconds = time.perf_counter() - started
@@ -654,6 +667,28 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
 def _front(measured: list[Measured], faiss: Measured, oracle_flops: float, guard: bool = True) -> list[Measured]:
     pool = _eligible(measured, faiss, oracle_flops, guard)
     return [pool[i] for i in pareto_indices([m.mean_flops for m in pool], [m.mean_rel for m in pool])]
+
+
+def _retime(snapshot: Snapshot, queries: list[_Query], plans: list[Measured], k: int, bar: tqdm) -> None:
+    """Time the front again, its plans in turn on each query: rounds ran minutes apart on a shared machine, so
+    their milliseconds are not side by side; these are (the FLOPs and qualities do not change)."""
+    rows: list[list[float]] = [[] for _ in plans]
+    bar.total += len(plans) * len(queries)
+    for i, q in enumerate(queries):
+        for j, m in enumerate(plans):
+            t0 = time.perf_counter()
+            _answer(snapshot, q.target, k, m.plan, seed=i)
+            rows[j].append((time.perf_counter() - t0) * 1000.0 + q.stage0_ms)
+            bar.update(1)
+    for m, r in zip(plans, rows, strict=True):
+        if r:
+            m.ms = np.asarray(r)
+
+
+def _ms_per_flop(measured: list[Measured]) -> float:
+    """The median ratio of measured milliseconds to FLOPs over the plans with stages (for a round's time)."""
+    ratios = [m.median_ms / m.mean_flops for m in measured if m.plan.stages and m.mean_flops > 0]
+    return float(np.median(ratios)) if ratios else 0.0
 
 
 def _proposals(chosen: Measured, front: list[Measured], space: _Space, seen: set[str], count: int) -> list[Plan]:

@@ -36,7 +36,10 @@ class PlanPoint(BaseModel):
     recall_at_1: float = Field(description="the query's own cluster ranked first (truth)")
     ndcg: float = Field(description="graded nDCG@10 against the truth, with the space's default gains")
     flops: float = Field(description="FLOPs per query, stage 0 (embedding the query) included")
-    ms: float = Field(description="median wall time per query, stage 0 included, one torch thread")
+    ms: float = Field(
+        description="median wall time per query, stage 0 included, one torch thread; the front's plans and the "
+        "dense rerank are timed again at the end, side by side on the first 50 dev queries"
+    )
     queries: int
 
 
