@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -163,7 +163,6 @@ class TuneResult:
     measured: list[Measured]
     chosen: Measured
     seconds: float
-    log: list[str] = field(default_factory=list)
 
     def plan(self) -> Plan:
         return self.chosen.plan
@@ -626,7 +625,8 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
         if {m.plan.key for m in _front(measured, faiss, oracle_flops, options.faiss_guard)} == before:
             break  # the round moved nothing on the front
     front = _front(measured, faiss, oracle_flops, options.faiss_guard)
-    _retime(snapshot, queries[:RETIME_QUERIES], [ref, *front], k, bar)
+    if not settled:
+        _retime(snapshot, queries[:RETIME_QUERIES], [ref, *front], k, bar)
     bar.close()
     chosen, reason, helps = select(measured, options.target, faiss, ref, oracle_flops, options.faiss_guard)
     seconds = time.perf_counter() - started
@@ -634,7 +634,7 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
         f"tuned on {len(queries)} dev queries: {len(measured)} plans measured ({len(grid) + 2} in the coarse grid, "
         f"{rounds} refinement rounds) in {seconds:.1f} s"
     )
-    test = _test_report(snapshot, space, chosen, faiss, ref, options, bar) if options.test else None
+    test = _test_report(snapshot, chosen, faiss, options) if options.test else None
     record = TuningRecord(
         target=options.target,
         chosen=chosen.point(),
@@ -657,7 +657,7 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
             "seconds": round(seconds, 2),
             "seconds_reference": round(seconds_reference, 2),  # the dense rerank of every dev query
             "seconds_grid": round(seconds_grid, 2),  # FAISS alone, the grid, the gains check, the oracle
-            "seconds_refinement": round(seconds - seconds_reference - seconds_grid, 2),
+            "seconds_refinement": round(seconds - seconds_reference - seconds_grid, 2),  # and the final timing
             "candidates": float(space.max_candidates),
         },
     )
@@ -724,13 +724,7 @@ def measure_split(
 
 
 def _test_report(
-    snapshot: Snapshot,
-    space: _Space,
-    chosen: Measured,
-    faiss: Measured,
-    ref: Measured,
-    options: TuneOptions,
-    bar: tqdm,
+    snapshot: Snapshot, chosen: Measured, faiss: Measured, options: TuneOptions
 ) -> dict[str, dict[str, float]] | None:
     """The chosen plan, FAISS alone and the dense rerank on the test queries; `meets_target` says whether the
     test mean is within the confidence interval of the target (its two-sided upper bound reaches it)."""
