@@ -59,6 +59,8 @@ __all__ = [
 REFERENCE_AGGREGATOR = "mean_logit"  # the dense rerank aggregates all members as the oracle does
 DEFAULT_TARGET = TuneTarget(kind="quality", value=0.99)
 SAMPLE_LADDER = (1, 2, 3, 4, 6, 8, 10, 16, 32, 64)
+RACE_QUERIES = 50  # a new plan is measured on this many dev queries first, and on the rest if it may make the front
+RACE_MARGIN = 0.005  # dropped when a plan measured on every query is cheaper and this much better on those first
 RETIME_QUERIES = 50  # the final front is timed again, side by side, on the first this many dev queries
 GAINS_CHECK_QUERIES = 100  # the gains check reruns the dense rerank: on the first this many dev queries
 
@@ -388,10 +390,13 @@ def _measured(plan: Plan, rows: list[tuple[float, ...]]) -> Measured:
     return Measured(plan, t[:, 0], t[:, 1], t[:, 2], t[:, 3], t[:, 4], t[:, 5])
 
 
-def _measure(snapshot: Snapshot, queries: list[_Query], plans: list[Plan], k: int, bar: tqdm) -> list[Measured]:
-    """Every plan on every query, in turn per query (noise hits all plans alike)."""
+def _measure(
+    snapshot: Snapshot, queries: list[_Query], plans: list[Plan], k: int, bar: tqdm, start: int = 0
+) -> list[Measured]:
+    """Every plan on every query, in turn per query (noise hits all plans alike); query i (counted from `start`)
+    samples members with seed i, whichever plan runs it."""
     rows: list[list[tuple[float, ...]]] = [[] for _ in plans]
-    for i, q in enumerate(queries):
+    for i, q in enumerate(queries, start):
         for j, plan in enumerate(plans):
             t0 = time.perf_counter()
             result = _answer(snapshot, q.target, k, plan, seed=i)
@@ -403,17 +408,47 @@ def _measure(snapshot: Snapshot, queries: list[_Query], plans: list[Plan], k: in
     return [_measured(p, r) for p, r in zip(plans, rows, strict=True)]
 
 
+def _race(
+    snapshot: Snapshot, queries: list[_Query], plans: list[Plan], k: int, bar: tqdm, full: list[Measured]
+) -> list[Measured]:
+    """Measure `plans` on the first `RACE_QUERIES` dev queries, and on the rest only those that the plans already
+    measured on every query do not dominate there (cheaper and better by `RACE_MARGIN` relative nDCG@10 on the
+    same queries): a plan that cannot reach the front stops early. Returns every plan, the dropped ones measured
+    on the first queries only."""
+    head = RACE_QUERIES
+    if len(queries) <= 2 * head:
+        return _measure(snapshot, queries, plans, k, bar)
+    first = _measure(snapshot, queries[:head], plans, k, bar)
+    rivals = [(m.mean_flops, float(np.nanmean(m.rel_ndcg[:head]))) for m in full if len(m.rel_ndcg) == len(queries)]
+    alive = [
+        i
+        for i, m in enumerate(first)
+        if not any(f <= m.mean_flops and q >= m.mean_rel + RACE_MARGIN for f, q in rivals)
+    ]
+    bar.total -= (len(plans) - len(alive)) * (len(queries) - head)
+    rest = _measure(snapshot, queries[head:], [plans[i] for i in alive], k, bar, start=head)
+    for i, m in zip(alive, rest, strict=True):
+        a = first[i]
+        first[i] = Measured(
+            a.plan,
+            *(np.concatenate([getattr(a, f), getattr(m, f)]) for f in ("rel_ndcg", "agreement", "hit1", "ndcg")),
+            np.concatenate([a.flops, m.flops]),
+            np.concatenate([a.ms, m.ms]),
+        )
+    return first
+
+
 def _lower_bounds(measured: list[Measured], confidence: float, resamples: int, seed: int) -> None:
     """One-sided percentile-bootstrap lower bound of each plan's mean rel_ndcg, over the same resamples of the
     queries for every plan."""
-    if not measured:
-        return
-    n = len(measured[0].rel_ndcg)
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    indices: dict[int, np.ndarray] = {}
     for m in measured:
         if math.isnan(m.rel_ndcg_low):
+            n = len(m.rel_ndcg)
+            if n not in indices:  # the same resamples for every plan measured on as many queries
+                indices[n] = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
             values = np.nan_to_num(m.rel_ndcg, nan=1.0)  # a query the dense rerank gives no gain: nothing to lose
-            m.rel_ndcg_low = float(np.quantile(values[idx].mean(axis=1), 1.0 - confidence))
+            m.rel_ndcg_low = float(np.quantile(values[indices[n]].mean(axis=1), 1.0 - confidence))
 
 
 def _oracle(snapshot: Snapshot, queries: list[_Query], count: int, k: int, bar: tqdm) -> dict[str, float]:
@@ -491,11 +526,16 @@ def pareto_indices(costs: list[float], qualities: list[float]) -> list[int]:
 
 
 def _eligible(measured: list[Measured], faiss: Measured, oracle_flops: float, guard: bool = True) -> list[Measured]:
-    """Plans that never lose to FAISS alone on dev nDCG@10 and cost no more than the dense model on every item
-    (`guard` False drops the first rule: for measuring the search itself, never for a served plan)."""
+    """Plans measured on every dev query that never lose to FAISS alone on dev nDCG@10 and cost no more than the
+    dense model on every item (`guard` False drops the first rule: for measuring the search itself, never for a
+    served plan). A plan the race dropped after its first queries is not eligible."""
     floor = faiss.mean_ndcg if guard else -math.inf
+    n = len(faiss.rel_ndcg)
     return [
-        m for m in measured if m is faiss or (m.mean_ndcg >= floor and m.mean_flops <= oracle_flops and m.plan.stages)
+        m
+        for m in measured
+        if m is faiss
+        or (len(m.rel_ndcg) == n and m.mean_ndcg >= floor and m.mean_flops <= oracle_flops and m.plan.stages)
     ]
 
 
@@ -588,7 +628,8 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
     bar.total = len(queries) * (2 + len(grid)) + (0 if settled else min(GAINS_CHECK_QUERIES, len(queries)))
     bar.total += min(options.oracle_queries, len(queries))
     bar.refresh()
-    measured = [ref, faiss, *_measure(snapshot, queries, grid, k, bar)]
+    measured = [ref, faiss]
+    measured += _race(snapshot, queries, grid, k, bar, measured)
     gains = None if settled else _gains_check(snapshot, queries, space, bar)
     oracle = _oracle(snapshot, queries, options.oracle_queries, k, bar)
     _lower_bounds(measured, options.target.confidence, options.resamples, options.seed)
@@ -617,7 +658,7 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
         seen.update(p.key for p in fresh)
         bar.total += len(fresh) * len(queries)
         bar.refresh()
-        new = _measure(snapshot, queries, fresh, k, bar)
+        new = _race(snapshot, queries, fresh, k, bar, measured)
         _lower_bounds(new, options.target.confidence, options.resamples, options.seed)
         before = {m.plan.key for m in front}
         measured.extend(new)
