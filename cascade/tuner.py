@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.engine import CascadeResult, Target, dense_flops, dense_oracle
-from cascade.evaluation import graded_metrics
 from cascade.plan import QueryPlan, execute, plan_target
 from cascade.plan import target_from_examples as _target_from_examples
 from cascade.queries import SPLIT_RULE, QuerySet, cluster_grades
+from cascade.ranking_metrics import agreement_at_k, hit_at_k, ndcg_at_k, pareto_front, wilson_interval
 from cascade.snapshot import Snapshot
 from cascade.tuning_record import PlanPoint, TuneTarget, TuningRecord, dev_check
 
@@ -48,7 +48,6 @@ __all__ = [
     "tune",
     "tuned_config",
     "select",
-    "pareto_indices",
     "coarse_grid",
     "neighbours",
     "measure_split",
@@ -342,19 +341,21 @@ def neighbours(plan: Plan, space: _Space) -> list[Plan]:
 @dataclass(frozen=True)
 class _Query:
     target: Target
-    grades: np.ndarray
+    own: frozenset[int]  # the query's own cluster (the top grade)
+    truth_gain: np.ndarray  # (clusters,) the gain of each cluster's true grade
     ref_gain: np.ndarray  # (clusters,) the dense rerank's expected gain of each of its M candidates, 0 elsewhere
     ref_top: np.ndarray  # the dense rerank's top k
-    ideal: float  # DCG@k of ref_top under ref_gain
     stage0_ms: float
 
 
-_DISCOUNTS = 1.0 / np.log2(np.arange(2, 1026))
-
-
 def _rel_ndcg(ids: np.ndarray, q: _Query, k: int) -> float:
-    got = q.ref_gain[np.asarray(ids[:k], dtype=np.int64)]
-    return float((got * _DISCOUNTS[: len(got)]).sum() / q.ideal) if q.ideal > 0 else math.nan
+    """nDCG@k with the dense rerank's expected gains as relevance: its own top k is the ideal ranking."""
+    return ndcg_at_k(ids, q.ref_gain, k)
+
+
+def _truth(ids: np.ndarray, q: _Query, k: int) -> tuple[float, float]:
+    """Recall@1 of the own cluster and graded nDCG@k against the truth."""
+    return hit_at_k(ids, q.own, 1), ndcg_at_k(ids, q.truth_gain, k)
 
 
 def _prepare(snapshot: Snapshot, qs: QuerySet, space: _Space, bar: tqdm) -> tuple[list[_Query], Measured]:
@@ -372,14 +373,13 @@ def _prepare(snapshot: Snapshot, qs: QuerySet, space: _Space, bar: tqdm) -> tupl
         ms = (time.perf_counter() - t0) * 1000.0 + stage0_ms
         gain = np.zeros(clusters)
         gain[result.cluster_ids] = np.maximum(result.scores, 0.0)
-        top = result.cluster_ids[: space.k]
-        ideal = float((gain[top] * _DISCOUNTS[: len(top)]).sum())
         grades = cluster_grades(
             snapshot.space.cluster_labels, int(qs.cluster[i]), int(qs.label[i]), len(target.utility)
         )
-        q = _Query(target, grades, gain, top, ideal, stage0_ms)
+        own = frozenset(np.flatnonzero(grades == grades.max()).tolist())
+        q = _Query(target, own, target.utility[grades], gain, result.cluster_ids[: space.k], stage0_ms)
         queries.append(q)
-        hit1, _, ndcg = graded_metrics(result.cluster_ids, grades, target.utility, space.k)
+        hit1, ndcg = _truth(result.cluster_ids, q, space.k)
         rows.append((_rel_ndcg(result.cluster_ids, q, space.k), 1.0, hit1, ndcg, result.flops + target.flops, ms))
         bar.update(1)
     return queries, _measured(ref, rows)
@@ -401,8 +401,8 @@ def _measure(
             t0 = time.perf_counter()
             result = _answer(snapshot, q.target, k, plan, seed=i)
             ms = (time.perf_counter() - t0) * 1000.0 + q.stage0_ms
-            hit1, _, ndcg = graded_metrics(result.cluster_ids, q.grades, q.target.utility, k)
-            agree = len(set(result.cluster_ids[:k].tolist()) & set(q.ref_top.tolist())) / len(q.ref_top)
+            hit1, ndcg = _truth(result.cluster_ids, q, k)
+            agree = agreement_at_k(result.cluster_ids, q.ref_top, k)
             rows[j].append((_rel_ndcg(result.cluster_ids, q, k), agree, hit1, ndcg, result.flops + q.target.flops, ms))
             bar.update(1)
     return [_measured(p, r) for p, r in zip(plans, rows, strict=True)]
@@ -459,7 +459,7 @@ def _oracle(snapshot: Snapshot, queries: list[_Query], count: int, k: int, bar: 
         t0 = time.perf_counter()
         result = dense_oracle(snapshot, q.target, k)
         ms = (time.perf_counter() - t0) * 1000.0
-        hit1, _, ndcg = graded_metrics(result.cluster_ids, q.grades, q.target.utility, k)
+        hit1, ndcg = _truth(result.cluster_ids, q, k)
         rows.append((_rel_ndcg(result.cluster_ids, q, k), hit1, ndcg, ms))
         bar.update(1)
     if rows:
@@ -483,9 +483,9 @@ def _gains_check(snapshot: Snapshot, queries: list[_Query], space: _Space, bar: 
     own = np.array([0.0, 0.0, 1.0])
     hits_default, hits_own = [], []
     for i, q in enumerate(queries[:GAINS_CHECK_QUERIES]):
-        hits_default.append(float(q.ref_top[0] == int(np.argmax(q.grades == 2))))
+        hits_default.append(hit_at_k(q.ref_top, q.own, 1))
         result = _answer(snapshot, replace(q.target, utility=own), space.k, ref, seed=i)
-        hits_own.append(float(result.cluster_ids[0] == int(np.argmax(q.grades == 2))))
+        hits_own.append(hit_at_k(result.cluster_ids, q.own, 1))
         bar.update(1)
     a, b = np.asarray(hits_default), np.asarray(hits_own)
     diff = b - a
@@ -512,17 +512,6 @@ def _gains_check(snapshot: Snapshot, queries: list[_Query], space: _Space, bar: 
 
 
 # -- choosing --------------------------------------------------------------------------------------------------
-
-
-def pareto_indices(costs: list[float], qualities: list[float]) -> list[int]:
-    """Non-dominated points (lower cost, higher quality), cheapest first."""
-    order = sorted(range(len(costs)), key=lambda i: (costs[i], -qualities[i]))
-    front, best = [], -math.inf
-    for i in order:
-        if qualities[i] > best:
-            front.append(i)
-            best = qualities[i]
-    return front
 
 
 def _eligible(measured: list[Measured], faiss: Measured, oracle_flops: float, guard: bool = True) -> list[Measured]:
@@ -707,7 +696,7 @@ def tune(snapshot: Snapshot, options: TuneOptions = TuneOptions(), say: Callable
 
 def _front(measured: list[Measured], faiss: Measured, oracle_flops: float, guard: bool = True) -> list[Measured]:
     pool = _eligible(measured, faiss, oracle_flops, guard)
-    return [pool[i] for i in pareto_indices([m.mean_flops for m in pool], [m.mean_rel for m in pool])]
+    return [pool[i] for i in pareto_front([m.mean_flops for m in pool], [m.mean_rel for m in pool])]
 
 
 def _retime(snapshot: Snapshot, queries: list[_Query], plans: list[Measured], k: int, bar: tqdm) -> None:
@@ -791,6 +780,7 @@ def _summary(m: Measured, options: TuneOptions) -> dict[str, float]:
     means = np.nan_to_num(m.rel_ndcg, nan=1.0)[idx].mean(axis=1)
     alpha = (1.0 - options.target.confidence) / 2
     low, high = float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    r1_low, r1_high = wilson_interval(round(float(np.nansum(m.hit1))), n)
     out = {
         "queries": float(n),
         "rel_ndcg": round(m.mean_rel, 4),
@@ -798,6 +788,8 @@ def _summary(m: Measured, options: TuneOptions) -> dict[str, float]:
         "rel_ndcg_high": round(high, 4),
         "agreement": round(float(m.agreement.mean()), 4),
         "recall_at_1": round(float(m.hit1.mean()), 4),
+        "recall_at_1_low": round(r1_low, 4),  # Wilson 95% interval
+        "recall_at_1_high": round(r1_high, 4),
         "ndcg": round(m.mean_ndcg, 4),
         "flops": round(m.mean_flops),
         "ms": round(m.median_ms, 3),

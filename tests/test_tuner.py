@@ -32,7 +32,6 @@ from cascade.tuner import (
     Plan,
     TuneOptions,
     measure_split,
-    pareto_indices,
     select,
     tune,
     tune_home,
@@ -278,9 +277,3 @@ def test_select_never_loses_to_faiss_and_takes_the_cheapest_that_meets() -> None
     worse_ref = _m("r", 1, 1.0, 0.75, 1e9)
     chosen, why, helps = select([faiss, worse_ref, good], TuneTarget(kind="quality", value=0.5), faiss, worse_ref, 1e10)
     assert chosen is faiss and not helps and "does not beat" in why
-
-
-def test_pareto_indices_keep_the_non_dominated_cheapest_first() -> None:
-    costs = [5.0, 1.0, 3.0, 3.0, 10.0]
-    quality = [0.9, 0.5, 0.9, 0.7, 0.95]
-    assert pareto_indices(costs, quality) == [1, 2, 4]
