@@ -92,7 +92,7 @@ def _run(state: ServiceState, job: _Job, snapshot: Snapshot, options: Any) -> No
                     state="discarded", detail="the models changed while it measured: tune again"
                 )
             else:
-                swapped = state.set_cascade(tuned_config(current.config, result))
+                swapped = state.set_cascade(tuned_config(state.config, result))
                 update = dict(state="applied", snapshot_id=swapped.id)
         update.update(chosen=result.record.chosen.name, reason=result.record.reason)
     except Exception as exc:  # reported by GET /v1/admin/tune; the served plan is untouched
