@@ -59,6 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="training steps of the dense pair model (default: 1500); the bi-encoder gets two thirds as many and "
         "each pruned variant's fine-tuning a fifth",
     )
+    p.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="end by tuning the default pair cascade on the space's dev queries (default: on; FAISS alone where "
+        "the dense rerank does not beat it); --no-tune keeps the built-in stages",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -102,6 +109,8 @@ def config_from(args: argparse.Namespace) -> Any:
         overrides["space_dataset"] = space_dataset
     if pair_flag is not None:
         overrides["user_pair"] = pair_flag
+    if getattr(args, "tune", None) is not None:
+        overrides["tune"] = args.tune
     config = BootstrapConfig(dataset=dataset, arch=arch, **overrides)
     if pair_steps is not None and config.pair is not None:
         config = replace(config, pair=_pair_with_steps(config.pair, pair_steps))
