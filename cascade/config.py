@@ -7,21 +7,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cascade.stage import Stage
+from cascade.tuning_record import TuningRecord
+
 __all__ = ["Stage", "CascadeConfig", "CONFIG_FILE", "scale_keeps"]
 
 CONFIG_FILE = "cascade.json"
-
-
-class Stage(BaseModel):
-    """Score `samples` sampled members of every surviving cluster with `variant`, aggregate them with
-    `aggregator`, and keep the best `keep` clusters (the last stage keeps the k asked for)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    variant: str = Field(min_length=1, max_length=64, description="registry name of an active model")
-    samples: int = Field(ge=1, le=256, description="members sampled per cluster")
-    keep: int | None = Field(None, ge=1, description="clusters kept for the next stage; ignored on the last")
-    aggregator: str = Field("bayes", min_length=1, max_length=32)
 
 
 class CascadeConfig(BaseModel):
@@ -79,8 +70,3 @@ def scale_keeps(stages: tuple[Stage, ...], k: int, reference_k: int) -> tuple[St
     return tuple(
         s if s.keep is None else s.model_copy(update={"keep": max(k, math.ceil(s.keep * factor))}) for s in stages
     )
-
-
-from cascade.tuning_record import TuningRecord  # noqa: E402  (it imports Stage from here)
-
-CascadeConfig.model_rebuild()

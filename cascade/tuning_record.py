@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cascade.config import Stage
+from cascade.stage import Stage
 
 __all__ = ["PlanPoint", "TuneTarget", "TuningRecord", "plan_for_quality", "QualityUnmet", "dev_check"]
 
