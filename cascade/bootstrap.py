@@ -33,6 +33,7 @@ from cascade.space import (
     clusters_by_kmeans,
     clusters_by_label,
 )
+from cascade.tuner import tune_home
 from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.data import PARTS, DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
@@ -166,6 +167,8 @@ class BootstrapConfig:
     stages apply; its prototype settings are MNIST-1D's."""
     space_dataset: str | None = None
     """A separate `.npz` that is the space; `dataset` is then split into train/validation/test only."""
+    tune: bool = True
+    """End by tuning the default pair cascade on the space's dev queries (`cascade.tuner.tune_home`)."""
 
     def __post_init__(self) -> None:
         if self.variants is None:
@@ -666,4 +669,6 @@ def _bootstrap(
         write_record(home, {**describe_run(config, splits, grades), **timing}, "complete")
     steps.done()
     steps.close()
+    if any_pair is not None and config.tune:  # the default pair cascade measured on dev queries, not guessed
+        tune_home(home)
     return CascadeConfig.load(config_path)

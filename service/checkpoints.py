@@ -352,9 +352,10 @@ def gadget_n_accuracy(
     """(the gadget's, `mean_logit`'s) accuracy at naming the shared label of tuples of probe items of one label,
     averaged over `GADGET_GATE_NS`: a gadget is only worth serving if it aggregates at least about as well as
     averaging the members' logits, which needs no training at all."""
-    from models.gadget import hidden_of
-
-    logits, hidden = hidden_of(model, x)
+    model.eval()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    parts = [model.forward_with_hidden(xt[i : i + 4096]) for i in range(0, len(xt), 4096)]  # type: ignore[operator]
+    logits, hidden = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     labels = np.asarray(y, dtype=np.int64)
     rng = np.random.default_rng(0)
     by_label = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}

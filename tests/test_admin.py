@@ -294,7 +294,9 @@ def test_push_command_uploads_and_activates(admin_server, tmp_path) -> None:
 def _trained_lstm(server, hidden_size: int) -> torch.nn.Module:
     """A briefly trained LSTM gadget for cnn-m20 on the space's items (a random one fails the gadget gate)."""
     from cascade.space import Space
-    from models.gadget import GadgetSpec, GadgetTrainConfig, hidden_of, train_gadget
+    from lab.tuples import train_gadget
+    from models.gadget import GadgetSpec
+    from models.gadget_training import GadgetTrainConfig, hidden_of
     from models.registry import ModelRegistry
 
     model = ModelRegistry(server.home / "registry").load("cnn-m20").model

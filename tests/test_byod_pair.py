@@ -70,6 +70,7 @@ def _config(data: Path) -> BootstrapConfig:
         variants=(PrunedVariant("mlp-s50", "layer-weight-norm", 0.5, reweight=True),),
         stages=(Stage(variant="mlp-s50", samples=2, keep=40), Stage(variant="dense", samples=6)),
         pair=SMALL_PAIR,
+        tune=False,  # the pair cascade these tests query is SMALL_PAIR's; tuning is tested below on a copy
     )
 
 
@@ -291,3 +292,25 @@ def test_a_two_grade_space_answers_examples_queries_without_gains(tmp_path: Path
         assert bad.status_code == 422 and "gains" in bad.text
     finally:
         stop_server(server)
+
+
+def test_a_users_clusters_go_through_the_same_dev_query_check(structured_home: Path, tmp_path: Path) -> None:
+    """The bootstrap's last step on a user's space: the default pair cascade is measured on its dev queries (held-
+    out members), FAISS alone wherever the dense rerank does not beat it, and bootstrap.json says which and why."""
+    import shutil
+
+    from cascade.config import CONFIG_FILE, CascadeConfig
+    from cascade.queries import QuerySet
+    from cascade.tuner import BOOTSTRAP_RECORD, tune_home
+
+    home = tmp_path / "home"
+    shutil.copytree(structured_home, home, ignore=shutil.ignore_patterns("data"))
+    result = tune_home(home)
+    assert result is not None
+    record = CascadeConfig.load(home / CONFIG_FILE).pair_tuning
+    assert record is not None and record.dev_queries == len(QuerySet.load(home / "spaces" / "default").split("dev"))
+    helps = record.dense_rerank.ndcg > record.faiss_only.ndcg
+    assert record.reranker_helps == helps
+    assert (CascadeConfig.load(home / CONFIG_FILE).pair_stages == ()) == (not helps or not record.chosen.stages)
+    check = json.loads((home / BOOTSTRAP_RECORD).read_text())["dev_check"]
+    assert check["reranker_helps"] == helps and check["why"] == record.reason

@@ -11,9 +11,11 @@ import numpy as np
 from fastapi import APIRouter, Body, HTTPException, Request, Response
 
 from cascade.engine import DeadlineExceeded, StageReport
-from cascade.errors import ExactTableNotReady
+from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer
 from cascade.plan import Answer, Limits, Query, QueryPlan, execute, plan_query
+from cascade.snapshot import Snapshot
+from cascade.tuning_record import QualityUnmet, plan_for_quality
 from service.cache import cache_key
 from service.dependencies import snapshot_of
 from service.errors import error_responses
@@ -78,6 +80,9 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     query, limits = _query(request), _limits(state)
     snapshot = snapshot_of(state)
     started = time.perf_counter()
+    if request.quality is not None:  # the cheapest plan on the tuned front that meets it, from this snapshot
+        request = _plan_for_quality(snapshot, request)
+        query = _query(request)
     try:
         plan = plan_query(snapshot, query, limits, state.exact_table)
     except ExactTableNotReady as exc:
@@ -109,6 +114,19 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     if cache is not None:
         cache.set(key, _to_json(response.model_copy(update={"cached": True})))
     return Response(content=_to_json(response), media_type="application/json")
+
+
+def _plan_for_quality(snapshot: Snapshot, request: QueryRequest) -> QueryRequest:
+    """A request that names a quality: the stages and M of the cheapest plan on the tuned front that meets it."""
+    if request.stages is not None or request.candidates is not None:
+        raise RequestError("quality", "give a quality or stages and candidates, not both")
+    if request.target.examples is None:
+        raise RequestError("quality", "a quality picks a plan of the pair cascade: it needs a query by example")
+    try:
+        point = plan_for_quality(snapshot.config.pair_tuning, request.quality or 0.0)
+    except QualityUnmet as exc:
+        raise RequestError("quality", str(exc)) from None
+    return request.model_copy(update={"stages": list(point.stages), "candidates": point.candidates, "quality": None})
 
 
 def _query(request: QueryRequest) -> Query:
