@@ -255,17 +255,7 @@ def _plot(result: ExperimentResult, out: Path) -> None:
     fig.savefig(out / "aggregation_n_accuracy.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(aggs), figsize=(3.4 * len(aggs), 3.2), squeeze=False, sharey=True)
-    for ax, a in zip(axes.flat, aggs, strict=True):
-        for v in variants:
-            rs = [r for r in result.rows if r.variant == v and r.aggregator == a]
-            ax.plot([r.flops_tuple for r in rs], [r.ri for r in rs], marker="o", ms=3, label=v)
-        ax.set_xscale("log")
-        ax.set_title(a)
-        ax.set_xlabel("FLOPs per tuple")
-    axes[0, 0].set_ylabel("relative information")
-    axes[0, -1].legend(fontsize=6)
-    fig.tight_layout()
+    fig = ri_vs_flops_figure(result)
     fig.savefig(out / "aggregation_ri_vs_flops.png", dpi=110)
     plt.close(fig)
 
@@ -273,6 +263,74 @@ def _plot(result: ExperimentResult, out: Path) -> None:
     if fig is not None:
         fig.savefig(out / SWEET_SPOT_PNG, dpi=110)
         plt.close(fig)
+
+
+def readable_limits(values: list[float], whisker: float = 3.0, min_spread: float = 0.5) -> tuple[float, float]:
+    """Y limits that hold the bulk of `values`: the quartiles widened by `whisker` interquartile ranges (the
+    range taken as at least `min_spread`, so tightly bunched data keeps its edges), never wider than the data,
+    plus a margin. One RI of -70 beside values in [-1, 1] would otherwise flatten them all."""
+    import numpy as np
+
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return (0.0, 1.0)
+    q1, q3 = np.percentile(v, [25, 75])
+    spread = max(q3 - q1, min_spread)
+    lo = max(float(v.min()), q1 - whisker * spread)
+    hi = min(float(v.max()), q3 + whisker * spread)
+    pad = 0.08 * max(hi - lo, 1e-3)
+    return (lo - pad, hi + pad)
+
+
+def ri_vs_flops_figure(result: ExperimentResult) -> Any:
+    """RI against FLOPs per tuple, one panel per aggregator, y clipped to the bulk of the data; a point off the
+    scale is drawn as a triangle on the edge with its value written beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r.variant for r in result.rows))
+    aggs = list(dict.fromkeys(r.aggregator for r in result.rows))
+    lo, hi = readable_limits([r.ri for r in result.rows])
+    colours = plt.cm.tab10.colors
+    markers = "osD^vP*Xph"
+    fig, axes = plt.subplots(
+        1, len(aggs), figsize=(3.4 * len(aggs) + 2.0, 3.4), squeeze=False, sharey=True, layout="constrained"
+    )
+    clipped = 0
+    for ax, a in zip(axes.flat, aggs, strict=True):
+        for i, v in enumerate(variants):
+            rs = [r for r in result.rows if r.variant == v and r.aggregator == a]
+            colour, marker = colours[i % len(colours)], markers[i % len(markers)]
+            xs, ys = [r.flops_tuple for r in rs], [min(max(r.ri, lo), hi) for r in rs]
+            ax.plot(xs, ys, marker=marker, ms=3, color=colour, label=v, linestyle="-" if i < 10 else "--")
+            for r in rs:
+                if r.ri < lo or r.ri > hi:
+                    clipped += 1
+                    below = r.ri < lo
+                    edge = lo if below else hi
+                    ax.plot([r.flops_tuple], [edge], marker="v" if below else "^", ms=7, color=colour, clip_on=False)
+                    ax.annotate(
+                        f"{r.ri:.3g} (off scale)",
+                        (r.flops_tuple, edge),
+                        xytext=(-6, 8 if below else -14),
+                        textcoords="offset points",
+                        ha="right",
+                        fontsize=7,
+                        color=colour,
+                    )
+        ax.set_ylim(lo, hi)
+        ax.set_xscale("log")
+        ax.set_title(a, fontsize=8)
+        ax.set_xlabel("FLOPs per tuple")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("relative information")
+    if clipped:
+        fig.suptitle(f"{clipped} point(s) off the scale: triangles on the edge, value beside", fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=6, title="variant", title_fontsize=7)
+    return fig
 
 
 def sweet_spot_figure(result: ExperimentResult) -> Any:
@@ -294,11 +352,20 @@ def sweet_spot_figure(result: ExperimentResult) -> Any:
     keeps = sparse_log_ticks(sorted({r.keep for r in result.budget_rows}, reverse=True))
     for ax, b in zip(axes.flat, budgets, strict=True):
         brs = _rows_at_budget(result.budget_rows, b)
-        for a in aggs:
-            for m in methods or ["dense"]:
+        # colour says the aggregator, line style and marker the pruning method: ten tab10 hues alone blurred
+        for i, a in enumerate(aggs):
+            for j, m in enumerate(methods or ["dense"]):
                 rs = sorted((r for r in brs if r.aggregator == a and r.method in (m, "dense")), key=lambda r: -r.keep)
                 if rs:
-                    ax.plot([r.keep for r in rs], [r.n_accuracy for r in rs], marker="o", ms=3, label=f"{a} {m}")
+                    ax.plot(
+                        [r.keep for r in rs],
+                        [r.n_accuracy for r in rs],
+                        color=plt.cm.tab10.colors[i % 10],
+                        linestyle=("-", "--", ":", "-.")[j % 4],
+                        marker="osD^"[j % 4],
+                        ms=3,
+                        label=f"{a} {m}",
+                    )
         ax.set_xscale("log")
         # one plain label per compression level present (log scale's minor labels overlapped: "4x10^-1 3x10^-1")
         ax.xaxis.set_major_locator(FixedLocator(keeps))

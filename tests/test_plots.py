@@ -1,7 +1,8 @@
-"""Plots people can read: no overlapping tick labels on the tuple experiment's sweet-spot figure."""
+"""Plots people can read: no overlapping tick labels, no outlier setting the scale, legends beside the data."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -11,7 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-from lab.run_tuples import SWEET_SPOT_PNG, sparse_log_ticks, sweet_spot_figure, write_outputs
+from lab.run_tuples import (
+    SWEET_SPOT_PNG,
+    readable_limits,
+    ri_vs_flops_figure,
+    sparse_log_ticks,
+    sweet_spot_figure,
+    write_outputs,
+)
 from lab.tuples import ExperimentResult, ResultRow, SweetSpotRow
 
 KEEPS = (1.0, 0.5, 0.4, 0.3, 0.25, 0.2, 0.1, 0.05)  # crowded on a log axis: 0.2..0.5 is under half a decade
@@ -102,3 +110,83 @@ def test_write_outputs_saves_the_sweet_spot_png(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = plt.imread(png)
     assert image.shape[1] > image.shape[0] * 2  # one wide row of panels
+
+
+def _outside_axes(fig, legend) -> bool:
+    """True when the legend's drawn box meets no axes' drawn box (so no curve can run through it)."""
+    renderer = fig.canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    return not any(box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
+
+
+def result_with_an_ri_outlier(outlier: float = -70.0) -> ExperimentResult:
+    """The synthetic result with one RI far below the rest, as one bayes cell measured."""
+    result = synthetic_result()
+    rows = list(result.rows)
+    rows[5] = dataclasses.replace(rows[5], ri=outlier, ri_low=outlier - 1, ri_high=outlier + 1)
+    return ExperimentResult(rows, result.budget_rows, result.sweet_spots, result.config)
+
+
+def test_readable_limits_exclude_a_far_outlier_and_keep_ordinary_data_whole() -> None:
+    lo, hi = readable_limits([0.1, 0.2, 0.3, 0.4, 0.5, -70.0])
+    assert -2.0 < lo < 0.1 and 0.5 < hi < 2.0
+    lo, hi = readable_limits([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert lo < 0.1 and hi > 0.5
+
+
+def test_ri_figure_clips_the_outlier_marks_it_and_keeps_the_legend_outside() -> None:
+    fig = ri_vs_flops_figure(result_with_an_ri_outlier())
+    fig.canvas.draw()
+    for ax in fig.axes:
+        lo, hi = ax.get_ylim()
+        assert lo > -2.0 and hi < 2.0  # the -70 does not set the scale
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any(n.startswith("-70") for n in notes)  # the clipped point says its value
+    assert fig.legends and all(_outside_axes(fig, lg) for lg in fig.legends)
+    plt.close(fig)
+
+
+def test_ri_figure_without_outliers_writes_no_note() -> None:
+    fig = ri_vs_flops_figure(synthetic_result())
+    assert [t for ax in fig.axes for t in ax.texts] == []
+    plt.close(fig)
+
+
+def test_sweet_spot_legend_sits_outside_the_axes() -> None:
+    fig = sweet_spot_figure(synthetic_result())
+    fig.canvas.draw()
+    assert all(_outside_axes(fig, lg) for lg in fig.legends)
+    plt.close(fig)
+
+
+def _pruning_groups() -> tuple[dict, list[str], list[float]]:
+    """Accuracy rows for every method the benchmark runs, two seeds, three kept fractions."""
+    from benchmarks.bench_pruning import _configs, _label
+    from models.pruning import list_methods
+
+    kinds = {m.name: m.kind for m in list_methods()}
+    keeps = [0.5, 0.25, 0.1]
+    groups: dict = {}
+    labels = []
+    for i, (method, reweight, budget) in enumerate(_configs([])):
+        row = {"method": method, "reweight": reweight, "budget": budget, "kind": kinds[method]}
+        labels.append(_label(row))
+        for k in keeps:
+            groups[("m", labels[-1], k)] = [
+                {**row, "keep": k, "accuracy": 0.5 + 0.4 * k + 0.01 * i + 0.005 * s} for s in (0, 1)
+            ]
+    return groups, labels, keeps
+
+
+def test_pruning_figure_tells_every_method_apart_with_legends_outside() -> None:
+    from benchmarks.bench_pruning import pruning_figure
+
+    groups, labels, keeps = _pruning_groups()
+    fig = pruning_figure(groups, "m", labels, keeps, dense_acc=0.95)
+    fig.canvas.draw()
+    assert len(fig.legends) == 2 and all(_outside_axes(fig, lg) for lg in fig.legends)
+    for ax in fig.axes:  # within a panel, no two curves share both colour and marker
+        looks = [(ln.get_color(), ln.get_marker(), ln.get_linestyle()) for ln in ax.get_lines() if ln.get_marker()]
+        looks = [lk for lk in looks if lk[1] in "osD^vP*Xph"]  # the curves, not the error-bar caps
+        assert len(looks) == len(set(looks))
+    plt.close(fig)
