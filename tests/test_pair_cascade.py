@@ -20,6 +20,7 @@ from cascade.snapshot import StageError, build_snapshot
 from cascade.space import sample_members
 from models.inference import score_chunked
 from models.pair import folded_pair_cost, plain_pair_cost
+from models.scorer import cluster_context
 
 
 def _query(snapshot, i: int = 0) -> np.ndarray:
@@ -265,7 +266,11 @@ def test_item_inputs_are_cached_once_per_trunk_and_give_the_uncached_scores(snap
         cached = snapshot.item_inputs(v, rows)
         with torch.inference_mode():
             got = score_chunked(v.model, q, cached, inputs=True)[0]
-            want = v.model.forward_with_hidden(q, snapshot.features[rows])[0]  # the plain forward, raw items
+            # the plain forward on raw items, each with its cluster's centroid (a model with a retriever)
+            context = cluster_context(v.model, snapshot.features, snapshot.space.offsets)
+            want = v.model.forward_with_hidden(
+                q, snapshot.features[rows], *(() if context is None else (context[rows],))
+            )[0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     entries = snapshot.item_cache.entries()
     assert len({v.inputs_key for v in pairs}) == 1 and len(entries) == 1  # pruned variants share the trunk
