@@ -263,15 +263,20 @@ class PairNetwork(nn.Module):
         self.residual: nn.Linear | None = None
         if spec.retriever is not None:
             self.retriever = BiEncoder(spec.retriever).eval().requires_grad_(False)
-            # logits += w * s + b with s the retriever's score: starts as the retriever's own ranking (grade 2's
-            # logit rises with s), the scale of a contrastive bi-encoder's temperature (1 / 0.1, halved since
-            # -||a - b||^2 = 2 a.b - 2 for unit vectors)
+            # logits += w * s + b with s the retriever's score: the top grade's logit rises with s, at the scale
+            # that fits the retriever's look-alikes best (measured: a softmax over a query's own cluster and 7 of
+            # its FAISS top 32 has the least cross-entropy near 30 x the centroid cosine, i.e. 15 x s), zero at a
+            # typical own cluster's distance (0.3)
             self.residual = nn.Linear(1, spec.num_grades)
             with torch.no_grad():
                 self.residual.weight.zero_()
                 self.residual.bias.zero_()
-                self.residual.weight[-1, 0] = 5.0
-                self.residual.bias[-1] = 2.5
+                self.residual.weight[-1, 0] = 15.0
+                self.residual.bias[-1] = 4.5
+            if scorer is None:  # a fresh scorer adds nothing yet: the model ranks exactly as its retriever
+                with torch.no_grad():
+                    self.scorer.head.weight.zero_()
+                    self.scorer.head.bias.zero_()
 
     # -- the retriever's score (`spec.retriever`) ------------------------------------------------------------
     def train(self, mode: bool = True) -> PairNetwork:
