@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -353,16 +353,17 @@ class ListwiseConfig:
     over each group with the own cluster as target (localized contrastive estimation) + `pointwise` x the
     cross-entropy of every cluster's aggregated posterior against its grade (so grade 1 and 0 stay apart)."""
 
-    steps: int = 600
-    queries: int = 32
+    steps: int = 300
+    queries: int = 16
     group: int = 8
-    members: int = 3
+    members: int = 2
     top: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
     pointwise: float = 0.1
-    eval_every: int = 100
-    val_queries: int = 400
+    eval_every: int = 50
+    val_queries: int = 256
+    """Validation groups hold the own cluster and all of the retriever's top `top` (the harder test), drawn once."""
     seed: int = 0
     progress: bool = False
 
@@ -541,8 +542,9 @@ def train_pair_listwise(
     retriever = model.retriever
     lists, val_lists = retriever_lists(train, retriever), retriever_lists(val, retriever)
     val_rng = np.random.default_rng([config.seed, 67])
+    val_config = replace(config, group=config.top + 1)
     val_batches = [
-        sample_groups(val_lists, retriever, min(64, config.val_queries), config, val_rng)
+        sample_groups(val_lists, retriever, min(64, config.val_queries), val_config, val_rng)
         for _ in range(max(1, config.val_queries // 64))
     ]
     # the retriever's copy is frozen (requires_grad False); the residual belongs to the front end

@@ -229,7 +229,8 @@ def test_listwise_training_keeps_its_best_validation_checkpoint() -> None:
     assert abs(sum(report.grade_prior) - 1) < 1e-9 and report.grade_prior[2] == pytest.approx(1 / LISTWISE.group)
     lists = retriever_lists(val, _retriever())
     val_rng = np.random.default_rng([0, 67])  # the validation groups `train_pair_listwise` draws
-    batches = [sample_groups(lists, _retriever(), 64, LISTWISE, val_rng) for _ in range(LISTWISE.val_queries // 64)]
+    config = replace(LISTWISE, group=LISTWISE.top + 1)  # validation groups: the own cluster and the whole top
+    batches = [sample_groups(lists, _retriever(), 64, config, val_rng) for _ in range(LISTWISE.val_queries // 64)]
     assert group_top1(model, batches) == pytest.approx(report.val_accuracy)
     assert report.val_accuracy >= group_top1(fresh_model(), batches)
 
