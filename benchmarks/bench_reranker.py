@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.biencoder import BiEncoder, BiEncoderTrainConfig, embed_numpy, train_biencoder, cluster_centroids
+from models.biencoder import BiEncoder, cluster_centroids, embed_numpy
+from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.pair import correlate
 from models.prototypes import PrototypeConfig, make_prototype_set, make_queries, make_views
 
@@ -239,13 +240,15 @@ def main() -> None:
     ap.add_argument("--M", type=int, default=50)
     ap.add_argument("--report", default="dev", choices=["dev", "test", "both"])
     ap.add_argument("--out", default="")
-    ap.add_argument("--mode", default="pair", choices=["pair", "embedding"])
+    ap.add_argument("--mode", default="pair", choices=["pair", "embedding", "pairnet"])
     ap.add_argument("--temperature", type=float, default=0.1)
     ap.add_argument("--mix", type=float, default=0.0)
     ap.add_argument("--trunk-lr", type=float, default=1.0)
     args = ap.parse_args()
     if args.mode == "embedding":
         return run_embedding(args)
+    if args.mode == "pairnet":
+        return run_pairnet(args)
     torch.set_num_threads(1)
     train_set = make_prototype_set(PrototypeConfig(num_prototypes=4000), "train")
     val_set = make_prototype_set(PrototypeConfig(num_prototypes=800), "val")
@@ -259,7 +262,7 @@ def main() -> None:
     model = Reranker(bi, args.design, args.hidden, args.shifts, args.regions)
     secs = train(model, train_set, cents_train, emb_train, args.steps, args)
     res = {"args": vars(args), "train_seconds": round(secs, 1)}
-    halves = {"dev": slice(0, 250), "test": slice(250, 500)}
+    halves = {"dev": slice(1, None, 2), "test": slice(0, None, 2)}  # cascade.queries.SPLIT_RULE
     for name in (["dev", "test"] if args.report == "both" else [args.report]):
         s = halves[name]
         res[name] = evaluate(model, space, cents, xq[s], cq[s], yq[s], args.M)
@@ -334,7 +337,7 @@ def run_embedding(args) -> None:
     model.eval()
     res = {"args": vars(args), "train_seconds": round(secs, 1)}
     new_c = cluster_centroids(embed_numpy(model, space.x), space.cluster)
-    for name, s in (("dev", slice(0, 250)), ("test", slice(250, 500))):
+    for name, s in (("dev", slice(1, None, 2)), ("test", slice(0, None, 2))):
         bq, nq = embed_numpy(bi, xq[s]), embed_numpy(model, xq[s])
         rows = {"faiss": [], "rerank": [], "new_alone": []}
         for i in range(len(bq)):
@@ -350,6 +353,68 @@ def run_embedding(args) -> None:
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(res) + "\n")
+
+
+def run_pairnet(args) -> None:
+    """The integrated model (`models.pair.PairNetwork` with a retriever, `train_pair_listwise`), served as the
+    engine serves it (cached item inputs with each cluster's centroid, `prepare` + `score_prepared`)."""
+    import copy
+    from dataclasses import replace
+
+    from models.pair import PairNetwork, default_pair_spec
+    from models.pair_training import ListwiseConfig, train_pair_listwise
+
+    torch.set_num_threads(1)
+    train_set = make_prototype_set(PrototypeConfig(num_prototypes=4000), "train")
+    val_set = make_prototype_set(PrototypeConfig(num_prototypes=800), "val")
+    space_cfg = PrototypeConfig(num_prototypes=2300)
+    space = make_prototype_set(space_cfg, "space")
+    xq, cq, yq = make_queries(space_cfg, 500, seed=0)
+    bi = biencoder(train_set, val_set)
+    spec = replace(default_pair_spec(hidden=(args.hidden, args.hidden)), retriever=bi.spec)
+    model = PairNetwork(spec)
+    model.retriever.load_state_dict(bi.state_dict())
+    cfg = ListwiseConfig(steps=args.steps, queries=args.batch, group=args.group, members=args.members, top=args.top,
+                         lr=args.lr, pointwise=args.pointwise)
+    model, report = train_pair_listwise(model, train_set, val_set, cfg)
+    print(report, flush=True)
+    evaluate_pairnet(model, bi, space, xq, cq, yq, args)
+
+
+@torch.no_grad()
+def evaluate_pairnet(model, bi, space, xq, cq, yq, args, name="pairnet"):
+    from models.pair_training import default_grade_gains, ranking_key
+
+    k = len(space.prototypes)
+    offsets = np.searchsorted(space.cluster, np.arange(k + 1))
+    feats = torch.from_numpy(space.x)
+    table = model.item_inputs(feats, model.cluster_context(feats, offsets))
+    emb = embed_numpy(bi, space.x)
+    mu = np.add.reduceat(emb.astype(np.float64), offsets[:-1], axis=0) / np.diff(offsets)[:, None]
+    labels = space.prototypes.digit
+    res = {"args": vars(args)}
+    for half, s in (("dev", slice(1, None, 2)), ("test", slice(0, None, 2))):  # cascade.queries.SPLIT_RULE
+        rows = {"faiss": [], "rerank": []}
+        eqs = embed_numpy(bi, xq[s])
+        for i, (q, c, y) in enumerate(zip(xq[s], cq[s], yq[s])):
+            d = ((eqs[i][None, :] - mu) ** 2).sum(1)
+            order = np.argsort(d, kind="stable")
+            grades = np.where(np.arange(k) == c, 2, (labels == y).astype(np.int64))
+            rows["faiss"].append(metrics(order, grades))
+            top = order[: args.M]
+            member_rows = np.concatenate([np.arange(offsets[t], offsets[t + 1]) for t in top])
+            logits, _ = model.score_prepared(model.prepare(torch.from_numpy(q[None]), len(member_rows)), table[member_rows])
+            counts = np.diff(offsets)[top]
+            seg = torch.from_numpy(np.repeat(np.arange(len(top)), counts))
+            mean = torch.zeros(len(top), logits.shape[1], dtype=torch.float64).index_add_(0, seg, logits.double())
+            mean /= torch.from_numpy(counts)[:, None]
+            key = ranking_key(torch.log_softmax(mean, 1), default_grade_gains(3).double()).numpy()
+            rows["rerank"].append(metrics(np.concatenate([top[np.argsort(-key, kind="stable")], order[args.M :]]), grades))
+        res[half] = {n: dict(zip(("r1", "r10", "ndcg10"), np.mean(v, 0).round(3).tolist())) for n, v in rows.items()}
+    print(json.dumps(res), flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"name": name, **res}) + "\n")
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ def test_pair_flags_and_the_default(tmp_path: Path) -> None:
     assert config_from(args("--dataset", str(data), "--no-pair")).user_pair is False
     steps = config_from(args("--dataset", str(data), "--pair-steps", "90")).pair
     assert steps is not None and steps.training.steps == 90 and steps.biencoder.steps == 60
+    assert steps.listwise.steps == 90 and steps.listwise.eval_every <= 90
     with pytest.raises(ValueError, match="--pair-steps: must be >= 1"):
         config_from(args("--dataset", str(data), "--pair-steps", "0"))
     with pytest.raises(ValueError, match="--pair/--no-pair"):
