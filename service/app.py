@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
+from service.admission import heavy_query
+from service.auth import AdminGate
 from service.cache import LocalCache, RedisCache
 from service.docs_ui import install_offline_docs
 from service.errors import install_error_handlers
@@ -26,21 +28,13 @@ from service.state import ServiceState
 __all__ = ["create_app"]
 
 
-def _bootstrapper(state: ServiceState) -> Callable[[], None]:
-    def run() -> None:
-        from cascade.bootstrap import bootstrap
-
-        bootstrap(state.settings.home, progress=True, on_progress=state.report_bootstrap)
-
-    return run
-
-
 log = logging.getLogger("prunecascade")
 
 
-def create_app(settings: Settings | None = None, bootstrap_first: bool = False) -> FastAPI:
-    """`bootstrap_first`: build whatever of the embedded default is missing before loading it, in the loader
-    thread, so that the port opens at once (/healthz reports the progress, /readyz is 503 until ready)."""
+def create_app(settings: Settings | None = None, before_load: Callable[[ServiceState], None] | None = None) -> FastAPI:
+    """`before_load(state)` runs in the loader thread before the first load (`serve --bootstrap` builds the
+    embedded default there), so that the port opens at once (/healthz reports the progress, /readyz is 503 until
+    ready). The app itself imports nothing that builds: the caller passes the builder in."""
     settings = settings or Settings()
     setup_logging(settings.log_level, settings.log_json)
     torch.set_num_threads(settings.torch_threads)
@@ -59,11 +53,14 @@ def create_app(settings: Settings | None = None, bootstrap_first: bool = False) 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state.load_in_background(_bootstrapper(state) if bootstrap_first else None)
+        state.load_in_background(None if before_load is None else lambda: before_load(state))
         if state.shared is not None:
             state.shared.start()  # waits for the first load, then reconciles with Redis
         if settings.resolved_admin_token() is None:
-            log.warning("no admin token configured: the admin routes answer 403")
+            log.warning(
+                "no admin token configured: the admin routes answer 403 (set PRUNECASCADE_ADMIN_TOKEN, or run "
+                "`prunecascade serve --bootstrap` once to generate one into HOME/admin-token)"
+            )
         elif settings.token_was_stripped():
             log.warning("the admin token had surrounding whitespace; it was stripped (send it without)")
         yield
@@ -80,8 +77,9 @@ def create_app(settings: Settings | None = None, bootstrap_first: bool = False) 
     )
     app.state.service = state
     install_error_handlers(app)
-    # Outermost last: request id -> metrics -> body limits -> query limits -> routes. The query limiter reads the
-    # whole body (bounded, timed) before it gives out a slot, so a slow body never holds query capacity.
+    # Outermost last: request id -> metrics -> admin token -> body limits -> query limits -> routes. The query
+    # limiter reads the whole body (bounded, timed) before it gives out a slot, so a slow body never holds query
+    # capacity; the admin token is checked before anything reads an admin route's body.
     app.add_middleware(
         QueryLimiter,
         paths=("/v1/query",),
@@ -92,6 +90,8 @@ def create_app(settings: Settings | None = None, bootstrap_first: bool = False) 
         metrics=state.metrics,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
+        heavy=heavy_query(state),
+        reserved_slots=settings.reserved_slots,
     )
     app.add_middleware(
         BodySizeLimit,
@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None, bootstrap_first: bool = False) 
         per_path={"/v1/admin/models": settings.max_upload_bytes},
         body_timeout_s=settings.body_timeout_s,
     )
+    app.add_middleware(AdminGate, token=settings.resolved_admin_token)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     # The router tries routes in order: the hot one first (no path here overlaps another, so order is free).

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import TYPE_CHECKING
 
 import uvicorn
 
+from service.admin_token import first_run_token
 from service.app import create_app
 from service.commands.common import add_home, settings_from
 from service.connections import with_head_timeout
+
+if TYPE_CHECKING:
+    from service.state import ServiceState
 
 __all__ = ["register"]
 
@@ -18,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_home(p)
     p.add_argument("--host", help="default: $PRUNECASCADE_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: $PRUNECASCADE_PORT or 8000")
-    p.add_argument("--bootstrap", action="store_true", help="build the embedded default first if it is missing")
+    p.add_argument(
+        "--bootstrap",
+        action="store_true",
+        help="build the embedded default first if it is missing; with no admin token configured, generate one "
+        "into HOME/admin-token (owner-only) and print how to use it",
+    )
     p.set_defaults(func=run)
 
 
@@ -26,10 +37,14 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
+    # the first run gets a usable admin path: a token generated once into the home (printed, not logged)
+    settings, note = first_run_token(settings, generate=args.bootstrap)
+    if note is not None:
+        print(note, flush=True)
     # log_config=None: uvicorn's own loggers propagate to the JSON handler `create_app` installs; the access
     # line is written by service.logs (with the request id), so uvicorn's is off. Slow or idle clients are
     # bounded: request-head timeout, keep-alive timeout, and a connection limit (503 beyond it).
-    app = create_app(settings, bootstrap_first=args.bootstrap)  # the port opens before the bootstrap runs
+    app = create_app(settings, _bootstrap if args.bootstrap else None)  # the port opens before the bootstrap runs
     uvicorn.run(
         app,
         host=settings.host,
@@ -42,3 +57,12 @@ def run(args: argparse.Namespace) -> int:
         limit_concurrency=settings.max_connections,
     )
     return 0
+
+
+def _bootstrap(state: ServiceState) -> None:
+    """Build whatever of the embedded default is missing (run by the app's loader thread before the first load)."""
+    from cascade.bootstrap import bootstrap
+
+    # progress bars only to a terminal: in a log file or a container's log they are escape codes between the
+    # JSON lines; the steps themselves are logged (and shown by /healthz and /readyz) either way
+    bootstrap(state.settings.home, progress=sys.stderr.isatty(), on_progress=state.report_bootstrap)
