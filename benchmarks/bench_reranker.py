@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -54,9 +53,19 @@ class Reranker(nn.Module):
         # trunk copied from the bi-encoder (Unflatten, conv, relu, pool, conv, relu, pool)
         import copy
 
-        self.trunk = copy.deepcopy(net[:7]) if "init" in self.design else nn.Sequential(
-            nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Conv1d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2))
+        self.trunk = (
+            copy.deepcopy(net[:7])
+            if "init" in self.design
+            else nn.Sequential(
+                nn.Unflatten(1, (1, 40)),
+                nn.Conv1d(1, 32, 5, padding=2),
+                nn.ReLU(),
+                nn.MaxPool1d(2),
+                nn.Conv1d(32, 64, 5, padding=2),
+                nn.ReLU(),
+                nn.MaxPool1d(2),
+            )
+        )
         if "shallow" in self.design:
             self.trunk = nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 32, 5, padding=2), nn.ReLU())
         with torch.no_grad():
@@ -71,15 +80,24 @@ class Reranker(nn.Module):
             dim += self.c * regions * (2 * shifts + 1 + 2)
         if "emb" in self.design:
             dim += 2 * 64 if "init" in self.design and "shallow" not in self.design else 2 * 128
-        if "cos" in self.design or True:
-            dim += 1
+        dim += 1  # the retriever's cosine
         self.norm = nn.BatchNorm1d(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 3)
+        )
         self.res = nn.Parameter(torch.tensor([0.0, 0.0, 30.0]))  # logits += res * cosine
         if "early" in self.design:
             self.early = nn.Sequential(
-                nn.Conv1d(2, 32, 5, padding=2), nn.ReLU(), nn.Conv1d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2),
-                nn.Conv1d(64, 64, 5, padding=2), nn.ReLU(), nn.MaxPool1d(2), nn.Flatten())
+                nn.Conv1d(2, 32, 5, padding=2),
+                nn.ReLU(),
+                nn.Conv1d(32, 64, 5, padding=2),
+                nn.ReLU(),
+                nn.MaxPool1d(2),
+                nn.Conv1d(64, 64, 5, padding=2),
+                nn.ReLU(),
+                nn.MaxPool1d(2),
+                nn.Flatten(),
+            )
             self.norm = nn.BatchNorm1d(640 + 1)
             self.mlp = nn.Sequential(nn.Linear(641, hidden), nn.ReLU(), nn.Linear(hidden, 3))
         nn.init.zeros_(self.mlp[-1].weight)
@@ -92,7 +110,9 @@ class Reranker(nn.Module):
             out["g"] = F.normalize(self.embed(f), dim=1)
         return out
 
-    def pair(self, q: dict[str, torch.Tensor], x: dict[str, torch.Tensor], ccos: torch.Tensor | None = None) -> torch.Tensor:
+    def pair(
+        self, q: dict[str, torch.Tensor], x: dict[str, torch.Tensor], ccos: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """q entries broadcast (P or 1 rows); `ccos` (P, 1): the cosine of q to the item's cluster centroid."""
         cos = (q["b"] * x["b"]).sum(1, keepdim=True)
         if "cres" in self.design and ccos is not None:
@@ -130,8 +150,12 @@ def train(model: Reranker, train, cents_train, emb_train, steps: int, args) -> f
     torch.manual_seed(0)
     trunk = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(("trunk", "embed"))]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("trunk", "embed"))]
-    opt = torch.optim.AdamW([{"params": trunk, "lr": args.lr * args.trunk_lr}, {"params": rest}], lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[args.lr * args.trunk_lr, args.lr], total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(
+        [{"params": trunk, "lr": args.lr * args.trunk_lr}, {"params": rest}], lr=args.lr, weight_decay=1e-4
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[args.lr * args.trunk_lr, args.lr], total_steps=steps, pct_start=0.1
+    )
     protos = train.prototypes
     k = len(protos)
     views = train.x.reshape(k, -1, 40)
@@ -170,7 +194,9 @@ def train(model: Reranker, train, cents_train, emb_train, steps: int, args) -> f
             ccos = ccos[:, :, None].expand(B, G, n).reshape(-1, 1)
             logits = model.pair(qrep, ix, ccos).reshape(B, G, n, 3).mean(2)  # mean_logit over members
         logp = torch.log_softmax(logits, -1)
-        grade = torch.from_numpy(np.where(cand == qid[:, None], 2, (labels[cand] == labels[qid][:, None]).astype(np.int64)))
+        grade = torch.from_numpy(
+            np.where(cand == qid[:, None], 2, (labels[cand] == labels[qid][:, None]).astype(np.int64))
+        )
         lce = F.cross_entropy(utility_key(logp), torch.zeros(B, dtype=torch.long))
         pw = F.nll_loss(logp.reshape(-1, 3), grade.reshape(-1))
         loss = lce + args.pointwise * pw
@@ -179,7 +205,10 @@ def train(model: Reranker, train, cents_train, emb_train, steps: int, args) -> f
         opt.step()
         sched.step()
         if step == 0 or (step + 1) % 50 == 0:
-            print(f"step {step + 1} lce {lce.item():.3f} pw {pw.item():.3f} {time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"step {step + 1} lce {lce.item():.3f} pw {pw.item():.3f} {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     return time.perf_counter() - start
 
 
@@ -213,8 +242,13 @@ def evaluate(model: Reranker | None, space, cents, xq, cq, yq, M: int) -> dict[s
         rer = np.concatenate([top[np.argsort(-key.numpy(), kind="stable")], order[M:]])
         out["rerank"].append(metrics(rer, grades))
         mc = (iq["b"] * ix["b"]).sum(1).reshape(M, m).mean(1)
-        out["mean_member_cos"].append(metrics(np.concatenate([top[np.argsort(-mc.numpy(), kind="stable")], order[M:]]), grades))
-    return {name: dict(zip(("r1", "r10", "ndcg10"), np.mean(v, 0).round(3).tolist())) for name, v in out.items()}
+        out["mean_member_cos"].append(
+            metrics(np.concatenate([top[np.argsort(-mc.numpy(), kind="stable")], order[M:]]), grades)
+        )
+    return {
+        name: dict(zip(("r1", "r10", "ndcg10"), np.mean(v, 0).round(3).tolist(), strict=True))
+        for name, v in out.items()
+    }
 
 
 def metrics(order: np.ndarray, grades: np.ndarray) -> tuple[float, float, float]:
@@ -263,15 +297,13 @@ def main() -> None:
     secs = train(model, train_set, cents_train, emb_train, args.steps, args)
     res = {"args": vars(args), "train_seconds": round(secs, 1)}
     halves = {"dev": slice(1, None, 2), "test": slice(0, None, 2)}  # cascade.queries.SPLIT_RULE
-    for name in (["dev", "test"] if args.report == "both" else [args.report]):
+    for name in ["dev", "test"] if args.report == "both" else [args.report]:
         s = halves[name]
         res[name] = evaluate(model, space, cents, xq[s], cq[s], yq[s], args.M)
     print(json.dumps(res))
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(res) + "\n")
-
-
 
 
 def hard_batches(cents_train: np.ndarray, anchors: int, neighbours: int, rng: np.random.Generator) -> np.ndarray:
@@ -341,14 +373,20 @@ def run_embedding(args) -> None:
         bq, nq = embed_numpy(bi, xq[s]), embed_numpy(model, xq[s])
         rows = {"faiss": [], "rerank": [], "new_alone": []}
         for i in range(len(bq)):
-            grades = np.where(np.arange(len(cents)) == cq[s][i], 2, (space.prototypes.digit == yq[s][i]).astype(np.int64))
+            grades = np.where(
+                np.arange(len(cents)) == cq[s][i], 2, (space.prototypes.digit == yq[s][i]).astype(np.int64)
+            )
             order = np.argsort(-(bq[i] @ cents.T))
             rows["faiss"].append(metrics(order, grades))
             top = order[: args.M]
             key = nq[i] @ new_c[top].T + args.mix * (bq[i] @ cents[top].T)
-            rows["rerank"].append(metrics(np.concatenate([top[np.argsort(-key, kind="stable")], order[args.M :]]), grades))
+            rows["rerank"].append(
+                metrics(np.concatenate([top[np.argsort(-key, kind="stable")], order[args.M :]]), grades)
+            )
             rows["new_alone"].append(metrics(np.argsort(-(nq[i] @ new_c.T)), grades))
-        res[name] = {n: dict(zip(("r1", "r10", "ndcg10"), np.mean(v, 0).round(3).tolist())) for n, v in rows.items()}
+        res[name] = {
+            n: dict(zip(("r1", "r10", "ndcg10"), np.mean(v, 0).round(3).tolist(), strict=True)) for n, v in rows.items()
+        }
     print(json.dumps(res))
     if args.out:
         with open(args.out, "a") as f:
@@ -358,7 +396,6 @@ def run_embedding(args) -> None:
 def run_pairnet(args) -> None:
     """The integrated model (`models.pair.PairNetwork` with a retriever, `train_pair_listwise`), served as the
     engine serves it (cached item inputs with each cluster's centroid, `prepare` + `score_prepared`)."""
-    import copy
     from dataclasses import replace
 
     from models.pair import PairNetwork, default_pair_spec
@@ -374,8 +411,15 @@ def run_pairnet(args) -> None:
     spec = replace(default_pair_spec(hidden=(args.hidden, args.hidden)), retriever=bi.spec)
     model = PairNetwork(spec)
     model.retriever.load_state_dict(bi.state_dict())
-    cfg = ListwiseConfig(steps=args.steps, queries=args.batch, group=args.group, members=args.members, top=args.top,
-                         lr=args.lr, pointwise=args.pointwise)
+    cfg = ListwiseConfig(
+        steps=args.steps,
+        queries=args.batch,
+        group=args.group,
+        members=args.members,
+        top=args.top,
+        lr=args.lr,
+        pointwise=args.pointwise,
+    )
     model, report = train_pair_listwise(model, train_set, val_set, cfg)
     print(report, flush=True)
     evaluate_pairnet(model, bi, space, xq, cq, yq, args)
@@ -396,21 +440,27 @@ def evaluate_pairnet(model, bi, space, xq, cq, yq, args, name="pairnet"):
     for half, s in (("dev", slice(1, None, 2)), ("test", slice(0, None, 2))):  # cascade.queries.SPLIT_RULE
         rows = {"faiss": [], "rerank": []}
         eqs = embed_numpy(bi, xq[s])
-        for i, (q, c, y) in enumerate(zip(xq[s], cq[s], yq[s])):
+        for i, (q, c, y) in enumerate(zip(xq[s], cq[s], yq[s], strict=True)):
             d = ((eqs[i][None, :] - mu) ** 2).sum(1)
             order = np.argsort(d, kind="stable")
             grades = np.where(np.arange(k) == c, 2, (labels == y).astype(np.int64))
             rows["faiss"].append(metrics(order, grades))
             top = order[: args.M]
             member_rows = np.concatenate([np.arange(offsets[t], offsets[t + 1]) for t in top])
-            logits, _ = model.score_prepared(model.prepare(torch.from_numpy(q[None]), len(member_rows)), table[member_rows])
+            logits, _ = model.score_prepared(
+                model.prepare(torch.from_numpy(q[None]), len(member_rows)), table[member_rows]
+            )
             counts = np.diff(offsets)[top]
             seg = torch.from_numpy(np.repeat(np.arange(len(top)), counts))
             mean = torch.zeros(len(top), logits.shape[1], dtype=torch.float64).index_add_(0, seg, logits.double())
             mean /= torch.from_numpy(counts)[:, None]
             key = ranking_key(torch.log_softmax(mean, 1), default_grade_gains(3).double()).numpy()
-            rows["rerank"].append(metrics(np.concatenate([top[np.argsort(-key, kind="stable")], order[args.M :]]), grades))
-        res[half] = {n: dict(zip(("r1", "r10", "ndcg10"), np.mean(v, 0).round(3).tolist())) for n, v in rows.items()}
+            rows["rerank"].append(
+                metrics(np.concatenate([top[np.argsort(-key, kind="stable")], order[args.M :]]), grades)
+            )
+        res[half] = {
+            n: dict(zip(("r1", "r10", "ndcg10"), np.mean(v, 0).round(3).tolist(), strict=True)) for n, v in rows.items()
+        }
     print(json.dumps(res), flush=True)
     if args.out:
         with open(args.out, "a") as f:
