@@ -44,6 +44,7 @@ from models.pair_training import (
     pair_accuracy,
     pair_spec_for,
     train_pair_listwise,
+    train_pair_model,
 )
 from models.prototypes import PrototypeConfig, PrototypeSet, make_prototype_set, make_queries, member_set
 from models.pruning.pair import probe_pairs, prune_pair_and_register
@@ -86,8 +87,9 @@ class PairConfig:
     train: PrototypeConfig = PrototypeConfig(num_prototypes=4000)
     queries: int = 500
     biencoder: BiEncoderTrainConfig = BiEncoderTrainConfig()
-    training: PairTrainConfig = PairTrainConfig()
-    """Pointwise pair training (`train_pair_model`): pair models without a retriever (experiments, uploads)."""
+    training: PairTrainConfig = PairTrainConfig(steps=800)
+    """Pointwise pretraining of the dense pair model's scorer on pairs (`train_pair_model`: what one member says
+    about its cluster, learnt from many pairs per step), before the listwise training; 0 steps: none."""
     listwise: ListwiseConfig = ListwiseConfig()
     """How the dense pair model is trained: on the stage-0 bi-encoder's own candidate lists, starting from its
     ranking (`PairSpec.retriever`, `train_pair_listwise`); the pruned variants are distilled from it the same way
@@ -398,16 +400,42 @@ def train_pair_on_clusters(
     model is trained again over two grades (1 same label, 0 other). Returns the model, its training report and
     the decision record (num_grades, gains, the measured AUC, the threshold, why)."""
     input_dim = train.x.shape[1]
-    training = replace(pair.listwise, seed=seed)
-    model = new_pair_model(pair_spec_for(input_dim, 3, pair.hidden), encoder)
-    model, report = train_pair_listwise(model, train, val, training, progress)
+    model, report = train_dense_pair(
+        pair_spec_for(input_dim, 3, pair.hidden), encoder, train, val, pair, seed, progress
+    )
     auc_pairs = 2000
     grades = _decide_grades(instance_auc(model, val, seed, auc_pairs), pair.instance_auc_threshold, auc_pairs)
     if grades["num_grades"] == 2:
         two = (replace(train, num_grades=2), replace(val, num_grades=2))
-        model = new_pair_model(pair_spec_for(input_dim, 2, pair.hidden), encoder)
-        model, report = train_pair_listwise(model, *two, training, progress)
+        spec = pair_spec_for(input_dim, 2, pair.hidden)
+        model, report = train_dense_pair(
+            spec, encoder, *two, replace(pair, training=_two_grades(pair.training)), seed, progress
+        )
     return model, report, grades
+
+
+def _two_grades(training: PairTrainConfig) -> PairTrainConfig:
+    """The pointwise pretraining over two grades: same-cluster pairs count as same label."""
+    mix = training.grade_mix
+    return replace(training, grade_mix=(mix[0], sum(mix[1:])), listwise=0.0)
+
+
+def train_dense_pair(
+    spec: PairSpec,
+    encoder: BiEncoder,
+    train: PrototypeSet,
+    val: PrototypeSet,
+    pair: PairConfig,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[PairNetwork, PairTrainReport]:
+    """The dense pair model: a copy of the stage-0 bi-encoder as its retriever (`new_pair_model`), the scorer
+    pretrained pointwise on pairs (`pair.training`, when it has steps), then trained listwise on the retriever's
+    candidate lists (`pair.listwise`), keeping the best of those and of the retriever alone on validation."""
+    model = new_pair_model(spec, encoder)
+    if pair.training.steps > 0:
+        model, _ = train_pair_model(model.spec, train, val, replace(pair.training, seed=seed), progress, model=model)
+    return train_pair_listwise(model, train, val, replace(pair.listwise, seed=seed), progress)
 
 
 def _build_user_pair_models(
@@ -475,8 +503,8 @@ def _build_pair_models(
 ) -> None:
     if registry.active_version(pair.dense_name) is None:
         steps.start(f"training {pair.dense_name}")
-        model = new_pair_model(default_pair_spec(train.x.shape[1], hidden=pair.hidden), encoder())
-        model, report = train_pair_listwise(model, train, val, replace(pair.listwise, seed=seed), progress)
+        spec = default_pair_spec(train.x.shape[1], hidden=pair.hidden)
+        model, report = train_dense_pair(spec, encoder(), train, val, pair, seed, progress)
         probes = probe_pairs(val, seed=seed)
         registry.register(
             pair.dense_name,

@@ -502,7 +502,9 @@ def train_pair_listwise(
     distill: str = "margin",
 ) -> tuple[PairNetwork, PairTrainReport]:
     """Train `model` (a pair model with a retriever, already loaded with the stage-0 weights) on the
-    retriever's candidate lists (`ListwiseConfig`); keep the weights with the best top-1 on validation groups.
+    retriever's candidate lists (`ListwiseConfig`); keep the weights with the best top-1 on validation groups,
+    the starting weights and the retriever alone (the same weights with the scorer's head zero) included, so
+    the result never ranks the validation groups worse than the retriever does.
     `train_front=False` trains the scorer only (a pruned variant: one item cache serves all). With a `teacher`
     (the dense model), the loss is distillation instead of labels: `margin` = MSE between the student's and the
     teacher's differences of ranking keys (each cluster minus the group's own, margin-MSE), `logits` = MSE of
@@ -528,6 +530,14 @@ def train_pair_listwise(
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
     best = (group_top1(model, val_batches) if teacher is None else -1.0, 0, copy.deepcopy(model.state_dict()))
+    if teacher is None and model.residual is not None:  # the retriever alone (scorer head zero) is a candidate
+        alone = copy.deepcopy(model)
+        with torch.no_grad():
+            alone.scorer.head.weight.zero_()
+            alone.scorer.head.bias.zero_()
+        score = group_top1(alone, val_batches)
+        if score > best[0]:
+            best = (score, 0, copy.deepcopy(alone.state_dict()))
     grade_counts = np.zeros(model.spec.num_grades)
     start = time.perf_counter()
     show = config.progress if progress is None else progress
