@@ -118,12 +118,28 @@ def _commit() -> str:
         return "unknown"
 
 
+def split_queries(snapshot, split: str):  # type: ignore[no-untyped-def]
+    """The snapshot with only its dev or test held-out queries: the one at an odd position of the queries file
+    is a dev query, at an even position a test query (the split the tuner tunes on); `all` keeps them all."""
+    import dataclasses
+
+    import numpy as np
+
+    from cascade.queries import QuerySet
+
+    qs = snapshot.queries
+    if split == "all" or qs is None:
+        return snapshot
+    rows = np.arange(len(qs)) % 2 == (1 if split == "dev" else 0)
+    return dataclasses.replace(snapshot, queries=QuerySet(x=qs.x[rows], cluster=qs.cluster[rows], label=qs.label[rows]))
+
+
 def run(args: argparse.Namespace) -> dict:
     from cascade.config import Stage
     from cascade.evaluation import evaluate_example_queries
 
     set_threads(args.threads)
-    snapshot = load_snapshot_from(args.home, args.space)
+    snapshot = split_queries(load_snapshot_from(args.home, args.space), args.split)
     dense = snapshot.config.pair_dense
     assert dense is not None, "the home has no pair models"
     widest = int(snapshot.space.sizes.max())
@@ -223,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--home", type=Path, default=Path("var"))
     r.add_argument("--space", default="pairbig")
     r.add_argument("--queries", type=int, default=200)
+    r.add_argument(
+        "--split", choices=("all", "dev", "test"), default="all", help="which held-out queries (dev: odd positions)"
+    )
     r.add_argument("--candidates", type=int, default=200, help="M, the clusters stage 0 proposes")
     r.add_argument("--k", type=int, default=10)
     r.add_argument("--firsts", default="pair-s10,pair-s30")

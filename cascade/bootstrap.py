@@ -34,16 +34,19 @@ from cascade.space import (
     clusters_by_label,
 )
 from cascade.tuner import tune_home
+from models.biencoder import BiEncoder
 from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.data import PARTS, DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
-from models.pair import PairNetwork, default_pair_spec
+from models.pair import PairNetwork, PairSpec, default_pair_spec
 from models.pair_training import (
+    ListwiseConfig,
     PairTrainConfig,
     PairTrainReport,
     instance_auc,
     pair_accuracy,
     pair_spec_for,
+    train_pair_listwise,
     train_pair_model,
 )
 from models.prototypes import PrototypeConfig, PrototypeSet, make_prototype_set, make_queries, member_set
@@ -87,17 +90,24 @@ class PairConfig:
     train: PrototypeConfig = PrototypeConfig(num_prototypes=4000)
     queries: int = 500
     biencoder: BiEncoderTrainConfig = BiEncoderTrainConfig()
-    training: PairTrainConfig = PairTrainConfig()
+    training: PairTrainConfig = PairTrainConfig(steps=800)
+    """Pointwise pretraining of the dense pair model's scorer on pairs (`train_pair_model`: what one member says
+    about its cluster, learnt from many pairs per step), before the listwise training; 0 steps: none."""
+    listwise: ListwiseConfig = ListwiseConfig()
+    """How the dense pair model is trained: on the stage-0 bi-encoder's own candidate lists, starting from its
+    ranking (`PairSpec.retriever`, `train_pair_listwise`); the pruned variants are distilled from it the same way
+    (`distill`), their scorer only."""
+    distill: str = "margin"
     hidden: tuple[int, ...] = (256, 256)
     dense_name: str = "pair-dense"
     variants: tuple[PrunedPairVariant, ...] = (
-        PrunedPairVariant("pair-s10", "greedy-asymmetric", 0.1, finetune_steps=300),
-        PrunedPairVariant("pair-s30", "greedy-asymmetric", 0.3, finetune_steps=300),
+        PrunedPairVariant("pair-s10", "greedy-asymmetric", 0.1, finetune_steps=200),
+        PrunedPairVariant("pair-s30", "greedy-asymmetric", 0.3, finetune_steps=200),
     )
-    stages: tuple[Stage, ...] = (  # the fewest FLOPs that kept recall@10 >= 0.99 x the (mean_logit) oracle on
-        Stage(variant="pair-s10", samples=1, keep=60, aggregator="bayes"),  # both spaces of docs/performance.md
-        Stage(variant="pair-dense", samples=3, keep=20, aggregator="bayes"),  # section 0; the last stage extends
-        Stage(variant="pair-dense", samples=10, aggregator="bayes"),  # the one before (7 more members each)
+    stages: tuple[Stage, ...] = (  # as trained: members' logits averaged (`mean_logit`); the last stage extends
+        Stage(variant="pair-s10", samples=1, keep=60, aggregator="mean_logit"),  # the one before (7 more members
+        Stage(variant="pair-dense", samples=3, keep=20, aggregator="mean_logit"),  # each); docs/performance.md
+        Stage(variant="pair-dense", samples=10, aggregator="mean_logit"),  # section 0 measures it
     )
     instance_auc_threshold: float = 0.7
     """A user's clusters carry instance structure when the dense pair model ranks own-cluster pairs above
@@ -388,46 +398,86 @@ def _decide_grades(auc: float, threshold: float, pairs: int) -> dict[str, object
     }
 
 
-def _two_grade_training(training: PairTrainConfig) -> PairTrainConfig:
-    """The same training over two grades: same-cluster pairs count as same label, no listwise loss on grade 2."""
-    mix = training.grade_mix
-    return replace(training, grade_mix=(mix[0], sum(mix[1:])), listwise=0.0)
+def new_pair_model(spec: PairSpec, encoder: BiEncoder) -> PairNetwork:
+    """An untrained pair model over `spec` whose retriever is a copy of the stage-0 bi-encoder `encoder`: it
+    starts from FAISS's ranking (`PairSpec.retriever`)."""
+    model = PairNetwork(replace(spec, retriever=encoder.spec))
+    assert model.retriever is not None
+    model.retriever.load_state_dict(encoder.state_dict())
+    return model
 
 
 def train_pair_on_clusters(
-    train: PrototypeSet, val: PrototypeSet, pair: PairConfig, seed: int = 0, progress: bool = False
+    train: PrototypeSet,
+    val: PrototypeSet,
+    pair: PairConfig,
+    encoder: BiEncoder,
+    seed: int = 0,
+    progress: bool = False,
 ) -> tuple[PairNetwork, PairTrainReport, dict[str, object]]:
     """The dense pair model of a user's clusters and the decision on instance structure: train over three
-    grades, measure on `val` (clusters it never saw) whether log p(grade 2) ranks own-cluster pairs above
-    same-label pairs (`instance_auc`); below `pair.instance_auc_threshold`, the clusters say nothing beyond their
-    label, and the model is trained again over two grades (1 same label, 0 other). Returns the model, its
-    training report and the decision record (num_grades, gains, the measured AUC, the threshold, why)."""
+    grades on the retriever's candidate lists (`train_pair_listwise`, as for the default space), measure on `val`
+    (clusters it never saw) whether log p(grade 2) ranks own-cluster pairs above same-label pairs
+    (`instance_auc`); below `pair.instance_auc_threshold`, the clusters say nothing beyond their label, and the
+    model is trained again over two grades (1 same label, 0 other). Returns the model, its training report and
+    the decision record (num_grades, gains, the measured AUC, the threshold, why)."""
     input_dim = train.x.shape[1]
-    training = replace(pair.training, seed=seed)
-    model, report = train_pair_model(pair_spec_for(input_dim, 3, pair.hidden), train, val, training, progress)
+    model, report = train_dense_pair(
+        pair_spec_for(input_dim, 3, pair.hidden), encoder, train, val, pair, seed, progress
+    )
     auc_pairs = 2000
     grades = _decide_grades(instance_auc(model, val, seed, auc_pairs), pair.instance_auc_threshold, auc_pairs)
     if grades["num_grades"] == 2:
         two = (replace(train, num_grades=2), replace(val, num_grades=2))
-        model, report = train_pair_model(
-            pair_spec_for(input_dim, 2, pair.hidden), *two, _two_grade_training(training), progress
+        spec = pair_spec_for(input_dim, 2, pair.hidden)
+        model, report = train_dense_pair(
+            spec, encoder, *two, replace(pair, training=_two_grades(pair.training)), seed, progress
         )
     return model, report, grades
 
 
+def _two_grades(training: PairTrainConfig) -> PairTrainConfig:
+    """The pointwise pretraining over two grades: same-cluster pairs count as same label."""
+    mix = training.grade_mix
+    return replace(training, grade_mix=(mix[0], sum(mix[1:])), listwise=0.0)
+
+
+def train_dense_pair(
+    spec: PairSpec,
+    encoder: BiEncoder,
+    train: PrototypeSet,
+    val: PrototypeSet,
+    pair: PairConfig,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[PairNetwork, PairTrainReport]:
+    """The dense pair model: a copy of the stage-0 bi-encoder as its retriever (`new_pair_model`), the scorer
+    pretrained pointwise on pairs (`pair.training`, when it has steps), then trained listwise on the retriever's
+    candidate lists (`pair.listwise`), keeping the best of those and of the retriever alone on validation."""
+    model = new_pair_model(spec, encoder)
+    if pair.training.steps > 0:
+        model, _ = train_pair_model(model.spec, train, val, replace(pair.training, seed=seed), progress, model=model)
+    return train_pair_listwise(model, train, val, replace(pair.listwise, seed=seed), progress)
+
+
 def _build_user_pair_models(
-    registry: ModelRegistry, pair: PairConfig, splits: Splits, steps: Progress, progress: bool, seed: int
-) -> tuple[PrototypeSet, PrototypeSet, dict[str, object]]:
+    registry: ModelRegistry,
+    pair: PairConfig,
+    splits: Splits,
+    train: PrototypeSet,
+    val: PrototypeSet,
+    encoder: Callable[[], BiEncoder],
+    steps: Progress,
+    progress: bool,
+    seed: int,
+) -> dict[str, object]:
     """Dense pair model (three grades, or retrained on two when the measured AUC falls below the threshold) and
-    its pruned variants, all on the training split's clusters. Returns the sets and the grades decision."""
-    train, val = _user_pair_sets(splits)
-    training = replace(pair.training, seed=seed)
+    its pruned variants, all on the training split's clusters. Returns the grades decision."""
     if registry.active_version(pair.dense_name) is None:
         steps.start(f"training {pair.dense_name}")
-        model, report, grades = train_pair_on_clusters(train, val, pair, seed, progress)
+        model, report, grades = train_pair_on_clusters(train, val, pair, encoder(), seed, progress)
         if grades["num_grades"] == 2:
             train, val = replace(train, num_grades=2), replace(val, num_grades=2)
-            training = _two_grade_training(training)
         registry.register(
             pair.dense_name,
             model,
@@ -441,6 +491,7 @@ def _build_user_pair_models(
                 "train_seconds": report.seconds,
                 "gains": grades["gains"],
                 "grades": grades,
+                "training": "listwise on the retriever's candidate lists",
             },
         )
     else:
@@ -450,21 +501,32 @@ def _build_user_pair_models(
         grades.setdefault("decision", "the grades of the registered dense pair model (no measurement recorded)")
         if grades["num_grades"] == 2:
             train, val = replace(train, num_grades=2), replace(val, num_grades=2)
-            training = _two_grade_training(training)
     steps.done()
-    _prune_pair_variants(registry, pair, train, val, training, steps, progress, seed)
-    return train, val, grades
+    _prune_pair_variants(registry, pair, train, val, steps, progress, seed)
+    return grades
+
+
+def prototype_training_sets(pair: PairConfig) -> tuple[PrototypeSet, PrototypeSet]:
+    """The training and validation prototypes of the pair models and the bi-encoder (never the space's)."""
+    train = make_prototype_set(pair.train, "train")
+    val = make_prototype_set(replace(pair.train, num_prototypes=max(200, pair.train.num_prototypes // 5)), "val")
+    return train, val
 
 
 def _build_pair_models(
-    registry: ModelRegistry, pair: PairConfig, steps: Progress, progress: bool, seed: int
-) -> tuple[PrototypeSet, PrototypeSet]:
-    train = make_prototype_set(pair.train, "train")
-    val = make_prototype_set(replace(pair.train, num_prototypes=max(200, pair.train.num_prototypes // 5)), "val")
+    registry: ModelRegistry,
+    pair: PairConfig,
+    train: PrototypeSet,
+    val: PrototypeSet,
+    encoder: Callable[[], BiEncoder],
+    steps: Progress,
+    progress: bool,
+    seed: int,
+) -> None:
     if registry.active_version(pair.dense_name) is None:
         steps.start(f"training {pair.dense_name}")
         spec = default_pair_spec(train.x.shape[1], hidden=pair.hidden)
-        model, report = train_pair_model(spec, train, val, replace(pair.training, seed=seed), progress=progress)
+        model, report = train_dense_pair(spec, encoder(), train, val, pair, seed, progress)
         probes = probe_pairs(val, seed=seed)
         registry.register(
             pair.dense_name,
@@ -478,11 +540,11 @@ def _build_pair_models(
                 "val_accuracy": report.val_accuracy,
                 "train_seconds": report.seconds,
                 "prototypes": asdict(pair.train),
+                "training": "listwise on the retriever's candidate lists",
             },
         )
     steps.done()
-    _prune_pair_variants(registry, pair, train, val, pair.training, steps, progress, seed)
-    return train, val
+    _prune_pair_variants(registry, pair, train, val, steps, progress, seed)
 
 
 def _prune_pair_variants(
@@ -490,7 +552,6 @@ def _prune_pair_variants(
     pair: PairConfig,
     train: PrototypeSet,
     val: PrototypeSet,
-    training: PairTrainConfig,
     steps: Progress,
     progress: bool,
     seed: int,
@@ -509,7 +570,8 @@ def _prune_pair_variants(
                 val,
                 reweight=v.reweight,
                 finetune_steps=v.finetune_steps,
-                finetune=training,
+                listwise=pair.listwise,
+                distill=pair.distill,
                 seed=seed,
                 progress=progress,
             )
@@ -640,15 +702,36 @@ def _bootstrap(
             )
         steps.done()
 
-    encoder, grades = None, None
-    if pair is not None:
-        train, val = _build_pair_models(registry, pair, steps, progress, config.seed)
-    elif user_pair is not None:
-        train, val, grades = _build_user_pair_models(registry, user_pair, splits, steps, progress, config.seed)
+    encoder: BiEncoder | None = None
+    grades = None
     any_pair = pair or user_pair
-    if any_pair is not None and not space_is_built(space_dir):
-        steps.start("training the bi-encoder (stage 0)")
-        encoder = train_biencoder(train, val, replace(any_pair.biencoder, seed=config.seed, progress=progress))
+    if any_pair is not None:
+        train, val = prototype_training_sets(any_pair) if pair is not None else _user_pair_sets(splits)
+
+        def stage0() -> BiEncoder:
+            """The stage-0 bi-encoder, trained first: the pair models start from its ranking and learn on its
+            candidate lists. A built space keeps its own (the pair models must agree with its index)."""
+            nonlocal encoder
+            if encoder is None:
+                stored = EmbeddingIndex.load(space_dir) if space_is_built(space_dir) else None
+                if stored is not None:
+                    encoder = stored.encoder  # type: ignore[assignment]
+                else:
+                    steps.start("training the bi-encoder (stage 0)")
+                    bi_config = replace(any_pair.biencoder, seed=config.seed, progress=progress)
+                    encoder = train_biencoder(train, val, bi_config)
+            assert encoder is not None
+            return encoder
+
+        if pair is not None:
+            _build_pair_models(registry, pair, train, val, stage0, steps, progress, config.seed)
+        else:
+            assert user_pair is not None
+            grades = _build_user_pair_models(
+                registry, user_pair, splits, train, val, stage0, steps, progress, config.seed
+            )
+        if not space_is_built(space_dir):
+            stage0()
 
     if not space_is_built(space_dir):
         steps.start("building space and FAISS indexes")

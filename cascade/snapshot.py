@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+import numpy as np
 import torch
 
 from cascade.config import CascadeConfig, Stage
@@ -27,7 +28,7 @@ from models.gadget import gadget_misfit
 from models.manifest import Manifest
 from models.pair import PairNetwork, pair_flops, pair_query_flops
 from models.registry import LoadedModel, ModelRegistry
-from models.scorer import Scorer, item_inputs, item_inputs_key, query_flops
+from models.scorer import Scorer, cluster_context, item_inputs, item_inputs_key, query_flops
 
 log = logging.getLogger("prunecascade.snapshot")
 
@@ -131,12 +132,16 @@ class ItemCache:
             self._tables = {k: v for k, v in self._tables.items() if k in keys}
 
 
-def _build_inputs(model: Scorer, features: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, int]:
+def _build_inputs(
+    model: Scorer, features: torch.Tensor, offsets: np.ndarray, chunk: int = 4096
+) -> tuple[torch.Tensor, int]:
     with torch.inference_mode():
-        first = item_inputs(model, features[:1])
+        context = cluster_context(model, features, offsets)  # per item, what it reads of its whole cluster
+        first = item_inputs(model, features[:1], None if context is None else context[:1])
         table = torch.empty(len(features), first.shape[1], dtype=first.dtype)
         for i in range(0, len(features), chunk):
-            table[i : i + chunk] = item_inputs(model, features[i : i + chunk])
+            rows = None if context is None else context[i : i + chunk]
+            table[i : i + chunk] = item_inputs(model, features[i : i + chunk], rows)
     per_item = model.item_input_flops().nonzero if hasattr(model, "item_input_flops") else 0
     return table, len(features) * per_item
 
@@ -158,7 +163,9 @@ class Snapshot:
         """The variant's item inputs for every item (built on first use), or None when it reads raw items."""
         if variant.inputs_key is None:
             return None
-        return self.item_cache.get(self._cache_key(variant), lambda: _build_inputs(variant.model, self.features))
+        return self.item_cache.get(
+            self._cache_key(variant), lambda: _build_inputs(variant.model, self.features, self.space.offsets)
+        )
 
     def warm(self) -> None:
         """Build every item-input table the variants read now, not on the first query (which would pay it: 0.65 s

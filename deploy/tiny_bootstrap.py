@@ -29,7 +29,16 @@ def tiny_pair() -> Any:
     from models.pair_training import PairTrainConfig
     from models.prototypes import PrototypeConfig
 
+    fields = {f.name for f in dataclasses.fields(boot.PairConfig)}
+    listwise: dict[str, Any] = {}
+    if "listwise" in fields:  # the dense pair model trains on the retriever's candidate lists
+        from models.pair_training import ListwiseConfig
+
+        listwise["listwise"] = ListwiseConfig(
+            steps=150, queries=16, group=8, members=2, top=16, eval_every=50, val_queries=128
+        )
     return boot.PairConfig(
+        **listwise,
         space=PrototypeConfig(num_prototypes=150, views=6),
         train=PrototypeConfig(num_prototypes=300),
         queries=40,

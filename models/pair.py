@@ -19,10 +19,12 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.biencoder import BiEncoder, BiEncoderSpec
 from models.flops import Flops, count_flops
 from models.networks import Classifier
 from models.spec import MAX_INPUT_DIM, NetworkSpec, spec_int
@@ -40,6 +42,8 @@ __all__ = [
     "plain_pair_cost",
     "pair_cost",
     "default_pair_spec",
+    "RetrieverQuery",
+    "retriever_spec_from_dict",
 ]
 
 
@@ -65,6 +69,11 @@ class PairSpec:
     interaction: str = "channels"
     """`channels`: per channel (and region) correlation summed over positions, C x R x (2S+1) numbers.
     `positions`: a cost volume, per position and shift summed over channels, L x (2S+1) numbers."""
+    retriever: BiEncoderSpec | None = None
+    """A copy of the stage-0 bi-encoder (frozen): its score of the pair's cluster, -||e(q) - mean_c e||^2 (what
+    FAISS ranks by), enters the logits through a learned affine (`PairNetwork.residual`), so the model starts
+    from its retriever's ranking and the scorer learns what to change. The cluster's mean embedding is part of
+    every member's item inputs (`cluster_context`)."""
 
     kind = "pair"
 
@@ -83,6 +92,8 @@ class PairSpec:
             raise ValueError("regions apply to the 'channels' interaction only")
         if self.regions < 1 or self.feature_length % self.regions:
             raise ValueError(f"regions must divide the trunk's output length {self.feature_length}")
+        if self.retriever is not None and self.retriever.input_dim != self.input_dim:
+            raise ValueError("the retriever must read the pair model's input_dim")
         if self.scorer.input_dim != self.interaction_dim or self.scorer.num_classes != self.num_grades:
             raise ValueError(
                 f"scorer must take interaction_dim={self.interaction_dim} inputs and give num_grades="
@@ -107,7 +118,8 @@ class PairSpec:
         return replace(self, scorer=scorer)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.retriever is None else {"retriever": self.retriever.to_dict()}
+        return extra | {
             "kind": "pair",
             "input_dim": self.input_dim,
             "num_grades": self.num_grades,
@@ -125,7 +137,7 @@ class PairSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PairSpec:
         required = {"kind", "input_dim", "num_grades", "trunk_channels", "kernel_size", "max_shift", "pool", "scorer"}
-        known = required | {"regions", "energies", "trunk_layers", "interaction"}
+        known = required | {"regions", "energies", "trunk_layers", "interaction", "retriever"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown pair spec keys: {sorted(unknown)}")
@@ -148,7 +160,32 @@ class PairSpec:
             trunk_layers=spec_int(d, "trunk_layers", 1, 2, default=1),
             energies=_flag(d.get("energies", False), "energies"),
             interaction=_choice(d.get("interaction", "channels"), "interaction", ("channels", "positions")),
+            retriever=None if d.get("retriever") is None else retriever_spec_from_dict(d["retriever"]),
         )
+
+
+def retriever_spec_from_dict(d: Any) -> BiEncoderSpec:
+    """A bi-encoder spec from untrusted JSON (an uploaded pair model's retriever): every number range-checked."""
+    if not isinstance(d, dict):
+        raise ValueError("retriever: must be a bi-encoder spec object")
+    unknown = set(d) - {"kind", "input_dim", "channels", "kernel_size", "hidden", "embed_dim"}
+    if unknown:
+        raise ValueError(f"retriever: unknown keys {sorted(unknown)}")
+    if d.get("kind", "biencoder") != "biencoder":
+        raise ValueError("retriever: kind must be 'biencoder'")
+    channels = d.get("channels")
+    if not isinstance(channels, list) or not 1 <= len(channels) <= 8:
+        raise ValueError("retriever.channels: a list of 1 to 8 integers")
+    try:
+        return BiEncoderSpec(
+            input_dim=spec_int(d, "input_dim", 2, MAX_INPUT_DIM),
+            channels=tuple(spec_int({"c": c}, "c", 1, 4096) for c in channels),
+            kernel_size=spec_int(d, "kernel_size", 1, 255),
+            hidden=spec_int(d, "hidden", 1, 65536),
+            embed_dim=spec_int(d, "embed_dim", 1, 4096),
+        )
+    except ValueError as e:
+        raise ValueError(f"retriever: {e}") from None
 
 
 def _flag(value: Any, key: str) -> bool:
@@ -222,6 +259,69 @@ class PairNetwork(nn.Module):
         self.scorer = scorer if scorer is not None else Classifier(spec.scorer)
         if self.scorer.spec != spec.scorer:
             raise ValueError("the scorer's spec differs from spec.scorer")
+        self.retriever: BiEncoder | None = None
+        self.residual: nn.Linear | None = None
+        if spec.retriever is not None:
+            self.retriever = BiEncoder(spec.retriever).eval().requires_grad_(False)
+            # logits += w * s + b with s the retriever's score: the top grade's logit rises with s, at the scale
+            # that fits the retriever's look-alikes best (measured: a softmax over a query's own cluster and 7 of
+            # its FAISS top 32 has the least cross-entropy near 30 x the centroid cosine, i.e. 15 x s), zero at a
+            # typical own cluster's distance (0.3)
+            self.residual = nn.Linear(1, spec.num_grades)
+            with torch.no_grad():
+                self.residual.weight.zero_()
+                self.residual.bias.zero_()
+                self.residual.weight[-1, 0] = 15.0
+                self.residual.bias[-1] = 4.5
+            if scorer is None:  # a fresh scorer adds nothing yet: the model ranks exactly as its retriever
+                with torch.no_grad():
+                    self.scorer.head.weight.zero_()
+                    self.scorer.head.bias.zero_()
+
+    # -- the retriever's score (`spec.retriever`) ------------------------------------------------------------
+    def train(self, mode: bool = True) -> PairNetwork:
+        super().train(mode)
+        if self.retriever is not None:
+            self.retriever.eval()  # frozen: the copy of stage 0 must keep scoring as FAISS does
+        return self
+
+    def retriever_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, E): the retriever's unit-norm embedding (the vectors FAISS indexes)."""
+        assert self.retriever is not None
+        return self.retriever.embed(x)
+
+    def cluster_context(self, items: torch.Tensor, offsets: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(N, E): for every item, the mean retriever embedding of its cluster (items grouped by cluster,
+        `offsets` as in `Space`): FAISS's centroid, which `item_inputs` stores beside each member. Zero columns
+        for a model without a retriever."""
+        if self.retriever is None:
+            return items.new_zeros(len(items), 0)
+        offsets_t = torch.as_tensor(np.asarray(offsets), dtype=torch.long)
+        sizes = offsets_t[1:] - offsets_t[:-1]
+        with torch.no_grad():
+            emb = torch.cat([self.retriever_embedding(items[i : i + 8192]) for i in range(0, len(items), 8192)])
+            cluster = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+            sums = torch.zeros(len(sizes), emb.shape[1], dtype=torch.float64).index_add_(0, cluster, emb.double())
+            means = (sums / sizes.clamp_min(1)[:, None]).float()
+        return means[cluster]
+
+    def retriever_score(self, eq: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """(P, 1): -||e(q) - centroid||^2, the negative squared L2 distance FAISS ranks clusters by."""
+        return -(eq - context).pow(2).sum(1, keepdim=True)
+
+    def _with_residual(
+        self, out: tuple[torch.Tensor, torch.Tensor], eq: torch.Tensor | None, context: torch.Tensor | None
+    ):
+        if self.residual is None:
+            return out
+        assert eq is not None and context is not None
+        logits, hidden = out
+        return logits + self.residual(self.retriever_score(eq, context)), hidden
+
+    def _raw_context(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
+        if self.retriever is None:
+            return None
+        return self.retriever_embedding(x) if context is None else context
 
     # -- item side (query independent; cacheable) ----------------------------------------------------------
     def item_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,14 +358,23 @@ class PairNetwork(nn.Module):
     def forward_features(
         self, fq: torch.Tensor, fx: torch.Tensor, ex: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, hidden) from trunk features (cached item features and energies, a query's features)."""
+        """(logits, hidden) of the scorer from trunk features (cached item features and energies, a query's
+        features); without the retriever's residual (`score_prepared` adds it)."""
         return self.scorer.forward_with_hidden(self.interact(fq, fx, ex))
 
-    def forward_with_hidden(self, q: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scorer.forward_with_hidden(self.interaction(q, x))
+    def forward_with_hidden(
+        self, q: torch.Tensor, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw queries (P or 1, D) and items (P, D). `context` (P, E): each item's cluster centroid in the
+        retriever's embedding (`cluster_context`); None: the item's own embedding (a cluster of one)."""
+        out = self.scorer.forward_with_hidden(self.interaction(q, x))
+        if self.retriever is None:
+            return out
+        eq = self.retriever_embedding(q)
+        return self._with_residual(out, eq.expand(len(x), -1) if len(eq) == 1 else eq, self._raw_context(x, context))
 
-    def forward(self, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.scorer(self.interaction(q, x))
+    def forward(self, q: torch.Tensor, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_hidden(q, x, context)[0]
 
     # -- the scorer interface (`models.scorer`) -------------------------------------------------------------
     # Served from *item inputs*: what the model reads per item that does not depend on the query (`item_inputs`:
@@ -273,20 +382,28 @@ class PairNetwork(nn.Module):
     # for every variant that shares this trunk (`item_inputs_key`), so a snapshot computes them once per item
     # and caches them; FLOPs per pair (`flops`) then exclude the trunk, whose one-off cost is
     # `item_input_flops` per item.
-    def item_inputs(self, items: torch.Tensor) -> torch.Tensor:
+    def item_inputs(self, items: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """(N, D) raw items -> (N, item_input_width) floats: trunk features (C x L), then the item energies
-        (C x R) for a 'channels' model with energies."""
+        (C x R) for a 'channels' model with energies, then (with a retriever) the item's cluster centroid in the
+        retriever's embedding: `context` (N, E) from `cluster_context`, or the item's own embedding."""
         fx = self.item_features(items)
+        parts = [fx.flatten(1)]
         if self.spec.interaction == "channels" and self.spec.energies:
-            return torch.cat([fx.flatten(1), self.item_energies(fx)], dim=1)
-        return fx.flatten(1)
+            parts.append(self.item_energies(fx))
+        if self.retriever is not None:
+            parts.append(self.retriever_embedding(items) if context is None else context.to(fx.dtype))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    @property
+    def _context_width(self) -> int:
+        return 0 if self.spec.retriever is None else self.spec.retriever.embed_dim
 
     @property
     def item_input_width(self) -> int:
         """Floats cached per item."""
         s = self.spec
         extra = s.trunk_channels * s.regions if s.interaction == "channels" and s.energies else 0
-        return s.trunk_channels * s.feature_length + extra
+        return s.trunk_channels * s.feature_length + extra + self._context_width
 
     def item_inputs_key(self) -> str:
         """Identity of `item_inputs` as a function: the front end's spec and the trunk's weights. Variants
@@ -296,7 +413,11 @@ class PairNetwork(nn.Module):
             repr((s.input_dim, s.trunk_channels, s.kernel_size, s.pool, s.trunk_layers, s.regions, s.energies)).encode()
         )
         h.update(s.interaction.encode())
-        for t in self.trunk.state_dict().values():
+        tensors = list(self.trunk.state_dict().values())
+        if self.retriever is not None:  # the cached centroids are the retriever's
+            h.update(repr(s.retriever).encode())
+            tensors += list(self.retriever.state_dict().values())
+        for t in tensors:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return "pair-trunk:" + h.hexdigest()[:24]
 
@@ -306,6 +427,9 @@ class PairNetwork(nn.Module):
         cost = pair_cost(self).per_item
         if s.interaction == "channels" and s.energies:
             cost = cost + Flops(2 * s.trunk_channels * s.feature_length, 2 * s.trunk_channels * s.feature_length)
+        if self.retriever is not None:  # its embedding of the item, and the item's share of the centroid
+            e = self._context_width
+            cost = cost + _retriever_flops(self) + Flops(e, e)
         return cost
 
     def _split_inputs(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -314,7 +438,8 @@ class PairNetwork(nn.Module):
         if inputs.ndim != 2 or inputs.shape[1] != self.item_input_width:
             raise ValueError(f"item inputs must be (N, {self.item_input_width}), got {tuple(inputs.shape)}")
         fx = inputs[:, :cl].reshape(len(inputs), s.trunk_channels, s.feature_length)
-        return fx, (inputs[:, cl:] if inputs.shape[1] > cl else None)
+        end = inputs.shape[1] - self._context_width
+        return fx, (inputs[:, cl:end] if end > cl else None)
 
     def folds(self, num_items: int | None) -> bool:
         """Whether serving one query against `num_items` items folds the query (`fold_query`): the cheaper
@@ -358,25 +483,42 @@ class PairNetwork(nn.Module):
         pair, _ = self._choose(prepared_for, self._path_costs())[1]
         return pair * num_items
 
-    def prepare(self, query: torch.Tensor | None, num_items: int | None = None) -> FoldedQuery | torch.Tensor:
+    def prepare(
+        self, query: torch.Tensor | None, num_items: int | None = None
+    ) -> FoldedQuery | torch.Tensor | RetrieverQuery:
         """Once per query: its trunk features, folded into the scorer's first layer (`fold_query`) when that
-        is the cheaper path for `num_items` items (`folds`); otherwise kept as they are (the plain path)."""
+        is the cheaper path for `num_items` items (`folds`); otherwise kept as they are (the plain path). With a
+        retriever, wrapped with the query's retriever embedding (`RetrieverQuery`)."""
         if query is None:
             raise ValueError("a pair model needs the query")
         fq = self.query_features(query)
-        return self.fold_query(fq) if self.folds(num_items) else fq
+        prepared = self.fold_query(fq) if self.folds(num_items) else fq
+        if self.retriever is None:
+            return prepared
+        return RetrieverQuery(prepared, self.retriever_embedding(query))
 
     def score_prepared(
-        self, prepared: FoldedQuery | torch.Tensor, inputs: torch.Tensor
+        self, prepared: FoldedQuery | torch.Tensor | RetrieverQuery, inputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, hidden) of a prepared query against item inputs (P, item_input_width), see `item_inputs`."""
+        eq = None
+        if isinstance(prepared, RetrieverQuery):
+            prepared, eq = prepared.prepared, prepared.embedding
+        elif self.retriever is not None:
+            raise ValueError("this pair model has a retriever: prepare the query with its own `prepare`")
         if isinstance(prepared, FoldedQuery):
-            if inputs.shape[1] != prepared.stacked.shape[0]:
-                raise ValueError(f"item inputs must be (N, {prepared.stacked.shape[0]}), got {tuple(inputs.shape)}")
-            h = self.scorer.body[1:](torch.addmm(prepared.bias, inputs, prepared.stacked))
-            return self.scorer.head(h), h
-        fx, ex = self._split_inputs(inputs)
-        return self.forward_features(prepared, fx, ex)
+            if inputs.shape[1] != prepared.stacked.shape[0] + self._context_width:
+                width = prepared.stacked.shape[0] + self._context_width
+                raise ValueError(f"item inputs must be (N, {width}), got {tuple(inputs.shape)}")
+            feats = inputs[:, : prepared.stacked.shape[0]] if self._context_width else inputs
+            h = self.scorer.body[1:](torch.addmm(prepared.bias, feats, prepared.stacked))
+            out = self.scorer.head(h), h
+        else:
+            fx, ex = self._split_inputs(inputs)
+            out = self.forward_features(prepared, fx, ex)
+        if eq is None:
+            return out
+        return self._with_residual(out, eq.expand(len(inputs), -1), inputs[:, inputs.shape[1] - self._context_width :])
 
     def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One query (1, D) read with every raw item (P, D): `prepare`, `item_inputs`, `score_prepared`."""
@@ -483,10 +625,14 @@ class PairNetwork(nn.Module):
         return self.scorer.head(h), h
 
     def with_scorer(self, scorer: Classifier) -> PairNetwork:
-        """The same front end (trunk, normalisation; copied) with another scorer, e.g. a pruned one."""
+        """The same front end (trunk, normalisation, retriever and its residual; copied) with another scorer,
+        e.g. a pruned one."""
         out = PairNetwork(self.spec.with_scorer(scorer.spec), scorer)
         out.trunk = copy.deepcopy(self.trunk)
         out.norm = copy.deepcopy(self.norm)
+        if self.retriever is not None:
+            out.retriever = copy.deepcopy(self.retriever)
+            out.residual = copy.deepcopy(self.residual)
         return out.train(self.training)
 
 
@@ -545,6 +691,15 @@ class FoldedQuery:
 
 
 @dataclass(frozen=True)
+class RetrieverQuery:
+    """A prepared query of a pair model with a retriever: the trunk's path (folded or plain) and the query's
+    retriever embedding (1, E), which meets each item's cluster centroid in the residual."""
+
+    prepared: FoldedQuery | torch.Tensor
+    embedding: torch.Tensor
+
+
+@dataclass(frozen=True)
 class _FoldPlan:
     """The query-independent part of a fold (`PairNetwork._fold_plan`)."""
 
@@ -567,6 +722,21 @@ def _trunk_flops(model: PairNetwork) -> Flops:
     )
 
 
+def _retriever_flops(model: PairNetwork) -> Flops:
+    """One pass of the pair model's retriever copy (the query's or an item's embedding); zero without one."""
+    if model.retriever is None:
+        return Flops(0, 0)
+    return count_flops(model.retriever, model.spec.input_dim)
+
+
+def _residual_flops(model: PairNetwork) -> int:
+    """Per pair, the retriever's score and its affine into the logits: the difference and its square summed
+    (3 E), times the residual's weights plus its bias, added to the logits (3 G)."""
+    if model.retriever is None:
+        return 0
+    return 3 * model._context_width + 3 * model.spec.num_grades
+
+
 def folded_pair_cost(model: PairNetwork) -> tuple[Flops, Flops]:
     """(per pair, per query) FLOPs of the folded path against cached item inputs: per pair the product of
     the item inputs (C*L features and C*R energies) with the folded (h1 columns) matrix and the scorer after
@@ -581,11 +751,12 @@ def folded_pair_cost(model: PairNetwork) -> tuple[Flops, Flops]:
     rest = count_flops(model.scorer, s.interaction_dim)
     first_dense = 2 * first.weight.numel()
     first_nz = 2 * int(torch.count_nonzero(first.weight))
+    per_pair += _residual_flops(model)
     pair = Flops(per_pair + rest.dense_kernel - first_dense, per_pair + rest.nonzero - first_nz)
     fold = 2 * h1 * s.trunk_channels * s.regions * s.shifts * s.feature_length
     if s.energies:
         fold += 2 * cl + 2 * h1 * cr  # the query's energies and their product with their block of the layer
-    return pair, _trunk_flops(model) + Flops(fold, fold)
+    return pair, _trunk_flops(model) + _retriever_flops(model) + Flops(fold, fold)
 
 
 def plain_pair_cost(model: PairNetwork) -> tuple[Flops, Flops]:
@@ -594,7 +765,7 @@ def plain_pair_cost(model: PairNetwork) -> tuple[Flops, Flops]:
     query's trunk (and its energies)."""
     s = model.spec
     cost = pair_cost(model)
-    query = _trunk_flops(model)
+    query = _trunk_flops(model) + _retriever_flops(model)
     if s.energies:
         e = 2 * s.trunk_channels * s.feature_length
         query = query + Flops(e, e)
@@ -628,13 +799,14 @@ def pair_cost(model: PairNetwork) -> PairFlops:
     else:  # one product per channel with the query's block-Toeplitz matrix (`correlate`), zeros included
         inter = 2 * s.trunk_channels * padded * s.regions * s.shifts
     scorer = count_flops(model.scorer, s.interaction_dim)
+    inter += _residual_flops(model)
     interaction = Flops(inter, inter)
     return PairFlops(
         per_pair=interaction + scorer,
         interaction=interaction,
         scorer=scorer,
         per_item=trunk,
-        per_query=trunk,
+        per_query=trunk + _retriever_flops(model),
         cache_floats_per_item=model.item_input_width,
     )
 

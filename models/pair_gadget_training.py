@@ -154,10 +154,19 @@ def pair_tuple_outputs_many(
     parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in models]
     for group in groups:
         front = models[group[0]]
+        eq = context = None
+        if front.retriever is not None:  # the retriever's score: each tuple's members stand for its cluster
+            eq = front.retriever_embedding(q)
+            members = front.retriever_embedding(x).reshape(t, k, -1)
+            context = members.mean(1, keepdim=True).expand(t, k, -1).reshape(t * k, -1)
         for start in range(0, len(x), batch_pairs):
             z = front.interaction(q[start : start + batch_pairs], x[start : start + batch_pairs])
             for i in group:
-                parts[i].append(models[i].scorer.forward_with_hidden(z))
+                out = models[i].scorer.forward_with_hidden(z)
+                if eq is not None and context is not None:
+                    end = start + batch_pairs
+                    out = models[i]._with_residual(out, eq[start:end], context[start:end])
+                parts[i].append(out)
     return [
         PairTupleOutputs(
             torch.cat([p[0] for p in ps]).reshape(t, k, -1),

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -37,6 +38,18 @@ __all__ = [
     "train_pair_model",
     "instance_auc",
     "pair_spec_for",
+    "ListwiseConfig",
+    "DEFAULT_LISTWISE",
+    "RetrieverLists",
+    "GroupBatch",
+    "retriever_lists",
+    "sample_groups",
+    "group_logits",
+    "ranking_key",
+    "listwise_loss",
+    "group_top1",
+    "train_pair_listwise",
+    "distillation_loss",
 ]
 
 
@@ -302,3 +315,268 @@ def pair_spec_for(input_dim: int, num_grades: int = 3, hidden: tuple[int, ...] =
     max_shift = min(8, length // 5)
     regions = next((r for r in (4, 2) if length % r == 0 and length // r > max_shift), 1)
     return default_pair_spec(input_dim, num_grades, max_shift=max_shift, pool=pool, regions=regions, hidden=hidden)
+
+
+# -- listwise training on the retriever's own candidate lists -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListwiseConfig:
+    """Training a pair model (with a retriever, `PairSpec.retriever`) the way it serves: a query, its own
+    cluster and `group - 1` clusters drawn from the retriever's top `top` for that query (its look-alikes:
+    mostly the same label, so graded 1, the hard negatives), each read through `members` members whose logits
+    are averaged (`mean_logit`, the stages' aggregation); loss = softmax cross-entropy of the served ranking key
+    over each group with the own cluster as target (localized contrastive estimation) + `pointwise` x the
+    cross-entropy of every cluster's aggregated posterior against its grade (so grade 1 and 0 stay apart)."""
+
+    steps: int = 300
+    queries: int = 16
+    group: int = 8
+    members: int = 2
+    top: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    pointwise: float = 0.1
+    eval_every: int = 50
+    val_queries: int = 256
+    """Validation groups hold the own cluster and all of the retriever's top `top` (the harder test), drawn once."""
+    seed: int = 0
+    progress: bool = False
+
+
+DEFAULT_LISTWISE = ListwiseConfig()
+
+
+@dataclass(frozen=True)
+class RetrieverLists:
+    """A set of clusters as the retriever sees it: the embedding of every stored member and FAISS's centroids
+    (mean member embeddings), to draw the retriever's own candidate lists from."""
+
+    data: PrototypeSet
+    offsets: np.ndarray  # (K + 1,) rows of each cluster in data.x (grouped by cluster)
+    embedding: np.ndarray  # (N, E) float32
+    centroids: np.ndarray  # (K, E) float64
+
+
+@dataclass(frozen=True)
+class GroupBatch:
+    """B groups of G clusters (the first of each group is the query's own), n members each."""
+
+    q: torch.Tensor  # (B, D)
+    eq: torch.Tensor  # (B, E) the queries' retriever embeddings
+    x: torch.Tensor  # (B * G * n, D) members, group-major then cluster then member
+    context: torch.Tensor  # (B * G * n, E) each member's cluster centroid (leave-one-out for the query's own)
+    grade: torch.Tensor  # (B, G) int64
+    members: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.grade.shape)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def retriever_lists(data: PrototypeSet, retriever: nn.Module) -> RetrieverLists:
+    """Embed every stored member of `data` with the retriever (`embed`), and the clusters' mean embeddings."""
+    cluster = np.asarray(data.cluster)
+    if np.any(np.diff(cluster) < 0):
+        raise ValueError("the set's items must be grouped by cluster")
+    k = len(data.cluster_labels)
+    offsets = np.searchsorted(cluster, np.arange(k + 1)).astype(np.int64)
+    retriever.eval()
+    x = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32))
+    emb = torch.cat([retriever.embed(x[i : i + 8192]) for i in range(0, len(x), 8192)]).numpy()  # type: ignore[operator]
+    sums = np.add.reduceat(emb.astype(np.float64), offsets[:-1], axis=0)
+    return RetrieverLists(data, offsets, emb, sums / np.diff(offsets)[:, None])
+
+
+@torch.no_grad()
+def sample_groups(
+    lists: RetrieverLists, retriever: nn.Module, queries: int, config: ListwiseConfig, rng: np.random.Generator
+) -> GroupBatch:
+    """Queries of random clusters (a fresh view of a rendered prototype; for a user's clusters a stored member,
+    left out of its own cluster's members and centroid), their own cluster and `group - 1` of the retriever's
+    top `top` others, `members` random members of each."""
+    data, offsets = lists.data, lists.offsets
+    k = len(offsets) - 1
+    g, n = min(config.group, k), config.members
+    sizes = np.diff(offsets)
+    qid = rng.integers(0, k, size=queries)
+    pool = data.prototypes
+    if isinstance(pool, MemberPool):
+        qrow = pool.draw_rows(qid, rng)
+        q = pool.x[qrow]
+        eq = lists.embedding[qrow].astype(np.float64)
+    else:
+        qrow = None
+        q = make_views(pool, qid, rng)
+        eq = retriever.embed(torch.from_numpy(q)).double().numpy()  # type: ignore[operator]
+    dist = (eq**2).sum(1)[:, None] + (lists.centroids**2).sum(1)[None, :] - 2 * eq @ lists.centroids.T
+    dist[np.arange(queries), qid] = np.inf
+    top = min(config.top, k - 1)
+    near = np.argpartition(dist, top - 1, axis=1)[:, :top] if top < k - 1 else np.argsort(dist, axis=1)[:, :top]
+    cand = np.empty((queries, g), dtype=np.int64)
+    cand[:, 0] = qid
+    for i in range(queries):
+        cand[i, 1:] = rng.choice(near[i], g - 1, replace=False)
+    flat = np.repeat(cand.reshape(-1), n)
+    rows = offsets[flat] + (rng.random(len(flat)) * sizes[flat]).astype(np.int64)
+    context = np.repeat(lists.centroids[cand.reshape(-1)], n, axis=0)
+    if qrow is not None:  # the query is a stored member: not one of its cluster's members, nor in its centroid
+        own = np.zeros((queries, g, n), dtype=bool)
+        own[:, 0, :] = True
+        own = own.reshape(-1)
+        avoid = np.repeat(qrow, g * n)
+        rows[own] = pool.draw_rows(flat[own], rng, avoid=avoid[own])  # type: ignore[union-attr]
+        size = sizes[qid].astype(np.float64)[:, None]
+        loo = (lists.centroids[qid] * size - eq) / np.maximum(size - 1, 1)
+        context[own] = np.repeat(np.where(size > 1, loo, lists.centroids[qid]), n, axis=0)
+    labels = data.cluster_labels
+    grade = np.where(cand == qid[:, None], 2, (labels[cand] == labels[qid][:, None]).astype(np.int64))
+    grade = np.minimum(grade, data.num_grades - 1)
+    return GroupBatch(
+        torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)),
+        torch.from_numpy(eq.astype(np.float32)),
+        torch.from_numpy(np.ascontiguousarray(data.x[rows], dtype=np.float32)),
+        torch.from_numpy(context.astype(np.float32)),
+        torch.from_numpy(grade),
+        n,
+    )
+
+
+def group_logits(model: PairNetwork, batch: GroupBatch) -> torch.Tensor:
+    """(B, G, grades): each cluster's members' logits averaged (`mean_logit`), the query read through the same
+    forward as serving (`score_prepared` on cached item inputs computes the same function)."""
+    b, g = batch.shape
+    rep = torch.arange(b).repeat_interleave(g * batch.members)
+    fq = model.query_features(batch.q)[rep]
+    out = model.scorer.forward_with_hidden(model.interact(fq, model.item_features(batch.x)))
+    logits, _ = model._with_residual(out, batch.eq[rep], batch.context)
+    return logits.reshape(b, g, batch.members, -1).mean(2)
+
+
+def ranking_key(log_post: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """The served ranking key (`cascade.engine.ranking_key`, the log-odds of the expected gain), differentiable:
+    log(sum_g p_g (u_g - min u)) - log(sum_g p_g (max u - u_g))."""
+    low, high = gains - gains.min(), gains.max() - gains
+    lo = log_post[..., low > 0] + low[low > 0].log()
+    hi = log_post[..., high > 0] + high[high > 0].log()
+    return torch.logsumexp(lo, -1) - torch.logsumexp(hi, -1)
+
+
+def default_grade_gains(num_grades: int) -> torch.Tensor:
+    """Gains of the default utility: (0, 1, 3) over three grades, (0, 1) over two (`cascade.queries`)."""
+    return torch.tensor((0.0, 1.0, 3.0) if num_grades == 3 else tuple(float(g) for g in range(num_grades)))
+
+
+def listwise_loss(logits: torch.Tensor, grade: torch.Tensor, pointwise: float) -> torch.Tensor:
+    """Localized contrastive estimation over each group's ranking keys (the own cluster, position 0, is the
+    target), plus `pointwise` x the grade cross-entropy of every cluster's posterior."""
+    log_post = torch.log_softmax(logits, -1)
+    keys = ranking_key(log_post, default_grade_gains(logits.shape[-1]).to(logits.dtype))
+    lce = F.cross_entropy(keys, torch.zeros(len(keys), dtype=torch.long))
+    if pointwise <= 0:
+        return lce
+    return lce + pointwise * F.nll_loss(log_post.reshape(-1, logits.shape[-1]), grade.reshape(-1))
+
+
+@torch.no_grad()
+def group_top1(model: PairNetwork, batches: list[GroupBatch]) -> float:
+    """Fraction of groups whose own cluster has the highest ranking key."""
+    model.eval()
+    hits = []
+    for batch in batches:
+        log_post = torch.log_softmax(group_logits(model, batch), -1)
+        keys = ranking_key(log_post, default_grade_gains(log_post.shape[-1]))
+        hits.append(keys.argmax(1) == 0)
+    return float(torch.cat(hits).float().mean())
+
+
+def train_pair_listwise(
+    model: PairNetwork,
+    train: PrototypeSet,
+    val: PrototypeSet,
+    config: ListwiseConfig = DEFAULT_LISTWISE,
+    progress: bool | None = None,
+    train_front: bool = True,
+    teacher: PairNetwork | None = None,
+    distill: str = "margin",
+) -> tuple[PairNetwork, PairTrainReport]:
+    """Train `model` (a pair model with a retriever, already loaded with the stage-0 weights) on the
+    retriever's candidate lists (`ListwiseConfig`); keep the weights with the best top-1 on validation groups,
+    the starting weights and the retriever alone (the same weights with the scorer's head zero) included, so
+    the result never ranks the validation groups worse than the retriever does.
+    `train_front=False` trains the scorer only (a pruned variant: one item cache serves all). With a `teacher`
+    (the dense model), the loss is distillation instead of labels: `margin` = MSE between the student's and the
+    teacher's differences of ranking keys (each cluster minus the group's own, margin-MSE), `logits` = MSE of
+    the aggregated logits (each centred over grades, as softmax ignores a shift)."""
+    if model.retriever is None:
+        raise ValueError("listwise training draws the retriever's candidate lists: the model needs a retriever")
+    if train.num_grades != model.spec.num_grades or val.num_grades != model.spec.num_grades:
+        raise ValueError(f"the sets are graded {train.num_grades}-way, the model {model.spec.num_grades}-way")
+    if distill not in ("margin", "logits"):
+        raise ValueError("distill must be 'margin' or 'logits'")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng([config.seed, 61])
+    retriever = model.retriever
+    lists, val_lists = retriever_lists(train, retriever), retriever_lists(val, retriever)
+    val_rng = np.random.default_rng([config.seed, 67])
+    val_config = replace(config, group=config.top + 1)
+    val_batches = [
+        sample_groups(val_lists, retriever, min(64, config.val_queries), val_config, val_rng)
+        for _ in range(max(1, config.val_queries // 64))
+    ]
+    # the retriever's copy is frozen (requires_grad False); the residual belongs to the front end
+    params = [p for p in (model.parameters() if train_front else model.scorer.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
+    best = (group_top1(model, val_batches) if teacher is None else -1.0, 0, copy.deepcopy(model.state_dict()))
+    if teacher is None and model.residual is not None:  # the retriever alone (scorer head zero) is a candidate
+        alone = copy.deepcopy(model)
+        with torch.no_grad():
+            alone.scorer.head.weight.zero_()
+            alone.scorer.head.bias.zero_()
+        score = group_top1(alone, val_batches)
+        if score > best[0]:
+            best = (score, 0, copy.deepcopy(alone.state_dict()))
+    grade_counts = np.zeros(model.spec.num_grades)
+    start = time.perf_counter()
+    show = config.progress if progress is None else progress
+    for step in tqdm(range(1, config.steps + 1), desc="train pair model (listwise)", disable=not show, leave=False):
+        model.train()
+        if not train_front:
+            model.trunk.eval()
+            model.norm.eval()
+        batch = sample_groups(lists, retriever, config.queries, config, rng)
+        grade_counts += np.bincount(batch.grade.reshape(-1).numpy(), minlength=len(grade_counts))
+        logits = group_logits(model, batch)
+        if teacher is None:
+            loss = listwise_loss(logits, batch.grade, config.pointwise)
+        else:
+            with torch.no_grad():
+                teacher.eval()
+                target = group_logits(teacher, batch)
+            loss = distillation_loss(logits, target, distill)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        reapply_masks(model)
+        if step % config.eval_every == 0 or step == config.steps:
+            acc = group_top1(model, val_batches)
+            if acc > best[0]:
+                best = (acc, step, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    model.eval()
+    prior = tuple(float(p) for p in grade_counts / max(grade_counts.sum(), 1))
+    return model, PairTrainReport(config.steps, best[1], best[0], prior, time.perf_counter() - start)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """`margin`: margin-MSE of ranking-key differences to each group's own cluster; `logits`: MSE of the
+    aggregated logits, centred over grades. Both (B, G, grades)."""
+    if kind == "logits":
+        return F.mse_loss(student - student.mean(-1, keepdim=True), teacher - teacher.mean(-1, keepdim=True))
+    gains = default_grade_gains(student.shape[-1]).to(student.dtype)
+    ks = ranking_key(torch.log_softmax(student, -1), gains)
+    kt = ranking_key(torch.log_softmax(teacher, -1), gains)
+    return F.mse_loss(ks - ks[:, :1], kt - kt[:, :1])

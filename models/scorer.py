@@ -26,6 +26,7 @@ __all__ = [
     "ScorerKind",
     "SCORER_KINDS",
     "item_inputs",
+    "cluster_context",
     "item_inputs_key",
     "prepare_for",
     "query_flops",
@@ -55,11 +56,23 @@ class Scorer(Protocol):
         ...
 
 
-def item_inputs(model: Scorer, items: torch.Tensor) -> torch.Tensor:
+def item_inputs(model: Scorer, items: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
     """What `score_prepared` reads for raw items: the model's own `item_inputs` (a pair model: its trunk
-    features), or the items themselves (a classifier)."""
+    features), or the items themselves (a classifier). `context`: rows of `cluster_context` for these items
+    (a pair model with a retriever stores its cluster's centroid beside each member)."""
     fn = getattr(model, "item_inputs", None)
-    return items if fn is None else fn(items)
+    if fn is None:
+        return items
+    return fn(items) if context is None else fn(items, context)
+
+
+def cluster_context(model: Scorer, items: torch.Tensor, offsets: Any) -> torch.Tensor | None:
+    """What a model reads of an item's cluster as a whole (a pair model with a retriever: FAISS's centroid),
+    one row per item of a space grouped by cluster (`offsets`); None for a model that reads items alone."""
+    fn = getattr(model, "cluster_context", None)
+    if fn is None or getattr(model, "retriever", None) is None:
+        return None
+    return fn(items, offsets)
 
 
 def item_inputs_key(model: Scorer) -> str | None:

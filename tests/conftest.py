@@ -19,7 +19,7 @@ from cascade.bootstrap import BootstrapConfig, PairConfig, PrunedPairVariant, Pr
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.snapshot import Snapshot, load_snapshot
 from models.biencoder_training import BiEncoderTrainConfig
-from models.pair_training import PairTrainConfig
+from models.pair_training import ListwiseConfig, PairTrainConfig
 from models.prototypes import PrototypeConfig
 from models.registry import ModelRegistry
 
@@ -31,6 +31,7 @@ TINY_PAIR = PairConfig(
     queries=40,
     biencoder=BiEncoderTrainConfig(steps=150, batch_prototypes=64, eval_every=50),
     training=PairTrainConfig(steps=300, eval_every=100, val_pairs=500),
+    listwise=ListwiseConfig(steps=150, queries=16, group=8, members=2, top=16, eval_every=50, val_queries=128),
     hidden=(64, 32),
     variants=(PrunedPairVariant("pair-s25", "greedy-asymmetric", 0.25, finetune_steps=50),),
     stages=(Stage(variant="pair-s25", samples=2, keep=20), Stage(variant="pair-dense", samples=6)),

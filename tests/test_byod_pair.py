@@ -29,10 +29,10 @@ from cascade.bootstrap import (
 from cascade.config import Stage
 from cascade.queries import QuerySet, cluster_grades, default_gains, hold_out_members
 from cascade.space import META_FILE, Space
-from models.biencoder_training import BiEncoderTrainConfig
+from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.data import DatasetError, load_dataset
 from models.pair import PairNetwork
-from models.pair_training import PairTrainConfig, instance_auc, make_pairs, pair_spec_for
+from models.pair_training import ListwiseConfig, PairTrainConfig, instance_auc, make_pairs, pair_spec_for
 from models.prototypes import PrototypeConfig, make_prototype_set, member_set
 from models.registry import ModelRegistry
 from service.commands.bootstrap import config_from
@@ -41,6 +41,7 @@ SMALL_PAIR = PairConfig(
     queries=30,
     biencoder=BiEncoderTrainConfig(steps=100, batch_prototypes=64, eval_every=50),
     training=PairTrainConfig(steps=150, batch_size=128, eval_every=50, val_pairs=500),
+    listwise=ListwiseConfig(steps=150, queries=16, group=8, members=2, top=16, eval_every=50, val_queries=128),
     hidden=(64, 32),
     variants=(PrunedPairVariant("pair-m25", "magnitude", 0.25, reweight=False, finetune_steps=30),),
     stages=(Stage(variant="pair-m25", samples=2, keep=20), Stage(variant="pair-dense", samples=6)),
@@ -172,8 +173,9 @@ def test_structureless_clusters_fall_back_to_two_grades(tmp_path: Path) -> None:
     assert splits.cluster_train is not None and splits.cluster_val is not None
     train = member_set(splits.x_train, splits.y_train, splits.cluster_train)
     val = member_set(splits.x_val, splits.y_val, splits.cluster_val)
-    pair = replace(SMALL_PAIR, training=replace(SMALL_PAIR.training, steps=100))
-    model, report, grades = train_pair_on_clusters(train, val, pair)
+    pair = replace(SMALL_PAIR, listwise=replace(SMALL_PAIR.listwise, steps=100))
+    encoder = train_biencoder(train, val, pair.biencoder)
+    model, report, grades = train_pair_on_clusters(train, val, pair, encoder)
     assert grades["num_grades"] == 2 and grades["gains"] == [0.0, 1.0]
     assert grades["instance_auc"] < pair.instance_auc_threshold and "no instance structure" in grades["decision"]
     assert model.spec.num_grades == 2 and len(report.grade_prior) == 2
@@ -215,6 +217,7 @@ def test_pair_flags_and_the_default(tmp_path: Path) -> None:
     assert config_from(args("--dataset", str(data), "--no-pair")).user_pair is False
     steps = config_from(args("--dataset", str(data), "--pair-steps", "90")).pair
     assert steps is not None and steps.training.steps == 90 and steps.biencoder.steps == 60
+    assert steps.listwise.steps == 90 and steps.listwise.eval_every <= 90
     with pytest.raises(ValueError, match="--pair-steps: must be >= 1"):
         config_from(args("--dataset", str(data), "--pair-steps", "0"))
     with pytest.raises(ValueError, match="--pair/--no-pair"):
@@ -275,7 +278,7 @@ def test_a_two_grade_space_answers_examples_queries_without_gains(tmp_path: Path
     two-grade default (never a 422 about a field the user did not send), with outputs named for two grades."""
     home = tmp_path / "home"
     config = _config(views_npz(tmp_path / "random.npz", structured=False))
-    config = replace(config, pair=replace(SMALL_PAIR, training=replace(SMALL_PAIR.training, steps=100)))
+    config = replace(config, pair=replace(SMALL_PAIR, listwise=replace(SMALL_PAIR.listwise, steps=100)))
     bootstrap(home, config, progress=False)
     server = start_server(home)
     try:

@@ -22,6 +22,7 @@ from cascade.snapshot import build_snapshot
 from cascade.space import sample_members
 from models.inference import score_chunked
 from models.pair import folded_pair_cost, plain_pair_cost
+from models.scorer import cluster_context, item_inputs
 
 
 def _query(snapshot, i: int = 0) -> np.ndarray:
@@ -267,7 +268,11 @@ def test_item_inputs_are_cached_once_per_trunk_and_give_the_uncached_scores(snap
         cached = snapshot.item_inputs(v, rows)
         with torch.inference_mode():
             got = score_chunked(v.model, q, cached, inputs=True)[0]
-            want = v.model.forward_with_hidden(q, snapshot.features[rows])[0]  # the plain forward, raw items
+            # the plain forward on raw items, each with its cluster's centroid (a model with a retriever)
+            context = cluster_context(v.model, snapshot.features, snapshot.space.offsets)
+            want = v.model.forward_with_hidden(
+                q, snapshot.features[rows], *(() if context is None else (context[rows],))
+            )[0]
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     entries = snapshot.item_cache.entries()
     assert len({v.inputs_key for v in pairs}) == 1 and len(entries) == 1  # pruned variants share the trunk
@@ -277,9 +282,9 @@ def test_item_inputs_are_cached_once_per_trunk_and_give_the_uncached_scores(snap
     assert entry.nbytes == 4 * snapshot.space.num_items * pairs[0].model.item_input_width
     assert entry.build_flops == snapshot.space.num_items * pairs[0].model.item_input_flops().nonzero
     other = dataclasses.replace(snapshot, features=snapshot.features * 2.0)  # shares the cache object
-    torch.testing.assert_close(
-        other.item_inputs(pairs[0], rows), pairs[0].model.item_inputs(other.features[rows]), atol=1e-6, rtol=1e-6
-    )
+    context = cluster_context(pairs[0].model, other.features, other.space.offsets)
+    expected = item_inputs(pairs[0].model, other.features[rows], None if context is None else context[rows])
+    torch.testing.assert_close(other.item_inputs(pairs[0], rows), expected, atol=1e-6, rtol=1e-6)
     for v in classifiers:  # a classifier reads the raw features: nothing cached
         assert v.inputs_key is None and snapshot.cached_inputs(v) is None
         torch.testing.assert_close(snapshot.item_inputs(v, rows), snapshot.features[rows])

@@ -14,12 +14,14 @@ from models.manifest import Manifest
 from models.pair import PairNetwork
 from models.pair_training import (
     DEFAULT_PAIR_TRAINING,
+    ListwiseConfig,
     PairBatch,
     PairTrainConfig,
     make_pairs,
     pair_accuracy,
     pair_calibration,
     pair_logits,
+    train_pair_listwise,
     train_pair_model,
 )
 from models.prototypes import PrototypeSet
@@ -85,6 +87,8 @@ def prune_pair_and_register(
     budget: BudgetRule = "uniform",
     finetune_steps: int = 0,
     finetune: PairTrainConfig = DEFAULT_PAIR_TRAINING,
+    listwise: ListwiseConfig | None = None,
+    distill: str | None = "margin",
     calibration_size: int = 512,
     seed: int = 0,
     activate: bool = True,
@@ -93,7 +97,12 @@ def prune_pair_and_register(
 ) -> Manifest:
     """Prune a registered pair model (`name` or `name:version`), optionally fine-tune the scorer only for
     `finetune_steps` steps (front end frozen), and register it with its accuracy on balanced probe pairs and
-    its output deviation from the parent. The parent's grade prior is carried over into `extra`."""
+    its output deviation from the parent. The parent's grade prior is carried over into `extra`.
+
+    A parent with a retriever (`PairSpec.retriever`) is fine-tuned on the retriever's candidate lists
+    (`train_pair_listwise`, `listwise` or its defaults): distilled from the parent's outputs (`distill`:
+    `margin`, margin-MSE of ranking-key differences, or `logits`), or with `distill=None` on the labels like the
+    parent. Other parents: pointwise on pairs (`finetune`)."""
     name, _, version = parent.partition(":")
     dense = registry.load(name, int(version) if version else None)
     if not isinstance(dense.model, PairNetwork):
@@ -103,10 +112,19 @@ def prune_pair_and_register(
     torch.manual_seed(seed)
     pruned = prune_pair(dense.model, method, keep, pairs, scope=scope, reweight=reweight, budget=budget)
     prior = dense.manifest.extra.get("grade_prior")
-    if finetune_steps > 0:
+    how = "none"
+    if finetune_steps > 0 and pruned.retriever is not None:
+        config = replace(listwise or ListwiseConfig(), steps=finetune_steps, seed=seed, progress=progress)
+        teacher = dense.model if distill is not None else None
+        pruned, _ = train_pair_listwise(
+            pruned, train, val, config, train_front=False, teacher=teacher, distill=distill or "margin"
+        )
+        how = f"distilled ({distill})" if distill is not None else "listwise on labels"
+    elif finetune_steps > 0:
         mix = tuple(prior) if prior else finetune.grade_mix
         config = replace(finetune, steps=finetune_steps, seed=seed, grade_mix=mix, progress=progress)
         pruned, _ = train_pair_model(pruned.spec, train, val, config, model=pruned, train_front=False)
+        how = "pointwise on labels"
     probes = probe_pairs(val, seed=seed)
     return registry.register(
         new_name,
@@ -124,6 +142,7 @@ def prune_pair_and_register(
             "reweight": reweight,
             "budget": budget,
             "finetune_steps": finetune_steps,
+            "finetune": how,
             "calibration_size": calibration_size if pairs is not None else 0,
             "seed": seed,
         },

@@ -56,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pair-steps",
         type=int,
-        help="training steps of the dense pair model (default: 1500); the bi-encoder gets two thirds as many and "
-        "each pruned variant's fine-tuning a fifth",
+        help="training steps of the dense pair model (default: 300, listwise); the bi-encoder gets two thirds as "
+        "many and each pruned variant's fine-tuning a fifth",
     )
     p.add_argument(
         "--tune",
@@ -124,7 +124,11 @@ def _pair_with_steps(pair: Any, steps: int) -> Any:
     bi_steps = max(1, steps * 2 // 3)
     biencoder = replace(pair.biencoder, steps=bi_steps, eval_every=min(pair.biencoder.eval_every, bi_steps))
     variants = tuple(replace(v, finetune_steps=min(v.finetune_steps, max(1, steps // 5))) for v in pair.variants)
-    return replace(pair, training=training, biencoder=biencoder, variants=variants)
+    out = replace(pair, training=training, biencoder=biencoder, variants=variants)
+    if hasattr(pair, "listwise"):  # the dense pair model trains listwise on the retriever's candidate lists
+        listwise = replace(pair.listwise, steps=steps, eval_every=min(pair.listwise.eval_every, steps))
+        out = replace(out, listwise=listwise)
+    return out
 
 
 def _npz_path(flag: str, value: str, expected: str) -> str:
