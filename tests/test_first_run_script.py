@@ -1,5 +1,5 @@
 """benchmarks/first_run.sh ends only what it started: the `make run` it launched and everything under it, by
-process group; never another process, even one whose command line looks like a server (`pkill -f` would hit
+process group; never another process, even one whose command line looks like a server (a kill by pattern would hit
 it on a shared host). Here `make` is a stand-in that serves /readyz and starts a child, so the script runs in
 seconds; it then fails at the first query (the stand-in builds no .venv), which is when its trap must clean up."""
 
@@ -51,7 +51,7 @@ def test_first_run_ends_its_own_processes_and_no_other(tmp_path: Path) -> None:
             """)
     )
     make.chmod(0o755)
-    # a bystander that `pkill -f "serve --bootstrap"` would match
+    # a bystander that a kill by the pattern "serve --bootstrap" would match
     bystander = subprocess.Popen(["bash", "-c", "exec -a 'prunecascade serve --bootstrap' sleep 600"])
     try:
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
