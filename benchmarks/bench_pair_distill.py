@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cascade.bootstrap import PairConfig, _user_pair_sets, prototype_training_sets
+from cascade.bootstrap import PairConfig, prototype_training_sets, user_pair_sets
 from cascade.config import CONFIG_FILE, CascadeConfig
 from cascade.snapshot import load_snapshot
 from models.data import load_dataset
@@ -37,7 +37,7 @@ def training_sets(home: Path, dense_manifest) -> tuple:  # type: ignore[no-untyp
     if record["dataset"] == "mnist1d":
         return prototype_training_sets(PairConfig())
     splits = load_dataset(record["dataset"], seed=record["seed"], num_samples=record["num_samples"])
-    train, val = _user_pair_sets(splits)
+    train, val = user_pair_sets(splits)
     grades = int(dense_manifest.spec.get("num_grades", 3))
     return replace(train, num_grades=grades), replace(val, num_grades=grades)
 

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import done_keys
+from lab.pruning_figure import curve_label, method_configs, pruning_figure
 from models.data import Splits, load_dataset
 from models.dense import default_spec
 from models.evaluation import accuracy, output_deviation, predict_logits
 from models.flops import count_flops
 from models.networks import Classifier, build_network
-from models.pruning import list_methods, prune
+from models.pruning import prune
 from models.pruning.greedy import greedy_select, naive_greedy_select, problem_grams
 from models.pruning.pipeline import calibration_from
 from models.pruning.surgery import layer_inputs, layer_problem
@@ -87,20 +88,6 @@ def _loss(model: Classifier, splits: Splits) -> float:
     return float(F.cross_entropy(logits, torch.as_tensor(splits.y_test)))
 
 
-def _configs(methods: list[str]) -> list[tuple[str, bool, str]]:
-    out = []
-    for m in list_methods():
-        if methods and m.name not in methods:
-            continue
-        if m.kind == "unstructured":
-            out.append((m.name, False, "uniform"))
-        else:
-            out += [(m.name, False, "uniform"), (m.name, True, "uniform")]
-            if m.name == "greedy-layer":
-                out.append((m.name, True, "equal-error"))
-    return out
-
-
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -113,7 +100,7 @@ def run(args: argparse.Namespace) -> None:
             dense_flops = count_flops(dense, dense.spec.input_dim).dense_kernel
             dense_acc = accuracy(dense, splits.x_test, splits.y_test)
             for keep in args.keeps:
-                for method, reweight, budget in _configs(args.methods):
+                for method, reweight, budget in method_configs(args.methods):
                     key = (model_name, seed, method, keep, reweight, budget)
                     if key in done:
                         continue
@@ -260,87 +247,6 @@ def claims(args: argparse.Namespace) -> None:
     Path(args.out).write_text("\n".join(json.dumps(r) for r in out) + "\n")
 
 
-def _label(r: dict[str, Any]) -> str:
-    label = r["method"]
-    if r["reweight"]:
-        label += " +rw"
-    if r["budget"] != "uniform":
-        label += f" ({r['budget']})"
-    return label
-
-
-def _family(label: str) -> str:
-    """The method a curve belongs to, without its reweighting or budget suffix: one colour per family."""
-    return label.split(" ")[0]
-
-
-def pruning_figure(groups: dict, model: str, labels: list[str], keeps: list[float], dense_acc: float) -> Any:
-    """Unstructured methods in one panel; structured without and with reweighting side by side. Each method
-    family keeps one colour and one marker in every panel; the line style says the layer budget (solid uniform,
-    dotted equal-error) and the legend sits outside the panels, so no curve runs through it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    kind_of = {}
-    for lab in labels:
-        rs_all = [groups[(model, lab, k)] for k in keeps if (model, lab, k) in groups]
-        if rs_all:
-            kind_of.setdefault(_family(lab), rs_all[0][0]["kind"])
-    colours, markers = {}, {}
-    for kind in ("unstructured", "structured"):  # each kind its own palette: its panels never share a legend
-        for i, fam in enumerate(f for f, k in kind_of.items() if k == kind):
-            colours[fam] = plt.cm.tab10.colors[i % 10]
-            markers[fam] = "osD^vP*Xph"[(i + i // 10) % 10]  # past ten colours, the marker still differs
-    line_of = {"unstructured": "--", "structured": "-"}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5), sharey=True, layout="constrained")
-    for lab in labels:
-        rs_all = [groups[(model, lab, k)] for k in keeps if (model, lab, k) in groups]
-        if not rs_all:
-            continue
-        kind = rs_all[0][0]["kind"]
-        ax = axes[0] if kind == "unstructured" else axes[2] if "+rw" in lab else axes[1]
-        ks = [rs[0]["keep"] for rs in rs_all]
-        acc = [np.mean([r["accuracy"] for r in rs]) for rs in rs_all]
-        err = [np.std([r["accuracy"] for r in rs]) for rs in rs_all]
-        fam = _family(lab)
-        style = ":" if "(" in lab else line_of.get(kind, "-")
-        ax.errorbar(
-            ks, acc, yerr=err, marker=markers[fam], ms=5, color=colours[fam], linestyle=style, capsize=2, label=lab
-        )
-    titles = ["unstructured (kept fraction of weights)", "structured, no reweighting", "structured + reweighting"]
-    for ax, title in zip(axes, titles, strict=True):
-        ax.axhline(dense_acc, color="0.4", linewidth=1.0, linestyle="--")
-        ax.set_xscale("log")
-        # plain labels at the measured fractions ("0.25", not "2.5x10^-1")
-        ax.xaxis.set_major_locator(FixedLocator(sorted(keeps)))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-        ax.set_xlabel("kept fraction")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy right after pruning (mean +- std over seeds)")
-
-    def handle(fam: str) -> Line2D:
-        style = line_of[kind_of[fam]]
-        return Line2D([], [], color=colours[fam], marker=markers[fam], ms=5, linestyle=style, label=fam)
-
-    extra = [Line2D([], [], color="0.4", linestyle="--", label=f"dense ({dense_acc:.3f})")]
-    if any("(" in lab for lab in labels):
-        extra.append(Line2D([], [], color="k", linestyle=":", label="equal-error layer budget"))
-    places = (("unstructured", "outside right upper", "left panel"), ("structured", "outside right lower", "2 right"))
-    for kind, loc, where in places:
-        fams = [f for f, k in kind_of.items() if k == kind]
-        if fams:
-            handles = [handle(f) for f in fams] + (extra if kind == "structured" else [])
-            fig.legend(handles=handles, loc=loc, fontsize=7, title=f"{kind} ({where})", title_fontsize=8)
-    fig.suptitle(f"{model}: no fine-tuning, 512 calibration samples")
-    return fig
-
-
 def _plot(
     plt: Any, groups: dict, model: str, labels: list[str], keeps: list[float], dense_acc: float, figures: Path
 ) -> None:
@@ -380,9 +286,9 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
     ft: dict[tuple[str, float, str], list[float]] = defaultdict(list)
     flops: dict[tuple[str, float, str], list[float]] = defaultdict(list)
     for r in rows:
-        g[(r["model"], r["keep"], _label(r))].append(r["accuracy"])
-        ft[(r["model"], r["keep"], _label(r))].append(r.get("accuracy_finetuned", float("nan")))
-        flops[(r["model"], r["keep"], _label(r))].append(r["flops_dense_kernel"] / r["dense_flops"])
+        g[(r["model"], r["keep"], curve_label(r))].append(r["accuracy"])
+        ft[(r["model"], r["keep"], curve_label(r))].append(r.get("accuracy_finetuned", float("nan")))
+        flops[(r["model"], r["keep"], curve_label(r))].append(r["flops_dense_kernel"] / r["dense_flops"])
 
     def m(d: dict, key: tuple) -> str:
         return f"{np.mean(d[key]):.3f}" if key in d else "-"
@@ -422,7 +328,7 @@ def report(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[(r["model"], _label(r), r["keep"])].append(r)
+        groups[(r["model"], curve_label(r), r["keep"])].append(r)
     models = sorted({r["model"] for r in rows})
     keeps = sorted({r["keep"] for r in rows}, reverse=True)
     figures = Path(args.figures)

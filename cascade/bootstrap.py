@@ -356,7 +356,7 @@ def _build_user_pair_space_dir(
     space.save(space_dir)  # written last: its presence marks a complete space
 
 
-def _user_pair_sets(splits: Splits) -> tuple[PrototypeSet, PrototypeSet]:
+def user_pair_sets(splits: Splits) -> tuple[PrototypeSet, PrototypeSet]:
     """The training and validation splits' clusters as pair-sampling sets (clusters of two or more members)."""
     assert splits.cluster_train is not None and splits.cluster_val is not None
     sets = []
@@ -655,7 +655,7 @@ def _bootstrap(
     if pair is None and user_pair is None and config.pair is not None:
         config = replace(config, pair=None)
     if user_pair is not None:
-        _user_pair_sets(splits)  # refuses clusters too small for pair training before anything is written
+        user_pair_sets(splits)  # refuses clusters too small for pair training before anything is written
         steps.add(1 + len(user_pair.variants))
     home.mkdir(parents=True, exist_ok=True)
     record = read_record(home)
@@ -706,7 +706,7 @@ def _bootstrap(
     grades = None
     any_pair = pair or user_pair
     if any_pair is not None:
-        train, val = prototype_training_sets(any_pair) if pair is not None else _user_pair_sets(splits)
+        train, val = prototype_training_sets(any_pair) if pair is not None else user_pair_sets(splits)
 
         def stage0() -> BiEncoder:
             """The stage-0 bi-encoder, trained first: the pair models start from its ranking and learn on its

@@ -108,9 +108,15 @@ def test_cli_builds_the_grid_and_refuses_runs_over_the_request_budget() -> None:
     plan = loadtest_command.build_plan(
         _args("--url", "http://127.0.0.1:1", "--variants", "a,b/dense", "--keep", "20/-", "--with-default")
     )
-    assert [name for name, _ in plan.configs] == ["a/4/20 > dense/4", "b/4/20 > dense/4", "default", "exact"]
+    assert [name for name, _ in plan.configs] == [
+        "a/4/20 > dense/4",
+        "b/4/20 > dense/4",
+        "default",
+        "exact",
+        "examples",
+    ]
     no_exact = loadtest_command.build_plan(_args("--url", "http://127.0.0.1:1", "--no-exact"))
-    assert [name for name, _ in no_exact.configs] == ["default"]
+    assert [name for name, _ in no_exact.configs] == ["default", "examples"]
     assert plan.rates == (5.0, 10.0, 20.0)
     with pytest.raises(ValueError, match="max-requests"):
         loadtest_command.build_plan(_args("--url", "http://127.0.0.1:1", "--rates", "100", "--max-requests", "50"))

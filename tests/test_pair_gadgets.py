@@ -32,6 +32,7 @@ from models.pair_gadget_training import (
 )
 from models.prototypes import PrototypeConfig, grades, make_prototypes, make_views
 from models.registry import ModelRegistry
+from models.scorer import cluster_context, item_inputs, prepare_for
 from service.cli import main
 
 PRIOR = (0.2, 0.4, 0.4)
@@ -112,8 +113,11 @@ def test_outputs_of_several_variants_equal_each_alone_and_the_served_path(tiny_h
     for model, out in zip([dense, small], both, strict=True):
         alone = pair_tuple_outputs(model, tuples)
         torch.testing.assert_close(out.logits, alone.logits)
-        with torch.inference_mode():  # what the engine computes: the query folded, members scored against it
-            logits, hidden = model.score(tuples.queries[:1], tuples.members[0])
+        with torch.inference_mode():  # what the engine computes: the query folded, members scored against it,
+            # the tuple's members standing for their cluster (the retriever's centroid beside each of them)
+            members = tuples.members[0]
+            x = item_inputs(model, members, cluster_context(model, members, np.array([0, len(members)])))
+            logits, hidden = model.score_prepared(prepare_for(model, tuples.queries[:1], len(x)), x)
         torch.testing.assert_close(out.logits[0], logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out.hidden[0], hidden, rtol=1e-4, atol=1e-4)
 
@@ -150,7 +154,7 @@ def test_the_gadget_command_stores_a_gadget_the_engine_serves(
     gadget_home: Path, kind: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["gadget", "--home", str(gadget_home), "--variant", "pair-s25", "--kind", kind]
-    assert main([*argv, "--tuples", "300", "--val-tuples", "100", "--n-max", "6", "--steps", "60"]) == 0
+    assert main([*argv, "--tuples", "300", "--val-tuples", "100", "--n-max", "6", "--steps", "60", "--json"]) == 0
     assert '"val_n_accuracy"' in capsys.readouterr().out
     registry = ModelRegistry(gadget_home / "registry")
     loaded = registry.load("pair-s25")

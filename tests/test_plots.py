@@ -161,16 +161,16 @@ def test_sweet_spot_legend_sits_outside_the_axes() -> None:
 
 def _pruning_groups() -> tuple[dict, list[str], list[float]]:
     """Accuracy rows for every method the benchmark runs, two seeds, three kept fractions."""
-    from benchmarks.bench_pruning import _configs, _label
+    from lab.pruning_figure import curve_label, method_configs
     from models.pruning import list_methods
 
     kinds = {m.name: m.kind for m in list_methods()}
     keeps = [0.5, 0.25, 0.1]
     groups: dict = {}
     labels = []
-    for i, (method, reweight, budget) in enumerate(_configs([])):
+    for i, (method, reweight, budget) in enumerate(method_configs([])):
         row = {"method": method, "reweight": reweight, "budget": budget, "kind": kinds[method]}
-        labels.append(_label(row))
+        labels.append(curve_label(row))
         for k in keeps:
             groups[("m", labels[-1], k)] = [
                 {**row, "keep": k, "accuracy": 0.5 + 0.4 * k + 0.01 * i + 0.005 * s} for s in (0, 1)
@@ -179,7 +179,7 @@ def _pruning_groups() -> tuple[dict, list[str], list[float]]:
 
 
 def test_pruning_figure_tells_every_method_apart_with_legends_outside() -> None:
-    from benchmarks.bench_pruning import pruning_figure
+    from lab.pruning_figure import pruning_figure
 
     groups, labels, keeps = _pruning_groups()
     fig = pruning_figure(groups, "m", labels, keeps, dense_acc=0.95)

@@ -86,8 +86,9 @@ def test_example_queries_side_by_side_score_what_each_plan_answers(snapshot) -> 
     assert reports["faiss only"].flops < reports["default"].flops < reports["oracle"].flops
     held_out = example_queries(snapshot, 30, 4)
     rounds = side_by_side(snapshot, held_out, [stages("default", None)], 10, (3,), seed_per_query=True)
+    test_x = snapshot.queries.split("test").x
     for i, r in enumerate(rounds):
-        target = target_from_examples(snapshot, snapshot.queries.x[i : i + 1], 30)
+        target = target_from_examples(snapshot, test_x[i : i + 1], 30)  # example_queries reads the test split
         direct = execute(plan_target(snapshot, target, 10, None), 3 + i)
         assert np.array_equal(r["default"].cluster_ids, direct.cluster_ids)
         assert r["default"].flops == direct.flops + target.flops and r["oracle"].flops == r["oracle"].answer.flops
