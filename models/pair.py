@@ -378,6 +378,55 @@ class PairNetwork(nn.Module):
         fx, ex = self._split_inputs(inputs)
         return self.forward_features(prepared, fx, ex)
 
+    def score_prepared_many(
+        self, prepared: list[FoldedQuery | torch.Tensor], inputs: list[torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score_prepared` for several queries, each against its own item inputs, outputs concatenated in order:
+        what depends on the query (its folded first layer, or its correlation) runs per query, the rest of the
+        scorer once over every query's rows, in chunks of at most `step` rows. No product runs on fewer than
+        `models.inference.MIN_GEMM_ROWS` rows (padded), so each query's rows equal what it gets alone."""
+        from models.inference import balanced_chunks, rows_at_least
+
+        fronts: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+        order: list[tuple[bool, int]] = []  # per query: its path and its number of rows
+        for p, x in zip(prepared, inputs, strict=True):
+            folded = isinstance(p, FoldedQuery)
+            if folded and x.shape[1] != p.stacked.shape[0]:
+                raise ValueError(f"item inputs must be (N, {p.stacked.shape[0]}), got {tuple(x.shape)}")
+            for a, b in balanced_chunks(len(x), step) if len(x) else []:
+                chunk = rows_at_least(x[a:b])
+                if folded:
+                    front = torch.addmm(p.bias, chunk, p.stacked)
+                else:
+                    fx, ex = self._split_inputs(chunk)
+                    front = self.interact(p, fx, ex)
+                fronts[folded].append(front[: b - a])
+            order.append((folded, len(x)))
+        outs: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        for folded in {f for f, _ in order}:
+            parts = fronts[folded]
+            y = torch.cat(parts) if parts else torch.zeros(0, self._front_width(folded))
+            logits, hidden = [], []
+            for a, b in balanced_chunks(len(y), step) if len(y) else [(0, 0)]:
+                h = self.scorer.body[1:](rows_at_least(y[a:b])) if folded else self.scorer.body(rows_at_least(y[a:b]))
+                logits.append(self.scorer.head(h)[: b - a])
+                hidden.append(h[: b - a])
+            outs[folded] = torch.cat(logits), torch.cat(hidden)
+        if len(outs) == 1:
+            return next(iter(outs.values()))
+        # both paths in one call: back to the queries' order
+        logits, hidden, taken = [], [], {True: 0, False: 0}
+        for folded, n in order:
+            a = taken[folded]
+            logits.append(outs[folded][0][a : a + n])
+            hidden.append(outs[folded][1][a : a + n])
+            taken[folded] = a + n
+        return torch.cat(logits), torch.cat(hidden)
+
+    def _front_width(self, folded: bool) -> int:
+        """Width of the per-query part's output: the scorer's first hidden layer (folded) or its input."""
+        return self.scorer.body[0].weight.shape[0] if folded else self.spec.interaction_dim
+
     def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One query (1, D) read with every raw item (P, D): `prepare`, `item_inputs`, `score_prepared`."""
         return self.score_prepared(self.prepare(query, len(items)), self.item_inputs(items))
