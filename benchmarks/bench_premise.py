@@ -16,12 +16,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from models.biencoder import (
-    BiEncoderTrainConfig,
-    cluster_centroids,
-    embed_numpy,
-    train_biencoder,
-)
+from models.biencoder import cluster_centroids, embed_numpy
+from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.pair import PairNetwork, default_pair_spec, pair_cost
 from models.pair_training import (
     PairTrainConfig,

@@ -23,7 +23,7 @@ from cascade.embedding import EmbeddingIndex
 from cascade.index import INDEX_FILE, ClusterIndex
 from cascade.queries import QuerySet, default_gains, hold_out_members
 from cascade.space import META_FILE, SPACE_FILE, build_space, clusters_by_kmeans, clusters_by_label
-from models.biencoder import BiEncoderTrainConfig, train_biencoder
+from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.data import DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
 from models.pair import PairNetwork, default_pair_spec

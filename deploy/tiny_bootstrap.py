@@ -25,7 +25,7 @@ def tiny_pair() -> Any:
     """A small PairConfig (the sizes of the test suite's), or None where this version has no pair models."""
     if not hasattr(boot, "PairConfig"):
         return None
-    from models.biencoder import BiEncoderTrainConfig
+    from models.biencoder_training import BiEncoderTrainConfig
     from models.pair_training import PairTrainConfig
     from models.prototypes import PrototypeConfig
 

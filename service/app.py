@@ -13,8 +13,8 @@ from fastapi import FastAPI
 
 from service.cache import LocalCache, RedisCache
 from service.docs_ui import install_offline_docs
-from service.errors import BodySizeLimit, install_error_handlers
-from service.limits import QueryLimiter
+from service.errors import install_error_handlers
+from service.limits import BodySizeLimit, QueryLimiter
 from service.logs import RequestIdMiddleware, setup_logging
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_link import RedisLink
@@ -80,13 +80,8 @@ def create_app(settings: Settings | None = None, bootstrap_first: bool = False) 
     )
     app.state.service = state
     install_error_handlers(app)
-    # Outermost last: request id -> metrics -> query limits -> body limits -> routes.
-    app.add_middleware(
-        BodySizeLimit,
-        max_bytes=settings.max_body_bytes,
-        per_path={"/v1/admin/models": settings.max_upload_bytes},
-        body_timeout_s=settings.body_timeout_s,
-    )
+    # Outermost last: request id -> metrics -> body limits -> query limits -> routes. The query limiter reads the
+    # whole body (bounded, timed) before it gives out a slot, so a slow body never holds query capacity.
     app.add_middleware(
         QueryLimiter,
         paths=("/v1/query",),
@@ -95,6 +90,14 @@ def create_app(settings: Settings | None = None, bootstrap_first: bool = False) 
         timeout_s=settings.query_timeout_s,
         retry_after_s=settings.retry_after_s,
         metrics=state.metrics,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        per_path={"/v1/admin/models": settings.max_upload_bytes},
+        body_timeout_s=settings.body_timeout_s,
     )
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)

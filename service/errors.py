@@ -3,15 +3,13 @@ body shape for every status (FastAPI's 422 shape, `ErrorBody`), documented per r
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cascade.snapshot import StageError
 from models.registry import BrokenEntryError, RegistryError
@@ -20,7 +18,6 @@ from service.state import ConflictError
 
 __all__ = [
     "install_error_handlers",
-    "BodySizeLimit",
     "field_error",
     "ErrorItem",
     "ErrorBody",
@@ -146,104 +143,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         """Without echoing the input back, and at most MAX_REPORTED_ERRORS of them (then a count)."""
         return JSONResponse(status_code=422, content={"detail": capped_errors(list(exc.errors()))})
-
-
-class BodyTimeout(HTTPException):
-    """The body did not arrive within the body timeout (a slow client). FastAPI re-raises its HTTPExceptions
-    from body parsing unchanged, so this becomes a 408 in the shared error shape."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(status_code=408, detail=f"the request body did not arrive within {seconds:g} s")
-
-
-class BodySizeLimit:
-    """Pure ASGI, so the body is never read twice: refuse by Content-Length before reading, or buffer a
-    chunked body up to the limit. `per_path` raises the limit for given exact paths (checkpoint uploads).
-    The whole body must arrive within `body_timeout_s` (408), so a slow-body client cannot hold a request."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        max_bytes: int,
-        per_path: dict[str, int] | None = None,
-        body_timeout_s: float | None = None,
-    ) -> None:
-        self.app = app
-        self.default_max = max_bytes
-        self.per_path = per_path or {}
-        self.body_timeout_s = body_timeout_s
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.per_path.get(scope.get("path", ""), self.default_max)
-        if self.body_timeout_s is not None:
-            receive = _timed_receive(receive, self.body_timeout_s)
-        try:
-            await _Limited(self.app, limit)(scope, receive, send)
-        except BodyTimeout as exc:  # raised while we buffered a chunked body ourselves
-            await field_error(408, "", str(exc.detail), "timeout")(scope, receive, send)
-
-
-def _timed_receive(receive: Receive, seconds: float) -> Receive:
-    """`receive` that raises BodyTimeout once the body has taken longer than `seconds` in total; after the last
-    body chunk it is the plain `receive` (waiting for a disconnect is not a slow body)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    done = False
-
-    async def timed() -> Message:
-        nonlocal done
-        if done:
-            return await receive()
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise BodyTimeout(seconds)
-        try:
-            message = await asyncio.wait_for(receive(), remaining)
-        except TimeoutError:
-            raise BodyTimeout(seconds) from None
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            done = True
-        return message
-
-    return timed
-
-
-class _Limited:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            status = 413 if declared.isdigit() else 400
-            msg = f"body larger than {self.max_bytes} bytes" if status == 413 else "invalid Content-Length"
-            await field_error(status, "", msg)(scope, receive, send)
-            return
-        if declared is not None:
-            await self.app(scope, receive, send)
-            return
-        # No length given (chunked): buffer at most max_bytes, then replay to the app.
-        messages: list[Message] = []
-        size = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await field_error(413, "", f"body larger than {self.max_bytes} bytes", "too_large")(
-                    scope, receive, send
-                )
-                return
-            if not message.get("more_body", False):
-                break
-
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)

@@ -96,8 +96,13 @@ class Metrics:
         self.query_queued = Gauge("prunecascade_query_queued", "Queries waiting for a compute slot", registry=r)
         self.query_rejected = Counter(
             "prunecascade_query_rejected",
-            "Queries refused by the limits: queue_full (503) or deadline (504)",
+            "Queries refused by the limits: queue_full (503), deadline (504) or slow_body (408)",
             ["reason"],
+            registry=r,
+        )
+        self.bodies_pending = Gauge(
+            "prunecascade_request_bodies_pending",
+            "Queries whose body is still arriving (they hold no compute slot nor queue place meanwhile)",
             registry=r,
         )
         self.query_queue_seconds = Histogram(

@@ -18,7 +18,7 @@ import torch
 from cascade.bootstrap import BootstrapConfig, PairConfig, PrunedPairVariant, PrunedVariant, bootstrap
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.snapshot import Snapshot, load_snapshot
-from models.biencoder import BiEncoderTrainConfig
+from models.biencoder_training import BiEncoderTrainConfig
 from models.pair_training import PairTrainConfig
 from models.prototypes import PrototypeConfig
 from models.registry import ModelRegistry

@@ -29,7 +29,7 @@ from cascade.bootstrap import (
 from cascade.config import Stage
 from cascade.queries import QuerySet, cluster_grades, default_gains, hold_out_members
 from cascade.space import META_FILE, Space
-from models.biencoder import BiEncoderTrainConfig
+from models.biencoder_training import BiEncoderTrainConfig
 from models.data import DatasetError, load_dataset
 from models.pair import PairNetwork
 from models.pair_training import PairTrainConfig, instance_auc, make_pairs, pair_spec_for

@@ -14,15 +14,8 @@ import torch
 from pydantic import ValidationError
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.biencoder import (
-    BiEncoder,
-    BiEncoderSpec,
-    BiEncoderTrainConfig,
-    cluster_centroids,
-    load_biencoder,
-    save_biencoder,
-    train_biencoder,
-)
+from models.biencoder import BiEncoder, BiEncoderSpec, cluster_centroids, load_biencoder, save_biencoder
+from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.manifest import Manifest
 from models.pair import (
     FoldedQuery,
