@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING
 
 from cascade.config import CONFIG_FILE, CascadeConfig
 from cascade.exact import ExactTable
-from cascade.snapshot import Snapshot, StageError, Variant, build_snapshot, load_snapshot, misfit, variant_for
+from cascade.snapshot import (
+    ITEM_INPUTS_DIR,
+    ItemCache,
+    Snapshot,
+    StageError,
+    Variant,
+    build_snapshot,
+    load_snapshot,
+    misfit,
+    variant_for,
+)
 from models.registry import ModelRegistry, RegistryError
 from service.exact_tables import ExactTables
 from service.metrics import Metrics
@@ -53,6 +63,13 @@ class ServiceState:
             max_bytes=settings.exact_max_bytes,
         )
 
+    def item_cache(self) -> ItemCache:
+        """Where the pair models' item inputs live: files beside the space, memory-mapped and shared by the
+        worker processes (`ITEM_CACHE_FILES`), or this process's memory."""
+        s = self.settings
+        directory = s.space_dir / ITEM_INPUTS_DIR if s.item_cache_files else None
+        return ItemCache(directory, s.item_cache_dtype)
+
     @property
     def snapshot(self) -> Snapshot | None:
         return self._snapshot
@@ -71,7 +88,7 @@ class ServiceState:
         """Build a snapshot from disk and make it current; readers holding the old one keep it."""
         with self.lock:
             config = CascadeConfig.load(self.config_path)
-            snapshot = load_snapshot(self.registry, self.settings.space_dir, config)
+            snapshot = load_snapshot(self.registry, self.settings.space_dir, config, self.item_cache())
             self._active = {n: v for n in self.registry.names() if (v := self.registry.active_version(n)) is not None}
             self._swap(snapshot, "load")
             self.log_misfits(snapshot)
