@@ -3,7 +3,8 @@
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_concurrency \
         --home /work/home-default --clients 1,2,4,8 --duration 6 --rounds 2 --out var/bench/concurrency.json
 
-One real uvicorn serves a copy of the home (the server writes the exact table beside the space, so the shared
+Each server (`--server`, default one of this checkout) is a real uvicorn serving its own copy of the home (the
+server writes the exact table beside the space, so the shared
 home is never served directly), result cache off, on 127.0.0.1. Closed loop: C client threads in this process,
 each with its own keep-alive connection (`http.client`, lighter than httpx, so the clients take less of the
 2 cores), send the next query as soon as the last one returned. Three kinds of query, each measured at every
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from benchmarks.common import dump_json, median, percentile, wait_ready
@@ -102,7 +103,9 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 
 @contextmanager
-def start_server(home: Path, space: str, port: int, workers: int = 1, env: dict[str, str] | None = None, log=None):
+def start_server(
+    home: Path, space: str, port: int, workers: int = 1, env: dict[str, str] | None = None, log=None, cwd=None
+):
     """uvicorn on 127.0.0.1 (result cache off), stopped by its own pid; yields (url, pid)."""
     environ = {
         **os.environ,
@@ -127,7 +130,7 @@ def start_server(home: Path, space: str, port: int, workers: int = 1, env: dict[
         "warning",
         "--no-access-log",
     ]
-    proc = subprocess.Popen(cmd, env=environ, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=environ, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, consecutive=1 if workers == 1 else 20 * workers)
@@ -291,51 +294,28 @@ def open_loop(port: int, pid: int, bodies: list[dict], rate: float, duration: fl
     }
 
 
-def run(args: argparse.Namespace) -> dict:
-    clients = [int(c) for c in args.clients.split(",")]
-    kinds = [k for k in args.kinds.split(",") if k]
-    work = Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
-    home = work / "home"
-    shutil.copytree(args.home, home, ignore=shutil.ignore_patterns("data"))
-    bodies = query_bodies(home, args.space, args.k)
-    env = dict(kv.split("=", 1) for kv in args.env) if args.env else {}
-    runs: dict[str, dict[int, list[dict]]] = {k: {c: [] for c in clients} for k in kinds}
-    out: dict = {"clients": clients, "duration": args.duration, "rounds": args.rounds, "workers": args.workers}
-    out["env"] = env
-    try:
-        with (
-            open(work / "server.log", "wb") as log,
-            start_server(home, args.space, args.port, args.workers, env, log) as (url, pid),
-        ):
-            if "label" in kinds:
-                wait_exact(url)
-            for kind in kinds:  # warm-up
-                closed_loop(args.port, pid, bodies[kind], max(clients), 1.0)
-            out["memory_kib_after_warmup"] = memory_kib(pid)
-            cells = [(kind, c) for kind in kinds for c in clients]
-            for r in range(args.rounds):
-                order = cells[r % len(cells) :] + cells[: r % len(cells)]
-                for kind, c in order:
-                    m = closed_loop(args.port, pid, bodies[kind], c, args.duration)
-                    runs[kind][c].append(m)
-                    print(f"round {r} {kind} x{c}: {json.dumps(m)}", flush=True)
-            if args.open_loop_factor > 0 and "examples" in kinds:
-                base = median([m["qps"] for m in runs["examples"][clients[0]]])
-                out["open_loop"] = open_loop(
-                    args.port, pid, bodies["examples"], args.open_loop_factor * base, args.open_loop_duration
-                )
-                out["open_loop"]["factor"] = args.open_loop_factor
-                out["open_loop"]["closed_1_client_p99_ms"] = median([m["p99_ms"] for m in runs["examples"][clients[0]]])
-                print(f"open loop: {json.dumps(out['open_loop'])}", flush=True)
-            out["memory_kib_end"] = memory_kib(pid)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def parse_server(text: str) -> dict:
+    """`NAME[,workers=N][,tree=PATH][,ENV=VALUE...]`: a server to measure (`tree`: run that checkout's code)."""
+    name, *rest = text.split(",")
+    spec: dict = {"name": name, "workers": 1, "tree": None, "env": {}}
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key == "workers":
+            spec["workers"] = int(value)
+        elif key == "tree":
+            spec["tree"] = value
+        else:
+            spec["env"][key] = value
+    return spec
+
+
+def _summary(runs: dict[str, dict[int, list[dict]]], clients: list[int]) -> dict[str, list[dict]]:
     summary: dict[str, list[dict]] = {}
-    for kind in kinds:
+    for kind, per in runs.items():
         rows = []
         for c in clients:
-            ms = runs[kind][c]
-            ratios = [m["qps"] / b["qps"] for m, b in zip(ms, runs[kind][clients[0]], strict=True)]
+            ms = per[c]
+            ratios = [m["qps"] / b["qps"] for m, b in zip(ms, per[clients[0]], strict=True)]
             rows.append(
                 {
                     "clients": c,
@@ -348,33 +328,97 @@ def run(args: argparse.Namespace) -> dict:
                 }
             )
         summary[kind] = rows
-    out["summary"] = summary
-    out["runs"] = {k: {str(c): v for c, v in per.items()} for k, per in runs.items()}
+    return summary
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every server runs at once (each on its own port and its own copy of the home); each round measures
+    every (server, kind, clients) cell, in a rotated order, so all servers see the same machine load."""
+    clients = [int(c) for c in args.clients.split(",")]
+    kinds = [k for k in args.kinds.split(",") if k]
+    servers = [parse_server(t) for t in (args.server or ["default"])]
+    work = Path(tempfile.mkdtemp(prefix="bench-concurrency-"))
+    out: dict = {"clients": clients, "duration": args.duration, "rounds": args.rounds, "servers": {}}
+    runs = {s["name"]: {k: {c: [] for c in clients} for k in kinds} for s in servers}
+    try:
+        with ExitStack() as stack:
+            live = {}
+            for j, spec in enumerate(servers):
+                home = work / f"home-{j}"
+                shutil.copytree(args.home, home, ignore=shutil.ignore_patterns("data", "item_inputs"))
+                log = stack.enter_context(open(work / f"server-{j}.log", "wb"))
+                env = {**spec["env"], **({"PYTHONPATH": spec["tree"]} if spec["tree"] else {})}
+                url, pid = stack.enter_context(
+                    start_server(home, args.space, args.port + j, spec["workers"], env, log, cwd=spec["tree"])
+                )
+                live[spec["name"]] = (args.port + j, pid, url)
+                print(f"{spec['name']}: ready at {url} (pid {pid})", flush=True)
+            bodies = query_bodies(work / "home-0", args.space, args.k)
+            for name, (port, pid, url) in live.items():
+                if "label" in kinds:
+                    wait_exact(url)
+                for kind in kinds:  # warm-up: every worker's first queries
+                    closed_loop(port, pid, bodies[kind], max(clients), 1.0)
+                out["servers"][name] = {"memory_kib_after_warmup": memory_kib(pid)}
+            cells = [(name, kind, c) for name in live for kind in kinds for c in clients]
+            for r in range(args.rounds):
+                order = cells[r % len(cells) :] + cells[: r % len(cells)]
+                for name, kind, c in order:
+                    port, pid, _ = live[name]
+                    m = closed_loop(port, pid, bodies[kind], c, args.duration)
+                    runs[name][kind][c].append(m)
+                    print(f"round {r} {name} {kind} x{c}: {json.dumps(m)}", flush=True)
+            if args.open_loop_factor > 0 and "examples" in kinds:
+                for name, (port, pid, _) in live.items():
+                    base = median([m["qps"] for m in runs[name]["examples"][clients[0]]])
+                    o = open_loop(port, pid, bodies["examples"], args.open_loop_factor * base, args.open_loop_duration)
+                    o["factor"] = args.open_loop_factor
+                    o["closed_1_client_p99_ms"] = median([m["p99_ms"] for m in runs[name]["examples"][clients[0]]])
+                    out["servers"][name]["open_loop"] = o
+                    print(f"{name} open loop: {json.dumps(o)}", flush=True)
+            for name, (_, pid, _) in live.items():
+                out["servers"][name]["memory_kib_end"] = memory_kib(pid)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for spec in servers:
+        name = spec["name"]
+        out["servers"][name] |= {"spec": spec, "summary": _summary(runs[name], clients)}
+        out["servers"][name]["runs"] = {k: {str(c): v for c, v in per.items()} for k, per in runs[name].items()}
     return out
 
 
 def print_table(out: dict) -> None:
-    kinds = list(out["summary"])
-    head = " | ".join(f"{k} q/s (ratio) | {k} p50 / p99 ms | {k} server CPU" for k in kinds)
-    print(f"| clients | {head} |")
-    print("|---|" + "---|---|---|" * len(kinds))
-    for i, c in enumerate(out["clients"]):
-        cells = []
-        for k in kinds:
-            s = out["summary"][k][i]
-            cells.append(
-                f"{s['qps']:.1f} ({s['ratio_to_1_client']:.2f}x) | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} | "
-                f"{100 * s['server_cpu']:.0f}%"
+    for name, server in out["servers"].items():
+        summary = server["summary"]
+        kinds = list(summary)
+        spec = server["spec"]
+        print(f"\n{name}: {spec['workers']} worker(s), env {spec['env']}, tree {spec['tree'] or 'this one'}")
+        head = " | ".join(f"{k} q/s (ratio) | {k} p50 / p99 ms | {k} server CPU" for k in kinds)
+        print(f"| clients | {head} |")
+        print("|---|" + "---|---|---|" * len(kinds))
+        for i, c in enumerate(out["clients"]):
+            cells = []
+            for k in kinds:
+                s = summary[k][i]
+                cells.append(
+                    f"{s['qps']:.1f} ({s['ratio_to_1_client']:.2f}x) | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} | "
+                    f"{100 * s['server_cpu']:.0f}%"
+                )
+            print(f"| {c} | " + " | ".join(cells) + " |")
+        if "open_loop" in server:
+            o = server["open_loop"]
+            print(
+                f"open loop at {o['factor']}x the 1-client rate ({o['rate']:.1f} q/s, {o['sent']} sent, "
+                f"{o['errors']} errors): p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms = "
+                f"{o['p99_ms'] / o['closed_1_client_p99_ms']:.2f}x the 1-client p99 "
+                f"({o['closed_1_client_p99_ms']:.1f} ms); server CPU {100 * o['server_cpu']:.0f}%"
             )
-        print(f"| {c} | " + " | ".join(cells) + " |")
-    if "open_loop" in out:
-        o = out["open_loop"]
-        print(
-            f"open loop at {o['factor']}x the 1-client rate ({o['rate']:.1f} q/s, {o['sent']} sent, {o['errors']} "
-            f"errors): p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms = "
-            f"{o['p99_ms'] / o['closed_1_client_p99_ms']:.2f}x "
-            f"the 1-client p99 ({o['closed_1_client_p99_ms']:.1f} ms); server CPU {100 * o['server_cpu']:.0f}%"
-        )
+        mem = server.get("memory_kib_end", {})
+        if mem:
+            print(
+                f"memory (server tree): RSS {mem['rss'] / 1024:.0f} MiB, PSS {mem['pss'] / 1024:.0f} MiB, "
+                f"private {mem['private'] / 1024:.0f} MiB"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,8 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=6.0, help="seconds per (kind, clients, round)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    p.add_argument("--env", action="append", help="extra server environment, NAME=VALUE (repeatable)")
+    p.add_argument(
+        "--server",
+        action="append",
+        help="NAME[,workers=N][,tree=PATH][,ENV=VALUE...] (repeatable; default: one server of this checkout)",
+    )
     p.add_argument("--open-loop-factor", type=float, default=1.5)
     p.add_argument("--open-loop-duration", type=float, default=10.0)
     p.add_argument("--port", type=int, default=18950)

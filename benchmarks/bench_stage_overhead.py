@@ -42,6 +42,16 @@ PARTS: dict[tuple[str, str], str] = {
     ("cascade.engine", "ranking_key"): "cut",
     ("cascade.engine", "_keep_groups"): "cut",
     ("cascade.engine", "_aggregator_flops"): "other",
+    # the batched stage loop (cascade/stage_loop.py)
+    ("cascade.stage_loop", "sample_members_many"): "sampling",
+    ("cascade.stage_loop", "_extend_many"): "sampling",
+    ("cascade.stage_loop", "prepare_for"): "model",
+    ("cascade.stage_loop", "score_many"): "model",
+    ("cascade.stage_loop", "_aggregate_units"): "aggregation",
+    ("cascade.stage_loop", "_combine_examples"): "aggregation",
+    ("cascade.stage_loop", "_ranking_keys"): "cut",
+    ("cascade.stage_loop", "_top"): "cut",
+    ("cascade.stage_loop", "_group_positions"): "cut",
 }
 ORDER = ("model", "sampling", "gather", "aggregation", "cut", "other")
 
@@ -75,7 +85,10 @@ def _install(timers: _Timers) -> list[tuple[object, str, object]]:
     restore = []
     for (where, name), part in PARTS.items():
         module_name, _, cls = where.rpartition(".") if where[where.rfind(".") + 1 :][:1].isupper() else (where, "", "")
-        owner: object = importlib.import_module(module_name)
+        try:
+            owner: object = importlib.import_module(module_name)
+        except ImportError:  # a module this checkout does not have
+            continue
         if cls:
             owner = getattr(owner, cls)
         original = getattr(owner, name, None)
@@ -84,6 +97,31 @@ def _install(timers: _Timers) -> list[tuple[object, str, object]]:
         restore.append((owner, name, original))
         setattr(owner, name, timers.wrap(original, part))
     return restore
+
+
+def _stage_loop():
+    """The batched stage loop, where this checkout has one (None before it existed)."""
+    try:
+        from cascade import stage_loop
+    except ImportError:
+        return None
+    return stage_loop
+
+
+def _run_block(snap, targets: list, seeds: list[int], k: int) -> list:
+    """The default cascade for each target: one batch through the batched stage loop where there is one,
+    else one `run_cascade` per target."""
+    loop = _stage_loop()
+    if loop is None:
+        from cascade.engine import run_cascade
+
+        return [run_cascade(snap, t, k, None, seed=s) for t, s in zip(targets, seeds, strict=True)]
+    try:
+        from cascade.plan import resolve_stages
+    except ImportError:
+        from cascade.engine import resolve_stages  # type: ignore[attr-defined,no-redef]
+    jobs = [loop.StageJob(t, k, resolve_stages(snap, t, k, None), s) for t, s in zip(targets, seeds, strict=True)]
+    return loop.run_stages_many(snap, jobs)
 
 
 def _matmul_ms(a, b, repeats: int = 5) -> float:
@@ -117,34 +155,55 @@ def measure(home: Path, space: str, queries: int, k: int, candidates: int, batch
     rows: dict[int, list[dict]] = defaultdict(list)  # stage index -> per query
     stage0_ms: list[float] = []
     mm_ms: list[float] = []
+    hooked = [m for m in (engine, _stage_loop()) if m is not None]
     try:
         for warm in range(3):  # first queries pay lazy setup (fold plans, caches)
             t = engine.target_from_examples(snap, qs.x[warm : warm + 1], max(k, candidates))
-            engine.run_cascade(snap, t, k, None, seed=warm)
+            _run_block(snap, [t], [warm], k)
         timers.take()
-        for i in range(n):
-            if i % 10 == 0:
+        for start in range(0, n, batch):
+            if start // batch % max(1, 10 // batch) == 0:
                 mm_ms.append(_matmul_ms(mm_a, mm_b))
-            t0 = time.perf_counter()
-            target = engine.target_from_examples(snap, qs.x[i : i + 1], max(k, candidates))
-            stage0_ms.append((time.perf_counter() - t0) * 1000.0)
+            block = range(start, min(n, start + batch))
+            targets = []
+            for i in block:
+                t0 = time.perf_counter()
+                targets.append(engine.target_from_examples(snap, qs.x[i : i + 1], max(k, candidates)))
+                stage0_ms.append((time.perf_counter() - t0) * 1000.0)
             timers.take()
-            parts_by_stage = []
-            original_report = engine.StageReport
+            parts_by_stage: list[dict[str, float]] = []
+            originals = [m.StageReport for m in hooked]
 
-            def report_hook(*args, _orig=original_report, _parts=parts_by_stage, **kwargs):
-                _parts.append(timers.take())
+            def report_hook(*args, _orig=originals[0], _parts=parts_by_stage, **kwargs):
+                _parts.append(timers.take())  # the first report of a stage takes its timers, the others none
                 return _orig(*args, **kwargs)
 
-            engine.StageReport = report_hook  # type: ignore[misc,assignment]
+            for m in hooked:
+                m.StageReport = report_hook
             try:
-                result = engine.run_cascade(snap, target, k, None, seed=1000 + i)
+                results = _run_block(snap, targets, [1000 + i for i in block], k)
             finally:
-                engine.StageReport = original_report  # type: ignore[misc]
-            for j, (stage, parts) in enumerate(zip(result.stages, parts_by_stage, strict=True)):
-                ms = {p: 1000.0 * s for p, s in parts.items()}
-                ms["other"] = stage.ms - sum(v for p, v in ms.items() if p != "other")
-                rows[j].append({"variant": stage.variant, "flops": stage.flops, "ms": stage.ms, "parts_ms": ms})
+                for m, original in zip(hooked, originals, strict=True):
+                    m.StageReport = original
+            stages_run = len(results[0].stages)
+            for j in range(stages_run):
+                parts: dict[str, float] = defaultdict(float)
+                for got in parts_by_stage[j * len(results) : (j + 1) * len(results)]:
+                    for p, v in got.items():
+                        parts[p] += v
+                ms = {p: 1000.0 * v for p, v in parts.items()}
+                whole = results[0].stages[j].ms  # the batch's time (every query of it reports the same)
+                ms["other"] = whole - sum(v for p, v in ms.items() if p != "other")
+                flops = sum(r.stages[j].flops for r in results)
+                rows[j].append(
+                    {
+                        "variant": results[0].stages[j].variant,
+                        "flops": flops,
+                        "ms": whole,
+                        "parts_ms": ms,
+                        "queries": len(results),
+                    }
+                )
     finally:
         for owner, name, original in restore:
             setattr(owner, name, original)
@@ -153,20 +212,20 @@ def measure(home: Path, space: str, queries: int, k: int, candidates: int, batch
     stages = []
     for j in sorted(rows):
         r = rows[j]
+        count = sum(x["queries"] for x in r)
         total_ms = sum(x["ms"] for x in r)
         total_flops = sum(x["flops"] for x in r)
-        part_ms = {p: sum(x["parts_ms"].get(p, 0.0) for x in r) / len(r) for p in ORDER}
-        model_ms = part_ms["model"] * len(r)
+        part_ms = {p: sum(x["parts_ms"].get(p, 0.0) for x in r) / count for p in ORDER}  # per query
+        model_ms = sum(x["parts_ms"].get("model", 0.0) for x in r)
         stages.append(
             {
                 "stage": j + 1,
                 "variant": r[0]["variant"],
-                "queries": len(r),
-                "ms_mean": total_ms / len(r),
-                "ms_median": median([x["ms"] for x in r]),
+                "queries": count,
+                "ms_mean": total_ms / count,  # per query: a batch's time shared among its queries
                 "parts_ms_mean": part_ms,
                 "outside_fraction": 1.0 - model_ms / total_ms,
-                "mflops_mean": total_flops / len(r) / 1e6,
+                "mflops_mean": total_flops / count / 1e6,
                 "mflop_per_ms_whole": total_flops / total_ms / 1e6,
                 "mflop_per_ms_model": total_flops / model_ms / 1e6 if model_ms else float("nan"),
                 "fraction_of_mm_whole": total_flops / total_ms / mm_rate,
@@ -175,6 +234,7 @@ def measure(home: Path, space: str, queries: int, k: int, candidates: int, batch
         )
     return {
         "space": space,
+        "batch": batch,
         "queries": n,
         "k": k,
         "candidates": candidates,

@@ -19,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="default: $PRUNECASCADE_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: $PRUNECASCADE_PORT or 8000")
     p.add_argument("--bootstrap", action="store_true", help="build the embedded default first if it is missing")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default: $PRUNECASCADE_WORKERS or 1); they share the item cache's memory-mapped "
+        "files (docs/operations.md, capacity)",
+    )
     p.set_defaults(func=run)
 
 
@@ -26,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
+    if args.workers is not None:
+        settings = settings.model_copy(update={"workers": args.workers})
+    if settings.workers > 1:
+        return _run_workers(settings, args.bootstrap)
     # log_config=None: uvicorn's own loggers propagate to the JSON handler `create_app` installs; the access
     # line is written by service.logs (with the request id), so uvicorn's is off. Slow or idle clients are
     # bounded: request-head timeout, keep-alive timeout, and a connection limit (503 beyond it).
@@ -38,6 +48,42 @@ def run(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         http=with_head_timeout(settings.header_timeout_s),
+        timeout_keep_alive=settings.keep_alive_s,
+        limit_concurrency=settings.max_connections,
+    )
+    return 0
+
+
+def _run_workers(settings, bootstrap: bool) -> int:
+    """Several worker processes behind one port (uvicorn's supervisor): each loads its own snapshot and maps the
+    same item-input files. The settings reach the workers through the environment; with `--bootstrap` the
+    embedded default is built first, before the port opens (the workers must not build it concurrently)."""
+    import os
+
+    if bootstrap:
+        from cascade.bootstrap import bootstrap as build
+
+        build(settings.home, progress=True)
+    os.environ.update(
+        {
+            "PRUNECASCADE_HOME": str(settings.home),
+            "PRUNECASCADE_HOST": settings.host,
+            "PRUNECASCADE_PORT": str(settings.port),
+            "PRUNECASCADE_HEADER_TIMEOUT_S": str(settings.header_timeout_s),
+        }
+    )
+    from service.connections import EnvHeadTimeoutH11Protocol
+
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        http=EnvHeadTimeoutH11Protocol,
         timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
     )
