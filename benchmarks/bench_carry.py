@@ -11,7 +11,7 @@ other than the one the first stage scored), the same stage with one fresh sample
 without carrying), and the documented best cascade of the rare label 7 (two fresh samples); each then
 `cnn-s50` (4 samples, keep max(k, keep/4)) and the dense model on 5 samples. Every setting runs through this
 script's copy of the engine's stage loop; it checks first that, without carrying, the loop returns exactly the
-clusters of `cascade.engine.run_cascade`.
+clusters of `cascade.engine.run_stages`.
 Per seed (member sampling): the dense oracle, then every setting in a shuffled order, k = the rare label's
 clusters; recall@k against them, wall ratio = median oracle ms / median setting ms (building the target
 included), as `bench_cascade`.
@@ -77,13 +77,13 @@ def other_member(offsets: np.ndarray, clusters: np.ndarray, previous: np.ndarray
 
 
 def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> tuple[np.ndarray, int, list[float]]:
-    """The engine's stage loop (`cascade.engine.run_cascade`) with an optional carry per stage: a carried stage
+    """The engine's stage loop (`cascade.engine.run_stages`) with an optional carry per stage: a carried stage
     samples one member per surviving cluster other than the one the previous (one-sample) stage scored, and
     ranks by the product of both stages' posteriors. Returns the k cluster ids, nonzero FLOPs, ms per stage."""
     import torch
 
     from cascade.config import Stage
-    from cascade.engine import _aggregator_flops, _stage_log_posterior, ranking_key
+    from cascade.engine import _stage_log_posterior, ranking_key, stage_flops
     from cascade.space import sample_members
     from models.aggregation import impossible_classes, log_softmax_rows
 
@@ -111,8 +111,8 @@ def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> 
                 log_post = log_softmax_rows(summed)
             n_keep = k if i == len(stages) - 1 else min(stage.keep or k, len(alive))
             top = torch.topk(ranking_key(log_post, target), n_keep).indices
-        agg_flops = _aggregator_flops(stage.aggregator, counts, log_post.shape[1], variant.gadget)
-        flops += len(rows) * variant.flops.nonzero + agg_flops
+        members = {int(n): int(c) for n, c in zip(*np.unique(counts, return_counts=True), strict=True)}
+        flops += stage_flops(variant, stage.aggregator, len(rows), members, log_post.shape[1])[0]
         keep_idx = top.numpy()
         alive, prev_log_post = alive[keep_idx], log_post[top]
         prev_rows = rows[keep_idx] if stage.samples == 1 and len(rows) == len(counts) else None
@@ -123,18 +123,19 @@ def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> 
 def _check_against_engine(snapshot, label: int, k: int, setting: CarrySetting) -> None:
     """Without carrying, this loop must return exactly the engine's clusters, or the comparison means nothing."""
     from cascade.config import Stage
-    from cascade.engine import run_cascade, target_from_label
+    from cascade.plan import execute, plan_target, target_from_label
 
     mine, _, _ = run_carrying(snapshot, target_from_label(snapshot, label), k, setting, 0)
     stages = tuple(Stage(**s) for s in setting.stages)
-    engine = run_cascade(snapshot, target_from_label(snapshot, label), k, stages, 0)
+    engine = execute(plan_target(snapshot, target_from_label(snapshot, label), k, stages), 0)
     if not np.array_equal(np.sort(mine), np.sort(engine.cluster_ids)):
-        raise AssertionError(f"{setting.name}: this loop and run_cascade disagree without carrying")
+        raise AssertionError(f"{setting.name}: this loop and the engine disagree without carrying")
 
 
 def measure(home: Path, space_name: str, seeds: tuple[int, ...], seconds: tuple[str, ...], keeps: tuple[int, ...]):
-    from cascade.engine import dense_oracle, target_from_label
+    from cascade.engine import dense_oracle
     from cascade.evaluation import recall_at_k
+    from cascade.plan import target_from_label
 
     set_threads(1)
     snap = load_snapshot_from(home, space_name)

@@ -123,8 +123,9 @@ def run_regime(
     queries of many kinds interleave), the last "warm" (as in a service answering a stream of queries with one
     cascade)."""
     from cascade.config import Stage
-    from cascade.engine import dense_oracle, run_cascade, target_from_label
+    from cascade.engine import dense_oracle
     from cascade.evaluation import agreement_at_k, recall_at_k
+    from cascade.plan import execute, plan_target, target_from_label
 
     set_threads(threads)
     snap = load_snapshot_from(home, space_name or (RARE_SPACE if regime == "rare" else BIG_SPACE))
@@ -145,7 +146,7 @@ def run_regime(
     warmup = target_from_label(snap, labels[0])
     dense_oracle(snap, warmup, k)
     for stages in stage_lists:
-        run_cascade(snap, warmup, k, stages, 0)
+        execute(plan_target(snap, warmup, k, stages), 0)
 
     rows: list[dict] = []
     oracle_rows: list[dict] = []
@@ -169,7 +170,7 @@ def run_regime(
             for i in order_rng.permutation(len(settings)):
                 t0 = time.perf_counter()
                 target = target_from_label(snap, label)
-                result = run_cascade(snap, target, k, stage_lists[i], seed)
+                result = execute(plan_target(snap, target, k, stage_lists[i]), seed)
                 ms = (time.perf_counter() - t0) * 1000
                 rows.append(
                     {
@@ -188,7 +189,7 @@ def run_regime(
                 )
                 for _ in range(warm):
                     t0 = time.perf_counter()
-                    run_cascade(snap, target_from_label(snap, label), k, stage_lists[i], seed)
+                    execute(plan_target(snap, target_from_label(snap, label), k, stage_lists[i]), seed)
                     rows[-1]["ms_warm"] = (time.perf_counter() - t0) * 1000
         print(f"  seed {seed} done ({time.perf_counter() - started:.0f}s)", flush=True)
 

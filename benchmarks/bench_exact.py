@@ -62,9 +62,10 @@ def _value(log_post: np.ndarray, ids: np.ndarray, utility: np.ndarray) -> float:
 
 
 def run(home: Path, space_name: str, k: int, seeds: tuple[int, ...], utilities: int, builds: int) -> dict:
-    from cascade.engine import dense_oracle, run_cascade, target_from_label, target_from_utility
+    from cascade.engine import dense_oracle
     from cascade.evaluation import agreement_at_k, recall_at_k
     from cascade.exact import build_table, load_table, lookup_flops, save_table, table_bytes, table_path
+    from cascade.plan import execute, plan_target, target_from_label, target_from_utility
 
     set_threads(1)
     snap = load_snapshot_from(home, space_name)
@@ -88,11 +89,9 @@ def run(home: Path, space_name: str, k: int, seeds: tuple[int, ...], utilities: 
         assert np.array_equal(loaded.log_post, table.log_post)
 
     def query(path: str, target, seed: int):
-        if path == "exact":
-            return table.answer(target, k)
-        if path == "cascade":
-            return run_cascade(snap, target, k, None, seed)
-        return dense_oracle(snap, target, k)
+        if path == "oracle":
+            return dense_oracle(snap, target, k)
+        return execute(plan_target(snap, target, k, table=table if path == "exact" else None), seed)
 
     rng = np.random.default_rng(0)
     utility_vectors = [rng.dirichlet(np.ones(C)) for _ in range(utilities)]

@@ -89,7 +89,8 @@ def measure(
     or with `candidates` > 0 are queries by one example item of the space over that many nearest clusters
     (small, cheap queries where the fixed per-request cost shows)."""
     from cascade.config import Stage
-    from cascade.engine import dense_oracle, run_cascade, target_from_examples, target_from_label
+    from cascade.engine import dense_oracle
+    from cascade.plan import Query, execute, plan_query, target_of
 
     set_threads(1)
     snap = load_snapshot_from(home, space)
@@ -104,29 +105,29 @@ def measure(
     rng = np.random.default_rng(0)
     examples = snap.space.features[rng.choice(snap.space.num_items, max(queries, 1))].round(5)
 
-    def query(i: int) -> tuple[dict, object]:
-        """The HTTP body and the in-process target builder for query i (the same query)."""
+    def query(i: int) -> tuple[dict, Query]:
+        """The HTTP body and the in-process query for query i (the same query)."""
         if candidates:
             ex = examples[i % len(examples)][None, :]
             body = {"target": {"examples": ex.tolist()}, "k": k, "seed": i, "candidates": candidates, **extra}
-            return body, lambda: target_from_examples(snap, ex, candidates)
+            return body, Query(examples=ex, k=k, stages=stage_objs, candidates=candidates)
         label = labels[i % len(labels)]
-        return {"target": {"label": label}, "k": k, "seed": i, **extra}, lambda: target_from_label(snap, label)
+        return {"target": {"label": label}, "k": k, "seed": i, **extra}, Query(label=label, k=k, stages=stage_objs)
 
     inproc, http, server_ms, oracle_ms = [], [], [], []
     with serve(home, space, port) as url, _client(client_kind, url, port) as post:
         for i in range(5):  # warm-up both paths, with seeds the measured queries do not use
-            body, make_target = query(i)
+            body, in_process = query(i)
             body["seed"] = 10**9 + i
             post(body)
-            run_cascade(snap, make_target(), k, stage_objs, 10**9 + i)
+            execute(plan_query(snap, in_process), 10**9 + i)
         deadline = time.monotonic() + max_seconds
         for i in range(queries):
             if time.monotonic() > deadline:
                 break
-            body, make_target = query(i)
+            body, in_process = query(i)
             t0 = time.perf_counter()
-            result = run_cascade(snap, make_target(), k, stage_objs, i)
+            result = execute(plan_query(snap, in_process), i)  # no exact table given: the cascade
             t1 = time.perf_counter()
             payload = post(body)
             t2 = time.perf_counter()
@@ -137,7 +138,7 @@ def measure(
             server_ms.append(payload["latency_ms"])
             if oracle_every and i % oracle_every == 0:
                 t0 = time.perf_counter()
-                dense_oracle(snap, make_target(), k)
+                dense_oracle(snap, target_of(snap, in_process), k)
                 oracle_ms.append((time.perf_counter() - t0) * 1000)
     p50_in, p50_http = median(inproc), median(http)
     out = {

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from cascade.bootstrap import BootstrapConfig, bootstrap
-from cascade.engine import ORACLE_AGGREGATOR, dense_oracle, ranking_key, run_cascade, target_from_label
+from cascade.engine import ORACLE_AGGREGATOR, dense_oracle, ranking_key
 from cascade.evaluation import agreement_at_k
+from cascade.plan import execute, plan_target, target_from_label
 from cascade.snapshot import Snapshot
 from cascade.space import build_space, sample_members
 from models.aggregation import MemberOutputs, aggregate
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         med_sizes, recall = [], []
         for label in range(space.num_classes):
             for seed in args.seeds:
-                result = run_cascade(snapshot, target_from_label(snapshot, label), args.k, cstages, seed)
+                result = execute(plan_target(snapshot, target_from_label(snapshot, label), args.k, cstages), seed)
                 got = result.cluster_ids
                 med_sizes.append(float(np.median(sizes[got])))
                 recall.append(float((space.cluster_labels[got] == label).mean()))

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from cascade.config import Stage, scale_keeps
-from cascade.queries import default_gains
-from cascade.snapshot import Snapshot, StageError, Variant
+from cascade.config import Stage
+from cascade.snapshot import Snapshot, Variant
 from cascade.space import sample_members
 from models.aggregation import MemberOutputs, aggregate, get_aggregator
 from models.inference import score_chunked
@@ -26,16 +26,14 @@ __all__ = [
     "Target",
     "StageReport",
     "CascadeResult",
-    "run_cascade",
+    "run_stages",
+    "stage_flops",
+    "planned_stage_flops",
+    "faiss_answer",
     "dense_oracle",
-    "target_from_label",
-    "target_from_utility",
-    "target_from_examples",
     "dense_flops",
-    "plan_flops",
     "ranking_key",
     "RANKING_KEYS",
-    "resolve_stages",
     "DeadlineExceeded",
     "ORACLE_AGGREGATOR",
 ]
@@ -112,81 +110,6 @@ class CascadeResult:
         return sum(s.flops_dense_kernel for s in self.stages)
 
 
-def target_from_label(snapshot: Snapshot, label: int) -> Target:
-    """`label` is one of the user's labels (`Space.labels_known`); the target is over class indices."""
-    space = snapshot.space
-    index = space.class_of(label)
-    if index is None:
-        known = ", ".join(str(v) for v in space.labels_known)
-        raise StageError("target.label", f"unknown label {label}; this space's labels are {known}")
-    utility = np.zeros(space.num_classes)
-    utility[index] = 1.0
-    return Target(utility=utility, label=index)
-
-
-def target_from_utility(snapshot: Snapshot, utility: list[float] | np.ndarray) -> Target:
-    u = np.asarray(utility, dtype=np.float64)
-    if u.shape != (snapshot.space.num_classes,):
-        raise StageError("target.utility", f"needs {snapshot.space.num_classes} values, got {u.size}")
-    if not np.isfinite(u).all():
-        raise StageError("target.utility", "values must be finite")
-    if not (u != 0).any():
-        raise StageError("target.utility", "all weights are zero: every cluster would score 0")
-    return Target(utility=u)
-
-
-def _examples_array(snapshot: Snapshot, examples: list[list[float]] | np.ndarray) -> np.ndarray:
-    try:
-        x = np.asarray(examples, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise StageError("target.examples", "every example must be a list of numbers of the same length") from None
-    if x.ndim != 2 or x.shape[1] != snapshot.space.input_dim or len(x) == 0:
-        raise StageError("target.examples", f"each example needs {snapshot.space.input_dim} features")
-    if not np.isfinite(x).all():
-        raise StageError("target.examples", "values must be finite")
-    return x
-
-
-def target_from_examples(
-    snapshot: Snapshot,
-    examples: list[list[float]] | np.ndarray,
-    candidates: int,
-    gains: list[float] | tuple[float, ...] | None = None,
-) -> Target:
-    """A query by example. With a pair model in the snapshot (the main path): the examples are the query,
-    read by the pair models with every item, the utility is `gains` over relevance grades, and the candidates
-    are the clusters nearest to the examples in the bi-encoder's embedding. Several examples: each cluster's
-    grade posterior is the mean over examples, at a cost proportional to their number.
-
-    Without one (an older home): the dense classifier's mean posterior over the examples is a utility over
-    classes and the candidates come from the raw-feature index."""
-    x = _examples_array(snapshot, examples)
-    if snapshot.embedding is None or snapshot.config.pair_dense is None:
-        if gains is not None:
-            raise StageError("target.gains", "this space has no pair model, so no relevance grades")
-        dense = snapshot.dense
-        with torch.inference_mode():
-            utility = score_chunked(dense.model, None, torch.from_numpy(x))[0].softmax(1).mean(0).double().numpy()
-        nearest = snapshot.index.nearest_clusters(x, candidates)
-        return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
-    num_grades = snapshot.num_grades
-    g = np.asarray(default_gains(num_grades) if gains is None else gains, dtype=np.float64)
-    if g.shape != (num_grades,) or not np.isfinite(g).all():
-        raise StageError("target.gains", f"needs {num_grades} finite values, one per relevance grade")
-    if not (g != 0).any():
-        raise StageError("target.gains", "all gains are zero: every cluster would score 0")
-    nearest, distances = snapshot.embedding.candidates(x, candidates)
-    queries = tuple(torch.from_numpy(row[None, :].copy()) for row in x)
-    return Target(
-        utility=g,
-        kind="pair",
-        queries=queries,
-        candidates=nearest,
-        candidate_distances=distances,
-        flops=len(x) * snapshot.embedding.flops_per_query,
-    )
-
-
 def ranking_key(log_post: torch.Tensor, target: Target) -> torch.Tensor:
     """What clusters are ranked by: the log-odds of the utility, log(E[u] - min u) - log(max u - E[u]), computed
     from log posteriors. It ranks exactly as the expected utility E[u] = u . p does (it is increasing in it), but
@@ -203,77 +126,70 @@ def ranking_key(log_post: torch.Tensor, target: Target) -> torch.Tensor:
     return excess - shortfall
 
 
-def _aggregator_flops(name: str, counts: np.ndarray, num_outputs: int, gadget: torch.nn.Module | None) -> int:
-    agg = get_aggregator(name)
-    times = np.bincount(counts)  # clusters per member count (counts are small): cheaper than np.unique
-    values = np.flatnonzero(times)
-    return int(sum(int(times[n]) * agg.flops(int(n), num_outputs, gadget) for n in values))
+def stage_flops(
+    variant: Variant,
+    aggregator: str,
+    items: int,
+    members: Mapping[int, int],
+    num_outputs: int,
+    examples: int = 1,
+    prepared_for: int | None = None,
+) -> tuple[int, int]:
+    """(nonzero, dense-kernel) FLOPs of one stage, for every example: the model on `items` members (the query
+    prepared before for `prepared_for` items and reused, or not), and the aggregation of clusters that have
+    `members` = {members per cluster: clusters}. The stage loop counts what it ran with it; a plan
+    (`cascade.plan`) predicts a stage with it before anything runs."""
+    agg = get_aggregator(aggregator)
+    aggregation = sum(clusters * agg.flops(n, num_outputs, variant.gadget) for n, clusters in members.items())
+    cost = variant.cost(items, prepared_for=prepared_for)
+    return examples * cost.nonzero + examples * aggregation, examples * cost.dense_kernel + examples * aggregation
 
 
-def resolve_stages(
-    snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...] | list[Stage] | None
-) -> tuple[Stage, ...]:
-    """The stages a query runs: its own (checked as given), or the default cascade for the target's kind with
-    its keeps scaled to k. An empty list is a FAISS-only answer (queries by example only)."""
-    if stages is None:
-        try:
-            default = snapshot.config.stages_for(target.kind)
-        except LookupError as exc:
-            raise StageError("target", str(exc)) from None
-        stages = scale_keeps(default, k, snapshot.config.reference_k)
-    stages = tuple(stages)
-    if not stages and target.candidates is None:
-        raise StageError("stages", "an empty stage list (FAISS only) needs a query by example")
-    if stages:
-        snapshot.validate_stages(stages, k, target.kind)
-    return stages
-
-
-def _candidates(snapshot: Snapshot, target: Target) -> np.ndarray:
-    return target.candidates if target.candidates is not None else np.arange(snapshot.space.num_clusters)
-
-
-def plan_flops(
-    snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...] | list[Stage] | None = None
-) -> int:
-    """An upper bound on a query's FLOPs from its stage plan, before anything runs (for the cost budget):
-    every surviving cluster is assumed to have at least `samples` members."""
-    stages = resolve_stages(snapshot, target, k, stages)
-    alive = len(_candidates(snapshot, target))
-    total = target.flops
+def planned_stage_flops(snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...]) -> tuple[int, ...]:
+    """Each stage's nonzero FLOPs as `run_stages` will count them (`stage_flops`), before anything runs: every
+    surviving cluster is assumed to have at least `samples` members, so the figure is exact where they do and
+    an upper bound otherwise. A stage of the same variant as the one before extends its members, as the loop
+    does."""
+    alive = len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters
     max_size = int(snapshot.space.sizes.max()) if snapshot.space.num_clusters else 0
+    costs = []
     previous: tuple[str, int, int] | None = None  # (variant, members per cluster, items prepared for)
     for i, stage in enumerate(stages):
         variant = snapshot.variants[stage.variant]
         n = min(stage.samples, max_size)
-        outputs = len(variant.log_prior)  # the elementwise aggregators' share; a gadget's is small beside it
         if previous is not None and previous[0] == stage.variant:  # extends the members the stage before scored
-            cost = variant.cost(alive * max(n - previous[1], 0), prepared_for=previous[2])
+            items, prepared_for = alive * max(n - previous[1], 0), previous[2]
             previous = (stage.variant, max(n, previous[1]), previous[2])
         else:
-            cost = variant.cost(alive * n)
+            items, prepared_for = alive * n, None
             previous = (stage.variant, n, alive * n)
-        total += (cost.nonzero + alive * previous[1] * outputs) * len(target.queries)
+        members = {previous[1]: alive} if alive and previous[1] else {}
+        nonzero, _ = stage_flops(
+            variant, stage.aggregator, items, members, len(variant.log_prior), len(target.queries), prepared_for
+        )
+        costs.append(nonzero)
         alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
-    return total
+    return tuple(costs)
 
 
-def run_cascade(
+def _members(counts: np.ndarray) -> dict[int, int]:
+    """{members per cluster: clusters}; counts are small, so a bincount is cheaper than np.unique."""
+    times = np.bincount(counts)
+    return {int(n): int(times[n]) for n in np.flatnonzero(times)}
+
+
+def run_stages(
     snapshot: Snapshot,
     target: Target,
     k: int,
-    stages: tuple[Stage, ...] | list[Stage] | None = None,
+    stages: tuple[Stage, ...],
     seed: int = 0,
     deadline: float | None = None,
 ) -> CascadeResult:
-    """`deadline`: a `time.monotonic()` instant; past it, the next stage raises DeadlineExceeded instead of
-    running (the service has answered 504 by then and wants its worker back)."""
-    alive = _candidates(snapshot, target)
-    if not 1 <= k <= len(alive):
-        raise StageError("k", f"must be between 1 and the {len(alive)} candidate clusters, got {k}")
-    stages = resolve_stages(snapshot, target, k, stages)
-    if not stages:
-        return _faiss_only(snapshot, target, k)
+    """The stage loop: `stages` as a plan resolved and checked them (`cascade.plan`), at least one, with k
+    within the candidates. `deadline`: a `time.monotonic()` instant; past it, the next stage raises
+    DeadlineExceeded instead of running (the service has answered 504 by then and wants its worker back)."""
+    alive = target.candidates if target.candidates is not None else np.arange(snapshot.space.num_clusters)
     space = snapshot.space
     rng = np.random.default_rng(seed)
     utility = torch.from_numpy(target.utility).double()
@@ -313,10 +229,16 @@ def run_cascade(
         following = stages[i + 1].variant if i + 1 < len(stages) else None
         scored = _keep_groups(merged, top.numpy()) if following == stage.variant else None
         scores, posteriors, keys = cluster_scores[top], post[top], stage_keys[top]
-        examples = len(target.queries)
-        agg_flops = examples * _aggregator_flops(stage.aggregator, counts, post.shape[1], variant.gadget)
         # per example: a pair model's query trunk and fold (if it folds; not again when extending), the pairs
-        cost = variant.cost(len(rows), prepared_for=merged.prepared_for if extend else None)
+        flops, flops_dense_kernel = stage_flops(
+            variant,
+            stage.aggregator,
+            len(rows),
+            _members(counts),
+            post.shape[1],
+            len(target.queries),
+            merged.prepared_for if extend else None,
+        )
         reports.append(
             StageReport(
                 variant=variant.name,
@@ -326,8 +248,8 @@ def run_cascade(
                 kept=len(alive),
                 samples=stage.samples,
                 items=len(rows),
-                flops=examples * cost.nonzero + agg_flops,
-                flops_dense_kernel=examples * cost.dense_kernel + agg_flops,
+                flops=flops,
+                flops_dense_kernel=flops_dense_kernel,
                 ms=(time.perf_counter() - started) * 1000.0,
             )
         )
@@ -457,7 +379,7 @@ def _merge_members(
     return _Scored(scored.variant, all_rows, scored.counts + counts, merged, scored.prepared, scored.prepared_for)
 
 
-def _faiss_only(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
+def faiss_answer(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
     """Stage 0 alone: the k candidates nearest in the embedding, scored by minus their squared distance."""
     assert target.candidates is not None and target.candidate_distances is not None
     values = -target.candidate_distances[:k]

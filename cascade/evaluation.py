@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cascade.config import Stage
-from cascade.engine import dense_oracle, run_cascade, target_from_label
+from cascade.engine import dense_oracle
+from cascade.plan import execute, plan_target, target_from_label
 from cascade.snapshot import Snapshot
 
 __all__ = [
@@ -84,7 +85,7 @@ def evaluate_label_queries(
         for seed in seeds:
             target = target_from_label(snapshot, space.labels_known[label])  # the user's label of class `label`
             t0 = time.perf_counter()
-            result = run_cascade(snapshot, target, k, stages, seed)
+            result = execute(plan_target(snapshot, target, k, stages), seed)
             t1 = time.perf_counter()
             oracle = dense_oracle(snapshot, target, k)
             t2 = time.perf_counter()
@@ -147,7 +148,7 @@ def evaluate_example_queries(
     """Every method (a stage list; None is the default cascade, [] is FAISS only) and the dense exhaustive oracle
     on the snapshot's held-out queries, side by side: per query, each method runs once in turn, so machine noise
     hits all of them alike. Grades come from each query's own cluster and label (research notes 2)."""
-    from cascade.engine import target_from_examples
+    from cascade.plan import target_from_examples
     from cascade.queries import cluster_grades
 
     qs = snapshot.queries
@@ -169,7 +170,7 @@ def evaluate_example_queries(
             if name == "oracle" and oracle:
                 result = dense_oracle(snapshot, target, max(k, 10))
             else:
-                result = run_cascade(snapshot, target, max(k, 10), methods[name], seed + i)
+                result = execute(plan_target(snapshot, target, max(k, 10), methods[name]), seed + i)
             ms = (time.perf_counter() - t0) * 1000 + (0.0 if name == "oracle" else stage0_ms)
             answers[name] = (result, ms)
         reference = answers["oracle"][0].cluster_ids if oracle else None

@@ -17,6 +17,7 @@ import torch
 
 from cascade.config import CascadeConfig, Stage
 from cascade.embedding import EmbeddingIndex
+from cascade.errors import RequestError
 from cascade.index import ClusterIndex
 from cascade.item_store import DTYPES, ITEM_INPUTS_DIR, features_digest, mapped_table
 from cascade.queries import QuerySet
@@ -45,13 +46,8 @@ __all__ = [
 ]
 
 
-class StageError(ValueError):
-    """A stage list that cannot run on this snapshot; `field` names the offending part."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+StageError = RequestError
+"""Deprecated name of `cascade.errors.RequestError` (it was raised for `k` and `target.label` too)."""
 
 
 @dataclass(frozen=True)
@@ -215,7 +211,7 @@ class Snapshot:
         try:
             return self.variants[self.config.dense_for(kind)]
         except LookupError as exc:
-            raise StageError("target", str(exc.args[0])) from None
+            raise RequestError("target", str(exc.args[0])) from None
 
     @property
     def num_grades(self) -> int:
@@ -228,36 +224,38 @@ class Snapshot:
         """Every variant known, of the kind the target needs and fitting the space, every aggregator known and
         usable, keep >= k."""
         if not stages:
-            raise StageError("stages", "at least one stage is required")
+            raise RequestError("stages", "at least one stage is required")
         for i, stage in enumerate(stages):
             where = f"stages[{i}]"
             variant = self.variants.get(stage.variant)
             if variant is None:
                 known = ", ".join(sorted(self.variants))
-                raise StageError(f"{where}.variant", f"unknown variant {stage.variant!r}; active: {known}")
+                raise RequestError(f"{where}.variant", f"unknown variant {stage.variant!r}; active: {known}")
             if variant.kind != kind:
                 fitting = ", ".join(sorted(n for n, v in self.variants.items() if v.kind == kind)) or "none"
                 need = "pair models (a query by example)" if kind == "pair" else "classifiers (a label or utility)"
-                raise StageError(
+                raise RequestError(
                     f"{where}.variant", f"{stage.variant!r} is a {variant.kind}; this target needs {need}: {fitting}"
                 )
             try:
                 agg = get_aggregator(stage.aggregator)
             except KeyError as exc:
-                raise StageError(f"{where}.aggregator", str(exc.args[0])) from None
+                raise RequestError(f"{where}.aggregator", str(exc.args[0])) from None
             if agg.needs_gadget and variant.gadget is None:
-                raise StageError(f"{where}.aggregator", f"{stage.aggregator!r} needs a gadget; {variant.name} has none")
+                raise RequestError(
+                    f"{where}.aggregator", f"{stage.aggregator!r} needs a gadget; {variant.name} has none"
+                )
             stored = getattr(getattr(variant.gadget, "spec", None), "kind", None)
             if agg.needs_gadget and stored != stage.aggregator:
-                raise StageError(
+                raise RequestError(
                     f"{where}.aggregator",
                     f"{stage.aggregator!r} needs a gadget of that kind; {variant.name} has a {stored!r} gadget",
                 )
             last = i == len(stages) - 1
             if not last and stage.keep is None:
-                raise StageError(f"{where}.keep", "every stage but the last must say how many clusters it keeps")
+                raise RequestError(f"{where}.keep", "every stage but the last must say how many clusters it keeps")
             if not last and stage.keep is not None and stage.keep < k:
-                raise StageError(f"{where}.keep", f"keeps {stage.keep} clusters, fewer than k={k}")
+                raise RequestError(f"{where}.keep", f"keeps {stage.keep} clusters, fewer than k={k}")
 
 
 def _snapshot_id(space: Space, variants: Mapping[str, Variant], config: CascadeConfig) -> str:
@@ -290,7 +288,7 @@ def variant_for(loaded: LoadedModel, space: Space) -> Variant:
     if isinstance(loaded.model, PairNetwork):
         grade_prior = manifest.extra.get("grade_prior")
         if grade_prior is None:
-            raise StageError("version", f"{manifest.ref} is a pair model without a grade_prior in its manifest")
+            raise RequestError("version", f"{manifest.ref} is a pair model without a grade_prior in its manifest")
         log_prior = log_prior_of(torch.tensor(grade_prior, dtype=torch.float64))
         gadget, gadget_sha256 = loaded.gadget, loaded.gadget_sha256
         reason = None if gadget is None else gadget_misfit(gadget, loaded.model)
@@ -326,9 +324,9 @@ def build_snapshot(
     """`item_cache`: the tables of the snapshot this one replaces (same space), so that a swap that keeps the
     pair models' trunk does not rebuild them."""
     if config.dense not in variants:
-        raise StageError("dense", f"dense model {config.dense!r} is not among the active variants")
+        raise RequestError("dense", f"dense model {config.dense!r} is not among the active variants")
     if config.pair_dense is not None and config.pair_dense not in variants:
-        raise StageError("pair_dense", f"dense pair model {config.pair_dense!r} is not among the active variants")
+        raise RequestError("pair_dense", f"dense pair model {config.pair_dense!r} is not among the active variants")
     snap = Snapshot(
         id=_snapshot_id(space, variants, config),
         space=space,

@@ -32,10 +32,10 @@ from models.prototypes import PrototypeConfig, Prototypes, make_prototypes, make
 from models.registry import ModelRegistry
 from models.tuples import (
     GADGET_AGGREGATORS,
+    ExperimentNetwork,
     ExperimentResult,
     ResultRow,
     SweetSpotRow,
-    Variant,
     largest_n_within,
     result_row,
     sweet_spot_of,
@@ -217,20 +217,20 @@ def train_pair_gadget(
     return train_gadget_on(spec, draw_from_pool(train), draw_from_pool(val), stats, config)
 
 
-def pair_variant(label: str, method: str, keep: float, model: PairNetwork) -> Variant:
-    """A pair model as a `models.tuples.Variant`, costed per pair as served (folded; `pair_flops`)."""
+def pair_variant(label: str, method: str, keep: float, model: PairNetwork) -> ExperimentNetwork:
+    """A pair model as a `models.tuples.ExperimentNetwork`, costed per pair as served (folded; `pair_flops`)."""
     f = pair_flops(model)
-    return Variant(label, method, keep, model, f.nonzero, f.dense_kernel)  # type: ignore[arg-type]
+    return ExperimentNetwork(label, method, keep, model, f.nonzero, f.dense_kernel)  # type: ignore[arg-type]
 
 
-def _agg_flops(aggregator: str, variant: Variant) -> Callable[[int], int]:
+def _agg_flops(aggregator: str, variant: ExperimentNetwork) -> Callable[[int], int]:
     agg, gadget = get_aggregator(aggregator), variant.gadgets.get(aggregator)
     grades = variant.model.spec.num_grades  # type: ignore[union-attr]
     return lambda n: agg.flops(n, grades, gadget)
 
 
 def run_pair_experiment(
-    variants: Sequence[Variant],
+    variants: Sequence[ExperimentNetwork],
     train: PairTuples,
     val: PairTuples,
     test: PairTuples,

@@ -19,7 +19,7 @@ from models.networks import Classifier
 __all__ = [
     "TupleBatch",
     "sample_tuples",
-    "Variant",
+    "ExperimentNetwork",
     "ResultRow",
     "SweetSpotRow",
     "ExperimentResult",
@@ -73,7 +73,7 @@ def sample_tuples(
 
 
 @dataclass
-class Variant:
+class ExperimentNetwork:
     """One network of the experiment. `flops` is the per-item cost used for budgets: nonzero FLOPs (a sparse
     kernel) for masked networks, which equals the dense-kernel count for dense and structurally pruned ones."""
 
@@ -169,7 +169,9 @@ class _Evaluator:
             self._batches[n] = sample_tuples(self.splits.y_test, self.prior, counts, gen)
         return self._batches[n]
 
-    def evaluate(self, variant: Variant, outputs: MemberOutputs, accuracy: float, aggregator: str, n: int) -> ResultRow:
+    def evaluate(
+        self, variant: ExperimentNetwork, outputs: MemberOutputs, accuracy: float, aggregator: str, n: int
+    ) -> ResultRow:
         batch = self.batch(n)
         members = MemberOutputs(outputs.logits[batch.index], outputs.hidden[batch.index])  # type: ignore[index]
         return result_row(
@@ -178,7 +180,7 @@ class _Evaluator:
 
 
 def result_row(
-    variant: Variant,
+    variant: ExperimentNetwork,
     accuracy: float,
     aggregator: str,
     n: int,
@@ -239,13 +241,13 @@ def sweet_spot_of(budget: int, aggregator: str, candidates: Sequence[tuple[Resul
     )
 
 
-def _agg_flops(aggregator: str, num_classes: int, variant: Variant) -> Callable[[int], int]:
+def _agg_flops(aggregator: str, num_classes: int, variant: ExperimentNetwork) -> Callable[[int], int]:
     agg, gadget = get_aggregator(aggregator), variant.gadgets.get(aggregator)
     return lambda n: agg.flops(n, num_classes, gadget)
 
 
 def _train_missing_gadgets(
-    variant: Variant, splits: Splits, aggregators: Sequence[str], hidden_size: int, config: GadgetTrainConfig
+    variant: ExperimentNetwork, splits: Splits, aggregators: Sequence[str], hidden_size: int, config: GadgetTrainConfig
 ) -> None:
     needed = [a for a in aggregators if a in GADGET_AGGREGATORS and a not in variant.gadgets]
     if not needed:
@@ -262,7 +264,7 @@ def _train_missing_gadgets(
 
 def run_experiment(
     splits: Splits,
-    variants: Sequence[Variant],
+    variants: Sequence[ExperimentNetwork],
     *,
     ns: Sequence[int] = (1, 2, 4, 8, 16),
     aggregators: Sequence[str] = DEFAULT_AGGREGATORS,

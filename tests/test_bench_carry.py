@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.bench_carry import CarrySetting, other_member, run_carrying
 from cascade.config import Stage
-from cascade.engine import run_cascade, target_from_label
+from cascade.plan import run_cascade, target_from_label
 
 STAGES = (
     {"variant": "cnn-m20", "samples": 1, "keep": 40},

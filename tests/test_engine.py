@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from cascade.config import Stage
-from cascade.engine import ORACLE_AGGREGATOR, dense_flops, dense_oracle, run_cascade, target_from_label
+from cascade.engine import ORACLE_AGGREGATOR, dense_flops, dense_oracle
+from cascade.errors import RequestError
 from cascade.evaluation import agreement_at_k, evaluate_label_queries, ndcg_at_k, recall_at_k
-from cascade.snapshot import Snapshot, StageError
+from cascade.plan import run_cascade, target_from_label
+from cascade.snapshot import Snapshot
 from cascade.space import build_space
 
 
@@ -74,7 +76,7 @@ def test_oracle_is_a_single_dense_stage_over_all_members(snapshot) -> None:
     ],
 )
 def test_invalid_cascades_name_the_field(snapshot, stages, k, field) -> None:
-    with pytest.raises(StageError) as info:
+    with pytest.raises(RequestError) as info:
         run_cascade(snapshot, target_from_label(snapshot, 0), k, stages)
     assert info.value.field == field
 

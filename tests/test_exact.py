@@ -14,8 +14,10 @@ import torch
 
 from cascade import exact
 from cascade.config import CascadeConfig
-from cascade.engine import Target, dense_oracle, target_from_label, target_from_utility
+from cascade.engine import Target, dense_oracle
+from cascade.errors import RequestError
 from cascade.exact import (
+    ExactAnswer,
     ExactTable,
     TableError,
     build_table,
@@ -26,7 +28,8 @@ from cascade.exact import (
     table_key,
     table_path,
 )
-from cascade.snapshot import Snapshot, StageError, build_snapshot
+from cascade.plan import target_from_label, target_from_utility
+from cascade.snapshot import Snapshot, build_snapshot
 from service.exact_tables import ExactTables
 from service.settings import Settings
 from service.state import ServiceState
@@ -92,19 +95,19 @@ def test_candidates_restrict_the_rows(snapshot: Snapshot, table: ExactTable) -> 
     assert exact.cluster_ids.tolist() == among
 
 
-def test_stage_report_is_the_lookup(snapshot: Snapshot, table: ExactTable) -> None:
+def test_an_exact_answer_reports_the_lookup(snapshot: Snapshot, table: ExactTable) -> None:
     K, C = snapshot.space.num_clusters, snapshot.space.num_classes
     result = table.answer(target_from_label(snapshot, 2), 7, snapshot_id=snapshot.id)
-    (stage,) = result.stages
-    assert (stage.variant, stage.version) == (snapshot.dense.name, snapshot.dense.version)
-    assert (stage.aggregator, stage.clusters_in, stage.kept, stage.samples, stage.items) == ("exact", K, 7, 0, 0)
-    assert stage.flops == result.flops == lookup_flops(K, C) == 2 * K * C
-    assert stage.ms > 0 and result.snapshot_id == snapshot.id
+    assert isinstance(result, ExactAnswer) and not hasattr(result, "stages")  # a lookup, not a cascade stage
+    assert (result.dense_name, result.dense_version) == (snapshot.dense.name, snapshot.dense.version)
+    assert result.clusters_in == K and len(result.cluster_ids) == 7
+    assert result.flops == result.flops_dense_kernel == lookup_flops(K, C) == 2 * K * C
+    assert result.ms > 0 and result.snapshot_id == snapshot.id
 
 
 def test_bad_k_names_the_field(snapshot: Snapshot, table: ExactTable) -> None:
     for k in (0, snapshot.space.num_clusters + 1):
-        with pytest.raises(StageError) as err:
+        with pytest.raises(RequestError) as err:
             table.answer(target_from_label(snapshot, 1), k)
         assert err.value.field == "k"
 

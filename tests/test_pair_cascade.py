@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from cascade.config import Stage
-from cascade.engine import dense_flops, dense_oracle, plan_flops, run_cascade, target_from_examples, target_from_label
+from cascade.engine import dense_flops, dense_oracle
+from cascade.errors import RequestError
+from cascade.plan import plan_target, run_cascade, target_from_examples, target_from_label
 from cascade.queries import cluster_grades
-from cascade.snapshot import StageError, build_snapshot
+from cascade.snapshot import build_snapshot
 from cascade.space import sample_members
 from models.inference import score_chunked
 from models.pair import folded_pair_cost, plain_pair_cost
@@ -92,7 +94,7 @@ def test_pair_cascade_accounting_and_candidates(snapshot) -> None:
     np.testing.assert_allclose(result.posteriors.sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(result.scores, result.posteriors @ target.utility, rtol=1e-5)
     assert np.all(np.diff(result.ranking_values) <= 1e-9)
-    assert plan_flops(snapshot, target, 5) >= result.flops + target.flops
+    assert plan_target(snapshot, target, 5).flops >= result.flops + target.flops
 
 
 def test_several_examples_average_at_a_proportional_cost(snapshot) -> None:
@@ -142,7 +144,7 @@ def test_dense_pair_model_finds_the_own_cluster_more_often_than_chance(snapshot)
 )
 def test_a_stage_of_the_wrong_kind_names_the_field(snapshot, make, field: str) -> None:
     target, stages = make(snapshot)
-    with pytest.raises(StageError) as info:
+    with pytest.raises(RequestError) as info:
         run_cascade(snapshot, target, 5, stages)
     assert info.value.field == field
 
@@ -157,7 +159,7 @@ def test_a_stage_of_the_wrong_kind_names_the_field(snapshot, make, field: str) -
     ],
 )
 def test_bad_query_objects_name_the_field(snapshot, examples, gains, field: str) -> None:
-    with pytest.raises(StageError) as info:
+    with pytest.raises(RequestError) as info:
         target_from_examples(snapshot, examples, 10, gains)
     assert info.value.field == field
 
@@ -285,14 +287,14 @@ def test_item_inputs_are_cached_once_per_trunk_and_give_the_uncached_scores(snap
 
 @pytest.mark.parametrize("samples", [1, 3])
 def test_stage_flops_equal_the_plan_where_every_cluster_has_enough_members(snapshot, samples: int) -> None:
-    """plan_flops assumes every cluster has `samples` members; where they do, it is exact, and the stage's
+    """A plan assumes every cluster has `samples` members; where they do, it is exact, and the stage's
     FLOPs are the scorer's count (plain or folded by the number of items) plus Bayes's accumulations."""
     target = target_from_examples(snapshot, _query(snapshot, 6), candidates=30)
     assert int(snapshot.space.sizes[target.candidates].min()) >= samples
     names = [v.name for v in snapshot.variants.values() if v.kind == "pair"]
     stages = [Stage(variant=names[0], samples=samples, keep=10), Stage(variant=names[-1], samples=samples)]
     result = run_cascade(snapshot, target, 5, stages, seed=2)
-    assert plan_flops(snapshot, target, 5, stages) == result.flops + target.flops
+    assert plan_target(snapshot, target, 5, stages).flops == result.flops + target.flops
     for report in result.stages:
         variant = snapshot.variants[report.variant]
         assert report.items == report.clusters_in * samples
@@ -334,7 +336,7 @@ def test_a_stage_of_the_same_variant_extends_the_members_scored_before(snapshot)
     per_pair, _ = (folded_pair_cost if variant.model.folds(prepared_for) else plain_pair_cost)(variant.model)
     assert pairs == per_pair * reused.stages[1].items  # the pairs only: the query was prepared by stage 0
     assert reused.stages[1].flops == pairs.nonzero + fresh.stages[1].items * snapshot.num_grades
-    assert plan_flops(twin_snapshot, target, 5, [first, last]) == reused.flops + target.flops
+    assert plan_target(twin_snapshot, target, 5, [first, last]).flops == reused.flops + target.flops
     assert reused.flops < fresh.flops
 
 

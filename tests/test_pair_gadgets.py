@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
-from cascade.engine import run_cascade, target_from_examples
+from cascade.plan import run_cascade, target_from_examples
 from cascade.snapshot import load_snapshot
 from models.aggregation import aggregate, log_prior_of
 from models.gadget import GadgetSpec, GadgetTrainConfig, build_gadget
@@ -174,14 +174,14 @@ def test_the_gadget_command_stores_a_gadget_the_engine_serves(
     assert first.flops > first.items * per_pair + query  # the gadget's FLOPs are counted on top
     assert len(result.cluster_ids) == 5 and np.isfinite(result.scores).all()
     # the dense model has no gadget: asking for one there is a stage error naming the field
-    from cascade.snapshot import StageError
+    from cascade.errors import RequestError
 
-    with pytest.raises(StageError) as exc:
+    with pytest.raises(RequestError) as exc:
         run_cascade(snapshot, target, k=5, stages=[Stage(variant="pair-dense", samples=2, aggregator=kind)])
     assert exc.value.field == "stages[0].aggregator"
     # a gadget of the other kind is a stage error too (it used to reach `aggregate` and fail there)
     other = "deepsets" if kind == "lstm" else "lstm"
-    with pytest.raises(StageError, match=f"has a '{kind}' gadget") as exc:
+    with pytest.raises(RequestError, match=f"has a '{kind}' gadget") as exc:
         run_cascade(snapshot, target, k=5, stages=[Stage(variant="pair-s25", samples=2, aggregator=other)])
     assert exc.value.field == "stages[0].aggregator"
 

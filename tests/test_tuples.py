@@ -14,7 +14,7 @@ from models.flops import count_flops
 from models.gadget import GadgetTrainConfig
 from models.pruning import prune
 from models.registry import ModelRegistry
-from models.tuples import Variant, largest_n_within, run_experiment, sample_tuples
+from models.tuples import ExperimentNetwork, largest_n_within, run_experiment, sample_tuples
 
 
 def test_members_share_their_tuple_label_and_are_distinct() -> None:
@@ -55,7 +55,7 @@ def test_largest_n_within_a_budget() -> None:
     assert largest_n_within(10_000, 100, lambda n: 0, 4) == (4, True)
 
 
-def _variants() -> list[Variant]:
+def _variants() -> list[ExperimentNetwork]:
     dense = digits_mlp()
     out = []
     for label, method, keep, model in [
@@ -63,7 +63,7 @@ def _variants() -> list[Variant]:
         ("magnitude@0.2", "magnitude", 0.2, prune(dense, "magnitude", 0.2)),
     ]:
         f = count_flops(model, model.spec.input_dim)
-        out.append(Variant(label, method, keep, model, f.nonzero, f.dense_kernel))
+        out.append(ExperimentNetwork(label, method, keep, model, f.nonzero, f.dense_kernel))
     return out
 
 

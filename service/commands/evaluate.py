@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from cascade.config import CONFIG_FILE, CascadeConfig, Stage
     from cascade.evaluation import evaluate_label_queries
+    from cascade.plan import plan_target, target_from_label
     from cascade.snapshot import load_snapshot
     from models.registry import ModelRegistry
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return _examples(snapshot, args, stages)
     r = evaluate_label_queries(snapshot, args.k, stages, tuple(range(args.seeds)))
     space = snapshot.space
-    used = stages or snapshot.config.stages
+    used = plan_target(snapshot, target_from_label(snapshot, space.labels_known[0]), args.k, stages).stages
     print(f"space: {space.num_items} items in {space.num_clusters} clusters; purity {space.meta.get('purity', 1):.3f}")
     print("cascade: " + " -> ".join(f"{s.variant}(n={s.samples}, keep={s.keep}, {s.aggregator})" for s in used))
     print(f"queries: {r.queries} label queries, k={r.k}")

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from models.networks import Classifier
     from models.registry import ModelRegistry
-    from models.tuples import ExperimentResult, ResultRow, Variant
+    from models.tuples import ExperimentNetwork, ExperimentResult, ResultRow
 
 __all__ = ["register", "run", "write_outputs", "sweet_spot_figure", "sparse_log_ticks", "AGGREGATORS", "SWEET_SPOT_PNG"]
 
@@ -63,13 +63,15 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def _variant(label: str, method: str, keep: float, model: Classifier, gadget: torch.nn.Module | None = None) -> Variant:
+def _variant(
+    label: str, method: str, keep: float, model: Classifier, gadget: torch.nn.Module | None = None
+) -> ExperimentNetwork:
     from models.flops import count_flops
     from models.gadget import Gadget
-    from models.tuples import Variant
+    from models.tuples import ExperimentNetwork
 
     f = count_flops(model, model.spec.input_dim)
-    v = Variant(label, method, keep, model, f.nonzero, f.dense_kernel)
+    v = ExperimentNetwork(label, method, keep, model, f.nonzero, f.dense_kernel)
     if isinstance(gadget, Gadget):
         v.gadgets[gadget.spec.kind] = gadget
     return v
@@ -77,7 +79,7 @@ def _variant(label: str, method: str, keep: float, model: Classifier, gadget: to
 
 def _registry_variants(
     registry: ModelRegistry, dense_name: str, dense_version: int | None, use_stored: bool
-) -> tuple[list[Variant], list[tuple[str, int]]]:
+) -> tuple[list[ExperimentNetwork], list[tuple[str, int]]]:
     dense = registry.load(dense_name, dense_version)
     refs = [(dense.manifest.name, dense.manifest.version)]
     variants = [_variant(dense.manifest.ref, "dense", 1.0, dense.model, dense.gadget if use_stored else None)]

@@ -10,18 +10,10 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Body, HTTPException, Request, Response
 
-from cascade.engine import (
-    CascadeResult,
-    DeadlineExceeded,
-    Target,
-    dense_flops,
-    plan_flops,
-    run_cascade,
-    target_from_examples,
-    target_from_label,
-    target_from_utility,
-)
-from cascade.snapshot import Snapshot, StageError
+from cascade.engine import DeadlineExceeded, StageReport
+from cascade.errors import ExactTableNotReady
+from cascade.exact import ExactAnswer
+from cascade.plan import Answer, Limits, Query, QueryPlan, execute, plan_query
 from service.cache import cache_key
 from service.dependencies import snapshot_of
 from service.errors import error_responses
@@ -65,58 +57,6 @@ QUERY_EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 
-def _outputs(snapshot: Snapshot, target: Target) -> list[str]:
-    if target.kind == "pair":
-        names = ["other", "same_label", "same_cluster"]
-        return (
-            names[: snapshot.num_grades]
-            if snapshot.num_grades <= 3
-            else [f"grade_{g}" for g in range(snapshot.num_grades)]
-        )
-    return [str(c) for c in range(snapshot.space.num_classes)]
-
-
-def _target(snapshot: Snapshot, request: QueryRequest, state: ServiceState) -> Target:
-    t = request.target
-    if t.gains is not None and t.examples is None:
-        raise StageError("target.gains", "gains weigh relevance grades of a query by example; use examples")
-    if request.candidates is not None and t.examples is None:
-        raise StageError("candidates", "candidates (stage 0's M) apply to a query by example only")
-    if t.label is not None:
-        return target_from_label(snapshot, t.label)
-    if t.utility is not None:
-        return target_from_utility(snapshot, t.utility)
-    assert t.examples is not None
-    if len(t.examples) > state.settings.max_examples:
-        raise StageError("target.examples", f"at most {state.settings.max_examples} examples per query")
-    candidates = request.candidates or max(request.k, state.settings.example_candidates)
-    return target_from_examples(snapshot, t.examples, candidates, t.gains)
-
-
-def _exact_table(state: ServiceState, snapshot: Snapshot, request: QueryRequest, target: Target) -> Any:
-    """The exact table answers a classifier target unless the request asks for the cascade; None: cascade."""
-    if request.mode == "exact" and request.stages is not None:
-        raise StageError("mode", "an exact answer runs no stages; drop stages or use mode cascade")
-    if request.mode == "exact" and target.kind != "classifier":
-        raise StageError("mode", "a query by example is read by the pair models with every item: no exact table")
-    if target.kind != "classifier" or request.mode == "cascade" or request.stages is not None:
-        return None
-    table = state.exact_table(snapshot)
-    if table is None and request.mode == "exact":
-        raise HTTPException(503, "the exact table for this dense model is still being built", {"Retry-After": "5"})
-    return table
-
-
-def _check_budget(state: ServiceState, snapshot: Snapshot, request: QueryRequest, target: Target) -> None:
-    budget = state.settings.max_query_flops
-    cost = plan_flops(snapshot, target, request.k, request.stages)
-    if cost > budget:
-        field = "stages" if request.stages is not None else "k"
-        raise StageError(
-            field, f"this query may cost {cost:,} FLOPs, over the server's budget of {budget:,} (max_query_flops)"
-        )
-
-
 # Kept cheap on purpose, since it is most of what HTTP adds to a small query: state and snapshot are read here
 # rather than through two sub-dependencies, and the answer is serialised here, in the worker thread, and
 # returned as JSON bytes; given a model, FastAPI would validate it a second time against `response_model` in
@@ -135,17 +75,18 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     posteriors once they are built; queries by example run the cascade of pair models (`stages` overrides it,
     `[]` answers from the embedding index alone). Same request, same snapshot, same answer (`seed`)."""
     state: ServiceState = http.app.state.service
+    query, limits = _query(request), _limits(state)
     snapshot = snapshot_of(state)
     started = time.perf_counter()
-    if request.k > state.settings.max_k:
-        raise StageError("k", f"at most {state.settings.max_k}")
-    target = _target(snapshot, request, state)
-    table = _exact_table(state, snapshot, request, target)
+    try:
+        plan = plan_query(snapshot, query, limits, state.exact_table)
+    except ExactTableNotReady as exc:
+        raise HTTPException(503, str(exc), {"Retry-After": "5"}) from None
     cache = state.cache
     key = ""
     if cache is not None:
         canonical = request.model_dump(mode="json")
-        if table is not None:  # exact answers take no seed: equal queries share one entry
+        if plan.path == "exact":  # exact answers take no seed: equal queries share one entry
             canonical = {"target": canonical["target"], "k": request.k, "path": "exact"}
         key = cache_key(canonical, snapshot.id)
         cached = cache.get(key)
@@ -153,19 +94,13 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
             body = json.loads(cached)
             body["latency_ms"] = (time.perf_counter() - started) * 1000.0
             return Response(content=json.dumps(body), media_type="application/json", headers={"x-cache": "hit"})
-    if table is not None:
-        result, mode = table.answer(target, request.k, snapshot.id), "exact"
-    else:
-        _check_budget(state, snapshot, request, target)
-        deadline = getattr(http.state, "deadline", None)
-        try:
-            result = run_cascade(snapshot, target, request.k, request.stages, request.seed, deadline)
-        except DeadlineExceeded as exc:  # the limiter has answered 504 already; this frees the worker
-            raise HTTPException(504, str(exc)) from None
-        mode = "cascade" if result.stages else "faiss"
-    response = _response(snapshot, target, result, mode, started)
+    try:
+        result = execute(plan, request.seed, getattr(http.state, "deadline", None))
+    except DeadlineExceeded as exc:  # the limiter has answered 504 already; this frees the worker
+        raise HTTPException(504, str(exc)) from None
+    response = _response(plan, result, started)
     metrics = state.metrics
-    for stage in result.stages:
+    for stage in response.stages:
         metrics.stage_latency.labels(variant=stage.variant).observe(stage.ms / 1000.0)
         metrics.stage_flops.labels(variant=stage.variant).inc(stage.flops)
     metrics.query_flops.observe(result.flops)
@@ -174,31 +109,74 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     return Response(content=_to_json(response), media_type="application/json")
 
 
-def _response(snapshot: Snapshot, target: Target, result: CascadeResult, mode: str, started: float) -> QueryResponse:
-    """The answer in the user's terms: cluster ids are the space's own (`Space.cluster_ids`), outputs of a
-    classifier are the user's labels."""
+def _query(request: QueryRequest) -> Query:
+    t = request.target
+    return Query(
+        label=t.label,
+        utility=t.utility,
+        examples=t.examples,
+        gains=t.gains,
+        k=request.k,
+        mode=request.mode,
+        stages=request.stages,
+        candidates=request.candidates,
+    )
+
+
+def _limits(state: ServiceState) -> Limits:
+    s = state.settings
+    return Limits(s.max_k, s.max_examples, s.example_candidates, s.max_query_flops)
+
+
+def _response(plan: QueryPlan, result: Answer, started: float) -> QueryResponse:
+    """The answer in the user's terms: cluster ids are the space's own (`Space.cluster_ids`), outputs are the
+    user's labels for a classifier and the relevance grades for a pair model."""
     values = result.ranking_values if result.ranking_values is not None else result.scores
-    space = snapshot.space
+    space = plan.snapshot.space
     user_ids = space.cluster_ids[np.asarray(result.cluster_ids, dtype=np.int64)]  # type: ignore[index]
-    outputs = _outputs(snapshot, target) if result.posteriors.shape[1] else []
-    if target.kind == "classifier" and outputs:
-        outputs = [str(label) for label in space.labels_known]
     return QueryResponse(
-        mode=mode,  # type: ignore[arg-type]
+        mode=plan.path,
         ranking=result.ranking,
-        outputs=outputs,
+        outputs=_outputs(plan) if result.posteriors.shape[1] else [],
         clusters=[
             ClusterHit(cluster_id=int(c), score=float(s), ranking_value=float(v), posterior=[float(p) for p in post])
             for c, s, v, post in zip(user_ids, result.scores, values, result.posteriors, strict=True)
         ],
-        stages=[StageOut(**vars(s)) for s in result.stages],
+        stages=[StageOut(**vars(s)) for s in _stage_reports(plan, result)],
         flops=result.flops,
         flops_dense_kernel=result.flops_dense_kernel,
-        dense_flops=dense_flops(snapshot, target),
-        target_flops=target.flops,
+        dense_flops=plan.dense_flops,
+        target_flops=plan.target.flops,
         latency_ms=(time.perf_counter() - started) * 1000.0,
         snapshot_id=result.snapshot_id,
     )
+
+
+def _outputs(plan: QueryPlan) -> list[str]:
+    if plan.target.kind == "classifier":
+        return [str(label) for label in plan.snapshot.space.labels_known]
+    grades = plan.snapshot.num_grades
+    return ["other", "same_label", "same_cluster"][:grades] if grades <= 3 else [f"grade_{g}" for g in range(grades)]
+
+
+def _stage_reports(plan: QueryPlan, result: Answer) -> list[StageReport]:
+    """The cascade's stages; an exact answer is shown as the one step it is (the dense model's table read, no
+    members sampled), the form clients of this contract have always received."""
+    if not isinstance(result, ExactAnswer):
+        return result.stages
+    lookup = StageReport(
+        variant=result.dense_name,
+        version=result.dense_version,
+        aggregator="exact",
+        clusters_in=result.clusters_in,
+        kept=plan.k,
+        samples=0,
+        items=0,
+        flops=result.flops,
+        flops_dense_kernel=result.flops_dense_kernel,
+        ms=result.ms,
+    )
+    return [lookup]
 
 
 def _to_json(response: QueryResponse) -> bytes:

@@ -1,0 +1,296 @@
+"""The query plan: what answers a query, decided once, and the one function that carries it out.
+
+`plan_query` turns a request (`Query`) and a snapshot into a `QueryPlan`: the target, which path answers (the
+exact table, the cascade, or the embedding index alone), the stages resolved and checked once, what each will
+cost, and the cost budget checked before anything runs. `execute` runs a plan and returns its answer: a
+`CascadeResult` with one report per stage (cascade, FAISS only), or an `ExactAnswer` (the table's lookup). The
+service's route, `prunecascade evaluate` and the benchmarks all go through these two, so nothing else decides
+the path; the engine (`cascade.engine`) keeps the stage mechanics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from cascade.config import Stage, scale_keeps
+from cascade.engine import CascadeResult, Target, dense_flops, faiss_answer, planned_stage_flops, run_stages
+from cascade.errors import ExactTableNotReady, RequestError
+from cascade.exact import ExactAnswer, ExactTable, lookup_flops
+from cascade.queries import default_gains
+from cascade.snapshot import Snapshot
+from models.inference import score_chunked
+
+__all__ = [
+    "Query",
+    "Limits",
+    "QueryPlan",
+    "Path",
+    "Answer",
+    "plan_query",
+    "plan_target",
+    "execute",
+    "run_cascade",
+    "resolve_stages",
+    "target_of",
+    "target_from_label",
+    "target_from_utility",
+    "target_from_examples",
+]
+
+Path = Literal["exact", "cascade", "faiss"]
+"""What answers: the exact table, the cascade of models, or the embedding index alone (a query by example
+with `stages: []`)."""
+
+Mode = Literal["auto", "exact", "cascade"]
+
+Answer = CascadeResult | ExactAnswer
+"""What `execute` returns: the cascade's ranking with one report per stage (none for FAISS only), or the exact
+table's."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """A request in the engine's terms: exactly one of `label`, `utility` or `examples` (the HTTP schema has
+    checked that), and how to answer it (`mode`, `stages`, `candidates`)."""
+
+    label: int | None = None
+    utility: Sequence[float] | np.ndarray | None = None
+    examples: Sequence[Sequence[float]] | np.ndarray | None = None
+    gains: Sequence[float] | None = None
+    k: int = 10
+    mode: Mode = "auto"
+    stages: Sequence[Stage] | None = None  # None: the snapshot's default cascade for the target
+    candidates: int | None = None  # a query by example's stage 0 (clusters the embedding proposes)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a server allows one query (its settings); the defaults allow anything a snapshot can answer."""
+
+    max_k: int | None = None
+    max_examples: int | None = None
+    example_candidates: int = 200  # stage 0's M when the query does not say
+    max_flops: int | None = None  # the cost budget, checked on the plan
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """Everything decided about a query before anything runs. `stage_flops[i]` is stage i's cost as
+    `engine.stage_flops` counts it, assuming every surviving cluster has at least `samples` members (exact
+    where they do, an upper bound otherwise); `flops` adds the target's own cost (embedding the examples), or is
+    the table lookup's for the exact path."""
+
+    snapshot: Snapshot
+    target: Target
+    k: int
+    path: Path
+    stages: tuple[Stage, ...] = ()  # () for the exact and FAISS-only paths
+    stage_flops: tuple[int, ...] = ()
+    table: ExactTable | None = None  # the exact path's table
+    flops: int = 0
+    dense_flops: int = 0  # what the dense exhaustive oracle would cost: the yardstick of every answer
+
+
+def plan_query(
+    snapshot: Snapshot,
+    query: Query,
+    limits: Limits = Limits(),
+    exact_table: Callable[[Snapshot], ExactTable | None] | None = None,
+) -> QueryPlan:
+    """The plan for `query` on `snapshot`. `exact_table` finds the snapshot's exact table (None while it is
+    built, or when there is none); label and utility targets use it unless the query asks for the cascade
+    (`mode`, `stages`). Raises RequestError naming the offending field, ExactTableNotReady for `mode: exact`
+    before the table is built."""
+    if limits.max_k is not None and query.k > limits.max_k:
+        raise RequestError("k", f"at most {limits.max_k}")
+    target = target_of(snapshot, query, limits)
+    if query.mode == "exact" and query.stages is not None:
+        raise RequestError("mode", "an exact answer runs no stages; drop stages or use mode cascade")
+    if query.mode == "exact" and target.kind != "classifier":
+        raise RequestError("mode", "a query by example is read by the pair models with every item: no exact table")
+    table = None
+    if target.kind == "classifier" and query.mode != "cascade" and query.stages is None and exact_table is not None:
+        table = exact_table(snapshot)
+    if table is None and query.mode == "exact":
+        raise ExactTableNotReady("the exact table for this dense model is still being built")
+    return plan_target(snapshot, target, query.k, query.stages, table=table, max_flops=limits.max_flops)
+
+
+def target_of(snapshot: Snapshot, query: Query, limits: Limits = Limits()) -> Target:
+    """The query's target on this snapshot: a label, a utility over classes, or examples."""
+    if query.gains is not None and query.examples is None:
+        raise RequestError("target.gains", "gains weigh relevance grades of a query by example; use examples")
+    if query.candidates is not None and query.examples is None:
+        raise RequestError("candidates", "candidates (stage 0's M) apply to a query by example only")
+    if query.label is not None:
+        return target_from_label(snapshot, query.label)
+    if query.utility is not None:
+        return target_from_utility(snapshot, query.utility)
+    if query.examples is None:
+        raise RequestError("target", "give exactly one of label, utility or examples")
+    if limits.max_examples is not None and len(query.examples) > limits.max_examples:
+        raise RequestError("target.examples", f"at most {limits.max_examples} examples per query")
+    candidates = query.candidates or max(query.k, limits.example_candidates)
+    return target_from_examples(snapshot, query.examples, candidates, query.gains)
+
+
+def plan_target(
+    snapshot: Snapshot,
+    target: Target,
+    k: int,
+    stages: Sequence[Stage] | None = None,
+    *,
+    table: ExactTable | None = None,
+    max_flops: int | None = None,
+) -> QueryPlan:
+    """The plan for a target already built: the exact table's lookup when `table` is given, else `stages` (None:
+    the snapshot's default cascade for the target, keeps scaled to k; []: FAISS only), resolved and checked
+    once, costed, and held against `max_flops`."""
+    if table is not None:
+        alive = table.num_clusters if target.candidates is None else len(target.candidates)
+        _check_k(k, alive)
+        path: Path = "exact"
+        resolved, costs, flops = (), (), lookup_flops(alive, table.num_classes)
+        oracle = table.build_flops  # the table is the oracle's pass over every member, counted as dense_flops does
+    else:
+        resolved = resolve_stages(snapshot, target, k, stages)
+        costs = planned_stage_flops(snapshot, target, k, resolved)
+        flops = target.flops + sum(costs)
+        if max_flops is not None and flops > max_flops:
+            field = "stages" if stages is not None else "k"
+            raise RequestError(
+                field,
+                f"this query may cost {flops:,} FLOPs, over the server's budget of {max_flops:,} (max_query_flops)",
+            )
+        _check_k(k, len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters)
+        path = "cascade" if resolved else "faiss"
+        oracle = dense_flops(snapshot, target)
+    return QueryPlan(snapshot, target, k, path, resolved, costs, table, flops, oracle)
+
+
+def execute(plan: QueryPlan, seed: int = 0, deadline: float | None = None) -> Answer:
+    """Carry out a plan. `seed` seeds the member sampling (same plan, same seed, same answer); `deadline`: a
+    `time.monotonic()` instant past which the cascade stops between stages (DeadlineExceeded)."""
+    if plan.path == "exact":
+        assert plan.table is not None
+        return plan.table.answer(plan.target, plan.k, plan.snapshot.id)
+    if plan.path == "faiss":
+        return faiss_answer(plan.snapshot, plan.target, plan.k)
+    return run_stages(plan.snapshot, plan.target, plan.k, plan.stages, seed, deadline)
+
+
+def run_cascade(
+    snapshot: Snapshot,
+    target: Target,
+    k: int,
+    stages: Sequence[Stage] | None = None,
+    seed: int = 0,
+    deadline: float | None = None,
+) -> CascadeResult:
+    """`execute(plan_target(...))` for a target: the cascade (or FAISS only), never the exact table."""
+    result = execute(plan_target(snapshot, target, k, stages), seed, deadline)
+    assert isinstance(result, CascadeResult)
+    return result
+
+
+def _check_k(k: int, alive: int) -> None:
+    if not 1 <= k <= alive:
+        raise RequestError("k", f"must be between 1 and the {alive} candidate clusters, got {k}")
+
+
+def target_from_label(snapshot: Snapshot, label: int) -> Target:
+    """`label` is one of the user's labels (`Space.labels_known`); the target is over class indices."""
+    space = snapshot.space
+    index = space.class_of(label)
+    if index is None:
+        known = ", ".join(str(v) for v in space.labels_known)
+        raise RequestError("target.label", f"unknown label {label}; this space's labels are {known}")
+    utility = np.zeros(space.num_classes)
+    utility[index] = 1.0
+    return Target(utility=utility, label=index)
+
+
+def target_from_utility(snapshot: Snapshot, utility: list[float] | np.ndarray) -> Target:
+    u = np.asarray(utility, dtype=np.float64)
+    if u.shape != (snapshot.space.num_classes,):
+        raise RequestError("target.utility", f"needs {snapshot.space.num_classes} values, got {u.size}")
+    if not np.isfinite(u).all():
+        raise RequestError("target.utility", "values must be finite")
+    if not (u != 0).any():
+        raise RequestError("target.utility", "all weights are zero: every cluster would score 0")
+    return Target(utility=u)
+
+
+def _examples_array(snapshot: Snapshot, examples: list[list[float]] | np.ndarray) -> np.ndarray:
+    try:
+        x = np.asarray(examples, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise RequestError("target.examples", "every example must be a list of numbers of the same length") from None
+    if x.ndim != 2 or x.shape[1] != snapshot.space.input_dim or len(x) == 0:
+        raise RequestError("target.examples", f"each example needs {snapshot.space.input_dim} features")
+    if not np.isfinite(x).all():
+        raise RequestError("target.examples", "values must be finite")
+    return x
+
+
+def target_from_examples(
+    snapshot: Snapshot,
+    examples: list[list[float]] | np.ndarray,
+    candidates: int,
+    gains: list[float] | tuple[float, ...] | None = None,
+) -> Target:
+    """A query by example. With a pair model in the snapshot (the main path): the examples are the query,
+    read by the pair models with every item, the utility is `gains` over relevance grades, and the candidates
+    are the clusters nearest to the examples in the bi-encoder's embedding. Several examples: each cluster's
+    grade posterior is the mean over examples, at a cost proportional to their number.
+
+    Without one (an older home): the dense classifier's mean posterior over the examples is a utility over
+    classes and the candidates come from the raw-feature index."""
+    x = _examples_array(snapshot, examples)
+    if snapshot.embedding is None or snapshot.config.pair_dense is None:
+        if gains is not None:
+            raise RequestError("target.gains", "this space has no pair model, so no relevance grades")
+        dense = snapshot.dense
+        with torch.inference_mode():
+            utility = score_chunked(dense.model, None, torch.from_numpy(x))[0].softmax(1).mean(0).double().numpy()
+        nearest = snapshot.index.nearest_clusters(x, candidates)
+        return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
+    num_grades = snapshot.num_grades
+    g = np.asarray(default_gains(num_grades) if gains is None else gains, dtype=np.float64)
+    if g.shape != (num_grades,) or not np.isfinite(g).all():
+        raise RequestError("target.gains", f"needs {num_grades} finite values, one per relevance grade")
+    if not (g != 0).any():
+        raise RequestError("target.gains", "all gains are zero: every cluster would score 0")
+    nearest, distances = snapshot.embedding.candidates(x, candidates)
+    queries = tuple(torch.from_numpy(row[None, :].copy()) for row in x)
+    return Target(
+        utility=g,
+        kind="pair",
+        queries=queries,
+        candidates=nearest,
+        candidate_distances=distances,
+        flops=len(x) * snapshot.embedding.flops_per_query,
+    )
+
+
+def resolve_stages(
+    snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...] | list[Stage] | None
+) -> tuple[Stage, ...]:
+    """The stages a query runs: its own (checked as given), or the default cascade for the target's kind with
+    its keeps scaled to k. An empty list is a FAISS-only answer (queries by example only)."""
+    if stages is None:
+        try:
+            default = snapshot.config.stages_for(target.kind)
+        except LookupError as exc:
+            raise RequestError("target", str(exc)) from None
+        stages = scale_keeps(default, k, snapshot.config.reference_k)
+    stages = tuple(stages)
+    if not stages and target.candidates is None:
+        raise RequestError("stages", "an empty stage list (FAISS only) needs a query by example")
+    if stages:
+        snapshot.validate_stages(stages, k, target.kind)
+    return stages
