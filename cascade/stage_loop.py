@@ -28,13 +28,13 @@ import numpy as np
 import torch
 
 from cascade.config import Stage
-from cascade.engine import CascadeResult, DeadlineExceeded, StageReport, Target, ranking_key
+from cascade.engine import CascadeResult, DeadlineExceeded, StageReport, Target, ranking_key, stage_flops
 from cascade.snapshot import Snapshot, Variant
 from models.aggregation import MemberOutputs, aggregate, get_aggregator
 from models.inference import score_many
 from models.scorer import prepare_for
 
-__all__ = ["StageJob", "run_stages_many", "sample_members_many"]
+__all__ = ["StageJob", "run_stages", "run_stages_many", "sample_members_many"]
 
 
 @dataclass(frozen=True)
@@ -306,6 +306,24 @@ def _group_positions(counts: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return (starts[groups][seg] + np.arange(int(sel.sum())) - (np.cumsum(sel) - sel)[seg]).astype(np.int64)
 
 
+def run_stages(
+    snapshot: Snapshot,
+    target: Target,
+    k: int,
+    stages: Sequence[Stage],
+    seed: int = 0,
+    deadline: float | None = None,
+) -> CascadeResult:
+    """The stage loop of one query (a batch of one): `stages` as a plan resolved and checked them
+    (`cascade.plan`), at least one, with k within the candidates. `deadline`: a `time.monotonic()` instant;
+    past it, the next stage raises DeadlineExceeded instead of running (the service has answered 504 by then
+    and wants its worker back)."""
+    result = run_stages_many(snapshot, [StageJob(target, k, tuple(stages), seed, deadline)])[0]
+    if isinstance(result, DeadlineExceeded):
+        raise result
+    return result
+
+
 def run_stages_many(snapshot: Snapshot, jobs: Sequence[StageJob]) -> list[CascadeResult | DeadlineExceeded]:
     """The stage loop for every job at once (jobs with the same stage list share every step; other stage lists
     run as their own batches). A job whose deadline passes before one of its stages gets DeadlineExceeded in
@@ -552,10 +570,5 @@ def _flops(
     prepared_for: int | None,
     examples: int,
 ) -> tuple[int, int]:
-    """(nonzero, dense-kernel) FLOPs of one query's stage, for every example: the model on its items (the
-    query prepared before and reused, or not) and the aggregation."""
-    agg = get_aggregator(aggregator)
-    outputs = len(variant.log_prior)
-    aggregation = sum(clusters * agg.flops(n, outputs, variant.gadget) for n, clusters in members)
-    cost = variant.cost(items, prepared_for=prepared_for)
-    return examples * (cost.nonzero + aggregation), examples * (cost.dense_kernel + aggregation)
+    """(nonzero, dense-kernel) FLOPs of one query's stage (`engine.stage_flops`, the count a plan predicts)."""
+    return stage_flops(variant, aggregator, items, dict(members), len(variant.log_prior), examples, prepared_for)

@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None, bootstrap_first: bool = False) 
     # whole body (bounded, timed) before it gives out a slot, so a slow body never holds query capacity.
     app.add_middleware(
         QueryLimiter,
-        paths=("/v1/query",),
+        paths=("/v1/query", "/v1/query/batch"),
         concurrency=settings.max_concurrent_queries,
         queue=settings.max_queued_queries,
         timeout_s=settings.query_timeout_s,

@@ -11,6 +11,8 @@ from cascade.config import Stage
 from cascade.engine import RANKING_KEYS
 
 __all__ = [
+    "QueryBatchRequest",
+    "QueryBatchResponse",
     "Target",
     "QueryRequest",
     "ClusterHit",
@@ -208,3 +210,17 @@ class AdminStateOut(BaseModel):
     snapshot_id: str
     active: dict[str, int] = Field(description="the active version of every model")
     served: dict[str, int] = Field(description="the versions the current snapshot serves (those fitting the space)")
+
+
+class QueryBatchRequest(BaseModel):
+    """Several queries in one request (`POST /v1/query/batch`), each answered as if sent alone."""
+
+    model_config = _STRICT
+
+    queries: list[QueryRequest] = Field(min_length=1, description="at most `max_batch_request_queries` (64)")
+
+
+class QueryBatchResponse(BaseModel):
+    results: list[QueryResponse] = Field(description="one answer per query, in the order of the request")
+    flops: int = Field(description="the queries' FLOPs together (the cost budget applies to this sum)")
+    latency_ms: float

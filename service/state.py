@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cascade.batcher import Batcher
 from cascade.config import CONFIG_FILE, CascadeConfig
 from cascade.exact import ExactTable
 from cascade.snapshot import (
@@ -54,6 +55,10 @@ class ServiceState:
         self.bootstrap_progress: dict[str, object] | None = None
         self.shared: SharedState | None = None  # set when Redis is configured
         self.cache: ResultCache | None = None
+        # concurrent queries with the same stages computed as one batch (same answers as alone)
+        self.batcher = (
+            Batcher(settings.batch_max_wait_ms / 1000.0, settings.batch_max_queries) if settings.batching else None
+        )
         self.loaded = threading.Event()
         self.generation = 0  # bumped by every local change; a reconcile that read Redis before it stands down
         self._misfits_logged: set[tuple[str, int]] = set()  # active versions that do not fit, logged once each

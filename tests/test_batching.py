@@ -4,6 +4,7 @@ batch; the padded scoring calls equal the unpadded ones."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -13,7 +14,8 @@ import torch
 
 from cascade.batcher import Batcher
 from cascade.config import Stage
-from cascade.engine import CascadeResult, DeadlineExceeded, resolve_stages, target_from_examples, target_from_label
+from cascade.engine import CascadeResult, DeadlineExceeded
+from cascade.plan import resolve_stages, target_from_examples, target_from_label
 from cascade.space import sample_members
 from cascade.stage_loop import StageJob, run_stages_many, sample_members_many
 from models.inference import score_chunked, score_many
@@ -165,3 +167,155 @@ def test_a_follower_stops_waiting_at_its_deadline(snapshot) -> None:
         batcher.run(snapshot, follower)
     t.join(60)
     assert _same(out["lead"], run_stages_many(snapshot, [lead_job])[0])  # type: ignore[arg-type]
+
+
+# -- over HTTP: the batched server, the multi-query route, the queue ------------------------------------------------
+@pytest.fixture(scope="module")
+def batching_server(tiny_home, tmp_path_factory):
+    """Batching on with a wait long enough that concurrent queries do share batches, result cache off."""
+    from conftest import start_server, stop_server
+    from service_fixtures import copy_home
+
+    home = copy_home(tiny_home, tmp_path_factory.mktemp("batching") / "home")
+    env = {
+        "PRUNECASCADE_CACHE_ENABLED": "false",
+        "PRUNECASCADE_BATCH_MAX_WAIT_MS": "20",
+        "PRUNECASCADE_MAX_CONCURRENT_QUERIES": "8",
+    }
+    s = start_server(home, env)
+    yield s
+    stop_server(s)
+
+
+def _bodies(snapshot, count: int) -> list[dict]:
+    extend = [{"variant": "pair-dense", "samples": 2, "keep": 12}, {"variant": "pair-dense", "samples": 5}]
+    out = []
+    for i in range(count):
+        body = {"target": {"examples": snapshot.queries.x[i : i + 1].tolist()}, "k": 5, "seed": 11 + i}
+        if i % 3 == 1:
+            body["stages"] = extend
+        out.append(body)
+    return out
+
+
+def _ranking(answer: dict) -> list:
+    return [(c["cluster_id"], c["score"], c["ranking_value"], c["posterior"]) for c in answer["clusters"]]
+
+
+def test_concurrent_http_queries_are_answered_as_alone(batching_server, snapshot) -> None:
+    import asyncio
+
+    import httpx
+
+    bodies = _bodies(snapshot, 12)
+    with httpx.Client(base_url=batching_server.url, timeout=60) as client:
+        alone = [client.post("/v1/query", json=b).json() for b in bodies]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=batching_server.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/query", json=b) for b in bodies))
+
+    for _ in range(2):
+        together = asyncio.run(burst())
+        assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200]
+        for a, b in zip(alone, together, strict=True):
+            assert _ranking(a) == _ranking(b.json())
+            assert [s["flops"] for s in a["stages"]] == [s["flops"] for s in b.json()["stages"]]
+
+
+def test_the_multi_query_route_answers_each_query_as_alone(batching_server, snapshot) -> None:
+    import httpx
+
+    bodies = [
+        *_bodies(snapshot, 6),
+        {"target": {"examples": snapshot.queries.x[7:8].tolist()}, "k": 5, "stages": []},  # FAISS only
+        {"target": {"label": 1}, "k": 4, "mode": "cascade", "seed": 3},  # the classifier cascade
+    ]
+    with httpx.Client(base_url=batching_server.url, timeout=60) as client:
+        alone = [client.post("/v1/query", json=b).json() for b in bodies]
+        r = client.post("/v1/query/batch", json={"queries": bodies})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert [_ranking(a) for a in alone] == [_ranking(b) for b in answer["results"]]
+        assert [a["mode"] for a in alone] == [b["mode"] for b in answer["results"]]
+        assert answer["flops"] == sum(a["flops"] for a in alone)
+        # a bad query is named by its position
+        bad = client.post("/v1/query/batch", json={"queries": [bodies[0], {**bodies[1], "k": 0}]})
+        assert bad.status_code == 422 and "queries" in json.dumps(bad.json()["detail"])
+        unknown = {"target": {"label": 99}, "k": 3}
+        bad = client.post("/v1/query/batch", json={"queries": [bodies[0], unknown]})
+        assert bad.status_code == 422
+        assert bad.json()["detail"][0]["loc"] == ["body", "queries", 1, "target", "label"]
+
+
+def test_the_cost_budget_applies_to_the_whole_multi_query_request(tiny_home, tmp_path, snapshot) -> None:
+    """A budget that each query fits but their sum does not: each alone is answered, together they are a 422."""
+    import httpx
+    from conftest import start_server, stop_server
+    from service_fixtures import copy_home
+
+    from cascade.plan import Query, plan_query
+
+    bodies = _bodies(snapshot, 3)
+    costs = [
+        plan_query(
+            snapshot,
+            Query(
+                examples=b["target"]["examples"],
+                k=5,
+                stages=[Stage(**x) for x in b["stages"]] if "stages" in b else None,
+            ),
+        ).flops
+        for b in bodies
+    ]
+    home = copy_home(tiny_home, tmp_path / "home")
+    s = start_server(home, {"PRUNECASCADE_MAX_QUERY_FLOPS": str(max(costs) + 1)})
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as client:
+            assert all(client.post("/v1/query", json=b).status_code == 200 for b in bodies)
+            r = client.post("/v1/query/batch", json={"queries": bodies})
+            assert r.status_code == 422, r.text
+            assert "together" in r.json()["detail"][0]["msg"]
+            assert client.post("/v1/query/batch", json={"queries": bodies[:1]}).status_code == 200
+    finally:
+        stop_server(s)
+
+
+def test_the_queue_still_answers_503_when_full_with_batching(tiny_home, tmp_path, snapshot) -> None:
+    import asyncio
+
+    import httpx
+    from conftest import start_server, stop_server
+    from service_fixtures import copy_home
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    env = {
+        "PRUNECASCADE_MAX_CONCURRENT_QUERIES": "1",
+        "PRUNECASCADE_MAX_QUEUED_QUERIES": "0",
+        "PRUNECASCADE_CACHE_ENABLED": "false",
+        "PRUNECASCADE_BATCH_MAX_WAIT_MS": "5",
+    }
+    s = start_server(home, env)
+    heavy = [{"variant": "pair-dense", "samples": 6}]
+    bodies = [
+        {
+            "target": {"examples": snapshot.queries.x[i : i + 1].tolist()},
+            "k": 5,
+            "seed": i,
+            "stages": heavy,
+            "candidates": snapshot.space.num_clusters,
+        }
+        for i in range(12)
+    ]
+    try:
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/v1/query", json=b) for b in bodies))
+
+        statuses = [r.status_code for r in asyncio.run(burst())] + [r.status_code for r in asyncio.run(burst())]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) >= 1 and statuses.count(200) >= 2, statuses
+        assert httpx.post(f"{s.url}/v1/query", json=bodies[0], timeout=60).status_code == 200
+    finally:
+        stop_server(s)

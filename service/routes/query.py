@@ -11,13 +11,13 @@ import numpy as np
 from fastapi import APIRouter, Body, HTTPException, Request, Response
 
 from cascade.engine import DeadlineExceeded, StageReport
-from cascade.errors import ExactTableNotReady
+from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer
-from cascade.plan import Answer, Limits, Query, QueryPlan, execute, plan_query
+from cascade.plan import Answer, Limits, Query, QueryPlan, execute, execute_many, plan_query
 from service.cache import cache_key
 from service.dependencies import snapshot_of
 from service.errors import error_responses
-from service.schemas import ClusterHit, QueryRequest, QueryResponse, StageOut
+from service.schemas import ClusterHit, QueryBatchRequest, QueryBatchResponse, QueryRequest, QueryResponse, StageOut
 from service.state import ServiceState
 
 __all__ = ["router", "QUERY_EXAMPLES"]
@@ -95,7 +95,7 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
             body["latency_ms"] = (time.perf_counter() - started) * 1000.0
             return Response(content=json.dumps(body), media_type="application/json", headers={"x-cache": "hit"})
     try:
-        result = execute(plan, request.seed, getattr(http.state, "deadline", None))
+        result = execute(plan, request.seed, getattr(http.state, "deadline", None), state.batcher)
     except DeadlineExceeded as exc:  # the limiter has answered 504 already; this frees the worker
         raise HTTPException(504, str(exc)) from None
     response = _response(plan, result, started)
@@ -107,6 +107,58 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     if cache is not None:
         cache.set(key, _to_json(response.model_copy(update={"cached": True})))
     return Response(content=_to_json(response), media_type="application/json")
+
+
+@router.post(
+    "/query/batch",
+    response_model=QueryBatchResponse,
+    summary="Several queries in one request",
+    responses=error_responses(408, 413, 422, 503, 504),
+)
+def query_batch(http: Request, request: QueryBatchRequest) -> Response:
+    """Each query is answered as if it were sent alone to `POST /v1/query` (same snapshot for all, each with its
+    own seed: the same answer bit for bit), and the queries that run the cascade are computed as one batch.
+    The cost budget (`max_query_flops`) applies to the whole request: the sum of the queries' planned FLOPs.
+    A bad query is a 422 naming it (`queries[i]...`). Not cached."""
+    state: ServiceState = http.app.state.service
+    snapshot = snapshot_of(state)
+    started = time.perf_counter()
+    limit = state.settings.max_batch_request_queries
+    if len(request.queries) > limit:
+        raise RequestError("queries", f"at most {limit} queries per request (max_batch_request_queries)")
+    limits = _limits(state)
+    per_query = Limits(limits.max_k, limits.max_examples, limits.example_candidates, None)
+    plans = []
+    for i, q in enumerate(request.queries):
+        try:
+            plans.append(plan_query(snapshot, _query(q), per_query, state.exact_table))
+        except RequestError as exc:
+            raise RequestError(f"queries[{i}].{exc.field}", exc.message) from None
+        except ExactTableNotReady as exc:
+            raise HTTPException(503, f"queries[{i}]: {exc}", {"Retry-After": "5"}) from None
+    total = sum(p.flops for p in plans)
+    if total > limits.max_flops:  # type: ignore[operator]
+        raise RequestError(
+            "queries",
+            f"these queries may cost {total:,} FLOPs together, over the server's budget of {limits.max_flops:,} "
+            "per request (max_query_flops)",
+        )
+    results = execute_many(plans, [q.seed for q in request.queries], getattr(http.state, "deadline", None))
+    if any(isinstance(r, DeadlineExceeded) for r in results):
+        raise HTTPException(504, "deadline passed while the batch was computed")
+    responses = [_response(p, r, started) for p, r in zip(plans, results, strict=True)]  # type: ignore[arg-type]
+    metrics = state.metrics
+    for response in responses:
+        for stage in response.stages:
+            metrics.stage_latency.labels(variant=stage.variant).observe(stage.ms / 1000.0)
+            metrics.stage_flops.labels(variant=stage.variant).inc(stage.flops)
+        metrics.query_flops.observe(response.flops)
+    out = QueryBatchResponse(
+        results=responses,
+        flops=sum(r.flops for r in responses),
+        latency_ms=(time.perf_counter() - started) * 1000.0,
+    )
+    return Response(content=QueryBatchResponse.__pydantic_serializer__.to_json(out), media_type="application/json")
 
 
 def _query(request: QueryRequest) -> Query:
