@@ -11,7 +11,7 @@ other than the one the first stage scored), the same stage with one fresh sample
 without carrying), and the documented best cascade of the rare label 7 (two fresh samples); each then
 `cnn-s50` (4 samples, keep max(k, keep/4)) and the dense model on 5 samples. Every setting runs through this
 script's copy of the engine's stage loop; it checks first that, without carrying, the loop returns exactly the
-clusters of `cascade.engine.run_stages`.
+clusters of `cascade.stage_loop.run_stages`.
 Per seed (member sampling): the dense oracle, then every setting in a shuffled order, k = the rare label's
 clusters; recall@k against them, wall ratio = median oracle ms / median setting ms (building the target
 included), as `bench_cascade`.
@@ -77,7 +77,7 @@ def other_member(offsets: np.ndarray, clusters: np.ndarray, previous: np.ndarray
 
 
 def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> tuple[np.ndarray, int, list[float]]:
-    """The engine's stage loop (`cascade.engine.run_stages`) with an optional carry per stage: a carried stage
+    """The stage loop (`cascade.stage_loop.run_stages`) with an optional carry per stage: a carried stage
     samples one member per surviving cluster other than the one the previous (one-sample) stage scored, and
     ranks by the product of both stages' posteriors. Returns the k cluster ids, nonzero FLOPs, ms per stage."""
     import torch

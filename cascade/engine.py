@@ -146,9 +146,9 @@ def stage_flops(
 
 def planned_stage_flops(snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...]) -> tuple[int, ...]:
     """Each stage's nonzero FLOPs as the stage loop (`cascade.stage_loop`) will count them (`stage_flops`),
-    before anything runs: every surviving cluster is assumed to have at least `samples` members, so the figure is exact where they do and
-    an upper bound otherwise. A stage of the same variant as the one before extends its members, as the loop
-    does."""
+    before anything runs: every surviving cluster is assumed to have at least `samples` members, so the figure
+    is exact where they do and an upper bound otherwise. A stage of the same variant as the one before extends
+    its members, as the loop does."""
     alive = len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters
     max_size = int(snapshot.space.sizes.max()) if snapshot.space.num_clusters else 0
     costs = []
