@@ -190,6 +190,25 @@ class _Client:
             return 0
 
 
+def batch_counters(port: int) -> tuple[float, float]:
+    """(batches, batched queries) from the server's /metrics (one worker's when it runs several; 0 without
+    batching)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    except (OSError, http.client.HTTPException):
+        return 0.0, 0.0
+    finally:
+        conn.close()
+    values = {"prunecascade_batches_total": 0.0, "prunecascade_batched_queries_total": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return values["prunecascade_batches_total"], values["prunecascade_batched_queries_total"]
+
+
 def _encode(body: dict, seed: int) -> bytes:
     return json.dumps({**body, "seed": seed}).encode() if "examples" in body["target"] else json.dumps(body).encode()
 
@@ -223,6 +242,7 @@ def closed_loop(
     threads = [threading.Thread(target=worker, args=(j,)) for j in range(clients)]
     for t in threads:
         t.start()
+    batches0 = batch_counters(port)
     cpu0, wall0 = server_cpu_seconds(pid), time.monotonic()
     stop_at[0] = wall0 + duration
     start_gate.wait()
@@ -230,6 +250,7 @@ def closed_loop(
         t.join()
     wall = time.monotonic() - wall0
     cpu = server_cpu_seconds(pid) - cpu0
+    batches1 = batch_counters(port)
     flat = [v for per in latencies for v in per]
     return {
         "clients": clients,
@@ -239,6 +260,8 @@ def closed_loop(
         "p50_ms": median(flat) if flat else float("nan"),
         "p99_ms": percentile(flat, 99) if flat else float("nan"),
         "server_cpu": cpu / wall,
+        "cpu_ms_per_query": 1000.0 * cpu / len(flat) if flat else float("nan"),
+        "mean_batch": (batches1[1] - batches0[1]) / (batches1[0] - batches0[0]) if batches1[0] > batches0[0] else 1.0,
     }
 
 
@@ -324,6 +347,8 @@ def _summary(runs: dict[str, dict[int, list[dict]]], clients: list[int]) -> dict
                     "p50_ms": median([m["p50_ms"] for m in ms]),
                     "p99_ms": median([m["p99_ms"] for m in ms]),
                     "server_cpu": median([m["server_cpu"] for m in ms]),
+                    "cpu_ms_per_query": median([m["cpu_ms_per_query"] for m in ms]),
+                    "mean_batch": median([m["mean_batch"] for m in ms]),
                     "errors": sum(m["errors"] for m in ms),
                 }
             )
@@ -393,18 +418,19 @@ def print_table(out: dict) -> None:
         kinds = list(summary)
         spec = server["spec"]
         print(f"\n{name}: {spec['workers']} worker(s), env {spec['env']}, tree {spec['tree'] or 'this one'}")
-        head = " | ".join(f"{k} q/s (ratio) | {k} p50 / p99 ms | {k} server CPU" for k in kinds)
-        print(f"| clients | {head} |")
-        print("|---|" + "---|---|---|" * len(kinds))
+        head = " | ".join(f"{k} q/s (ratio) | {k} p50 / p99 ms | {k} server CPU (CPU ms per query)" for k in kinds)
+        print(f"| clients | {head} | examples: mean batch |")
+        print("|---|" + "---|---|---|" * len(kinds) + "---|")
         for i, c in enumerate(out["clients"]):
             cells = []
             for k in kinds:
                 s = summary[k][i]
                 cells.append(
                     f"{s['qps']:.1f} ({s['ratio_to_1_client']:.2f}x) | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} | "
-                    f"{100 * s['server_cpu']:.0f}%"
+                    f"{100 * s['server_cpu']:.0f}% ({s['cpu_ms_per_query']:.1f})"
                 )
-            print(f"| {c} | " + " | ".join(cells) + " |")
+            batch = summary["examples"][i]["mean_batch"] if "examples" in summary else float("nan")
+            print(f"| {c} | " + " | ".join(cells) + f" | {batch:.2f} |")
         if "open_loop" in server:
             o = server["open_loop"]
             print(

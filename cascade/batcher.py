@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from cascade.engine import CascadeResult, DeadlineExceeded
@@ -54,7 +54,10 @@ class BatchStats:
 class Batcher:
     """Thread safe; one per process (the service keeps it in its state)."""
 
-    def __init__(self, max_wait_s: float = 0.002, max_batch: int = 16) -> None:
+    def __init__(
+        self, max_wait_s: float = 0.002, max_batch: int = 16, on_batch: Callable[[int], None] | None = None
+    ) -> None:
+        """`on_batch(size)` is called once per batch computed (the service counts them in its metrics)."""
         if max_wait_s < 0 or max_batch < 1:
             raise ValueError("max_wait_s >= 0 and max_batch >= 1 are required")
         self.max_wait_s = max_wait_s
@@ -63,6 +66,7 @@ class Batcher:
         self._open: dict[Hashable, _Open] = {}
         self._running = 0  # batches being computed now
         self.stats = BatchStats()
+        self.on_batch = on_batch
 
     def run(self, snapshot: Snapshot, job: StageJob) -> CascadeResult:
         """The job's answer, computed in a batch with whatever concurrent jobs share its stages."""
@@ -111,6 +115,8 @@ class Batcher:
             self.stats.batches += 1
             self.stats.queries += len(waiters)
             self.stats.largest = max(self.stats.largest, len(waiters))
+        if self.on_batch is not None:
+            self.on_batch(len(waiters))
         try:
             results = run_stages_many(batch.snapshot, [w.job for w in waiters])
         except BaseException as exc:  # every query of the batch gets the failure

@@ -57,7 +57,9 @@ class ServiceState:
         self.cache: ResultCache | None = None
         # concurrent queries with the same stages computed as one batch (same answers as alone)
         self.batcher = (
-            Batcher(settings.batch_max_wait_ms / 1000.0, settings.batch_max_queries) if settings.batching else None
+            Batcher(settings.batch_max_wait_ms / 1000.0, settings.batch_max_queries, self._count_batch)
+            if settings.batching
+            else None
         )
         self.loaded = threading.Event()
         self.generation = 0  # bumped by every local change; a reconcile that read Redis before it stands down
@@ -67,6 +69,10 @@ class ServiceState:
             enabled=settings.exact_enabled,
             max_bytes=settings.exact_max_bytes,
         )
+
+    def _count_batch(self, size: int) -> None:
+        self.metrics.batches.inc()
+        self.metrics.batched_queries.inc(size)
 
     def item_cache(self) -> ItemCache:
         """Where the pair models' item inputs live: files beside the space, memory-mapped and shared by the
