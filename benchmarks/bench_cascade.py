@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass
 from itertools import product
 from pathlib import Path
@@ -124,8 +123,10 @@ def run_regime(
     cascade)."""
     from cascade.config import Stage
     from cascade.engine import dense_oracle
-    from cascade.evaluation import agreement_at_k, recall_at_k
     from cascade.plan import execute, plan_target, target_from_label
+    from cascade.ranking_metrics import agreement_at_k, recall_at_k, relevant_items
+    from cascade.side_by_side import HeldOutQuery, side_by_side
+    from cascade.side_by_side import stages as stages_method
 
     set_threads(threads)
     snap = load_snapshot_from(home, space_name or (RARE_SPACE if regime == "rare" else BIG_SPACE))
@@ -148,50 +149,43 @@ def run_regime(
     for stages in stage_lists:
         execute(plan_target(snap, warmup, k, stages), 0)
 
+    queries = [
+        HeldOutQuery(f"label {label}", lambda snap, label=label: target_from_label(snap, label),
+                     frozenset(relevant_items(space.cluster_labels, label)), info={"label": label})
+        for label in labels
+    ]  # fmt: skip
+    methods = [stages_method(str(i), stage_list) for i, stage_list in enumerate(stage_lists)]
+    rounds = side_by_side(
+        snap, queries, methods, k, seeds, shuffle=np.random.default_rng(12345), warm=warm,
+        progress=lambda msg: print(f"  {msg}", flush=True),
+    )  # fmt: skip
     rows: list[dict] = []
     oracle_rows: list[dict] = []
-    order_rng = np.random.default_rng(12345)
-    started = time.perf_counter()
-    for seed in seeds:
-        for label in labels:
-            relevant = int((space.cluster_labels == label).sum())
-            t0 = time.perf_counter()
-            target = target_from_label(snap, label)
-            oracle = dense_oracle(snap, target, k)
-            oracle_ms = (time.perf_counter() - t0) * 1000
-            oracle_recall = recall_at_k(space.cluster_labels[oracle.cluster_ids], label, k, relevant)
-            oracle_rows.append(
-                {"seed": seed, "label": label, "ms": oracle_ms, "recall": oracle_recall, "flops": oracle.flops}
+    for r in rounds:
+        oracle, label = r["oracle"], r.query.info["label"]
+        oracle_rows.append(
+            {"seed": r.seed, "label": label, "ms": oracle.ms, "flops": oracle.flops,
+             "recall": recall_at_k(oracle.cluster_ids, r.query.relevant, k)}
+            | ({"ms_warm": oracle.ms_warm} if warm else {})
+        )  # fmt: skip
+        for i in range(len(settings)):
+            got = r[str(i)]
+            rows.append(
+                {
+                    "setting": i,
+                    "seed": r.seed,
+                    "label": label,
+                    "ms": got.ms,
+                    "recall": recall_at_k(got.cluster_ids, r.query.relevant, k),
+                    "agreement": agreement_at_k(got.cluster_ids, oracle.cluster_ids, k),
+                    "flops": got.flops,
+                    "flops_dense_kernel": got.flops_dense_kernel,
+                    "stage_ms": list(got.stage_ms),
+                    "oracle_flops": oracle.flops,
+                    "oracle_flops_dense_kernel": oracle.flops_dense_kernel,
+                }
+                | ({"ms_warm": got.ms_warm} if warm else {})
             )
-            for _ in range(warm):
-                t0 = time.perf_counter()
-                dense_oracle(snap, target_from_label(snap, label), k)
-                oracle_rows[-1]["ms_warm"] = (time.perf_counter() - t0) * 1000
-            for i in order_rng.permutation(len(settings)):
-                t0 = time.perf_counter()
-                target = target_from_label(snap, label)
-                result = execute(plan_target(snap, target, k, stage_lists[i]), seed)
-                ms = (time.perf_counter() - t0) * 1000
-                rows.append(
-                    {
-                        "setting": int(i),
-                        "seed": seed,
-                        "label": label,
-                        "ms": ms,
-                        "recall": recall_at_k(space.cluster_labels[result.cluster_ids], label, k, relevant),
-                        "agreement": agreement_at_k(result.cluster_ids, oracle.cluster_ids, k),
-                        "flops": result.flops,
-                        "flops_dense_kernel": result.flops_dense_kernel,
-                        "stage_ms": [st.ms for st in result.stages],
-                        "oracle_flops": oracle.flops,
-                        "oracle_flops_dense_kernel": oracle.flops_dense_kernel,
-                    }
-                )
-                for _ in range(warm):
-                    t0 = time.perf_counter()
-                    execute(plan_target(snap, target_from_label(snap, label), k, stage_lists[i]), seed)
-                    rows[-1]["ms_warm"] = (time.perf_counter() - t0) * 1000
-        print(f"  seed {seed} done ({time.perf_counter() - started:.0f}s)", flush=True)
 
     oracle_ms = median([r["ms"] for r in oracle_rows])
     oracle_ms_warm = median([r["ms_warm"] for r in oracle_rows]) if warm > 0 else None

@@ -1,4 +1,4 @@
-"""Dense accuracy, reproducibly (issue 13 items 3 and 4; not a test).
+"""Dense accuracy, reproducibly (not a test).
 
     .venv/bin/python -m benchmarks.bench_dense bootstrap --seeds 0 1 2 --archs cnn1d mlp --threads 2
     .venv/bin/python -m benchmarks.bench_dense paper --seeds 0 1 2 --archs cnn1d mlp

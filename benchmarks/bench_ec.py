@@ -1,4 +1,4 @@
-"""Elimination-compensation against magnitude and SNIP on the bootstrap's models (issue 13, item 1; not a test).
+"""Elimination-compensation against magnitude and SNIP on the bootstrap's models (not a test).
 
     .venv/bin/python -m benchmarks.bench_ec run --seeds 0 1 2 --out var/bench/ec.jsonl
     .venv/bin/python -m benchmarks.bench_ec report --results var/bench/ec.jsonl

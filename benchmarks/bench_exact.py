@@ -34,7 +34,7 @@ PATHS = ("exact", "cascade", "oracle")
 
 def prepare_big(home: Path, samples: int = 120_000, seed: int = 101, name: str = BIG_SPACE) -> None:
     """The default models (bootstrap, skipped where they exist) and `bench_cascade`'s common-target space."""
-    from benchmarks.common import _write_space
+    from benchmarks.common import write_space
     from cascade.bootstrap import BootstrapConfig, bootstrap
     from cascade.space import META_FILE, SPACE_FILE, clusters_by_label
     from models.data import load_dataset
@@ -50,7 +50,7 @@ def prepare_big(home: Path, samples: int = 120_000, seed: int = 101, name: str =
     rng = np.random.default_rng(seed)
     cluster = clusters_by_label(big.y_pool, 10, rng)
     meta = {"id": f"bench-big-s{seed}-n{len(big.y_pool)}", "dataset": "mnist1d", "clusters": "same-label"}
-    space = _write_space(directory, big.x_pool, big.y_pool, train.prior, cluster, meta)
+    space = write_space(directory, big.x_pool, big.y_pool, train.prior, cluster, meta)
     print(f"{name} space: {space.num_items:,} items, {space.num_clusters:,} clusters", flush=True)
 
 
@@ -62,10 +62,12 @@ def _value(log_post: np.ndarray, ids: np.ndarray, utility: np.ndarray) -> float:
 
 
 def run(home: Path, space_name: str, k: int, seeds: tuple[int, ...], utilities: int, builds: int) -> dict:
-    from cascade.engine import dense_oracle
-    from cascade.evaluation import agreement_at_k, recall_at_k
     from cascade.exact import build_table, load_table, lookup_flops, save_table, table_bytes, table_path
-    from cascade.plan import execute, plan_target, target_from_label, target_from_utility
+    from cascade.plan import target_from_label, target_from_utility
+    from cascade.ranking_metrics import agreement_at_k, recall_at_k, relevant_items
+    from cascade.side_by_side import ORACLE, HeldOutQuery, side_by_side
+    from cascade.side_by_side import exact as exact_method
+    from cascade.side_by_side import stages as stages_method
 
     set_threads(1)
     snap = load_snapshot_from(home, space_name)
@@ -88,52 +90,47 @@ def run(home: Path, space_name: str, k: int, seeds: tuple[int, ...], utilities: 
         load_ms = (time.perf_counter() - t0) * 1000
         assert np.array_equal(loaded.log_post, table.log_post)
 
-    def query(path: str, target, seed: int):
-        if path == "oracle":
-            return dense_oracle(snap, target, k)
-        return execute(plan_target(snap, target, k, table=table if path == "exact" else None), seed)
-
+    methods = {"exact": exact_method("exact", table), "cascade": stages_method("cascade", None), "oracle": ORACLE}
     rng = np.random.default_rng(0)
     utility_vectors = [rng.dirichlet(np.ones(C)) for _ in range(utilities)]
     warm = target_from_label(snap, 0)
     for path in PATHS:  # first calls allocate and pick kernels
-        query(path, warm, 0)
+        methods[path].answer(snap, warm, k, 0)
 
+    queries = [
+        HeldOutQuery(f"label {label}", lambda s, label=label: target_from_label(s, label),
+                     frozenset(relevant_items(space.cluster_labels, label)), info={"kind": "label", "which": label})
+        for label in range(C)
+    ] + [
+        HeldOutQuery(f"utility {i}", lambda s, i=i: target_from_utility(s, utility_vectors[i]),
+                     info={"kind": "utility", "which": i})
+        for i in range(utilities)
+    ]  # fmt: skip
+    rounds = side_by_side(
+        snap, queries, [methods[p] for p in PATHS], k, seeds, reference=None,
+        shuffle=np.random.default_rng(12345), progress=lambda msg: print(f"  {msg}", flush=True),
+    )  # fmt: skip
     rows: list[dict] = []
-    order = np.random.default_rng(12345)
-    started = time.perf_counter()
-    for seed in seeds:
-        queries = [("label", label) for label in range(C)] + [("utility", i) for i in range(utilities)]
-        for kind, which in queries:
-            results = {}
-            for p in (PATHS[i] for i in order.permutation(len(PATHS))):
-                t0 = time.perf_counter()
-                target = (
-                    target_from_label(snap, which)
-                    if kind == "label"
-                    else target_from_utility(snap, utility_vectors[which])
-                )
-                result = query(p, target, seed)
-                results[p] = (result, (time.perf_counter() - t0) * 1000)
-            oracle_ids = results["oracle"][0].cluster_ids
-            exact_value = _value(table.log_post, oracle_ids, target.utility)
-            for p, (result, ms) in results.items():
-                row = {
-                    "path": p,
-                    "kind": kind,
-                    "which": which,
-                    "seed": seed,
-                    "ms": ms,
-                    "flops": result.flops,
-                    "agreement": agreement_at_k(result.cluster_ids, oracle_ids, k),
-                }
-                if kind == "utility":
-                    row["value_ratio"] = _value(table.log_post, result.cluster_ids, target.utility) / exact_value
-                if kind == "label":
-                    relevant = int((space.cluster_labels == which).sum())
-                    row["recall"] = recall_at_k(space.cluster_labels[result.cluster_ids], which, k, relevant)
-                rows.append(row)
-        print(f"  seed {seed} done ({time.perf_counter() - started:.0f}s)", flush=True)
+    for r in rounds:
+        kind, which = r.query.info["kind"], r.query.info["which"]
+        oracle_ids = r["oracle"].cluster_ids
+        exact_value = _value(table.log_post, oracle_ids, r.target.utility)
+        for p in PATHS:
+            got = r[p]
+            row = {
+                "path": p,
+                "kind": kind,
+                "which": which,
+                "seed": r.seed,
+                "ms": got.ms,
+                "flops": got.flops,
+                "agreement": agreement_at_k(got.cluster_ids, oracle_ids, k),
+            }
+            if kind == "utility":
+                row["value_ratio"] = _value(table.log_post, got.cluster_ids, r.target.utility) / exact_value
+            if kind == "label":
+                row["recall"] = recall_at_k(got.cluster_ids, r.query.relevant, k)
+            rows.append(row)
 
     summary = {}
     for p in PATHS:

@@ -20,12 +20,12 @@ __all__ = ["main", "positive_shares"]
 def positive_shares(seed: int, cache: Path) -> dict[str, float]:
     import torch
 
-    from benchmarks.bench_pruning import _dense
+    from benchmarks.bench_pruning import trained_dense
     from models.pruning.pipeline import calibration_from
     from models.pruning.unstructured import score_grasp
 
     torch.set_num_threads(1)
-    dense, splits = _dense("mnist1d-mlp", seed, cache)
+    dense, splits = trained_dense("mnist1d-mlp", seed, cache)
     scores = score_grasp(copy.deepcopy(dense), calibration_from(splits, 512, seed))
     return {name: float((s > 0).double().mean()) for name, s in scores.items()}
 

@@ -11,7 +11,7 @@ Python per request: the difference between the two runs is the client's own shar
 fixed per-request cost: transport, framework, validation, JSON, client).
 Each query runs in-process and then over HTTP, back to back, and every `--oracle-every`th query also runs the
 dense exhaustive oracle in-process, so the HTTP wall-time ratio to the oracle comes from the same run.
-Target (issue 6): HTTP p50 <= 1.5 x in-process p50 + 2 ms.
+Target: HTTP p50 <= 1.5 x in-process p50 + 2 ms.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Queries by example on a space of >= 100,000 items: the cascade of pair models against the three answers a
-user could pick instead, side by side in one run (issue 14 item 6; not a test).
+user could pick instead, side by side in one run (not a test).
 
     .venv/bin/python -m benchmarks.bench_pair prepare --home var --name pairbig --prototypes 10000
     .venv/bin/python -m benchmarks.bench_pair run --home var --space pairbig --queries 200 \

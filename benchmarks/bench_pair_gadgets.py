@@ -1,5 +1,5 @@
-"""Issue 14 item 7: do gadgets over pair-model hidden states beat averaging at equal FLOPs, and is there a sweet
-spot? n-accuracy and relative information over grades for pair tuples (`models.pair_tuples`).
+"""Do gadgets over pair-model hidden states beat averaging at equal FLOPs, and is there a sweet spot? n-accuracy
+and relative information over grades for pair tuples (`lab.pair_tuples`).
 
 Variants: the home's `pair-dense`, `pair-s30`, `pair-s10` (read only: nothing is written to the home) plus
 `greedy-asymmetric` with reweighting pruned here at `--keeps`, each without and with a `--finetune-steps`
@@ -11,8 +11,8 @@ served space's prototypes, which no model trained on) and gadget initialisation 
         --seeds 0 1 2 --out var/bench/pair-gadgets
     .venv/bin/python -m benchmarks.bench_pair_gadgets --out var/bench/pair-gadgets --summarise
 
-Writes OUT/seed-S/{results.json,results.csv,budget_results.csv,sweet_spots.csv,summary.md} (the `tuples`
-command's formats) and, with --summarise, OUT/summary.md across seeds. A seed whose results.json exists is
+Writes OUT/seed-S/{results.json,results.csv,budget_results.csv,sweet_spots.csv,summary.md} (the formats of
+`python -m lab.run_tuples`) and, with --summarise, OUT/summary.md across seeds. A seed whose results.json exists is
 skipped (resumable).
 """
 
@@ -41,8 +41,8 @@ def build_variants(home: Path, keeps: list[float], finetune_steps: int) -> tuple
     """The registry's pair models and the ones pruned here; returns (variants, context)."""
     import torch
 
+    from lab.pair_tuples import pair_variant
     from models.pair_training import PairTrainConfig, pair_calibration, train_pair_model
-    from models.pair_tuples import pair_variant
     from models.prototypes import PrototypeConfig, make_prototype_set
     from models.pruning.pair import prune_pair
     from models.registry import ModelRegistry
@@ -81,10 +81,11 @@ def build_variants(home: Path, keeps: list[float], finetune_steps: int) -> tuple
 def run_seed(variants: list, ctx: dict, seed: int, args: argparse.Namespace, out: Path) -> None:
     from dataclasses import replace as dc_replace
 
-    from models.gadget import GadgetTrainConfig
-    from models.pair_tuples import run_pair_experiment, sample_pair_tuples
+    from lab.pair_tuples import run_pair_experiment
+    from lab.run_tuples import write_outputs
+    from models.gadget_training import GadgetTrainConfig
+    from models.pair_gadget_training import sample_pair_tuples
     from models.prototypes import make_prototypes
-    from service.commands.tuples import write_outputs
 
     train_cfg, space_cfg, model_prior = ctx["train"], ctx["space"], ctx["prior"]
     tuple_prior = model_prior if args.prior == "train" else (1 / 3, 1 / 3, 1 / 3)
@@ -223,7 +224,7 @@ def diagnose(variants: list, ctx: dict, seed: int, count: int, n_max: int) -> st
     import torch
 
     from models.aggregation import aggregate, log_prior_of
-    from models.pair_tuples import pair_tuple_outputs_many, sample_pair_tuples
+    from models.pair_gadget_training import pair_tuple_outputs_many, sample_pair_tuples
     from models.prototypes import make_prototypes, make_views
 
     protos = make_prototypes(ctx["space"], "space")
@@ -326,8 +327,8 @@ def cascade_comparison(home: Path, queries: int, candidates: int = 200) -> str:
     held-out queries (no oracle: it would dominate the run time)."""
     from cascade.config import CONFIG_FILE, CascadeConfig, Stage
     from cascade.evaluation import evaluate_example_queries
+    from cascade.ranking_metrics import wilson_interval
     from cascade.snapshot import load_snapshot
-    from models.metrics import wilson_interval
     from models.registry import ModelRegistry
 
     snapshot = load_snapshot(

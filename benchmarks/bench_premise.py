@@ -1,4 +1,4 @@
-"""Milestone 0 of issue 14: does the dense pair model, scoring every member of every cluster (Bayes
+"""The premise of queries by example: does the dense pair model, scoring every member of every cluster (Bayes
 aggregation), beat the bi-encoder alone (query vs cluster centroids)? Prints recall@1, recall@10 of the
 grade-2 cluster and graded nDCG@10 (gains [0, 1, 3]) for both, the single-pair grade confusion, FLOPs per
 pair and the measured time per 10,000 pairs on 1 thread.
@@ -16,6 +16,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from cascade.evaluation import graded_metrics
+from cascade.ranking_metrics import mean_over_queries
 from models.biencoder import cluster_centroids, embed_numpy
 from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.pair import PairNetwork, default_pair_spec, pair_cost
@@ -33,18 +35,14 @@ from models.pruning.pair import probe_pairs, prune_pair
 GAINS = np.array([0.0, 1.0, 3.0])
 
 
-def ranking_metrics(scores: np.ndarray, g: np.ndarray, k: int = 10) -> dict[str, float]:
-    """scores, g: (Q, K). recall@1/@10 of the grade-2 cluster; nDCG@k under GAINS (ties broken by index)."""
+def premise_metrics(scores: np.ndarray, g: np.ndarray, k: int = 10) -> dict[str, float]:
+    """scores, g: (Q, K). recall@1/@k of the grade-2 cluster (one per query: hit@1, hit@k) and nDCG@k under
+    GAINS (ties broken by index): `cascade.evaluation.graded_metrics`, as every method of the engine's evaluation
+    and the ceiling (`lab/ceiling.py`) are scored; means over queries."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    top_grades = np.take_along_axis(g, order, axis=1)
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = (GAINS[top_grades] * discount).sum(1)
-    ideal = (np.sort(GAINS[g], axis=1)[:, ::-1][:, :k] * discount).sum(1)
-    return {
-        "recall@1": float((top_grades[:, 0] == 2).mean()),
-        "recall@10": float((top_grades == 2).any(1).mean()),
-        "ndcg@10": float((dcg / ideal).mean()),
-    }
+    rows = [graded_metrics(ranking, grades_q, GAINS, k) for ranking, grades_q in zip(order, g, strict=True)]
+    r1, rk, ndcg = (mean_over_queries(column) for column in zip(*rows, strict=True))
+    return {"recall@1": r1, "recall@10": rk, "ndcg@10": ndcg}
 
 
 @torch.no_grad()
@@ -111,7 +109,7 @@ def classifier_embedding(space: PrototypeSet, xq: np.ndarray, g: np.ndarray, see
         h_items = torch.nn.functional.normalize(model.body(torch.from_numpy(space.x)), dim=1).numpy()
         h_q = torch.nn.functional.normalize(model.body(torch.from_numpy(xq)), dim=1).numpy()
     cents = cluster_centroids(h_items, space.cluster, len(space.cluster_labels))
-    return {**ranking_metrics(h_q @ cents.T, g), "train_seconds": round(seconds, 1)}
+    return {**premise_metrics(h_q @ cents.T, g), "train_seconds": round(seconds, 1)}
 
 
 def main() -> None:
@@ -174,7 +172,7 @@ def main() -> None:
     bi_seconds = time.perf_counter() - start
     cents = cluster_centroids(embed_numpy(bi, space.x), space.cluster, args.prototypes)
     bi_scores = embed_numpy(bi, xq) @ cents.T
-    out["biencoder"] = {**ranking_metrics(bi_scores, g), "train_seconds": round(bi_seconds, 1)}
+    out["biencoder"] = {**premise_metrics(bi_scores, g), "train_seconds": round(bi_seconds, 1)}
     print("bi-encoder  ", out["biencoder"], flush=True)
     if args.classifier_embedding:
         out["classifier_embedding"] = classifier_embedding(space, xq, g, args.seed)
@@ -217,8 +215,8 @@ def main() -> None:
     bayes, mean, seconds = pair_cluster_scores(model, space.x, space.cluster, xq, prior)
     cost = pair_cost(model)
     out["pair"] = {
-        "bayes": ranking_metrics(bayes, g),
-        "mean_prob": ranking_metrics(mean, g),
+        "bayes": premise_metrics(bayes, g),
+        "mean_prob": premise_metrics(mean, g),
         "val_pair_accuracy": report.val_accuracy,
         "confusion_rows_true_cols_pred": confusion.tolist(),
         "single_item_2_vs_1": [round(float(v), 3) for v in single_21],

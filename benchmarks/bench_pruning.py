@@ -47,7 +47,7 @@ def _splits(dataset: str, seed: int) -> Splits:
     return load_dataset(dataset, seed=seed, num_samples=MNIST1D_SAMPLES, cache_dir=Path("var/bench/data"))
 
 
-def _dense(model_name: str, seed: int, cache: Path) -> tuple[Classifier, Splits]:
+def trained_dense(model_name: str, seed: int, cache: Path) -> tuple[Classifier, Splits]:
     dataset, kind = MODELS[model_name]
     splits = _splits(dataset, seed)
     path = cache / f"{model_name}-s{seed}.pt"
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> None:
     done = done_keys(out, ("model", "seed", "method", "keep", "reweight", "budget"))
     for model_name in args.models:
         for seed in args.seeds:
-            dense, splits = _dense(model_name, seed, Path(args.cache))
+            dense, splits = trained_dense(model_name, seed, Path(args.cache))
             cal = calibration_from(splits, args.calibration_size, seed)
             dense_flops = count_flops(dense, dense.spec.input_dim).dense_kernel
             dense_acc = accuracy(dense, splits.x_test, splits.y_test)
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
 def speed(args: argparse.Namespace) -> None:
     """Greedy timing on a 256-to-256 layer with 512 samples; structured speedup vs FLOPs reduction."""
     torch.set_num_threads(1)
-    dense, splits = _dense("mnist1d-mlp", 0, Path(args.cache))
+    dense, splits = trained_dense("mnist1d-mlp", 0, Path(args.cache))
     cal = calibration_from(splits, 512, 0)
     x = cal.x.float()
     problem_256 = layer_problem(dense, 0, layer_inputs(dense, x)[1])  # 256 units feeding a 256-unit layer
@@ -196,7 +196,7 @@ def speed(args: argparse.Namespace) -> None:
     )
     rows = []
     for model_name in ("mnist1d-mlp", "mnist1d-cnn", "digits-cnn"):
-        d, s = _dense(model_name, 0, Path(args.cache))
+        d, s = trained_dense(model_name, 0, Path(args.cache))
         c = calibration_from(s, 512, 0)
         dense_flops = count_flops(d, d.spec.input_dim).dense_kernel
         for keep in KEEPS:
@@ -231,7 +231,7 @@ def claims(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     out: list[dict[str, Any]] = []
     for seed in args.seeds:
-        dense, splits = _dense("mnist1d-mlp", seed, Path(args.cache))
+        dense, splits = trained_dense("mnist1d-mlp", seed, Path(args.cache))
         cal = calibration_from(splits, 512, seed)
         for scope in ("global", "layer"):
             for keep in KEEPS:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cascade.space import _sample_dense_keys, _sample_sorted_keys, sample_members
+from cascade.space import sample_dense_keys, sample_members, sample_sorted_keys
 
 __all__ = ["main"]
 
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         counts = np.minimum(sizes, n)
         sorted_t, dense_t, uniform_t = [], [], []
         for _ in range(args.repeats):
-            sorted_t.append(_seconds(lambda: _sample_sorted_keys(starts, sizes, counts, rng)))  # noqa: B023
-            dense_t.append(_seconds(lambda: _sample_dense_keys(starts, sizes, n, args.size, rng)))  # noqa: B023
+            sorted_t.append(_seconds(lambda: sample_sorted_keys(starts, sizes, counts, rng)))  # noqa: B023
+            dense_t.append(_seconds(lambda: sample_dense_keys(starts, sizes, n, args.size, rng)))  # noqa: B023
             if n == 1:
                 uniform_t.append(_seconds(lambda: sample_members(offsets, clusters, 1, rng)))
         s, d = statistics.median(sorted_t) * 1e3, statistics.median(dense_t) * 1e3

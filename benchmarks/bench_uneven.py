@@ -1,4 +1,4 @@
-"""Uneven clusters: what the dense oracle ranks by, and how often the classifier cascade agrees (issue 13, item 5).
+"""Uneven clusters: what the dense oracle ranks by, and how often the classifier cascade agrees.
 
     .venv/bin/python -m benchmarks.bench_uneven --home /tmp/pc-uneven --kmeans 400 --seeds 0 1 2
     .venv/bin/python -m benchmarks.bench_uneven --home /tmp/pc-even --kmeans 0     # same-label clusters of 10
@@ -7,13 +7,13 @@
 Builds (once) a classifier-only home whose space is the held-out MNIST-1D pool (22,880 items) partitioned by FAISS
 k-means (`BootstrapConfig(pair=None, kmeans_clusters=K)`: sizes from 1 to a few hundred), with the bootstrap's
 dense model and pruned variants. `--pure-sizes M` re-partitions the same items into clusters of one true label each
-with sizes drawn uniformly from 1..M-1 (seeded), the shape of issue 13's space: uneven and pure.
+with sizes drawn uniformly from 1..M-1 (seeded), a space both uneven and pure.
 
 Then, for every label and member-sampling seed, it runs the default classifier cascade twice, with every stage
 aggregating by `bayes` (the default) and by `mean_logit`, and compares each with
 three oracles that use the dense model on the clusters' members:
 
-- `bayes-all`: `bayes` over every member (what `cascade/engine.py dense_oracle` ranked by until issue 13);
+- `bayes-all`: `bayes` over every member (what `dense_oracle` ranked by before it became `mean_logit`);
 - `bayes-10`: `bayes` over 10 members per cluster (a seeded uniform subset; all members of smaller clusters);
 - `mean_logit-all`: `mean_logit` over every member, i.e. the members' mean log-posterior, the evidence of an
   average member, which does not grow with the cluster's size; `dense_oracle` ranks by it now (the script checks).
@@ -34,8 +34,10 @@ import torch
 
 from cascade.bootstrap import BootstrapConfig, bootstrap
 from cascade.engine import ORACLE_AGGREGATOR, dense_oracle, ranking_key
-from cascade.evaluation import agreement_at_k
-from cascade.plan import execute, plan_target, target_from_label
+from cascade.plan import target_from_label
+from cascade.ranking_metrics import agreement_at_k
+from cascade.side_by_side import HeldOutQuery, side_by_side
+from cascade.side_by_side import stages as stages_method
 from cascade.snapshot import Snapshot
 from cascade.space import build_space, sample_members
 from models.aggregation import MemberOutputs, aggregate
@@ -129,17 +131,21 @@ def main(argv: list[str] | None = None) -> None:
     for name, tops in oracles.items():
         med = statistics.median(float(np.median(sizes[t])) for t in tops.values())
         print(f"oracle {name}: median over labels of the median size in its top {args.k}: {med:.0f}", flush=True)
-    for cname, cstages in cascades.items():
+    queries = [
+        HeldOutQuery(f"label {label}", lambda s, label=label: target_from_label(s, label), info={"label": label})
+        for label in range(space.num_classes)
+    ]
+    methods = [stages_method(cname, cstages) for cname, cstages in cascades.items()]
+    rounds = side_by_side(snapshot, queries, methods, args.k, args.seeds, reference=None)
+    for cname in cascades:
         agree: dict[str, list[float]] = {o: [] for o in oracles}
         med_sizes, recall = [], []
-        for label in range(space.num_classes):
-            for seed in args.seeds:
-                result = execute(plan_target(snapshot, target_from_label(snapshot, label), args.k, cstages), seed)
-                got = result.cluster_ids
-                med_sizes.append(float(np.median(sizes[got])))
-                recall.append(float((space.cluster_labels[got] == label).mean()))
-                for o, tops in oracles.items():
-                    agree[o].append(agreement_at_k(got, tops[label], args.k))
+        for r in rounds:
+            label, got = r.query.info["label"], r[cname].cluster_ids
+            med_sizes.append(float(np.median(sizes[got])))
+            recall.append(float((space.cluster_labels[got] == label).mean()))
+            for o, tops in oracles.items():
+                agree[o].append(agreement_at_k(got, tops[label], args.k))
         row = {
             "cascade": cname,
             "queries": len(recall),

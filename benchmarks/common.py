@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from cascade.ranking_metrics import median, percentile  # one definition (re-exported for the scripts)
 
 __all__ = [
     "seconds_per_call",
@@ -67,14 +68,6 @@ def seconds_per_call(fn: Callable[[], object], min_seconds: float = 0.2) -> floa
             return elapsed / calls
 
 
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
 def set_threads(n: int) -> None:
     """Same intra-op thread count for everything compared in one run (the service's default is 1)."""
     import torch
@@ -92,7 +85,7 @@ def _space_dir(home: Path, name: str) -> Path:
     return home / "spaces" / name
 
 
-def _write_space(directory: Path, x: np.ndarray, y: np.ndarray, prior: np.ndarray, cluster: np.ndarray, meta: dict):
+def write_space(directory: Path, x: np.ndarray, y: np.ndarray, prior: np.ndarray, cluster: np.ndarray, meta: dict):
     from cascade.index import ClusterIndex
     from cascade.space import build_space
 
@@ -153,7 +146,7 @@ def prepare_home(
     if not all((big_dir / f).exists() for f in (SPACE_FILE, META_FILE)):
         cluster = clusters_by_label(y, cluster_size, rng)
         meta = {"id": f"bench-big-s{big_seed}-n{len(y)}", "dataset": "mnist1d", "clusters": "same-label"}
-        space = _write_space(big_dir, x, y, prior, cluster, meta)
+        space = write_space(big_dir, x, y, prior, cluster, meta)
         print(f"big space: {space.num_items:,} items, {space.num_clusters:,} clusters", flush=True)
 
     rare_dir = _space_dir(home, rare_name)
@@ -177,7 +170,7 @@ def prepare_home(
             "clusters": "same-label",
             "rare_label": rare_label,
         }
-        space = _write_space(rare_dir, x[idx], y[idx], prior, cluster, meta)
+        space = write_space(rare_dir, x[idx], y[idx], prior, cluster, meta)
         print(
             f"rare space: {space.num_items:,} items, {space.num_clusters:,} clusters, "
             f"label {rare_label} owns {int((space.cluster_labels == rare_label).sum())}",

@@ -22,7 +22,15 @@ from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.embedding import EmbeddingIndex
 from cascade.index import INDEX_FILE, ClusterIndex
 from cascade.queries import QuerySet, default_gains, hold_out_members
-from cascade.space import META_FILE, SPACE_FILE, build_space, clusters_by_kmeans, clusters_by_label
+from cascade.space import (
+    META_FILE,
+    PAIR_PROBE_FILE,
+    PROBE_FILE,
+    SPACE_FILE,
+    build_space,
+    clusters_by_kmeans,
+    clusters_by_label,
+)
 from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.data import DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
@@ -55,9 +63,6 @@ __all__ = [
     "wants_user_pair",
     "train_pair_on_clusters",
 ]
-
-PROBE_FILE = "probe.npz"
-PAIR_PROBE_FILE = "pair_probe.npz"
 
 
 @dataclass(frozen=True)

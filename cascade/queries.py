@@ -1,6 +1,6 @@
 """The held-out query set shipped with a space, and the graded ground truth of a query by example.
 
-Grades (research notes 2, project definition): 2 = the query's own cluster (same prototype, a near
+Grades: 2 = the query's own cluster (same prototype, a near
 duplicate), 1 = a cluster of the same label, 0 = other. They depend on the cluster only, never on which
 member is looked at: the clusters are cliques of the retrieval function.
 

@@ -16,12 +16,18 @@ __all__ = [
     "clusters_by_label",
     "clusters_by_kmeans",
     "sample_members",
+    "sample_dense_keys",
+    "sample_sorted_keys",
     "SPACE_FILE",
     "META_FILE",
+    "PROBE_FILE",
+    "PAIR_PROBE_FILE",
 ]
 
 SPACE_FILE = "space.npz"
 META_FILE = "meta.json"
+PROBE_FILE = "probe.npz"  # labelled test items of a space: the accuracy gate of an uploaded classifier
+PAIR_PROBE_FILE = "pair_probe.npz"  # graded (query, item) pairs: the gate of an uploaded pair model
 
 
 @dataclass(frozen=True)
@@ -225,11 +231,11 @@ def sample_members(
     if n == 1:  # one uniform member per cluster: no keys to sort (benchmarks/bench_sampling.py)
         return starts + (rng.random(len(sizes)) * sizes).astype(np.int64), counts
     if len(clusters) * widest <= 4 * int(sizes.sum()):
-        return _sample_dense_keys(starts, sizes, n, widest, rng), counts
-    return _sample_sorted_keys(starts, sizes, counts, rng), counts
+        return sample_dense_keys(starts, sizes, n, widest, rng), counts
+    return sample_sorted_keys(starts, sizes, counts, rng), counts
 
 
-def _sample_dense_keys(
+def sample_dense_keys(
     starts: np.ndarray, sizes: np.ndarray, n: int, widest: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Clusters of similar size: a (clusters x widest) key matrix, padding keyed +inf, and a partial sort
@@ -242,7 +248,7 @@ def _sample_dense_keys(
     return (starts[:, None] + pick)[valid].astype(np.int64)
 
 
-def _sample_sorted_keys(
+def sample_sorted_keys(
     starts: np.ndarray, sizes: np.ndarray, counts: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
     """Clusters of very uneven size (e.g. k-means): sort (cluster, key) over the members actually present,

@@ -42,7 +42,9 @@ elif command -v docker-compose >/dev/null; then
 else
     die "neither 'docker compose' nor 'docker-compose' (apt-get install docker-compose)"
 fi
-"$PYTHON" -c 'import httpx' 2>/dev/null || die "$PYTHON cannot import httpx: set PYTHON to the project's venv"
+log "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || echo 'version unknown'))"
+"$PYTHON" -c 'import httpx' 2>/dev/null \
+    || die "$PYTHON cannot import httpx: run 'make install' first (it creates .venv), or set PYTHON to a venv of this repo"
 FILES=(-f docker-compose.yml)
 [[ $BOOT == tiny ]] && FILES+=(-f deploy/compose-check.override.yml)
 dc() { "${COMPOSE[@]}" -p "$PROJECT" "${FILES[@]}" "$@"; }

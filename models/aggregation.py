@@ -1,5 +1,6 @@
-"""Shared-label aggregation (research notes section 1): many tuples at once, each a contiguous run of member
-rows, any n >= 1 per tuple. Every aggregator returns normalised log posteriors, one row per tuple."""
+"""Shared-label aggregation: the n members of a cluster share its label, so their n outputs combine into one
+posterior over it. Many tuples at once, each a contiguous run of member rows, any n >= 1 per tuple. Every
+aggregator returns normalised log posteriors, one row per tuple."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class Splits:
 
     @property
     def prior(self) -> np.ndarray:
-        """Class frequencies of the training split (the pi of the research notes)."""
+        """Class frequencies of the training split (the prior pi that `bayes` aggregation divides out)."""
         counts = np.bincount(self.y_train, minlength=self.num_classes).astype(np.float64)
         return counts / counts.sum()
 

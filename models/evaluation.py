@@ -22,7 +22,8 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def output_deviation(model: nn.Module, reference: nn.Module, x: np.ndarray) -> tuple[float, float]:
-    """Mean and 95th percentile of ||f(x) - f_pruned(x)|| / ||f(x)|| over probe items (research notes 6)."""
+    """Mean and 95th percentile of ||f(x) - f_pruned(x)|| / ||f(x)|| over probe items:
+    how far pruning moved the outputs, whatever the labels say."""
     ref = predict_logits(reference, x)
     out = predict_logits(model, x)
     rel = (out - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)

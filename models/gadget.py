@@ -1,19 +1,17 @@
-"""Learned aggregation gadgets (research notes section 1): they read the frozen network's hidden representations
-h_1..h_n of one tuple and output class logits for the shared label.
+"""Learned aggregation gadgets: they read the frozen network's hidden representations h_1..h_n of one tuple (n
+members of one cluster, scored by one network) and output class logits for the label the members share.
 
 - `lstm` (the paper's gadget): an LSTM reads h_1..h_n, a linear head maps its last state to logits.
 - `deepsets`: mean of h_i, then a two-layer head (permutation invariant by construction).
 
 Both are batched over many tuples of different sizes (contiguous member runs, as in `models.aggregation`).
-Training standardises h for conditioning and then folds the standardisation into the first layer's weights, so
-a stored gadget is a plain LSTM/MLP and its FLOPs are exactly the hand count of `GadgetSpec.flops`.
+Training (`models.gadget_training`) standardises h for conditioning and then folds the standardisation into the
+first layer's weights, so a stored gadget is a plain LSTM/MLP and its FLOPs are exactly the hand count of
+`GadgetSpec.flops`. This module is what serving loads: the networks, their spec, and the fit check.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,15 +32,13 @@ __all__ = [
     "LSTMGadget",
     "DeepSetsGadget",
     "build_gadget",
-    "GadgetTrainConfig",
-    "train_gadget",
-    "train_gadget_on",
-    "TupleDraw",
-    "hidden_of",
     "pad_segments",
+    "GADGET_KINDS",
 ]
 
 GadgetKind = Literal["lstm", "deepsets"]
+GADGET_KINDS: tuple[GadgetKind, ...] = ("lstm", "deepsets")
+"""The aggregators that are trained gadgets (the others are closed-form, `models.aggregation`)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ class GadgetSpec:
     hidden_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.kind not in ("lstm", "deepsets"):
+        if self.kind not in GADGET_KINDS:
             raise ValueError(f"unknown gadget kind {self.kind!r}")
         if min(self.input_dim, self.hidden_size) < 1 or self.num_classes < 2:
             raise ValueError("input_dim and hidden_size must be positive and num_classes at least 2")
@@ -166,118 +162,6 @@ class DeepSetsGadget(Gadget):
 
 def build_gadget(spec: GadgetSpec) -> Gadget:
     return LSTMGadget(spec) if spec.kind == "lstm" else DeepSetsGadget(spec)
-
-
-@torch.no_grad()
-def hidden_of(model: nn.Module, x: Any, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and hidden representations of every row of x under the (frozen) network, in eval mode."""
-    model.eval()
-    xt = torch.as_tensor(x, dtype=torch.float32)
-    parts = [model.forward_with_hidden(xt[i : i + batch_size]) for i in range(0, len(xt), batch_size)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-
-@dataclass(frozen=True)
-class GadgetTrainConfig:
-    """n is drawn uniformly from 1..n_max for every training tuple, so one gadget serves every n."""
-
-    n_max: int = 32
-    steps: int = 1500
-    batch_tuples: int = 128
-    lr: float = 3e-3
-    eval_every: int = 100
-    val_tuples: int = 1000
-    seed: int = 0
-
-
-TupleDraw = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-"""`draw(counts, gen) -> (hidden, labels)`: one tuple per entry of `counts`, its members as a contiguous run of
-hidden rows (sum(counts) x H) and its shared label; the one thing that differs between classifier tuples (members
-of a class) and pair tuples (a query and members of a graded cluster)."""
-
-
-def train_gadget(
-    spec: GadgetSpec,
-    hidden_train: torch.Tensor,
-    y_train: torch.Tensor,
-    hidden_val: torch.Tensor,
-    y_val: torch.Tensor,
-    prior: torch.Tensor,
-    config: GadgetTrainConfig = GadgetTrainConfig(),
-) -> Gadget:
-    """Train on tuples of precomputed hidden representations (the network is frozen by construction: only its
-    outputs are seen). The gadget with the lowest validation cross-entropy is kept; standardisation is folded."""
-    from models.tuples import sample_tuples  # tuples imports aggregation, which imports this module lazily
-
-    if hidden_train.shape[1] != spec.input_dim:
-        raise ValueError(f"gadget expects {spec.input_dim}-dim hidden representations, got {hidden_train.shape[1]}")
-    hidden_train = hidden_train.float()
-    hidden_val = hidden_val.float()
-
-    def draw_from(hidden: torch.Tensor, labels: torch.Tensor) -> TupleDraw:
-        def draw(counts: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-            batch = sample_tuples(labels, prior, counts, gen)
-            return hidden[batch.index], batch.labels
-
-        return draw
-
-    return train_gadget_on(
-        spec,
-        draw_from(hidden_train, y_train),
-        draw_from(hidden_val, y_val),
-        (hidden_train.mean(0), hidden_train.std(0).clamp_min(1e-3)),
-        config,
-    )
-
-
-def train_gadget_on(
-    spec: GadgetSpec,
-    draw_train: TupleDraw,
-    draw_val: TupleDraw,
-    standardisation: tuple[torch.Tensor, torch.Tensor],
-    config: GadgetTrainConfig = GadgetTrainConfig(),
-) -> Gadget:
-    """The training loop for any kind of tuple: n ~ U{1..n_max} per tuple, members in random order, Adam with
-    cosine decay, the checkpoint with the lowest cross-entropy on one fixed validation draw kept, then the
-    standardisation (shift, scale) of the hidden representations folded into the first layer."""
-    gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    gadget = build_gadget(spec)
-    gadget.set_standardisation(*standardisation)
-    opt = torch.optim.Adam(gadget.parameters(), lr=config.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(config.steps, 1))
-    val_counts = torch.randint(1, config.n_max + 1, (config.val_tuples,), generator=gen)
-    val_hidden, val_labels = draw_val(val_counts, gen)
-    if val_hidden.shape[1] != spec.input_dim:
-        raise ValueError(f"gadget expects {spec.input_dim}-dim hidden representations, got {val_hidden.shape[1]}")
-    best_loss, best_state = math.inf, copy.deepcopy(gadget.state_dict())
-    for step in range(1, config.steps + 1):
-        gadget.train()
-        counts = torch.randint(1, config.n_max + 1, (config.batch_tuples,), generator=gen)
-        hidden, labels = draw_train(counts, gen)
-        perm = _shuffle_within(counts, gen)  # members are exchangeable: random order
-        loss = nn.functional.cross_entropy(gadget(hidden[perm].float(), counts), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(gadget.parameters(), 5.0)
-        opt.step()
-        sched.step()
-        if step % config.eval_every == 0 or step == config.steps:
-            gadget.eval()
-            with torch.no_grad():
-                val = float(nn.functional.cross_entropy(gadget(val_hidden.float(), val_counts), val_labels))
-            if val < best_loss:
-                best_loss, best_state = val, copy.deepcopy(gadget.state_dict())
-    gadget.load_state_dict(best_state)
-    gadget.fold_standardisation()
-    return gadget.eval()
-
-
-def _shuffle_within(counts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A permutation of member rows that shuffles rows inside each contiguous run only."""
-    seg = torch.repeat_interleave(torch.arange(len(counts)), counts.long())
-    keys = seg.double() + torch.rand(len(seg), generator=gen, dtype=torch.float64) * 0.5
-    return torch.argsort(keys)
 
 
 def gadget_misfit(gadget: nn.Module, model: PairNetwork) -> str | None:

@@ -59,7 +59,7 @@ class Manifest(BaseModel):
     @field_validator("spec")
     @classmethod
     def _spec_builds(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # issue 14: the spec's "kind" says which model it is ("pair": a cross-encoder, else a classifier)
+        # the spec's "kind" says which model it is ("pair": a cross-encoder, else a classifier)
         if value.get("kind") == "pair":
             PairSpec.from_dict(value)
         else:

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.pair import PairNetwork, PairSpec, default_pair_spec
+from models.pair_evaluation import PairBatch, pair_accuracy, pair_logits
 from models.prototypes import MemberPool, PrototypeSet, draw_view_pairs, make_views, similar_prototypes
 from models.training import reapply_masks
 
@@ -37,18 +38,6 @@ __all__ = [
     "instance_auc",
     "pair_spec_for",
 ]
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """P pairs: query views q (P, D), item views x (P, D), grades (P,) int64."""
-
-    q: torch.Tensor
-    x: torch.Tensor
-    grade: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.grade)
 
 
 @dataclass(frozen=True)
@@ -201,19 +190,6 @@ def pair_calibration(
 ) -> PairBatch:
     """Pairs for pruning (the limited-data regime: a few hundred), drawn by seed from training prototypes."""
     return make_pairs(train, size, grade_mix, np.random.default_rng([seed, 7]))
-
-
-@torch.no_grad()
-def pair_logits(model: PairNetwork, pairs: PairBatch, batch_size: int = 4096) -> torch.Tensor:
-    model.eval()
-    return torch.cat(
-        [model(pairs.q[i : i + batch_size], pairs.x[i : i + batch_size]) for i in range(0, len(pairs), batch_size)]
-    )
-
-
-def pair_accuracy(model: PairNetwork, pairs: PairBatch) -> float:
-    """Fraction of pairs whose argmax grade is the true grade."""
-    return float((pair_logits(model, pairs).argmax(1) == pairs.grade).float().mean())
 
 
 def train_pair_model(

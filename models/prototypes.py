@@ -1,4 +1,4 @@
-"""MNIST-1D prototypes and their views: ground truth that is constant on every cluster (issue 14, item 2).
+"""MNIST-1D prototypes and their views: ground truth that is constant on every cluster.
 
 A *prototype* is a digit template with fixed padding, scale, shear and translation (the parameters that
 `mnist1d.transform.transform` draws per sample). A *view* renders the prototype with its translation plus a

@@ -55,7 +55,7 @@ class BrokenEntryError(RegistryError):
 @dataclass(frozen=True)
 class LoadedModel:
     model: Classifier | PairNetwork
-    """A `PairNetwork` when the manifest's spec has `"kind": "pair"` (issue 14), else a `Classifier`."""
+    """A `PairNetwork` when the manifest's spec has `"kind": "pair"`, else a `Classifier`."""
     manifest: Manifest
     gadget: torch.nn.Module | None = None
     """The variant's trained aggregation gadget (the `lstm` aggregator), when one is stored beside it."""

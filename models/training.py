@@ -40,7 +40,7 @@ def deterministic_training() -> Iterator[None]:
     """One intra-op thread and deterministic kernels for the duration, restored afterwards.
 
     Float sums split over threads round differently, so a run with 2 threads and one with 1 drift apart within a
-    few epochs and early stopping then picks another epoch (issue 13: 0.9829, 0.9781 and 0.9762 from one seed).
+    few epochs and early stopping then picks another epoch (0.9829, 0.9781 and 0.9762 were measured from one seed).
     Training with a fixed single thread makes the weights a function of the seed alone."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()

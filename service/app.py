@@ -26,21 +26,13 @@ from service.state import ServiceState
 __all__ = ["create_app"]
 
 
-def _bootstrapper(state: ServiceState) -> Callable[[], None]:
-    def run() -> None:
-        from cascade.bootstrap import bootstrap
-
-        bootstrap(state.settings.home, progress=True, on_progress=state.report_bootstrap)
-
-    return run
-
-
 log = logging.getLogger("prunecascade")
 
 
-def create_app(settings: Settings | None = None, bootstrap_first: bool = False) -> FastAPI:
-    """`bootstrap_first`: build whatever of the embedded default is missing before loading it, in the loader
-    thread, so that the port opens at once (/healthz reports the progress, /readyz is 503 until ready)."""
+def create_app(settings: Settings | None = None, before_load: Callable[[ServiceState], None] | None = None) -> FastAPI:
+    """`before_load(state)` runs in the loader thread before the first load (`serve --bootstrap` builds the
+    embedded default there), so that the port opens at once (/healthz reports the progress, /readyz is 503 until
+    ready). The app itself imports nothing that builds: the caller passes the builder in."""
     settings = settings or Settings()
     setup_logging(settings.log_level, settings.log_json)
     torch.set_num_threads(settings.torch_threads)
@@ -59,7 +51,7 @@ def create_app(settings: Settings | None = None, bootstrap_first: bool = False) 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state.load_in_background(_bootstrapper(state) if bootstrap_first else None)
+        state.load_in_background(None if before_load is None else lambda: before_load(state))
         if state.shared is not None:
             state.shared.start()  # waits for the first load, then reconciles with Redis
         if settings.resolved_admin_token() is None:

@@ -19,14 +19,14 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
 
-from cascade.bootstrap import PAIR_PROBE_FILE, PROBE_FILE
 from cascade.snapshot import Snapshot, Variant
+from cascade.space import PAIR_PROBE_FILE, PROBE_FILE
 from models.evaluation import accuracy
 from models.flops import Flops, count_flops
 from models.manifest import Manifest, utc_now
 from models.networks import build_network
 from models.pair import PairNetwork, pair_flops
-from models.pair_training import PairBatch, pair_accuracy
+from models.pair_evaluation import PairBatch, pair_accuracy
 from models.registry import GADGET_SPEC_FILE, GADGET_WEIGHTS_FILE, WEIGHTS_FILE, state_dict_for_saving
 from models.spec import MAX_CLASSES, MAX_INPUT_DIM, MAX_WIDTH, spec_int
 

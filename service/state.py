@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from cascade.batcher import Batcher
 from cascade.config import CONFIG_FILE, CascadeConfig
@@ -32,11 +32,25 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.cache import ResultCache
-    from service.shared_state import SharedState
 
-__all__ = ["ServiceState", "ConflictError"]
+__all__ = ["ServiceState", "ConflictError", "SharedChanges"]
 
 log = logging.getLogger("prunecascade")
+
+
+class SharedChanges(Protocol):
+    """What the state asks of the replica sync (`service.shared_state.SharedState`, set when Redis is
+    configured): declared here, so that the sync depends on the state and not the other way round."""
+
+    def mark_dirty(self, name: str | None) -> None: ...
+
+    def dirty(self) -> tuple[set[str], bool]: ...
+
+    def push(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class ConflictError(ValueError):
@@ -53,7 +67,7 @@ class ServiceState:
         self.lock = threading.RLock()
         self.load_error: str | None = None
         self.bootstrap_progress: dict[str, object] | None = None
-        self.shared: SharedState | None = None  # set when Redis is configured
+        self.shared: SharedChanges | None = None  # set when Redis is configured
         self.cache: ResultCache | None = None
         # concurrent queries with the same stages computed as one batch (same answers as alone)
         self.batcher = (

@@ -1,4 +1,4 @@
-"""Aggregators and shared-label metrics (research notes section 1)."""
+"""Aggregators and shared-label metrics."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from aggregation_fixtures import digits_mlp, digits_splits
 
+from lab.metrics import TupleMetrics, n_accuracy, relative_information
 from models.aggregation import MemberOutputs, aggregate, get_aggregator, list_aggregators, log_prior_of
-from models.metrics import TupleMetrics, n_accuracy, relative_information
 
 AVERAGING = ("mean_prob", "mean_logit", "bayes")
 

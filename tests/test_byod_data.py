@@ -1,4 +1,4 @@
-"""Bring your own data (issue 12): whole clusters split, a separate space file, classes from the data, the
+"""Bring your own data: whole clusters split, a separate space file, classes from the data, the
 user's cluster ids, item ids and labels kept in the space, meta.json as built, variant names from the arch."""
 
 from __future__ import annotations

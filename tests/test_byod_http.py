@@ -1,4 +1,4 @@
-"""A user's own `.npz` served over HTTP (issue 12): every answer speaks the user's cluster ids, item ids and labels;
+"""A user's own `.npz` served over HTTP: every answer speaks the user's cluster ids, item ids and labels;
 `/v1/models` says whether each version is served and why not; the CLI's registry changes reach a running server
 through `POST /v1/admin/reload`, and a model that does not fit the space is logged once."""
 

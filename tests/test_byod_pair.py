@@ -1,4 +1,4 @@
-"""Pair models for a user's own `.npz` (issue 14, item 2): the training split's clusters train the pair models and
+"""Pair models for a user's own `.npz`: the training split's clusters train the pair models and
 the bi-encoder; the space ships members held out of its clusters as queries; the grades are measured to be three
 (own cluster, same label, other) where the clusters carry instance structure, and fall back to two where not.
 

@@ -5,7 +5,6 @@ space whose items its config does not render."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from benchmarks.ceiling import bayes_optimal, expected_gains, jitter_log_likelihoods, view_gaussians
 from cascade.bootstrap import PairConfig
+from lab.ceiling import bayes_optimal, expected_gains, jitter_log_likelihoods, view_gaussians
 from models.prototypes import PrototypeConfig, make_prototype_set, make_prototypes, make_queries, make_views
 
 TINY = PrototypeConfig(num_prototypes=30, views=2, seed=5)
@@ -86,26 +85,25 @@ def _tiny_space_dir(root: Path, config: PrototypeConfig, meta_seed: int) -> Path
     return space_dir
 
 
-def test_bench_scores_the_shipped_queries_of_a_space(tmp_path: Path) -> None:
-    from benchmarks.bench_ceiling import main, measure
+def test_the_ceiling_scores_the_shipped_queries_of_a_space(tmp_path: Path) -> None:
+    from cascade.queries import QuerySet
+    from lab.ceiling import measure, space_config_of
 
     config = replace(PairConfig().space, num_prototypes=30, views=3, seed=5)
-    _tiny_space_dir(tmp_path, config, meta_seed=5)
-    out = tmp_path / "ceiling.json"
-    assert main(["--home", str(tmp_path), "--space", "tiny", "--queries", "25", "--json", str(out)]) == 0
-    got = json.loads(out.read_text())
-    assert got["queries"] == 25 and got["config"]["num_prototypes"] == 30
+    space_dir = _tiny_space_dir(tmp_path, config, meta_seed=5)
+    assert space_config_of(space_dir) == config  # read back from the space's meta, checked against its items
+    shipped = QuerySet.load(space_dir)
     xq, cq, yq = make_queries(config, 40, seed=1)
-    rows, _ = measure(config, xq[:25], cq[:25], yq[:25])
-    assert got["rows"] == rows
+    rows, _ = measure(config, shipped.x[:25], shipped.cluster[:25], shipped.label[:25])
+    assert rows == measure(config, xq[:25], cq[:25], yq[:25])[0]
     assert rows["ceiling (expected gain)"]["recall@1"] >= 0.9
     assert rows["ceiling (expected gain)"]["ndcg@10"] >= rows["ceiling (MAP posterior)"]["ndcg@10"]
 
 
-def test_bench_refuses_a_space_its_config_does_not_render(tmp_path: Path) -> None:
-    from benchmarks.bench_ceiling import main
+def test_the_ceiling_refuses_a_space_its_config_does_not_render(tmp_path: Path) -> None:
+    from lab.ceiling import space_config_of
 
     config = replace(PairConfig().space, num_prototypes=30, views=3, seed=5)
-    _tiny_space_dir(tmp_path, config, meta_seed=6)  # the meta names another seed than the items were drawn with
+    space_dir = _tiny_space_dir(tmp_path, config, meta_seed=6)  # the meta names another seed than its items'
     with pytest.raises(SystemExit, match="not those of"):
-        main(["--home", str(tmp_path), "--space", "tiny"])
+        space_config_of(space_dir)

@@ -9,12 +9,14 @@ from importlib.metadata import version
 
 import pytest
 
+from lab import run_tuples as tuples_command
+from lab.tuples import DEFAULT_AGGREGATORS
+from models.gadget import GADGET_KINDS
 from models.pruning import list_methods
 from models.pruning.budgets import BUDGET_RULES
-from models.tuples import DEFAULT_AGGREGATORS
 from service.cli import COMMANDS, build_parser, main
+from service.commands import gadget as gadget_command
 from service.commands import prune as prune_command
-from service.commands import tuples as tuples_command
 from service.commands.methods import scan_methods
 
 HEAVY = ("torch", "faiss", "numpy", "cascade.engine", "uvicorn")
@@ -99,3 +101,4 @@ def test_methods_line_matches_the_registry(method, capsys: pytest.CaptureFixture
 def test_choices_spelled_out_for_a_fast_parser_agree_with_the_library() -> None:
     assert tuple(prune_command.BUDGETS) == tuple(BUDGET_RULES)
     assert tuple(tuples_command.AGGREGATORS) == tuple(DEFAULT_AGGREGATORS)
+    assert tuple(gadget_command.KINDS) == tuple(GADGET_KINDS)

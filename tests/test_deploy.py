@@ -24,7 +24,7 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
-# Settings fields that issue 5 adds; until then they may be named by the deployment files.
+# Settings fields the deployment files may name before the settings define them.
 PREFIX = "PRUNECASCADE_"
 DEFAULT_PORT = Settings.model_fields["port"].default
 KNOWN_COMMANDS = {"serve", "bootstrap"}  # the contract's commands the deployment runs

@@ -11,7 +11,7 @@ import torch
 from cascade.config import Stage
 from cascade.engine import ORACLE_AGGREGATOR, dense_flops, dense_oracle
 from cascade.errors import RequestError
-from cascade.evaluation import agreement_at_k, evaluate_label_queries, ndcg_at_k, recall_at_k
+from cascade.evaluation import evaluate_label_queries
 from cascade.plan import run_cascade, target_from_label
 from cascade.snapshot import Snapshot
 from cascade.space import build_space
@@ -81,15 +81,6 @@ def test_invalid_cascades_name_the_field(snapshot, stages, k, field) -> None:
     assert info.value.field == field
 
 
-def test_metrics_by_hand() -> None:
-    labels = np.array([1, 0, 1, 1, 0])
-    assert recall_at_k(labels, 1, 5, num_relevant=3) == 1.0
-    assert recall_at_k(labels, 1, 2, num_relevant=3) == 0.5
-    assert ndcg_at_k(np.array([1, 1]), 1, 2, 5) == pytest.approx(1.0)
-    assert ndcg_at_k(np.array([0, 1]), 1, 2, 5) == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
-    assert agreement_at_k(np.array([1, 2, 3]), np.array([3, 4, 1]), 3) == pytest.approx(2 / 3)
-
-
 def test_evaluation_report_is_consistent(snapshot) -> None:
     r = evaluate_label_queries(snapshot, k=5, seeds=(0,))
     assert r.queries == snapshot.space.num_classes
@@ -147,7 +138,7 @@ def _cluster_repeated(snapshot: Snapshot, cluster: int, times: int) -> Snapshot:
 
 
 def test_the_oracle_does_not_rank_a_cluster_higher_for_being_bigger(snapshot: Snapshot) -> None:
-    """Issue 13 item 5: repeating a cluster's members changes nothing it knows about the query, so the oracle's
+    """Repeating a cluster's members changes nothing it knows about the query, so the oracle's
     ranking value of that cluster must not move (the sum of log posteriors, `bayes`, grew with the repeats)."""
     target = target_from_label(snapshot, int(snapshot.space.cluster_labels[3]))
     bigger = _cluster_repeated(snapshot, 3, times=8)

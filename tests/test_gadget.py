@@ -9,11 +9,12 @@ import pytest
 import torch
 from aggregation_fixtures import digits_mlp, digits_splits
 
+from lab.metrics import n_accuracy
+from lab.tuples import sample_tuples, train_gadget
 from models.aggregation import MemberOutputs, aggregate, get_aggregator, log_prior_of
-from models.gadget import GadgetSpec, GadgetTrainConfig, build_gadget, hidden_of, pad_segments, train_gadget
-from models.metrics import n_accuracy
+from models.gadget import GadgetSpec, build_gadget, pad_segments
+from models.gadget_training import GadgetTrainConfig, hidden_of
 from models.registry import GADGET_WEIGHTS_FILE, ModelRegistry, RegistryError
-from models.tuples import sample_tuples
 
 
 def test_lstm_flops_match_a_hand_count() -> None:

@@ -1,5 +1,5 @@
-"""Issue 11 on real servers: the query deadline (504) and the bounded queue (503 + Retry-After), capped 422
-bodies (defect 6), request ids on every log line of a request, 500 tracebacks included (defect 7), slow and
+"""Hardening on real servers: the query deadline (504) and the bounded queue (503 + Retry-After), capped 422
+bodies, request ids on every log line of a request, 500 tracebacks included, slow and
 idle connections closed, slow bodies answered 408, a whitespace-padded admin token, one error body shape for
 401/403/413/422 documented in OpenAPI, and the in-process fallback cache while Redis is down."""
 
@@ -177,7 +177,7 @@ def test_error_statuses_share_one_body_and_are_documented(limited: Server) -> No
     assert "404" in spec["paths"]["/v1/admin/models/{name}/activate"]["post"]["responses"]
 
 
-# -- request ids (defect 7): in-process uvicorn so that the log records can be read ----------------------------------
+# -- request ids: in-process uvicorn so that the log records can be read ----------------------------------
 class _Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__()

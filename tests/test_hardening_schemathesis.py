@@ -1,5 +1,5 @@
 """schemathesis against a real server, every operation, without and with the admin token: no server error
-(5xx other than the documented 503/504) and every status documented in the OpenAPI document (issue 11)."""
+(5xx other than the documented 503/504) and every status documented in the OpenAPI document."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Issue 11, in-process: strict specs and manifests (defects 2, 3), safetensors detected by parsing (4), the
-parameter budget from the spec (5), capped validation errors (6), bayes with impossible classes (8), a registry
-listing robust to broken manifests (3), and the usable-CPU count from affinity and cgroup files."""
+"""Hardening, in-process: strict specs and manifests, safetensors detected by parsing, the parameter budget
+from the spec, capped validation errors, bayes with impossible classes, a registry listing robust to broken
+manifests, and the usable-CPU count from affinity and cgroup files."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from service.errors import MAX_REPORTED_ERRORS, capped_errors
 SPEC = {"kind": "mlp", "input_dim": 8, "num_classes": 3, "hidden": [4]}
 
 
-# -- defect 2: specs and JSON that used to escape as KeyError / OverflowError / RecursionError / ValueError --------
+# -- specs and JSON that used to escape as KeyError / OverflowError / RecursionError / ValueError --------
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
@@ -70,7 +70,7 @@ def test_upload_json_failures_are_422(raw: bytes, needle: str) -> None:
     assert info.value.status == 422 and info.value.field == "manifest" and needle in info.value.message
 
 
-# -- defect 3: manifests hold finite numbers only ------------------------------------------------------------------
+# -- manifests hold finite numbers only ------------------------------------------------------------------
 def _manifest(**changes: object) -> dict:
     base = {
         "name": "m",
@@ -138,7 +138,7 @@ def test_identical_weights_are_found_per_name(tmp_path: Path) -> None:
     assert reg.find_identical("m", "0" * 64, None) is None
 
 
-# -- defect 4: safetensors by parsing, every header length modulo 256 ------------------------------------------------
+# -- safetensors by parsing, every header length modulo 256 ------------------------------------------------
 def _safetensors_with_header_length(length: int) -> bytes:
     """A valid safetensors file whose JSON header is exactly `length` bytes (metadata padding)."""
     tensor = torch.arange(6, dtype=torch.float32)
@@ -183,7 +183,7 @@ def test_non_safetensors_bytes_are_not_taken_for_safetensors(raw: bytes) -> None
     assert safetensors_header(raw) is None
 
 
-# -- defect 6: a 422 lists at most MAX_REPORTED_ERRORS errors ---------------------------------------------------------
+# -- a 422 lists at most MAX_REPORTED_ERRORS errors ---------------------------------------------------------
 def test_capped_errors_keep_the_first_and_count_the_rest() -> None:
     errors = [{"loc": ("body", "x", i), "msg": "bad", "type": "float_type", "input": math.nan} for i in range(1000)]
     out = capped_errors(errors)
@@ -194,7 +194,7 @@ def test_capped_errors_keep_the_first_and_count_the_rest() -> None:
     assert capped_errors(errors[:3]) == expected
 
 
-# -- defect 8: bayes gives no mass to classes the space cannot hold ----------------------------------------------------
+# -- bayes gives no mass to classes the space cannot hold ----------------------------------------------------
 @pytest.mark.parametrize("n", [1, 2, 5, 10])
 def test_bayes_gives_impossible_classes_no_mass(n: int) -> None:
     """Labels {2, 7, 9} only: the prior is 0 elsewhere. Members that weakly favour class 8 (impossible) and

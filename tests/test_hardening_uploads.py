@@ -1,6 +1,6 @@
-"""Issue 11 on a real server: uploads that used to end in 500 are 4xx naming the field and counted (defect 2),
-manifests are finite and a broken one on disk breaks nothing (3), safetensors whose header starts with 0x80 are
-accepted (4), the parameter budget refuses a huge spec before allocating (5), identical bytes answer the stored
+"""Uploads on a real server: uploads that used to end in 500 are 4xx naming the field and counted, manifests
+are finite and a broken one on disk breaks nothing, safetensors whose header starts with 0x80 are accepted, the
+parameter budget refuses a huge spec before allocating, identical bytes answer the stored
 version, and random weights fail the accuracy gate relative to the dense model."""
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from cascade.ranking_metrics import agreement_at_k, pareto_front, percentile, recall_at_k, sweet_spot
+from cascade.ranking_metrics import relevant_items as relevant_clusters
 from service.loadtest.evaluate import summarize_configs
 from service.loadtest.grid import cascade_label, expand_grid, parse_groups, stages_payload
-from service.loadtest.metrics import agreement_at_k, percentile, recall_at_k, relevant_clusters
-from service.loadtest.pareto import pareto_front, sweet_spot
 from service.loadtest.schedule import open_loop_schedule
 from service.loadtest.target import check_target, is_loopback_url
 

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from models.metrics import n_accuracy, relative_information, wilson_interval
+from cascade.ranking_metrics import wilson_interval
+from lab.metrics import n_accuracy, relative_information
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Pair tuples and gadgets over pair-model hidden states (issue 14 items 4 and 7): the tuples' grades, gadget
+"""Pair tuples and gadgets over pair-model hidden states: the tuples' grades, gadget
 training on the tiny bootstrapped pair model, the `gadget` command storing a gadget that the engine serves, and the
 refusal of a gadget that does not fit the variant."""
 
@@ -15,16 +15,16 @@ import torch
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.plan import run_cascade, target_from_examples
 from cascade.snapshot import load_snapshot
+from lab.pair_tuples import pair_variant, run_pair_experiment
+from lab.tuples import DEFAULT_AGGREGATORS
 from models.aggregation import aggregate, log_prior_of
-from models.gadget import GadgetSpec, GadgetTrainConfig, build_gadget
+from models.gadget import GadgetSpec, build_gadget, gadget_misfit
+from models.gadget_training import GadgetTrainConfig
 from models.pair import PairNetwork
-from models.pair_tuples import (
+from models.pair_gadget_training import (
     draw_from_pool,
-    gadget_misfit,
     pair_tuple_outputs,
     pair_tuple_outputs_many,
-    pair_variant,
-    run_pair_experiment,
     sample_pair_tuples,
     store_pair_gadget,
     train_gadget_for,
@@ -32,7 +32,6 @@ from models.pair_tuples import (
 )
 from models.prototypes import PrototypeConfig, grades, make_prototypes, make_views
 from models.registry import ModelRegistry
-from models.tuples import DEFAULT_AGGREGATORS
 from service.cli import main
 
 PRIOR = (0.2, 0.4, 0.4)
@@ -74,7 +73,7 @@ def test_pool_draws_are_distinct_members_of_one_tuple() -> None:
     protos = _protos()
     t = sample_pair_tuples(protos, 50, 6, PRIOR, seed=0)
     hidden = torch.arange(50 * 6, dtype=torch.float32).reshape(50, 6, 1)  # row r of tuple i holds 6 i + r
-    from models.pair_tuples import PairTupleOutputs
+    from models.pair_gadget_training import PairTupleOutputs
 
     pool = PairTupleOutputs(torch.zeros(50, 6, 3), hidden, t.grades)
     counts = torch.tensor([1, 6, 3, 4])

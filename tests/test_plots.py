@@ -1,4 +1,4 @@
-"""Plots people can read: no overlapping tick labels on the `tuples` sweet-spot figure."""
+"""Plots people can read: no overlapping tick labels on the tuple experiment's sweet-spot figure."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pytest
 
-from models.tuples import ExperimentResult, ResultRow, SweetSpotRow
-from service.commands.tuples import SWEET_SPOT_PNG, sparse_log_ticks, sweet_spot_figure, write_outputs
+from lab.run_tuples import SWEET_SPOT_PNG, sparse_log_ticks, sweet_spot_figure, write_outputs
+from lab.tuples import ExperimentResult, ResultRow, SweetSpotRow
 
 KEEPS = (1.0, 0.5, 0.4, 0.3, 0.25, 0.2, 0.1, 0.05)  # crowded on a log axis: 0.2..0.5 is under half a decade
 DENSE_FLOPS = 100_000

@@ -1,4 +1,4 @@
-"""Submodular greedy selection and least-squares reweighting (research notes 3)."""
+"""Submodular greedy selection and least-squares reweighting."""
 
 from __future__ import annotations
 

@@ -121,7 +121,7 @@ def test_elimination_compensation_lowers_the_loss_right_after_pruning(keep: floa
 
 
 def test_elimination_compensation_reduces_to_variance_with_a_constant_jacobian() -> None:
-    """A linear network has a constant Jacobian J_i: s = ||J_i||^2 w^2 Var(a_j) (research notes 4)."""
+    """A linear network has a constant Jacobian J_i: s = ||J_i||^2 w^2 Var(a_j)."""
     torch.manual_seed(0)
     model = build_network(NetworkSpec("mlp", 5, 3, hidden=(4,))).eval()
     with torch.no_grad():  # make the hidden layer linear on these inputs: large positive bias, positive inputs

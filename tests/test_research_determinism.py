@@ -1,4 +1,4 @@
-"""Training is a function of the seed alone, whatever the caller's torch thread count (issue 13, item 3)."""
+"""Training is a function of the seed alone, whatever the caller's torch thread count."""
 
 from __future__ import annotations
 

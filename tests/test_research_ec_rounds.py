@@ -1,4 +1,4 @@
-"""Elimination-compensation in rounds (issue 13, item 1): one round is the one-shot method, exact kept counts."""
+"""Elimination-compensation in rounds: one round is the one-shot method, exact kept counts."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
-"""Tuple sampling, the experiment logic and the `tuples` command on real (digits) data."""
+"""Tuple sampling, the experiment logic and its command (`python -m lab.run_tuples`) on real (digits) data."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,11 +9,11 @@ import pytest
 import torch
 from aggregation_fixtures import digits_mlp, digits_splits
 
+from lab.tuples import ExperimentNetwork, largest_n_within, run_experiment, sample_tuples
 from models.flops import count_flops
-from models.gadget import GadgetTrainConfig
+from models.gadget_training import GadgetTrainConfig
 from models.pruning import prune
 from models.registry import ModelRegistry
-from models.tuples import ExperimentNetwork, largest_n_within, run_experiment, sample_tuples
 
 
 def test_members_share_their_tuple_label_and_are_distinct() -> None:
@@ -97,16 +96,13 @@ def test_experiment_rows_costs_and_sweet_spot() -> None:
 
 
 def test_tuples_command_end_to_end(tmp_path: Path) -> None:
-    from service.commands import tuples as command
+    from lab import run_tuples as command
 
     registry = ModelRegistry(tmp_path / "registry")
     registry.register("dense", digits_mlp(), accuracy=0.5, dataset="digits", extra={"data_args": {"seed": 0}})
-    parser = argparse.ArgumentParser()
-    command.register(parser.add_subparsers(dest="command"))
     out = tmp_path / "out"
-    args = parser.parse_args(
+    code = command.main(  # `python -m lab.run_tuples ...`
         [
-            "tuples",
             "--home",
             str(tmp_path),
             "--source",
@@ -134,7 +130,7 @@ def test_tuples_command_end_to_end(tmp_path: Path) -> None:
             "--save-gadgets",
         ]
     )
-    assert args.func(args) == 0
+    assert code == 0
     data = json.loads((out / "results.json").read_text())
     assert len(data["rows"]) == 3 * 2 * 2
     assert {r["method"] for r in data["rows"]} == {"dense", "magnitude", "layer-weight-norm"}

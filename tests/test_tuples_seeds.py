@@ -1,4 +1,4 @@
-"""benchmarks/tuples_seeds.py re-derives the sweet spot from a real `tuples` run, and recounts it dense-kernel."""
+"""lab/tuples_seeds.py re-derives the sweet spot from a real `lab.run_tuples` run, and recounts it dense-kernel."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 
 from aggregation_fixtures import digits_mlp
 
-from benchmarks import tuples_seeds
+from lab import tuples_seeds
 from models.registry import ModelRegistry
 
 
 def _run_tuples(tmp_path: Path) -> Path:
-    from service.commands import tuples as command
+    from lab import run_tuples as command
 
     registry = ModelRegistry(tmp_path / "registry")
     registry.register("dense", digits_mlp(), accuracy=0.5, dataset="digits", extra={"data_args": {"seed": 0}})

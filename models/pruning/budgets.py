@@ -2,7 +2,7 @@
 
 - `uniform`: the same fraction of every layer.
 - `equal-error` (project definition): every layer gets the same normalised reconstruction error
-  1 - F_l(S_l) / ||A_l W_l||^2 of the layerwise greedy selection (research notes 3), at the smallest common
+  1 - F_l(S_l) / ||A_l W_l||^2 of the layerwise greedy selection (`models.pruning.greedy`), at the smallest common
   error whose network costs no more FLOPs than the uniform budgets. Layers whose outputs are easy to
   reconstruct give units to the ones that are hard to reconstruct, at the same cost.
 """

@@ -1,5 +1,5 @@
-"""Elimination-compensation (research notes section 4, project derivation; the paper's own formula was not
-available): remove weight w_ij and shift bias b_i by the delta that best preserves the network output.
+"""Elimination-compensation (derived here; the paper's own formula was not available): remove weight w_ij and
+shift bias b_i by the delta that best preserves the network output.
 
 With the output linearised, removing w_ij changes it by df = G_i(x) delta - H_ij(x) w_ij, where
 G_i = df/db_i and H_ij = df/dw_ij are per-sample Jacobians from autodiff (for a conv weight, G and H sum over
@@ -188,7 +188,7 @@ def score_elimination_compensation(model: Classifier, calibration: Calibration) 
 def prune_in_rounds(model: Classifier, keep: float, calibration: Calibration, scope: Scope, rounds: int) -> Classifier:
     """Elimination-compensation in `rounds` steps, each removing an equal share (1 - keep) / rounds of the weights:
     scores and bias shifts are recomputed on the network pruned and compensated so far, so each linearisation
-    only has to hold for a smaller change (issue 13: one-shot shifts add up and overshoot at high sparsity).
+    only has to hold for a smaller change (one-shot shifts add up and overshoot at high sparsity).
     Removed weights stay removed. `rounds=1` is the one-shot method (`prune(..., "elimination-compensation")`)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")

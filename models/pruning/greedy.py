@@ -1,5 +1,5 @@
 """Structured pruning by (weakly) submodular greedy selection with least-squares reweighting (paper 002;
-research notes section 3, project definition of the details).
+the details below are this project's).
 
 For a layer whose units feed the next layer as column groups of A (rows x columns) with targets
 B = A W^T, F(S) = ||B||^2 - min_W' ||B - A_S W'||^2 is the energy of B captured by span(A_S). Greedy adds

@@ -44,7 +44,7 @@ def prune_and_register(
     """`parent` is a model name (its active version) or `name:version`."""
     name, _, version = parent.partition(":")
     dense = registry.load(name, int(version) if version else None)
-    if not isinstance(dense.model, Classifier):  # issue 14: pair models are pruned on (q, x) pairs
+    if not isinstance(dense.model, Classifier):  # pair models are pruned on (q, x) pairs, not on items
         raise ValueError(
             f"{dense.manifest.ref} is a pair model; prune it with models.pruning.pair.prune_pair_and_register"
         )

@@ -94,7 +94,8 @@ def columns_of(units: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def least_squares_weights(problem: LayerProblem, kept: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
-    """argmin_W' ||A W.T - A_S W'.T||_F (research notes 3), with a tiny ridge so rank-deficient A_S is safe."""
+    """argmin_W' ||A W.T - A_S W'.T||_F (the next layer refitted on the kept units), with a
+    tiny ridge so rank-deficient A_S is safe."""
     cols = columns_of(kept, problem.group)
     A_s = problem.A[:, cols]
     target = problem.A @ problem.W.T

@@ -1,5 +1,5 @@
 """Unstructured scores, one pure function per method: `score(model, calibration) -> {weight name: scores}`
-(higher means keep). Definitions: research notes section 5 (project definition)."""
+(higher means keep). The definitions are this project's, given with each function."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def grasp_hessian_gradient(model: Classifier, calibration: Calibration) -> list[
 
 @register_method("grasp", kind="unstructured", needs_labels=True)
 def score_grasp(model: Classifier, calibration: Calibration) -> dict[str, torch.Tensor]:
-    """GraSP -w * (H g), keep the highest (research notes 5; the original paper removes the highest instead)."""
+    """GraSP -w * (H g), keep the highest (the original paper removes the highest instead)."""
     model.eval()
     hg = grasp_hessian_gradient(model, calibration)
     return {name: (-w.detach() * h) for (name, w), h in zip(prunable_weights(model).items(), hg, strict=True)}

@@ -1,5 +1,5 @@
 """`prunecascade gadget --variant pair-s10 --kind lstm`: train an aggregation gadget over a pair model's hidden
-states (issue 14 item 4) and store it beside the variant, so that a stage `{"variant": "pair-s10",
+states and store it beside the variant, so that a stage `{"variant": "pair-s10",
 "aggregator": "lstm"}` can be served. A variant holds one gadget: storing another replaces it. A running service
 adopts it on `POST /v1/admin/reload`."""
 
@@ -12,7 +12,7 @@ from service.commands.common import add_home, registry_from, settings_from
 
 __all__ = ["register", "run", "KINDS"]
 
-# models.tuples.GADGET_AGGREGATORS, spelled out so that the parser does not import torch
+# models.gadget.GADGET_KINDS, spelled out so that the parser does not import torch
 KINDS = ("lstm", "deepsets")
 
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from models.pair_tuples import store_pair_gadget, train_gadget_for
+    from models.pair_gadget_training import store_pair_gadget, train_gadget_for
 
     if min(args.tuples, args.val_tuples, args.n_max, args.hidden, args.steps) < 1:
         raise ValueError("--tuples, --val-tuples, --n-max, --hidden and --steps must be positive")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from service.app import create_app
 from service.commands.common import add_home, settings_from
 from service.connections import with_head_timeout
+
+if TYPE_CHECKING:
+    from service.state import ServiceState
 
 __all__ = ["register"]
 
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     # log_config=None: uvicorn's own loggers propagate to the JSON handler `create_app` installs; the access
     # line is written by service.logs (with the request id), so uvicorn's is off. Slow or idle clients are
     # bounded: request-head timeout, keep-alive timeout, and a connection limit (503 beyond it).
-    app = create_app(settings, bootstrap_first=args.bootstrap)  # the port opens before the bootstrap runs
+    app = create_app(settings, _bootstrap if args.bootstrap else None)  # the port opens before the bootstrap runs
     uvicorn.run(
         app,
         host=settings.host,
@@ -52,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
         limit_concurrency=settings.max_connections,
     )
     return 0
+
+
+def _bootstrap(state: ServiceState) -> None:
+    """Build whatever of the embedded default is missing (run by the app's loader thread before the first load)."""
+    from cascade.bootstrap import bootstrap
+
+    bootstrap(state.settings.home, progress=True, on_progress=state.report_bootstrap)
 
 
 def _run_workers(settings, bootstrap: bool) -> int:

@@ -8,8 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.loadtest.metrics import agreement_at_k, percentile, recall_at_k
-from service.loadtest.pareto import pareto_front, sweet_spot
+from cascade.ranking_metrics import agreement_at_k, mean_over_queries, pareto_front, percentile, recall_at_k, sweet_spot
 from service.loadtest.runner import PointRun
 
 __all__ = ["CSV_COLUMNS", "summarize_point", "ConfigSummary", "summarize_configs"]
@@ -41,11 +40,6 @@ CSV_COLUMNS = (
 )
 
 
-def _mean(values: Sequence[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
 def summarize_point(
     config: str,
     rate: float,
@@ -75,7 +69,7 @@ def summarize_point(
         server.append(float(body.get("latency_ms", math.nan)))
     sent = len(run.outcomes)
     errors = sent - len(ok)
-    mean_flops, mean_dense = _mean(flops), _mean(dense)
+    mean_flops, mean_dense = mean_over_queries(flops), mean_over_queries(dense)
     first_error = next((o.error for o in run.outcomes if o.error), "")
     return {
         "config": config,
@@ -91,13 +85,13 @@ def summarize_point(
         "p95_ms": percentile(lat_ms, 95),
         "p99_ms": percentile(lat_ms, 99),
         "max_ms": max(lat_ms, default=math.nan),
-        "server_ms_mean": _mean(server),
+        "server_ms_mean": mean_over_queries(server),
         "flops": mean_flops,
-        "flops_dense_kernel": _mean(flops_dk),
+        "flops_dense_kernel": mean_over_queries(flops_dk),
         "dense_flops": mean_dense,
         "flops_vs_dense": mean_flops / mean_dense if mean_dense and not math.isnan(mean_dense) else math.nan,
-        "recall_at_k": _mean(recalls),
-        "agreement_at_k": _mean(agreements),
+        "recall_at_k": mean_over_queries(recalls),
+        "agreement_at_k": mean_over_queries(agreements),
         "pareto": False,
         "sweet_spot": False,
         "first_error": first_error,

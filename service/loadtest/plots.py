@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cascade.ranking_metrics import pareto_front
 from service.loadtest.evaluate import ConfigSummary
-from service.loadtest.pareto import pareto_front
 
 __all__ = [
     "plot_results",

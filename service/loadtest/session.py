@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from cascade.ranking_metrics import relevant_items
 from service.loadtest.evaluate import ConfigSummary, summarize_configs, summarize_point
 from service.loadtest.grid import StageSpec, stages_payload
-from service.loadtest.metrics import relevant_clusters
 from service.loadtest.report import CSV_FILE, SUMMARY_FILE, summary_text, write_csv
 from service.loadtest.runner import Outcome, run_open_loop
 from service.loadtest.schedule import open_loop_schedule
@@ -139,7 +139,7 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
         labels = plan.labels if plan.labels is not None else tuple(range(int(info["num_classes"])))
         if list(info.get("classes", labels)) != list(range(int(info["num_classes"]))):
             raise ValueError("the load tester scores recall on spaces whose labels are 0..C-1 and ids are positions")
-        relevant = {label: relevant_clusters(cluster_labels, label) for label in labels}
+        relevant = {label: relevant_items(cluster_labels, label) for label in labels}
         log(f"fetching the dense oracle's top-{plan.k} for {len(labels)} labels")
         oracle = await _oracle(client, labels, plan.k, int(info["max_cluster_size"]), max(plan.timeout, 120.0))
         if any(name == EXACT for name, _ in plan.configs):

@@ -1,5 +1,6 @@
-"""Shared-label metrics (research notes section 1): n-accuracy and relative information, with 95% intervals
-that stay inside the values the metric can take (a normal approximation put n-accuracy at [0.9787, 1.0013])."""
+"""Shared-label tuple metrics: n-accuracy (is the argmax of a tuple's aggregated posterior its label?) and
+relative information (how far the posterior moved from the prior towards certainty), with 95% intervals that
+stay inside the values the metric can take (a normal approximation put n-accuracy at [0.9787, 1.0013])."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from cascade.ranking_metrics import Z95, wilson_interval
 from models.aggregation import entropy
 
-__all__ = ["Estimate", "n_accuracy", "relative_information", "wilson_interval", "TupleMetrics"]
-
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+__all__ = ["Estimate", "n_accuracy", "relative_information", "TupleMetrics"]
 
 
 @dataclass(frozen=True)
@@ -22,23 +22,6 @@ class Estimate:
     value: float
     low: float
     high: float
-
-
-def wilson_interval(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion: inside [0, 1] by construction and not degenerate at 0 or n
-    successes, where the normal approximation gives a zero-width interval or one that crosses 0 or 1."""
-    if trials < 1:
-        raise ValueError(f"a proportion needs at least one trial, got {trials}")
-    if not 0 <= successes <= trials:
-        raise ValueError(f"successes must be in [0, {trials}], got {successes}")
-    p = successes / trials
-    z2 = z * z
-    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
-    half = z / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
-    # exact ends at 0 and n successes (where the formula gives them up to rounding), and the estimate inside
-    low = 0.0 if successes == 0 else max(0.0, min(p, centre - half))
-    high = 1.0 if successes == trials else min(1.0, max(p, centre + half))
-    return low, high
 
 
 def _mean_ci(values: torch.Tensor, upper: float = math.inf) -> Estimate:

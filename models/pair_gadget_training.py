@@ -1,11 +1,13 @@
-"""Pair tuples (issue 14 items 4 and 7): a query q, a cluster whose grade g for q is known, and n of its members.
+"""Pair tuples and gadget training for pair models: what `prunecascade gadget` runs to build the LSTM / deep-sets
+gadget a served stage `{"variant": ..., "aggregator": "lstm"}` uses.
 
-The shared label of the tuple is the grade: every member of a cluster has the cluster's grade for q (clusters
-are views of one prototype, `models.prototypes`). The pair model scores (q, member) for each member and the
-aggregators of `models.aggregation` turn the n outputs into one grade posterior, exactly as a cascade stage does
-for one candidate cluster. This module samples such tuples, computes a pair model's outputs on them, trains
-gadgets (LSTM, deep sets) on the hidden states with the model frozen, and runs the n-accuracy / RI / FLOPs
-experiment of `models.tuples` on pair models.
+A pair tuple is a query q, a cluster whose grade g for q is known, and n of its members. The shared label of the
+tuple is the grade: every member of a cluster has the cluster's grade for q (clusters are views of one prototype,
+`models.prototypes`). The pair model scores (q, member) for each member and a gadget turns the n hidden states
+into one grade posterior, exactly as a cascade stage does for one candidate cluster. This module samples such
+tuples, computes a pair model's outputs on them, trains gadgets on the hidden states with the model frozen, and
+stores a gadget beside its pair model after checking it fits. The n-accuracy / RI experiment over these tuples
+is in `lab.pair_tuples`.
 
 Sampling: a query prototype, then g ~ grade prior, then the cluster: the query's own prototype (g = 2), another
 prototype of the same digit (g = 1; a `hard_fraction` of them among its most similar prototypes, as in pair
@@ -16,30 +18,20 @@ members, so the tuples of every n share queries and clusters (paired comparisons
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from models.aggregation import MemberOutputs, aggregate, get_aggregator, log_prior_of
-from models.gadget import Gadget, GadgetSpec, GadgetTrainConfig, TupleDraw, gadget_misfit, train_gadget_on
-from models.pair import PairNetwork, pair_flops
+from models.aggregation import MemberOutputs, aggregate, log_prior_of
+from models.gadget import GADGET_KINDS, Gadget, GadgetSpec, gadget_misfit
+from models.gadget_training import GadgetTrainConfig, TupleDraw, train_gadget_on
+from models.pair import PairNetwork
 from models.pair_training import sample_pair_ids
 from models.prototypes import PrototypeConfig, Prototypes, make_prototypes, make_views, similar_prototypes
 from models.registry import ModelRegistry
-from models.tuples import (
-    GADGET_AGGREGATORS,
-    ExperimentNetwork,
-    ExperimentResult,
-    ResultRow,
-    SweetSpotRow,
-    largest_n_within,
-    result_row,
-    sweet_spot_of,
-)
 
 __all__ = [
     "PairTuples",
@@ -49,9 +41,6 @@ __all__ = [
     "pair_tuple_outputs_many",
     "draw_from_pool",
     "train_pair_gadget",
-    "gadget_misfit",
-    "pair_variant",
-    "run_pair_experiment",
     "HARD_FRACTION",
     "store_pair_gadget",
     "train_gadget_for",
@@ -180,7 +169,7 @@ def pair_tuple_outputs_many(
 
 
 def draw_from_pool(pool: PairTupleOutputs) -> TupleDraw:
-    """A gadget-training draw (`models.gadget.TupleDraw`) from precomputed pool tuples: each requested tuple of
+    """A gadget-training draw (`models.gadget_training.TupleDraw`) from precomputed pool tuples: each requested tuple of
     n members is a random pool tuple and n of its n_max members, distinct and in random order."""
     t, m = pool.hidden.shape[:2]
 
@@ -217,101 +206,6 @@ def train_pair_gadget(
     return train_gadget_on(spec, draw_from_pool(train), draw_from_pool(val), stats, config)
 
 
-def pair_variant(label: str, method: str, keep: float, model: PairNetwork) -> ExperimentNetwork:
-    """A pair model as a `models.tuples.ExperimentNetwork`, costed per pair as served (folded; `pair_flops`)."""
-    f = pair_flops(model)
-    return ExperimentNetwork(label, method, keep, model, f.nonzero, f.dense_kernel)  # type: ignore[arg-type]
-
-
-def _agg_flops(aggregator: str, variant: ExperimentNetwork) -> Callable[[int], int]:
-    agg, gadget = get_aggregator(aggregator), variant.gadgets.get(aggregator)
-    grades = variant.model.spec.num_grades  # type: ignore[union-attr]
-    return lambda n: agg.flops(n, grades, gadget)
-
-
-def run_pair_experiment(
-    variants: Sequence[ExperimentNetwork],
-    train: PairTuples,
-    val: PairTuples,
-    test: PairTuples,
-    *,
-    tuple_prior: Sequence[float],
-    model_prior: Sequence[float],
-    ns: Sequence[int] = tuple(range(1, 17)),
-    aggregators: Sequence[str] = ("mean_prob", "mean_logit", "bayes", "lstm", "deepsets"),
-    budgets: Sequence[int] = (),
-    gadget_hidden: int = 32,
-    gadget_config: GadgetTrainConfig | None = None,
-    log: Callable[[str], None] = lambda _msg: None,
-) -> ExperimentResult:
-    """For every variant: its outputs on the three tuple sets, gadgets trained on `train` (checkpoint on `val`),
-    then every (aggregator, n) on `test`; per FLOPs budget per tuple the largest affordable n <= test.n_max per
-    variant and the best variant. RI is relative to `tuple_prior` (the grades' distribution in the tuples);
-    `bayes` divides out `model_prior` (the grade mix the pair models were trained under), as the engine does."""
-    gadget_config = gadget_config or GadgetTrainConfig(n_max=train.n_max)
-    prior = torch.tensor(tuple_prior, dtype=torch.float64)
-    prior = prior / prior.sum()
-    log_prior = log_prior_of(torch.tensor(model_prior, dtype=torch.float64))
-    rows: list[ResultRow] = []
-    budget_rows: list[ResultRow] = []
-    sweet: list[SweetSpotRow] = []
-    tests: dict[str, tuple[PairTupleOutputs, float]] = {}
-    models = [v.model for v in variants]
-    if any(not isinstance(m, PairNetwork) for m in models):
-        raise TypeError("every variant must be a pair model")
-    needs = [[a for a in aggregators if a in GADGET_AGGREGATORS and a not in v.gadgets] for v in variants]
-    if any(needs):
-        which = [i for i, need in enumerate(needs) if need]
-        train_out = pair_tuple_outputs_many([models[i] for i in which], train)  # type: ignore[misc]
-        val_out = pair_tuple_outputs_many([models[i] for i in which], val)  # type: ignore[misc]
-        for j, i in enumerate(which):
-            for kind in needs[i]:
-                variants[i].gadgets[kind] = train_pair_gadget(
-                    kind, train_out[j], val_out[j], hidden_size=gadget_hidden, config=gadget_config
-                )
-            log(f"{variants[i].label}: gadgets {', '.join(needs[i])} trained")
-        del train_out, val_out
-    test_out = pair_tuple_outputs_many(models, test)  # type: ignore[arg-type]
-    for v, out in zip(variants, test_out, strict=True):
-        acc = float((out.logits[:, 0].argmax(1) == out.grades).float().mean())  # one member: pair accuracy
-        tests[v.label] = (out, acc)
-        for agg in aggregators:
-            for n in ns:
-                members, counts = out.first(n)
-                rows.append(result_row(v, acc, agg, n, members, counts, out.grades, prior, log_prior))
-        log(f"{v.label}: pair accuracy {acc:.4f}, {v.flops:,} FLOPs per pair, evaluated")
-    for budget in budgets:
-        for agg in aggregators:
-            candidates: list[tuple[ResultRow, bool]] = []
-            for v in variants:
-                n, capped = largest_n_within(budget, v.flops, _agg_flops(agg, v), test.n_max)
-                if n < 1:
-                    continue
-                out, acc = tests[v.label]
-                members, counts = out.first(n)
-                row = result_row(v, acc, agg, n, members, counts, out.grades, prior, log_prior)
-                budget_rows.append(row)
-                candidates.append((row, capped))
-            spot = sweet_spot_of(budget, agg, candidates)
-            if spot is not None:
-                sweet.append(spot)
-    config = {
-        "ns": list(ns),
-        "aggregators": list(aggregators),
-        "budgets": list(budgets),
-        "num_tuples": len(test),
-        "train_tuples": len(train),
-        "val_tuples": len(val),
-        "n_cap": test.n_max,
-        "tuple_prior": [float(p) for p in prior],
-        "tuple_prior_entropy_nats": -sum(float(p) * math.log(float(p)) for p in prior if p > 0),
-        "model_prior": list(model_prior),
-        "gadget_hidden": gadget_hidden,
-        "gadget_train": gadget_config.__dict__,
-    }
-    return ExperimentResult(rows, budget_rows, sweet, config)
-
-
 def store_pair_gadget(
     registry: ModelRegistry, name: str, version: int, gadget: Gadget, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -343,14 +237,14 @@ def train_gadget_for(
     grade prior in its manifest), choosing the checkpoint on tuples of prototypes no model trained on. Returns
     the gadget and a record (sizes, seed, and validation n-accuracy of the gadget and of `mean_logit`, n drawn
     from 1..n_max) for the stored gadget's `extra`."""
-    if kind not in GADGET_AGGREGATORS:
-        raise ValueError(f"kind must be one of {', '.join(GADGET_AGGREGATORS)}, got {kind!r}")
+    if kind not in GADGET_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(GADGET_KINDS)}, got {kind!r}")
     loaded = registry.load(name, version)
     model, manifest = loaded.model, loaded.manifest
     if not isinstance(model, PairNetwork):
         raise ValueError(
             f"{manifest.ref} is a classifier; this trains gadgets for pair models (classifier gadgets: "
-            "`prunecascade tuples --save-gadgets`)"
+            "`python -m lab.run_tuples --save-gadgets`)"
         )
     protos_cfg, prior = manifest.extra.get("prototypes"), manifest.extra.get("grade_prior")
     if not isinstance(protos_cfg, dict) or prior is None:

@@ -1,5 +1,7 @@
-"""Shared-label n-tuples (research notes section 1): sampling them from a split, and the experiment that measures
-every aggregator on a dense model and its compression levels (n-accuracy, RI, FLOPs per tuple, sweet spot)."""
+"""Shared-label n-tuples: sampling them from a split (a label y ~ prior, then n items of class y), training
+classifier gadgets on them, and the experiment that measures every aggregator on a dense model and its
+compression levels (n-accuracy, RI, FLOPs per tuple, and per FLOPs budget the best variant and n: the sweet spot).
+The command is `python -m lab.run_tuples`."""
 
 from __future__ import annotations
 
@@ -10,15 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from cascade.ranking_metrics import best_within_budget
+from lab.metrics import n_accuracy, relative_information
 from models.aggregation import MemberOutputs, aggregate, get_aggregator, log_prior_of
 from models.data import Splits
-from models.gadget import Gadget, GadgetSpec, GadgetTrainConfig, hidden_of, train_gadget
-from models.metrics import n_accuracy, relative_information
+from models.gadget import GADGET_KINDS, Gadget, GadgetSpec
+from models.gadget_training import GadgetTrainConfig, TupleDraw, hidden_of, train_gadget_on
 from models.networks import Classifier
 
 __all__ = [
     "TupleBatch",
     "sample_tuples",
+    "train_gadget",
     "ExperimentNetwork",
     "ResultRow",
     "SweetSpotRow",
@@ -32,7 +37,7 @@ __all__ = [
 ]
 
 DEFAULT_AGGREGATORS = ("mean_prob", "mean_logit", "bayes", "lstm", "deepsets")
-GADGET_AGGREGATORS = ("lstm", "deepsets")
+GADGET_AGGREGATORS = GADGET_KINDS
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,38 @@ def sample_tuples(
         mask = torch.arange(width)[None, :] < counts[tuples][:, None]
         index[(offsets[tuples][:, None] + torch.arange(width)[None, :])[mask]] = picks[mask]
     return TupleBatch(index=index, counts=counts, labels=ys)
+
+
+def train_gadget(
+    spec: GadgetSpec,
+    hidden_train: torch.Tensor,
+    y_train: torch.Tensor,
+    hidden_val: torch.Tensor,
+    y_val: torch.Tensor,
+    prior: torch.Tensor,
+    config: GadgetTrainConfig = GadgetTrainConfig(),
+) -> Gadget:
+    """Train on tuples of precomputed hidden representations (the network is frozen by construction: only its
+    outputs are seen). The gadget with the lowest validation cross-entropy is kept; standardisation is folded."""
+    if hidden_train.shape[1] != spec.input_dim:
+        raise ValueError(f"gadget expects {spec.input_dim}-dim hidden representations, got {hidden_train.shape[1]}")
+    hidden_train = hidden_train.float()
+    hidden_val = hidden_val.float()
+
+    def draw_from(hidden: torch.Tensor, labels: torch.Tensor) -> TupleDraw:
+        def draw(counts: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = sample_tuples(labels, prior, counts, gen)
+            return hidden[batch.index], batch.labels
+
+        return draw
+
+    return train_gadget_on(
+        spec,
+        draw_from(hidden_train, y_train),
+        draw_from(hidden_val, y_val),
+        (hidden_train.mean(0), hidden_train.std(0).clamp_min(1e-3)),
+        config,
+    )
 
 
 @dataclass
@@ -193,7 +230,7 @@ def result_row(
     """One cell: aggregate tuples of n members each (`counts`, contiguous runs of `members`) and measure
     n-accuracy and RI (relative to `prior`, the distribution the tuples' labels were drawn from) and FLOPs.
     `log_prior` is what `bayes` divides out: the prior the network's outputs were trained under. Shared by the
-    classifier experiment and the pair-model one (`models.pair_tuples`)."""
+    classifier experiment and the pair-model one (`lab.pair_tuples`)."""
     gadget = variant.gadgets.get(aggregator)
     log_post = aggregate(aggregator, members, counts, log_prior, gadget=gadget)
     acc = n_accuracy(log_post, labels)
@@ -222,9 +259,11 @@ def result_row(
 
 def sweet_spot_of(budget: int, aggregator: str, candidates: Sequence[tuple[ResultRow, bool]]) -> SweetSpotRow | None:
     """The best (n-accuracy, then RI) of the rows a budget buys, one per variant, with whether its n was capped."""
-    if not candidates:
+    rows = [r for r, _ in candidates]
+    best = best_within_budget([r.flops_tuple for r in rows], [(r.n_accuracy, r.ri) for r in rows], budget)
+    if best is None:
         return None
-    r, capped = max(candidates, key=lambda c: (c[0].n_accuracy, c[0].ri))
+    r, capped = candidates[best]
     return SweetSpotRow(
         budget,
         aggregator,

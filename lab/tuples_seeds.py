@@ -1,10 +1,10 @@
-"""Several seeds of `prunecascade tuples --source both`, summarised for docs/aggregation.md (issue 13, item 2).
+"""Several seeds of `python -m lab.run_tuples --source both`, summarised for docs/aggregation.md.
 
-    benchmarks/run_tuples_seeds.sh /work/home-tuples var/bench 0 1 2     # the runs (long; 1 torch thread)
-    .venv/bin/python -m benchmarks.tuples_seeds var/bench/tuples-s0 var/bench/tuples-s1 var/bench/tuples-s2
+    lab/run_tuples_seeds.sh /work/home-tuples var/bench 0 1 2     # the runs (long; 1 torch thread)
+    .venv/bin/python -m lab.tuples_seeds var/bench/tuples-s0 var/bench/tuples-s1 var/bench/tuples-s2
 
 Reads each run's `results.json` and prints Markdown: the sweet spot per budget and aggregator for every seed,
-with FLOPs per item counted nonzero (as `tuples` does) and dense-kernel (a masked variant then costs what the
+with FLOPs per item counted nonzero (as `lab.run_tuples` does) and dense-kernel (a masked variant then costs what the
 dense model costs); the n-accuracy of each fine-tuned variant of the registry at the largest n its budget buys
 (to see whether the best compression level of that family is interior); and each variant's single-item accuracy.
 No torch: it only reads the JSON files.
@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cascade.ranking_metrics import best_within_budget
 
 __all__ = ["Run", "load_run", "affine_agg_flops", "largest_n", "sweet_spot", "main"]
 
@@ -67,7 +69,7 @@ def affine_agg_flops(run: Run, variant: str, aggregator: str) -> tuple[int, int]
 
 
 def largest_n(budget: int, item: int, agg: tuple[int, int], cap: int) -> int:
-    """The largest n <= cap with n * item + agg cost <= budget (0 if none), as `models.tuples.largest_n_within`."""
+    """The largest n <= cap with n * item + agg cost <= budget (0 if none), as `lab.tuples.largest_n_within`."""
     per, fixed = agg
     n = 0
     while n < cap and (n + 1) * (item + per) + fixed <= budget:
@@ -80,23 +82,25 @@ def sweet_spot(
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """The best (n-accuracy, then RI) row among variants affordable at `budget` for any of `aggregators`, and the
     variants whose affordable n was not evaluated (only possible with dense-kernel counting)."""
-    best, missing = None, []
+    rows, costs, missing = [], [], []
     for v in run.variants():
         for a in aggregators:
             one = run.row(v, a, 1)
             if one is None:
                 continue
             item = one["flops_item_dense_kernel"] if dense_kernel else one["flops_item"]
-            n = largest_n(budget, item, affine_agg_flops(run, v, a), run.cap)
+            per, fixed = affine_agg_flops(run, v, a)
+            n = largest_n(budget, item, (per, fixed), run.cap)
             if n < 1:
                 continue
             r = run.row(v, a, n)
             if r is None:
                 missing.append(f"{v}/{a} n={n}")
                 continue
-            if best is None or (r["n_accuracy"], r["ri"]) > (best["n_accuracy"], best["ri"]):
-                best = r
-    return best, missing
+            rows.append(r)
+            costs.append(n * (item + per) + fixed)  # what `largest_n` kept within the budget
+    best = best_within_budget(costs, [(r["n_accuracy"], r["ri"]) for r in rows], budget)
+    return (None if best is None else rows[best]), missing
 
 
 def _cell(r: dict[str, Any] | None, interval: bool = True, aggregator: bool = False) -> str:
@@ -270,7 +274,7 @@ def variant_table(runs: Sequence[Run]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="output directories of `prunecascade tuples`")
+    p.add_argument("runs", nargs="+", type=Path, help="output directories of `python -m lab.run_tuples`")
     p.add_argument("--family", default="cnn-s05:1,cnn-s10:1,cnn-s15:1,cnn-s25:1,cnn-s50:1,dense:1")
     p.add_argument("--figure", type=Path, help="also draw the fine-tuned family's n-accuracy per budget (PNG)")
     p.add_argument("--intervals", action="store_true", help="95%% intervals in the family tables too")

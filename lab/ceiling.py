@@ -26,7 +26,8 @@ Only the generator's own model is used here: it is a yardstick, not a scorer a u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +43,10 @@ __all__ = [
     "jitter_log_likelihoods",
     "log_likelihoods",
     "view_gaussians",
+    "pair_space_config",
+    "space_config_of",
+    "ceiling_metrics",
+    "measure",
 ]
 
 CORR_SIGMA = 2.0
@@ -145,3 +150,65 @@ def bayes_optimal(
     ll = log_likelihoods(protos, queries, chunk)
     log_post = ll - torch.logsumexp(torch.from_numpy(ll), dim=1, keepdim=True).numpy()
     return CeilingScores(log_post, expected_gains(log_post, protos.digit, gains), protos.digit.copy())
+
+
+def pair_space_config() -> PrototypeConfig:
+    """The prototype space the bootstrap builds for queries by example (its defaults)."""
+    from cascade.bootstrap import PairConfig
+
+    return PairConfig().space
+
+
+def space_config_of(space_dir: Path) -> PrototypeConfig:
+    """The generator's config of a prototype space on disk, from its meta (prototypes, views, seed, jitter) and
+    the bootstrap's defaults for the rest; checked by rendering the items again: they must be the space's."""
+    from cascade.space import Space
+    from models.prototypes import make_prototype_set
+
+    space = Space.load(space_dir)
+    meta = space.meta
+    if meta.get("dataset") != "mnist1d-prototypes":
+        raise SystemExit(f"{space_dir} is not a prototype space (dataset {meta.get('dataset')!r}): it has no ceiling")
+    config = replace(
+        pair_space_config(),
+        num_prototypes=int(meta["num_clusters"]),
+        views=int(meta["cluster_size"]),
+        seed=int(meta["seed"]),
+        jitter=int(meta["jitter"]),
+    )
+    views = make_prototype_set(config, "space")
+    if views.x.shape != space.features.shape or not np.array_equal(views.x, space.features):
+        raise SystemExit(f"{space_dir}: the items are not those of {config}: the ceiling would score other prototypes")
+    return config
+
+
+def ceiling_metrics(
+    scores: np.ndarray, cluster: np.ndarray, label: np.ndarray, cluster_labels: np.ndarray, k: int = 10
+) -> dict[str, float]:
+    """Mean recall@1, recall@k and graded nDCG@10 of rankings by `scores` (Q, K), per query as every other
+    method of `cascade.evaluation` is scored."""
+    from cascade.evaluation import graded_metrics
+    from cascade.queries import cluster_grades, default_gains
+
+    gains = np.asarray(default_gains(3))
+    rows = []
+    for i, s in enumerate(scores):
+        ids = np.argsort(-s, kind="stable")[: max(k, 10)]
+        grades = cluster_grades(cluster_labels, int(cluster[i]), int(label[i]), 3)
+        rows.append(graded_metrics(ids, grades, gains, k))
+    r1, rk, ndcg = np.mean(rows, axis=0)
+    return {"recall@1": float(r1), f"recall@{k}": float(rk), "ndcg@10": float(ndcg)}
+
+
+def measure(
+    config: PrototypeConfig, xq: np.ndarray, cq: np.ndarray, yq: np.ndarray, k: int = 10, chunk: int = 64
+) -> tuple[dict[str, dict[str, float]], CeilingScores]:
+    """The ceiling's rows for queries (xq, their own clusters cq, their labels yq) of the space `config` renders:
+    ranked by expected gain and by the MAP posterior. `benchmarks/bench_ceiling.py` prints them; other benchmarks
+    call this for their ceiling row."""
+    scores = bayes_optimal(config, xq, chunk=chunk)
+    rows = {
+        "ceiling (expected gain)": ceiling_metrics(scores.expected_gain, cq, yq, scores.digit, k),
+        "ceiling (MAP posterior)": ceiling_metrics(scores.log_posterior, cq, yq, scores.digit, k),
+    }
+    return rows, scores

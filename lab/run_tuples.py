@@ -1,8 +1,11 @@
-"""`prunecascade tuples --dense dense`: the shared-label n-tuple experiment (research notes section 1).
+"""`python -m lab.run_tuples --home HOME --dense dense`: the shared-label n-tuple experiment (`lab.tuples`).
 
 For the dense model and its compression levels, every aggregator and n: n-accuracy, RI and FLOPs per tuple;
 then, for fixed FLOPs budgets per tuple, the best compression level and n (the sweet spot). Writes JSON, CSV,
-a Markdown summary and PNG plots to `--out`."""
+a Markdown summary and PNG plots to `--out`.
+
+An experiment, not a product command: it lives in `lab/` beside `benchmarks/` and runs from a checkout of the
+repository, so the installed `prunecascade` (and anything the server imports) carries none of it."""
 
 from __future__ import annotations
 
@@ -20,13 +23,22 @@ from service.commands.common import add_home, registry_from, settings_from, spli
 if TYPE_CHECKING:
     import torch
 
+    from lab.tuples import ExperimentNetwork, ExperimentResult, ResultRow
     from models.networks import Classifier
     from models.registry import ModelRegistry
-    from models.tuples import ExperimentNetwork, ExperimentResult, ResultRow
 
-__all__ = ["register", "run", "write_outputs", "sweet_spot_figure", "sparse_log_ticks", "AGGREGATORS", "SWEET_SPOT_PNG"]
+__all__ = [
+    "register",
+    "run",
+    "main",
+    "write_outputs",
+    "sweet_spot_figure",
+    "sparse_log_ticks",
+    "AGGREGATORS",
+    "SWEET_SPOT_PNG",
+]
 
-# models.tuples.DEFAULT_AGGREGATORS, spelled out so that the parser does not import torch (a test checks they agree)
+# lab.tuples.DEFAULT_AGGREGATORS, spelled out so that the parser does not import torch (a test checks they agree)
 AGGREGATORS = ("mean_prob", "mean_logit", "bayes", "lstm", "deepsets")
 SWEET_SPOT_PNG = "aggregation_sweet_spot.png"
 
@@ -66,9 +78,9 @@ def _floats(text: str) -> list[float]:
 def _variant(
     label: str, method: str, keep: float, model: Classifier, gadget: torch.nn.Module | None = None
 ) -> ExperimentNetwork:
+    from lab.tuples import ExperimentNetwork
     from models.flops import count_flops
     from models.gadget import Gadget
-    from models.tuples import ExperimentNetwork
 
     f = count_flops(model, model.spec.input_dim)
     v = ExperimentNetwork(label, method, keep, model, f.nonzero, f.dense_kernel)
@@ -94,11 +106,11 @@ def _registry_variants(
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lab.tuples import run_experiment
     from models.aggregation import list_aggregators
-    from models.gadget import GadgetTrainConfig
+    from models.gadget_training import GadgetTrainConfig
     from models.pruning import get_method, prune
     from models.pruning.pipeline import calibration_from
-    from models.tuples import run_experiment
 
     torch.set_num_threads(settings_from(args).torch_threads)
     registry = registry_from(args)
@@ -186,7 +198,7 @@ def _summary(result: ExperimentResult) -> str:
 
 
 def write_outputs(result: ExperimentResult, out: Path, plots: bool = True) -> None:
-    from models.tuples import ResultRow, SweetSpotRow
+    from lab.tuples import ResultRow, SweetSpotRow
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result.to_json(), indent=1))
@@ -310,3 +322,19 @@ def sparse_log_ticks(values: list[float], min_gap: float = 0.12) -> list[float]:
         if v > 0 and (not kept or abs(math.log10(kept[-1]) - math.log10(v)) >= min_gap):
             kept.append(v)
     return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lab.run_tuples [options]`: the options of `register`, errors reported as the CLI does."""
+    parser = argparse.ArgumentParser(prog="python -m lab.run_tuples")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["tuples", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, LookupError) as exc:
+        print(f"lab.run_tuples: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
