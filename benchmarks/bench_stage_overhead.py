@@ -108,12 +108,23 @@ def _stage_loop():
     return stage_loop
 
 
+def _target_from_examples(snap, x, candidates: int):
+    try:
+        from cascade.plan import target_from_examples
+    except ImportError:
+        from cascade.engine import target_from_examples  # type: ignore[attr-defined,no-redef]
+    return target_from_examples(snap, x, candidates)
+
+
 def _run_block(snap, targets: list, seeds: list[int], k: int) -> list:
     """The default cascade for each target: one batch through the batched stage loop where there is one,
     else one `run_cascade` per target."""
     loop = _stage_loop()
     if loop is None:
-        from cascade.engine import run_cascade
+        try:
+            from cascade.plan import run_cascade
+        except ImportError:
+            from cascade.engine import run_cascade  # type: ignore[attr-defined,no-redef]
 
         return [run_cascade(snap, t, k, None, seed=s) for t, s in zip(targets, seeds, strict=True)]
     try:
@@ -158,7 +169,7 @@ def measure(home: Path, space: str, queries: int, k: int, candidates: int, batch
     hooked = [m for m in (engine, _stage_loop()) if m is not None]
     try:
         for warm in range(3):  # first queries pay lazy setup (fold plans, caches)
-            t = engine.target_from_examples(snap, qs.x[warm : warm + 1], max(k, candidates))
+            t = _target_from_examples(snap, qs.x[warm : warm + 1], max(k, candidates))
             _run_block(snap, [t], [warm], k)
         timers.take()
         for start in range(0, n, batch):
@@ -168,7 +179,7 @@ def measure(home: Path, space: str, queries: int, k: int, candidates: int, batch
             targets = []
             for i in block:
                 t0 = time.perf_counter()
-                targets.append(engine.target_from_examples(snap, qs.x[i : i + 1], max(k, candidates)))
+                targets.append(_target_from_examples(snap, qs.x[i : i + 1], max(k, candidates)))
                 stage0_ms.append((time.perf_counter() - t0) * 1000.0)
             timers.take()
             parts_by_stage: list[dict[str, float]] = []
