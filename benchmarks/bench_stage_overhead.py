@@ -9,8 +9,8 @@ Every held-out query of the space (`queries.npz`, never items) runs the space's 
 (k = 10, the service's 200 candidates, its own seed), one at a time, on one torch thread. The engine's helpers
 are wrapped with timers (`PARTS`: which helper counts as which part); a stage's whole time is the engine's own
 `StageReport.ms`, and `other` is what no wrapped helper accounts for (the stage report, the FLOPs count, loop
-bookkeeping). With `--batch B` the queries also run B at a time through `run_cascade_batch` (when the engine
-has it), and a stage's time is the batch's time divided among its B queries.
+bookkeeping). With `--batch B` the queries run B at a time through `cascade.stage_loop.run_stages_many` (a
+checkout without it runs one at a time), and a stage's time is the batch's time shared among its B queries.
 
 The reference: a 1024 x 1024 fp32 `torch.mm` timed on the same thread between every block of 10 queries
 (median over the run), 2 * 1024^3 FLOPs per product. A stage's efficiency is its FLOPs (the engine's count,
