@@ -182,8 +182,9 @@ class SpaceOut(BaseModel):
     )
     item_cache: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="the pair models' query-independent item inputs, computed once per item and trunk and held in "
-        "memory by this process: one entry per table (key, bytes, build_ms, build_flops); empty without pair models",
+        description="the pair models' query-independent item inputs, computed once per item and trunk: one entry per "
+        "table (key, bytes, dtype, mapped: a read-only map of a file beside the space that the worker processes "
+        "share, build_ms, build_flops); empty without pair models",
     )
     snapshot_id: str
 

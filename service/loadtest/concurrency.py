@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from service.loadtest.metrics import percentile
+from cascade.ranking_metrics import percentile
 
 __all__ = ["KINDS", "SweepRow", "run_sweep", "write_sweep", "sweep_figure", "CONCURRENCY_PNG", "CONCURRENCY_CSV"]
 
