@@ -26,7 +26,7 @@ from cascade.stage_loop import StageJob, run_stages, run_stages_many
 from models.inference import score_chunked
 
 if TYPE_CHECKING:
-    from cascade.batcher import Batcher
+    from cascade.batcher import Batcher, Expected
 
 __all__ = [
     "Query",
@@ -177,18 +177,24 @@ def plan_target(
     return QueryPlan(snapshot, target, k, path, resolved, costs, table, flops, oracle)
 
 
-def execute(plan: QueryPlan, seed: int = 0, deadline: float | None = None, batcher: Batcher | None = None) -> Answer:
+def execute(
+    plan: QueryPlan,
+    seed: int = 0,
+    deadline: float | None = None,
+    batcher: Batcher | None = None,
+    expected: Expected | None = None,
+) -> Answer:
     """Carry out a plan. `seed` seeds the member sampling (same plan, same seed, same answer); `deadline`: a
     `time.monotonic()` instant past which the cascade stops between stages (DeadlineExceeded). `batcher`: the
     cascade runs in a batch with concurrent queries of the same stages (`cascade.batcher`), with the same
-    answer as alone."""
+    answer as alone; `expected` is the query's announcement to it (`Batcher.expect`)."""
     if plan.path == "exact":
         assert plan.table is not None
         return plan.table.answer(plan.target, plan.k, plan.snapshot.id)
     if plan.path == "faiss":
         return faiss_answer(plan.snapshot, plan.target, plan.k)
     if batcher is not None:
-        return batcher.run(plan.snapshot, StageJob(plan.target, plan.k, plan.stages, seed, deadline))
+        return batcher.run(plan.snapshot, StageJob(plan.target, plan.k, plan.stages, seed, deadline), expected)
     return run_stages(plan.snapshot, plan.target, plan.k, plan.stages, seed, deadline)
 
 

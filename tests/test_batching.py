@@ -108,11 +108,11 @@ def test_the_batcher_batches_concurrent_queries_and_answers_each_as_alone(snapsh
     jobs = [_job(snapshot, i, seed=50 + i) for i in range(8)]
     alone = [run_stages_many(snapshot, [job])[0] for job in jobs]
     batcher = Batcher(max_wait_s=5.0, max_batch=8)
-    batcher._running = 1  # as if another batch were being computed: the first query waits for the others
+    tokens = [batcher.expect() for _ in jobs]  # all eight announced: the first to arrive waits for the others
     results: list[CascadeResult | None] = [None] * len(jobs)
 
     def ask(i: int) -> None:
-        results[i] = batcher.run(snapshot, jobs[i])
+        results[i] = batcher.run(snapshot, jobs[i], tokens[i])
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
     for t in threads:
@@ -120,13 +120,15 @@ def test_the_batcher_batches_concurrent_queries_and_answers_each_as_alone(snapsh
     for t in threads:
         t.join(60)
     assert batcher.stats.largest == 8 and batcher.stats.batches == 1  # one batch of all eight, closed when full
+    # nobody on the way: a query starts at once, alone
+    assert _same(batcher.run(snapshot, jobs[0]), alone[0]) and batcher.stats.batches == 2  # type: ignore[arg-type]
     for a, b in zip(alone, results, strict=True):
         assert b is not None and _same(a, b)  # type: ignore[arg-type]
 
 
 def test_a_query_never_waits_for_a_batch_past_its_deadline(snapshot) -> None:
     batcher = Batcher(max_wait_s=60.0, max_batch=64)
-    batcher._running = 1  # busy: a new batch would wait up to a minute for company
+    batcher.expect()  # a query on its way that never arrives: a new batch would wait up to a minute for it
     job = _job(snapshot, 0, seed=1)
     late = StageJob(job.target, job.k, job.stages, job.seed, deadline=time.monotonic() + 0.3)
     started = time.monotonic()
@@ -152,8 +154,8 @@ def test_a_follower_stops_waiting_at_its_deadline(snapshot) -> None:
         lead_job.stages,
         1,
     )
-    batcher = Batcher(max_wait_s=2.0, max_batch=2)
-    batcher._running = 1
+    batcher = Batcher(max_wait_s=30.0, max_batch=2)
+    batcher.expect()  # the leader waits for company until the follower fills the batch
     out: dict[str, object] = {}
 
     def lead() -> None:

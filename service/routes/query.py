@@ -3,6 +3,7 @@ utility targets, once built), the cascade, or the embedding index alone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Body, HTTPException, Request, Response
 
+from cascade.batcher import Expected
 from cascade.engine import DeadlineExceeded, StageReport
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer
@@ -75,6 +77,19 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     posteriors once they are built; queries by example run the cascade of pair models (`stages` overrides it,
     `[]` answers from the embedding index alone). Same request, same snapshot, same answer (`seed`)."""
     state: ServiceState = http.app.state.service
+    with _expecting(state, request) as expected:
+        return _answer(http, request, state, expected)
+
+
+def _expecting(state: ServiceState, request: QueryRequest) -> Any:
+    """A query by example that will run stages announces itself to the batcher before it is planned (stage 0
+    is part of the plan), so that a batch being formed waits for it; anything else announces nothing."""
+    if state.batcher is None or request.target.examples is None or request.stages == []:
+        return contextlib.nullcontext(None)
+    return state.batcher.expect()
+
+
+def _answer(http: Request, request: QueryRequest, state: ServiceState, expected: Expected | None) -> Response:
     query, limits = _query(request), _limits(state)
     snapshot = snapshot_of(state)
     started = time.perf_counter()
@@ -95,7 +110,7 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
             body["latency_ms"] = (time.perf_counter() - started) * 1000.0
             return Response(content=json.dumps(body), media_type="application/json", headers={"x-cache": "hit"})
     try:
-        result = execute(plan, request.seed, getattr(http.state, "deadline", None), state.batcher)
+        result = execute(plan, request.seed, getattr(http.state, "deadline", None), state.batcher, expected)
     except DeadlineExceeded as exc:  # the limiter has answered 504 already; this frees the worker
         raise HTTPException(504, str(exc)) from None
     response = _response(plan, result, started)
