@@ -75,7 +75,7 @@ class Batcher:
     """Thread safe; one per process (the service keeps it in its state)."""
 
     def __init__(
-        self, max_wait_s: float = 0.002, max_batch: int = 16, on_batch: Callable[[int], None] | None = None
+        self, max_wait_s: float = 0.005, max_batch: int = 16, on_batch: Callable[[int], None] | None = None
     ) -> None:
         """`on_batch(size)` is called once per batch computed (the service counts them in its metrics)."""
         if max_wait_s < 0 or max_batch < 1:

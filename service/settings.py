@@ -42,11 +42,11 @@ class Settings(BaseSettings):
         True, description="concurrent queries with the same stages are computed as one batch (answers unchanged)"
     )
     batch_max_wait_ms: float = Field(
-        2.0,
+        5.0,
         ge=0.0,
         le=50.0,
-        description="how long the first query of a batch waits for others, only while other batches are computed "
-        "(an idle server starts at once); never past the query's deadline",
+        description="how long the first query of a batch waits for other queries by example already on their way "
+        "(none on the way: it starts at once); never past its deadline",
     )
     batch_max_queries: int = Field(16, ge=1, le=256, description="queries per batch at most")
     max_batch_request_queries: int = Field(64, ge=1, description="queries in one POST /v1/query/batch at most")
