@@ -46,6 +46,7 @@ PARTS: dict[tuple[str, str], str] = {
     ("cascade.stage_loop", "sample_members_many"): "sampling",
     ("cascade.stage_loop", "_extend_many"): "sampling",
     ("cascade.stage_loop", "prepare_for"): "model",
+    ("cascade.stage_loop", "prepare_many"): "model",
     ("cascade.stage_loop", "score_many"): "model",
     ("cascade.stage_loop", "_aggregate_units"): "aggregation",
     ("cascade.stage_loop", "_combine_examples"): "aggregation",

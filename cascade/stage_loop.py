@@ -32,7 +32,7 @@ from cascade.engine import CascadeResult, DeadlineExceeded, StageReport, Target,
 from cascade.snapshot import Snapshot, Variant
 from models.aggregation import MemberOutputs, aggregate, get_aggregator
 from models.inference import score_many
-from models.scorer import prepare_for
+from models.scorer import prepare_many
 
 __all__ = ["StageJob", "run_stages", "run_stages_many", "sample_members_many"]
 
@@ -480,9 +480,7 @@ def _stage(
             assert prev is not None
             prepared, prepared_for = prev.prepared, prev.prepared_for
         else:
-            prepared = [
-                prepare_for(variant.model, query, int(new_q[q])) for q, query in zip(owner, queries, strict=True)
-            ]
+            prepared = prepare_many(variant.model, list(queries), [int(new_q[q]) for q in owner])
             prepared_for = [int(new_q[q]) for q in owner]
         unit_x = [x[slice(*_range(new_q, q))] for q in owner]
         logits, hidden = score_many(variant.model, prepared, unit_x)

@@ -515,6 +515,48 @@ class PairNetwork(nn.Module):
             energy = stacked[channels * length :]
         return FoldedQuery(stacked[: channels * length], bias, energy, stacked)
 
+    @torch.no_grad()
+    def fold_queries(self, fqs: list[torch.Tensor]) -> list[FoldedQuery]:
+        """`fold_query` for several queries, the correlation blocks of all of them in one product per channel
+        (rows of every query stacked: a query's rows equal what it gets alone, the product having at least
+        `models.inference.MIN_GEMM_ROWS` rows either way)."""
+        if len(fqs) == 1:
+            return [self.fold_query(fqs[0])]
+        spec = self.spec
+        plan = self._fold_plan()
+        channels, length = fqs[0].shape[1:]
+        width = spec.regions * spec.shifts
+        h1 = len(plan.bias)
+        ops = fqs[0].new_zeros(len(fqs), channels, length * width)
+        ops[:, :, plan.positions] = torch.stack([fq[0][:, plan.sources] for fq in fqs]) / plan.seg
+        rows = ops.view(len(fqs), channels, length, width).transpose(0, 1).reshape(channels, len(fqs) * length, width)
+        products = torch.bmm(rows, plan.w_corr_t)  # (C, Q*L, h1)
+        extra = channels * spec.regions if spec.energies else 0
+        out = []
+        for q, fq in enumerate(fqs):
+            stacked = fq.new_empty(channels * length + extra, h1)
+            stacked[: channels * length].view(channels, length, h1).copy_(products[:, q * length : (q + 1) * length])
+            bias, energy = plan.bias, None
+            if spec.energies:
+                assert plan.w_eq is not None and plan.energy_t is not None
+                eq = fq[0].pow(2).unflatten(1, (spec.regions, -1)).mean(-1).reshape(-1)
+                bias = torch.addmv(bias, plan.w_eq, eq)
+                stacked[channels * length :] = plan.energy_t
+                energy = stacked[channels * length :]
+            out.append(FoldedQuery(stacked[: channels * length], bias, energy, stacked))
+        return out
+
+    def prepare_many(
+        self, queries: list[torch.Tensor | None], num_items: list[int]
+    ) -> list[FoldedQuery | torch.Tensor]:
+        """`prepare` for several queries: the ones that fold are folded together (`fold_queries`)."""
+        if any(q is None for q in queries):
+            raise ValueError("a pair model needs the query")
+        fqs = [self.query_features(q) for q in queries]  # type: ignore[arg-type]
+        fold = [self.folds(n) for n in num_items]
+        folded = iter(self.fold_queries([fq for fq, f in zip(fqs, fold, strict=True) if f]) if any(fold) else [])
+        return [next(folded) if f else fq for fq, f in zip(fqs, fold, strict=True)]
+
     def item_energies(self, fx: torch.Tensor) -> torch.Tensor:
         """(P, C*R) mean squared feature per channel and region: query independent, cacheable with fx."""
         return fx.pow(2).unflatten(2, (self.spec.regions, -1)).mean(-1).flatten(1)
