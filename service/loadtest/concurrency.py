@@ -196,12 +196,18 @@ def sweep_figure(rows: Sequence[SweepRow]) -> Any:
                 fontsize=7,
             )
         bottom.plot(xs, [100 * r.server_cpu for r in sel], marker="o", label=kind)
-    top.set_ylabel("queries per second")
+    top.set_ylabel("queries per second (log scale)")
     top.set_yscale("log")
+    top.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    top.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     top.set_title("Throughput against concurrent clients (closed loop; ratio to 1 client)")
     top.legend()
     top.grid(True, which="both", alpha=0.3)
-    bottom.set_ylabel("server CPU (%, 100 = one core)")
+    cores = os.cpu_count() or 1
+    for c in range(1, cores + 1):  # what the host could give the server: one line per core
+        bottom.axhline(100 * c, color="grey", linestyle=":", linewidth=1)
+    bottom.set_ylim(0, max(100 * cores, 100 * max(r.server_cpu for r in rows)) * 1.08)
+    bottom.set_ylabel(f"server CPU (%; {cores} cores = {100 * cores}%)")
     bottom.set_xlabel("concurrent clients")
     bottom.set_xscale("log", base=2)
     bottom.set_xticks(sorted({r.concurrency for r in rows}))
