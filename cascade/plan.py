@@ -267,7 +267,8 @@ def _examples_array(snapshot: Snapshot, examples: list[list[float]] | np.ndarray
     except (ValueError, TypeError):
         raise RequestError("target.examples", "every example must be a list of numbers of the same length") from None
     if x.ndim != 2 or x.shape[1] != snapshot.space.input_dim or len(x) == 0:
-        raise RequestError("target.examples", f"each example needs {snapshot.space.input_dim} features")
+        got = f"; got {x.shape[1]}" if x.ndim == 2 else ""
+        raise RequestError("target.examples", f"each example needs {snapshot.space.input_dim} features{got}")
     if not np.isfinite(x).all():
         raise RequestError("target.examples", "values must be finite")
     return x
@@ -298,7 +299,7 @@ def target_from_examples(
     num_grades = snapshot.num_grades
     g = np.asarray(default_gains(num_grades) if gains is None else gains, dtype=np.float64)
     if g.shape != (num_grades,) or not np.isfinite(g).all():
-        raise RequestError("target.gains", f"needs {num_grades} finite values, one per relevance grade")
+        raise RequestError("target.gains", f"needs {num_grades} finite values, one per relevance grade; got {g.size}")
     if not (g != 0).any():
         raise RequestError("target.gains", "all gains are zero: every cluster would score 0")
     nearest, distances = snapshot.embedding.candidates(x, candidates)

@@ -4,12 +4,15 @@ reader never sees half an entry, and loading never unpickles (safetensors only).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ __all__ = [
     "LoadedModel",
     "RegistryError",
     "BrokenEntryError",
+    "KindMismatchError",
     "sha256_file",
     "WEIGHTS_FILE",
     "MANIFEST_FILE",
@@ -42,6 +46,7 @@ GADGET_WEIGHTS_FILE = "gadget.safetensors"
 GADGET_SPEC_FILE = "gadget.json"
 _ACTIVE = "ACTIVE"
 _HISTORY = "HISTORY"
+_LOCK = ".lock"
 
 
 class RegistryError(LookupError):
@@ -50,6 +55,11 @@ class RegistryError(LookupError):
 
 class BrokenEntryError(RegistryError):
     """An entry exists on disk but its manifest (or ACTIVE file) cannot be read or does not validate."""
+
+
+class KindMismatchError(ValueError):
+    """A name holds models of one kind (classifier or pair model): another kind needs another name, or the
+    same-name gates (which compare a version with the one before) would compare unlike models."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,37 @@ class ModelRegistry:
         except (OSError, ValueError, KeyError, TypeError):
             return "unreadable"
 
+    def kind_of(self, name: str) -> str | None:
+        """The kind (`classifier` or `pair`) of the models stored under `name` (its newest readable manifest);
+        None for a name with none."""
+        for v in reversed(self.versions(name)):
+            try:
+                return _read_manifest(self.root / name / str(v)).model_kind
+            except BrokenEntryError:
+                continue
+        return None
+
+    def check_kind(self, name: str, kind: str) -> None:
+        """Raises KindMismatchError when `name` already holds models of another kind."""
+        stored = self.kind_of(name)
+        if stored is not None and stored != kind:
+            article = "a pair model" if kind == "pair" else "a classifier"
+            raise KindMismatchError(
+                f"{name!r} holds {'pair models' if stored == 'pair' else 'classifiers'}; {article} needs another name"
+            )
+
+    @contextmanager
+    def name_lock(self, name: str) -> Iterator[None]:
+        """Exclusive over everything that writes versions of `name`, across threads and processes sharing the
+        registry (an advisory `flock` on `ROOT/<name>/.lock`), so a look-up and the write it decides are one step."""
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        with (self.root / name / _LOCK).open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def active_manifests(self) -> list[Manifest]:
         return [self.manifest(n) for n in self.names() if self.active_version(n) is not None]
 
@@ -218,6 +259,7 @@ class ModelRegistry:
 
         if not re.match(NAME_PATTERN, name):
             raise ValueError(f"invalid model name {name!r}: lowercase letters, digits, '.', '_' and '-'")
+        self.check_kind(name, "pair" if isinstance(model, PairNetwork) else "classifier")
         extra = dict(extra or {})
         if isinstance(model, PairNetwork):  # FLOPs per (q, x) pair; trunk and cache size recorded beside them
             cost = pair_cost(model)
@@ -313,12 +355,25 @@ class ModelRegistry:
         self._write_history(name, history or [target])
         self.activate(name, target, record=False)
 
+    def store_upload(
+        self, name: str, files: dict[str, bytes], fields: dict[str, Any], gadget_sha256: str | None
+    ) -> tuple[Manifest, bool]:
+        """The stored version with exactly these weights and gadget if there is one (False), else a new inactive
+        version (True): looked up and written under the name's lock, so identical uploads sent at the same moment
+        store one version between them."""
+        with self.name_lock(name):
+            existing = self.find_identical(name, fields["sha256"], gadget_sha256)
+            if existing is not None:
+                return existing, False
+            return self.stage_files(name, files, fields), True
+
     def stage_files(self, name: str, files: dict[str, bytes], fields: dict[str, Any]) -> Manifest:
         """Store already-validated file contents as the next (inactive) version of `name`."""
         if not re.match(NAME_PATTERN, name):
             raise ValueError(f"invalid model name {name!r}")
         if MANIFEST_FILE in files or any("/" in f or f.startswith(".") for f in files):
             raise ValueError("invalid file names for a registry entry")
+        self.check_kind(name, "pair" if fields.get("spec", {}).get("kind") == "pair" else "classifier")
         (self.root / name).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".staging-"))
         try:

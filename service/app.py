@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
+from service.admission import heavy_query
+from service.auth import AdminGate
 from service.cache import LocalCache, RedisCache
 from service.docs_ui import install_offline_docs
 from service.errors import install_error_handlers
@@ -55,7 +57,10 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
         if state.shared is not None:
             state.shared.start()  # waits for the first load, then reconciles with Redis
         if settings.resolved_admin_token() is None:
-            log.warning("no admin token configured: the admin routes answer 403")
+            log.warning(
+                "no admin token configured: the admin routes answer 403 (set PRUNECASCADE_ADMIN_TOKEN, or run "
+                "`prunecascade serve --bootstrap` once to generate one into HOME/admin-token)"
+            )
         elif settings.token_was_stripped():
             log.warning("the admin token had surrounding whitespace; it was stripped (send it without)")
         yield
@@ -72,8 +77,9 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
     )
     app.state.service = state
     install_error_handlers(app)
-    # Outermost last: request id -> metrics -> body limits -> query limits -> routes. The query limiter reads the
-    # whole body (bounded, timed) before it gives out a slot, so a slow body never holds query capacity.
+    # Outermost last: request id -> metrics -> admin token -> body limits -> query limits -> routes. The query
+    # limiter reads the whole body (bounded, timed) before it gives out a slot, so a slow body never holds query
+    # capacity; the admin token is checked before anything reads an admin route's body.
     app.add_middleware(
         QueryLimiter,
         paths=("/v1/query", "/v1/query/batch"),
@@ -84,6 +90,8 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
         metrics=state.metrics,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
+        heavy=heavy_query(state),
+        reserved_slots=settings.reserved_slots,
     )
     app.add_middleware(
         BodySizeLimit,
@@ -91,6 +99,7 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
         per_path={"/v1/admin/models": settings.max_upload_bytes},
         body_timeout_s=settings.body_timeout_s,
     )
+    app.add_middleware(AdminGate, token=settings.resolved_admin_token)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)
     # The router tries routes in order: the hot one first (no path here overlaps another, so order is free).

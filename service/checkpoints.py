@@ -300,7 +300,8 @@ def _gadget_spec(meta: Any) -> Any:
 
 def _gadget_files(
     gadget: bytes, gadget_spec: bytes | None, hidden_dim: int, num_classes: int, policy: GatePolicy
-) -> dict[str, bytes]:
+) -> tuple[dict[str, bytes], torch.nn.Module]:
+    """The gadget's files as they will be stored, and the gadget itself (loaded, for the gate)."""
     from models.gadget import build_gadget
 
     if gadget_spec is None:
@@ -332,7 +333,50 @@ def _gadget_files(
         "created_at": utc_now(),
         "extra": extra,
     }
-    return {GADGET_WEIGHTS_FILE: gadget, GADGET_SPEC_FILE: json.dumps(stored, indent=2).encode()}
+    files = {GADGET_WEIGHTS_FILE: gadget, GADGET_SPEC_FILE: json.dumps(stored, indent=2).encode()}
+    loaded = build_gadget(spec)
+    loaded.load_state_dict(tensors, strict=True)
+    return files, loaded.eval()
+
+
+GADGET_GATE_NS = (2, 4, 8, 16)
+"""Tuple sizes the gadget gate measures n-accuracy at (n = 1 needs no aggregator)."""
+GADGET_GATE_TUPLES = 300
+"""Tuples per size, drawn from the probe with a fixed seed (the same tuples for the gadget and the mean)."""
+
+
+@torch.no_grad()
+def gadget_n_accuracy(
+    model: torch.nn.Module, gadget: torch.nn.Module, x: np.ndarray, y: np.ndarray
+) -> tuple[float, float]:
+    """(the gadget's, `mean_logit`'s) accuracy at naming the shared label of tuples of probe items of one label,
+    averaged over `GADGET_GATE_NS`: a gadget is only worth serving if it aggregates at least about as well as
+    averaging the members' logits, which needs no training at all."""
+    model.eval()
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    parts = [model.forward_with_hidden(xt[i : i + 4096]) for i in range(0, len(xt), 4096)]  # type: ignore[operator]
+    logits, hidden = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    labels = np.asarray(y, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    by_label = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    gadget_hits = mean_hits = total = 0
+    for n in GADGET_GATE_NS:
+        eligible = [c for c, rows in by_label.items() if len(rows) >= n]
+        if not eligible:
+            continue
+        chosen = rng.choice(eligible, size=GADGET_GATE_TUPLES)
+        rows = np.concatenate([rng.choice(by_label[c], size=n, replace=False) for c in chosen])
+        counts = torch.full((GADGET_GATE_TUPLES,), n, dtype=torch.long)
+        index = torch.from_numpy(rows)
+        truth = torch.from_numpy(chosen.astype(np.int64))
+        predicted = gadget(hidden[index].float(), counts).argmax(1)
+        averaged = logits[index].double().reshape(GADGET_GATE_TUPLES, n, -1).mean(1).argmax(1)
+        gadget_hits += int((predicted == truth).sum())
+        mean_hits += int((averaged == truth).sum())
+        total += GADGET_GATE_TUPLES
+    if total == 0:
+        return 0.0, 0.0
+    return gadget_hits / total, mean_hits / total
 
 
 def validate_upload(
@@ -343,10 +387,17 @@ def validate_upload(
     snapshot: Snapshot,
     probe: Probe,
     policy: GatePolicy,
+    stored_kind: Callable[[str], str | None] | None = None,
 ) -> ValidatedUpload:
     """A classifier or a pair model (`manifest.spec.kind`): the same checks for both, against the probe of
-    its kind and the served dense model of its kind."""
+    its kind and the served dense model of its kind. `stored_kind(name)`: the kind already stored under the
+    manifest's name (a name keeps its kind, so the same-name gate always compares like with like)."""
     manifest = _parse_manifest(manifest_raw)
+    stored = stored_kind(manifest.name) if stored_kind is not None else None
+    if stored is not None and stored != manifest.model_kind:
+        holds = "pair models" if stored == "pair" else "classifiers"
+        what = "pair model" if manifest.model_kind == "pair" else "classifier"
+        raise UploadError(422, "manifest.name", f"{manifest.name!r} holds {holds}; a {what} needs another name")
     digest = hashlib.sha256(weights).hexdigest()
     if digest != manifest.sha256:
         raise UploadError(422, "manifest.sha256", f"does not match the weights (they hash to {digest})")
@@ -361,8 +412,10 @@ def validate_upload(
     dense_kernel, nonzero = _check_flops(manifest, kind.flops(model), policy.flops_tolerance)
 
     files = {WEIGHTS_FILE: weights}
+    loaded_gadget: torch.nn.Module | None = None
     if gadget is not None:
-        files.update(_gadget_files(gadget, gadget_spec, kind.hidden_dim, kind.outputs, policy))
+        gadget_files, loaded_gadget = _gadget_files(gadget, gadget_spec, kind.hidden_dim, kind.outputs, policy)
+        files.update(gadget_files)
     elif gadget_spec is not None:
         raise UploadError(422, "gadget", "gadget_spec was given without the gadget weights")
 
@@ -395,6 +448,18 @@ def validate_upload(
                     f"probe accuracy {measured:.4f} drops more than {policy.max_accuracy_drop:.4f} below "
                     f"{baseline:.4f} of the active {current.manifest.ref}",
                 )
+    gadget_accuracy: tuple[float, float] | None = None
+    if loaded_gadget is not None and manifest.model_kind != "pair" and probe.x is not None and probe.y is not None:
+        gadget_accuracy = gadget_n_accuracy(model, loaded_gadget, probe.x, probe.y)
+        tolerance = policy.max_accuracy_drop if policy.max_accuracy_drop is not None else 0.0
+        if gadget_accuracy[0] < gadget_accuracy[1] - tolerance:
+            raise UploadError(
+                422,
+                "gadget",
+                f"n-accuracy {gadget_accuracy[0]:.4f} on probe tuples (n in {list(GADGET_GATE_NS)}) is more than "
+                f"{tolerance:g} below the mean of the members' logits ({gadget_accuracy[1]:.4f}), which needs no "
+                "gadget (PRUNECASCADE_MAX_ACCURACY_DROP)",
+            )
     fields = manifest.model_dump(exclude={"version", "created_at"})
     fields.update(
         flops_dense_kernel=dense_kernel,

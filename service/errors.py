@@ -3,6 +3,7 @@ body shape for every status (FastAPI's 422 shape, `ErrorBody`), documented per r
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -99,10 +100,37 @@ def capped_errors(errors: list[dict[str, Any]], limit: int = MAX_REPORTED_ERRORS
     return out
 
 
+_NO_GADGET = re.compile(r"needs a gadget; (?P<name>[a-z0-9._-]+) has none$")
+
+
+def _stored_not_loaded(request: Request, exc: StageError) -> str | None:
+    """For a stage whose aggregator needs a gadget the served variant lacks: when a gadget is stored beside the
+    served version on disk (written after the snapshot was built, e.g. by `prunecascade gadget`), say so and
+    how to serve it, instead of "has none"."""
+    match = _NO_GADGET.search(exc.message) if exc.field.endswith(".aggregator") else None
+    state = getattr(request.app.state, "service", None)
+    snapshot = state.snapshot if state is not None else None
+    if match is None or snapshot is None:
+        return None
+    variant = snapshot.variants.get(match["name"])
+    if variant is None:
+        return None
+    try:
+        stored = state.registry.gadget_digest(variant.name, variant.version)
+    except RegistryError:
+        return None
+    if stored is None:
+        return None
+    return (
+        f"{exc.message.split(';')[0]}; {variant.name}:{variant.version} has a gadget stored but not loaded: "
+        "POST /v1/admin/reload (or restart the server) to serve it"
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StageError)
-    async def stage_error(_request: Request, exc: StageError) -> JSONResponse:
-        return field_error(422, exc.field, exc.message)
+    async def stage_error(request: Request, exc: StageError) -> JSONResponse:
+        return field_error(422, exc.field, _stored_not_loaded(request, exc) or exc.message)
 
     @app.exception_handler(UploadError)
     async def upload_error(_request: Request, exc: UploadError) -> JSONResponse:

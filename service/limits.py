@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,7 +53,11 @@ class QueryLimiter:
         metrics: Metrics,
         max_body_bytes: int,
         body_timeout_s: float,
+        heavy: Callable[[bytes], bool] | None = None,
+        reserved_slots: int = 0,
     ) -> None:
+        """`heavy(body)`: whether a query is heavy; heavy queries hold at most `concurrency - reserved_slots`
+        slots at once (at least one), so the reserved ones stay free for the others."""
         self.app = app
         self.paths = frozenset(paths)
         self.concurrency = concurrency
@@ -62,7 +67,10 @@ class QueryLimiter:
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.heavy = heavy
+        self.heavy_concurrency = max(1, concurrency - reserved_slots)
         self._slots: asyncio.Semaphore | None = None  # created on the server's event loop
+        self._heavy_slots: asyncio.Semaphore | None = None
         self._waiting = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,11 +81,15 @@ class QueryLimiter:
         if body is None:
             return  # answered (408, 413) or the client went away: it never took a slot nor a queue place
         receive = _replay(body, receive)
+        heavy = self.heavy is not None and self.heavy(b"".join(m.get("body", b"") for m in body))
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.concurrency)
-        slots = self._slots
+            self._heavy_slots = asyncio.Semaphore(self.heavy_concurrency)
+        slots, heavy_slots = self._slots, self._heavy_slots
+        assert heavy_slots is not None
         started = time.monotonic()
-        if slots.locked() and self._waiting >= self.queue:
+        free = not slots.locked() and not (heavy and heavy_slots.locked())
+        if not free and self._waiting >= self.queue:
             self.metrics.query_rejected.labels(reason="queue_full").inc()
             await self._send_error(
                 send,
@@ -87,13 +99,13 @@ class QueryLimiter:
                 [(b"retry-after", self.retry_after)],
             )
             return
-        if not slots.locked():
-            await slots.acquire()  # a free slot: taken at once, without a timer
+        if free:
+            await self._acquire(heavy)  # free slots: taken at once, without a timer
         else:
             self._waiting += 1
             self.metrics.query_queued.inc()
             try:
-                await asyncio.wait_for(slots.acquire(), self.timeout_s)
+                await asyncio.wait_for(self._acquire(heavy), self.timeout_s)
             except TimeoutError:
                 self.metrics.query_rejected.labels(reason="deadline").inc()
                 await self._send_error(
@@ -108,7 +120,29 @@ class QueryLimiter:
         # the route reads it (`request.state.deadline`) and the engine stops between stages once it passes, so a
         # query answered 504 gives its slot back instead of computing to the end
         scope.setdefault("state", {})["deadline"] = started + self.timeout_s
-        await self._run(scope, receive, send, slots, started + self.timeout_s - time.monotonic())
+        await self._run(scope, receive, send, heavy, started + self.timeout_s - time.monotonic())
+
+    async def _acquire(self, heavy: bool) -> None:
+        """A slot, and for a heavy query one of the slots heavy queries may hold (taken first, given back if the
+        wait is cancelled)."""
+        assert self._slots is not None and self._heavy_slots is not None
+        if not heavy:
+            await self._slots.acquire()
+            return
+        await self._heavy_slots.acquire()
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self._heavy_slots.release()
+            raise
+        self.metrics.query_inflight_heavy.inc()
+
+    def _release(self, heavy: bool) -> None:
+        assert self._slots is not None and self._heavy_slots is not None
+        self._slots.release()
+        if heavy:
+            self._heavy_slots.release()
+            self.metrics.query_inflight_heavy.dec()
 
     async def _read_body(self, receive: Receive, send: Send) -> list[Message] | None:
         """Every message of the request body, or None once the request was answered (too slow, too large) or
@@ -140,7 +174,7 @@ class QueryLimiter:
         finally:
             self.metrics.bodies_pending.dec()
 
-    async def _run(self, scope: Scope, receive: Receive, send: Send, slots: asyncio.Semaphore, left: float) -> None:
+    async def _run(self, scope: Scope, receive: Receive, send: Send, heavy: bool, left: float) -> None:
         late = False
         answer: list[Message] = []
 
@@ -151,7 +185,7 @@ class QueryLimiter:
 
         def finished(t: asyncio.Task[None]) -> None:
             """The slot is freed when the computation really ends, not when the client got its answer."""
-            slots.release()
+            self._release(heavy)
             self.metrics.query_inflight.dec()
             if late and not t.cancelled() and (exc := t.exception()) is not None:
                 log.error("a query answered 504 failed later", exc_info=exc)

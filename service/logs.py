@@ -12,7 +12,7 @@ from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["setup_logging", "RequestIdMiddleware", "request_id", "JsonFormatter"]
+__all__ = ["setup_logging", "RequestIdMiddleware", "request_id", "JsonFormatter", "PROBE_PATHS"]
 
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
 """Set by the middleware for the whole request, reset after it. Starlette runs sync routes and dependencies
@@ -23,6 +23,8 @@ _INTERNAL_ERROR = json.dumps(
     {"detail": [{"loc": [], "msg": "internal error; the log has it under this request id", "type": "internal_error"}]}
 ).encode()
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+"""Liveness and readiness probes: polled every few seconds by orchestrators, so their access lines are debug."""
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
 
 
@@ -99,7 +101,8 @@ class RequestIdMiddleware:
             )
             await send({"type": "http.response.body", "body": _INTERNAL_ERROR})
         finally:
-            access_log.info(
+            access_log.log(
+                logging.DEBUG if scope.get("path") in PROBE_PATHS else logging.INFO,
                 "%s %s %s",
                 scope.get("method"),
                 scope.get("path"),

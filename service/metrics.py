@@ -94,6 +94,13 @@ class Metrics:
         self.snapshot = Gauge(
             "prunecascade_snapshot_info", "1 for the current snapshot id", ["snapshot_id"], registry=r
         )
+        self.registry_broken = Gauge(
+            "prunecascade_registry_broken",
+            "1 for each active registry entry that could not be loaded (its previous good version, if any, is served; "
+            "version `unknown`: ACTIVE does not read)",
+            ["name", "version"],
+            registry=r,
+        )
         self.swaps = Counter("prunecascade_swaps", "Snapshot swaps by cause", ["reason"], registry=r)
         self.redis_errors = Counter("prunecascade_redis_errors", "Failed Redis operations", ["op"], registry=r)
         self.redis_up = Gauge("prunecascade_redis_up", "1 while Redis answers (absent without Redis)", registry=r)
@@ -101,6 +108,12 @@ class Metrics:
             Counter("prunecascade_uploads", "Checkpoint uploads by outcome", ["outcome"], registry=r)
         )
         self.query_inflight = Gauge("prunecascade_query_inflight", "Queries holding a compute slot", registry=r)
+        self.query_inflight_heavy = Gauge(
+            "prunecascade_query_inflight_heavy",
+            "Heavy queries (over HEAVY_QUERY_FLOPS) holding a compute slot; at most MAX_CONCURRENT_QUERIES - "
+            "RESERVED_SLOTS",
+            registry=r,
+        )
         self.query_queued = Gauge("prunecascade_query_queued", "Queries waiting for a compute slot", registry=r)
         self.query_rejected = Counter(
             "prunecascade_query_rejected",
@@ -119,6 +132,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def set_broken(self, faults: Sequence[tuple[str, int | None]]) -> None:
+        """Replace the broken-entry series: one per active registry entry the current snapshot could not load."""
+        self.registry_broken.clear()
+        for name, version in faults:
+            self.registry_broken.labels(name=name, version="unknown" if version is None else str(version)).set(1)
 
     def set_active(self, versions: Mapping[str, tuple[int, str]], snapshot_id: str) -> None:
         """Replace the info series: exactly one per served model, and one for the snapshot."""

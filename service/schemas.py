@@ -3,9 +3,10 @@ range, feature length, known variants) is checked against the snapshot and repor
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from cascade.config import Stage
 from cascade.engine import RANKING_KEYS
@@ -13,6 +14,7 @@ from cascade.engine import RANKING_KEYS
 __all__ = [
     "QueryBatchRequest",
     "QueryBatchResponse",
+    "PlainInt",
     "Target",
     "QueryRequest",
     "ClusterHit",
@@ -20,6 +22,7 @@ __all__ = [
     "QueryResponse",
     "CascadeOut",
     "ModelsOut",
+    "BrokenEntryOut",
     "SpaceOut",
     "UploadOut",
     "ActivateRequest",
@@ -28,8 +31,19 @@ __all__ = [
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+_PLAIN_INT = re.compile(r"-?(0|[1-9][0-9]*)")
 
-MAX_EXAMPLES_SCHEMA = 1024  # a hard ceiling; the served limit is the `max_examples` setting
+
+def _plain_int(value: Any) -> Any:
+    """A path id as written: digits, at most a leading minus, no leading zeros. Python's `int()` (and so the
+    lax parse) also takes `1_000`, `+1` and ` 1`, which would give one resource several URLs."""
+    if isinstance(value, str) and not _PLAIN_INT.fullmatch(value):
+        raise ValueError("an integer written plainly: digits only, no sign but '-', spaces, '_' or leading zeros")
+    return value
+
+
+PlainInt = Annotated[int, BeforeValidator(_plain_int)]
+"""An integer path parameter that accepts only its one plain spelling."""
 
 
 class Target(BaseModel):
@@ -44,7 +58,8 @@ class Target(BaseModel):
     examples: list[list[float]] | None = Field(
         None,
         description="query objects (each a vector of the items' features): the pair models read each with every "
-        "item; several examples average the clusters' grade posteriors, at a proportional cost",
+        "item; several examples average the clusters' grade posteriors, at a proportional cost. At most the "
+        "server's `max_examples` (PRUNECASCADE_MAX_EXAMPLES, 64 by default) per query",
     )
     gains: list[float] | None = Field(
         None,
@@ -58,13 +73,12 @@ class Target(BaseModel):
     @classmethod
     def _rectangular(cls, value: Any) -> Any:
         """One error for the whole field, checked before pydantic looks at each element: a ragged or huge list
-        must not turn into one error per element."""
+        must not turn into one error per element. (How many examples a query may have is one limit, the
+        `max_examples` setting, checked by the route; the body-size limit bounds what reaches this.)"""
         if value is None:
             return value
         if not isinstance(value, list) or not value:
             raise ValueError("a non-empty list of examples, each a list of numbers")
-        if len(value) > MAX_EXAMPLES_SCHEMA:
-            raise ValueError(f"at most {MAX_EXAMPLES_SCHEMA} examples")
         width = len(value[0]) if isinstance(value[0], list) else -1
         for row in value:
             if not isinstance(row, list) or len(row) != width or width == 0:
@@ -143,6 +157,11 @@ class QueryResponse(BaseModel):
     latency_ms: float = Field(description="this request's own server-side time (a cache hit reports its own)")
     snapshot_id: str
     cached: bool = Field(False, description="served from the result cache (same query, same snapshot)")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what this answer lacks: a broken model served at its previous good version, or a default "
+        "cascade run shorter than configured (GET /v1/models lists the broken entries)",
+    )
 
 
 class CascadeOut(BaseModel):
@@ -152,8 +171,19 @@ class CascadeOut(BaseModel):
     pair_dense: str | None = None
 
 
+class BrokenEntryOut(BaseModel):
+    name: str
+    version: int | None = Field(description="the active version that does not load (null: ACTIVE does not read)")
+    error: str
+    served_version: int | None = Field(description="the version served in its place (its previous good one), or null")
+
+
 class ModelsOut(BaseModel):
     models: list[dict[str, Any]]
+    broken: list[BrokenEntryOut] = Field(
+        default_factory=list,
+        description="active registry entries the current snapshot could not load; every other model is served",
+    )
 
 
 class SpaceOut(BaseModel):
@@ -173,7 +203,8 @@ class SpaceOut(BaseModel):
         None,
         description="on your own clusters: whether they carry instance structure, as measured at bootstrap "
         "(num_grades, default gains, instance_auc of the dense pair model on validation clusters, threshold, "
-        "decision); null where the grades are built in (MNIST-1D prototypes) or there are no pair models",
+        "decision); where the grades are built in (MNIST-1D prototypes): num_grades, names, gains and "
+        "source; null only without pair models",
     )
     exact: dict[str, Any] = Field(
         description="the exact table of the dense classifier's cluster posteriors: state (ready, building, disabled, "

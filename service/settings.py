@@ -29,6 +29,18 @@ class Settings(BaseSettings):
         32, ge=0, description="queries waiting for a slot; beyond it: 503 with Retry-After at once"
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 from a full queue")
+    reserved_slots: int = Field(
+        1,
+        ge=0,
+        description="compute slots heavy queries may not take (they hold at most MAX_CONCURRENT_QUERIES minus "
+        "this, at least 1), so a few worst-case queries cannot make every cheap one wait",
+    )
+    heavy_query_flops: int = Field(
+        2_000_000_000,
+        ge=0,
+        description="a query whose stage plan may cost more FLOPs than this is heavy (the default cascades cost "
+        "well under it; the bound is the cost budget's, from the request and the current snapshot)",
+    )
     torch_threads: int = Field(
         default_factory=lambda data: max(1, usable_cpus() // data.get("max_concurrent_queries", 1)),
         ge=1,
@@ -61,7 +73,7 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="server worker processes (`prunecascade serve`)")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_k: int = Field(1000, ge=1)
-    max_examples: int = Field(64, ge=1)
+    max_examples: int = Field(64, ge=1, description="examples a query by example may have (422 beyond)")
     example_candidates: int = Field(
         200, ge=1, description="clusters the embedding index proposes for a query by example (stage 0's M)"
     )

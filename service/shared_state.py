@@ -72,7 +72,7 @@ class SharedState:
                     if name in active:
                         pipe.hset(self.active_key, name, active[name])
                 if cascade and snapshot is not None:
-                    pipe.set(self.cascade_key, snapshot.config.model_dump_json())
+                    pipe.set(self.cascade_key, self.state.config.model_dump_json())
                 pipe.publish(self.channel, json.dumps({"names": sorted(names), "cascade": cascade}))
                 pipe.execute()
 
@@ -102,7 +102,7 @@ class SharedState:
             pipe = r.pipeline(transaction=True)
             for name, version in active.items():
                 pipe.hsetnx(self.active_key, name, version)
-            pipe.setnx(self.cascade_key, snapshot.config.model_dump_json())
+            pipe.setnx(self.cascade_key, self.state.config.model_dump_json())
             pipe.hgetall(self.active_key)
             pipe.get(self.cascade_key)
             out = pipe.execute()

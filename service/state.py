@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from cascade.batcher import Batcher
 from cascade.config import CONFIG_FILE, CascadeConfig
+from cascade.embedding import EmbeddingIndex
 from cascade.exact import ExactTable
+from cascade.index import ClusterIndex
+from cascade.queries import QuerySet
 from cascade.snapshot import (
     ITEM_INPUTS_DIR,
     ItemCache,
@@ -21,11 +24,12 @@ from cascade.snapshot import (
     StageError,
     Variant,
     build_snapshot,
-    load_snapshot,
     misfit,
     variant_for,
 )
-from models.registry import ModelRegistry, RegistryError
+from cascade.space import Space
+from models.registry import BrokenEntryError, ModelRegistry, RegistryError
+from service.degraded import Fault, fallback_versions, servable_config
 from service.exact_tables import ExactTables
 from service.metrics import Metrics
 from service.settings import Settings
@@ -64,6 +68,11 @@ class ServiceState:
         self.registry = ModelRegistry(settings.registry_dir)
         self._snapshot: Snapshot | None = None
         self._active: dict[str, int] = {}
+        self._config: CascadeConfig | None = None  # as configured; a snapshot serves it cut down to what loads
+        self._unreadable: dict[str, str] = {}  # names whose ACTIVE does not read as a version, and why
+        # per snapshot id (the current one and a few before, which queries may still hold): the registry faults
+        # it works around and the warnings its answers carry, per target kind
+        self._degraded: dict[str, tuple[dict[str, Fault], dict[str, list[str]]]] = {}
         self.lock = threading.RLock()
         self.load_error: str | None = None
         self.bootstrap_progress: dict[str, object] | None = None
@@ -78,6 +87,7 @@ class ServiceState:
         self.loaded = threading.Event()
         self.generation = 0  # bumped by every local change; a reconcile that read Redis before it stands down
         self._misfits_logged: set[tuple[str, int]] = set()  # active versions that do not fit, logged once each
+        self._faults_logged: set[tuple[str, int | None, int | None]] = set()  # broken entries, logged once each
         self.exact = ExactTables(
             settings.space_dir,
             enabled=settings.exact_enabled,
@@ -108,13 +118,47 @@ class ServiceState:
     def config_path(self) -> Path:
         return self.settings.home / CONFIG_FILE
 
+    @property
+    def config(self) -> CascadeConfig:
+        """The default cascades as configured (what is shared with other replicas); the snapshot's own config is
+        this one cut down to the models that load."""
+        if self._config is None:
+            return self.require_snapshot().config
+        return self._config
+
+    @property
+    def faults(self) -> dict[str, Fault]:
+        """The active registry entries the current snapshot could not load, by name."""
+        snapshot = self._snapshot
+        return dict(self._degraded.get(snapshot.id, ({}, {}))[0]) if snapshot is not None else {}
+
+    def warnings_for(self, snapshot: Snapshot, kind: str) -> list[str]:
+        """What an answer of this target kind (`classifier`, `pair`) on this snapshot must say about fallbacks."""
+        return list(self._degraded.get(snapshot.id, ({}, {}))[1].get(kind, []))
+
     # -- loading and swapping ----------------------------------------------------------------------------------
     def load(self) -> Snapshot:
-        """Build a snapshot from disk and make it current; readers holding the old one keep it."""
+        """Build a snapshot from disk and make it current; readers holding the old one keep it. A broken registry
+        entry does not stop it (`service/degraded.py`): only a space, an index or a dense classifier that
+        cannot be read does."""
         with self.lock:
             config = CascadeConfig.load(self.config_path)
-            snapshot = load_snapshot(self.registry, self.settings.space_dir, config, self.item_cache())
-            self._active = {n: v for n in self.registry.names() if (v := self.registry.active_version(n)) is not None}
+            space_dir = self.settings.space_dir
+            space = Space.load(space_dir)
+            active, self._unreadable = self._read_active()
+            snapshot = self._build(
+                space,
+                ClusterIndex.load(space_dir),
+                EmbeddingIndex.load(space_dir),
+                QuerySet.load(space_dir),
+                self.item_cache(),
+                active,
+                config,
+                None,
+                None,
+            )
+            self._active = active
+            self._config = config
             self._swap(snapshot, "load")
             self.log_misfits(snapshot)
         log.info(
@@ -126,8 +170,11 @@ class ServiceState:
         return snapshot
 
     def report_bootstrap(self, done: int, total: int, what: str) -> None:
-        """Progress of a bootstrap running before the first load (shown by /healthz and /readyz)."""
+        """Progress of a bootstrap running before the first load (shown by /healthz and /readyz, and logged)."""
+        previous = self.bootstrap_progress
         self.bootstrap_progress = {"done": done, "total": total, "step": what}
+        if previous is None or previous.get("step") != what or done == total:  # one line per step
+            log.info("bootstrap %d/%d: %s", done, total, what, extra={"bootstrap": self.bootstrap_progress})
 
     def load_in_background(self, before: Callable[[], None] | None = None) -> threading.Thread:
         """Load the snapshot in a thread, after `before` (the first run's bootstrap), so that the port is open
@@ -147,6 +194,86 @@ class ServiceState:
         thread.start()
         return thread
 
+    def _read_active(self) -> tuple[dict[str, int], dict[str, str]]:
+        """The active version of every name, and the names whose ACTIVE file does not read (with why)."""
+        active: dict[str, int] = {}
+        unreadable: dict[str, str] = {}
+        for name in self.registry.names():
+            try:
+                version = self.registry.active_version(name)
+            except (BrokenEntryError, OSError) as exc:
+                unreadable[name] = str(exc)
+                continue
+            if version is not None:
+                active[name] = version
+        return active, unreadable
+
+    def _variant(self, name: str, version: int, space: Space, current: Snapshot | None) -> Variant | None:
+        """`name:version` ready to serve (reused from `current` when unchanged), or None when it does not fit the
+        space. Raises whatever reading it raises."""
+        old = current.variants.get(name) if current is not None else None
+        if old is not None and old.version == version and old.gadget_sha256 == self._gadget_digest(name, version):
+            return old
+        if misfit(self.registry.manifest(name, version), space) is not None:
+            return None
+        return variant_for(self.registry.load(name, version), space)
+
+    def _build(
+        self,
+        space: Space,
+        index: ClusterIndex,
+        embedding: EmbeddingIndex | None,
+        queries: QuerySet | None,
+        item_cache: ItemCache | None,
+        active: Mapping[str, int],
+        config: CascadeConfig,
+        current: Snapshot | None,
+        strict: str | None,
+        as_given: bool = False,
+    ) -> Snapshot:
+        """A complete snapshot for `active` + `config`. An entry that does not load is a fault: its previous good
+        version is served if one loads, and the default cascades lose the stages that cannot run. `strict` names
+        the model being changed: its failure (or misfit) is raised, not worked around; `as_given`: the config must
+        run exactly as given (a cascade set by hand), else StageError."""
+        variants: dict[str, Variant] = {}
+        faults: dict[str, Fault] = {}
+        broken: dict[str, tuple[int | None, str]] = {
+            n: (None, e) for n, e in self._unreadable.items() if n not in active
+        }
+        for name, version in sorted(active.items()):
+            if name == strict:
+                reason = misfit(self.registry.manifest(name, version), space)
+                if reason is not None:
+                    raise StageError("version", f"{name}:{version} {reason}")
+            try:
+                variant = self._variant(name, version, space, current)
+            except Exception as exc:  # any unreadable entry is a fault to work around, not a crash
+                if name == strict:
+                    raise
+                broken[name] = (version, f"{type(exc).__name__}: {exc}"[:400])
+                continue
+            if variant is not None:
+                variants[name] = variant
+        for name, (version, error) in sorted(broken.items()):
+            served = None
+            for candidate in fallback_versions(self.registry, name, version):
+                try:
+                    variant = self._variant(name, candidate, space, current)
+                except Exception:  # the next older version is tried
+                    continue
+                if variant is not None:
+                    variants[name], served = variant, candidate
+                    break
+            faults[name] = Fault(name, version, error, served)
+        if as_given:
+            described = [f.describe() for f in faults.values()]
+            served_config, warnings = config, {"classifier": described, "pair": list(described)}
+        else:
+            served_config, warnings = servable_config(config, variants, faults)
+        snapshot = build_snapshot(space, index, variants, served_config, embedding, queries, item_cache)
+        self._degraded[snapshot.id] = (faults, warnings)
+        return snapshot
+
     def _swap(self, snapshot: Snapshot, reason: str) -> None:
         snapshot.warm()  # pair models' item inputs built before the snapshot serves (a no-op for classifiers)
         previous = self._snapshot
@@ -157,6 +284,17 @@ class ServiceState:
         self.metrics.set_active(
             {v.name: (v.version, v.manifest.sha256) for v in snapshot.variants.values()}, snapshot.id
         )
+        faults, _ = self._degraded.get(snapshot.id, ({}, {}))
+        self.metrics.set_broken([(f.name, f.version) for f in faults.values()])
+        for fault in faults.values():
+            key = (fault.name, fault.version, fault.served_version)
+            if key not in self._faults_logged:
+                self._faults_logged.add(key)
+                log.error("registry entry %s", fault.describe())
+        keep = {snapshot.id} | ({previous.id} if previous is not None else set())
+        for old_id in list(self._degraded)[:-8]:  # a few recent ones stay: queries may still hold them
+            if old_id not in keep:
+                del self._degraded[old_id]
 
     # -- exact answers (cascade/exact.py): built in the background after every swap ------------------------------
     def exact_table(self, snapshot: Snapshot) -> ExactTable | None:
@@ -175,25 +313,24 @@ class ServiceState:
             raise ConflictError("models and index are still loading")
         return snapshot
 
-    def candidate(self, active: Mapping[str, int], config: CascadeConfig, strict: str | None = None) -> Snapshot:
-        """A complete snapshot for `active` + `config`, reusing already-loaded models. `strict` names a model
-        that must fit the space (the one being activated); others that do not fit are left out, as at load."""
+    def candidate(
+        self, active: Mapping[str, int], config: CascadeConfig, strict: str | None = None, as_given: bool = False
+    ) -> Snapshot:
+        """A complete snapshot for `active` + `config` on the current space, reusing already-loaded models.
+        `strict` names a model that must load and fit the space (the one being activated); others that do not fit
+        are left out, as at load, and broken ones are worked around (`_build`)."""
         current = self.require_snapshot()
-        space = current.space
-        variants: dict[str, Variant] = {}
-        for name, version in sorted(active.items()):
-            old = current.variants.get(name)
-            if old is not None and old.version == version and old.gadget_sha256 == self._gadget_digest(name, version):
-                variants[name] = old
-                continue
-            reason = misfit(self.registry.manifest(name, version), space)
-            if reason is not None:
-                if name == strict:
-                    raise StageError("version", f"{name}:{version} {reason}")
-                continue
-            variants[name] = variant_for(self.registry.load(name, version), space)
-        return build_snapshot(
-            space, current.index, variants, config, current.embedding, current.queries, current.item_cache
+        return self._build(
+            current.space,
+            current.index,
+            current.embedding,
+            current.queries,
+            current.item_cache,
+            active,
+            config,
+            current,
+            strict,
+            as_given,
         )
 
     # -- changes (each: candidate first, then disk, then swap, then tell the other replicas) -------------------
@@ -205,8 +342,7 @@ class ServiceState:
             version = max(versions) if version is None else version
             if version not in versions:
                 raise RegistryError(f"model {name!r} has no version {version}")
-            current = self.require_snapshot()
-            snapshot = self.candidate({**self._active, name: version}, current.config, strict=name)
+            snapshot = self.candidate({**self._active, name: version}, self.config, strict=name)
             self.registry.activate(name, version)
             self._active[name] = version
             self._swap(snapshot, reason)
@@ -226,7 +362,7 @@ class ServiceState:
             target = self.registry.rollback_target(name, current_version)
             if target is None:
                 raise ConflictError(f"{name}:{current_version} has no earlier version to roll back to")
-            snapshot = self.candidate({**self._active, name: target}, self.require_snapshot().config, strict=name)
+            snapshot = self.candidate({**self._active, name: target}, self.config, strict=name)
             self.registry.rollback(name, current_version, target)
             self._active[name] = target
             self._swap(snapshot, "rollback")
@@ -246,8 +382,9 @@ class ServiceState:
 
     def set_cascade(self, config: CascadeConfig) -> Snapshot:
         with self.lock:
-            snapshot = self.candidate(self._active, config)
+            snapshot = self.candidate(self._active, config, as_given=True)  # runs as given, or 422
             config.save(self.config_path)
+            self._config = config
             self._swap(snapshot, "cascade")
             self._changed(None)
         self._push()
@@ -261,7 +398,7 @@ class ServiceState:
             if generation is not None and generation != self.generation:
                 return False
             dirty_names, dirty_cascade = self.shared.dirty() if self.shared is not None else (set(), False)
-            current = self.require_snapshot()
+            configured = self.config
             wanted = dict(self._active)
             for name, version in active.items():
                 if name in dirty_names:
@@ -270,16 +407,17 @@ class ServiceState:
                     wanted[name] = version
                 elif wanted.get(name) != version:
                     log.warning("shared state names %s:%s, not in local storage yet", name, version)
-            config = current.config if config is None or dirty_cascade else config
-            if wanted == self._active and config == current.config:
+            config = configured if config is None or dirty_cascade else config
+            if wanted == self._active and config == configured:
                 return False
             snapshot = self.candidate(wanted, config)
             for name, version in wanted.items():
                 if self.registry.active_version(name) != version:
                     self.registry.activate(name, version, record=False)
-            if config != current.config:
+            if config != configured:
                 config.save(self.config_path)
             self._active = wanted
+            self._config = config
             self._swap(snapshot, "reconcile")
         log.info("converged on shared state: snapshot %s", snapshot.id)
         return True
@@ -297,15 +435,8 @@ class ServiceState:
         (`name:version`, `name:version gadget` or `cascade`)."""
         with self.lock:
             current = self.require_snapshot()
-            wanted: dict[str, int] = {}
-            for name in self.registry.names():
-                try:
-                    version = self.registry.active_version(name)
-                except RegistryError as exc:
-                    log.warning("reload: %s is left out: %s", name, exc)
-                    continue
-                if version is not None:
-                    wanted[name] = version
+            configured = self.config
+            wanted, self._unreadable = self._read_active()
             config = CascadeConfig.load(self.config_path)
             new_gadgets = sorted(
                 n
@@ -314,20 +445,21 @@ class ServiceState:
                 and n in current.variants
                 and current.variants[n].gadget_sha256 != self._gadget_digest(n, v)
             )
-            if wanted == self._active and config == current.config and not new_gadgets:
-                return current, []
+            if wanted == self._active and config == configured and not new_gadgets and not self.faults:
+                return current, []  # (with faults, a reload also retries the broken entries)
             snapshot = self.candidate(wanted, config)
             names = sorted({n for n, v in wanted.items() if self._active.get(n) != v} | (self._active.keys() - wanted))
             changed = [f"{n}:{wanted[n]}" if n in wanted else f"{n}: no active version" for n in names]
             changed += [f"{n}:{wanted[n]} gadget" for n in new_gadgets]
             names = sorted(set(names) | set(new_gadgets))
-            if config != current.config:
+            if config != configured:
                 changed.append("cascade")
             self._active = wanted
+            self._config = config
             self._swap(snapshot, "reload")
             for name in names:
                 self._changed(name)
-            if config != current.config:
+            if config != configured:
                 self._changed(None)
             self.log_misfits(snapshot)
         log.info("reloaded from disk: snapshot %s (%s)", snapshot.id, ", ".join(changed) or "no change")

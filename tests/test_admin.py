@@ -263,7 +263,7 @@ def test_put_cascade_validates_against_the_registry(admin_server) -> None:
     original = httpx.get(f"{url}/v1/cascade").json()
     bad = {"stages": [{"variant": "ghost", "samples": 2, "keep": 20}, {"variant": "dense", "samples": 4}]}
     r = httpx.put(f"{url}/v1/admin/cascade", json=bad, headers=AUTH)
-    assert r.status_code == 422 and "ghost" in r.text
+    assert r.status_code == 422 and "ghost" in r.text, r.text
     assert httpx.get(f"{url}/v1/cascade").json() == original
     new = {"stages": [{"variant": "cnn-m20", "samples": 2, "keep": 20}, {"variant": "dense", "samples": 4}]}
     r = httpx.put(f"{url}/v1/admin/cascade", json=new, headers=AUTH)
@@ -291,18 +291,32 @@ def test_push_command_uploads_and_activates(admin_server, tmp_path) -> None:
     assert r.status_code == 200 and r.json()["active"]["cnn-s50"] < out["version"]
 
 
-def test_upload_with_an_lstm_gadget_serves_the_lstm_aggregator(admin_server) -> None:
-    from models.gadget import GadgetSpec, build_gadget
+def _trained_lstm(server, hidden_size: int) -> torch.nn.Module:
+    """A briefly trained LSTM gadget for cnn-m20 on the space's items (a random one fails the gadget gate)."""
+    from cascade.space import Space
+    from lab.tuples import train_gadget
+    from models.gadget import GadgetSpec
+    from models.gadget_training import GadgetTrainConfig, hidden_of
+    from models.registry import ModelRegistry
 
+    model = ModelRegistry(server.home / "registry").load("cnn-m20").model
+    space = Space.load(server.home / "spaces" / "default")
+    _, hidden = hidden_of(model, space.features)
+    labels = torch.from_numpy(space.labels.astype("int64"))
+    prior = torch.bincount(labels).double() / len(labels)
+    spec = GadgetSpec("lstm", model.spec.hidden_dim, model.spec.num_classes, hidden_size)
+    config = GadgetTrainConfig(steps=150, n_max=16, eval_every=50, val_tuples=300)
+    return train_gadget(spec, hidden, labels, hidden, labels, prior, config)
+
+
+def test_upload_with_an_lstm_gadget_serves_the_lstm_aggregator(admin_server) -> None:
     url = admin_server.url
     manifest = _manifest(admin_server)
     spec = NetworkSpec.from_dict(manifest["spec"])
     torch.manual_seed(0)
-    gadget = save_safetensors(
-        state_dict_for_saving(build_gadget(GadgetSpec("lstm", spec.hidden_dim, spec.num_classes, 8)))
-    )
+    gadget = save_safetensors(state_dict_for_saving(_trained_lstm(admin_server, 16)))
     gadget_json = {
-        "spec": {"kind": "lstm", "input_dim": spec.hidden_dim, "num_classes": spec.num_classes, "hidden_size": 8}
+        "spec": {"kind": "lstm", "input_dim": spec.hidden_dim, "num_classes": spec.num_classes, "hidden_size": 16}
     }
     files = {**entry_payload(entry_of(admin_server, "cnn-m20")), "gadget": ("gadget.safetensors", gadget)}
     wrong = {**gadget_json, "sha256": "0" * 64}

@@ -94,3 +94,55 @@ def test_a_slow_body_is_answered_408_without_having_taken_a_slot(tiny_home: Path
         assert httpx.post(f"{server.url}/v1/query", json=QUERY, timeout=30).status_code == 200
     finally:
         stop_server(server)
+
+
+def test_heavy_queries_leave_a_slot_for_a_cheap_one(tiny_home: Path, tmp_path: Path) -> None:
+    """Two slots, one of them reserved: twelve worst-case queries sent at once run one at a time, and a cheap
+    query sent after them is answered before most of them (in one FIFO queue it would wait behind ten)."""
+    import asyncio
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    server = start_server(
+        home,
+        {
+            "PRUNECASCADE_MAX_CONCURRENT_QUERIES": "2",
+            "PRUNECASCADE_RESERVED_SLOTS": "1",
+            "PRUNECASCADE_HEAVY_QUERY_FLOPS": "1000000",
+            "PRUNECASCADE_CACHE_ENABLED": "false",
+            "PRUNECASCADE_QUERY_TIMEOUT_S": "120",
+        },
+    )
+    heavy = {"target": {"label": 1}, "k": 5, "mode": "cascade", "stages": [{"variant": "dense", "samples": 256}]}
+    cheap = {"target": {"label": 2}, "k": 5, "mode": "exact"}
+    try:
+        assert wait_for(lambda: httpx.post(f"{server.url}/v1/query", json=cheap).status_code == 200, timeout=60)
+
+        async def race() -> tuple[int, int, list[int]]:
+            done: list[int] = []
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+
+                async def one(seed: int) -> int:
+                    r = await client.post("/v1/query", json={**heavy, "seed": seed})
+                    done.append(seed)
+                    return r.status_code
+
+                async def queued() -> float:
+                    text = (await client.get("/metrics")).text
+                    families = text_string_to_metric_families(text)
+                    return sum(s.value for f in families for s in f.samples if s.name == "prunecascade_query_queued")
+
+                tasks = [asyncio.create_task(one(seed)) for seed in range(12)]
+                for _ in range(600):  # until most of them wait for a slot (bounded: the test fails, never hangs)
+                    if await queued() >= 8:
+                        break
+                    await asyncio.sleep(0.01)
+                r = await client.post("/v1/query", json=cheap)
+                finished_before = len(done)
+                statuses = await asyncio.gather(*tasks)
+            return r.status_code, finished_before, statuses
+
+        status, finished_before, statuses = asyncio.run(race())
+        assert status == 200 and statuses == [200] * 12
+        assert finished_before <= 4, finished_before  # one FIFO queue: at least 9 of the 12 would have finished
+    finally:
+        stop_server(server)

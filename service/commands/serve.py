@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 import uvicorn
 
+from service.admin_token import first_run_token
 from service.app import create_app
 from service.commands.common import add_home, settings_from
 from service.connections import with_head_timeout
@@ -22,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_home(p)
     p.add_argument("--host", help="default: $PRUNECASCADE_HOST or 127.0.0.1")
     p.add_argument("--port", type=int, help="default: $PRUNECASCADE_PORT or 8000")
-    p.add_argument("--bootstrap", action="store_true", help="build the embedded default first if it is missing")
+    p.add_argument(
+        "--bootstrap",
+        action="store_true",
+        help="build the embedded default first if it is missing; with no admin token configured, generate one "
+        "into HOME/admin-token (owner-only) and print how to use it",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -36,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=overrides)
+    # the first run gets a usable admin path: a token generated once into the home (printed, not logged)
+    settings, note = first_run_token(settings, generate=args.bootstrap)
+    if note is not None:
+        print(note, flush=True)
     if args.workers is not None:
         settings = settings.model_copy(update={"workers": args.workers})
     if settings.workers > 1:
@@ -62,7 +73,9 @@ def _bootstrap(state: ServiceState) -> None:
     """Build whatever of the embedded default is missing (run by the app's loader thread before the first load)."""
     from cascade.bootstrap import bootstrap
 
-    bootstrap(state.settings.home, progress=True, on_progress=state.report_bootstrap)
+    # progress bars only to a terminal: in a log file or a container's log they are escape codes between the
+    # JSON lines; the steps themselves are logged (and shown by /healthz and /readyz) either way
+    bootstrap(state.settings.home, progress=sys.stderr.isatty(), on_progress=state.report_bootstrap)
 
 
 def _run_workers(settings, bootstrap: bool) -> int:
@@ -83,6 +96,8 @@ def _run_workers(settings, bootstrap: bool) -> int:
             "PRUNECASCADE_HEADER_TIMEOUT_S": str(settings.header_timeout_s),
         }
     )
+    if settings.admin_token_file is not None:  # e.g. the token the first run generated into the home
+        os.environ["PRUNECASCADE_ADMIN_TOKEN_FILE"] = str(settings.admin_token_file)
     from service.connections import EnvHeadTimeoutH11Protocol
 
     uvicorn.run(

@@ -13,11 +13,12 @@ from pydantic import Field
 from cascade.config import CascadeConfig
 from cascade.snapshot import Snapshot
 from models.manifest import NAME_PATTERN
+from models.registry import KindMismatchError
 from service.auth import require_admin
 from service.checkpoints import GatePolicy, UploadError, load_probe, validate_upload
 from service.dependencies import SnapshotDep, StateDep, current_snapshot
 from service.errors import error_responses
-from service.schemas import ActivateRequest, AdminStateOut, UploadOut
+from service.schemas import ActivateRequest, AdminStateOut, PlainInt, UploadOut
 from service.state import ServiceState
 
 __all__ = ["router"]
@@ -31,7 +32,7 @@ router = APIRouter(
 )
 
 Name = Annotated[str, Path(pattern=NAME_PATTERN, description="registry name of the model")]
-Version = Annotated[int, Path(ge=1, le=2**31 - 1)]
+Version = Annotated[PlainInt, Path(ge=1, le=2**31 - 1)]
 
 
 def _state_out(state: ServiceState, snapshot: Snapshot) -> AdminStateOut:
@@ -76,23 +77,29 @@ def upload_model(
             if data is not None and len(data) > settings.max_upload_bytes:
                 raise UploadError(413, field, f"larger than {settings.max_upload_bytes} bytes")
         upload = validate_upload(
-            manifest, weights, gadget, gadget_spec, snapshot, load_probe(settings.space_dir), policy
+            manifest,
+            weights,
+            gadget,
+            gadget_spec,
+            snapshot,
+            load_probe(settings.space_dir),
+            policy,
+            stored_kind=state.registry.kind_of,
         )
+        gadget_sha = hashlib.sha256(gadget).hexdigest() if gadget is not None else None
+        try:
+            stored, created = state.registry.store_upload(upload.name, upload.files, upload.fields, gadget_sha)
+        except KindMismatchError as exc:  # another kind stored under the name since the check above
+            raise UploadError(422, "manifest.name", str(exc)) from None
     except UploadError:
         state.metrics.uploads.labels(outcome="refused").inc()
         raise
     except Exception:
         state.metrics.uploads.labels(outcome="error").inc()  # a bug, not the upload's fault: still counted
         raise
-    gadget_sha = hashlib.sha256(gadget).hexdigest() if gadget is not None else None
-    existing = state.registry.find_identical(upload.name, upload.fields["sha256"], gadget_sha)
-    if existing is not None:
-        state.metrics.uploads.labels(outcome="identical").inc()
+    state.metrics.uploads.labels(outcome="stored" if created else "identical").inc()
+    if not created:
         response.status_code = 200
-        stored = existing
-    else:
-        stored = state.registry.stage_files(upload.name, upload.files, upload.fields)
-        state.metrics.uploads.labels(outcome="stored").inc()
     return UploadOut(
         name=stored.name,
         version=stored.version,

@@ -7,11 +7,12 @@ import math
 import numpy as np
 from fastapi import APIRouter
 
+from cascade.queries import default_gains
 from cascade.snapshot import CachedInputs, Snapshot, misfit
 from models.registry import RegistryError
 from service.dependencies import SnapshotDep, StateDep
 from service.errors import error_responses
-from service.schemas import CascadeOut, ModelsOut, SpaceOut
+from service.schemas import BrokenEntryOut, CascadeOut, ModelsOut, SpaceOut
 from service.state import ServiceState
 
 __all__ = ["router"]
@@ -24,12 +25,20 @@ def list_models(state: StateDep) -> ModelsOut:
     """Every version of every registered model: `active` (the registry's choice on disk), `served` (whether the
     current snapshot answers queries with it) and, when it is not served, `not_served` saying why (inactive, does
     not fit the space, or activated on disk after the snapshot was built: `POST /v1/admin/reload`). An entry whose
-    manifest on disk does not validate is listed with `broken` saying why (it cannot be activated)."""
+    manifest on disk does not validate is listed with `broken` saying why (it cannot be activated). `broken` lists
+    the active entries that could not be loaded (and the version served in their place)."""
     snapshot = state.snapshot
+    faults = state.faults
     entries = state.registry.describe()
     for entry in entries:
+        fault = faults.get(entry["name"])
+        if fault is not None and fault.version == entry["version"] and "broken" not in entry:
+            entry["broken"] = fault.error
         entry["served"], entry["not_served"] = _served(state, snapshot, entry)
-    return ModelsOut(models=entries)
+    return ModelsOut(
+        models=entries,
+        broken=[BrokenEntryOut(**vars(f)) for _, f in sorted(faults.items())],
+    )
 
 
 def _served(state: ServiceState, snapshot: Snapshot | None, entry: dict) -> tuple[bool, str | None]:
@@ -84,11 +93,30 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         cluster_sizes={"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())},
         held_out_queries=0 if snapshot.queries is None else len(snapshot.queries),
         num_grades=snapshot.num_grades,
-        grades=space.meta.get("grades") if snapshot.num_grades else None,
+        grades=_grades(space.meta.get("grades"), snapshot.num_grades),
         exact=_finite(state.exact_status(snapshot)),
         item_cache=[_cache_entry(e) for e in snapshot.item_cache.entries()],
         snapshot_id=snapshot.id,
     )
+
+
+GRADE_NAMES = ("other", "same_label", "same_cluster")
+
+
+def _grades(measured: dict | None, num_grades: int) -> dict | None:
+    """What the relevance grades are: measured at bootstrap on a user's clusters, else (MNIST-1D prototypes,
+    where a cluster is the views of one prototype) built in; null only without pair models."""
+    if num_grades == 0:
+        return None
+    if measured:
+        return measured
+    names = list(GRADE_NAMES[:num_grades]) if num_grades <= 3 else [f"grade_{g}" for g in range(num_grades)]
+    return {
+        "num_grades": num_grades,
+        "names": names,
+        "gains": list(default_gains(num_grades)),
+        "source": "built in: every cluster holds the views of one prototype (same_cluster) of one label",
+    }
 
 
 def _cache_entry(entry: CachedInputs) -> dict:

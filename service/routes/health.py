@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.dependencies import StateDep
 
@@ -16,7 +16,10 @@ router = APIRouter(tags=["health"])
 class Readiness(BaseModel):
     ready: bool
     snapshot_id: str | None = None
-    error: str | None = None
+    progress: dict[str, object] | None = Field(
+        None, description="while the first run builds the embedded default: done, total and the current step"
+    )
+    error: str | None = Field(None, description="why loading failed (never set merely because it is in progress)")
 
 
 # `async`: both only read memory, so they answer on the event loop without a thread-pool hop.
@@ -33,12 +36,10 @@ async def healthz(state: StateDep) -> dict[str, object]:
     responses={503: {"model": Readiness, "description": "models and index are still loading (or failed to)"}},
 )
 async def readyz(state: StateDep) -> JSONResponse:
-    """200 once models, space and index are in memory; 503 before, with the bootstrap step or the load error."""
+    """200 once models, space and index are in memory; 503 before, with the bootstrap's `progress` while it
+    runs, or the load `error` if loading failed."""
     snapshot = state.snapshot
     if snapshot is None:
-        progress = state.bootstrap_progress
-        error = state.load_error
-        if error is None and progress is not None:
-            error = f"bootstrapping: {progress['done']}/{progress['total']} steps ({progress['step']})"
-        return JSONResponse(status_code=503, content={"ready": False, "error": error})
+        content = {"ready": False, "progress": state.bootstrap_progress, "error": state.load_error}
+        return JSONResponse(status_code=503, content=content)
     return JSONResponse(content={"ready": True, "snapshot_id": snapshot.id})

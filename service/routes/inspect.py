@@ -3,12 +3,15 @@ with the space (so that a user can try the main path without writing code)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, Field
 
 from service.dependencies import SnapshotDep
 from service.errors import error_responses
+from service.schemas import PlainInt
 
 __all__ = ["router", "MAX_PAGE"]
 
@@ -101,7 +104,9 @@ def held_out_queries(
 )
 def cluster(
     snapshot: SnapshotDep,
-    cluster_id: int = Path(description="the cluster's own id, as query answers give it", ge=-(2**63), lt=2**63),
+    cluster_id: Annotated[
+        PlainInt, Path(description="the cluster's own id, as query answers give it", ge=-(2**63), lt=2**63)
+    ],
     offset: int = Query(0, ge=0, le=10**9),
     limit: int = Query(100, ge=1, le=MAX_PAGE),
 ) -> ClusterOut:
@@ -126,7 +131,9 @@ def cluster(
 @router.get("/items/{item_id}", response_model=ItemOut, summary="An item's vector", responses=error_responses(404, 503))
 def item(
     snapshot: SnapshotDep,
-    item_id: int = Path(description="the item's own id, as a cluster's members list it", ge=-(2**63), lt=2**63),
+    item_id: Annotated[
+        PlainInt, Path(description="the item's own id, as a cluster's members list it", ge=-(2**63), lt=2**63)
+    ],
 ) -> ItemOut:
     """The item's features (send them as `target.examples[0]` to query by example), its cluster and label."""
     space = snapshot.space

@@ -114,6 +114,8 @@ def _answer(http: Request, request: QueryRequest, state: ServiceState, expected:
     except DeadlineExceeded as exc:  # the limiter has answered 504 already; this frees the worker
         raise HTTPException(504, str(exc)) from None
     response = _response(plan, result, started)
+    if plan.path != "exact":  # what a default cascade lost to a broken registry entry (the table needs none of it)
+        response.warnings = state.warnings_for(snapshot, plan.target.kind)
     metrics = state.metrics
     for stage in response.stages:
         metrics.stage_latency.labels(variant=stage.variant).observe(stage.ms / 1000.0)
