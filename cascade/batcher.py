@@ -1,10 +1,11 @@
 """Cross-request batching: concurrent queries that run the same stages on the same snapshot are computed as one
 batch (`cascade.stage_loop.run_stages_many`), as model servers batch requests.
 
-A query announces itself when it enters the service (`expect()`: its plan, stage 0 included, is still to be
-made) and joins a batch when its stages are ready to run (`run`). The first query of a batch leads it: while
-other announced queries are still on their way, it waits for them to join, up to `max_wait_s` or until
-`max_batch` have; with none on the way it starts at once (one client, or an idle server, waits for nothing).
+A query announces itself when it is admitted (`expect()`, called by the query limiter when it takes its slot:
+it is still to be parsed and planned) and joins a batch when its stages are ready to run (`run`). The first
+query of a batch leads it: while another batch is being computed (the cores are busy anyway) and announced
+queries are on their way, it waits for them to join, up to `max_wait_s` or until `max_batch` have, or until
+the cores are free again; otherwise it starts at once (one client, or an idle server, waits for nothing).
 It then computes the batch in its own thread and hands every other query its answer. Queries that arrive
 meanwhile form the next batch.
 
@@ -86,6 +87,7 @@ class Batcher:
         self._changed = threading.Condition(self._lock)  # a query joined, or one on its way arrived or left
         self._open: dict[Hashable, _Open] = {}
         self._on_way = 0  # announced queries that have not reached `run` (or cancelled) yet
+        self._running = 0  # batches being computed now
         self.stats = BatchStats()
         self.on_batch = on_batch
 
@@ -119,7 +121,7 @@ class Batcher:
                 lead = False
             else:
                 batch = _Open(snapshot, [me])
-                if self._on_way > 0 and self.max_batch > 1 and self.max_wait_s > 0:
+                if self._worth_waiting():
                     self._open[key] = batch
                 else:
                     batch.closed = True
@@ -134,6 +136,11 @@ class Batcher:
         assert isinstance(me.result, CascadeResult)
         return me.result
 
+    def _worth_waiting(self) -> bool:
+        """Wait for company only while another batch is computing (the cores are busy anyway) and queries are on
+        their way: with the cores free, waiting would only idle them. Called with the lock held."""
+        return self._running > 0 and self._on_way > 0 and self.max_batch > 1 and self.max_wait_s > 0
+
     def _close(self, key: Hashable, batch: _Open) -> None:
         batch.closed = True
         if self._open.get(key) is batch:
@@ -146,10 +153,11 @@ class Batcher:
                 deadline = batch.waiters[0].job.deadline
                 if deadline is not None:
                     until = min(until, deadline)
-                while not batch.closed and self._on_way > 0 and (left := until - time.monotonic()) > 0:
+                while not batch.closed and self._worth_waiting() and (left := until - time.monotonic()) > 0:
                     self._changed.wait(left)
                 self._close(key, batch)
             waiters = list(batch.waiters)
+            self._running += 1
             self.stats.batches += 1
             self.stats.queries += len(waiters)
             self.stats.largest = max(self.stats.largest, len(waiters))
@@ -159,6 +167,10 @@ class Batcher:
             results = run_stages_many(batch.snapshot, [w.job for w in waiters])
         except BaseException as exc:  # every query of the batch gets the failure
             results = [exc] * len(waiters)  # type: ignore[list-item]
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._changed.notify_all()  # the cores are free: a batch waiting for company starts
         for w, r in zip(waiters, results, strict=True):
             w.result = r
             w.done.set()

@@ -13,7 +13,7 @@ from typing import Any
 from cascade.config import Stage, scale_keeps
 from service.state import ServiceState
 
-__all__ = ["heavy_query", "estimated_flops"]
+__all__ = ["heavy_query", "estimated_flops", "announce_query"]
 
 
 def estimated_flops(state: ServiceState, body: dict[str, Any]) -> int:
@@ -71,3 +71,23 @@ def heavy_query(state: ServiceState) -> Callable[[bytes], bool]:
             return False
 
     return heavy
+
+
+def announce_query(state: ServiceState) -> Callable[[bytes], Any]:
+    """For the query limiter: when a query by example that will run stages takes its slot, announce it to the
+    batcher (`Batcher.expect`), so that a batch being formed waits for it; anything else announces nothing."""
+
+    def announce(body: bytes) -> Any:
+        batcher = state.batcher
+        if batcher is None:
+            return None
+        try:
+            parsed = json.loads(body)
+        except Exception:  # a body the route will refuse
+            return None
+        target = parsed.get("target") if isinstance(parsed, dict) else None
+        if not isinstance(target, dict) or target.get("examples") is None or parsed.get("stages") == []:
+            return None
+        return batcher.expect()
+
+    return announce

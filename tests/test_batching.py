@@ -109,6 +109,7 @@ def test_the_batcher_batches_concurrent_queries_and_answers_each_as_alone(snapsh
     alone = [run_stages_many(snapshot, [job])[0] for job in jobs]
     batcher = Batcher(max_wait_s=5.0, max_batch=8)
     tokens = [batcher.expect() for _ in jobs]  # all eight announced: the first to arrive waits for the others
+    batcher._running = 1  # as if another batch were being computed (waiting only then)
     results: list[CascadeResult | None] = [None] * len(jobs)
 
     def ask(i: int) -> None:
@@ -120,6 +121,7 @@ def test_the_batcher_batches_concurrent_queries_and_answers_each_as_alone(snapsh
     for t in threads:
         t.join(60)
     assert batcher.stats.largest == 8 and batcher.stats.batches == 1  # one batch of all eight, closed when full
+    batcher._running = 0
     # nobody on the way: a query starts at once, alone
     assert _same(batcher.run(snapshot, jobs[0]), alone[0]) and batcher.stats.batches == 2  # type: ignore[arg-type]
     for a, b in zip(alone, results, strict=True):
@@ -129,6 +131,7 @@ def test_the_batcher_batches_concurrent_queries_and_answers_each_as_alone(snapsh
 def test_a_query_never_waits_for_a_batch_past_its_deadline(snapshot) -> None:
     batcher = Batcher(max_wait_s=60.0, max_batch=64)
     batcher.expect()  # a query on its way that never arrives: a new batch would wait up to a minute for it
+    batcher._running = 1  # while another batch is computed
     job = _job(snapshot, 0, seed=1)
     late = StageJob(job.target, job.k, job.stages, job.seed, deadline=time.monotonic() + 0.3)
     started = time.monotonic()
@@ -156,6 +159,7 @@ def test_a_follower_stops_waiting_at_its_deadline(snapshot) -> None:
     )
     batcher = Batcher(max_wait_s=30.0, max_batch=2)
     batcher.expect()  # the leader waits for company until the follower fills the batch
+    batcher._running = 1
     out: dict[str, object] = {}
 
     def lead() -> None:

@@ -77,13 +77,16 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     posteriors once they are built; queries by example run the cascade of pair models (`stages` overrides it,
     `[]` answers from the embedding index alone). Same request, same snapshot, same answer (`seed`)."""
     state: ServiceState = http.app.state.service
-    with _expecting(state, request) as expected:
+    with _expecting(state, request, getattr(http.state, "admitted", None)) as expected:
         return _answer(http, request, state, expected)
 
 
-def _expecting(state: ServiceState, request: QueryRequest) -> Any:
-    """A query by example that will run stages announces itself to the batcher before it is planned (stage 0
-    is part of the plan), so that a batch being formed waits for it; anything else announces nothing."""
+def _expecting(state: ServiceState, request: QueryRequest, admitted: Expected | None) -> Any:
+    """The query's announcement to the batcher: made by the query limiter when the query took its slot (so a
+    batch being formed waits for it while it is still parsed and planned), else here, before it is planned;
+    anything but a query by example that will run stages announces nothing."""
+    if admitted is not None:
+        return contextlib.nullcontext(admitted)  # the limiter cancels it when the query is done
     if state.batcher is None or request.target.examples is None or request.stages == []:
         return contextlib.nullcontext(None)
     return state.batcher.expect()
