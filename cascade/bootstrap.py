@@ -9,7 +9,7 @@ not (two: same label, other)."""
 
 from __future__ import annotations
 
-import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cascade.bootstrap_eta import Estimate, estimate_bootstrap
+from cascade.bootstrap_record import describe_run, nothing_left_on_failure, read_record, write_record
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.embedding import EmbeddingIndex
 from cascade.index import INDEX_FILE, ClusterIndex
@@ -31,8 +33,9 @@ from cascade.space import (
     clusters_by_kmeans,
     clusters_by_label,
 )
+from cascade.tuner import tune_home
 from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
-from models.data import DatasetError, Splits, load_dataset
+from models.data import PARTS, DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
 from models.pair import PairNetwork, default_pair_spec
 from models.pair_training import (
@@ -164,6 +167,8 @@ class BootstrapConfig:
     stages apply; its prototype settings are MNIST-1D's."""
     space_dataset: str | None = None
     """A separate `.npz` that is the space; `dataset` is then split into train/validation/test only."""
+    tune: bool = True
+    """End by tuning the default pair cascade on the space's dev queries (`cascade.tuner.tune_home`)."""
 
     def __post_init__(self) -> None:
         if self.variants is None:
@@ -206,39 +211,51 @@ def build_space_dir(
         _build_user_pair_space_dir(space_dir, splits, config, config.pair, encoder, grades)
         return
     rng = np.random.default_rng(config.seed)
+    items = splits.served  # a user's whole file when it has clusters, else the pool
     how_built: dict[str, object]
-    if splits.cluster_pool is not None:
-        cluster, how, how_built = splits.cluster_pool, "given", {}
+    if items.cluster is not None:
+        cluster, how, how_built = items.cluster, "given", {}
     elif config.kmeans_clusters > 0:
-        cluster, how = clusters_by_kmeans(splits.x_pool, config.kmeans_clusters, config.seed), "kmeans"
+        cluster, how = clusters_by_kmeans(items.x, config.kmeans_clusters, config.seed), "kmeans"
         how_built = {"kmeans_clusters": config.kmeans_clusters}
     else:
-        cluster, how = clusters_by_label(splits.y_pool, config.cluster_size, rng), "same-label"
+        cluster, how = clusters_by_label(items.y, config.cluster_size, rng), "same-label"
         how_built = {"cluster_size": config.cluster_size}
     source = Path(splits.space_source or splits.name)
     meta = {
-        "id": f"{source.stem}-s{config.seed}-n{len(splits.x_pool)}-{how}",
+        "id": f"{source.stem}-s{config.seed}-n{len(items.x)}-{how}",
         "dataset": splits.name,
         "space_dataset": splits.space_source,
         "split": splits.split,
+        "served": _served_what(splits),
         "clusters": how,
         **how_built,
-        "item_ids": "given" if splits.id_pool is not None else "rows",
+        "item_ids": "given" if items.ids is not None else "rows",
         "seed": config.seed,
     }
     space = build_space(
-        splits.x_pool,
-        splits.y_pool,
+        items.x,
+        items.y,
         splits.prior,
         cluster,
         meta,
-        item_ids=splits.id_pool,
+        item_ids=items.ids,
         class_labels=splits.labels,
+        item_parts=items.part,
     )
     space_dir.mkdir(parents=True, exist_ok=True)
     np.savez(space_dir / PROBE_FILE, x=splits.x_test, y=splits.y_test)
     ClusterIndex.build(space).save(space_dir)
     space.save(space_dir)  # written last: its presence marks a complete space
+
+
+def _served_what(splits: Splits) -> str:
+    """The space meta's `served`: what of the data the space holds."""
+    if splits.space_source is not None:
+        return "every item of the space file (the training file is only trained on)"
+    if splits.corpus is not None:
+        return "every cluster of the dataset (seen_by_models: which ones the models saw)"
+    return "the pool split: items no model was trained on"
 
 
 def _build_prototype_space_dir(
@@ -277,12 +294,15 @@ def _build_user_pair_space_dir(
     encoder: torch.nn.Module,
     grades: dict[str, object],
 ) -> None:
-    """A user's pool with `pair.queries` members held out (one each of that many clusters of two or more
-    members; the clusters stay), the pair probe drawn from the test split's clusters (no model saw them), and
-    both indexes: raw features for the classifier path, the bi-encoder's embedding for stage 0."""
-    assert splits.cluster_pool is not None
-    cluster = splits.cluster_pool
-    held = hold_out_members(cluster, pair.queries, np.random.default_rng([config.seed, 51]))
+    """A user's whole file (or its space file) with `pair.queries` members held out (one each of that many
+    clusters of two or more members that no model saw; the clusters stay), the pair probe drawn from the test
+    split's clusters, and both indexes: raw features for the classifier path, the bi-encoder's embedding for
+    stage 0."""
+    items = splits.served
+    assert items.cluster is not None
+    cluster = items.cluster
+    unseen = np.arange(len(cluster)) if items.part is None else np.flatnonzero(items.part == PARTS.index("pool"))
+    held = unseen[hold_out_members(cluster[unseen], pair.queries, np.random.default_rng([config.seed, 51]))]
     keep = np.ones(len(cluster), dtype=bool)
     keep[held] = False
     num_grades = int(grades["num_grades"])  # type: ignore[call-overload]
@@ -292,25 +312,27 @@ def _build_user_pair_space_dir(
         "dataset": splits.name,
         "space_dataset": splits.space_source,
         "split": splits.split,
+        "served": _served_what(splits),
         "clusters": "given",
-        "item_ids": "given" if splits.id_pool is not None else "rows",
+        "item_ids": "given" if items.ids is not None else "rows",
         "seed": config.seed,
-        "queries": f"{len(held)} members held out of as many clusters (which stay in the space)",
+        "queries": f"{len(held)} members held out of as many clusters no model saw (the clusters stay in the space)",
         "grades": grades,
     }
     space = build_space(
-        splits.x_pool[keep],
-        splits.y_pool[keep],
+        items.x[keep],
+        items.y[keep],
         splits.prior,
         cluster[keep],
         meta,
-        item_ids=None if splits.id_pool is None else splits.id_pool[keep],
+        item_ids=None if items.ids is None else items.ids[keep],
         class_labels=splits.labels,
+        item_parts=None if items.part is None else items.part[keep],
     )
     space_dir.mkdir(parents=True, exist_ok=True)
     np.savez(space_dir / PROBE_FILE, x=splits.x_test, y=splits.y_test)
     rows = np.searchsorted(space.cluster_ids, cluster[held])
-    QuerySet(x=splits.x_pool[held], cluster=rows.astype(np.int64), label=splits.y_pool[held]).save(space_dir)
+    QuerySet(x=items.x[held], cluster=rows.astype(np.int64), label=items.y[held]).save(space_dir)
     assert splits.cluster_test is not None
     try:
         probe_set = replace(member_set(splits.x_test, splits.y_test, splits.cluster_test), num_grades=num_grades)
@@ -531,9 +553,28 @@ def bootstrap(
     config: BootstrapConfig = BootstrapConfig(),
     progress: bool = True,
     on_progress: Callable[[int, int, str], None] | None = None,
+    on_estimate: Callable[[Estimate], None] | None = None,
 ) -> CascadeConfig:
-    """Build whatever of the embedded default is missing under `home`; returns the default cascade."""
-    registry = ModelRegistry(home / "registry")
+    """Build whatever of the embedded default is missing under `home`; returns the default cascade. The data is
+    checked before anything is written, and a run into a fresh home that fails leaves nothing behind. With
+    `on_estimate`, the missing steps are probed first and it is told how long they will take."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these small networks train 5x cheaper and 10x faster on one thread than on two
+    try:  # loaded cores (docs/results.md, "Bring your own data: bootstrap time")
+        with nothing_left_on_failure(home):
+            return _bootstrap(home, config, progress, on_progress, on_estimate)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bootstrap(
+    home: Path,
+    config: BootstrapConfig,
+    progress: bool,
+    on_progress: Callable[[int, int, str], None] | None,
+    on_estimate: Callable[[Estimate], None] | None = None,
+) -> CascadeConfig:
+    started = time.perf_counter()
     space_dir = home / "spaces" / "default"
     config_path = home / CONFIG_FILE
     pair = config.pair if config.dataset == "mnist1d" else None  # prototypes are MNIST-1D's; user data: below
@@ -552,7 +593,24 @@ def bootstrap(
     if pair is None and user_pair is None and config.pair is not None:
         config = replace(config, pair=None)
     if user_pair is not None:
+        _user_pair_sets(splits)  # refuses clusters too small for pair training before anything is written
         steps.add(1 + len(user_pair.variants))
+    home.mkdir(parents=True, exist_ok=True)
+    record = read_record(home)
+    if record is None:  # from now on this home is this data's, even if the run is interrupted
+        write_record(home, describe_run(config, splits, None), "building")
+    registry = ModelRegistry(home / "registry")
+    estimate = None
+    if on_estimate is not None and read_record(home).get("state") != "complete":  # type: ignore[union-attr]
+        estimate = estimate_bootstrap(
+            config,
+            splits,
+            pair or user_pair,
+            user_pair is not None,
+            lambda name: registry.active_version(name) is None,
+            not space_is_built(space_dir),
+        )
+        on_estimate(estimate)
     steps.done()
 
     if registry.active_version(config.dense_name) is None:
@@ -604,8 +662,13 @@ def bootstrap(
             pair_stages=None if any_pair is None else any_pair.stages,
             pair_dense=None if any_pair is None else any_pair.dense_name,
         ).save(config_path)
-        record = {**asdict(config), **({} if grades is None else {"grades": grades})}
-        (home / "bootstrap.json").write_text(json.dumps(record, indent=2, default=str))
+    built = read_record(home)
+    if built is None or built.get("state", "complete") != "complete":  # homes built before states were complete
+        timing = {} if estimate is None else {"estimate": estimate.record()}
+        timing["seconds"] = round(time.perf_counter() - started, 1)  # of this run (a resumed one: its part)
+        write_record(home, {**describe_run(config, splits, grades), **timing}, "complete")
     steps.done()
     steps.close()
+    if any_pair is not None and config.tune:  # the default pair cascade measured on dev queries, not guessed
+        tune_home(home)
     return CascadeConfig.load(config_path)

@@ -7,21 +7,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cascade.stage import Stage
+from cascade.tuning_record import TuningRecord
+
 __all__ = ["Stage", "CascadeConfig", "CONFIG_FILE", "scale_keeps"]
 
 CONFIG_FILE = "cascade.json"
-
-
-class Stage(BaseModel):
-    """Score `samples` sampled members of every surviving cluster with `variant`, aggregate them with
-    `aggregator`, and keep the best `keep` clusters (the last stage keeps the k asked for)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    variant: str = Field(min_length=1, max_length=64, description="registry name of an active model")
-    samples: int = Field(ge=1, le=256, description="members sampled per cluster")
-    keep: int | None = Field(None, ge=1, description="clusters kept for the next stage; ignored on the last")
-    aggregator: str = Field("bayes", min_length=1, max_length=32)
 
 
 class CascadeConfig(BaseModel):
@@ -33,9 +24,17 @@ class CascadeConfig(BaseModel):
     stages: tuple[Stage, ...] = Field(min_length=1, max_length=8)
     dense: str = Field("dense", description="the dense model: the oracle and, by convention, the last stage")
     pair_stages: tuple[Stage, ...] | None = Field(
-        None, min_length=1, max_length=8, description="the default cascade of pair models (queries by example)"
+        None,
+        max_length=8,
+        description="the default cascade of pair models (queries by example); [] answers from FAISS alone",
     )
     pair_dense: str | None = Field(None, description="the dense pair model: the oracle of queries by example")
+    pair_candidates: int | None = Field(
+        None, ge=1, description="stage 0's M for the default pair cascade (None: the server's example_candidates)"
+    )
+    pair_tuning: TuningRecord | None = Field(
+        None, description="how the default pair cascade was chosen (prunecascade tune): target, front, provenance"
+    )
     reference_k: int = Field(10, ge=1, description="the k the default keeps are tuned for")
 
     def stages_for(self, kind: str) -> tuple[Stage, ...]:

@@ -118,16 +118,19 @@ class ExampleQueryReport:
     ms: float  # median per query, stage 0 (embedding the query, searching the centroids) included
 
 
-def example_queries(snapshot: Snapshot, candidates: int, count: int | None = None) -> list[HeldOutQuery]:
-    """The snapshot's held-out queries by example (the first `count`): each a fresh view, embedded with
-    `candidates` clusters from stage 0; its clusters graded from its own cluster and label
-    (`cascade.queries.cluster_grades`), gains by grade."""
+def example_queries(
+    snapshot: Snapshot, candidates: int, count: int | None = None, split: str = "test"
+) -> list[HeldOutQuery]:
+    """The snapshot's held-out queries by example of `split` (the first `count`; `cascade.queries.SPLIT_RULE`:
+    test, never tuned on; dev; all): each a fresh view, embedded with `candidates` clusters from stage 0; its
+    clusters graded from its own cluster and label (`cascade.queries.cluster_grades`), gains by grade."""
     from cascade.plan import target_from_examples
     from cascade.queries import cluster_grades, default_gains
 
     qs = snapshot.queries
     if qs is None or len(qs) == 0:
         raise ValueError("the space has no held-out queries")
+    qs = qs.split(split)
     count = len(qs) if count is None else min(count, len(qs))
     labels = snapshot.space.cluster_labels
     out = []
@@ -154,12 +157,14 @@ def evaluate_example_queries(
     queries: int | None = None,
     oracle: bool = True,
     seed: int = 0,
+    split: str = "test",
 ) -> dict[str, ExampleQueryReport]:
     """Every method (a stage list; None is the default cascade, [] is FAISS only) and the dense exhaustive oracle
-    on the snapshot's held-out queries, side by side (`side_by_side`; query i samples with seed + i)."""
+    on the snapshot's held-out queries of `split` (test: never tuned on), side by side (`side_by_side`; query i
+    samples with seed + i)."""
     from cascade.queries import cluster_grades
 
-    held_out = example_queries(snapshot, max(candidates, k), queries)
+    held_out = example_queries(snapshot, max(candidates, k), queries, split)
     planned = [stages_method(name, st) for name, st in methods.items()]
     depth = max(k, 10)  # agreement is @10 whatever k is
     rounds = side_by_side(

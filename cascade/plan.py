@@ -139,7 +139,7 @@ def target_of(snapshot: Snapshot, query: Query, limits: Limits = Limits()) -> Ta
         raise RequestError("target", "give exactly one of label, utility or examples")
     if limits.max_examples is not None and len(query.examples) > limits.max_examples:
         raise RequestError("target.examples", f"at most {limits.max_examples} examples per query")
-    candidates = query.candidates or max(query.k, limits.example_candidates)
+    candidates = query.candidates or max(query.k, snapshot.config.pair_candidates or limits.example_candidates)
     return target_from_examples(snapshot, query.examples, candidates, query.gains)
 
 

@@ -15,10 +15,33 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["QuerySet", "QUERIES_FILE", "cluster_grades", "DEFAULT_GAINS", "default_gains", "hold_out_members"]
+__all__ = [
+    "QuerySet",
+    "QUERIES_FILE",
+    "SPLIT_RULE",
+    "SPLITS",
+    "dev_rows",
+    "cluster_grades",
+    "DEFAULT_GAINS",
+    "default_gains",
+    "hold_out_members",
+]
 
 QUERIES_FILE = "queries.npz"
 DEFAULT_GAINS: tuple[float, ...] = (0.0, 1.0, 3.0)
+SPLITS = ("test", "dev", "all")
+SPLIT_RULE = (
+    "the held-out queries in the order of the space's queries file: the one at an odd position (1, 3, 5, ...) is "
+    "a dev query, the one at an even position (0, 2, 4, ...) a test query. Anything tuned (the default cascade) "
+    "is tuned on dev queries; quality is reported on test queries"
+)
+
+
+def dev_rows(count: int) -> np.ndarray:
+    """Which of `count` held-out queries are dev queries (`SPLIT_RULE`): every second one. Interleaved rather
+    than a first and a second half, so that a queries file in the order of its clusters (a user's held-out
+    members are sorted by row) splits evenly over them."""
+    return np.arange(count) % 2 == 1
 
 
 @dataclass(frozen=True)
@@ -32,6 +55,16 @@ class QuerySet:
 
     def __len__(self) -> int:
         return len(self.x)
+
+    def split(self, name: str) -> QuerySet:
+        """The dev or the test queries of `SPLIT_RULE` (or "all"), in file order."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown query split {name!r}; one of {', '.join(SPLITS)}")
+        if name == "all":
+            return self
+        rows = dev_rows(len(self))
+        rows = rows if name == "dev" else ~rows
+        return QuerySet(x=self.x[rows], cluster=self.cluster[rows], label=self.label[rows])
 
     def save(self, directory: Path) -> None:
         tmp = directory / f".{QUERIES_FILE}.tmp.npz"

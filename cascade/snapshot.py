@@ -340,7 +340,7 @@ def build_snapshot(
         item_cache=item_cache if item_cache is not None else ItemCache(),
     )
     snap.validate_stages(config.stages, k=1)
-    if config.pair_stages is not None:
+    if config.pair_stages:  # () is FAISS only: no stage to check
         snap.validate_stages(config.pair_stages, k=1, kind="pair")
     return snap
 

@@ -44,6 +44,9 @@ class Space:
     cluster_ids: np.ndarray | None = None  # (K,) int64, the user's id of each cluster; default 0..K-1
     item_ids: np.ndarray | None = None  # (N,) int64, the user's id of each item (row); default 0..N-1
     class_labels: np.ndarray | None = None  # (C,) int64, the user's label of each class; default 0..C-1
+    cluster_parts: np.ndarray | None = None
+    """(K,) int8: where each cluster went when the models were trained (`models.data.PARTS`: train, validation,
+    test, pool = no model saw it); None when the space is only clusters no model saw (or built-in data)."""
 
     def __post_init__(self) -> None:
         defaults = {
@@ -61,6 +64,11 @@ class Space:
             values = getattr(self, name)
             if len(np.unique(values)) != len(values):
                 raise ValueError(f"{name} must be unique")
+        if self.cluster_parts is not None:
+            parts = np.asarray(self.cluster_parts, dtype=np.int8)
+            if parts.shape != (self.num_clusters,):
+                raise ValueError(f"cluster_parts needs {self.num_clusters} entries, got {parts.shape}")
+            object.__setattr__(self, "cluster_parts", parts)
 
     @property
     def num_items(self) -> int:
@@ -99,6 +107,12 @@ class Space:
         """The row of a user's item id, or None when there is no such item."""
         return _position(self.item_ids, item_id)  # type: ignore[arg-type]
 
+    def part_of(self, cluster: int) -> str | None:
+        """Which split cluster `cluster` (an index) went to when the models were trained, or None when unknown."""
+        from models.data import PARTS
+
+        return None if self.cluster_parts is None else PARTS[int(self.cluster_parts[cluster])]
+
     def centroids(self) -> np.ndarray:
         sums = np.add.reduceat(self.features.astype(np.float64), self.offsets[:-1], axis=0)
         return (sums / self.sizes[:, None]).astype(np.float32)
@@ -106,6 +120,7 @@ class Space:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{SPACE_FILE}.tmp.npz"
+        optional = {} if self.cluster_parts is None else {"cluster_parts": self.cluster_parts}
         np.savez(
             tmp,
             features=self.features,
@@ -116,6 +131,7 @@ class Space:
             cluster_ids=self.cluster_ids,
             item_ids=self.item_ids,
             class_labels=self.class_labels,
+            **optional,
         )
         tmp.replace(directory / SPACE_FILE)
         (directory / META_FILE).write_text(json.dumps(self.meta, indent=2))
@@ -166,11 +182,13 @@ def build_space(
     meta: dict | None = None,
     item_ids: np.ndarray | None = None,
     class_labels: np.ndarray | None = None,
+    item_parts: np.ndarray | None = None,
 ) -> Space:
     """Sort items by cluster and record each cluster's majority label, the partition's purity and its sizes.
     The values of `cluster` become the clusters' ids (`cluster_ids`, in increasing order); `item_ids` (one per
     row of `features`, default: the row in the sorted space) and `class_labels` (the user's label of each class)
-    are kept for answers."""
+    are kept for answers. `item_parts` (one `models.data.PARTS` code per item, equal within a cluster) records
+    which clusters the models saw, in `cluster_parts` and as counts in the meta's `seen_by_models`."""
     if not (len(features) == len(labels) == len(cluster)):
         raise ValueError("features, labels and cluster must have one row per item")
     if item_ids is not None and len(item_ids) != len(features):
@@ -188,6 +206,14 @@ def build_space(
     purity = float(votes.max(1).sum() / len(labels))
     class_labels = np.arange(num_classes) if class_labels is None else np.asarray(class_labels, dtype=np.int64)
     present = np.unique(labels)
+    cluster_parts = None
+    seen: dict[str, object] = {}
+    if item_parts is not None:
+        item_parts = np.asarray(item_parts)[order]
+        cluster_parts = item_parts[offsets[:-1]].astype(np.int8)
+        if (item_parts != np.repeat(cluster_parts, sizes)).any():
+            raise ValueError("item_parts must be the same for every member of a cluster")
+        seen = {"seen_by_models": _seen_by_models(cluster_parts, sizes)}
     described = {
         "num_items": len(labels),
         "num_clusters": k,
@@ -196,6 +222,7 @@ def build_space(
         "num_classes": num_classes,
         "classes": [int(c) for c in class_labels],
         "classes_in_space": [int(class_labels[c]) for c in present],
+        **seen,
     }
     return Space(
         features=np.ascontiguousarray(features[order], dtype=np.float32),
@@ -207,7 +234,28 @@ def build_space(
         cluster_ids=cluster_ids.astype(np.int64),
         item_ids=None if item_ids is None else np.asarray(item_ids, dtype=np.int64)[order],
         class_labels=class_labels,
+        cluster_parts=cluster_parts,
     )
+
+
+def _seen_by_models(cluster_parts: np.ndarray, sizes: np.ndarray) -> dict[str, object]:
+    """Clusters and items per part, and what each part was used for (shown by GET /v1/space)."""
+    from models.data import PARTS
+
+    use = {
+        "train": "the models were trained on them",
+        "validation": "checkpoints and the grades decision were chosen on them",
+        "test": "the probe sets that gate uploads come from them",
+        "pool": "no model saw them: held-out queries are drawn from them",
+    }
+    return {
+        name: {
+            "clusters": int((cluster_parts == code).sum()),
+            "items": int(sizes[cluster_parts == code].sum()),
+            "use": use[name],
+        }
+        for code, name in enumerate(PARTS)
+    }
 
 
 def sample_members(

@@ -1,8 +1,11 @@
-"""Datasets with fixed splits. The pool split is never trained on: the retrieval space is drawn from it.
+"""Datasets with fixed splits. The pool split is never trained on: the built-in data's space is drawn from it.
 
 A user's `.npz` keeps what makes it theirs: its labels (remapped to 0..C-1 for training, the originals kept in
 `Splits.class_labels` for display), its cluster ids (whole clusters go either to training or to the pool) and
-its item ids. A separate space file, when given, is the pool and the training file is split three ways."""
+its item ids. With a cluster column the space is the whole file (`Splits.corpus`: users index everything they
+have), each cluster tagged with the split it went to, so that honest measurement draws its queries from the
+pool's clusters, which no model saw. A separate space file, when given, is the pool and the training file is
+split three ways."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import numpy as np
 
 __all__ = [
     "Splits",
+    "ServedItems",
+    "PARTS",
     "UserData",
     "load_dataset",
     "make_mnist1d",
@@ -25,6 +30,29 @@ __all__ = [
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as asked; the message names the problem."""
+
+
+NPZ_REQUIRED = ("x", "y")
+NPZ_OPTIONAL = ("cluster", "id", "classes")
+"""The arrays a user's `.npz` may hold. Any other name is refused: a misspelled `clusters` would otherwise be
+ignored silently, losing the user's clusters and leaking members of one cluster across the split."""
+
+
+PARTS = ("train", "validation", "test", "pool")
+"""Where a user's cluster went, by code: the models train on `train`, choose checkpoints and measure on
+`validation`, gate uploads on `test`; no model saw a `pool` cluster."""
+
+
+@dataclass(frozen=True)
+class ServedItems:
+    """The items a space serves: a user's whole file with a cluster column (every item tagged with the part its
+    cluster went to), else the pool."""
+
+    x: np.ndarray
+    y: np.ndarray  # classes 0..C-1
+    cluster: np.ndarray | None  # the user's cluster ids (None: the data has none, clusters are built)
+    ids: np.ndarray | None  # the user's item ids (None: rows)
+    part: np.ndarray | None  # (N,) int8, an index into PARTS (None: all of it is pool, no model saw it)
 
 
 @dataclass(frozen=True)
@@ -55,6 +83,9 @@ class Splits:
     `cluster_val` and `cluster_test`, what pair models are trained, validated and probed on."""
     cluster_val: np.ndarray | None = None
     cluster_test: np.ndarray | None = None
+    corpus: ServedItems | None = None
+    """A user's file with a cluster column and no separate space file: all of it, the space to serve (None:
+    the space is the pool)."""
 
     @property
     def input_dim(self) -> int:
@@ -64,6 +95,13 @@ class Splits:
     def labels(self) -> np.ndarray:
         """The user's label of every class, in class order."""
         return np.arange(self.num_classes) if self.class_labels is None else self.class_labels
+
+    @property
+    def served(self) -> ServedItems:
+        """What the space serves: the whole corpus when there is one, else the pool."""
+        if self.corpus is not None:
+            return self.corpus
+        return ServedItems(self.x_pool, self.y_pool, self.cluster_pool, self.id_pool, None)
 
     @property
     def prior(self) -> np.ndarray:
@@ -95,16 +133,36 @@ def _integers(name: str, values: np.ndarray, path: Path) -> np.ndarray:
     raise DatasetError(f"{path}: {name} must hold integers, got dtype {values.dtype}")
 
 
+def _check_array_names(path: Path, names: list[str]) -> None:
+    """Refuse missing required arrays and any array the format does not know, listing the known names (and the
+    closest one, for a misspelling)."""
+    import difflib
+
+    known = (*NPZ_REQUIRED, *NPZ_OPTIONAL)
+    listing = f"x and y, optionally {', '.join(NPZ_OPTIONAL)}"
+    missing = [k for k in NPZ_REQUIRED if k not in names]
+    if missing:
+        raise DatasetError(f"{path} lacks arrays {missing}; an .npz holds {listing}")
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, 1)
+            hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+        raise DatasetError(
+            f"{path}: unknown array{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; an .npz holds {listing} "
+            "(rename or remove the others)"
+        )
+
+
 def load_npz(path: Path) -> UserData:
     """A user's own data: arrays `x` (items x features), `y` (integer labels, any values), and optionally
     `cluster` (an integer cluster id per item), `id` (a unique integer id per item) and `classes` (every label
     the data may have, declared)."""
     path = Path(path)
     with np.load(path, allow_pickle=False) as f:
-        missing = {"x", "y"} - set(f.files)
-        if missing:
-            raise DatasetError(f"{path} lacks arrays {sorted(missing)}")
-        arrays = {k: f[k] for k in ("x", "y", "cluster", "id", "classes") if k in f.files}
+        _check_array_names(path, f.files)
+        arrays = {k: f[k] for k in (*NPZ_REQUIRED, *NPZ_OPTIONAL) if k in f.files}
     x = arrays["x"]
     if x.ndim < 2:
         raise DatasetError(f"{path}: x must be items x features, got shape {x.shape}")
@@ -211,7 +269,14 @@ def _from_user_data(
     trained = np.unique(y[parts[0]])
     pool_rows = parts[3] if space is None else np.arange(len(space.x))
     y_pool = np.searchsorted(labels, pool_data.y)[pool_rows]
-    absent = np.setdiff1d(np.unique(y_pool), trained)
+    corpus = None
+    if space is None and train.cluster is not None:  # the whole file is served, every cluster of it
+        part = np.empty(len(train.x), dtype=np.int8)
+        for code, rows in enumerate(parts):
+            part[rows] = code
+        corpus = ServedItems(x=train.x, y=y, cluster=train.cluster, ids=train.ids, part=part)
+    served = y_pool if corpus is None else corpus.y
+    absent = np.setdiff1d(np.unique(served), trained)
     if len(absent):
         raise DatasetError(
             f"labels {labels[absent].tolist()} occur in the space but not in the training split, so no model "
@@ -236,6 +301,7 @@ def _from_user_data(
         cluster_train=None if train.cluster is None else train.cluster[parts[0]],
         cluster_val=None if train.cluster is None else train.cluster[parts[1]],
         cluster_test=None if train.cluster is None else train.cluster[parts[2]],
+        corpus=corpus,
     )
 
 

@@ -20,7 +20,7 @@ from service.limits import BodySizeLimit, QueryLimiter
 from service.logs import RequestIdMiddleware, setup_logging
 from service.metrics import Metrics, MetricsMiddleware
 from service.redis_link import RedisLink
-from service.routes import admin, catalog, health, inspect, metrics, query
+from service.routes import admin, catalog, health, inspect, metrics, query, tuning
 from service.settings import Settings
 from service.shared_state import SharedState
 from service.state import ServiceState
@@ -106,5 +106,6 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
     # The router tries routes in order: the hot one first (no path here overlaps another, so order is free).
     for router in (query.router, health.router, metrics.router, catalog.router, inspect.router, admin.router):
         app.include_router(router)
+    app.include_router(tuning.router)  # POST/GET /v1/admin/tune: re-tune the default pair cascade
     install_offline_docs(app)  # /docs and /redoc without a CDN
     return app

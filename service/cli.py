@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "prune": "prune a registered model into a smaller registry entry",
     "methods": "list the pruning methods and the data each one needs",
     "evaluate": "recall, FLOPs and time of a cascade vs the dense model",
+    "tune": "choose the default pair cascade from measurements on dev queries",
     "gadget": "train an LSTM / deep-sets gadget for a pair model, stored beside it",
     "loadtest": "load-test a running service over cascade configurations",
     "push": "upload a registry entry to a running service (admin token)",

@@ -71,6 +71,8 @@ def _shortened(
     """The stages that can still run, in order; the dense model alone if none can; None without the dense model."""
     if dense not in variants:
         return None
+    if not stages:  # FAISS alone (a tuned default): no stage to cut
+        return stages
     kept = tuple(s for s in stages if _runs(s, variants, kind))
     if kept:
         return kept

@@ -10,6 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from cascade.config import Stage
 from cascade.engine import RANKING_KEYS
+from cascade.tuning_record import TuningRecord
 
 __all__ = [
     "QueryBatchRequest",
@@ -115,6 +116,14 @@ class QueryRequest(BaseModel):
     candidates: int | None = Field(
         None, ge=1, description="with examples: clusters the embedding index proposes (stage 0's M)"
     )
+    quality: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="with examples, instead of stages and candidates: the cheapest plan on the tuned front "
+        "(GET /v1/cascade, pair_tuning.front) whose relative nDCG@10 to the dense rerank reaches this, by its "
+        "lower confidence bound on dev queries",
+    )
 
 
 class ClusterHit(BaseModel):
@@ -167,8 +176,17 @@ class QueryResponse(BaseModel):
 class CascadeOut(BaseModel):
     stages: list[Stage] = Field(description="classifiers: label and utility targets in mode cascade")
     dense: str
-    pair_stages: list[Stage] | None = Field(None, description="pair models: queries by example")
+    pair_stages: list[Stage] | None = Field(
+        None, description="pair models: queries by example ([] answers from FAISS alone)"
+    )
     pair_dense: str | None = None
+    pair_candidates: int | None = Field(None, description="stage 0's M of the default pair cascade")
+    pair_tuning: TuningRecord | None = Field(
+        None,
+        description="how the default pair cascade was chosen (prunecascade tune, POST /v1/admin/tune): the target, "
+        "the served plan's measured quality and cost on dev queries (chosen), why, the Pareto front, FAISS alone, "
+        "the dense rerank and the oracle, and the provenance (models, dev queries, date)",
+    )
 
 
 class BrokenEntryOut(BaseModel):
@@ -190,6 +208,13 @@ class SpaceOut(BaseModel):
     name: str
     dataset: str = Field(description="where the items came from")
     clusters: str = Field(description="how the clusters were made: prototypes, given, same-label or kmeans")
+    served: str | None = Field(None, description="what of the data the space holds")
+    seen_by_models: dict[str, Any] | None = Field(
+        None,
+        description="your own clusters, all served: how many clusters (and items) went to each split when the "
+        "models were trained (train, validation, test) and how many no model saw (pool, where the held-out queries "
+        "come from); GET /v1/clusters/{id} says it per cluster. Null where the space is only unseen items",
+    )
     num_items: int
     num_clusters: int
     num_classes: int
@@ -210,6 +235,12 @@ class SpaceOut(BaseModel):
         description="the exact table of the dense classifier's cluster posteriors: state (ready, building, disabled, "
         "failed), bytes, build_seconds, build_flops, lookup_flops, break_even_queries (build cost over the default "
         "cascade's cost per query)"
+    )
+    reranker: dict[str, Any] | None = Field(
+        None,
+        description="whether the reranker earns its place, measured on dev queries when the default pair cascade "
+        "was tuned: FAISS alone, the dense rerank and the default cascade (recall@1, nDCG@10, FLOPs, ms), "
+        "reranker_helps, and why the default is what it is; null where it was not tuned",
     )
     item_cache: list[dict[str, Any]] = Field(
         default_factory=list,

@@ -49,6 +49,7 @@ TINY = BootstrapConfig(
         Stage(variant="dense", samples=8, aggregator="bayes"),
     ),
     pair=TINY_PAIR,
+    tune=False,  # keeps the stages above as the default, so the cascade path is what tests exercise
 )
 
 

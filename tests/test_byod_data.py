@@ -44,6 +44,37 @@ def test_whole_clusters_go_either_to_training_or_to_the_space(tmp_path: Path) ->
     assert total == len(data["x"]) and 0.3 < len(s.x_pool) / total < 0.6
     again = load_dataset(str(tmp_path / "mine.npz"))
     np.testing.assert_array_equal(s.cluster_pool, again.cluster_pool)  # seeded: prune re-cuts alike
+    # the space serves all of it, each item tagged with the part its cluster went to
+    corpus = s.served
+    assert corpus is s.corpus and corpus.part is not None and len(corpus.x) == len(data["x"])
+    np.testing.assert_array_equal(corpus.ids, data["id"])
+    for code, part in enumerate((s.cluster_train, s.cluster_val, s.cluster_test, s.cluster_pool)):
+        assert set(corpus.cluster[corpus.part == code].tolist()) == set(part.tolist())
+
+
+def test_the_space_serves_every_cluster_and_says_which_ones_the_models_saw(tmp_path: Path) -> None:
+    """Users index everything they have: every cluster of the file is in the space (the models still train on a
+    split of them), and the space records, per cluster and in total, which split each one went to."""
+    data = np.load(user_npz(tmp_path / "mine.npz"))
+    splits = load_dataset(str(tmp_path / "mine.npz"))
+    build_space_dir(tmp_path / "space", splits, BootstrapConfig(dataset=str(tmp_path / "mine.npz"), pair=None))
+    space = Space.load(tmp_path / "space")
+    assert space.num_items == len(data["x"]) and space.num_clusters == len(np.unique(data["cluster"]))
+    parts = {
+        "train": splits.cluster_train,
+        "validation": splits.cluster_val,
+        "test": splits.cluster_test,
+        "pool": splits.cluster_pool,
+    }
+    for c in range(space.num_clusters):
+        part = space.part_of(c)
+        assert part is not None and int(space.cluster_ids[c]) in set(parts[part].tolist())  # type: ignore[index, union-attr]
+    seen = space.meta["seen_by_models"]
+    for name, ids in parts.items():
+        assert ids is not None
+        assert seen[name]["clusters"] == len(np.unique(ids)) and seen[name]["items"] == len(ids)
+    assert seen["pool"]["use"].startswith("no model saw them")
+    assert "every cluster" in space.meta["served"]
 
 
 def test_classes_come_from_the_data_and_labels_are_remapped(tmp_path: Path) -> None:
@@ -70,6 +101,19 @@ def test_bad_columns_are_refused_naming_the_column(tmp_path: Path, extra: dict, 
     with pytest.raises(DatasetError) as exc:
         load_dataset(str(path))
     assert message in str(exc.value)
+
+
+def test_an_array_the_format_does_not_know_is_refused_with_the_known_names(tmp_path: Path) -> None:
+    """A misspelled `clusters` would lose the user's clusters and leak members of one cluster across the split."""
+    path = tmp_path / "typo.npz"
+    arrays = dict(np.load(user_npz(tmp_path / "mine.npz")))
+    arrays["clusters"] = arrays.pop("cluster")
+    np.savez(path, **arrays, extra=np.zeros(3))
+    with pytest.raises(DatasetError) as exc:
+        load_dataset(str(path))
+    message = str(exc.value)
+    assert "unknown arrays 'clusters' (did you mean 'cluster'?), 'extra'" in message
+    assert "x and y, optionally cluster, id, classes" in message
 
 
 def test_a_separate_space_file_is_the_space(tmp_path: Path) -> None:
@@ -99,16 +143,15 @@ def test_the_space_keeps_the_users_ids_and_labels(tmp_path: Path) -> None:
     space_dir = tmp_path / "space"
     build_space_dir(space_dir, splits, config)
     space = Space.load(space_dir)
-    assert splits.cluster_pool is not None and splits.id_pool is not None
-    assert space.cluster_ids.tolist() == sorted(set(splits.cluster_pool.tolist()))  # type: ignore[union-attr]
+    corpus = splits.served
+    assert corpus.cluster is not None and corpus.ids is not None
+    assert space.cluster_ids.tolist() == sorted(set(corpus.cluster.tolist()))  # type: ignore[union-attr]
     assert all((c - 1000) % 7 == 0 for c in space.cluster_ids.tolist())  # type: ignore[union-attr]
     assert space.labels_known == list(LABELS)
     for c in (0, space.num_clusters - 1):  # every member of a cluster is the user's member of that cluster
         rows = range(int(space.offsets[c]), int(space.offsets[c + 1]))
         user_items = {int(space.item_ids[r]) for r in rows}  # type: ignore[index]
-        expected = {
-            int(i) for i, k in zip(splits.id_pool, splits.cluster_pool, strict=True) if k == space.cluster_ids[c]
-        }  # type: ignore[index]
+        expected = {int(i) for i, k in zip(corpus.ids, corpus.cluster, strict=True) if k == space.cluster_ids[c]}  # type: ignore[index]
         assert user_items == expected
     first = int(space.cluster_ids[3])  # type: ignore[index]
     assert space.cluster_of(first) == 3 and space.cluster_of(5) is None and space.cluster_of(2**70) is None

@@ -91,6 +91,41 @@ def test_space_describes_the_users_data(byod_server: Server) -> None:
     assert space["classes"] == [2, 7, 9]
 
 
+def test_every_cluster_of_the_users_file_is_served_and_says_whether_the_models_saw_it(
+    byod_server: Server, byod_home: Path
+) -> None:
+    url = byod_server.url
+    space = httpx.get(f"{url}/v1/space").json()
+    assert space["num_clusters"] == 150 and space["num_items"] == 900  # all of mine.npz, not the pool only
+    seen = space["seen_by_models"]
+    assert set(seen) == {"train", "validation", "test", "pool"}
+    assert sum(p["clusters"] for p in seen.values()) == 150 and seen["train"]["clusters"] > 0
+    with np.load(byod_home / "spaces" / "default" / "space.npz") as f:
+        ids, parts = f["cluster_ids"], f["cluster_parts"]
+    for code, name in enumerate(("train", "validation", "test", "pool")):
+        cluster_id = int(ids[np.flatnonzero(parts == code)[0]])
+        body = httpx.get(f"{url}/v1/clusters/{cluster_id}").json()
+        assert body["cluster_id"] == cluster_id and body["seen_by_models"] == name
+
+
+def test_an_unknown_cluster_of_the_training_file_says_the_space_is_the_space_file(tmp_path: Path) -> None:
+    train = user_npz(tmp_path / "train.npz", clusters=60)
+    space_file = user_npz(tmp_path / "space.npz", clusters=20)
+    home = tmp_path / "home"
+    argv = ["bootstrap", "--dataset", str(train), "--space-dataset", str(space_file), "--home", str(home)]
+    assert main([*argv, "--epochs", "2", "--quiet", "--no-pair"]) == 0
+    server = start_server(home)
+    try:
+        r = httpx.get(f"{server.url}/v1/clusters/{1000 + 7 * 50}")  # a cluster of train.npz, not of space.npz
+        assert r.status_code == 404
+        msg = r.json()["detail"][0]["msg"]
+        assert "no cluster 1350" in msg and f"The space is the file {space_file}" in msg
+        assert "clusters of the training file are not served" in msg
+        assert httpx.get(f"{server.url}/v1/space").json()["seen_by_models"] is None
+    finally:
+        stop_server(server)
+
+
 def test_cli_changes_reach_the_running_server_through_reload(byod_server: Server) -> None:
     url, home = byod_server.url, byod_server.home
     assert all(m["served"] and m["not_served"] is None for m in _models(byod_server).values())

@@ -70,6 +70,7 @@ def _config(data: Path) -> BootstrapConfig:
         variants=(PrunedVariant("mlp-s50", "layer-weight-norm", 0.5, reweight=True),),
         stages=(Stage(variant="mlp-s50", samples=2, keep=40), Stage(variant="dense", samples=6)),
         pair=SMALL_PAIR,
+        tune=False,  # the pair cascade these tests query is SMALL_PAIR's; tuning is tested below on a copy
     )
 
 
@@ -147,7 +148,10 @@ def test_queries_are_held_out_members_never_items_and_grades_are_constant_on_clu
     assert queries is not None and len(queries) == SMALL_PAIR.queries
     data = np.load(structured_home.parent / "views.npz")
     splits = load_dataset(str(structured_home.parent / "views.npz"))
-    assert space.num_items + len(queries) == len(splits.x_pool)  # the pool, less one member per query
+    assert space.num_items + len(queries) == len(data["x"])  # every cluster served, less one member per query
+    assert space.num_clusters == len(np.unique(data["cluster"])) > len(np.unique(splits.cluster_pool))
+    # honest measurement: every query comes from a cluster no model saw
+    assert {space.part_of(int(c)) for c in queries.cluster} == {"pool"}
     items = {row.tobytes() for row in space.features}
     assert not any(q.tobytes() in items for q in queries.x)  # a query is never an item
     assert len(set(queries.cluster.tolist())) == len(queries)  # one query per cluster
@@ -230,6 +234,9 @@ def test_an_examples_query_runs_the_pair_cascade_over_http(structured_server: Se
     url = structured_server.url
     space = httpx.get(f"{url}/v1/space").json()
     assert space["num_grades"] == 3 and space["held_out_queries"] == SMALL_PAIR.queries
+    seen = space["seen_by_models"]
+    assert sum(p["clusters"] for p in seen.values()) == space["num_clusters"] == 300  # every cluster served
+    assert seen["train"]["clusters"] > 0 and seen["pool"]["clusters"] >= SMALL_PAIR.queries
     assert space["grades"]["num_grades"] == 3 and space["grades"]["instance_auc"] >= 0.7
     held = httpx.get(f"{url}/v1/space/queries", params={"limit": 10}).json()["queries"]
     found = 0
@@ -242,6 +249,8 @@ def test_an_examples_query_runs_the_pair_cascade_over_http(structured_server: Se
         ids = [c["cluster_id"] for c in body["clusters"]]
         assert len(ids) == 10 and all((i - 11) % 3 == 0 for i in ids)  # the user's cluster ids
         found += q["cluster_id"] in ids
+        own = httpx.get(f"{url}/v1/clusters/{q['cluster_id']}").json()
+        assert own["seen_by_models"] == "pool"  # a query's own cluster is one no model saw
     assert found >= 5  # the held-out member's own cluster is in the top 10 for most queries
 
 
@@ -283,3 +292,25 @@ def test_a_two_grade_space_answers_examples_queries_without_gains(tmp_path: Path
         assert bad.status_code == 422 and "gains" in bad.text
     finally:
         stop_server(server)
+
+
+def test_a_users_clusters_go_through_the_same_dev_query_check(structured_home: Path, tmp_path: Path) -> None:
+    """The bootstrap's last step on a user's space: the default pair cascade is measured on its dev queries (held-
+    out members), FAISS alone wherever the dense rerank does not beat it, and bootstrap.json says which and why."""
+    import shutil
+
+    from cascade.config import CONFIG_FILE, CascadeConfig
+    from cascade.queries import QuerySet
+    from cascade.tuner import BOOTSTRAP_RECORD, tune_home
+
+    home = tmp_path / "home"
+    shutil.copytree(structured_home, home, ignore=shutil.ignore_patterns("data"))
+    result = tune_home(home)
+    assert result is not None
+    record = CascadeConfig.load(home / CONFIG_FILE).pair_tuning
+    assert record is not None and record.dev_queries == len(QuerySet.load(home / "spaces" / "default").split("dev"))
+    helps = record.dense_rerank.ndcg > record.faiss_only.ndcg
+    assert record.reranker_helps == helps
+    assert (CascadeConfig.load(home / CONFIG_FILE).pair_stages == ()) == (not helps or not record.chosen.stages)
+    check = json.loads((home / BOOTSTRAP_RECORD).read_text())["dev_check"]
+    assert check["reranker_helps"] == helps and check["why"] == record.reason

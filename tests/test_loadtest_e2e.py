@@ -1,5 +1,6 @@
 """End to end: the load tester against real uvicorn serving a tiny bootstrapped home, a few seconds at a low
-rate; the CSV must have the contract's columns, every request must succeed and the numbers must be sane."""
+rate; the CSV must have the contract's columns, every request must succeed and the numbers must be sane. Queries
+by example run against the shared tiny home with pair models (conftest's `server`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import argparse
 import csv
 from pathlib import Path
 
+import httpx
+import pytest
+from conftest import Server
 from loadtest_fixtures import LiveService, loadtest_home_fixture, loadtest_service_fixture  # noqa: F401
 
 from cascade.engine import ORACLE_AGGREGATOR
@@ -60,3 +64,27 @@ def test_oracle_through_the_service_agrees_with_itself(loadtest_service: LiveSer
         (row,) = list(csv.DictReader(f))
     assert row["errors"] == "0"
     assert float(row["agreement_at_k"]) == 1.0
+
+
+def test_loadtest_sends_the_held_out_queries_by_example(server: Server, tmp_path: Path) -> None:
+    """The main path: the shipped held-out queries by example through the default pair cascade, with their
+    recall@k (the query's own cluster in the top k), recomputed here from the same requests."""
+    live = LiveService(server.url, server.home)
+    code = _run(live, tmp_path, "--rates", "4", "--duration", "2", "--k", "5", "--no-exact")
+    assert code == 0
+    with (tmp_path / "results.csv").open() as f:
+        rows = {r["config"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["default", "examples"]
+    row = rows["examples"]
+    assert (row["sent"], row["ok"], row["errors"]) == ("8", "8", "0"), row["first_error"]
+    assert row["agreement_at_k"] == "" and row["sweet_spot"] == "False"  # no oracle; not on the label front
+    held = httpx.get(f"{server.url}/v1/space/queries", params={"limit": 8}).json()["queries"]
+    hits = []
+    for i, q in enumerate(held):
+        body = {"target": {"examples": [q["x"]]}, "k": 5, "mode": "cascade", "seed": i}
+        answer = httpx.post(f"{server.url}/v1/query", json=body).json()
+        assert [s["variant"] for s in answer["stages"]][-1] == "pair-dense"  # the pair cascade answered
+        hits.append(q["cluster_id"] in [c["cluster_id"] for c in answer["clusters"]])
+    assert float(row["recall_at_k"]) == pytest.approx(sum(hits) / len(hits))
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "examples: 40 held-out queries by example" in summary and "own cluster in the top 5" in summary

@@ -15,7 +15,7 @@ from service.commands.common import add_home, settings_from
 __all__ = ["register", "run", "config_from", "ARCHS"]
 
 ARCHS = ("mlp", "cnn1d", "cnn2d")
-BOOTSTRAP_RECORD = "bootstrap.json"  # written by cascade.bootstrap once a home is complete
+BOOTSTRAP_RECORD = "bootstrap.json"  # cascade.bootstrap_record.RECORD_FILE (kept here: no torch import)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="training steps of the dense pair model (default: 1500); the bi-encoder gets two thirds as many and "
         "each pruned variant's fine-tuning a fifth",
+    )
+    p.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="end by tuning the default pair cascade on the space's dev queries (default: on; FAISS alone where "
+        "the dense rerank does not beat it); --no-tune keeps the built-in stages",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -102,6 +109,8 @@ def config_from(args: argparse.Namespace) -> Any:
         overrides["space_dataset"] = space_dataset
     if pair_flag is not None:
         overrides["user_pair"] = pair_flag
+    if getattr(args, "tune", None) is not None:
+        overrides["tune"] = args.tune
     config = BootstrapConfig(dataset=dataset, arch=arch, **overrides)
     if pair_steps is not None and config.pair is not None:
         config = replace(config, pair=_pair_with_steps(config.pair, pair_steps))
@@ -134,23 +143,35 @@ def _check_home_matches(home: Path, config: Any) -> None:
     if not record.is_file():
         return
     built = json.loads(record.read_text())
+    started = " (that run did not complete)" if built.get("state", "complete") != "complete" else ""
     for key in ("dataset", "space_dataset", "arch"):
         if str(built.get(key)) != str(getattr(config, key)) and (key in built or getattr(config, key) is not None):
             raise ValueError(
-                f"{home} was bootstrapped with {key}={built.get(key)!r}, not {getattr(config, key)!r}: "
+                f"{home} was bootstrapped with {key}={built.get(key)!r}{started}, not {getattr(config, key)!r}: "
                 "pass another --home for different data"
             )
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from cascade.bootstrap import bootstrap
+    from cascade.bootstrap_record import grades_line, read_record
 
     settings = settings_from(args)
     config = config_from(args)
     _check_home_matches(settings.home, config)
-    cascade = bootstrap(settings.home, config, progress=not args.quiet)
+    # tqdm.write: the line goes above a progress bar already on the terminal, never into it
+    cascade = bootstrap(settings.home, config, progress=not args.quiet, on_estimate=lambda e: tqdm.write(e.line()))
     print(f"ready under {settings.home}: cascade " + " -> ".join(s.variant for s in cascade.stages))
     if cascade.pair_stages:
         print("queries by example: pair cascade " + " -> ".join(s.variant for s in cascade.pair_stages))
+    elif cascade.pair_stages is not None:
+        print("queries by example: FAISS alone")
+    grades = grades_line(read_record(settings.home) or {})
+    if grades is not None:
+        print(grades)
+    if cascade.pair_tuning is not None:
+        print(f"  (tuned on {cascade.pair_tuning.dev_queries} dev queries: {cascade.pair_tuning.reason})")
     print(f"serve it with: prunecascade serve --home {settings.home}")
     return 0

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from models.registry import ModelRegistry
     from service.settings import Settings
 
-__all__ = ["add_home", "settings_from", "registry_from", "splits_for"]
+__all__ = ["add_home", "settings_from", "registry_from", "registry_holding", "splits_for"]
 
 
 def add_home(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +28,24 @@ def registry_from(args: argparse.Namespace) -> ModelRegistry:
     from models.registry import ModelRegistry
 
     return ModelRegistry(settings_from(args).registry_dir)
+
+
+def registry_holding(args: argparse.Namespace, name: str) -> ModelRegistry:
+    """The home's registry, when it holds model `name`; otherwise a refusal that says which home was read and
+    how to get one, before anything is written (opening a registry creates its directory)."""
+    from models.registry import ModelRegistry
+
+    settings = settings_from(args)
+    where = settings.registry_dir
+    entries = where.iterdir() if where.is_dir() else iter(())
+    held = sorted(p.name for p in entries if p.is_dir() and not p.name.startswith("."))
+    if name not in held:
+        what = f"holds {', '.join(held)}" if held else "is empty (no bootstrapped home there)"
+        raise LookupError(
+            f"no model {name!r} in {settings.home}: its registry {what}. Pass --home with the home that holds it "
+            f"(`make run` builds ./var; `prunecascade bootstrap --home {settings.home}` builds this one)"
+        )
+    return ModelRegistry(where)
 
 
 def splits_for(

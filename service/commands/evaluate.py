@@ -24,7 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="instead: N held-out queries by example, the pair cascade against FAISS only and the oracle",
     )
-    p.add_argument("--candidates", type=int, default=200, help="with --examples: M, the clusters stage 0 proposes")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        help="with --examples: M, the clusters stage 0 proposes (default: the default cascade's, else 200)",
+    )
+    p.add_argument(
+        "--split",
+        choices=("test", "dev", "all"),
+        default="test",
+        help="with --examples: which held-out queries (test: never tuned on; every second query is a dev query)",
+    )
     p.set_defaults(func=run)
 
 
@@ -63,15 +73,17 @@ def _examples(snapshot: object, args: argparse.Namespace, stages: tuple | None) 
     from cascade.evaluation import evaluate_example_queries
 
     methods = {"cascade": stages, "faiss only": ()}
+    m = args.candidates or snapshot.config.pair_candidates or 200  # type: ignore[attr-defined]
     reports = evaluate_example_queries(
         snapshot,  # type: ignore[arg-type]
         methods,
         k=args.k,
-        candidates=args.candidates,
+        candidates=m,
         queries=args.examples,  # type: ignore[arg-type]
+        split=args.split,
     )
     oracle = reports["oracle"]
-    print(f"{oracle.queries} held-out queries by example, k={args.k}, M={args.candidates}")
+    print(f"{oracle.queries} held-out {args.split} queries by example, k={args.k}, M={m}")
     print(f"{'':12s} {'R@1':>6s} {'R@k':>6s} {'nDCG@10':>8s} {'agree@10':>8s} {'FLOPs':>14s} {'median ms':>10s}")
     for name, r in reports.items():
         print(

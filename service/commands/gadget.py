@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from service.commands.common import add_home, registry_from, settings_from
+from service.commands.common import add_home, registry_holding, settings_from
+from service.commands.verdict import gadget_verdict
 
 __all__ = ["register", "run", "KINDS"]
 
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=32, help="LSTM state / deep-sets head width")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the stored gadget's whole record as JSON")
     p.set_defaults(func=run)
 
 
@@ -38,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if min(args.tuples, args.val_tuples, args.n_max, args.hidden, args.steps) < 1:
         raise ValueError("--tuples, --val-tuples, --n-max, --hidden and --steps must be positive")
     torch.set_num_threads(settings_from(args).torch_threads)
-    registry = registry_from(args)
     name, _, version = args.variant.partition(":")
+    registry = registry_holding(args, name)
     manifest = registry.manifest(name, int(version) if version else None)
     gadget, record = train_gadget_for(
         registry,
@@ -54,5 +56,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     meta = store_pair_gadget(registry, manifest.name, manifest.version, gadget, extra=record)
-    print(json.dumps({"variant": manifest.ref, "kind": args.kind, **meta}, indent=2))
+    if args.json:
+        print(json.dumps({"variant": manifest.ref, "kind": args.kind, **meta}, indent=2))
+        return 0
+    print(f"stored a {args.kind} gadget beside {manifest.ref} (a running server adopts it on POST /v1/admin/reload)")
+    print(gadget_verdict(manifest.ref, args.kind, record))
     return 0

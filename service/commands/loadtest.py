@@ -1,5 +1,6 @@
 """`prunecascade loadtest --url URL --rates 5,10,20 --duration S --out DIR [grid options]`: open-loop load over
-a grid of cascade configurations, scored against the space's true labels and the dense oracle."""
+a grid of cascade configurations, scored against the space's true labels and the dense oracle, and the shipped
+held-out queries by example through the default pair cascade, scored by their own cluster."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--no-exact", action="store_true", help="leave out the exact path (label answers from the dense table)"
     )
+    g.add_argument(
+        "--no-examples",
+        action="store_true",
+        help="leave out the held-out queries by example through the default pair cascade (the main path; skipped "
+        "anyway where the space ships none)",
+    )
     g.add_argument("--max-configs", type=int, default=64, help="refuse grids larger than this")
     b = p.add_argument_group("bounds")
     b.add_argument("--max-requests", type=int, default=20_000, help="refuse runs that would send more")
@@ -69,7 +76,7 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     from service.loadtest.grid import cascade_label, expand_grid
-    from service.loadtest.session import EXACT, Plan, planned_requests
+    from service.loadtest.session import EXACT, EXAMPLES, Plan, planned_requests
     from service.loadtest.target import check_target
 
     settings = settings_from(args)
@@ -85,6 +92,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         configs.append(("default", None))
     if not args.no_exact:
         configs.append((EXACT, None))
+    if not args.no_examples:
+        configs.append((EXAMPLES, None))
     if not configs:
         raise ValueError("no valid configuration in the grid")
     labels = tuple(int(x) for x in args.labels.split(",")) if args.labels else None

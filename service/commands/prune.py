@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from service.commands.common import add_home, registry_from, splits_for
+from service.commands.common import add_home, registry_holding, splits_for
+from service.commands.verdict import prune_verdict
+
+if TYPE_CHECKING:
+    from models.manifest import Manifest
+    from models.registry import ModelRegistry
 
 __all__ = ["register", "BUDGETS"]
 
@@ -31,14 +37,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-activate", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print the stored manifest as JSON")
     p.set_defaults(func=run)
+
+
+def _registered(registry: ModelRegistry) -> list[Manifest]:
+    """The active models whose manifests read (a broken entry is the server's to report, not this verdict's)."""
+    from models.registry import RegistryError
+
+    out = []
+    for name in registry.names():
+        try:
+            if registry.active_version(name) is not None:
+                out.append(registry.manifest(name))
+        except (RegistryError, ValueError, OSError):
+            continue
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     from models.pruning.pipeline import prune_and_register
 
-    registry = registry_from(args)
     name = args.parent.partition(":")[0]
+    registry = registry_holding(args, name)
     parent = registry.manifest(name)
     splits = splits_for(parent.dataset, args, **parent.extra.get("data_args", {}))
     m = prune_and_register(
@@ -61,4 +82,7 @@ def run(args: argparse.Namespace) -> int:
         f"registered {m.ref}: accuracy {m.accuracy:.4f}, FLOPs {m.flops_nonzero:,} nonzero / "
         f"{m.flops_dense_kernel:,} dense-kernel, output deviation {m.output_deviation:.3f}"
     )
+    print(prune_verdict(m, _registered(registry)))
+    if args.json:
+        print(m.model_dump_json(indent=2))
     return 0

@@ -22,8 +22,9 @@ from service.loadtest.runner import Outcome, run_open_loop
 from service.loadtest.schedule import open_loop_schedule
 
 EXACT = "exact"  # the configuration name of the exact path (`mode: exact`)
+EXAMPLES = "examples"  # the shipped held-out queries by example through the default pair cascade (the main path)
 
-__all__ = ["EXACT", "Plan", "Result", "planned_requests", "run_loadtest"]
+__all__ = ["EXACT", "EXAMPLES", "Plan", "Result", "planned_requests", "run_loadtest"]
 
 QUERY_PATH = "/v1/query"
 
@@ -101,6 +102,17 @@ async def _wait_exact(client: httpx.AsyncClient, seconds: float) -> None:
         await asyncio.sleep(0.5)
 
 
+async def _held_out_queries(client: httpx.AsyncClient) -> list[tuple[list[float], int]]:
+    """Every held-out query by example the space ships (GET /v1/space/queries, page by page): its vector and
+    the id of its own cluster."""
+    queries: list[tuple[list[float], int]] = []
+    while True:
+        page = await _get_json(client, f"/v1/space/queries?offset={len(queries)}&limit=1000")
+        queries += [(q["x"], int(q["cluster_id"])) for q in page["queries"]]
+        if not page["queries"] or len(queries) >= int(page["total"]):
+            return queries
+
+
 async def _oracle(
     client: httpx.AsyncClient, labels: Sequence[int], k: int, samples: int, timeout: float
 ) -> dict[int, list[int]]:
@@ -144,12 +156,21 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
         oracle = await _oracle(client, labels, plan.k, int(info["max_cluster_size"]), max(plan.timeout, 120.0))
         if any(name == EXACT for name, _ in plan.configs):
             await _wait_exact(client, plan.ready_wait)
-        log(f"{len(plan.configs)} configurations x {len(plan.rates)} rates, {total} requests planned")
+        configs = plan.configs
+        examples: list[tuple[list[float], int]] = []
+        if any(name == EXAMPLES for name, _ in configs):
+            examples = await _held_out_queries(client)
+            if examples:
+                log(f"{len(examples)} held-out queries by example, cycled; recall@{plan.k}: own cluster in the top k")
+            else:
+                log("the space ships no held-out queries by example (no pair models): skipping the examples runs")
+                configs = tuple(c for c in configs if c[0] != EXAMPLES)
+        log(f"{len(configs)} configurations x {len(plan.rates)} rates, {total} requests planned")
 
         rows: list[dict[str, Any]] = []
         started = time.monotonic()
         skipped = 0
-        for name, stages in plan.configs:
+        for name, stages in configs:
             for rate in plan.rates:
                 if time.monotonic() - started > plan.max_seconds:
                     skipped += 1
@@ -163,7 +184,9 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
                 else:
                     base["mode"] = "cascade"  # the default cascade, even once the exact table is ready
 
-                def make(i: int, base: dict[str, Any] = base) -> tuple[str, dict[str, Any]]:
+                def make(i: int, base: dict[str, Any] = base, name: str = name) -> tuple[str, dict[str, Any]]:
+                    if name == EXAMPLES:  # the default pair cascade (mode cascade, no stages named)
+                        return QUERY_PATH, {**base, "target": {"examples": [examples[i % len(examples)][0]]}, "seed": i}
                     return QUERY_PATH, {**base, "target": {"label": labels[i % len(labels)]}, "seed": i}
 
                 bar = _progress_bar(len(offsets), f"{name} @ {rate:g}/s", progress)
@@ -178,29 +201,47 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
 
                 run = await run_open_loop(client, offsets, make, plan.timeout, plan.max_in_flight, done)
                 bar.close()
-                row = summarize_point(
-                    name, rate, plan.duration, plan.k, run, lambda i: labels[i % len(labels)], relevant, oracle
-                )
+                if name == EXAMPLES:  # relevant: the query's own cluster; no oracle (agreement is left empty)
+                    own = {j: {cluster} for j, (_, cluster) in enumerate(examples)}
+                    row = summarize_point(name, rate, plan.duration, plan.k, run, lambda i: i % len(examples), own, {})
+                else:
+                    row = summarize_point(
+                        name, rate, plan.duration, plan.k, run, lambda i: labels[i % len(labels)], relevant, oracle
+                    )
                 rows.append(row)
                 log(
                     f"  {name} @ {rate:g}/s: {row['ok']}/{row['sent']} ok, p99 {row['p99_ms']:.1f} ms,"
                     f" recall@{plan.k} {row['recall_at_k']:.3f}"
                 )
-    summaries = summarize_configs(rows, plan.tolerance)
+    # label queries and queries by example measure recall differently: fronts and the sweet spot are over the
+    # label configurations only, and the examples row is reported beside them
+    label_rows = [r for r in rows if r["config"] != EXAMPLES]
+    example_rows = [r for r in rows if r["config"] == EXAMPLES]
+    summaries = summarize_configs(label_rows, plan.tolerance)
+    for s in summarize_configs(example_rows, plan.tolerance):
+        s.pareto = s.sweet_spot = False
+        summaries.append(s)
+    for r in example_rows:
+        r["pareto"] = r["sweet_spot"] = False
     header = [
         f"prunecascade load test: {plan.url}  k={plan.k}  {plan.duration:g}s per point  labels {len(labels)}",
         f"sent {sum(r['sent'] for r in rows)}, errors {sum(r['errors'] for r in rows)}"
         + (f", {skipped} points skipped (--max-seconds)" if skipped else ""),
     ]
+    if example_rows:
+        header.append(
+            f"{EXAMPLES}: {len(examples)} held-out queries by example (GET /v1/space/queries) through the default "
+            f"pair cascade; recall@{plan.k} = the query's own cluster in the top {plan.k}; not on the label front"
+        )
     text = summary_text(summaries, plan.rates, header)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / CSV_FILE, out / SUMMARY_FILE]
     write_csv(rows, out / CSV_FILE)
     (out / SUMMARY_FILE).write_text(text)
-    if plan.plots and rows:
+    if plan.plots and label_rows:
         from service.loadtest.plots import plot_results
 
-        files += plot_results(rows, summaries, out)
+        files += plot_results(label_rows, [s for s in summaries if s.config != EXAMPLES], out)
     return Result(rows, summaries, files, text, skipped)
 
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 
 from cascade.queries import default_gains
 from cascade.snapshot import CachedInputs, Snapshot, misfit
+from cascade.tuning_record import dev_check
 from models.registry import RegistryError
 from service.dependencies import SnapshotDep, StateDep
 from service.errors import error_responses
@@ -65,13 +66,16 @@ def _served(state: ServiceState, snapshot: Snapshot | None, entry: dict) -> tupl
 @router.get("/cascade", response_model=CascadeOut, responses=error_responses(503))
 def default_cascade(snapshot: SnapshotDep) -> CascadeOut:
     """The default cascades: `stages` (classifiers, for label and utility targets in mode cascade) and
-    `pair_stages` (pair models, for queries by example), with their dense models."""
+    `pair_stages` (pair models, for queries by example, with stage 0's `pair_candidates`), with their dense models;
+    `pair_tuning`: where the pair cascade was tuned, the target, its measured quality and cost, and the front."""
     config = snapshot.config
     return CascadeOut(
         stages=list(config.stages),
         dense=config.dense,
         pair_stages=None if config.pair_stages is None else list(config.pair_stages),
         pair_dense=config.pair_dense,
+        pair_candidates=config.pair_candidates,
+        pair_tuning=config.pair_tuning,
     )
 
 
@@ -84,6 +88,8 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         name=str(space.meta.get("id", "")),
         dataset=str(space.meta.get("dataset", "")),
         clusters=str(space.meta.get("clusters", "")),
+        served=space.meta.get("served"),
+        seen_by_models=space.meta.get("seen_by_models"),
         num_items=space.num_items,
         num_clusters=space.num_clusters,
         num_classes=space.num_classes,
@@ -95,6 +101,7 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         num_grades=snapshot.num_grades,
         grades=_grades(space.meta.get("grades"), snapshot.num_grades),
         exact=_finite(state.exact_status(snapshot)),
+        reranker=None if snapshot.config.pair_tuning is None else dev_check(snapshot.config.pair_tuning),
         item_cache=[_cache_entry(e) for e in snapshot.item_cache.entries()],
         snapshot_id=snapshot.id,
     )

@@ -40,6 +40,11 @@ class ClusterOut(BaseModel):
     offset: int
     members: list[int] = Field(description="item ids of the members on this page (GET /v1/items/{item_id})")
     purity: float | None = Field(None, description="the share of members that carry the majority label")
+    seen_by_models: str | None = Field(
+        None,
+        description="the split the cluster went to when the models were trained: train, validation, test, or pool "
+        "(no model saw it; held-out queries come from these); null where the space is only unseen items",
+    )
 
 
 class ItemOut(BaseModel):
@@ -114,7 +119,8 @@ def cluster(
     space = snapshot.space
     c = space.cluster_of(cluster_id)
     if c is None:
-        raise _not_found("cluster_id", f"no cluster {cluster_id}; {_known(space.cluster_ids, 'cluster ids')}")  # type: ignore[arg-type]
+        known = _known(space.cluster_ids, "cluster ids")  # type: ignore[arg-type]
+        raise _not_found("cluster_id", f"no cluster {cluster_id}; {known}{_why_absent(space.meta)}")
     start, end = int(space.offsets[c]), int(space.offsets[c + 1])
     first = min(start + offset, end)
     majority = int(space.cluster_labels[c])
@@ -125,7 +131,20 @@ def cluster(
         offset=offset,
         members=[int(i) for i in space.item_ids[first : min(first + limit, end)]],  # type: ignore[index]
         purity=float((space.labels[start:end] == majority).mean()),
+        seen_by_models=space.part_of(c),
     )
+
+
+def _why_absent(meta: dict) -> str:
+    """Where a cluster of the user's data may be that the space does not hold (nothing to add otherwise)."""
+    if meta.get("space_dataset"):
+        return f". The space is the file {meta['space_dataset']}; clusters of the training file are not served"
+    if meta.get("split") == "clusters" and "seen_by_models" not in meta:
+        return (
+            ". This space holds only the clusters no model was trained on (it was built before every cluster was "
+            "served): bootstrap a new home to serve them all"
+        )
+    return ""
 
 
 @router.get("/items/{item_id}", response_model=ItemOut, summary="An item's vector", responses=error_responses(404, 503))
