@@ -529,6 +529,22 @@ class PairNetwork(nn.Module):
         `models.inference.MIN_GEMM_ROWS` rows (padded), so each query's rows equal what it gets alone."""
         from models.inference import balanced_chunks, rows_at_least
 
+        if self.retriever is not None or self._context_width:
+            # a model that adds the retriever's residual reads more than the folded product: each query through
+            # `score_prepared` itself, in the same padded chunks alone or in a batch (so equal either way)
+            parts = [
+                self.score_prepared(p, rows_at_least(x[a:b]))
+                for p, x in zip(prepared, inputs, strict=True)
+                for a, b in (balanced_chunks(len(x), step) if len(x) else [])
+            ]
+            sizes = [b - a for x in inputs for a, b in (balanced_chunks(len(x), step) if len(x) else [])]
+            if not parts:
+                raise ValueError("nothing to score")
+            return (
+                torch.cat([lg[:n] for (lg, _), n in zip(parts, sizes, strict=True)]),
+                torch.cat([h[:n] for (_, h), n in zip(parts, sizes, strict=True)]),
+            )
+
         fronts: dict[bool, list[torch.Tensor]] = {True: [], False: []}
         order: list[tuple[bool, int]] = []  # per query: its path and its number of rows
         for p, x in zip(prepared, inputs, strict=True):
@@ -690,14 +706,17 @@ class PairNetwork(nn.Module):
 
     def prepare_many(
         self, queries: list[torch.Tensor | None], num_items: list[int]
-    ) -> list[FoldedQuery | torch.Tensor]:
+    ) -> list[FoldedQuery | torch.Tensor | RetrieverQuery]:
         """`prepare` for several queries: the ones that fold are folded together (`fold_queries`)."""
         if any(q is None for q in queries):
             raise ValueError("a pair model needs the query")
         fqs = [self.query_features(q) for q in queries]  # type: ignore[arg-type]
         fold = [self.folds(n) for n in num_items]
         folded = iter(self.fold_queries([fq for fq, f in zip(fqs, fold, strict=True) if f]) if any(fold) else [])
-        return [next(folded) if f else fq for fq, f in zip(fqs, fold, strict=True)]
+        prepared = [next(folded) if f else fq for fq, f in zip(fqs, fold, strict=True)]
+        if self.retriever is None:
+            return prepared
+        return [RetrieverQuery(p, self.retriever_embedding(q)) for p, q in zip(prepared, queries, strict=True)]
 
     def item_energies(self, fx: torch.Tensor) -> torch.Tensor:
         """(P, C*R) mean squared feature per channel and region: query independent, cacheable with fx."""
