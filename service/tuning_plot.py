@@ -44,9 +44,11 @@ def plot_front(record: TuningRecord, plans: list[PlanPoint], out: Path) -> Path:
                 color="0.7",
                 label=f"measured plans ({len(plans)})",
             )
+            # joined in the order of this panel's cost, so the ms panels draw no zigzag
+            ordered = sorted(front, key=lambda p: getattr(p, cost))
             ax.plot(
-                [getattr(p, cost) for p in front],
-                [getattr(p, quality) for p in front],
+                [getattr(p, cost) for p in ordered],
+                [getattr(p, quality) for p in ordered],
                 "-o",
                 color="tab:blue",
                 ms=4,
@@ -81,7 +83,9 @@ def plot_front(record: TuningRecord, plans: list[PlanPoint], out: Path) -> Path:
                 [getattr(chosen, quality)],
                 marker="*",
                 s=260,
-                color="tab:red",
+                facecolors="none",  # hollow: a reference point it lands on (FAISS alone) stays visible
+                edgecolors="tab:red",
+                linewidths=1.5,
                 zorder=5,
                 label=f"served: {chosen.name}",
             )
