@@ -2,10 +2,11 @@
 iterations on this machine, as loaded as it is now, and the probes are scaled to the steps' full lengths.
 
 A probe runs the step's real training function on the run's own data with a shortened config: one and three
-epochs of the dense classifier, `PROBE_STEPS` and twice as many steps of the dense pair model and of the
-bi-encoder (the difference is the cost of an epoch or a step; the rest, set-up and one evaluation, is charged
-once per evaluation of the full run). Steps with no probe of their own are charged in those units, as measured
-on the digits walkthrough (`UNITS`). The probes cost about 30 s on two loaded cores."""
+epochs of the dense classifier, `PROBE_STEPS` and twice as many steps of the dense pair model's pointwise phase
+and of the bi-encoder, 8 and 16 steps of its listwise phase (the difference is the cost of an epoch or a step; the
+rest, set-up and one evaluation, is charged once per evaluation of the full run). Steps with no probe of their
+own (pruning, distillation, tuning) are charged in those units as measured (`UNITS`). The probes cost about 40 s
+on two cores loaded by five jobs."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ PROBE_STEPS = 15
 UNITS = {
     "classifier epochs per pruned variant": 0.6,
     "pair steps per pruned pair variant": 30.0,
+    "listwise steps per distillation step": 1.2,
+    "tuning seconds per second of its refinement bound": 1.25,
     "pair evaluations for the grades decision and registration": 2.0,
     "classifier epochs per 9,000 space items": 1.2,
     "patience multiples the dense classifier trains for": 3.0,
@@ -33,7 +36,10 @@ UNITS = {
 """Measured on digits in clusters of 5 views (8,985 items, `benchmarks/byod_digits.py --views 5`): each pruned
 classifier took about 0.6 of the dense classifier's epoch, each pruned pair variant about 30 training steps of
 the dense pair model besides its fine-tuning, the grades decision and registration about two evaluations, the
-space and its indexes about 1.2 epochs; early stopping ended the dense classifier well before its 40 epochs."""
+space and its indexes about 1.2 epochs; early stopping ended the dense classifier well before its 40 epochs.
+Measured on the embedded default (`prunecascade bootstrap`, 2026-12-02, a loaded machine): a pruned pair variant's
+distillation step cost 1.2 listwise steps of the dense pair model (61 s for 200 against 78 s for 300), and the
+tuning step took 55 s under its 45 s refinement bound (references and the coarse grid always run)."""
 
 
 @dataclass
@@ -61,6 +67,7 @@ class Estimate:
             "seconds": round(self.total, 1),
             "steps": {k: round(v, 1) for k, v in self.steps.items()},
             "probe_seconds": round(self.probe_seconds, 1),
+            "how": dict(self.how),
         }
 
 
@@ -78,15 +85,18 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def _two_probes(
-    run: Callable[[int], object], steps: int, evals: float, evals_after: float = 0.0
+    run: Callable[[int], object],
+    steps: int,
+    evals: float,
+    evals_after: float = 0.0,
+    probe_steps: int = PROBE_STEPS,
 ) -> tuple[float, float, str, float]:
-    """Seconds for `steps` steps and `evals + evals_after` evaluations, from runs of PROBE_STEPS and
-    2 x PROBE_STEPS steps (each with one evaluation at its end). Returns (estimate, probe time, how, seconds
-    per step)."""
-    short = _timed(lambda: run(PROBE_STEPS))
-    long = _timed(lambda: run(2 * PROBE_STEPS))
-    per_step = max((long - short) / PROBE_STEPS, short / (2 * PROBE_STEPS) * 0.5, 1e-6)
-    once = max(short - PROBE_STEPS * per_step, 0.0)  # set-up and one evaluation
+    """Seconds for `steps` steps and `evals + evals_after` evaluations, from runs of `probe_steps` and twice as
+    many steps (each with one evaluation at its end). Returns (estimate, probe time, how, seconds per step)."""
+    short = _timed(lambda: run(probe_steps))
+    long = _timed(lambda: run(2 * probe_steps))
+    per_step = max((long - short) / probe_steps, short / (2 * probe_steps) * 0.5, 1e-6)
+    once = max(short - probe_steps * per_step, 0.0)  # set-up and one evaluation
     how = f"{per_step * 1000:.1f} ms per step x {steps}, {once:.2f} s per evaluation x {evals + evals_after:g}"
     return steps * per_step + (evals + evals_after) * once, short + long, how, per_step
 
@@ -134,8 +144,10 @@ def estimate_bootstrap(
 ) -> Estimate:
     """Seconds each missing step of `bootstrap` will take. `pair`: the pair config the run trains (None: no
     pair models); `missing(name)`: whether a model still has to be built."""
+    from models.biencoder import spec_for
     from models.biencoder_training import train_biencoder
-    from models.pair_training import pair_spec_for, train_pair_model
+    from models.pair import PairNetwork
+    from models.pair_training import pair_spec_for, train_pair_listwise, train_pair_model
 
     est = Estimate()
     epoch, probe = _epoch(splits, config.arch)
@@ -152,24 +164,46 @@ def estimate_bootstrap(
     if pair is not None:
         train, val = _pair_sets(config, splits, user_pair)
         training = replace(pair.training, progress=False)
-        spec = pair_spec_for(train.x.shape[1], 3, pair.hidden)
+        listwise = replace(pair.listwise, progress=False)
+        # the model as the bootstrap builds it: the scorer over a frozen copy of the bi-encoder (its weights do
+        # not change what a step costs)
+        spec = replace(pair_spec_for(train.x.shape[1], 3, pair.hidden), retriever=spec_for(train.x.shape[1]))
 
         def pair_run(steps: int) -> object:
             probe_config = replace(training, steps=steps, eval_every=steps)
-            return train_pair_model(spec, train, val, probe_config, progress=False)
+            return train_pair_model(spec, train, val, probe_config, progress=False, model=PairNetwork(spec))
 
-        per_step = 0.0
+        # fewer validation lists than the run's: the probe's set-up (drawing them) is most of an evaluation's cost
+        probe_val = min(64, listwise.val_queries)
+
+        def listwise_run(steps: int) -> object:
+            probe_config = replace(listwise, steps=steps, eval_every=steps, val_queries=probe_val)
+            return train_pair_listwise(PairNetwork(spec), train, val, probe_config, progress=False)
+
+        per_step = per_list_step = 0.0
         if missing(pair.dense_name) or any(missing(v.name) for v in pair.variants):
-            evals = math.ceil(training.steps / training.eval_every)
-            evals_after = UNITS["pair evaluations for the grades decision and registration"]
-            seconds, probe, how, per_step = _two_probes(pair_run, training.steps, evals, evals_after)
-            est.probe_seconds += probe
+            seconds, how = 0.0, []
+            if training.steps > 0:
+                evals = math.ceil(training.steps / training.eval_every)
+                evals_after = UNITS["pair evaluations for the grades decision and registration"]
+                point, probe, said, per_step = _two_probes(pair_run, training.steps, evals, evals_after)
+                est.probe_seconds += probe
+                seconds, how = seconds + point, [*how, f"pointwise: {said}"]
+            if listwise.steps > 0:
+                evals = math.ceil(listwise.steps / listwise.eval_every)
+                lists, probe, said, per_list_step = _two_probes(listwise_run, listwise.steps, evals, 0, 8)
+                est.probe_seconds += probe
+                seconds, how = seconds + lists, [*how, f"listwise: {said}"]
             if missing(pair.dense_name):
-                est.add(f"dense pair model ({pair.dense_name})", seconds, how)
+                est.add(f"dense pair model ({pair.dense_name})", seconds, "; ".join(how))
         for v in pair.variants:
             if missing(v.name):
-                steps = UNITS["pair steps per pruned pair variant"] + v.finetune_steps
-                est.add("pruned pair models", steps * per_step, "in steps of the dense pair model")
+                seconds = UNITS["pair steps per pruned pair variant"] * per_step
+                if per_list_step > 0:  # distilled from the dense model on the retriever's lists
+                    seconds += v.finetune_steps * UNITS["listwise steps per distillation step"] * per_list_step
+                else:
+                    seconds += v.finetune_steps * per_step
+                est.add("pruned pair models", seconds, "in steps of the dense pair model's training")
         if space_missing:
             bi = replace(pair.biencoder, progress=False)
             evals = math.ceil(bi.steps / bi.eval_every)
@@ -183,4 +217,10 @@ def estimate_bootstrap(
     if space_missing:
         epochs = UNITS["classifier epochs per 9,000 space items"] * max(1.0, len(splits.served.x) / 9000)
         est.add("space and indexes", epochs * epoch, "in epochs of the dense classifier")
+    if pair is not None and config.tune:
+        from cascade.tuner import BOOTSTRAP_TUNE
+
+        bound = BOOTSTRAP_TUNE.max_seconds
+        seconds = UNITS["tuning seconds per second of its refinement bound"] * bound
+        est.add("tuning on dev queries", seconds, f"its refinement stops after {bound:g} s")
     return est

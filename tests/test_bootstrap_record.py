@@ -95,7 +95,9 @@ def test_the_record_of_a_users_run_lists_only_what_shaped_it(
         "pruned pair models",
         "bi-encoder",
         "space and indexes",
+        "tuning on dev queries",
     }
+    assert "listwise:" in estimate["how"]["dense pair model (pair-dense)"]  # both phases of its training probed
     assert estimate["seconds"] > 0 and estimate["probe_seconds"] > 0  # (a step may round to 0.0 s on tiny data)
     assert record["seconds"] > 0
     assert main([*argv, "--pair-steps", "60"]) == 0  # a complete home: nothing to estimate, nothing rebuilt
