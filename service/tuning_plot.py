@@ -16,8 +16,9 @@ __all__ = ["plot_front", "FRONT_PNG"]
 FRONT_PNG = "front.png"
 
 
-def plot_front(record: TuningRecord, plans: list[PlanPoint], out: Path) -> Path:
-    """Writes `out/front.png` and returns its path."""
+def plot_front(record: TuningRecord, plans: list[PlanPoint], out: Path, served: bool = True) -> Path:
+    """Writes `out/front.png` and returns its path. `served=False`: the chosen plan is not stored as the default
+    (a dry run, or a search with the FAISS guard off), and its marker says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +88,7 @@ def plot_front(record: TuningRecord, plans: list[PlanPoint], out: Path) -> Path:
                 edgecolors="tab:red",
                 linewidths=1.5,
                 zorder=5,
-                label=f"served: {chosen.name}",
+                label=f"served: {chosen.name}" if served else f"chosen, not served: {chosen.name}",
             )
             if cost == "flops":
                 ax.set_xscale("log")

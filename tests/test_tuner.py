@@ -243,6 +243,23 @@ def test_retune_under_load_swaps_atomically(weak_home: Path, tmp_path: Path) -> 
         stop_server(server)
 
 
+def test_tune_without_the_faiss_guard_stores_nothing_and_its_picture_says_so(weak_home: Path, tmp_path: Path) -> None:
+    from service.cli import main
+
+    home = copy_home(weak_home, tmp_path / "home")
+    before = (home / CONFIG_FILE).read_text()
+    out = tmp_path / "out"
+    argv = ["tune", "--home", str(home), "--out", str(out), "--max-plans", "12", "--no-test"]
+    assert main([*argv, "--no-faiss-guard"]) == 0
+    assert (home / CONFIG_FILE).read_text() == before  # nothing stored
+    written = json.loads((out / "tuning.json").read_text())
+    assert written["stored"] is False and written["plans"]
+    assert (out / "front.png").stat().st_size > 0 and (out / "plans.csv").exists()
+    assert main(argv) == 0  # with the guard: stored, and the picture's plan is the served one
+    assert json.loads((out / "tuning.json").read_text())["stored"] is True
+    assert CascadeConfig.load(home / CONFIG_FILE).pair_tuning is not None
+
+
 def test_plan_names_and_keys_tell_plans_apart() -> None:
     from cascade.config import Stage
 

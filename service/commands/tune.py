@@ -119,9 +119,10 @@ def run(args: argparse.Namespace) -> int:
         print("on the test queries (never tuned on):")
         for name, row in record.test.items():
             print(f"  {name:13s} " + "  ".join(f"{k} {v:,.4g}" for k, v in row.items()))
+    stored = not args.dry_run and not args.no_faiss_guard
     if args.out is not None:
-        _write_out(args.out, result)
-    if not args.dry_run and not args.no_faiss_guard:
+        _write_out(args.out, result, stored)
+    if stored:
         save_tuned(settings.home, config, result)
         print(
             f"stored as the default pair cascade in {settings.home / CONFIG_FILE} "
@@ -130,12 +131,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_out(out: Path, result) -> None:
+def _write_out(out: Path, result, stored: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plans = [m.point() for m in result.measured]
     (out / "tuning.json").write_text(
         json.dumps(
-            {"record": result.record.model_dump(mode="json"), "plans": [p.model_dump(mode="json") for p in plans]},
+            {
+                "record": result.record.model_dump(mode="json"),
+                "stored": stored,  # False: a dry run or the FAISS guard off; the chosen plan is not served
+                "plans": [p.model_dump(mode="json") for p in plans],
+            },
             indent=2,
         )
     )
@@ -148,6 +153,6 @@ def _write_out(out: Path, result) -> None:
     try:
         from service.tuning_plot import plot_front
 
-        print(f"plot: {plot_front(result.record, plans, out)}")
+        print(f"plot: {plot_front(result.record, plans, out, served=stored)}")
     except ImportError:
         print("no plot: matplotlib is not installed (pip install 'prunecascade[bench]')")
