@@ -8,6 +8,7 @@ rerank of FAISS top M (M = every cluster of the tiny space) is not."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import threading
@@ -40,6 +41,7 @@ from cascade.tuning_record import QualityUnmet, TuneTarget, plan_for_quality
 from models.biencoder import BiEncoder
 from models.pair import PairNetwork
 from models.registry import ModelRegistry
+from service.cli import main
 
 FAST = TuneOptions(max_plans=24, max_seconds=120.0, progress=False)
 
@@ -239,13 +241,21 @@ def test_retune_under_load_swaps_atomically(weak_home: Path, tmp_path: Path) -> 
         assert r.status_code == 422 and "quality" in r.text
         r = httpx.post(f"{url}/v1/query", json={"target": {"label": 1}, "quality": 0.9})
         assert r.status_code == 422 and "quality" in r.text
+
+        # the load tester replays the front: one configuration per front plan, each with its own M and stages
+        out = tmp_path / "loadtest"
+        argv = ["loadtest", "--url", url, "--home", str(home), "--out", str(out), "--quiet", "--no-exact"]
+        assert main([*argv, "--rates", "4", "--duration", "1", "--k", "5", "--front"]) == 0
+        with (out / "results.csv").open() as f:
+            rows = {row["config"]: row for row in csv.DictReader(f)}
+        replayed = {name for name in rows if name.startswith("front ")}
+        assert replayed == {f"front {p['name']}" for p in tuned["front"]}
+        assert all(rows[name]["errors"] == "0" and int(rows[name]["ok"]) > 0 for name in replayed)
     finally:
         stop_server(server)
 
 
 def test_tune_without_the_faiss_guard_stores_nothing_and_its_picture_says_so(weak_home: Path, tmp_path: Path) -> None:
-    from service.cli import main
-
     home = copy_home(weak_home, tmp_path / "home")
     before = (home / CONFIG_FILE).read_text()
     out = tmp_path / "out"

@@ -43,6 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="leave out the held-out queries by example through the default pair cascade (the main path; skipped "
         "anyway where the space ships none)",
     )
+    g.add_argument(
+        "--front",
+        action="store_true",
+        help="also replay every plan of the tuned front (GET /v1/cascade) with the held-out queries by example",
+    )
     g.add_argument("--max-configs", type=int, default=64, help="refuse grids larger than this")
     b = p.add_argument_group("bounds")
     b.add_argument("--max-requests", type=int, default=20_000, help="refuse runs that would send more")
@@ -101,6 +106,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         ready_wait=args.ready_wait,
         tolerance=args.tolerance,
         plots=not args.no_plots,
+        front=args.front,
     )
     planned_requests(plan)  # refuses bad rates, durations and over-budget runs before anything is sent
     return plan

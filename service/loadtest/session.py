@@ -7,7 +7,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,24 @@ from service.loadtest.schedule import open_loop_schedule
 
 EXACT = "exact"  # the configuration name of the exact path (`mode: exact`)
 EXAMPLES = "examples"  # the shipped held-out queries by example through the default pair cascade (the main path)
+FRONT = "front"  # prefix of the tuned front's plans, replayed with the same queries by example
 
-__all__ = ["EXACT", "EXAMPLES", "Plan", "Result", "planned_requests", "run_loadtest"]
+__all__ = ["EXACT", "EXAMPLES", "FRONT", "ExamplePlan", "Plan", "Result", "planned_requests", "run_loadtest"]
 
 QUERY_PATH = "/v1/query"
+
+
+@dataclass(frozen=True)
+class ExamplePlan:
+    """A plan of the tuned front (GET /v1/cascade, pair_tuning.front) as a query by example names it: stage 0's
+    M and the stages ([] is FAISS alone)."""
+
+    candidates: int
+    stages: tuple[StageSpec, ...]
+
+
+Config = tuple[str, tuple[StageSpec, ...] | ExamplePlan | None]
+"""A configuration's name and what its queries send: stages of label queries, a front plan, or None (the default)."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +49,7 @@ class Plan:
     rates: tuple[float, ...]
     duration: float
     k: int
-    configs: tuple[tuple[str, tuple[StageSpec, ...] | None], ...]  # None: the service's default cascade
+    configs: tuple[Config, ...]  # None: the service's default cascade
     labels: tuple[int, ...] | None = None  # None: every class, cycled
     timeout: float = 10.0
     max_in_flight: int = 256
@@ -44,6 +58,7 @@ class Plan:
     ready_wait: float = 30.0
     tolerance: float = 0.01
     plots: bool = True
+    front: bool = False  # also replay every plan of the tuned front with the queries by example
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,26 @@ async def _wait_exact(client: httpx.AsyncClient, seconds: float) -> None:
         await asyncio.sleep(0.5)
 
 
+def _by_example(name: str) -> bool:
+    """Configurations whose queries are the shipped queries by example (recall = the own cluster in the top k)."""
+    return name == EXAMPLES or name.startswith(FRONT + " ")
+
+
+async def _front_configs(client: httpx.AsyncClient) -> tuple[Config, ...]:
+    """The tuned front's plans, cheapest first, each a configuration named `front M<candidates>: <stages>`."""
+    tuning = (await _get_json(client, "/v1/cascade")).get("pair_tuning")
+    if not tuning:
+        return ()
+    configs: list[Config] = []
+    for point in sorted(tuning["front"], key=lambda p: p["flops"]):
+        stages = tuple(
+            StageSpec(s["variant"], int(s["samples"]), s.get("keep"), s.get("aggregator", "bayes"))
+            for s in point["stages"]
+        )
+        configs.append((f"{FRONT} {point['name']}", ExamplePlan(int(point["candidates"]), stages)))
+    return tuple(configs)
+
+
 async def _held_out_queries(client: httpx.AsyncClient) -> list[tuple[list[float], int]]:
     """Every held-out query by example the space ships (GET /v1/space/queries, page by page): its vector and
     the id of its own cluster."""
@@ -157,14 +192,19 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
         if any(name == EXACT for name, _ in plan.configs):
             await _wait_exact(client, plan.ready_wait)
         configs = plan.configs
+        if plan.front:
+            front = await _front_configs(client)
+            log(f"the tuned front: {len(front)} plans" if front else "no tuned front (GET /v1/cascade): not replayed")
+            configs += front
+            total = planned_requests(replace(plan, configs=configs))  # the budget holds with the front added
         examples: list[tuple[list[float], int]] = []
-        if any(name == EXAMPLES for name, _ in configs):
+        if any(_by_example(name) for name, _ in configs):
             examples = await _held_out_queries(client)
             if examples:
                 log(f"{len(examples)} held-out queries by example, cycled; recall@{plan.k}: own cluster in the top k")
             else:
                 log("the space ships no held-out queries by example (no pair models): skipping the examples runs")
-                configs = tuple(c for c in configs if c[0] != EXAMPLES)
+                configs = tuple(c for c in configs if not _by_example(c[0]))
         log(f"{len(configs)} configurations x {len(plan.rates)} rates, {total} requests planned")
 
         rows: list[dict[str, Any]] = []
@@ -179,13 +219,16 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
                 base: dict[str, Any] = {"k": plan.k}
                 if name == EXACT:
                     base["mode"] = "exact"  # the table of dense cluster posteriors: what a cascade must beat
+                elif isinstance(stages, ExamplePlan):  # a front plan: its M and stages ([] = FAISS alone)
+                    base["candidates"] = stages.candidates
+                    base["stages"] = stages_payload(stages.stages)
                 elif stages is not None:
                     base["stages"] = stages_payload(stages)
                 else:
                     base["mode"] = "cascade"  # the default cascade, even once the exact table is ready
 
                 def make(i: int, base: dict[str, Any] = base, name: str = name) -> tuple[str, dict[str, Any]]:
-                    if name == EXAMPLES:  # the default pair cascade (mode cascade, no stages named)
+                    if _by_example(name):  # the default pair cascade (mode cascade, no stages named) or a front plan
                         return QUERY_PATH, {**base, "target": {"examples": [examples[i % len(examples)][0]]}, "seed": i}
                     return QUERY_PATH, {**base, "target": {"label": labels[i % len(labels)]}, "seed": i}
 
@@ -201,7 +244,7 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
 
                 run = await run_open_loop(client, offsets, make, plan.timeout, plan.max_in_flight, done)
                 bar.close()
-                if name == EXAMPLES:  # relevant: the query's own cluster; no oracle (agreement is left empty)
+                if _by_example(name):  # relevant: the query's own cluster; no oracle (agreement is left empty)
                     own = {j: {cluster} for j, (_, cluster) in enumerate(examples)}
                     row = summarize_point(name, rate, plan.duration, plan.k, run, lambda i: i % len(examples), own, {})
                 else:
@@ -215,8 +258,8 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
                 )
     # label queries and queries by example measure recall differently: fronts and the sweet spot are over the
     # label configurations only, and the examples row is reported beside them
-    label_rows = [r for r in rows if r["config"] != EXAMPLES]
-    example_rows = [r for r in rows if r["config"] == EXAMPLES]
+    label_rows = [r for r in rows if not _by_example(r["config"])]
+    example_rows = [r for r in rows if _by_example(r["config"])]
     summaries = summarize_configs(label_rows, plan.tolerance)
     for s in summarize_configs(example_rows, plan.tolerance):
         s.pareto = s.sweet_spot = False
@@ -231,7 +274,8 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
     if example_rows:
         header.append(
             f"{EXAMPLES}: {len(examples)} held-out queries by example (GET /v1/space/queries) through the default "
-            f"pair cascade; recall@{plan.k} = the query's own cluster in the top {plan.k}; not on the label front"
+            f"pair cascade{' and the tuned front' if plan.front else ''}; recall@{plan.k} = the query's own cluster in "
+            f"the top {plan.k}; not on the label front"
         )
     text = summary_text(summaries, plan.rates, header)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +285,7 @@ async def _run(plan: Plan, cluster_labels: np.ndarray, out: Path, progress: bool
     if plan.plots and label_rows:
         from service.loadtest.plots import plot_results
 
-        files += plot_results(label_rows, [s for s in summaries if s.config != EXAMPLES], out)
+        files += plot_results(label_rows, [s for s in summaries if not _by_example(s.config)], out)
     return Result(rows, summaries, files, text, skipped)
 
 
