@@ -1,7 +1,7 @@
 """Prototyping rerankers: train candidate pair models with a fixed budget and measure their rerank of the
 bi-encoder's FAISS top M on the default space's held-out queries (dev half for tuning, test half reported).
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_reranker.py --design corr --steps 300
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m lab.reranker_designs --design corr --steps 300
 """
 
 from __future__ import annotations
