@@ -209,3 +209,17 @@ def test_pruning_figure_tells_every_method_apart_with_legends_outside() -> None:
         looks = [lk for lk in looks if lk[1] in "osD^vP*Xph"]  # the curves, not the error-bar caps
         assert len(looks) == len(set(looks))
     plt.close(fig)
+
+
+def test_pruning_figure_says_which_seeds_it_shows() -> None:
+    from lab.pruning_figure import pruning_figure
+
+    groups, labels, keeps = _pruning_groups()
+    seeded = {key: [{**r, "seed": s} for s, r in enumerate(rs)] for key, rs in groups.items()}
+    fig = pruning_figure(seeded, "m", labels, keeps, dense_acc=0.95)
+    assert fig.axes[0].get_ylabel().endswith("(mean ± std over seeds 0, 1)")
+    plt.close(fig)
+    one = {key: [{**rs[0], "seed": 0}] for key, rs in groups.items()}
+    fig = pruning_figure(one, "m", labels, keeps, dense_acc=0.95)
+    assert fig.axes[0].get_ylabel().endswith("(seed 0)")
+    plt.close(fig)
