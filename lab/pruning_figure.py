@@ -89,7 +89,12 @@ def pruning_figure(groups: dict, model: str, labels: list[str], keeps: list[floa
         ax.set_xlabel("kept fraction")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy right after pruning (mean +- std over seeds)")
+    seeds = sorted({r["seed"] for rs in groups.values() for r in rs if r.get("model", model) == model and "seed" in r})
+    if len(seeds) == 1:
+        over = f"seed {seeds[0]}"
+    else:
+        over = "mean ± std over seeds" + (" " + ", ".join(map(str, seeds)) if seeds else "")
+    axes[0].set_ylabel(f"test accuracy right after pruning ({over})")
 
     def handle(fam: str) -> Line2D:
         style = line_of[kind_of[fam]]
@@ -98,7 +103,10 @@ def pruning_figure(groups: dict, model: str, labels: list[str], keeps: list[floa
     extra = [Line2D([], [], color="0.4", linestyle="--", label=f"dense ({dense_acc:.3f})")]
     if any("(" in lab for lab in labels):
         extra.append(Line2D([], [], color="k", linestyle=":", label="equal-error layer budget"))
-    places = (("unstructured", "outside right upper", "left panel"), ("structured", "outside right lower", "2 right"))
+    places = (
+        ("unstructured", "outside right upper", "left panel"),
+        ("structured", "outside right lower", "middle and right panels"),
+    )
     for kind, loc, where in places:
         fams = [f for f, k in kind_of.items() if k == kind]
         if fams:

@@ -283,53 +283,66 @@ def readable_limits(values: list[float], whisker: float = 3.0, min_spread: float
 
 
 def ri_vs_flops_figure(result: ExperimentResult) -> Any:
-    """RI against FLOPs per tuple, one panel per aggregator, y clipped to the bulk of the data; a point off the
-    scale is drawn as a triangle on the edge with its value written beside it."""
+    """RI against FLOPs per tuple, one panel per aggregator. When a value lies far below the bulk (outside
+    `readable_limits`), the y axis turns symmetric-log: linear over [-1, 1], where the ordinary values lie,
+    logarithmic below, so an RI of -70 is drawn at its value without flattening the rest and no point is clipped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter
 
     variants = list(dict.fromkeys(r.variant for r in result.rows))
     aggs = list(dict.fromkeys(r.aggregator for r in result.rows))
-    lo, hi = readable_limits([r.ri for r in result.rows])
+    values = [r.ri for r in result.rows]
+    finite = [v for v in values if math.isfinite(v)]
+    lo, hi = readable_limits(values)
+    far = bool(finite) and (min(finite) < lo or max(finite) > hi)
     colours = plt.cm.tab10.colors
     markers = "osD^vP*Xph"
     fig, axes = plt.subplots(
-        1, len(aggs), figsize=(3.4 * len(aggs) + 2.0, 3.4), squeeze=False, sharey=True, layout="constrained"
+        1, len(aggs), figsize=(3.4 * len(aggs) + 2.0, 4.0), squeeze=False, sharey=True, layout="constrained"
     )
-    clipped = 0
     for ax, a in zip(axes.flat, aggs, strict=True):
         for i, v in enumerate(variants):
             rs = [r for r in result.rows if r.variant == v and r.aggregator == a]
             colour, marker = colours[i % len(colours)], markers[i % len(markers)]
-            xs, ys = [r.flops_tuple for r in rs], [min(max(r.ri, lo), hi) for r in rs]
-            ax.plot(xs, ys, marker=marker, ms=3, color=colour, label=v, linestyle="-" if i < 10 else "--")
-            for r in rs:
-                if r.ri < lo or r.ri > hi:
-                    clipped += 1
-                    below = r.ri < lo
-                    edge = lo if below else hi
-                    ax.plot([r.flops_tuple], [edge], marker="v" if below else "^", ms=7, color=colour, clip_on=False)
-                    ax.annotate(
-                        f"{r.ri:.3g} (off scale)",
-                        (r.flops_tuple, edge),
-                        xytext=(-6, 8 if below else -14),
-                        textcoords="offset points",
-                        ha="right",
-                        fontsize=7,
-                        color=colour,
-                    )
-        ax.set_ylim(lo, hi)
+            ax.plot(
+                [r.flops_tuple for r in rs],
+                [r.ri for r in rs],
+                marker=marker,
+                ms=4,
+                color=colour,
+                label=v,
+                linestyle="-" if i < 10 else "--",
+            )
         ax.set_xscale("log")
-        ax.set_title(a, fontsize=8)
+        ax.set_title(a, fontsize=9)
         ax.set_xlabel("FLOPs per tuple")
         ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("relative information")
-    if clipped:
-        fig.suptitle(f"{clipped} point(s) off the scale: triangles on the edge, value beside", fontsize=7)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=6, title="variant", title_fontsize=7)
+    ax0 = axes[0, 0]
+    if far:
+        ymin, ymax = min(finite), max(finite)
+        ax0.set_yscale("symlog", linthresh=1.0, linscale=2.0)
+        ticks = [t for t in (-1.0, -0.5, 0.0, 0.5, 1.0) if ymin - 0.5 <= t <= max(ymax, 1.0)]
+        decade = 10.0
+        while -decade / 10 > ymin:
+            ticks.insert(0, -decade)
+            decade *= 10
+        ax0.yaxis.set_major_locator(FixedLocator(ticks))
+        ax0.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
+        below = [-m * 10.0**k for k in range(0, 5) for m in range(2, 10)]  # unlabelled: -2..-9, -20..-90, ...
+        ax0.yaxis.set_minor_locator(FixedLocator([t for t in below if t > ymin * 1.25]))
+        ax0.set_ylim(ymin * 1.25 if ymin < -1 else ymin - 0.1, max(ymax, 1.0) + 0.1)
+        ax0.set_ylabel("relative information\n(linear over [-1, 1], log below)")
+    else:
+        ax0.set_ylim(lo, hi)
+        ax0.set_ylabel("relative information")
+    missing = len(values) - len(finite)
+    if missing:
+        fig.suptitle(f"{missing} point(s) with a non-finite RI are not drawn", fontsize=8)
+    handles, labels = ax0.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, title="variant", title_fontsize=8)
     return fig
 
 
@@ -347,9 +360,13 @@ def sweet_spot_figure(result: ExperimentResult) -> Any:
     if not budgets:
         return None
     fig, axes = plt.subplots(
-        1, len(budgets), figsize=(3.4 * len(budgets) + 2.2, 3.4), squeeze=False, sharey=True, layout="constrained"
+        1, len(budgets), figsize=(3.4 * len(budgets) + 2.4, 3.8), squeeze=False, sharey=True, layout="constrained"
     )
     keeps = sparse_log_ticks(sorted({r.keep for r in result.budget_rows}, reverse=True))
+    dense_flops = next((r.flops_item for r in result.rows if r.method == "dense"), 0)
+    # averaging rules often coincide: each aggregator drawn narrower than the one before, so one that lies
+    # exactly under another still shows as a band around it
+    widths = [1.2 + 0.6 * (len(aggs) - 1 - i) for i in range(len(aggs))]
     for ax, b in zip(axes.flat, budgets, strict=True):
         brs = _rows_at_budget(result.budget_rows, b)
         # colour says the aggregator, line style and marker the pruning method: ten tab10 hues alone blurred
@@ -363,7 +380,8 @@ def sweet_spot_figure(result: ExperimentResult) -> Any:
                         color=plt.cm.tab10.colors[i % 10],
                         linestyle=("-", "--", ":", "-.")[j % 4],
                         marker="osD^"[j % 4],
-                        ms=3,
+                        ms=1.5 + widths[i],
+                        linewidth=widths[i],
                         label=f"{a} {m}",
                     )
         ax.set_xscale("log")
@@ -372,12 +390,13 @@ def sweet_spot_figure(result: ExperimentResult) -> Any:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
         ax.invert_xaxis()
-        ax.set_title(f"budget {b:,} FLOPs", fontsize=8)
+        passes = f" = {b / dense_flops:g} dense passes" if dense_flops else ""
+        ax.set_title(f"budget {b:,} FLOPs{passes}", fontsize=8)
         ax.set_xlabel("fraction kept (n = budget / cost)")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("n-accuracy")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=6, title="aggregator, method", title_fontsize=7)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, title="aggregator, method", title_fontsize=8)
     return fig
 
 

@@ -134,20 +134,39 @@ def test_readable_limits_exclude_a_far_outlier_and_keep_ordinary_data_whole() ->
     assert lo < 0.1 and hi > 0.5
 
 
-def test_ri_figure_clips_the_outlier_marks_it_and_keeps_the_legend_outside() -> None:
+def bulk_fraction(ax, low: float, high: float) -> float:
+    """The share of the axes' drawn height taken by the y range [low, high]."""
+    to_px = ax.transData.transform
+    span = abs(to_px((1.0, high))[1] - to_px((1.0, low))[1])
+    return span / ax.get_window_extent().height
+
+
+def test_the_flattening_check_catches_a_linear_axis_with_the_outlier() -> None:
+    """The measure below can fail: on a plain axis down to -70 the ordinary RIs take under 2% of the height."""
+    fig, ax = plt.subplots(figsize=(3.4, 4.0))
+    ax.plot([1, 2, 3], [0.2, 0.69, -70.0])
+    fig.canvas.draw()
+    assert bulk_fraction(ax, 0.2, 0.69) < 0.02
+    plt.close(fig)
+
+
+def test_ri_figure_draws_the_outlier_at_its_value_without_flattening_the_rest() -> None:
     fig = ri_vs_flops_figure(result_with_an_ri_outlier())
     fig.canvas.draw()
+    ys = [y for ax in fig.axes for line in ax.get_lines() for y in line.get_ydata()]
+    assert -70.0 in ys  # drawn at its value, not clipped to an edge
     for ax in fig.axes:
         lo, hi = ax.get_ylim()
-        assert lo > -2.0 and hi < 2.0  # the -70 does not set the scale
-    notes = [t.get_text() for ax in fig.axes for t in ax.texts]
-    assert any(n.startswith("-70") for n in notes)  # the clipped point says its value
+        assert lo < -70.0 and hi >= 0.69  # every point inside the axes
+        assert bulk_fraction(ax, 0.2, 0.69) > 0.1  # the ordinary values keep a readable share of the height
+    assert [t for ax in fig.axes for t in ax.texts] == []  # nothing written over the data
     assert fig.legends and all(_outside_axes(fig, lg) for lg in fig.legends)
     plt.close(fig)
 
 
-def test_ri_figure_without_outliers_writes_no_note() -> None:
+def test_ri_figure_without_outliers_keeps_a_plain_linear_axis() -> None:
     fig = ri_vs_flops_figure(synthetic_result())
+    assert all(ax.get_yscale() == "linear" for ax in fig.axes)
     assert [t for ax in fig.axes for t in ax.texts] == []
     plt.close(fig)
 
@@ -189,4 +208,18 @@ def test_pruning_figure_tells_every_method_apart_with_legends_outside() -> None:
         looks = [(ln.get_color(), ln.get_marker(), ln.get_linestyle()) for ln in ax.get_lines() if ln.get_marker()]
         looks = [lk for lk in looks if lk[1] in "osD^vP*Xph"]  # the curves, not the error-bar caps
         assert len(looks) == len(set(looks))
+    plt.close(fig)
+
+
+def test_pruning_figure_says_which_seeds_it_shows() -> None:
+    from lab.pruning_figure import pruning_figure
+
+    groups, labels, keeps = _pruning_groups()
+    seeded = {key: [{**r, "seed": s} for s, r in enumerate(rs)] for key, rs in groups.items()}
+    fig = pruning_figure(seeded, "m", labels, keeps, dense_acc=0.95)
+    assert fig.axes[0].get_ylabel().endswith("(mean ± std over seeds 0, 1)")
+    plt.close(fig)
+    one = {key: [{**rs[0], "seed": 0}] for key, rs in groups.items()}
+    fig = pruning_figure(one, "m", labels, keeps, dense_acc=0.95)
+    assert fig.axes[0].get_ylabel().endswith("(seed 0)")
     plt.close(fig)
