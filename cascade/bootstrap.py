@@ -39,6 +39,7 @@ from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.data import PARTS, DatasetError, Splits, load_dataset
 from models.dense import default_spec, train_and_register
 from models.pair import PairNetwork, PairSpec, default_pair_spec
+from models.pair_calibration import calibrate_pair
 from models.pair_training import (
     ListwiseConfig,
     PairTrainConfig,
@@ -484,6 +485,7 @@ def _build_user_pair_models(
             accuracy=pair_accuracy(model, probe_pairs(val, seed=seed)),
             dataset=splits.name,
             extra={
+                "posterior_calibration": calibrate_pair(model, val, seed=seed),
                 "grade_prior": list(report.grade_prior),
                 "steps": report.steps_run,
                 "best_step": report.best_step,
@@ -534,6 +536,7 @@ def _build_pair_models(
             accuracy=pair_accuracy(model, probes),
             dataset="mnist1d-prototypes",
             extra={
+                "posterior_calibration": calibrate_pair(model, val, seed=seed),
                 "grade_prior": list(report.grade_prior),
                 "steps": report.steps_run,
                 "best_step": report.best_step,

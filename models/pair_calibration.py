@@ -25,7 +25,7 @@ CANDIDATES = 20
 
 @torch.no_grad()
 def calibrate_pair(
-    model: PairNetwork, val: PrototypeSet, queries: int = 256, members: int = CALIBRATION_MEMBERS, seed: int = 0
+    model: PairNetwork, val: PrototypeSet, queries: int = 128, members: int = CALIBRATION_MEMBERS, seed: int = 0
 ) -> dict[str, float] | None:
     """The model's temperature and its calibration report (`models.calibration.calibration_report`, ECE and NLL on
     the held-out half), or None for a model without a retriever (no candidate lists to draw)."""

@@ -76,3 +76,15 @@ def test_a_pair_model_five_times_too_sure_gets_five_times_the_temperature(tiny_h
     assert scaled["temperature"] == pytest.approx(5 * report["temperature"], rel=1e-3)
     assert scaled["ece_after"] == pytest.approx(report["ece_after"], abs=1e-3)
     assert scaled["ece_before"] >= report["ece_before"]  # five times as sure is no better calibrated
+
+
+def test_the_bootstrap_keeps_each_pair_models_calibration_in_its_registry_entry(tiny_home: Path) -> None:
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(tiny_home / "registry")
+    pair_models = [m for m in registry.active_manifests() if m.spec.get("kind") == "pair"]
+    assert len(pair_models) >= 2  # the dense pair model and its pruned variants
+    for manifest in pair_models:
+        report = manifest.extra["posterior_calibration"]
+        assert 0.05 <= report["temperature"] <= 20 and report["pairs"] > 0, manifest.name
+        assert 0 <= report["ece_after"] <= 1 and 0 <= report["ece_before"] <= 1

@@ -12,6 +12,7 @@ import torch
 
 from models.manifest import Manifest
 from models.pair import PairNetwork
+from models.pair_calibration import calibrate_pair
 from models.pair_training import (
     DEFAULT_PAIR_TRAINING,
     ListwiseConfig,
@@ -126,6 +127,7 @@ def prune_pair_and_register(
         pruned, _ = train_pair_model(pruned.spec, train, val, config, model=pruned, train_front=False)
         how = "pointwise on labels"
     probes = probe_pairs(val, seed=seed)
+    calibration = calibrate_pair(pruned, val, seed=seed) if pruned.retriever is not None else None
     return registry.register(
         new_name,
         pruned,
@@ -144,6 +146,7 @@ def prune_pair_and_register(
             "finetune_steps": finetune_steps,
             "finetune": how,
             "calibration_size": calibration_size if pairs is not None else 0,
+            "posterior_calibration": calibration,
             "seed": seed,
         },
         activate=activate,
