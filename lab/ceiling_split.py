@@ -32,7 +32,10 @@ def main() -> None:
     mu = emb.reshape(k, 10, -1).mean(1)
     order, _ = faiss_order(embed_numpy(ret, xq), mu)
     labels = space.prototypes.digit
-    rows = [metrics(order[i], np.where(np.arange(k) == cq[i], 2, (labels == yq[i]).astype(np.int64))) for i in range(len(xq))]
+    rows = [
+        metrics(order[i], np.where(np.arange(k) == cq[i], 2, (labels == yq[i]).astype(np.int64)))
+        for i in range(len(xq))
+    ]
     out = {"faiss": dict(zip(("r1", "r10", "ndcg10"), np.mean(rows, 0).round(3).tolist(), strict=True))}
     ceil, _ = measure(config, xq, cq, yq)
     out.update({name: {k2: round(v, 3) for k2, v in m.items()} for name, m in ceil.items()})

@@ -22,8 +22,9 @@ import json
 import time
 
 import numpy as np
+from scipy.special import logsumexp
 
-from lab.ceiling import _filter_matrix, _resample_matrix, ceiling_metrics
+from lab.ceiling import _filter_matrix, _resample_matrix, ceiling_metrics, expected_gains
 from models.prototypes import _VIEW_STREAM, PrototypeConfig, _rng, make_prototypes, make_queries
 
 LENGTHS = np.arange(12, 20)
@@ -96,6 +97,7 @@ def upsample(y: np.ndarray, g: int) -> np.ndarray:
 def _init_shifts(up: np.ndarray, ref: int, shifts: np.ndarray, rounds: int = 3) -> np.ndarray:
     """Relative shifts by cross-correlation with member `ref`, then `rounds` of re-aligning every member to the
     mean of the aligned members (template refinement)."""
+
     def align(target):
         return np.array([shifts[np.argmax([np.dot(np.roll(row, -s), target) for s in shifts])] for row in up])
 
@@ -227,6 +229,8 @@ def main() -> None:
             if c % 500 == 0:
                 print(f"{variant} {c}/{k} {time.perf_counter() - t0:.0f}s", flush=True)
         met = ceiling_metrics(scores, cq, yq_lab, protos.digit)
+        log_post = scores - logsumexp(scores, axis=1, keepdims=True)
+        met["expected gain ranking"] = ceiling_metrics(expected_gains(log_post, protos.digit), cq, yq_lab, protos.digit)
         met["seconds"] = round(time.perf_counter() - t0, 1)
         if variant == "estimated":
             met["clusters with all relative jitters right"] = hits["d"] / k

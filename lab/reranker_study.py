@@ -187,11 +187,15 @@ def main() -> None:
             with torch.no_grad():
                 sc = scorer(qu[i : i + 1], t_sp[top], logw[top], off[top]).numpy()
             key = sc + args.residual * scorer.res.item() * rscore[i, top] if args.mode == "learned" else sc
-            rows["rerank"].append(metrics(np.concatenate([top[np.argsort(-key, kind="stable")], order[i, args.M :]]), grades))
+            rows["rerank"].append(
+                metrics(np.concatenate([top[np.argsort(-key, kind="stable")], order[i, args.M :]]), grades)
+            )
             rows["alone_topM"].append(
                 metrics(np.concatenate([top[np.argsort(-sc, kind="stable")], order[i, args.M :]]), grades)
             )
-        res[half] = {n: dict(zip(("r1", "r10", "ndcg10"), np.mean(v, 0).round(3).tolist(), strict=True)) for n, v in rows.items()}
+        res[half] = {
+            n: dict(zip(("r1", "r10", "ndcg10"), np.mean(v, 0).round(3).tolist(), strict=True)) for n, v in rows.items()
+        }
     print(json.dumps(res), flush=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(res) + "\n")
@@ -237,8 +241,11 @@ def train(scorer: Scorer, retriever: BiEncoder, args) -> float:
         opt.step()
         sched.step()
         if step == 0 or (step + 1) % 50 == 0:
-            print(f"step {step + 1} loss {loss.item():.3f} temp {scorer.log_temp.exp().item():.3f} "
-                  f"res {scorer.res.item():.2f} {time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"step {step + 1} loss {loss.item():.3f} temp {scorer.log_temp.exp().item():.3f} "
+                f"res {scorer.res.item():.2f} {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     secs = time.perf_counter() - start
     print(f"train: prep {prep:.1f}s total {secs:.1f}s", flush=True)
     return round(secs, 1)

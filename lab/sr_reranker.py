@@ -27,8 +27,17 @@ from models.prototypes import PrototypeConfig, make_prototype_set, make_queries,
 
 
 class SRScorer(nn.Module):
-    def __init__(self, factor: int, max_shift: int, filters: int = 8, width: int = 7, hidden: int = 16,
-                 margin: int = 4, lam: float = 0.02, learned: bool = True):
+    def __init__(
+        self,
+        factor: int,
+        max_shift: int,
+        filters: int = 8,
+        width: int = 7,
+        hidden: int = 16,
+        margin: int = 4,
+        lam: float = 0.02,
+        learned: bool = True,
+    ):
         super().__init__()
         self.factor, self.max_shift, self.margin, self.learned = factor, max_shift, margin, learned
         self.nf = filters
@@ -177,8 +186,11 @@ def train(model: SRScorer, retriever, args) -> dict:
         opt.step()
         sched.step()
         if step == 0 or (step + 1) % 50 == 0:
-            print(f"step {step + 1} loss {loss.item():.3f} temp {model.log_temp.exp().item():.3f} "
-                  f"res {model.res.item():.2f} {time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"step {step + 1} loss {loss.item():.3f} temp {model.log_temp.exp().item():.3f} "
+                f"res {model.res.item():.2f} {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     return {"prep_seconds": round(prep, 1), "train_seconds": round(time.perf_counter() - start, 1)}
 
 

@@ -31,7 +31,7 @@ def _circ_conv(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def place(x: torch.Tensor, d: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (K, n, D), shifts d (K, n) in fine steps -> sums and counts (K, D*factor) of the members' samples placed
     at fine position k*factor - d (mod D*factor)."""
-    kk, n, dd = x.shape
+    kk, _, dd = x.shape
     lf = dd * factor
     pos = (torch.arange(dd)[None, None, :] * factor - d[:, :, None]) % lf  # (K, n, D)
     sums = torch.zeros(kk, lf, dtype=x.dtype).scatter_add_(1, pos.reshape(kk, -1), x.reshape(kk, -1))
@@ -70,9 +70,7 @@ def super_resolve(
         score = (cand * ref[:, :, None]).sum(-1)
         d = shifts[score.argmax(-1)]
         d = d - d.median(1, keepdim=True).values
-        ref = torch.stack([torch.roll(up[c, i], -int(d[c, i]), dims=-1) for c in range(kk) for i in range(n)]).reshape(
-            kk, n, -1
-        ).mean(1, keepdim=True) if False else _aligned_mean(up, d)
+        ref = _aligned_mean(up, d)
     for _ in range(iters):
         sums, counts = place(x, d, factor)
         u = _circ_conv(sums, ker) / _circ_conv(counts, ker).clamp_min(1e-9)
@@ -102,7 +100,7 @@ def super_resolve(
 
 def _aligned_mean(up: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Members rolled left by their shifts, averaged: (K, 1, Lf)."""
-    kk, n, lf = up.shape
+    lf = up.shape[2]
     idx = (torch.arange(lf)[None, None, :] + d[:, :, None]) % lf
     return torch.gather(up, 2, idx).mean(1, keepdim=True)
 
