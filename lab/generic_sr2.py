@@ -21,7 +21,7 @@ from lab.ceiling import _resample_matrix
 from lab.generic_sr import score
 
 
-def fit_cluster(x, ops, lap, max_shift, d0=None, beta=1e4, ratio=4.0, rounds=4, smooth=1.0):
+def fit_cluster(x, ops, lap, max_shift, d0=None, beta=1e4, ratio=4.0, rounds=4, smooth=1.0, tpen=1e-3):
     n, dd = x.shape
     g = ops.shape[2]
     shifts = np.arange(-max_shift, max_shift + 1)
@@ -49,7 +49,7 @@ def fit_cluster(x, ops, lap, max_shift, d0=None, beta=1e4, ratio=4.0, rounds=4, 
         v = gaussian_filter1d(num, smooth, mode="wrap") / np.maximum(gaussian_filter1d(den, smooth, mode="wrap"), 1e-9)
         v = np.maximum(v * n / (n - 1), 1e-4)
         noisy = v > ratio * np.quantile(v, 0.2)
-        pen = np.where(noisy[1:-1], beta, 1e-3)
+        pen = np.where(noisy[1:-1], beta, tpen)
         if d0 is None:
             preds = ops @ u  # (S, D)
             wv = 1.0 / (ops @ v)  # (S, D)
@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=72)
     ap.add_argument("--max-shift", type=int, default=6)
     ap.add_argument("--oracle-shifts", action="store_true")
+    ap.add_argument("--tpen", type=float, default=1e-3, help="smoothness penalty where the members agree")
+    ap.add_argument("--smooth", type=float, default=1.0, help="width (fine steps) of the variance smoothing")
     ap.add_argument("--split", default="dev")
     ap.add_argument(
         "--final", type=float, default=None, help="only this alpha (margin 1, lam 0.0003): R@1, R@10, nDCG@10"
@@ -95,7 +97,17 @@ def main() -> None:
             d0 = None
             if args.oracle_shifts:
                 d0 = np.clip(tj[c] - int(np.median(tj[c])), -ms, ms)
-            fits[c] = fit_cluster(sp.x[c * 10 : (c + 1) * 10].astype(np.float64), ops, lap, ms, d0, beta, ratio)
+            fits[c] = fit_cluster(
+                sp.x[c * 10 : (c + 1) * 10].astype(np.float64),
+                ops,
+                lap,
+                ms,
+                d0,
+                beta,
+                ratio,
+                smooth=args.smooth,
+                tpen=args.tpen,
+            )
         print(f"beta {beta} ratio {ratio}: {time.perf_counter() - t0:.1f}s", flush=True)
         if args.final is not None:
             from lab.reranker_study import metrics
@@ -114,12 +126,12 @@ def main() -> None:
             for name, r in rows.items():
                 print(args.split, name, np.mean(r, 0).round(3).tolist(), flush=True)
             return
-        for lam, margin in itertools.product((0.0003,), (1, 3)):
+        for lam, margin in itertools.product((0.0003,), (1,)):
             scs = [
                 np.array([score(xq[i].astype(np.float64), *fits[c], ms, lam, margin) for c in order[i, :50]])
                 for i in range(len(xq))
             ]
-            for alpha in (0.0, 100.0, 200.0, 400.0, 1000.0):
+            for alpha in (0.0, 200.0, 1000.0):
                 hits = [
                     order[i, int(np.argmax(scs[i] + alpha * rs[i, order[i, :50]]))] == cq[i] for i in range(len(xq))
                 ]
