@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from models.biencoder import BiEncoder, embed_numpy
 from models.prototypes import PrototypeConfig, make_prototype_set, make_queries, make_views
 
 GAINS = np.array([0.0, 1.0, 3.0])
-HOME = Path("/work/homes/h1")
+HOME = Path(os.environ.get("PRUNECASCADE_HOME", "var"))  # a bootstrapped home: its retriever is the one studied
 
 
 def metrics(order: np.ndarray, grades: np.ndarray) -> tuple[float, float, float]:
