@@ -265,6 +265,17 @@ def misfit(manifest: Manifest, space: Space) -> str | None:
     return None
 
 
+def served_temperature(manifest: Manifest) -> float:
+    """Posteriors that mean what they say: the temperature fitted when the model was registered
+    (`posterior_calibration`), or 1 where there is none or it is not a number in [0.05, 20] (an entry edited by
+    hand is served uncalibrated, not refused)."""
+    value = (manifest.extra.get("posterior_calibration") or {}).get("temperature", 1.0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.05 <= value <= 20:
+        return float(value)
+    log.warning("%s: posterior_calibration.temperature %r is not in [0.05, 20]; served with T = 1", manifest.ref, value)
+    return 1.0
+
+
 def variant_for(loaded: LoadedModel, space: Space) -> Variant:
     """A loaded model as a stage of this space's cascades, with the prior its `bayes` aggregation needs."""
     manifest = loaded.manifest
@@ -273,6 +284,7 @@ def variant_for(loaded: LoadedModel, space: Space) -> Variant:
         if grade_prior is None:
             raise RequestError("version", f"{manifest.ref} is a pair model without a grade_prior in its manifest")
         log_prior = log_prior_of(torch.tensor(grade_prior, dtype=torch.float64))
+        loaded.model.temperature = served_temperature(manifest)
         gadget, gadget_sha256 = loaded.gadget, loaded.gadget_sha256
         reason = None if gadget is None else gadget_misfit(gadget, loaded.model)
         if reason is not None:  # `prunecascade gadget` never stores one; a file changed by hand: serve without it

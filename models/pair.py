@@ -261,6 +261,9 @@ class PairNetwork(nn.Module):
             raise ValueError("the scorer's spec differs from spec.scorer")
         self.retriever: BiEncoder | None = None
         self.residual: nn.Linear | None = None
+        self.temperature = 1.0
+        """Divides the logits of a model with a retriever (its residual's path): the calibrated temperature the
+        registry entry keeps (`posterior_calibration`), set by the snapshot that serves it; not a weight."""
         if spec.retriever is not None:
             self.retriever = BiEncoder(spec.retriever).eval().requires_grad_(False)
             # logits += w * s + b with s the retriever's score: the top grade's logit rises with s, at the scale
@@ -316,7 +319,8 @@ class PairNetwork(nn.Module):
             return out
         assert eq is not None and context is not None
         logits, hidden = out
-        return logits + self.residual(self.retriever_score(eq, context)), hidden
+        logits = logits + self.residual(self.retriever_score(eq, context))
+        return (logits if self.temperature == 1.0 else logits / self.temperature), hidden
 
     def _raw_context(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor | None:
         if self.retriever is None:

@@ -88,3 +88,27 @@ def test_the_bootstrap_keeps_each_pair_models_calibration_in_its_registry_entry(
         report = manifest.extra["posterior_calibration"]
         assert 0.05 <= report["temperature"] <= 20 and report["pairs"] > 0, manifest.name
         assert 0 <= report["ece_after"] <= 1 and 0 <= report["ece_before"] <= 1
+
+
+def test_the_snapshot_serves_the_registered_temperature_and_ignores_a_broken_one(tiny_home: Path) -> None:
+    from cascade.config import CONFIG_FILE, CascadeConfig
+    from cascade.snapshot import load_snapshot, served_temperature
+    from models.registry import ModelRegistry
+
+    registry = ModelRegistry(tiny_home / "registry")
+    snapshot = load_snapshot(registry, tiny_home / "spaces" / "default", CascadeConfig.load(tiny_home / CONFIG_FILE))
+    variant = snapshot.variants["pair-dense"]
+    expected = variant.manifest.extra["posterior_calibration"]["temperature"]
+    assert variant.model.temperature == expected != 1.0
+    # the logits it serves are the uncalibrated ones divided by T
+    q, x = torch.randn(1, variant.model.spec.input_dim), torch.randn(4, variant.model.spec.input_dim)
+    calibrated = variant.model.score(q, x)[0]
+    variant.model.temperature = 1.0
+    try:
+        assert torch.allclose(calibrated * expected, variant.model.score(q, x)[0], atol=1e-5)
+    finally:
+        variant.model.temperature = expected
+    for broken in ("hot", -1.0, 0.0, 1e9, True):
+        extra = {**variant.manifest.extra, "posterior_calibration": {"temperature": broken}}
+        assert served_temperature(variant.manifest.model_copy(update={"extra": extra})) == 1.0
+    assert served_temperature(variant.manifest.model_copy(update={"extra": {}})) == 1.0
