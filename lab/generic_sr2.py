@@ -62,7 +62,7 @@ def fit_cluster(x, ops, lap, max_shift, d0=None, beta=1e4, ratio=4.0, rounds=4, 
 def main() -> None:
     from lab.reranker_study import faiss_order, load_retriever
     from models.biencoder import embed_numpy
-    from models.prototypes import _VIEW_STREAM, PrototypeConfig, _rng, make_prototype_set, make_queries
+    from models.prototypes import PrototypeConfig, make_prototype_set, make_queries, views_rng
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", type=int, default=72)
@@ -77,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = PrototypeConfig(num_prototypes=2300)
     sp = make_prototype_set(cfg, "space")
-    tj = _rng(cfg, "space", _VIEW_STREAM).integers(-3, 4, size=23000).reshape(2300, 10)
+    tj = views_rng(cfg).integers(-3, 4, size=23000).reshape(2300, 10)
     xq, cq, yq = make_queries(cfg, 500, seed=0)
     s = slice(1, None, 2) if args.split == "dev" else slice(0, None, 2)
     xq, cq, yq = xq[s], cq[s], yq[s]

@@ -25,7 +25,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from lab.ceiling import _filter_matrix, _resample_matrix, ceiling_metrics, expected_gains
-from models.prototypes import _VIEW_STREAM, PrototypeConfig, _rng, make_prototypes, make_queries
+from models.prototypes import PrototypeConfig, make_prototypes, make_queries, views_rng
 
 LENGTHS = np.arange(12, 20)
 MAX_D = 6
@@ -195,7 +195,7 @@ def main() -> None:
     space = make_prototype_set(config, "space")
     k, m = len(protos), config.views
     # the members' true jitters, as make_views drew them (its first draw)
-    rng = _rng(config, "space", _VIEW_STREAM)
+    rng = views_rng(config)
     true_j = rng.integers(-config.jitter, config.jitter + 1, size=k * m).reshape(k, m)
     xq, cq, yq_lab = make_queries(config, args.queries, seed=0)
     sel = {"test": slice(0, None, 2), "dev": slice(1, None, 2), "all": slice(None)}[args.split]

@@ -13,7 +13,7 @@ import numpy as np
 
 from lab.ceiling import ceiling_metrics
 from lab.members_ceiling import Model, score_queries
-from models.prototypes import _VIEW_STREAM, PrototypeConfig, _rng, make_prototype_set, make_prototypes, make_queries
+from models.prototypes import PrototypeConfig, make_prototype_set, make_prototypes, make_queries, views_rng
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     protos = make_prototypes(config, "space")
     space = make_prototype_set(config, "space")
     k, m = 2300, 10
-    tj = _rng(config, "space", _VIEW_STREAM).integers(-3, 4, size=k * m).reshape(k, m)
+    tj = views_rng(config).integers(-3, 4, size=k * m).reshape(k, m)
     xq, cq, yl = make_queries(config, 500, seed=0)
     xq, cq, yl = xq[1::2], cq[1::2], yl[1::2]
     model = Model(config)

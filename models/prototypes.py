@@ -35,6 +35,7 @@ __all__ = [
     "make_prototypes",
     "make_views",
     "make_prototype_set",
+    "views_rng",
     "make_queries",
     "grades",
     "normalise",
@@ -256,11 +257,17 @@ def normalise(x: np.ndarray, config: PrototypeConfig) -> np.ndarray:
     return ((x - config.norm_mean) / config.norm_std).astype(np.float32)
 
 
+def views_rng(config: PrototypeConfig, role: str = "space") -> np.random.Generator:
+    """A fresh copy of the random stream `make_prototype_set` renders its views from (its first draws are the
+    views' jitters): a study that needs the true jitters replays it."""
+    return _rng(config, role, _VIEW_STREAM)
+
+
 def make_prototype_set(config: PrototypeConfig = DEFAULT_PROTOTYPES, role: str = "space") -> PrototypeSet:
     """K prototypes x m views. `role` selects an independent seed stream (`space`, `train`, `val`)."""
     protos = make_prototypes(config, role)
     ids = np.repeat(np.arange(len(protos)), config.views)
-    x = make_views(protos, ids, _rng(config, role, _VIEW_STREAM))
+    x = make_views(protos, ids, views_rng(config, role))
     return PrototypeSet(x=x, y=protos.digit[ids].copy(), cluster=ids, prototypes=protos)
 
 
