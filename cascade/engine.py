@@ -26,7 +26,6 @@ __all__ = [
     "Target",
     "StageReport",
     "CascadeResult",
-    "run_stages",
     "stage_flops",
     "planned_stage_flops",
     "faiss_answer",
@@ -146,10 +145,10 @@ def stage_flops(
 
 
 def planned_stage_flops(snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...]) -> tuple[int, ...]:
-    """Each stage's nonzero FLOPs as `run_stages` will count them (`stage_flops`), before anything runs: every
-    surviving cluster is assumed to have at least `samples` members, so the figure is exact where they do and
-    an upper bound otherwise. A stage of the same variant as the one before extends its members, as the loop
-    does."""
+    """Each stage's nonzero FLOPs as the stage loop (`cascade.stage_loop`) will count them (`stage_flops`),
+    before anything runs: every surviving cluster is assumed to have at least `samples` members, so the figure
+    is exact where they do and an upper bound otherwise. A stage of the same variant as the one before extends
+    its members, as the loop does."""
     alive = len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters
     max_size = int(snapshot.space.sizes.max()) if snapshot.space.num_clusters else 0
     costs = []
@@ -170,111 +169,6 @@ def planned_stage_flops(snapshot: Snapshot, target: Target, k: int, stages: tupl
         costs.append(nonzero)
         alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
     return tuple(costs)
-
-
-def _members(counts: np.ndarray) -> dict[int, int]:
-    """{members per cluster: clusters}; counts are small, so a bincount is cheaper than np.unique."""
-    times = np.bincount(counts)
-    return {int(n): int(times[n]) for n in np.flatnonzero(times)}
-
-
-def run_stages(
-    snapshot: Snapshot,
-    target: Target,
-    k: int,
-    stages: tuple[Stage, ...],
-    seed: int = 0,
-    deadline: float | None = None,
-) -> CascadeResult:
-    """The stage loop: `stages` as a plan resolved and checked them (`cascade.plan`), at least one, with k
-    within the candidates. `deadline`: a `time.monotonic()` instant; past it, the next stage raises
-    DeadlineExceeded instead of running (the service has answered 504 by then and wants its worker back)."""
-    alive = target.candidates if target.candidates is not None else np.arange(snapshot.space.num_clusters)
-    space = snapshot.space
-    rng = np.random.default_rng(seed)
-    utility = torch.from_numpy(target.utility).double()
-    reports: list[StageReport] = []
-    scores = posteriors = keys = torch.empty(0)
-    scored: _Scored | None = None
-    for i, stage in enumerate(stages):
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded(f"deadline passed before stage {i} ({stage.variant})")
-        started = time.perf_counter()
-        variant = snapshot.variants[stage.variant]
-        extend = scored is not None and scored.variant == stage.variant
-        if extend:  # the same model as the stage before: score only members it has not scored yet
-            assert scored is not None
-            rows, new_counts = _extend_members(space.offsets, alive, scored.rows, scored.counts, stage.samples, rng)
-        else:
-            rows, new_counts = sample_members(space.offsets, alive, stage.samples, rng)
-        with torch.inference_mode():
-            # the rows' item inputs: raw features, or a pair model's cached trunk features (index_select: ~2x
-            # faster than fancy indexing)
-            x = snapshot.item_inputs(variant, torch.from_numpy(rows))
-            prepared = scored.prepared if extend and scored is not None else None
-            outputs, prepared = _score_members(variant, target.queries, x, prepared)
-            if extend and scored is not None:
-                merged = _merge_members(scored, rows, new_counts, outputs)
-            else:
-                merged = _Scored(stage.variant, rows, new_counts, outputs, prepared, len(rows))
-            counts = merged.counts
-            log_post = _aggregate_examples(variant, stage.aggregator, merged.outputs, torch.from_numpy(counts))
-            post = log_post.double().exp()
-            cluster_scores = post @ utility
-            n_keep = k if i == len(stages) - 1 else min(stage.keep or k, len(alive))
-            stage_keys = ranking_key(log_post, target)
-            top = torch.topk(stage_keys, n_keep).indices
-        clusters_in = len(alive)
-        alive = alive[top.numpy()]
-        following = stages[i + 1].variant if i + 1 < len(stages) else None
-        scored = _keep_groups(merged, top.numpy()) if following == stage.variant else None
-        scores, posteriors, keys = cluster_scores[top], post[top], stage_keys[top]
-        # per example: a pair model's query trunk and fold (if it folds; not again when extending), the pairs
-        flops, flops_dense_kernel = stage_flops(
-            variant,
-            stage.aggregator,
-            len(rows),
-            _members(counts),
-            post.shape[1],
-            len(target.queries),
-            merged.prepared_for if extend else None,
-        )
-        reports.append(
-            StageReport(
-                variant=variant.name,
-                version=variant.version,
-                aggregator=stage.aggregator,
-                clusters_in=clusters_in,
-                kept=len(alive),
-                samples=stage.samples,
-                items=len(rows),
-                flops=flops,
-                flops_dense_kernel=flops_dense_kernel,
-                ms=(time.perf_counter() - started) * 1000.0,
-            )
-        )
-    return CascadeResult(
-        cluster_ids=alive,
-        scores=scores.numpy(),
-        posteriors=posteriors.float().numpy(),
-        stages=reports,
-        snapshot_id=snapshot.id,
-        ranking_values=keys.double().numpy(),
-        ranking=target.ranking,
-    )
-
-
-@dataclass(frozen=True)
-class _Scored:
-    """The members a stage scored, grouped by cluster, with their outputs per example: a next stage of the
-    same variant extends them instead of scoring them again (and reuses the prepared queries)."""
-
-    variant: str
-    rows: np.ndarray
-    counts: np.ndarray
-    outputs: list[tuple[torch.Tensor, torch.Tensor]]  # per example: (logits, hidden), in the order of rows
-    prepared: list[object]  # per example: what `prepare` returned
-    prepared_for: int  # the number of items the queries were prepared for (a pair model's path)
 
 
 def _score_members(
@@ -322,61 +216,6 @@ def _stage_log_posterior(
     `inputs=True` their item inputs (`Snapshot.item_inputs`: a pair model's cached trunk features)."""
     outputs, _ = _score_members(variant, queries, x, inputs=inputs)
     return _aggregate_examples(variant, aggregator, outputs, counts)
-
-
-def _group_index(counts: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Positions, in a grouped array with these counts, of the members of `groups` (in that order)."""
-    starts = np.cumsum(counts) - counts
-    sel = counts[groups]
-    seg = np.repeat(np.arange(len(groups)), sel)
-    return (starts[groups][seg] + np.arange(int(sel.sum())) - (np.cumsum(sel) - sel)[seg]).astype(np.int64)
-
-
-def _keep_groups(scored: _Scored, groups: np.ndarray) -> _Scored:
-    """The scored members of the surviving clusters only, in their new order."""
-    idx = _group_index(scored.counts, groups)
-    t = torch.from_numpy(idx)
-    outputs = [(logits[t], hidden[t]) for logits, hidden in scored.outputs]
-    return _Scored(
-        scored.variant, scored.rows[idx], scored.counts[groups], outputs, scored.prepared, scored.prepared_for
-    )
-
-
-def _extend_members(
-    offsets: np.ndarray, clusters: np.ndarray, rows: np.ndarray, counts: np.ndarray, n: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """New members for each cluster (grouped, in the order of `clusters`) so that, with the `counts[c]` already
-    scored ones (`rows`, grouped alike), it has min(n, size) members; uniform among those not yet scored. A
-    cluster that already has n or more keeps them all and gets none."""
-    starts = offsets[clusters]
-    sizes = offsets[clusters + 1] - starts
-    need = np.maximum(np.minimum(sizes, n) - counts, 0)
-    if len(clusters) == 0 or not need.any():
-        return np.empty(0, dtype=np.int64), need
-    widest = int(sizes.max())
-    keys = rng.random((len(clusters), widest))
-    keys[np.arange(widest)[None, :] >= sizes[:, None]] = np.inf  # padding
-    seg = np.repeat(np.arange(len(clusters)), counts)
-    keys[seg, rows - starts[seg]] = np.inf  # already scored
-    order = np.argsort(keys, axis=1, kind="stable")
-    take = np.arange(widest)[None, :] < need[:, None]
-    return (starts[:, None] + order)[take].astype(np.int64), need
-
-
-def _merge_members(
-    scored: _Scored, rows: np.ndarray, counts: np.ndarray, outputs: list[tuple[torch.Tensor, torch.Tensor]]
-) -> _Scored:
-    """The kept members and the new ones, grouped by cluster (the kept first in each)."""
-    clusters = np.concatenate(
-        [np.repeat(np.arange(len(counts)), scored.counts), np.repeat(np.arange(len(counts)), counts)]
-    )
-    order = np.argsort(clusters, kind="stable")
-    t = torch.from_numpy(order)
-    merged = [
-        (torch.cat([a[0], b[0]])[t], torch.cat([a[1], b[1]])[t]) for a, b in zip(scored.outputs, outputs, strict=True)
-    ]
-    all_rows = np.concatenate([scored.rows, rows])[order]
-    return _Scored(scored.variant, all_rows, scored.counts + counts, merged, scored.prepared, scored.prepared_for)
 
 
 def faiss_answer(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 
 from cascade.config import Stage, scale_keeps
-from cascade.engine import CascadeResult, Target, dense_flops, faiss_answer, planned_stage_flops, run_stages
+from cascade.engine import CascadeResult, DeadlineExceeded, Target, dense_flops, faiss_answer, planned_stage_flops
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer, ExactTable, lookup_flops
 from cascade.queries import default_gains
 from cascade.snapshot import Snapshot
+from cascade.stage_loop import StageJob, run_stages, run_stages_many
 from models.inference import score_chunked
+
+if TYPE_CHECKING:
+    from cascade.batcher import Batcher, Expected
 
 __all__ = [
     "Query",
@@ -33,6 +37,7 @@ __all__ = [
     "plan_query",
     "plan_target",
     "execute",
+    "execute_many",
     "run_cascade",
     "resolve_stages",
     "target_of",
@@ -172,15 +177,46 @@ def plan_target(
     return QueryPlan(snapshot, target, k, path, resolved, costs, table, flops, oracle)
 
 
-def execute(plan: QueryPlan, seed: int = 0, deadline: float | None = None) -> Answer:
+def execute(
+    plan: QueryPlan,
+    seed: int = 0,
+    deadline: float | None = None,
+    batcher: Batcher | None = None,
+    expected: Expected | None = None,
+) -> Answer:
     """Carry out a plan. `seed` seeds the member sampling (same plan, same seed, same answer); `deadline`: a
-    `time.monotonic()` instant past which the cascade stops between stages (DeadlineExceeded)."""
+    `time.monotonic()` instant past which the cascade stops between stages (DeadlineExceeded). `batcher`: the
+    cascade runs in a batch with concurrent queries of the same stages (`cascade.batcher`), with the same
+    answer as alone; `expected` is the query's announcement to it (`Batcher.expect`)."""
     if plan.path == "exact":
         assert plan.table is not None
         return plan.table.answer(plan.target, plan.k, plan.snapshot.id)
     if plan.path == "faiss":
         return faiss_answer(plan.snapshot, plan.target, plan.k)
+    if batcher is not None:
+        return batcher.run(plan.snapshot, StageJob(plan.target, plan.k, plan.stages, seed, deadline), expected)
     return run_stages(plan.snapshot, plan.target, plan.k, plan.stages, seed, deadline)
+
+
+def execute_many(
+    plans: Sequence[QueryPlan], seeds: Sequence[int], deadline: float | None = None
+) -> list[Answer | DeadlineExceeded]:
+    """Carry out several plans at once (a multi-query request): the cascades in one batch
+    (`cascade.stage_loop.run_stages_many`), each answer the one `execute` gives it alone; a cascade whose
+    deadline passes gets DeadlineExceeded in its place. Exact and FAISS-only plans are answered one by one."""
+    out: list[Answer | DeadlineExceeded | None] = [None] * len(plans)
+    cascades = [i for i, p in enumerate(plans) if p.path == "cascade"]
+    by_snapshot: dict[int, list[int]] = {}
+    for i in cascades:
+        by_snapshot.setdefault(id(plans[i].snapshot), []).append(i)
+    for members in by_snapshot.values():
+        jobs = [StageJob(plans[i].target, plans[i].k, plans[i].stages, seeds[i], deadline) for i in members]
+        for i, result in zip(members, run_stages_many(plans[members[0]].snapshot, jobs), strict=True):
+            out[i] = result
+    for i, p in enumerate(plans):
+        if p.path != "cascade":
+            out[i] = execute(p, seeds[i], deadline)
+    return out  # type: ignore[return-value]
 
 
 def run_cascade(

@@ -20,6 +20,7 @@ from cascade.config import CascadeConfig, Stage
 from cascade.embedding import EmbeddingIndex
 from cascade.errors import RequestError
 from cascade.index import ClusterIndex
+from cascade.item_store import DTYPES, ITEM_INPUTS_DIR, features_digest, mapped_table
 from cascade.queries import QuerySet
 from cascade.space import Space
 from models.aggregation import get_aggregator, log_prior_of
@@ -42,6 +43,7 @@ __all__ = [
     "build_snapshot",
     "variant_for",
     "misfit",
+    "ITEM_INPUTS_DIR",
 ]
 
 
@@ -91,9 +93,10 @@ class CachedInputs:
     """One table of item inputs (`models.scorer.item_inputs`) for every item of the space."""
 
     key: str
-    table: torch.Tensor  # (num_items, width) float32
+    table: torch.Tensor  # (num_items, width) float32, or float16 (`ItemCache(dtype=...)`)
     build_flops: int  # paid once, when the table is built (counted here, not per query)
     build_ms: float
+    mapped: bool = False  # a read-only memory map of a file that every worker process shares
 
     @property
     def nbytes(self) -> int:
@@ -103,13 +106,24 @@ class CachedInputs:
 class ItemCache:
     """Query-independent item inputs, one table per `item_inputs_key`, built on first use (a pair model's
     trunk over all items: 100,000 items x 1,408 floats = 563 MB for the default pair models) and shared by
-    every variant with that key. Thread safe: concurrent first queries build a table once."""
+    every variant with that key. Thread safe: concurrent first queries build a table once.
 
-    def __init__(self) -> None:
+    With a `directory`, tables are files there, memory-mapped read-only (`cascade.item_store`): the worker
+    processes of a server share one copy. `dtype` float16 halves the table (rows are widened to float32 when
+    gathered, so the models still compute in float32; answers move slightly, docs/operations.md)."""
+
+    def __init__(self, directory: Path | None = None, dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"item cache dtype must be one of {', '.join(DTYPES)}")
         self._lock = threading.Lock()
         self._tables: dict[str, CachedInputs] = {}
+        self.directory = directory
+        self.dtype = dtype
 
-    def get(self, key: str, build: Callable[[], tuple[torch.Tensor, int]]) -> CachedInputs:
+    def get(
+        self, key: str, build: Callable[[], tuple[torch.Tensor, int]], stable_key: Callable[[], str] | None = None
+    ) -> CachedInputs:
+        """`stable_key`: names the table's contents the same in every process (needed to share a file)."""
         entry = self._tables.get(key)
         if entry is not None:
             return entry
@@ -117,8 +131,13 @@ class ItemCache:
             entry = self._tables.get(key)
             if entry is None:
                 started = time.perf_counter()
-                table, flops = build()
-                entry = CachedInputs(key, table, flops, (time.perf_counter() - started) * 1000.0)
+                mapped = False
+                if self.directory is not None and stable_key is not None:
+                    table, flops, mapped = mapped_table(self.directory, stable_key(), self.dtype, build)
+                else:
+                    table, flops = build()
+                    table = table.to(DTYPES[self.dtype])
+                entry = CachedInputs(key, table, flops, (time.perf_counter() - started) * 1000.0, mapped)
                 self._tables[key] = entry
         return entry
 
@@ -130,6 +149,10 @@ class ItemCache:
         it alive until it is done."""
         with self._lock:
             self._tables = {k: v for k, v in self._tables.items() if k in keys}
+
+
+def _offsets_digest(offsets: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(offsets, dtype=np.int64).tobytes()).hexdigest()[:12]
 
 
 def _build_inputs(
@@ -164,7 +187,11 @@ class Snapshot:
         if variant.inputs_key is None:
             return None
         return self.item_cache.get(
-            self._cache_key(variant), lambda: _build_inputs(variant.model, self.features, self.space.offsets)
+            self._cache_key(variant),
+            lambda: _build_inputs(variant.model, self.features, self.space.offsets),
+            # the inputs may read each item's whole cluster (a retriever's centroid), so the clustering is part of
+            # the stored table's name as well as the items
+            lambda: f"{variant.inputs_key}@{features_digest(self.features)}-{_offsets_digest(self.space.offsets)}",
         )
 
     def warm(self) -> None:
@@ -184,7 +211,8 @@ class Snapshot:
     def item_inputs(self, variant: Variant, rows: torch.Tensor) -> torch.Tensor:
         """What `variant.model.score_prepared` reads for these rows: cached inputs, or the raw features."""
         cached = self.cached_inputs(variant)
-        return torch.index_select(self.features if cached is None else cached.table, 0, rows)
+        rows_in = torch.index_select(self.features if cached is None else cached.table, 0, rows)
+        return rows_in if rows_in.dtype == torch.float32 else rows_in.float()
 
     @property
     def dense(self) -> Variant:
@@ -340,8 +368,11 @@ def build_snapshot(
     return snap
 
 
-def load_snapshot(registry: ModelRegistry, space_dir: Path, config: CascadeConfig) -> Snapshot:
-    """Active versions of every registered model that fits the space."""
+def load_snapshot(
+    registry: ModelRegistry, space_dir: Path, config: CascadeConfig, item_cache: ItemCache | None = None
+) -> Snapshot:
+    """Active versions of every registered model that fits the space. `item_cache`: where the pair models'
+    item inputs live (`ItemCache(space_dir / ITEM_INPUTS_DIR)` shares them between worker processes)."""
     space = Space.load(space_dir)
     index = ClusterIndex.load(space_dir)
     variants: dict[str, Variant] = {}
@@ -350,4 +381,6 @@ def load_snapshot(registry: ModelRegistry, space_dir: Path, config: CascadeConfi
             continue
         if misfit(registry.manifest(name), space) is None:
             variants[name] = variant_for(registry.load(name), space)
-    return build_snapshot(space, index, variants, config, EmbeddingIndex.load(space_dir), QuerySet.load(space_dir))
+    return build_snapshot(
+        space, index, variants, config, EmbeddingIndex.load(space_dir), QuerySet.load(space_dir), item_cache
+    )

@@ -37,7 +37,7 @@ def other_member(offsets: np.ndarray, clusters: np.ndarray, previous: np.ndarray
 
 
 def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> tuple[np.ndarray, int, list[float]]:
-    """The engine's stage loop (`cascade.engine.run_stages`) with an optional carry per stage: a carried stage
+    """The stage loop (`cascade.stage_loop.run_stages`) with an optional carry per stage: a carried stage
     samples one member per surviving cluster other than the one the previous (one-sample) stage scored, and
     ranks by the product of both stages' posteriors. Returns the k cluster ids, nonzero FLOPs, ms per stage."""
     import torch

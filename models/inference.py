@@ -8,6 +8,7 @@ cheap first stage gets large chunks and the dense model small ones.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -23,6 +24,10 @@ __all__ = [
     "chunk_rows",
     "forward_chunked",
     "score_chunked",
+    "score_many",
+    "rows_at_least",
+    "balanced_chunks",
+    "MIN_GEMM_ROWS",
 ]
 
 ACTIVATION_BUDGET_BYTES = 2 * 1024 * 1024  # the L2 cache of one core here; chosen by benchmarks/bench_compute.py
@@ -83,4 +88,39 @@ def score_chunked(
     if len(items) <= step:
         return part(items)
     parts = [part(items[i : i + step]) for i in range(0, len(items), step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+MIN_GEMM_ROWS = 4
+"""CPU GEMM kernels (MKL / oneDNN) take another path for products of fewer rows (measured with torch 2.13 on this
+machine: rows of a 1-3-row `addmm` differ in the last bits from the same rows inside a larger call; from 4 rows
+on, a row's result does not depend on the other rows of the call). Batched scoring therefore never calls a
+product on fewer rows: it pads, so a query's outputs are the same whether it is scored alone or with others."""
+
+
+def balanced_chunks(n: int, step: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of at most `step` rows covering n rows, as even as possible (so none is tiny)."""
+    parts = max(1, -(-n // step))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def rows_at_least(x: torch.Tensor, n: int = MIN_GEMM_ROWS) -> torch.Tensor:
+    """`x` padded with zero rows to at least n rows (the caller keeps only its own rows of the result)."""
+    return x if len(x) >= n else torch.cat([x, x.new_zeros(n - len(x), *x.shape[1:])])
+
+
+def score_many(model: Scorer, prepared: list[Any], items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, hidden) of several prepared queries, each against its own item inputs, concatenated in order.
+    A model with `score_prepared_many` (a pair model) shares one pass over everything that does not depend on
+    the query; any other scorer is called once per query (`score_chunked`). Either way every query's rows are
+    what it gets scored alone."""
+    many = getattr(model, "score_prepared_many", None)
+    if many is not None:
+        width = model.activation_width() if hasattr(model, "activation_width") else widest_activation(model.spec)
+        step = max(MIN_CHUNK_ROWS, ACTIVATION_BUDGET_BYTES // (4 * width))
+        return many(prepared, items, step)
+    parts = [score_chunked(model, None, x, inputs=True, prepared=p) for p, x in zip(prepared, items, strict=True)]
+    if not parts:
+        raise ValueError("nothing to score")
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

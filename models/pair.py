@@ -524,6 +524,71 @@ class PairNetwork(nn.Module):
             return out
         return self._with_residual(out, eq.expand(len(inputs), -1), inputs[:, inputs.shape[1] - self._context_width :])
 
+    def score_prepared_many(
+        self, prepared: list[FoldedQuery | torch.Tensor], inputs: list[torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score_prepared` for several queries, each against its own item inputs, outputs concatenated in order:
+        what depends on the query (its folded first layer, or its correlation) runs per query, the rest of the
+        scorer once over every query's rows, in chunks of at most `step` rows. No product runs on fewer than
+        `models.inference.MIN_GEMM_ROWS` rows (padded), so each query's rows equal what it gets alone."""
+        from models.inference import balanced_chunks, rows_at_least
+
+        if self.retriever is not None or self._context_width:
+            # a model that adds the retriever's residual reads more than the folded product: each query through
+            # `score_prepared` itself, in the same padded chunks alone or in a batch (so equal either way)
+            parts = [
+                self.score_prepared(p, rows_at_least(x[a:b]))
+                for p, x in zip(prepared, inputs, strict=True)
+                for a, b in (balanced_chunks(len(x), step) if len(x) else [])
+            ]
+            sizes = [b - a for x in inputs for a, b in (balanced_chunks(len(x), step) if len(x) else [])]
+            if not parts:
+                raise ValueError("nothing to score")
+            return (
+                torch.cat([lg[:n] for (lg, _), n in zip(parts, sizes, strict=True)]),
+                torch.cat([h[:n] for (_, h), n in zip(parts, sizes, strict=True)]),
+            )
+
+        fronts: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+        order: list[tuple[bool, int]] = []  # per query: its path and its number of rows
+        for p, x in zip(prepared, inputs, strict=True):
+            folded = isinstance(p, FoldedQuery)
+            if folded and x.shape[1] != p.stacked.shape[0]:
+                raise ValueError(f"item inputs must be (N, {p.stacked.shape[0]}), got {tuple(x.shape)}")
+            for a, b in balanced_chunks(len(x), step) if len(x) else []:
+                chunk = rows_at_least(x[a:b])
+                if folded:
+                    front = torch.addmm(p.bias, chunk, p.stacked)
+                else:
+                    fx, ex = self._split_inputs(chunk)
+                    front = self.interact(p, fx, ex)
+                fronts[folded].append(front[: b - a])
+            order.append((folded, len(x)))
+        outs: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        for folded in {f for f, _ in order}:
+            parts = fronts[folded]
+            y = torch.cat(parts) if parts else torch.zeros(0, self._front_width(folded))
+            logits, hidden = [], []
+            for a, b in balanced_chunks(len(y), step) if len(y) else [(0, 0)]:
+                h = self.scorer.body[1:](rows_at_least(y[a:b])) if folded else self.scorer.body(rows_at_least(y[a:b]))
+                logits.append(self.scorer.head(h)[: b - a])
+                hidden.append(h[: b - a])
+            outs[folded] = torch.cat(logits), torch.cat(hidden)
+        if len(outs) == 1:
+            return next(iter(outs.values()))
+        # both paths in one call: back to the queries' order
+        logits, hidden, taken = [], [], {True: 0, False: 0}
+        for folded, n in order:
+            a = taken[folded]
+            logits.append(outs[folded][0][a : a + n])
+            hidden.append(outs[folded][1][a : a + n])
+            taken[folded] = a + n
+        return torch.cat(logits), torch.cat(hidden)
+
+    def _front_width(self, folded: bool) -> int:
+        """Width of the per-query part's output: the scorer's first hidden layer (folded) or its input."""
+        return self.scorer.body[0].weight.shape[0] if folded else self.spec.interaction_dim
+
     def score(self, query: torch.Tensor | None, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One query (1, D) read with every raw item (P, D): `prepare`, `item_inputs`, `score_prepared`."""
         return self.score_prepared(self.prepare(query, len(items)), self.item_inputs(items))
@@ -611,6 +676,51 @@ class PairNetwork(nn.Module):
             stacked[channels * length :] = plan.energy_t
             energy = stacked[channels * length :]
         return FoldedQuery(stacked[: channels * length], bias, energy, stacked)
+
+    @torch.no_grad()
+    def fold_queries(self, fqs: list[torch.Tensor]) -> list[FoldedQuery]:
+        """`fold_query` for several queries, the correlation blocks of all of them in one product per channel
+        (rows of every query stacked: a query's rows equal what it gets alone, the product having at least
+        `models.inference.MIN_GEMM_ROWS` rows either way)."""
+        if len(fqs) == 1:
+            return [self.fold_query(fqs[0])]
+        spec = self.spec
+        plan = self._fold_plan()
+        channels, length = fqs[0].shape[1:]
+        width = spec.regions * spec.shifts
+        h1 = len(plan.bias)
+        ops = fqs[0].new_zeros(len(fqs), channels, length * width)
+        ops[:, :, plan.positions] = torch.stack([fq[0][:, plan.sources] for fq in fqs]) / plan.seg
+        rows = ops.view(len(fqs), channels, length, width).transpose(0, 1).reshape(channels, len(fqs) * length, width)
+        products = torch.bmm(rows, plan.w_corr_t)  # (C, Q*L, h1)
+        extra = channels * spec.regions if spec.energies else 0
+        out = []
+        for q, fq in enumerate(fqs):
+            stacked = fq.new_empty(channels * length + extra, h1)
+            stacked[: channels * length].view(channels, length, h1).copy_(products[:, q * length : (q + 1) * length])
+            bias, energy = plan.bias, None
+            if spec.energies:
+                assert plan.w_eq is not None and plan.energy_t is not None
+                eq = fq[0].pow(2).unflatten(1, (spec.regions, -1)).mean(-1).reshape(-1)
+                bias = torch.addmv(bias, plan.w_eq, eq)
+                stacked[channels * length :] = plan.energy_t
+                energy = stacked[channels * length :]
+            out.append(FoldedQuery(stacked[: channels * length], bias, energy, stacked))
+        return out
+
+    def prepare_many(
+        self, queries: list[torch.Tensor | None], num_items: list[int]
+    ) -> list[FoldedQuery | torch.Tensor | RetrieverQuery]:
+        """`prepare` for several queries: the ones that fold are folded together (`fold_queries`)."""
+        if any(q is None for q in queries):
+            raise ValueError("a pair model needs the query")
+        fqs = [self.query_features(q) for q in queries]  # type: ignore[arg-type]
+        fold = [self.folds(n) for n in num_items]
+        folded = iter(self.fold_queries([fq for fq, f in zip(fqs, fold, strict=True) if f]) if any(fold) else [])
+        prepared = [next(folded) if f else fq for fq, f in zip(fqs, fold, strict=True)]
+        if self.retriever is None:
+            return prepared
+        return [RetrieverQuery(p, self.retriever_embedding(q)) for p, q in zip(prepared, queries, strict=True)]
 
     def item_energies(self, fx: torch.Tensor) -> torch.Tensor:
         """(P, C*R) mean squared feature per channel and region: query independent, cacheable with fx."""

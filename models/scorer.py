@@ -29,6 +29,7 @@ __all__ = [
     "cluster_context",
     "item_inputs_key",
     "prepare_for",
+    "prepare_many",
     "query_flops",
 ]
 
@@ -88,6 +89,15 @@ def prepare_for(model: Scorer, query: torch.Tensor | None, num_items: int) -> An
     if hasattr(model, "folds"):
         return model.prepare(query, num_items)  # type: ignore[call-arg]
     return model.prepare(query)
+
+
+def prepare_many(model: Scorer, queries: list[torch.Tensor | None], num_items: list[int]) -> list[Any]:
+    """`prepare_for` of several queries: one call where the model prepares many at once (a pair model folds
+    them together), else one per query; either way each prepared query is the one `prepare_for` gives."""
+    fn = getattr(model, "prepare_many", None)
+    if fn is not None:
+        return fn(queries, num_items)
+    return [prepare_for(model, q, n) for q, n in zip(queries, num_items, strict=True)]
 
 
 def query_flops(model: Scorer, num_items: int, per_item: Flops, prepared_for: int | None = None) -> Flops:

@@ -13,13 +13,16 @@ from typing import Any
 from cascade.config import Stage, scale_keeps
 from service.state import ServiceState
 
-__all__ = ["heavy_query", "estimated_flops"]
+__all__ = ["heavy_query", "estimated_flops", "announce_query"]
 
 
 def estimated_flops(state: ServiceState, body: dict[str, Any]) -> int:
-    """An upper bound on the FLOPs the query in `body` may spend on the current snapshot (0: answered from the
-    exact table or the embedding index alone, or not a query this estimate can read)."""
+    """An upper bound on the FLOPs the query in `body` (or the queries of a multi-query body, together) may spend
+    on the current snapshot (0: answered from the exact table or the embedding index alone, or not a query this
+    estimate can read)."""
     snapshot = state.snapshot
+    if isinstance(body.get("queries"), list):  # POST /v1/query/batch: the queries together
+        return sum(estimated_flops(state, q) for q in body["queries"] if isinstance(q, dict))
     target = body.get("target")
     if snapshot is None or not isinstance(target, dict):
         return 0
@@ -68,3 +71,23 @@ def heavy_query(state: ServiceState) -> Callable[[bytes], bool]:
             return False
 
     return heavy
+
+
+def announce_query(state: ServiceState) -> Callable[[bytes], Any]:
+    """For the query limiter: when a query by example that will run stages takes its slot, announce it to the
+    batcher (`Batcher.expect`), so that a batch being formed waits for it; anything else announces nothing."""
+
+    def announce(body: bytes) -> Any:
+        batcher = state.batcher
+        if batcher is None:
+            return None
+        try:
+            parsed = json.loads(body)
+        except Exception:  # a body the route will refuse
+            return None
+        target = parsed.get("target") if isinstance(parsed, dict) else None
+        if not isinstance(target, dict) or target.get("examples") is None or parsed.get("stages") == []:
+            return None
+        return batcher.expect()
+
+    return announce

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 
-from service.admission import heavy_query
+from service.admission import announce_query, heavy_query
 from service.auth import AdminGate
 from service.cache import LocalCache, RedisCache
 from service.docs_ui import install_offline_docs
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
     # capacity; the admin token is checked before anything reads an admin route's body.
     app.add_middleware(
         QueryLimiter,
-        paths=("/v1/query",),
+        paths=("/v1/query", "/v1/query/batch"),
         concurrency=settings.max_concurrent_queries,
         queue=settings.max_queued_queries,
         timeout_s=settings.query_timeout_s,
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
         body_timeout_s=settings.body_timeout_s,
         heavy=heavy_query(state),
         reserved_slots=settings.reserved_slots,
+        on_admit=announce_query(state),
     )
     app.add_middleware(
         BodySizeLimit,

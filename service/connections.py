@@ -6,11 +6,12 @@ must deliver a complete request head within `head_timeout_s` of opening or of it
 from __future__ import annotations
 
 import asyncio
+import os
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["HeadTimeoutH11Protocol", "with_head_timeout"]
+__all__ = ["HeadTimeoutH11Protocol", "with_head_timeout", "EnvHeadTimeoutH11Protocol"]
 
 
 class HeadTimeoutH11Protocol(H11Protocol):
@@ -50,3 +51,11 @@ class HeadTimeoutH11Protocol(H11Protocol):
 def with_head_timeout(seconds: float) -> type[HeadTimeoutH11Protocol]:
     """The protocol class to pass as uvicorn's `http=`, with this timeout."""
     return type("HeadTimeoutH11Protocol", (HeadTimeoutH11Protocol,), {"head_timeout_s": seconds})
+
+
+class EnvHeadTimeoutH11Protocol(HeadTimeoutH11Protocol):
+    """The same, with the timeout read from `PRUNECASCADE_HEADER_TIMEOUT_S` when the module is imported: a
+    class defined at module level, so uvicorn can hand it to worker processes (`prunecascade serve` with
+    several workers), which a class made by `with_head_timeout` cannot cross."""
+
+    head_timeout_s = float(os.environ.get("PRUNECASCADE_HEADER_TIMEOUT_S", "10"))

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -55,9 +56,12 @@ class QueryLimiter:
         body_timeout_s: float,
         heavy: Callable[[bytes], bool] | None = None,
         reserved_slots: int = 0,
+        on_admit: Callable[[bytes], Any] | None = None,
     ) -> None:
         """`heavy(body)`: whether a query is heavy; heavy queries hold at most `concurrency - reserved_slots`
-        slots at once (at least one), so the reserved ones stay free for the others."""
+        slots at once (at least one), so the reserved ones stay free for the others. `on_admit(body)`: called
+        when a query takes its slot; what it returns is handed to the route (`request.state.admitted`) and
+        cancelled (`.cancel()`) when the query is done (the batcher counts admitted queries on their way)."""
         self.app = app
         self.paths = frozenset(paths)
         self.concurrency = concurrency
@@ -68,6 +72,7 @@ class QueryLimiter:
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.heavy = heavy
+        self.on_admit = on_admit
         self.heavy_concurrency = max(1, concurrency - reserved_slots)
         self._slots: asyncio.Semaphore | None = None  # created on the server's event loop
         self._heavy_slots: asyncio.Semaphore | None = None
@@ -81,7 +86,8 @@ class QueryLimiter:
         if body is None:
             return  # answered (408, 413) or the client went away: it never took a slot nor a queue place
         receive = _replay(body, receive)
-        heavy = self.heavy is not None and self.heavy(b"".join(m.get("body", b"") for m in body))
+        raw = b"".join(m.get("body", b"") for m in body)
+        heavy = self.heavy is not None and self.heavy(raw)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.concurrency)
             self._heavy_slots = asyncio.Semaphore(self.heavy_concurrency)
@@ -120,7 +126,13 @@ class QueryLimiter:
         # the route reads it (`request.state.deadline`) and the engine stops between stages once it passes, so a
         # query answered 504 gives its slot back instead of computing to the end
         scope.setdefault("state", {})["deadline"] = started + self.timeout_s
-        await self._run(scope, receive, send, heavy, started + self.timeout_s - time.monotonic())
+        admitted = self.on_admit(raw) if self.on_admit is not None else None
+        scope["state"]["admitted"] = admitted
+        try:
+            await self._run(scope, receive, send, heavy, started + self.timeout_s - time.monotonic())
+        finally:
+            if admitted is not None:
+                admitted.cancel()
 
     async def _acquire(self, heavy: bool) -> None:
         """A slot, and for a heavy query one of the slots heavy queries may hold (taken first, given back if the

@@ -75,6 +75,14 @@ class Metrics:
             buckets=(1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11),
             registry=r,
         )
+        self.batches = Counter(
+            "prunecascade_batches", "Batches of concurrent queries computed together (cascade.batcher)", registry=r
+        )
+        self.batched_queries = Counter(
+            "prunecascade_batched_queries",
+            "Queries computed in those batches (over batches: mean batch size)",
+            registry=r,
+        )
         self.cache_hits = Counter("prunecascade_cache_hits", "Query result cache hits", ["backend"], registry=r)
         self.cache_misses = Counter("prunecascade_cache_misses", "Query result cache misses", ["backend"], registry=r)
         self.active_version = Gauge(

@@ -13,6 +13,8 @@ from cascade.engine import RANKING_KEYS
 from cascade.tuning_record import TuningRecord
 
 __all__ = [
+    "QueryBatchRequest",
+    "QueryBatchResponse",
     "PlainInt",
     "Target",
     "QueryRequest",
@@ -242,8 +244,9 @@ class SpaceOut(BaseModel):
     )
     item_cache: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="the pair models' query-independent item inputs, computed once per item and trunk and held in "
-        "memory by this process: one entry per table (key, bytes, build_ms, build_flops); empty without pair models",
+        description="the pair models' query-independent item inputs, computed once per item and trunk: one entry per "
+        "table (key, bytes, dtype, mapped: a read-only map of a file beside the space that the worker processes "
+        "share, build_ms, build_flops); empty without pair models",
     )
     snapshot_id: str
 
@@ -270,3 +273,17 @@ class AdminStateOut(BaseModel):
     snapshot_id: str
     active: dict[str, int] = Field(description="the active version of every model")
     served: dict[str, int] = Field(description="the versions the current snapshot serves (those fitting the space)")
+
+
+class QueryBatchRequest(BaseModel):
+    """Several queries in one request (`POST /v1/query/batch`), each answered as if sent alone."""
+
+    model_config = _STRICT
+
+    queries: list[QueryRequest] = Field(min_length=1, description="at most `max_batch_request_queries` (64)")
+
+
+class QueryBatchResponse(BaseModel):
+    results: list[QueryResponse] = Field(description="one answer per query, in the order of the request")
+    flops: int = Field(description="the queries' FLOPs together (the cost budget applies to this sum)")
+    latency_ms: float

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +49,28 @@ class Settings(BaseSettings):
         "cpu.cfs_quota_us / cpu.cfs_period_us) divided by MAX_CONCURRENT_QUERIES, at least 1; never the host's "
         "core count (os.cpu_count), which overcommits a container with a CPU limit",
     )
+    # -- batching across concurrent queries, worker processes, the item cache ----------------------------------
+    batching: bool = Field(
+        True, description="concurrent queries with the same stages are computed as one batch (answers unchanged)"
+    )
+    batch_max_wait_ms: float = Field(
+        5.0,
+        ge=0.0,
+        le=50.0,
+        description="how long the first query of a batch waits for other queries by example already on their way "
+        "(none on the way: it starts at once); never past its deadline",
+    )
+    batch_max_queries: int = Field(16, ge=1, le=256, description="queries per batch at most")
+    max_batch_request_queries: int = Field(64, ge=1, description="queries in one POST /v1/query/batch at most")
+    item_cache_files: bool = Field(
+        True,
+        description="keep the pair models' item inputs in files beside the space, memory-mapped read-only, so the "
+        "worker processes share one copy (a read-only home falls back to memory)",
+    )
+    item_cache_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="float16 halves the item cache; answers move slightly (docs/operations.md)"
+    )
+    workers: int = Field(1, ge=1, le=64, description="server worker processes (`prunecascade serve`)")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_k: int = Field(1000, ge=1)
     max_examples: int = Field(64, ge=1, description="examples a query by example may have (422 beyond)")

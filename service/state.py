@@ -11,12 +11,22 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from cascade.batcher import Batcher
 from cascade.config import CONFIG_FILE, CascadeConfig
 from cascade.embedding import EmbeddingIndex
 from cascade.exact import ExactTable
 from cascade.index import ClusterIndex
 from cascade.queries import QuerySet
-from cascade.snapshot import ItemCache, Snapshot, StageError, Variant, build_snapshot, misfit, variant_for
+from cascade.snapshot import (
+    ITEM_INPUTS_DIR,
+    ItemCache,
+    Snapshot,
+    StageError,
+    Variant,
+    build_snapshot,
+    misfit,
+    variant_for,
+)
 from cascade.space import Space
 from models.registry import BrokenEntryError, ModelRegistry, RegistryError
 from service.degraded import Fault, fallback_versions, servable_config
@@ -68,6 +78,12 @@ class ServiceState:
         self.bootstrap_progress: dict[str, object] | None = None
         self.shared: SharedChanges | None = None  # set when Redis is configured
         self.cache: ResultCache | None = None
+        # concurrent queries with the same stages computed as one batch (same answers as alone)
+        self.batcher = (
+            Batcher(settings.batch_max_wait_ms / 1000.0, settings.batch_max_queries, self._count_batch)
+            if settings.batching
+            else None
+        )
         self.loaded = threading.Event()
         self.generation = 0  # bumped by every local change; a reconcile that read Redis before it stands down
         self._misfits_logged: set[tuple[str, int]] = set()  # active versions that do not fit, logged once each
@@ -77,6 +93,17 @@ class ServiceState:
             enabled=settings.exact_enabled,
             max_bytes=settings.exact_max_bytes,
         )
+
+    def _count_batch(self, size: int) -> None:
+        self.metrics.batches.inc()
+        self.metrics.batched_queries.inc(size)
+
+    def item_cache(self) -> ItemCache:
+        """Where the pair models' item inputs live: files beside the space, memory-mapped and shared by the
+        worker processes (`ITEM_CACHE_FILES`), or this process's memory."""
+        s = self.settings
+        directory = s.space_dir / ITEM_INPUTS_DIR if s.item_cache_files else None
+        return ItemCache(directory, s.item_cache_dtype)
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -124,7 +151,7 @@ class ServiceState:
                 ClusterIndex.load(space_dir),
                 EmbeddingIndex.load(space_dir),
                 QuerySet.load(space_dir),
-                None,
+                self.item_cache(),
                 active,
                 config,
                 None,

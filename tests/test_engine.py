@@ -19,20 +19,29 @@ from cascade.space import build_space
 
 def test_label_queries_find_clusters_of_that_label(snapshot) -> None:
     """Clusters are views of one prototype, so a classifier that misreads a prototype misreads all its views:
-    the cascade is held to the oracle's precision, and the oracle to a floor."""
+    the cascade is held to the precision of its own last stage run on every member of every cluster (what its
+    pruning and sampling may lose), and that exhaustive stage and the oracle to a floor. The oracle aggregates
+    by `ORACLE_AGGREGATOR`, not the cascade's aggregator, so how far the two rankings differ is the aggregators'
+    (docs/aggregation.md), not the cascade's."""
     space = snapshot.space
-    oracle_precision = []
+    last = snapshot.config.stages[-1]
+    exhaustive = [last.model_copy(update={"samples": int(space.sizes.max()), "keep": None})]
+    oracle_precision, exhaustive_precision = [], []
     for label in range(space.num_classes):
         target = target_from_label(snapshot, label)
         result = run_cascade(snapshot, target, k=10, seed=label)
         oracle = (space.cluster_labels[dense_oracle(snapshot, target, 10).cluster_ids] == label).mean()
         oracle_precision.append(oracle)
+        reference = run_cascade(snapshot, target, 10, exhaustive, seed=label)
+        assert reference.stages[0].items == space.num_items  # every member of every cluster
+        best = int((space.cluster_labels[reference.cluster_ids] == label).sum())
+        exhaustive_precision.append(best / 10)
         hits = int((space.cluster_labels[result.cluster_ids] == label).sum())
-        assert hits >= round(oracle * 10) - 1  # at most one of the ten fewer than the oracle
+        assert hits >= best - 1  # at most one of the ten fewer than the exhaustive last stage
         assert result.flops == sum(s.flops for s in result.stages)
         assert len(result.cluster_ids) == len(set(result.cluster_ids.tolist())) == 10
         assert np.all(np.diff(result.scores) <= 1e-9)  # best first (p(label) is monotone in the log-odds)
-    assert np.mean(oracle_precision) >= 0.85
+    assert np.mean(oracle_precision) >= 0.85 and np.mean(exhaustive_precision) >= 0.85
 
 
 def test_stage_accounting(snapshot) -> None:

@@ -346,19 +346,19 @@ def test_a_stage_of_the_same_variant_extends_the_members_scored_before(snapshot)
 
 
 def test_extending_members_samples_only_unscored_ones(snapshot) -> None:
-    from cascade.engine import _extend_members
+    from cascade.stage_loop import _extend_many
 
     space = snapshot.space
     clusters = np.arange(0, space.num_clusters, 3)
     rng = np.random.default_rng(0)
     rows, counts = sample_members(space.offsets, clusters, 2, rng)
-    new, need = _extend_members(space.offsets, clusters, rows, counts, 5, rng)
+    new, need = _extend_many(space.offsets, [clusters], rows, counts, 5, [rng])
     sizes = space.sizes[clusters]
     np.testing.assert_array_equal(need, np.maximum(np.minimum(sizes, 5) - counts, 0))
     assert len(new) == need.sum() and not set(new.tolist()) & set(rows.tolist())
     owner = np.searchsorted(space.offsets, new, side="right") - 1
     np.testing.assert_array_equal(owner, np.repeat(clusters, need))  # grouped by cluster, in order
-    none, zero = _extend_members(space.offsets, clusters, rows, counts, 1, rng)  # already enough
+    none, zero = _extend_many(space.offsets, [clusters], rows, counts, 1, [rng])  # already enough
     assert len(none) == 0 and not zero.any()
 
 

@@ -56,6 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-in-flight", type=int, default=256, help="open connections at most")
     b.add_argument("--ready-wait", type=float, default=30.0, help="seconds to wait for /readyz")
     b.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --url")
+    c = p.add_argument_group("throughput against concurrency (instead of the open-loop grid)")
+    c.add_argument(
+        "--concurrency",
+        help="e.g. '1,2,4,8': closed-loop clients per point; measures queries/s, p50/p99 and the server's CPU for "
+        "--kinds, writes concurrency.csv and throughput_vs_concurrency.png",
+    )
+    c.add_argument("--kinds", default="cascade,faiss,exact", help="of cascade (default cascade), faiss, exact")
+    c.add_argument(
+        "--server-pid", type=int, help="the server's pid on this host (CPU of it and its workers from /proc)"
+    )
     p.add_argument("--tolerance", type=float, default=0.01, help="sweet spot: recall within this of the best")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (matplotlib not installed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -115,6 +125,9 @@ def build_plan(args: argparse.Namespace) -> Plan:
 def run(args: argparse.Namespace) -> int:
     import httpx
 
+    if args.concurrency:
+        return _run_concurrency(args)
+
     from cascade.space import Space
     from service.loadtest.session import run_loadtest
 
@@ -129,3 +142,24 @@ def run(args: argparse.Namespace) -> int:
     print(result.summary, end="")
     print("wrote " + ", ".join(str(f) for f in result.files))
     return 1 if sum(r["errors"] for r in result.rows) else 0
+
+
+def _run_concurrency(args: argparse.Namespace) -> int:
+    from service.loadtest.concurrency import run_sweep, write_sweep
+    from service.loadtest.target import check_target
+
+    settings = settings_from(args)
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    check_target(url, args.allow_remote)
+    counts = [int(x) for x in args.concurrency.split(",")]
+    rows = run_sweep(url, counts, [k for k in args.kinds.split(",") if k], args.duration, args.k, args.server_pid)
+    print("| kind | clients | queries/s | ratio to the first | p50 / p99 ms | server CPU | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r.kind} | {r.concurrency} | {r.qps:.1f} | {r.ratio_to_first:.2f}x | {r.p50_ms:.1f} / {r.p99_ms:.1f} "
+            f"| {100 * r.server_cpu:.0f}% | {r.errors} |"
+        )
+    files = write_sweep(rows, args.out, plot=not args.no_plots)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 1 if sum(r.errors for r in rows) else 0

@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="build the embedded default first if it is missing; with no admin token configured, generate one "
         "into HOME/admin-token (owner-only) and print how to use it",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default: $PRUNECASCADE_WORKERS or 1); they share the item cache's memory-mapped "
+        "files (docs/operations.md, capacity)",
+    )
     p.set_defaults(func=run)
 
 
@@ -41,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     settings, note = first_run_token(settings, generate=args.bootstrap)
     if note is not None:
         print(note, flush=True)
+    if args.workers is not None:
+        settings = settings.model_copy(update={"workers": args.workers})
+    if settings.workers > 1:
+        return _run_workers(settings, args.bootstrap)
     # log_config=None: uvicorn's own loggers propagate to the JSON handler `create_app` installs; the access
     # line is written by service.logs (with the request id), so uvicorn's is off. Slow or idle clients are
     # bounded: request-head timeout, keep-alive timeout, and a connection limit (503 beyond it).
@@ -66,3 +76,41 @@ def _bootstrap(state: ServiceState) -> None:
     # progress bars only to a terminal: in a log file or a container's log they are escape codes between the
     # JSON lines; the steps themselves are logged (and shown by /healthz and /readyz) either way
     bootstrap(state.settings.home, progress=sys.stderr.isatty(), on_progress=state.report_bootstrap)
+
+
+def _run_workers(settings, bootstrap: bool) -> int:
+    """Several worker processes behind one port (uvicorn's supervisor): each loads its own snapshot and maps the
+    same item-input files. The settings reach the workers through the environment; with `--bootstrap` the
+    embedded default is built first, before the port opens (the workers must not build it concurrently)."""
+    import os
+
+    if bootstrap:
+        from cascade.bootstrap import bootstrap as build
+
+        build(settings.home, progress=True)
+    os.environ.update(
+        {
+            "PRUNECASCADE_HOME": str(settings.home),
+            "PRUNECASCADE_HOST": settings.host,
+            "PRUNECASCADE_PORT": str(settings.port),
+            "PRUNECASCADE_HEADER_TIMEOUT_S": str(settings.header_timeout_s),
+        }
+    )
+    if settings.admin_token_file is not None:  # e.g. the token the first run generated into the home
+        os.environ["PRUNECASCADE_ADMIN_TOKEN_FILE"] = str(settings.admin_token_file)
+    from service.connections import EnvHeadTimeoutH11Protocol
+
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        workers=settings.workers,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+        http=EnvHeadTimeoutH11Protocol,
+        timeout_keep_alive=settings.keep_alive_s,
+        limit_concurrency=settings.max_connections,
+    )
+    return 0

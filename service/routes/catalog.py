@@ -128,7 +128,14 @@ def _grades(measured: dict | None, num_grades: int) -> dict | None:
 
 def _cache_entry(entry: CachedInputs) -> dict:
     key = entry.key.split("@")[0]  # the trunk's digest; the rest is a memory address
-    return {"key": key, "bytes": entry.nbytes, "build_ms": round(entry.build_ms, 1), "build_flops": entry.build_flops}
+    return {
+        "key": key,
+        "bytes": entry.nbytes,
+        "dtype": str(entry.table.dtype).removeprefix("torch."),
+        "mapped": entry.mapped,  # a read-only map of a file every worker process shares
+        "build_ms": round(entry.build_ms, 1),
+        "build_flops": entry.build_flops,
+    }
 
 
 def _finite(status: dict) -> dict:

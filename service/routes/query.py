@@ -3,6 +3,7 @@ utility targets, once built), the cascade, or the embedding index alone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -10,16 +11,17 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Body, HTTPException, Request, Response
 
+from cascade.batcher import Expected
 from cascade.engine import DeadlineExceeded, StageReport
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer
-from cascade.plan import Answer, Limits, Query, QueryPlan, execute, plan_query
+from cascade.plan import Answer, Limits, Query, QueryPlan, execute, execute_many, plan_query
 from cascade.snapshot import Snapshot
 from cascade.tuning_record import QualityUnmet, plan_for_quality
 from service.cache import cache_key
 from service.dependencies import snapshot_of
 from service.errors import error_responses
-from service.schemas import ClusterHit, QueryRequest, QueryResponse, StageOut
+from service.schemas import ClusterHit, QueryBatchRequest, QueryBatchResponse, QueryRequest, QueryResponse, StageOut
 from service.state import ServiceState
 
 __all__ = ["router", "QUERY_EXAMPLES"]
@@ -77,6 +79,22 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     posteriors once they are built; queries by example run the cascade of pair models (`stages` overrides it,
     `[]` answers from the embedding index alone). Same request, same snapshot, same answer (`seed`)."""
     state: ServiceState = http.app.state.service
+    with _expecting(state, request, getattr(http.state, "admitted", None)) as expected:
+        return _answer(http, request, state, expected)
+
+
+def _expecting(state: ServiceState, request: QueryRequest, admitted: Expected | None) -> Any:
+    """The query's announcement to the batcher: made by the query limiter when the query took its slot (so a
+    batch being formed waits for it while it is still parsed and planned), else here, before it is planned;
+    anything but a query by example that will run stages announces nothing."""
+    if admitted is not None:
+        return contextlib.nullcontext(admitted)  # the limiter cancels it when the query is done
+    if state.batcher is None or request.target.examples is None or request.stages == []:
+        return contextlib.nullcontext(None)
+    return state.batcher.expect()
+
+
+def _answer(http: Request, request: QueryRequest, state: ServiceState, expected: Expected | None) -> Response:
     query, limits = _query(request), _limits(state)
     snapshot = snapshot_of(state)
     started = time.perf_counter()
@@ -100,7 +118,7 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
             body["latency_ms"] = (time.perf_counter() - started) * 1000.0
             return Response(content=json.dumps(body), media_type="application/json", headers={"x-cache": "hit"})
     try:
-        result = execute(plan, request.seed, getattr(http.state, "deadline", None))
+        result = execute(plan, request.seed, getattr(http.state, "deadline", None), state.batcher, expected)
     except DeadlineExceeded as exc:  # the limiter has answered 504 already; this frees the worker
         raise HTTPException(504, str(exc)) from None
     response = _response(plan, result, started)
@@ -114,6 +132,60 @@ def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXA
     if cache is not None:
         cache.set(key, _to_json(response.model_copy(update={"cached": True})))
     return Response(content=_to_json(response), media_type="application/json")
+
+
+@router.post(
+    "/query/batch",
+    response_model=QueryBatchResponse,
+    summary="Several queries in one request",
+    responses=error_responses(408, 413, 422, 503, 504),
+)
+def query_batch(http: Request, request: QueryBatchRequest) -> Response:
+    """Each query is answered as if it were sent alone to `POST /v1/query` (same snapshot for all, each with its
+    own seed: the same answer bit for bit), and the queries that run the cascade are computed as one batch.
+    The cost budget (`max_query_flops`) applies to the whole request: the sum of the queries' planned FLOPs.
+    A bad query is a 422 naming it (`queries[i]...`). Not cached."""
+    state: ServiceState = http.app.state.service
+    snapshot = snapshot_of(state)
+    started = time.perf_counter()
+    limit = state.settings.max_batch_request_queries
+    if len(request.queries) > limit:
+        raise RequestError("queries", f"at most {limit} queries per request (max_batch_request_queries)")
+    limits = _limits(state)
+    per_query = Limits(limits.max_k, limits.max_examples, limits.example_candidates, None)
+    plans = []
+    for i, q in enumerate(request.queries):
+        try:
+            if q.quality is not None:  # the cheapest plan on the tuned front that meets it
+                q = _plan_for_quality(snapshot, q)
+            plans.append(plan_query(snapshot, _query(q), per_query, state.exact_table))
+        except RequestError as exc:
+            raise RequestError(f"queries[{i}].{exc.field}", exc.message) from None
+        except ExactTableNotReady as exc:
+            raise HTTPException(503, f"queries[{i}]: {exc}", {"Retry-After": "5"}) from None
+    total = sum(p.flops for p in plans)
+    if total > limits.max_flops:  # type: ignore[operator]
+        raise RequestError(
+            "queries",
+            f"these queries may cost {total:,} FLOPs together, over the server's budget of {limits.max_flops:,} "
+            "per request (max_query_flops)",
+        )
+    results = execute_many(plans, [q.seed for q in request.queries], getattr(http.state, "deadline", None))
+    if any(isinstance(r, DeadlineExceeded) for r in results):
+        raise HTTPException(504, "deadline passed while the batch was computed")
+    responses = [_response(p, r, started) for p, r in zip(plans, results, strict=True)]  # type: ignore[arg-type]
+    metrics = state.metrics
+    for response in responses:
+        for stage in response.stages:
+            metrics.stage_latency.labels(variant=stage.variant).observe(stage.ms / 1000.0)
+            metrics.stage_flops.labels(variant=stage.variant).inc(stage.flops)
+        metrics.query_flops.observe(response.flops)
+    out = QueryBatchResponse(
+        results=responses,
+        flops=sum(r.flops for r in responses),
+        latency_ms=(time.perf_counter() - started) * 1000.0,
+    )
+    return Response(content=QueryBatchResponse.__pydantic_serializer__.to_json(out), media_type="application/json")
 
 
 def _plan_for_quality(snapshot: Snapshot, request: QueryRequest) -> QueryRequest:
