@@ -45,17 +45,19 @@ def plot_front(record: TuningRecord, plans: list[PlanPoint], out: Path, served: 
                 color="0.7",
                 label=f"measured plans ({len(plans)})",
             )
-            # joined in the order of this panel's cost, so the ms panels draw no zigzag
+            # the front is one of FLOPs against relative nDCG@10: joined only in that panel; elsewhere its plans
+            # are points, since a line through them would zigzag and suggest a front that is not there
+            defines_front = quality == "rel_ndcg" and cost == "flops"
             ordered = sorted(front, key=lambda p: getattr(p, cost))
             ax.plot(
                 [getattr(p, cost) for p in ordered],
                 [getattr(p, quality) for p in ordered],
-                "-o",
+                "-o" if defines_front else "o",
                 color="tab:blue",
                 ms=4,
-                label="Pareto front (FLOPs vs relative nDCG@10)",
+                label="Pareto front (FLOPs vs relative nDCG@10; joined in that panel)",
             )
-            if [p.name for p in unguarded] != [p.name for p in front if p.stages]:
+            if defines_front and [p.name for p in unguarded] != [p.name for p in front if p.stages]:
                 ax.plot(
                     [getattr(p, cost) for p in unguarded],
                     [getattr(p, quality) for p in unguarded],
