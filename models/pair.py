@@ -667,15 +667,21 @@ class PairNetwork(nn.Module):
         stacked = fq.new_empty(channels * length + extra, h1)
         out = stacked[: channels * length].view(channels, length, h1)
         torch.bmm(op_t.view(channels, length, width), plan.w_corr_t, out=out)
-        bias = plan.bias
-        energy = None
+        return self._folded(plan, fq, stacked)
+
+    def _folded(self, plan: _FoldPlan, fq: torch.Tensor, stacked: torch.Tensor) -> FoldedQuery:
+        """A folded query whose correlation rows are already in `stacked`: its energy rows and its bias (the
+        query's own energies through the first layer)."""
+        spec = self.spec
+        rows = fq.shape[1] * fq.shape[2]
+        bias, energy = plan.bias, None
         if spec.energies:
             assert plan.w_eq is not None and plan.energy_t is not None
             eq = fq[0].pow(2).unflatten(1, (spec.regions, -1)).mean(-1).reshape(-1)
             bias = torch.addmv(bias, plan.w_eq, eq)
-            stacked[channels * length :] = plan.energy_t
-            energy = stacked[channels * length :]
-        return FoldedQuery(stacked[: channels * length], bias, energy, stacked)
+            stacked[rows:] = plan.energy_t
+            energy = stacked[rows:]
+        return FoldedQuery(stacked[:rows], bias, energy, stacked)
 
     @torch.no_grad()
     def fold_queries(self, fqs: list[torch.Tensor]) -> list[FoldedQuery]:
@@ -698,14 +704,7 @@ class PairNetwork(nn.Module):
         for q, fq in enumerate(fqs):
             stacked = fq.new_empty(channels * length + extra, h1)
             stacked[: channels * length].view(channels, length, h1).copy_(products[:, q * length : (q + 1) * length])
-            bias, energy = plan.bias, None
-            if spec.energies:
-                assert plan.w_eq is not None and plan.energy_t is not None
-                eq = fq[0].pow(2).unflatten(1, (spec.regions, -1)).mean(-1).reshape(-1)
-                bias = torch.addmv(bias, plan.w_eq, eq)
-                stacked[channels * length :] = plan.energy_t
-                energy = stacked[channels * length :]
-            out.append(FoldedQuery(stacked[: channels * length], bias, energy, stacked))
+            out.append(self._folded(plan, fq, stacked))
         return out
 
     def prepare_many(
