@@ -27,6 +27,7 @@ __all__ = [
     "StageReport",
     "CascadeResult",
     "stage_flops",
+    "stage_log_posterior",
     "planned_stage_flops",
     "faiss_answer",
     "dense_oracle",
@@ -202,7 +203,7 @@ def _aggregate_examples(
     return total - math.log(len(outputs)) if len(outputs) > 1 else total
 
 
-def _stage_log_posterior(
+def stage_log_posterior(
     variant: Variant,
     aggregator: str,
     queries: tuple[torch.Tensor | None, ...],
@@ -253,7 +254,7 @@ def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
     with torch.inference_mode():  # from the same cached item inputs as the stages: no slower than we can make it
         x = snapshot.item_inputs(dense, torch.from_numpy(rows))
         counts_t = torch.from_numpy(counts)
-        log_post = _stage_log_posterior(dense, ORACLE_AGGREGATOR, target.queries, x, counts_t, inputs=True)
+        log_post = stage_log_posterior(dense, ORACLE_AGGREGATOR, target.queries, x, counts_t, inputs=True)
         post = log_post.exp()
         scores = post @ torch.from_numpy(target.utility).double()
         keys = ranking_key(log_post, target)

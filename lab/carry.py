@@ -43,7 +43,7 @@ def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> 
     import torch
 
     from cascade.config import Stage
-    from cascade.engine import _stage_log_posterior, ranking_key, stage_flops
+    from cascade.engine import ranking_key, stage_flops, stage_log_posterior
     from cascade.space import sample_members
     from models.aggregation import impossible_classes, log_softmax_rows
 
@@ -64,7 +64,7 @@ def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> 
             rows, counts = sample_members(space.offsets, alive, stage.samples, rng)
         with torch.inference_mode():
             x = torch.index_select(snapshot.features, 0, torch.from_numpy(rows))
-            log_post = _stage_log_posterior(variant, stage.aggregator, target.queries, x, torch.from_numpy(counts))
+            log_post = stage_log_posterior(variant, stage.aggregator, target.queries, x, torch.from_numpy(counts))
             if carry:
                 prior = variant.log_prior.double()
                 summed = prev_log_post + log_post - prior.masked_fill(impossible_classes(prior), 0.0)[None, :]
