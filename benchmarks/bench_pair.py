@@ -118,28 +118,12 @@ def _commit() -> str:
         return "unknown"
 
 
-def split_queries(snapshot, split: str):  # type: ignore[no-untyped-def]
-    """The snapshot with only its dev or test held-out queries: the one at an odd position of the queries file
-    is a dev query, at an even position a test query (the split the tuner tunes on); `all` keeps them all."""
-    import dataclasses
-
-    import numpy as np
-
-    from cascade.queries import QuerySet
-
-    qs = snapshot.queries
-    if split == "all" or qs is None:
-        return snapshot
-    rows = np.arange(len(qs)) % 2 == (1 if split == "dev" else 0)
-    return dataclasses.replace(snapshot, queries=QuerySet(x=qs.x[rows], cluster=qs.cluster[rows], label=qs.label[rows]))
-
-
 def run(args: argparse.Namespace) -> dict:
     from cascade.config import Stage
     from cascade.evaluation import evaluate_example_queries
 
     set_threads(args.threads)
-    snapshot = split_queries(load_snapshot_from(args.home, args.space), args.split)
+    snapshot = load_snapshot_from(args.home, args.space)
     dense = snapshot.config.pair_dense
     assert dense is not None, "the home has no pair models"
     widest = int(snapshot.space.sizes.max())
@@ -154,7 +138,10 @@ def run(args: argparse.Namespace) -> dict:
     )
     methods = {n: None if s is None else tuple(Stage.model_validate(x) for x in s) for n, s in grid.items()}
     t0 = time.perf_counter()
-    reports = evaluate_example_queries(snapshot, methods, k=args.k, candidates=args.candidates, queries=args.queries)
+    # the split is taken once, by evaluate_example_queries (cascade.queries.SPLIT_RULE: dev = odd positions)
+    reports = evaluate_example_queries(
+        snapshot, methods, k=args.k, candidates=args.candidates, queries=args.queries, split=args.split
+    )
     oracle = reports["oracle"]
     rerank = reports["retrieve+rerank (dense, every member)"]
     space = snapshot.space
