@@ -24,6 +24,7 @@ from cascade.item_store import DTYPES, ITEM_INPUTS_DIR, features_digest, mapped_
 from cascade.queries import QuerySet
 from cascade.space import Space
 from models.aggregation import get_aggregator, log_prior_of
+from models.calibration import is_temperature
 from models.flops import Flops
 from models.gadget import gadget_misfit
 from models.manifest import Manifest
@@ -298,7 +299,7 @@ def served_temperature(manifest: Manifest) -> float:
     (`posterior_calibration`), or 1 where there is none or it is not a number in [0.05, 20] (an entry edited by
     hand is served uncalibrated, not refused)."""
     value = (manifest.extra.get("posterior_calibration") or {}).get("temperature", 1.0)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.05 <= value <= 20:
+    if is_temperature(value):
         return float(value)
     log.warning("%s: posterior_calibration.temperature %r is not in [0.05, 20]; served with T = 1", manifest.ref, value)
     return 1.0

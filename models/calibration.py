@@ -12,9 +12,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fit_temperature", "expected_calibration_error", "calibration_report"]
+__all__ = ["fit_temperature", "expected_calibration_error", "calibration_report", "TEMPERATURES", "is_temperature"]
 
-_BOUNDS = (0.05, 20.0)  # temperatures searched; beyond them a model is broken, not miscalibrated
+TEMPERATURES = (0.05, 20.0)
+"""Temperatures searched and served; beyond them a model is broken, not miscalibrated."""
+
+
+def is_temperature(value: object) -> bool:
+    """A number a registry entry may carry as its temperature (a real number within `TEMPERATURES`)."""
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and TEMPERATURES[0] <= value <= TEMPERATURES[1]
+    )
 
 
 def _nll(logits: torch.Tensor, grades: torch.Tensor, inverse_t: float) -> float:
@@ -27,7 +35,7 @@ def fit_temperature(logits: torch.Tensor, grades: torch.Tensor, iterations: int 
     if logits.ndim != 2 or grades.shape != logits.shape[:1] or len(grades) == 0:
         raise ValueError("logits must be (N, G) and grades (N,) with N > 0")
     logits, grades = logits.detach().double(), grades.long()
-    lo, hi = 1 / _BOUNDS[1], 1 / _BOUNDS[0]
+    lo, hi = 1 / TEMPERATURES[1], 1 / TEMPERATURES[0]
     ratio = (math.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = _nll(logits, grades, a), _nll(logits, grades, b)

@@ -21,6 +21,7 @@ from safetensors.torch import load as load_safetensors
 
 from cascade.snapshot import Snapshot, Variant
 from cascade.space import PAIR_PROBE_FILE, PROBE_FILE
+from models.calibration import TEMPERATURES, is_temperature
 from models.evaluation import accuracy
 from models.flops import Flops, count_flops
 from models.manifest import Manifest, utc_now
@@ -128,6 +129,7 @@ def _kind_of(manifest: Manifest, snapshot: Snapshot, probe: Probe) -> _Kind:
                 f"{spec.num_grades}, the space's pair models have {snapshot.num_grades}",
             )
         _check_grade_prior(manifest.extra.get("grade_prior"), spec.num_grades)
+        _check_calibration(manifest.extra.get("posterior_calibration"))
         pairs = probe.pairs
         return _Kind(
             spec,
@@ -176,6 +178,20 @@ def _check_grade_prior(prior: Any, num_grades: int) -> None:
             422,
             "manifest.extra.grade_prior",
             f"required: {num_grades} positive numbers summing to 1 (the training mix)",
+        )
+
+
+def _check_calibration(calibration: Any) -> None:
+    """A pair model's temperature (manifest extra.posterior_calibration), when it has one, divides every logit
+    it serves: it must be a number within `models.calibration.TEMPERATURES`."""
+    if calibration is None:
+        return
+    if not isinstance(calibration, dict) or not is_temperature(calibration.get("temperature")):
+        low, high = TEMPERATURES
+        raise UploadError(
+            422,
+            "manifest.extra.posterior_calibration.temperature",
+            f"required when posterior_calibration is given: a number in [{low:g}, {high:g}]",
         )
 
 

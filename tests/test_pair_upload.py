@@ -43,6 +43,8 @@ def test_pair_model_upload_is_gated_and_activated(admin_server) -> None:
         (lambda m: {**m, "spec": {**m["spec"], "num_grades": 4}}, "manifest"),
         (lambda m: {**m, "spec": {**m["spec"], "trunk_channels": float("inf")}}, "manifest"),
         (lambda m: {**m, "flops_nonzero": m["flops_nonzero"] + 1}, "flops_nonzero"),
+        (lambda m: {**m, "extra": {**m["extra"], "posterior_calibration": {"temperature": 0}}}, "temperature"),
+        (lambda m: {**m, "extra": {**m["extra"], "posterior_calibration": "hot"}}, "temperature"),
     ],
 )
 def test_bad_pair_manifests_are_refused_naming_the_field(admin_server, change, field: str) -> None:
