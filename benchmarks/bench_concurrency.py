@@ -34,14 +34,13 @@ import os
 import queue
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from benchmarks.common import dump_json, median, percentile, wait_ready
+from benchmarks.common import dump_json, median, percentile, uvicorn_process
 
 __all__ = ["main", "closed_loop", "open_loop", "server_cpu_seconds", "start_server", "query_bodies"]
 
@@ -116,32 +115,8 @@ def start_server(
         "OMP_NUM_THREADS": "1",
         **(env or {}),
     }
-    cmd = [
-        str(Path(sys.executable).with_name("uvicorn")),
-        "service.app:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-    proc = subprocess.Popen(cmd, env=environ, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=cwd)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, consecutive=1 if workers == 1 else 20 * workers)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with uvicorn_process(port, workers, environ, log or subprocess.DEVNULL, cwd=cwd, ready_per_worker=20) as server:
+        yield server
 
 
 def wait_exact(url: str, timeout_s: float = 300.0) -> None:

@@ -238,6 +238,22 @@ def serve(
         env["OMP_NUM_THREADS"] = str(omp_threads)  # FAISS's OpenMP pool (torch's is set explicitly)
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    try:
+        with uvicorn_process(port, workers, env, out, cwd=tree, ready_per_worker=30) as (url, _):
+            yield url
+    finally:
+        if log:
+            out.close()
+
+
+@contextmanager
+def uvicorn_process(
+    port: int, workers: int, env: dict[str, str], stdout, cwd: Path | None = None, ready_per_worker: int = 30
+) -> Iterator[tuple[str, int]]:
+    """uvicorn on 127.0.0.1 only, as the deployment runs it (`--factory --workers N`), with exactly `env`; yields
+    (url, pid) once ready (with several workers: `ready_per_worker` x N consecutive ready answers, so every worker
+    has loaded), and stops it by its own pid."""
     cmd = [
         str(Path(sys.executable).with_name("uvicorn")),
         "service.app:create_app",
@@ -252,12 +268,11 @@ def serve(
         "warning",
         "--no-access-log",
     ]
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, consecutive=1 if workers == 1 else 30 * workers)
-        yield url
+        wait_ready(url, consecutive=1 if workers == 1 else ready_per_worker * workers)
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -265,8 +280,6 @@ def serve(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-        if log:
-            out.close()
 
 
 def dump_json(path: Path, payload: object) -> None:
