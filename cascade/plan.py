@@ -10,7 +10,7 @@ the path; the engine (`cascade.engine`) keeps the stage mechanics."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -23,6 +23,7 @@ from cascade.exact import ExactAnswer, ExactTable, lookup_flops
 from cascade.queries import default_gains
 from cascade.snapshot import Snapshot
 from cascade.stage_loop import StageJob, run_stages, run_stages_many
+from cascade.tuning_record import QualityUnmet, plan_for_quality
 from models.inference import score_chunked
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ table's."""
 @dataclass(frozen=True)
 class Query:
     """A request in the engine's terms: exactly one of `label`, `utility` or `examples` (the HTTP schema has
-    checked that), and how to answer it (`mode`, `stages`, `candidates`)."""
+    checked that), and how to answer it (`mode`, `stages`, `candidates`, or a `quality` that picks both)."""
 
     label: int | None = None
     utility: Sequence[float] | np.ndarray | None = None
@@ -70,6 +71,7 @@ class Query:
     mode: Mode = "auto"
     stages: Sequence[Stage] | None = None  # None: the snapshot's default cascade for the target
     candidates: int | None = None  # a query by example's stage 0 (clusters the embedding proposes)
+    quality: float | None = None  # the cheapest plan on the tuned front that meets it: its stages and candidates
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,11 @@ def plan_query(
 ) -> QueryPlan:
     """The plan for `query` on `snapshot`. `exact_table` finds the snapshot's exact table (None while it is
     built, or when there is none); label and utility targets use it unless the query asks for the cascade
-    (`mode`, `stages`). Raises RequestError naming the offending field, ExactTableNotReady for `mode: exact`
+    (`mode`, `stages`). A `quality` takes the stages and candidates of the cheapest plan on the snapshot's tuned
+    front that meets it. Raises RequestError naming the offending field, ExactTableNotReady for `mode: exact`
     before the table is built."""
+    if query.quality is not None:
+        query = _with_quality_plan(snapshot, query)
     if limits.max_k is not None and query.k > limits.max_k:
         raise RequestError("k", f"at most {limits.max_k}")
     target = target_of(snapshot, query, limits)
@@ -123,6 +128,19 @@ def plan_query(
     if table is None and query.mode == "exact":
         raise ExactTableNotReady("the exact table for this dense model is still being built")
     return plan_target(snapshot, target, query.k, query.stages, table=table, max_flops=limits.max_flops)
+
+
+def _with_quality_plan(snapshot: Snapshot, query: Query) -> Query:
+    """The query with the stages and M of the cheapest plan on the tuned front that meets its quality."""
+    if query.stages is not None or query.candidates is not None:
+        raise RequestError("quality", "give a quality or stages and candidates, not both")
+    if query.examples is None:
+        raise RequestError("quality", "a quality picks a plan of the pair cascade: it needs a query by example")
+    try:
+        point = plan_for_quality(snapshot.config.pair_tuning, query.quality or 0.0)
+    except QualityUnmet as exc:
+        raise RequestError("quality", str(exc)) from None
+    return replace(query, stages=point.stages, candidates=point.candidates, quality=None)
 
 
 def target_of(snapshot: Snapshot, query: Query, limits: Limits = Limits()) -> Target:

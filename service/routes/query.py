@@ -16,8 +16,6 @@ from cascade.engine import DeadlineExceeded, StageReport
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer
 from cascade.plan import Answer, Limits, Query, QueryPlan, execute, execute_many, plan_query
-from cascade.snapshot import Snapshot
-from cascade.tuning_record import QualityUnmet, plan_for_quality
 from service.cache import cache_key
 from service.dependencies import snapshot_of
 from service.errors import error_responses
@@ -98,9 +96,6 @@ def _answer(http: Request, request: QueryRequest, state: ServiceState, expected:
     query, limits = _query(request), _limits(state)
     snapshot = snapshot_of(state)
     started = time.perf_counter()
-    if request.quality is not None:  # the cheapest plan on the tuned front that meets it, from this snapshot
-        request = _plan_for_quality(snapshot, request)
-        query = _query(request)
     try:
         plan = plan_query(snapshot, query, limits, state.exact_table)
     except ExactTableNotReady as exc:
@@ -156,8 +151,6 @@ def query_batch(http: Request, request: QueryBatchRequest) -> Response:
     plans = []
     for i, q in enumerate(request.queries):
         try:
-            if q.quality is not None:  # the cheapest plan on the tuned front that meets it
-                q = _plan_for_quality(snapshot, q)
             plans.append(plan_query(snapshot, _query(q), per_query, state.exact_table))
         except RequestError as exc:
             raise RequestError(f"queries[{i}].{exc.field}", exc.message) from None
@@ -188,19 +181,6 @@ def query_batch(http: Request, request: QueryBatchRequest) -> Response:
     return Response(content=QueryBatchResponse.__pydantic_serializer__.to_json(out), media_type="application/json")
 
 
-def _plan_for_quality(snapshot: Snapshot, request: QueryRequest) -> QueryRequest:
-    """A request that names a quality: the stages and M of the cheapest plan on the tuned front that meets it."""
-    if request.stages is not None or request.candidates is not None:
-        raise RequestError("quality", "give a quality or stages and candidates, not both")
-    if request.target.examples is None:
-        raise RequestError("quality", "a quality picks a plan of the pair cascade: it needs a query by example")
-    try:
-        point = plan_for_quality(snapshot.config.pair_tuning, request.quality or 0.0)
-    except QualityUnmet as exc:
-        raise RequestError("quality", str(exc)) from None
-    return request.model_copy(update={"stages": list(point.stages), "candidates": point.candidates, "quality": None})
-
-
 def _query(request: QueryRequest) -> Query:
     t = request.target
     return Query(
@@ -212,6 +192,7 @@ def _query(request: QueryRequest) -> Query:
         mode=request.mode,
         stages=request.stages,
         candidates=request.candidates,
+        quality=request.quality,
     )
 
 
