@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cascade.config import Stage
+from cascade.errors import RequestError
 from cascade.snapshot import Snapshot, Variant
 from cascade.space import sample_members
 from models.aggregation import MemberOutputs, aggregate, get_aggregator
@@ -236,9 +237,11 @@ def faiss_answer(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
 
 def dense_flops(snapshot: Snapshot, target: Target) -> int:
     """What the dense exhaustive oracle costs for this target: the dense model on every member of every
-    cluster (for every example of a query by example)."""
-    dense = snapshot.dense_for(target.kind)
-    return dense.cost(int(snapshot.space.sizes.sum())).nonzero * len(target.queries)
+    cluster (for every example of a query by example), as the snapshot counted it once (`Snapshot.oracle_flops`)."""
+    per_example = snapshot.oracle_flops.get(target.kind)
+    if per_example is None:
+        raise RequestError("target", f"no dense {target.kind} model is configured")
+    return per_example * len(target.queries)
 
 
 def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:

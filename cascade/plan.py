@@ -23,7 +23,7 @@ from cascade.exact import ExactAnswer, ExactTable, lookup_flops
 from cascade.queries import default_gains
 from cascade.snapshot import Snapshot
 from cascade.stage_loop import StageJob, run_stages, run_stages_many
-from cascade.tuning_record import QualityUnmet, plan_for_quality
+from cascade.tuning_record import PlanPoint, TuningRecord
 from models.inference import score_chunked
 
 if TYPE_CHECKING:
@@ -39,6 +39,8 @@ __all__ = [
     "plan_target",
     "execute",
     "execute_many",
+    "plan_for_quality",
+    "QualityUnmet",
     "run_cascade",
     "resolve_stages",
     "target_of",
@@ -249,6 +251,24 @@ def run_cascade(
     result = execute(plan_target(snapshot, target, k, stages), seed, deadline)
     assert isinstance(result, CascadeResult)
     return result
+
+
+class QualityUnmet(LookupError):
+    """No plan on the stored front reaches the quality asked for."""
+
+
+def plan_for_quality(record: TuningRecord | None, quality: float) -> PlanPoint:
+    """The cheapest plan on the stored front whose lower confidence bound of relative nDCG@10 reaches
+    `quality`."""
+    if record is None:
+        raise QualityUnmet("this space's default cascade was not tuned (prunecascade tune): no front to choose from")
+    for point in sorted(record.front, key=lambda p: (p.flops, p.ms)):
+        if point.rel_ndcg_low >= quality:
+            return point
+    best = max((p.rel_ndcg_low for p in record.front), default=float("nan"))
+    raise QualityUnmet(
+        f"no plan on the tuned front reaches {quality:g} (the best lower bound is {best:.3f}); {record.reason}"
+    )
 
 
 def _check_k(k: int, alive: int) -> None:

@@ -3,6 +3,7 @@ A query takes one snapshot when it starts and finishes on it, whatever swaps hap
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ from models.gadget import gadget_misfit
 from models.manifest import Manifest
 from models.pair import PairNetwork, pair_flops, pair_query_flops
 from models.registry import LoadedModel, ModelRegistry
-from models.scorer import Scorer, cluster_context, item_inputs, item_inputs_key, query_flops
+from models.scorer import SCORER_KINDS, Scorer, cluster_context, item_inputs, item_inputs_key, query_flops
 
 log = logging.getLogger("prunecascade.snapshot")
 
@@ -218,6 +219,21 @@ class Snapshot:
     @property
     def dense(self) -> Variant:
         return self.variants[self.config.dense]
+
+    @functools.cached_property
+    def oracle_flops(self) -> Mapping[str, int]:
+        """What the dense exhaustive oracle costs for one example, per kind of target (`classifier`, and `pair`
+        when a dense pair model is served): the dense model of that kind on every item, counted once per
+        snapshot (a query's `dense_flops` reads it)."""
+        items = int(self.space.sizes.sum())
+        costs = {}
+        for kind in SCORER_KINDS:
+            try:
+                dense = self.variants[self.config.dense_for(kind)]
+            except LookupError:  # no dense model of that kind: no oracle either
+                continue
+            costs[kind] = dense.cost(items).nonzero
+        return MappingProxyType(costs)
 
     def dense_for(self, kind: str) -> Variant:
         try:

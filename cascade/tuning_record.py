@@ -2,8 +2,8 @@
 front (quality against cost on dev queries), the reference points, and where it all came from. It travels
 inside `CascadeConfig`, so it is saved, shared between replicas and swapped with the plan it describes.
 
-Query-time code reads it only to answer a request that names a quality instead of stages
-(`plan_for_quality`); measuring is `cascade/tuner.py`'s job."""
+Query-time code reads only its front, to answer a request that names a quality instead of stages
+(`cascade.plan.plan_for_quality`); measuring is `cascade/tuner.py`'s job."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cascade.stage import Stage
 
-__all__ = ["PlanPoint", "TuneTarget", "TuningRecord", "plan_for_quality", "QualityUnmet", "dev_check"]
+__all__ = ["PlanPoint", "TuneTarget", "TuningRecord", "dev_check"]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -93,24 +93,6 @@ class TuningRecord(BaseModel):
     space: str
     date: str
     tuner: dict[str, float] = Field(description="plans measured, seconds spent")
-
-
-class QualityUnmet(LookupError):
-    """No plan on the stored front reaches the quality asked for."""
-
-
-def plan_for_quality(record: TuningRecord | None, quality: float) -> PlanPoint:
-    """The cheapest plan on the stored front whose lower confidence bound of relative nDCG@10 reaches
-    `quality`."""
-    if record is None:
-        raise QualityUnmet("this space's default cascade was not tuned (prunecascade tune): no front to choose from")
-    for point in sorted(record.front, key=lambda p: (p.flops, p.ms)):
-        if point.rel_ndcg_low >= quality:
-            return point
-    best = max((p.rel_ndcg_low for p in record.front), default=float("nan"))
-    raise QualityUnmet(
-        f"no plan on the tuned front reaches {quality:g} (the best lower bound is {best:.3f}); {record.reason}"
-    )
 
 
 def dev_check(record: TuningRecord) -> dict[str, object]:

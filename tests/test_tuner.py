@@ -25,6 +25,7 @@ from service_fixtures import AUTH, admin_env, copy_home
 
 from cascade.config import CONFIG_FILE, CascadeConfig
 from cascade.embedding import EmbeddingIndex
+from cascade.plan import QualityUnmet, plan_for_quality
 from cascade.queries import QuerySet, dev_rows
 from cascade.snapshot import Snapshot, load_snapshot
 from cascade.tuner import (
@@ -37,7 +38,7 @@ from cascade.tuner import (
     tune,
     tune_home,
 )
-from cascade.tuning_record import QualityUnmet, TuneTarget, plan_for_quality
+from cascade.tuning_record import TuneTarget
 from models.biencoder import BiEncoder
 from models.pair import PairNetwork
 from models.registry import ModelRegistry
