@@ -1,27 +1,25 @@
-"""The cascade: candidates from the index, then per stage one batched scoring pass over the sampled members
-of every surviving cluster, aggregation into cluster posteriors, scoring against the target, and a cut.
-
-Every stage calls `score(query, items)` on its model (`models.scorer`), so one loop serves classifiers
-(label and utility targets; the query is ignored) and pair models (queries by example; the query is read with
-every item). A target says which kind of model can answer it; the stage list is checked against that once."""
+"""The cascade's answers: what a stage reports (`StageReport`), a ranking with its stages (`CascadeResult`), the
+FAISS-only answer (stage 0 alone), and the dense exhaustive oracle every answer is measured against, with the
+one-query scoring it runs (`stage_log_posterior`). The stage loop (`cascade.stage_loop`) produces the cascade's
+results. What a query wants and how clusters are ranked (`cascade.target`) and the FLOPs (`cascade.costs`) have
+their own modules; their names are importable from here as well."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from cascade.config import Stage
-from cascade.errors import RequestError
+from cascade.costs import dense_flops, planned_stage_flops, stage_flops
 from cascade.snapshot import Snapshot, Variant
 from cascade.space import sample_members
-from models.aggregation import MemberOutputs, aggregate, get_aggregator
+from cascade.target import RANKING_KEYS, Target, ranking_key
+from models.aggregation import MemberOutputs, aggregate
 from models.inference import score_chunked
-from models.scorer import ScorerKind, prepare_for
+from models.scorer import prepare_for
 
 __all__ = [
     "Target",
@@ -48,34 +46,6 @@ a sample of members estimates it without bias (docs/aggregation.md, "What the de
 
 class DeadlineExceeded(TimeoutError):
     """The query's deadline (`time.monotonic()` seconds) passed between two stages: the rest is not computed."""
-
-
-RANKING_KEYS = {
-    "utility_log_odds": "log(E[u] - min u) - log(max u - E[u]) with E[u] = sum_o u_o p(o | cluster), u the utility "
-    "over outputs (one-hot for a label: its log-odds; gains over grades for a query by example): ranks as the "
-    "expected utility `score` does, without ties where the posterior saturates",
-    "negative_sq_distance": "minus the squared L2 distance from the query's embedding to the cluster centroid "
-    "(FAISS only, no model stage)",
-}
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the query wants: score(cluster) = sum_o utility[o] * p(o | query, cluster) (research notes 2), over
-    classes for a classifier target and over relevance grades for a query by example."""
-
-    utility: np.ndarray
-    kind: ScorerKind = "classifier"
-    queries: tuple[torch.Tensor | None, ...] = (None,)
-    """One (1, D) tensor per example for a pair model; `(None,)` for a classifier, which ignores the query."""
-    candidates: np.ndarray | None = None  # None: every cluster
-    candidate_distances: np.ndarray | None = None  # squared L2 in the embedding, for FAISS-only answers
-    label: int | None = None
-    flops: int = 0  # what it cost to build the target (embedding the examples)
-
-    @property
-    def ranking(self) -> str:
-        return "utility_log_odds"
 
 
 @dataclass(frozen=True)
@@ -109,68 +79,6 @@ class CascadeResult:
     @property
     def flops_dense_kernel(self) -> int:
         return sum(s.flops_dense_kernel for s in self.stages)
-
-
-def ranking_key(log_post: torch.Tensor, target: Target) -> torch.Tensor:
-    """What clusters are ranked by: the log-odds of the utility, log(E[u] - min u) - log(max u - E[u]), computed
-    from log posteriors. It ranks exactly as the expected utility E[u] = u . p does (it is increasing in it), but
-    a probability that saturates at 1.0 in float64 (hundreds of confident clusters) or sits at 0 no longer ties:
-    both the excess over the worst output and the shortfall from the best are sums of small probabilities,
-    computed in log space. For a label (one-hot u) it is the label's log-odds."""
-    lp = log_post.double()
-    u = torch.from_numpy(target.utility).double()
-    low, high = u - u.min(), u.max() - u
-    if not bool((high > 0).any()):  # every output is worth the same: nothing to rank by
-        return torch.zeros(len(lp), dtype=torch.float64)
-    excess = torch.logsumexp(lp[:, low > 0] + low[low > 0].log(), dim=1)
-    shortfall = torch.logsumexp(lp[:, high > 0] + high[high > 0].log(), dim=1)
-    return excess - shortfall
-
-
-def stage_flops(
-    variant: Variant,
-    aggregator: str,
-    items: int,
-    members: Mapping[int, int],
-    num_outputs: int,
-    examples: int = 1,
-    prepared_for: int | None = None,
-) -> tuple[int, int]:
-    """(nonzero, dense-kernel) FLOPs of one stage, for every example: the model on `items` members (the query
-    prepared before for `prepared_for` items and reused, or not), and the aggregation of clusters that have
-    `members` = {members per cluster: clusters}. The stage loop counts what it ran with it; a plan
-    (`cascade.plan`) predicts a stage with it before anything runs."""
-    agg = get_aggregator(aggregator)
-    aggregation = sum(clusters * agg.flops(n, num_outputs, variant.gadget) for n, clusters in members.items())
-    cost = variant.cost(items, prepared_for=prepared_for)
-    return examples * cost.nonzero + examples * aggregation, examples * cost.dense_kernel + examples * aggregation
-
-
-def planned_stage_flops(snapshot: Snapshot, target: Target, k: int, stages: tuple[Stage, ...]) -> tuple[int, ...]:
-    """Each stage's nonzero FLOPs as the stage loop (`cascade.stage_loop`) will count them (`stage_flops`),
-    before anything runs: every surviving cluster is assumed to have at least `samples` members, so the figure
-    is exact where they do and an upper bound otherwise. A stage of the same variant as the one before extends
-    its members, as the loop does."""
-    alive = len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters
-    max_size = int(snapshot.space.sizes.max()) if snapshot.space.num_clusters else 0
-    costs = []
-    previous: tuple[str, int, int] | None = None  # (variant, members per cluster, items prepared for)
-    for i, stage in enumerate(stages):
-        variant = snapshot.variants[stage.variant]
-        n = min(stage.samples, max_size)
-        if previous is not None and previous[0] == stage.variant:  # extends the members the stage before scored
-            items, prepared_for = alive * max(n - previous[1], 0), previous[2]
-            previous = (stage.variant, max(n, previous[1]), previous[2])
-        else:
-            items, prepared_for = alive * n, None
-            previous = (stage.variant, n, alive * n)
-        members = {previous[1]: alive} if alive and previous[1] else {}
-        nonzero, _ = stage_flops(
-            variant, stage.aggregator, items, members, len(variant.log_prior), len(target.queries), prepared_for
-        )
-        costs.append(nonzero)
-        alive = k if i == len(stages) - 1 else min(stage.keep or k, alive)
-    return tuple(costs)
 
 
 def _score_members(
@@ -233,15 +141,6 @@ def faiss_answer(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:
         ranking_values=values,
         ranking="negative_sq_distance",
     )
-
-
-def dense_flops(snapshot: Snapshot, target: Target) -> int:
-    """What the dense exhaustive oracle costs for this target: the dense model on every member of every
-    cluster (for every example of a query by example), as the snapshot counted it once (`Snapshot.oracle_flops`)."""
-    per_example = snapshot.oracle_flops.get(target.kind)
-    if per_example is None:
-        raise RequestError("target", f"no dense {target.kind} model is configured")
-    return per_example * len(target.queries)
 
 
 def dense_oracle(snapshot: Snapshot, target: Target, k: int) -> CascadeResult:

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cascade.engine import ORACLE_AGGREGATOR, Target, ranking_key
+from cascade.engine import ORACLE_AGGREGATOR
 from cascade.errors import RequestError
 from cascade.snapshot import Snapshot
+from cascade.target import Target, ranking_key
 from models.aggregation import MemberOutputs, aggregate
 from models.inference import chunk_rows, forward_chunked
 

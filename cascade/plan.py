@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from cascade.config import Stage, scale_keeps
-from cascade.engine import CascadeResult, DeadlineExceeded, Target, dense_flops, faiss_answer, planned_stage_flops
+from cascade.costs import dense_flops, planned_stage_flops
+from cascade.engine import CascadeResult, DeadlineExceeded, faiss_answer
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer, ExactTable, lookup_flops
 from cascade.queries import default_gains
 from cascade.snapshot import Snapshot
 from cascade.stage_loop import StageJob, run_stages, run_stages_many
+from cascade.target import Target
 from cascade.tuning_record import PlanPoint, TuningRecord
 from models.inference import score_chunked
 
@@ -183,6 +185,7 @@ def plan_target(
         oracle = table.build_flops  # the table is the oracle's pass over every member, counted as dense_flops does
     else:
         resolved = resolve_stages(snapshot, target, k, stages)
+        oracle = dense_flops(snapshot, target)
         costs = planned_stage_flops(snapshot, target, k, resolved)
         flops = target.flops + sum(costs)
         if max_flops is not None and flops > max_flops:
@@ -193,7 +196,6 @@ def plan_target(
             )
         _check_k(k, len(target.candidates) if target.candidates is not None else snapshot.space.num_clusters)
         path = "cascade" if resolved else "faiss"
-        oracle = dense_flops(snapshot, target)
     return QueryPlan(snapshot, target, k, path, resolved, costs, table, flops, oracle)
 
 

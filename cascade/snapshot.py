@@ -31,7 +31,7 @@ from models.gadget import gadget_misfit
 from models.manifest import Manifest
 from models.pair import PairNetwork, pair_flops, pair_query_flops
 from models.registry import LoadedModel, ModelRegistry
-from models.scorer import SCORER_KINDS, Scorer, cluster_context, item_inputs, item_inputs_key, query_flops
+from models.scorer import SCORER_KINDS, Scorer, cluster_context, item_inputs, item_inputs_key
 
 log = logging.getLogger("prunecascade.snapshot")
 
@@ -74,8 +74,13 @@ class Variant:
     def cost(self, num_items: int, prepared_for: int | None = None) -> Flops:
         """FLOPs of one query (one example) against `num_items` items as this variant serves them (a pair
         model picks folded or plain by the number; item inputs come from the snapshot's cache).
-        `prepared_for`: the query was prepared before for that many items and is reused (no query cost)."""
-        return query_flops(self.model, num_items, self.flops, prepared_for)
+        `prepared_for`: the query was prepared before for that many items and is reused (no query cost). A model
+        whose cost depends on its path (a pair model: folded or plain) counts itself; any other costs `flops` per
+        item whatever the query."""
+        priced = getattr(self.model, "flops", None)
+        if callable(priced):
+            return priced(num_items, prepared_for=prepared_for)
+        return self.flops * num_items
 
     @property
     def kind(self) -> str:

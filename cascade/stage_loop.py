@@ -18,7 +18,6 @@ code."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,9 +27,11 @@ import numpy as np
 import torch
 
 from cascade.config import Stage
-from cascade.engine import CascadeResult, DeadlineExceeded, StageReport, Target, ranking_key, stage_flops
+from cascade.costs import stage_flops
+from cascade.engine import CascadeResult, DeadlineExceeded, StageReport
 from cascade.snapshot import Snapshot, Variant
-from models.aggregation import MemberOutputs, aggregate, get_aggregator
+from cascade.target import Target, ranking_keys, top_per_query
+from models.aggregation import MemberOutputs, aggregate_many, get_aggregator, log_mean_posteriors
 from models.inference import score_many
 from models.scorer import prepare_many
 
@@ -198,106 +199,6 @@ def _per_query(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 # -- one stage for every live query -----------------------------------------------------------------------------
-def _aggregate_units(
-    variant: Variant,
-    aggregator: str,
-    logits: torch.Tensor,
-    hidden: torch.Tensor,
-    counts: np.ndarray,
-    owner: np.ndarray,
-    clusters_q: np.ndarray,
-    rows_q: np.ndarray,
-) -> torch.Tensor:
-    """Cluster log posteriors of every unit (concatenated), one call where the queries take the same branch of
-    the aggregator as alone (all clusters of one member or not); a gadget per unit (its packed sequences are
-    not row-wise)."""
-    agg = get_aggregator(aggregator)
-    unit_counts = counts if len(owner) == len(clusters_q) else counts[_unit_index(owner, clusters_q)]
-    if agg.needs_gadget:
-        parts, row, c0 = [], 0, 0
-        for q in owner:
-            n_rows, n_clusters = int(rows_q[q]), int(clusters_q[q])
-            outs = MemberOutputs(logits[row : row + n_rows], hidden[row : row + n_rows])
-            parts.append(
-                aggregate(
-                    aggregator,
-                    outs,
-                    torch.from_numpy(unit_counts[c0 : c0 + n_clusters]),
-                    variant.log_prior,
-                    variant.gadget,
-                )
-            )
-            row, c0 = row + n_rows, c0 + n_clusters
-        return torch.cat(parts)
-    ones = _per_query((counts != 1).astype(np.int64), clusters_q) == 0
-    unit_ones = ones[owner]
-    if unit_ones.all() or not unit_ones.any():
-        return aggregate(aggregator, MemberOutputs(logits, hidden), torch.from_numpy(unit_counts), variant.log_prior)
-    # both branches in the batch: each group in one call, then back in unit order
-    row_of_unit = np.repeat(unit_ones, rows_q[owner])
-    cluster_of_unit = np.repeat(unit_ones, clusters_q[owner])
-    out = torch.empty(len(unit_counts), logits.shape[1], dtype=torch.float32)
-    for flag in (True, False):
-        rows = torch.from_numpy(np.flatnonzero(row_of_unit == flag))
-        cl = np.flatnonzero(cluster_of_unit == flag)
-        outs = MemberOutputs(logits[rows], hidden[rows] if hidden.numel() else hidden)
-        out[torch.from_numpy(cl)] = aggregate(aggregator, outs, torch.from_numpy(unit_counts[cl]), variant.log_prior)
-    return out
-
-
-def _combine_examples(log_post: torch.Tensor, owner: np.ndarray, clusters_q: np.ndarray) -> torch.Tensor:
-    """Per query, the log of the mean posterior over its examples (a query of one example: its unit's, as
-    float64), concatenated over queries."""
-    lp = log_post.double()
-    examples = np.bincount(owner, minlength=len(clusters_q))
-    if (examples == 1).all():
-        return lp
-    parts, row = [], 0
-    for q, e in enumerate(examples):
-        c = int(clusters_q[q])
-        total = lp[row : row + c]
-        for j in range(1, e):
-            total = torch.logaddexp(total, lp[row + j * c : row + (j + 1) * c])
-        parts.append(total - math.log(e) if e > 1 else total)
-        row += e * c
-    return torch.cat(parts)
-
-
-def _ranking_keys(log_post: torch.Tensor, targets: Sequence[Target], clusters_q: np.ndarray) -> torch.Tensor:
-    """`engine.ranking_key` for every query's clusters: one call per distinct utility."""
-    groups: dict[bytes, list[int]] = defaultdict(list)
-    for q, t in enumerate(targets):
-        groups[np.asarray(t.utility, dtype=np.float64).tobytes()].append(q)
-    if len(groups) == 1:
-        return ranking_key(log_post, targets[0])
-    starts = np.cumsum(clusters_q) - clusters_q
-    out = torch.empty(len(log_post), dtype=torch.float64)
-    for qs in groups.values():
-        idx = torch.from_numpy(np.concatenate([np.arange(starts[q], starts[q] + clusters_q[q]) for q in qs]))
-        out[idx] = ranking_key(log_post[idx], targets[qs[0]])
-    return out
-
-
-def _top(keys: torch.Tensor, clusters_q: np.ndarray, keep: list[int]) -> list[np.ndarray]:
-    """Per query, the positions (within its clusters) of its `keep[q]` best keys, best first: one topk over a
-    (queries x clusters) view where the queries have as many clusters and keep as many."""
-    starts = np.cumsum(clusters_q) - clusters_q
-    out: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(clusters_q)
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for q, (c, n) in enumerate(zip(clusters_q, keep, strict=True)):
-        groups[(int(c), n)].append(q)
-    for (c, n), qs in groups.items():
-        if len(qs) == 1 or c == 0:
-            for q in qs:
-                out[q] = torch.topk(keys[starts[q] : starts[q] + c], n).indices.numpy()
-            continue
-        block = keys[torch.from_numpy(np.concatenate([np.arange(starts[q], starts[q] + c) for q in qs]))]
-        top = torch.topk(block.view(len(qs), c), n, dim=1).indices.numpy()
-        for j, q in enumerate(qs):
-            out[q] = top[j]
-    return out
-
-
 def _group_positions(counts: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Positions, in a grouped array with these counts, of the members of `groups` (in that order)."""
     starts = np.cumsum(counts) - counts
@@ -371,7 +272,10 @@ def _run_group(snapshot: Snapshot, jobs: list[StageJob]) -> list[CascadeResult |
         for j, job in enumerate(batch.jobs):
             key = (stage_out.items[j], stage_out.members[j], stage_out.prepared_for[j], len(job.target.queries))
             if key not in costs:
-                costs[key] = _flops(variant, stage.aggregator, *key)
+                items, members, prepared_for, examples = key
+                costs[key] = stage_flops(
+                    variant, stage.aggregator, items, dict(members), len(variant.log_prior), examples, prepared_for
+                )
             flops, dense_kernel = costs[key]
             reports[batch.index[j]].append(
                 StageReport(
@@ -473,6 +377,30 @@ def _stage(
     else:
         new_rows, new_counts = sample_members_many(space.offsets, batch.alive, stage.samples, batch.rngs)
     new_q = _per_query(new_counts, clusters_q)
+    if extend:
+        assert prev is not None
+        # per cluster, the members scored before first, then the new ones (a stable sort by cluster)
+        cluster_of = np.concatenate(
+            [np.repeat(np.arange(len(prev.counts)), prev.counts), np.repeat(np.arange(len(new_counts)), new_counts)]
+        )
+        order = np.argsort(cluster_of, kind="stable")
+        rows = np.concatenate([prev.rows, new_rows])[order]
+        counts = prev.counts + new_counts
+        # the same order over unit rows (each unit repeats its query's rows)
+        unit_cluster = np.concatenate(
+            [
+                _unit_cluster_ids(owner, prev.counts, clusters_q),
+                _unit_cluster_ids(owner, new_counts, clusters_q),
+            ]
+        )
+        unit_order = torch.from_numpy(np.argsort(unit_cluster, kind="stable"))
+    else:
+        rows, counts = new_rows, new_counts
+    unit_counts = counts if len(owner) == len(jobs) else counts[_unit_index(owner, clusters_q)]
+    unit_items = [slice(*_range(new_q, q)) for q in owner]
+    examples_q = np.bincount(owner, minlength=len(jobs))
+    starts = np.cumsum(clusters_q) - clusters_q
+    members = [_members(counts[starts[q] : starts[q] + clusters_q[q]]) for q in range(len(jobs))]
     agg = get_aggregator(stage.aggregator)
     with torch.inference_mode():
         x = snapshot.item_inputs(variant, torch.from_numpy(new_rows))
@@ -482,47 +410,27 @@ def _stage(
         else:
             prepared = prepare_many(variant.model, list(queries), [int(new_q[q]) for q in owner])
             prepared_for = [int(new_q[q]) for q in owner]
-        unit_x = [x[slice(*_range(new_q, q))] for q in owner]
-        logits, hidden = score_many(variant.model, prepared, unit_x)
+        logits, hidden = score_many(variant.model, prepared, [x[items] for items in unit_items])
         if not (agg.needs_hidden or carry):
             hidden = hidden[:0]
         if extend:
             assert prev is not None
-            old_q = _per_query(prev.counts, clusters_q)
-            # per cluster, the members scored before first, then the new ones (a stable sort by cluster)
-            cluster_of = np.concatenate(
-                [np.repeat(np.arange(len(prev.counts)), prev.counts), np.repeat(np.arange(len(new_counts)), new_counts)]
-            )
-            order = np.argsort(cluster_of, kind="stable")
-            rows = np.concatenate([prev.rows, new_rows])[order]
-            counts = prev.counts + new_counts
-            rows_q = old_q + new_q
-            # the same order over unit rows (each unit repeats its query's rows)
-            unit_cluster = np.concatenate(
-                [
-                    _unit_cluster_ids(owner, prev.counts, clusters_q),
-                    _unit_cluster_ids(owner, new_counts, clusters_q),
-                ]
-            )
-            unit_order = torch.from_numpy(np.argsort(unit_cluster, kind="stable"))
             logits = torch.cat([prev.logits, logits])[unit_order]
             if agg.needs_hidden or carry:  # the stage before kept them: it carried its members to this one
                 hidden = torch.cat([prev.hidden, hidden])[unit_order]
-        else:
-            rows, counts, rows_q = new_rows, new_counts, new_q
-        log_post = _aggregate_units(variant, stage.aggregator, logits, hidden, counts, owner, clusters_q, rows_q)
-        log_post = _combine_examples(log_post, owner, clusters_q)
-        keys = _ranking_keys(log_post, [j.target for j in jobs], clusters_q)
-        top = _top(keys, clusters_q, keep_q)
-    starts = np.cumsum(clusters_q) - clusters_q
-    members = [_members(counts[starts[q] : starts[q] + clusters_q[q]]) for q in range(len(jobs))]
+        outputs = MemberOutputs(logits, hidden)
+        log_post = aggregate_many(
+            stage.aggregator, outputs, unit_counts, clusters_q[owner], variant.log_prior, variant.gadget
+        )
+        log_post = log_mean_posteriors(log_post, examples_q, clusters_q)
+        keys = ranking_keys(log_post, [j.target for j in jobs], clusters_q)
+        top = top_per_query(keys, clusters_q, keep_q)
     scored = None
     if carry:
         groups = np.concatenate([starts[q] + top[q] for q in range(len(jobs))])
         keep_rows = _group_positions(counts, groups)
         kept_counts = counts[groups]
         # the same selection over unit rows
-        unit_counts = counts if len(owner) == len(jobs) else counts[_unit_index(owner, clusters_q)]
         unit_starts = np.cumsum(clusters_q[owner]) - clusters_q[owner]
         unit_groups = np.concatenate([unit_starts[u] + top[q] for u, q in enumerate(owner)])
         t = torch.from_numpy(_group_positions(unit_counts, unit_groups))
@@ -558,15 +466,3 @@ def _members(counts: np.ndarray) -> tuple[tuple[int, int], ...]:
     """((members per cluster, clusters), ...): what the aggregation's FLOPs depend on."""
     times = np.bincount(counts)
     return tuple((int(n), int(times[n])) for n in np.flatnonzero(times))
-
-
-def _flops(
-    variant: Variant,
-    aggregator: str,
-    items: int,
-    members: tuple[tuple[int, int], ...],
-    prepared_for: int | None,
-    examples: int,
-) -> tuple[int, int]:
-    """(nonzero, dense-kernel) FLOPs of one query's stage (`engine.stage_flops`, the count a plan predicts)."""
-    return stage_flops(variant, aggregator, items, dict(members), len(variant.log_prior), examples, prepared_for)

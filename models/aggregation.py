@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,6 +19,8 @@ __all__ = [
     "get_aggregator",
     "list_aggregators",
     "aggregate",
+    "aggregate_many",
+    "log_mean_posteriors",
     "segment_ids",
     "log_softmax_rows",
     "AGGREGATORS",
@@ -119,6 +122,65 @@ def aggregate(
     if agg.needs_gadget and gadget is None:
         raise ValueError(f"aggregator {name!r} needs a trained gadget for this variant")
     return agg.fn(outputs, counts, log_prior, gadget)
+
+
+def aggregate_many(
+    name: str,
+    outputs: MemberOutputs,
+    counts: np.ndarray,
+    tuples: np.ndarray,
+    log_prior: torch.Tensor,
+    gadget: nn.Module | None = None,
+) -> torch.Tensor:
+    """`aggregate` of several independent sets of tuples at once (the stage loop's units: one per query and
+    example), each set's rows what `aggregate` gives that set alone, bit for bit. `tuples[s]`: how many tuples
+    set s has; `counts`: members per tuple, concatenated over the sets in order, as the member rows of
+    `outputs` are. One call where the sets take the same branch of the aggregator as they do alone (every tuple
+    of one member, or not), one per branch otherwise; a gadget set by set (its packed sequences are not
+    row-wise)."""
+    agg = get_aggregator(name)
+    set_of_tuple = np.repeat(np.arange(len(tuples)), tuples)
+    rows = np.bincount(set_of_tuple, weights=counts, minlength=len(tuples)).astype(np.int64)
+    logits, hidden = outputs.logits, outputs.hidden
+    if agg.needs_gadget:
+        assert hidden is not None
+        parts, row, t0 = [], 0, 0
+        for n_rows, n_tuples in zip(rows.tolist(), np.asarray(tuples).tolist(), strict=True):
+            members = MemberOutputs(logits[row : row + n_rows], hidden[row : row + n_rows])
+            parts.append(aggregate(name, members, torch.from_numpy(counts[t0 : t0 + n_tuples]), log_prior, gadget))
+            row, t0 = row + n_rows, t0 + n_tuples
+        return torch.cat(parts)
+    ones = np.bincount(set_of_tuple, weights=counts != 1, minlength=len(tuples)) == 0
+    if ones.all() or not ones.any():
+        return aggregate(name, outputs, torch.from_numpy(counts), log_prior)
+    # both branches among the sets: each group in one call, then back in order
+    row_flag = np.repeat(ones, rows)
+    tuple_flag = np.repeat(ones, tuples)
+    out = torch.empty(len(counts), logits.shape[1], dtype=torch.float32)
+    for flag in (True, False):
+        picked = torch.from_numpy(np.flatnonzero(row_flag == flag))
+        t = np.flatnonzero(tuple_flag == flag)
+        members = MemberOutputs(logits[picked], hidden[picked] if hidden is not None and hidden.numel() else hidden)
+        out[torch.from_numpy(t)] = aggregate(name, members, torch.from_numpy(counts[t]), log_prior)
+    return out
+
+
+def log_mean_posteriors(log_post: torch.Tensor, sets: np.ndarray, tuples: np.ndarray) -> torch.Tensor:
+    """For groups of `sets[g]` consecutive sets of `tuples[g]` log posteriors each (a query's examples, each
+    with the query's clusters), the log of the mean posterior over a group's sets, as float64, concatenated over
+    the groups; a group of one set is that set's rows."""
+    lp = log_post.double()
+    if (sets == 1).all():
+        return lp
+    parts, row = [], 0
+    for g, e in enumerate(sets):
+        c = int(tuples[g])
+        total = lp[row : row + c]
+        for j in range(1, e):
+            total = torch.logaddexp(total, lp[row + j * c : row + (j + 1) * c])
+        parts.append(total - math.log(e) if e > 1 else total)
+        row += e * c
+    return torch.cat(parts)
 
 
 def _one_member_each(outputs: MemberOutputs, counts: torch.Tensor) -> bool:

@@ -10,16 +10,14 @@ for. Both answer `score(query, items) -> (logits, hidden)`, split into `prepare(
 classifier reads the raw features (it has no such part). A pair model reads its trunk's features of the item,
 which a snapshot computes once per item and caches, shared by every variant with the same trunk. The helpers
 below give the answer for any scorer, so callers need no `if kind == ...`: `item_inputs`, `item_inputs_key`
-(None: nothing worth caching), `prepare_for` (a scorer may choose its path from the number of items) and
-`query_flops` (FLOPs of one query against n item inputs, on the path `prepare_for` picks)."""
+(None: nothing worth caching) and `prepare_for` (a scorer may choose its path from the number of items; such a
+model also counts its own FLOPs, `flops(n)`, on the path it picks: `cascade.snapshot.Variant.cost`)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-
-from models.flops import Flops
 
 __all__ = [
     "Scorer",
@@ -30,7 +28,6 @@ __all__ = [
     "item_inputs_key",
     "prepare_for",
     "prepare_many",
-    "query_flops",
 ]
 
 ScorerKind = Literal["classifier", "pair"]
@@ -98,11 +95,3 @@ def prepare_many(model: Scorer, queries: list[torch.Tensor | None], num_items: l
     if fn is not None:
         return fn(queries, num_items)
     return [prepare_for(model, q, n) for q, n in zip(queries, num_items, strict=True)]
-
-
-def query_flops(model: Scorer, num_items: int, per_item: Flops, prepared_for: int | None = None) -> Flops:
-    """FLOPs of one query against `num_items` item inputs: the model's own count (`flops(n)`, which knows its
-    path) or `num_items * per_item` for a model that costs the same per item whatever the query.
-    `prepared_for`: the query was prepared (and paid for) before, for that many items; only the items count."""
-    fn = getattr(model, "flops", None)
-    return fn(num_items, prepared_for=prepared_for) if callable(fn) else per_item * num_items
