@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
-from cascade.config import Stage, scale_keeps
+from cascade.config import scale_keeps
 from cascade.costs import dense_flops, planned_stage_flops
 from cascade.engine import CascadeResult, DeadlineExceeded, faiss_answer
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer, ExactTable, lookup_flops
 from cascade.queries import default_gains
 from cascade.snapshot import Snapshot
+from cascade.stage import Stage, check_stages
 from cascade.stage_loop import StageJob, run_stages, run_stages_many
 from cascade.target import Target
 from cascade.tuning_record import PlanPoint, TuningRecord
-from models.inference import score_chunked
 
 if TYPE_CHECKING:
     from cascade.batcher import Batcher, Expected
@@ -91,7 +91,7 @@ class Limits:
 @dataclass(frozen=True)
 class QueryPlan:
     """Everything decided about a query before anything runs. `stage_flops[i]` is stage i's cost as
-    `engine.stage_flops` counts it, assuming every surviving cluster has at least `samples` members (exact
+    `costs.stage_flops` counts it, assuming every surviving cluster has at least `samples` members (exact
     where they do, an upper bound otherwise); `flops` adds the target's own cost (embedding the examples), or is
     the table lookup's for the exact path."""
 
@@ -333,7 +333,8 @@ def target_from_examples(
             raise RequestError("target.gains", "this space has no pair model, so no relevance grades")
         dense = snapshot.dense
         with torch.inference_mode():
-            utility = score_chunked(dense.model, None, torch.from_numpy(x))[0].softmax(1).mean(0).double().numpy()
+            # a few examples (at most the server's max_examples): one forward pass, no chunks to size
+            utility = dense.model.score(None, torch.from_numpy(x))[0].softmax(1).mean(0).double().numpy()
         nearest = snapshot.index.nearest_clusters(x, candidates)
         return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
     num_grades = snapshot.num_grades
@@ -369,5 +370,5 @@ def resolve_stages(
     if not stages and target.candidates is None:
         raise RequestError("stages", "an empty stage list (FAISS only) needs a query by example")
     if stages:
-        snapshot.validate_stages(stages, k, target.kind)
+        check_stages(stages, snapshot.variants, k, target.kind)
     return stages

@@ -17,14 +17,15 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from cascade.config import CascadeConfig, Stage
+from cascade.config import CascadeConfig
 from cascade.embedding import EmbeddingIndex
 from cascade.errors import RequestError
 from cascade.index import ClusterIndex
 from cascade.item_store import DTYPES, ITEM_INPUTS_DIR, features_digest, mapped_table
 from cascade.queries import QuerySet
 from cascade.space import Space
-from models.aggregation import get_aggregator, log_prior_of
+from cascade.stage import check_stages
+from models.aggregation import log_prior_of
 from models.calibration import is_temperature
 from models.flops import Flops
 from models.gadget import gadget_misfit
@@ -253,43 +254,6 @@ class Snapshot:
             return 0
         return int(self.variants[self.config.pair_dense].manifest.spec.get("num_grades", 3))
 
-    def validate_stages(self, stages: tuple[Stage, ...] | list[Stage], k: int, kind: str = "classifier") -> None:
-        """Every variant known, of the kind the target needs and fitting the space, every aggregator known and
-        usable, keep >= k."""
-        if not stages:
-            raise RequestError("stages", "at least one stage is required")
-        for i, stage in enumerate(stages):
-            where = f"stages[{i}]"
-            variant = self.variants.get(stage.variant)
-            if variant is None:
-                known = ", ".join(sorted(self.variants))
-                raise RequestError(f"{where}.variant", f"unknown variant {stage.variant!r}; active: {known}")
-            if variant.kind != kind:
-                fitting = ", ".join(sorted(n for n, v in self.variants.items() if v.kind == kind)) or "none"
-                need = "pair models (a query by example)" if kind == "pair" else "classifiers (a label or utility)"
-                raise RequestError(
-                    f"{where}.variant", f"{stage.variant!r} is a {variant.kind}; this target needs {need}: {fitting}"
-                )
-            try:
-                agg = get_aggregator(stage.aggregator)
-            except KeyError as exc:
-                raise RequestError(f"{where}.aggregator", str(exc.args[0])) from None
-            if agg.needs_gadget and variant.gadget is None:
-                raise RequestError(
-                    f"{where}.aggregator", f"{stage.aggregator!r} needs a gadget; {variant.name} has none"
-                )
-            stored = getattr(getattr(variant.gadget, "spec", None), "kind", None)
-            if agg.needs_gadget and stored != stage.aggregator:
-                raise RequestError(
-                    f"{where}.aggregator",
-                    f"{stage.aggregator!r} needs a gadget of that kind; {variant.name} has a {stored!r} gadget",
-                )
-            last = i == len(stages) - 1
-            if not last and stage.keep is None:
-                raise RequestError(f"{where}.keep", "every stage but the last must say how many clusters it keeps")
-            if not last and stage.keep is not None and stage.keep < k:
-                raise RequestError(f"{where}.keep", f"keeps {stage.keep} clusters, fewer than k={k}")
-
 
 def _snapshot_id(space: Space, variants: Mapping[str, Variant], config: CascadeConfig) -> str:
     blob = json.dumps(
@@ -384,9 +348,9 @@ def build_snapshot(
         queries=queries,
         item_cache=item_cache if item_cache is not None else ItemCache(),
     )
-    snap.validate_stages(config.stages, k=1)
+    check_stages(config.stages, snap.variants, k=1)
     if config.pair_stages:  # () is FAISS only: no stage to check
-        snap.validate_stages(config.pair_stages, k=1, kind="pair")
+        check_stages(config.pair_stages, snap.variants, k=1, kind="pair")
     return snap
 
 

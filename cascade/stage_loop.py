@@ -115,9 +115,9 @@ def _extend_many(
     n: int,
     rngs: Sequence[np.random.Generator],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`engine._extend_members` for several queries: new members for each cluster so that, with the ones
-    already scored (`rows`, `counts`: concatenated over queries, grouped by cluster), it has min(n, size);
-    uniform among those not scored yet. Each query draws what it draws alone."""
+    """For a stage that extends the one before (same variant), several queries at once: new members for each
+    cluster so that, with the ones already scored (`rows`, `counts`: concatenated over queries, grouped by
+    cluster), it has min(n, size); uniform among those not scored yet. Each query draws what it draws alone."""
     all_clusters = np.concatenate(clusters) if clusters else np.empty(0, dtype=np.int64)
     starts = offsets[all_clusters]
     sizes = offsets[all_clusters + 1] - starts

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import cascade.plan as plan_module
 from cascade.config import Stage
 from cascade.engine import CascadeResult, dense_flops
 from cascade.errors import ExactTableNotReady, RequestError
@@ -86,13 +87,13 @@ def test_faiss_only_costs_the_target_alone(snapshot: Snapshot) -> None:
 
 def test_stages_are_resolved_and_checked_once_per_query(snapshot: Snapshot, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    check = Snapshot.validate_stages
+    check = plan_module.check_stages
 
-    def counting(self: Snapshot, *args: object, **kwargs: object) -> None:
+    def counting(*args: object, **kwargs: object) -> None:
         calls.append(args)
-        check(self, *args, **kwargs)  # type: ignore[arg-type]
+        check(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Snapshot, "validate_stages", counting)
+    monkeypatch.setattr(plan_module, "check_stages", counting)
     execute(plan_query(snapshot, Query(label=snapshot.space.labels_known[0], k=5, mode="cascade")), seed=1)
     execute(plan_query(snapshot, Query(examples=_examples(snapshot, 1), k=5)), seed=1)
     assert len(calls) == 2
