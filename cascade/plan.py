@@ -5,7 +5,7 @@ exact table, the cascade, or the embedding index alone), the stages resolved and
 cost, and the cost budget checked before anything runs. `execute` runs a plan and returns its answer: a
 `CascadeResult` with one report per stage (cascade, FAISS only), or an `ExactAnswer` (the table's lookup). The
 service's route, `prunecascade evaluate` and the benchmarks all go through these two, so nothing else decides
-the path; the engine (`cascade.engine`) keeps the stage mechanics."""
+the path; the stage loop (`cascade.stage_loop`) runs the stages."""
 
 from __future__ import annotations
 
@@ -333,7 +333,7 @@ def target_from_examples(
             raise RequestError("target.gains", "this space has no pair model, so no relevance grades")
         dense = snapshot.dense
         with torch.inference_mode():
-            # a few examples (at most the server's max_examples): one forward pass, no chunks to size
+            # a query's few examples: one forward pass of the dense classifier
             utility = dense.model.score(None, torch.from_numpy(x))[0].softmax(1).mean(0).double().numpy()
         nearest = snapshot.index.nearest_clusters(x, candidates)
         return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
