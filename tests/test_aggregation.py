@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from aggregation_fixtures import digits_mlp, digits_splits
 
 from lab.metrics import TupleMetrics, n_accuracy, relative_information
-from models.aggregation import MemberOutputs, aggregate, get_aggregator, list_aggregators, log_prior_of
+from models.aggregation import (
+    MemberOutputs,
+    aggregate,
+    aggregate_many,
+    get_aggregator,
+    list_aggregators,
+    log_mean_posteriors,
+    log_prior_of,
+)
 
 AVERAGING = ("mean_prob", "mean_logit", "bayes")
 
@@ -159,3 +168,34 @@ def test_single_member_tuples_get_that_members_log_softmax(name: str) -> None:
     ls = logits.double().log_softmax(1)
     expected = (2 * ls - log_prior.double()).log_softmax(1) if name == "bayes" else ls
     torch.testing.assert_close(twice, expected.float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", AVERAGING)
+def test_aggregate_many_gives_every_set_what_it_gets_alone(name: str) -> None:
+    """Sets of clusters of the digits test split (members of one set share nothing with another's), some with every
+    cluster of one member (the aggregators' shortcut branch) and some not: `aggregate_many` returns each set's rows
+    bit for bit as `aggregate` of that set alone, and the log mean over a query's sets as computed by hand."""
+    s = digits_splits()
+    model = digits_mlp()  # trained on first use: outside inference mode
+    with torch.inference_mode():
+        logits, hidden = model.forward_with_hidden(torch.as_tensor(s.x_test[:60]))
+    sets = [np.array([1, 1, 1]), np.array([2, 3, 1, 4]), np.array([1, 1]), np.array([5, 2]), np.array([1, 1, 1, 1])]
+    counts = np.concatenate(sets)
+    assert int(counts.sum()) <= len(logits)
+    logits, hidden = logits[: int(counts.sum())], hidden[: int(counts.sum())]
+    prior = log_prior_of(torch.from_numpy(np.bincount(s.y_train, minlength=s.num_classes) / len(s.y_train)))
+    got = aggregate_many(name, MemberOutputs(logits, hidden), counts, np.array([len(c) for c in sets]), prior)
+    alone, row = [], 0
+    for c in sets:
+        n = int(c.sum())
+        alone.append(
+            aggregate(name, MemberOutputs(logits[row : row + n], hidden[row : row + n]), torch.from_numpy(c), prior)
+        )
+        row += n
+    assert torch.equal(got, torch.cat(alone))
+    # a query of two examples over the same 3 clusters: its log mean posterior
+    pair = torch.cat([alone[0], alone[4][:3]])
+    mean = log_mean_posteriors(pair, np.array([2]), np.array([3]))
+    expected = torch.logaddexp(alone[0].double(), alone[4][:3].double()) - np.log(2)
+    assert torch.equal(mean, expected)
+    assert not torch.equal(mean, alone[0].double())  # the second example moved it
