@@ -189,8 +189,8 @@ def lookup(clusters: tuple[int, ...], classes: int, repeats: int) -> list[dict]:
     an exact answer costs where no oracle could be run in a benchmark."""
     import torch
 
-    from cascade.engine import Target
     from cascade.exact import ExactTable
+    from cascade.target import Target
 
     set_threads(1)
     rng = np.random.default_rng(0)

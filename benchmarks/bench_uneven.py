@@ -33,13 +33,14 @@ import numpy as np
 import torch
 
 from cascade.bootstrap import BootstrapConfig, bootstrap
-from cascade.engine import ORACLE_AGGREGATOR, dense_oracle, ranking_key
+from cascade.engine import ORACLE_AGGREGATOR, dense_oracle
 from cascade.plan import target_from_label
 from cascade.ranking_metrics import agreement_at_k
 from cascade.side_by_side import HeldOutQuery, side_by_side
 from cascade.side_by_side import stages as stages_method
 from cascade.snapshot import Snapshot
 from cascade.space import build_space, sample_members
+from cascade.target import ranking_key
 from models.aggregation import MemberOutputs, aggregate
 from models.inference import score_chunked
 

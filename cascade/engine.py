@@ -2,7 +2,7 @@
 FAISS-only answer (stage 0 alone), and the dense exhaustive oracle every answer is measured against, with the
 one-query scoring it runs (`stage_log_posterior`). The stage loop (`cascade.stage_loop`) produces the cascade's
 results. What a query wants and how clusters are ranked (`cascade.target`) and the FLOPs (`cascade.costs`) have
-their own modules; their names are importable from here as well."""
+their own modules."""
 
 from __future__ import annotations
 
@@ -13,26 +13,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cascade.costs import dense_flops, planned_stage_flops, stage_flops
 from cascade.snapshot import Snapshot, Variant
 from cascade.space import sample_members
-from cascade.target import RANKING_KEYS, Target, ranking_key
+from cascade.target import Target, ranking_key
 from models.aggregation import MemberOutputs, aggregate
 from models.inference import score_chunked
 from models.scorer import prepare_for
 
 __all__ = [
-    "Target",
     "StageReport",
     "CascadeResult",
-    "stage_flops",
     "stage_log_posterior",
-    "planned_stage_flops",
     "faiss_answer",
     "dense_oracle",
-    "dense_flops",
-    "ranking_key",
-    "RANKING_KEYS",
     "DeadlineExceeded",
     "ORACLE_AGGREGATOR",
 ]

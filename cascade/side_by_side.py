@@ -19,10 +19,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from cascade.config import Stage
-from cascade.engine import Target, dense_oracle
+from cascade.engine import dense_oracle
 from cascade.exact import ExactTable
 from cascade.plan import QueryPlan, execute, plan_target
 from cascade.snapshot import Snapshot
+from cascade.target import Target
 
 __all__ = [
     "Answered",

@@ -32,12 +32,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
-from cascade.engine import CascadeResult, Target, dense_flops, dense_oracle
+from cascade.costs import dense_flops
+from cascade.engine import CascadeResult, dense_oracle
 from cascade.plan import QueryPlan, execute, plan_target
 from cascade.plan import target_from_examples as _target_from_examples
 from cascade.queries import SPLIT_RULE, QuerySet, cluster_grades
 from cascade.ranking_metrics import agreement_at_k, hit_at_k, ndcg_at_k, pareto_front, wilson_interval
 from cascade.snapshot import Snapshot
+from cascade.target import Target
 from cascade.tuning_record import PlanPoint, TuneTarget, TuningRecord, dev_check
 
 __all__ = [

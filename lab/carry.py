@@ -43,8 +43,10 @@ def run_carrying(snapshot, target, k: int, setting: CarrySetting, seed: int) -> 
     import torch
 
     from cascade.config import Stage
-    from cascade.engine import ranking_key, stage_flops, stage_log_posterior
+    from cascade.costs import stage_flops
+    from cascade.engine import stage_log_posterior
     from cascade.space import sample_members
+    from cascade.target import ranking_key
     from models.aggregation import impossible_classes, log_softmax_rows
 
     space = snapshot.space

@@ -1,8 +1,8 @@
 """Training pair models on prototype views: fresh (q view, x view, grade) pairs every step.
 
 The grade mix of the training pairs is fixed (hard negatives included: grade 1 pairs are views of another
-prototype of the same digit) and recorded as `grade_prior`, the pi that Bayes aggregation divides out
-(research notes 1: log p(g | x_1..x_n) = sum_i log p(g | x_i) - (n - 1) log pi(g)).
+prototype of the same digit) and recorded as `grade_prior`, the pi that Bayes aggregation over n members divides out:
+log p(g | x_1..x_n) = sum_i log p(g | x_i) - (n - 1) log pi(g).
 """
 
 from __future__ import annotations
@@ -455,7 +455,7 @@ def group_logits(model: PairNetwork, batch: GroupBatch) -> torch.Tensor:
 
 
 def ranking_key(log_post: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
-    """The served ranking key (`cascade.engine.ranking_key`, the log-odds of the expected gain), differentiable:
+    """The served ranking key (`cascade.target.ranking_key`, the log-odds of the expected gain), differentiable:
     log(sum_g p_g (u_g - min u)) - log(sum_g p_g (max u - u_g))."""
     low, high = gains - gains.min(), gains.max() - gains
     lo = log_post[..., low > 0] + low[low > 0].log()

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from cascade.config import Stage
-from cascade.engine import RANKING_KEYS
+from cascade.target import RANKING_KEYS
 from cascade.tuning_record import TuningRecord
 
 __all__ = [

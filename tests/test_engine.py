@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cascade.config import Stage
-from cascade.engine import ORACLE_AGGREGATOR, dense_flops, dense_oracle
+from cascade.costs import dense_flops
+from cascade.engine import ORACLE_AGGREGATOR, dense_oracle
 from cascade.errors import RequestError
 from cascade.evaluation import evaluate_label_queries
 from cascade.plan import run_cascade, target_from_label
@@ -98,7 +99,7 @@ def test_evaluation_report_is_consistent(snapshot) -> None:
 
 
 def test_ranking_separates_clusters_whose_posteriors_saturate() -> None:
-    from cascade.engine import Target, ranking_key
+    from cascade.target import Target, ranking_key
 
     # both clusters have p(label 0) == 1.0 in float64; the second is far surer than the first
     log_post = torch.tensor([[0.0, -40.0, -40.0], [0.0, -90.0, -95.0]], dtype=torch.float64)
@@ -111,7 +112,7 @@ def test_ranking_separates_clusters_whose_posteriors_saturate() -> None:
 
 
 def test_utility_log_odds_rank_as_the_expected_utility_and_break_saturated_ties() -> None:
-    from cascade.engine import Target, ranking_key
+    from cascade.target import Target, ranking_key
 
     lp = (3 * torch.randn(300, 4, generator=torch.Generator().manual_seed(0))).double().log_softmax(1)
     u = np.array([0.0, 1.0, 3.0, 0.5])

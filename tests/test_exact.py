@@ -14,7 +14,7 @@ import torch
 
 from cascade import exact
 from cascade.config import CascadeConfig
-from cascade.engine import Target, dense_oracle
+from cascade.engine import dense_oracle
 from cascade.errors import RequestError
 from cascade.exact import (
     ExactAnswer,
@@ -30,6 +30,7 @@ from cascade.exact import (
 )
 from cascade.plan import target_from_label, target_from_utility
 from cascade.snapshot import Snapshot, build_snapshot
+from cascade.target import Target
 from service.exact_tables import ExactTables
 from service.settings import Settings
 from service.state import ServiceState

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cascade.config import Stage
-from cascade.engine import dense_flops, dense_oracle
+from cascade.costs import dense_flops
+from cascade.engine import dense_oracle
 from cascade.errors import RequestError
 from cascade.plan import plan_target, run_cascade, target_from_examples, target_from_label
 from cascade.queries import cluster_grades

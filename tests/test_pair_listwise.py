@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade.engine import Target, ranking_key
+from cascade.target import Target, ranking_key
 from models.biencoder import BiEncoder, BiEncoderSpec
 from models.biencoder_training import BiEncoderTrainConfig, train_biencoder
 from models.pair import PairNetwork, PairSpec, RetrieverQuery, default_pair_spec, pair_flops

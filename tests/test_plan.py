@@ -8,7 +8,8 @@ import pytest
 
 import cascade.plan as plan_module
 from cascade.config import Stage
-from cascade.engine import CascadeResult, dense_flops
+from cascade.costs import dense_flops
+from cascade.engine import CascadeResult
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer, ExactTable, build_table
 from cascade.plan import Limits, Query, execute, plan_query
