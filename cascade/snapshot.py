@@ -39,7 +39,6 @@ log = logging.getLogger("prunecascade.snapshot")
 __all__ = [
     "Variant",
     "Snapshot",
-    "StageError",
     "ItemCache",
     "CachedInputs",
     "load_snapshot",
@@ -48,10 +47,6 @@ __all__ = [
     "misfit",
     "ITEM_INPUTS_DIR",
 ]
-
-
-StageError = RequestError
-"""Deprecated name of `cascade.errors.RequestError` (it was raised for `k` and `target.label` too)."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cascade.snapshot import StageError
+from cascade.errors import RequestError
 from models.registry import BrokenEntryError, RegistryError
 from service.checkpoints import UploadError
 from service.state import ConflictError
@@ -103,7 +103,7 @@ def capped_errors(errors: list[dict[str, Any]], limit: int = MAX_REPORTED_ERRORS
 _NO_GADGET = re.compile(r"needs a gadget; (?P<name>[a-z0-9._-]+) has none$")
 
 
-def _stored_not_loaded(request: Request, exc: StageError) -> str | None:
+def _stored_not_loaded(request: Request, exc: RequestError) -> str | None:
     """For a stage whose aggregator needs a gadget the served variant lacks: when a gadget is stored beside the
     served version on disk (written after the snapshot was built, e.g. by `prunecascade gadget`), say so and
     how to serve it, instead of "has none"."""
@@ -128,8 +128,8 @@ def _stored_not_loaded(request: Request, exc: StageError) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StageError)
-    async def stage_error(request: Request, exc: StageError) -> JSONResponse:
+    @app.exception_handler(RequestError)
+    async def stage_error(request: Request, exc: RequestError) -> JSONResponse:
         return field_error(422, exc.field, _stored_not_loaded(request, exc) or exc.message)
 
     @app.exception_handler(UploadError)

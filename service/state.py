@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from cascade.batcher import Batcher
 from cascade.config import CONFIG_FILE, CascadeConfig
 from cascade.embedding import EmbeddingIndex
+from cascade.errors import RequestError
 from cascade.exact import ExactTable
 from cascade.index import ClusterIndex
 from cascade.queries import QuerySet
@@ -21,7 +22,6 @@ from cascade.snapshot import (
     ITEM_INPUTS_DIR,
     ItemCache,
     Snapshot,
-    StageError,
     Variant,
     build_snapshot,
     misfit,
@@ -234,7 +234,7 @@ class ServiceState:
         """A complete snapshot for `active` + `config`. An entry that does not load is a fault: its previous good
         version is served if one loads, and the default cascades lose the stages that cannot run. `strict` names
         the model being changed: its failure (or misfit) is raised, not worked around; `as_given`: the config must
-        run exactly as given (a cascade set by hand), else StageError."""
+        run exactly as given (a cascade set by hand), else RequestError."""
         variants: dict[str, Variant] = {}
         faults: dict[str, Fault] = {}
         broken: dict[str, tuple[int | None, str]] = {
@@ -244,7 +244,7 @@ class ServiceState:
             if name == strict:
                 reason = misfit(self.registry.manifest(name, version), space)
                 if reason is not None:
-                    raise StageError("version", f"{name}:{version} {reason}")
+                    raise RequestError("version", f"{name}:{version} {reason}")
             try:
                 variant = self._variant(name, version, space, current)
             except Exception as exc:  # any unreadable entry is a fault to work around, not a crash

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from cascade.snapshot import Snapshot, StageError
+from cascade.errors import RequestError
+from cascade.snapshot import Snapshot
 from service.auth import require_admin
 from service.dependencies import StateDep, current_snapshot
 from service.errors import error_responses
@@ -113,7 +114,7 @@ def start_tuning(state: StateDep, http: Request, body: Annotated[TuneRequest | N
     body = body or TuneRequest()
     given = [k for k in ("quality", "flops", "ms") if getattr(body, k) is not None]
     if len(given) > 1:
-        raise StageError(given[1], "give at most one of quality, flops and ms")
+        raise RequestError(given[1], "give at most one of quality, flops and ms")
     kind = given[0] if given else "quality"
     value = getattr(body, kind) if given else 0.99
     target = TuneTarget(kind=kind, value=value, confidence=body.confidence)  # type: ignore[arg-type]
