@@ -45,6 +45,8 @@ from models.prototypes import (
     similar_prototypes,
 )
 
+PER_QUERY: list[list[tuple[float, float, float]]] = []  # every measurement's per-query (R@1, R@10, nDCG@10)
+
 
 class Recorder:
     """Wraps the validation measures the product's training functions call (`pair_accuracy`, `group_top1`),
@@ -115,6 +117,7 @@ def rerank_metrics(model, space, emb_space, xq, cq, yq, m: int) -> tuple[float, 
         new = np.concatenate([top[np.argsort(-key, kind="stable")], order[i, m:]])
         grades = np.where(np.arange(k) == cq[i], 2, (labels == yq[i]).astype(np.int64))
         rows.append(metrics(new, grades))
+    PER_QUERY.append(rows)
     return tuple(float(v) for v in np.mean(rows, 0).round(4))
 
 
@@ -130,6 +133,7 @@ def faiss_metrics(retriever, emb_space, space, xq, cq, yq):
         )
         for i in range(len(xq))
     ]
+    PER_QUERY.append(rows)
     return tuple(float(v) for v in np.mean(rows, 0).round(4))
 
 
@@ -161,6 +165,7 @@ def main() -> None:
         help="residual fixed in the pointwise phase",
     )
     ap.add_argument("--load", help="skip training: measure these weights (the .pt a run saves beside its --out)")
+    ap.add_argument("--zero-residual", action="store_true", help="with --load: rank by the scorer alone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -187,6 +192,7 @@ def main() -> None:
 
     out: dict = {"args": vars(args), "load_start": os.getloadavg()}
     out["faiss"] = {s: faiss_metrics(retriever, emb_space, space, *queries[s]) for s in chosen}
+    out["per_query"] = {f"faiss_{s}": PER_QUERY[i] for i, s in enumerate(chosen)}
     print("faiss", out["faiss"], flush=True)
 
     spec = default_pair_spec(
@@ -223,6 +229,10 @@ def main() -> None:
     held = make_prototype_set(PrototypeConfig(num_prototypes=args.train_protos, seed=7), "val")
     if args.load:
         model.load_state_dict(torch.load(args.load))
+        if args.zero_residual:
+            with torch.no_grad():
+                model.residual.weight.zero_()
+                model.residual.bias.zero_()
         training, listwise = replace(training, steps=0), replace(listwise, steps=0)
     if training.steps > 0:
         neighbours = similar_prototypes(train.prototypes, training.hard_neighbours)
@@ -276,6 +286,7 @@ def main() -> None:
     evals: dict[str, dict] = {}
     evals["selected"] = {s: rerank_metrics(model, space, emb_space, *queries[s], args.M) for s in chosen}
     print("selected", evals["selected"], flush=True)
+    out["per_query"].update({f"selected_{s}": PER_QUERY[-len(chosen) + i] for i, s in enumerate(chosen)})
     if not args.load:
         torch.save(model.state_dict(), args.out.removesuffix(".json") + ".pt")
     want = args.eval_calls.split(",")
