@@ -312,7 +312,7 @@ def open_loop(port: int, pid: int, bodies: list[dict], rate: float, duration: fl
     for t in threads:
         t.start()
     ready.wait()  # every sender's connection open and accepted before the schedule starts
-    cpu0 = server_cpu_seconds(pid)
+    cpu0, own0 = server_cpu_seconds(pid), time.process_time()
     start = time.perf_counter() + 0.2
     for i in range(count):  # handed out in order of their scheduled time, each to the next free sender
         scheduled = start + i / rate
@@ -332,6 +332,7 @@ def open_loop(port: int, pid: int, bodies: list[dict], rate: float, duration: fl
         "p50_ms": median(latencies) if latencies else float("nan"),
         "p99_ms": percentile(latencies, 99) if latencies else float("nan"),
         "server_cpu": (server_cpu_seconds(pid) - cpu0) / wall,
+        "client_cpu": (time.process_time() - own0) / wall,
     }
 
 
@@ -459,7 +460,8 @@ def print_table(out: dict) -> None:
                 f"open loop at {o['factor']}x the 1-client rate ({o['rate']:.1f} q/s, {o['sent']} sent, "
                 f"{o['errors']} errors): p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms = "
                 f"{o['p99_ms'] / o['closed_1_client_p99_ms']:.2f}x the 1-client p99 "
-                f"({o['closed_1_client_p99_ms']:.1f} ms); server CPU {100 * o['server_cpu']:.0f}%"
+                f"({o['closed_1_client_p99_ms']:.1f} ms); server CPU {100 * o['server_cpu']:.0f}%, "
+                f"clients' CPU {100 * o.get('client_cpu', float('nan')):.0f}%"
             )
         mem = server.get("memory_kib_end", {})
         if mem:
