@@ -24,13 +24,18 @@ def _serve_and_connect(connections: int) -> tuple[list[bytes], int]:
     loop = BalancedAcceptLoop()
     held: list[int] = []
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(await reader.readline())
-        await writer.drain()
-        await reader.read()  # until the client closes
-        writer.close()
-
     async def main() -> list[bytes]:
+        release = asyncio.Event()
+        handlers: list[asyncio.Task] = []
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+            writer.write(await reader.readline())
+            await writer.drain()
+            await release.wait()  # the connection stays open until every client has its echo
+            writer.close()
+            await writer.wait_closed()
+
         server = await asyncio.start_server(echo, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
 
@@ -39,11 +44,14 @@ def _serve_and_connect(connections: int) -> tuple[list[bytes], int]:
             writer.write(f"{i}\n".encode())
             return await reader.readline(), writer
 
-        answers = await asyncio.gather(*(client(i) for i in range(connections)))
+        # bounded: a loop that stopped listening for good would otherwise hang here
+        answers = await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(connections))), 120)
         held.append(_connections(server))
+        release.set()
+        await asyncio.gather(*handlers)
         for _, w in answers:
             w.close()
-        server.close()  # while the accept is backing off: nothing is accepted after
+        server.close()  # while the accept may be backing off: nothing is accepted after
         await server.wait_closed()
         return [a for a, _ in answers]
 
