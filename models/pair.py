@@ -708,27 +708,12 @@ class PairNetwork(nn.Module):
 
     @torch.no_grad()
     def fold_queries(self, fqs: list[torch.Tensor]) -> list[FoldedQuery]:
-        """`fold_query` for several queries, the correlation blocks of all of them in one product per channel
-        (rows of every query stacked: a query's rows equal what it gets alone, the product having at least
-        `models.inference.MIN_GEMM_ROWS` rows either way)."""
-        if len(fqs) == 1:
-            return [self.fold_query(fqs[0])]
-        spec = self.spec
-        plan = self._fold_plan()
-        channels, length = fqs[0].shape[1:]
-        width = spec.regions * spec.shifts
-        h1 = len(plan.bias)
-        ops = fqs[0].new_zeros(len(fqs), channels, length * width)
-        ops[:, :, plan.positions] = torch.stack([fq[0][:, plan.sources] for fq in fqs]) / plan.seg
-        rows = ops.view(len(fqs), channels, length, width).transpose(0, 1).reshape(channels, len(fqs) * length, width)
-        products = torch.bmm(rows, plan.w_corr_t)  # (C, Q*L, h1)
-        extra = channels * spec.regions if spec.energies else 0
-        out = []
-        for q, fq in enumerate(fqs):
-            stacked = fq.new_empty(channels * length + extra, h1)
-            stacked[: channels * length].view(channels, length, h1).copy_(products[:, q * length : (q + 1) * length])
-            out.append(self._folded(plan, fq, stacked))
-        return out
+        """`fold_query` for several queries, one after the other: each query's product writes straight into its
+        own folded matrix. Stacking every query's rows into one product per channel (tried before) made the product
+        itself no faster and added a copy of each query's result out of the shared one: `prepare_many` for 8 queries
+        of `pair-dense` took 2.1-2.4x the CPU time of this (`benchmarks/bench_score_many.py`, both checkouts,
+        docs/performance.md 0b). The same results either way, bit for bit."""
+        return [self.fold_query(fq) for fq in fqs]
 
     def prepare_many(
         self, queries: list[torch.Tensor | None], num_items: list[int]
