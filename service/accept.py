@@ -1,10 +1,10 @@
 """Spreading connections over worker processes (`prunecascade serve --workers N`).
 
 uvicorn's workers share one listening socket, and asyncio accepts every pending connection at each wakeup (up to
-the backlog): the worker that wakes first takes a whole burst. Measured (the keep-alive clients of
-benchmarks/bench_concurrency.py, 2 workers, connections opened at once, docs/performance.md 0b): 2 connections
-landed on one worker in 9 of 10 tries, 8 connections split 7/1, 6/2 and 6/2 in 3 of 5 tries, so a closed-loop run
-got one worker's throughput in some rounds and two workers' in others.
+the backlog): the worker that wakes first takes a whole burst. Measured with `benchmarks/bench_accept.py` (2
+workers, connections opened at once as the load tester's clients open them; docs/performance.md 0b): with
+uvicorn's own loop, 2 connections landed on one worker in 9 of 10 tries and 8 connections split 8/0 in 4 of 10
+and 7/1 in 3; with this loop, 1/1 in 10 of 10 and 4/4, 5/3 or 6/2 (6, 3 and 1 of 10).
 
 `BalancedAcceptLoop` (uvicorn's `--loop service.accept:BalancedAcceptLoop`, set by `prunecascade serve` with several
 workers) accepts one connection per wakeup and then stops listening for `ACCEPT_DELAY_PER_CONNECTION_S` per
