@@ -187,7 +187,8 @@ def _metrics_once(port: int) -> dict[str, float]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
     try:
         conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
+        response = conn.getresponse()
+        text = response.read().decode()
     except (OSError, http.client.HTTPException):
         return {}
     finally:
@@ -198,6 +199,8 @@ def _metrics_once(port: int) -> dict[str, float]:
         name, _, value = line.partition(" ")
         if name in values:
             values[name] = float(value)
+    if response.status != 200 or values["process_start_time_seconds"] <= 0:
+        return {}  # not a worker's metrics (an error answer): it must not count as a worker
     return values
 
 
