@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import queue
 import shutil
@@ -207,7 +208,7 @@ def _metrics_once(port: int) -> dict[str, float]:
 def batch_counters(port: int, workers: int = 1, tries: int = 60) -> tuple[float, float]:
     """(batches, batched queries) from the server's /metrics (0 without batching), summed over its workers: with
     several, /metrics is asked on new connections until `workers` different processes (by their start time) have
-    answered, at most `tries` times (a worker that never answered is left out; the counts are then partial)."""
+    answered, at most `tries` times; NaN when fewer did (the mean batch is then not reported)."""
     seen: dict[float, dict[str, float]] = {}
     for _ in range(tries if workers > 1 else 1):
         values = _metrics_once(port)
@@ -215,8 +216,9 @@ def batch_counters(port: int, workers: int = 1, tries: int = 60) -> tuple[float,
             seen[values["process_start_time_seconds"]] = values
         if len(seen) >= workers:
             break
-    if workers > 1 and len(seen) < workers:
-        print(f"warning: /metrics answered by {len(seen)} of {workers} workers", flush=True)
+    if workers > 1 and len(seen) < workers:  # (or two workers started in the same clock tick: not told apart)
+        print(f"warning: /metrics answered by {len(seen)} of {workers} workers: no mean batch", flush=True)
+        return float("nan"), float("nan")
     return (
         sum(v["prunecascade_batches_total"] for v in seen.values()),
         sum(v["prunecascade_batched_queries_total"] for v in seen.values()),
@@ -278,7 +280,9 @@ def closed_loop(
         "server_cpu": cpu / wall,
         "client_cpu": own / wall,
         "cpu_ms_per_query": 1000.0 * cpu / len(flat) if flat else float("nan"),
-        "mean_batch": (batches1[1] - batches0[1]) / (batches1[0] - batches0[0]) if batches1[0] > batches0[0] else 1.0,
+        "mean_batch": (batches1[1] - batches0[1]) / (batches1[0] - batches0[0])
+        if batches1[0] > batches0[0]
+        else (float("nan") if math.isnan(batches0[0] + batches1[0]) else 1.0),
     }
 
 
