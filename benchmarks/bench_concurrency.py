@@ -5,9 +5,12 @@
 
 Each server (`--server`, default one of this checkout) is a real uvicorn serving its own copy of the home (the
 server writes the exact table beside the space, so the shared
-home is never served directly), result cache off, on 127.0.0.1. Closed loop: C client threads in this process,
+home is never served directly), result cache off, on 127.0.0.1; with several workers, accepting connections as
+`prunecascade serve --workers N` does (`service/accept.py`). Closed loop: C client threads in this process,
 each with its own keep-alive connection (`http.client`, lighter than httpx, so the clients take less of the
-2 cores), send the next query as soon as the last one returned. Three kinds of query, each measured at every
+2 cores; opened, and answered a `GET /healthz` by a worker, before the clock starts), send the next query as soon
+as the last one returned. The clients' own CPU (this process) is reported beside the server's: on a 2-core
+machine they compete with the server for the same cores. Three kinds of query, each measured at every
 C in every round, the rounds visiting (kind, C) in a rotated order:
 
 - `examples`: a shipped held-out query by example (`queries.npz`, never an item), the space's default
@@ -16,7 +19,8 @@ C in every round, the rounds visiting (kind, C) in a rotated order:
 - `label`: `{"target": {"label": L}}`, answered from the exact table (the script waits until it is built).
 
 Server CPU is the change of utime + stime in /proc/PID/stat of the server this script started and of its
-descendants (uvicorn's workers), over the run's wall time: 100% is one core. The ratio columns divide by the
+descendants (uvicorn's workers), over the run's wall time: 100% is one core. The mean batch (queries by example
+per batch of `cascade.batcher`) sums the batch counters of every worker's /metrics. The ratio columns divide by the
 1-client throughput of the same kind in the same round (median over rounds).
 
 Open loop (`--open-loop-factor`, default 1.5): after the closed-loop rounds, queries by example are sent on a
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import queue
 import shutil
@@ -101,13 +106,21 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def _has_accept(tree) -> bool:
+    """Whether the checkout the server runs (this one when None) has `service/accept.py`."""
+    return (Path(tree) if tree else Path(__file__).resolve().parents[1]).joinpath("service", "accept.py").exists()
+
+
 @contextmanager
 def start_server(
     home: Path, space: str, port: int, workers: int = 1, env: dict[str, str] | None = None, log=None, cwd=None
 ):
-    """uvicorn on 127.0.0.1 (result cache off), stopped by its own pid; yields (url, pid)."""
+    """uvicorn on 127.0.0.1 (result cache off), stopped by its own pid; yields (url, pid). Several workers accept
+    connections as `prunecascade serve --workers N` does (`service.accept.BalancedAcceptLoop`; `env` may set
+    `UVICORN_LOOP=asyncio` for uvicorn's own loop)."""
     environ = {
         **os.environ,
+        **({"UVICORN_LOOP": "service.accept:BalancedAcceptLoop"} if workers > 1 and _has_accept(cwd) else {}),
         "PRUNECASCADE_HOME": str(home),
         "PRUNECASCADE_SPACE": space,
         "PRUNECASCADE_LOG_LEVEL": "warning",
@@ -149,14 +162,16 @@ def query_bodies(home: Path, space: str, k: int) -> dict[str, list[dict]]:
 
 
 class _Client:
-    """One keep-alive connection."""
+    """One keep-alive connection, opened (and accepted by a worker: a `GET /healthz` answered) before it is timed."""
 
     def __init__(self, port: int) -> None:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60.0)
+        self.request("GET", "/healthz", None)
 
-    def post(self, path: str, body: bytes) -> int:
+    def request(self, method: str, path: str, body: bytes | None) -> int:
         try:
-            self.conn.request("POST", path, body=body, headers={"content-type": "application/json"})
+            headers = {"content-type": "application/json"} if body is not None else {}
+            self.conn.request(method, path, body=body, headers=headers)
             response = self.conn.getresponse()
             response.read()
             return response.status
@@ -164,24 +179,50 @@ class _Client:
             self.conn.close()
             return 0
 
+    def post(self, path: str, body: bytes) -> int:
+        return self.request("POST", path, body)
 
-def batch_counters(port: int) -> tuple[float, float]:
-    """(batches, batched queries) from the server's /metrics (one worker's when it runs several; 0 without
-    batching)."""
+
+def _metrics_once(port: int) -> dict[str, float]:
+    """The counters this script reads from one answer of /metrics (a new connection: any worker may answer)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
     try:
         conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
+        response = conn.getresponse()
+        text = response.read().decode()
     except (OSError, http.client.HTTPException):
-        return 0.0, 0.0
+        return {}
     finally:
         conn.close()
-    values = {"prunecascade_batches_total": 0.0, "prunecascade_batched_queries_total": 0.0}
+    wanted = ("prunecascade_batches_total", "prunecascade_batched_queries_total", "process_start_time_seconds")
+    values = dict.fromkeys(wanted, 0.0)
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name in values:
             values[name] = float(value)
-    return values["prunecascade_batches_total"], values["prunecascade_batched_queries_total"]
+    if response.status != 200 or values["process_start_time_seconds"] <= 0:
+        return {}  # not a worker's metrics (an error answer): it must not count as a worker
+    return values
+
+
+def batch_counters(port: int, workers: int = 1, tries: int = 60) -> tuple[float, float]:
+    """(batches, batched queries) from the server's /metrics (0 without batching), summed over its workers: with
+    several, /metrics is asked on new connections until `workers` different processes (by their start time) have
+    answered, at most `tries` times; NaN when fewer did (the mean batch is then not reported)."""
+    seen: dict[float, dict[str, float]] = {}
+    for _ in range(tries if workers > 1 else 1):
+        values = _metrics_once(port)
+        if values:
+            seen[values["process_start_time_seconds"]] = values
+        if len(seen) >= workers:
+            break
+    if workers > 1 and len(seen) < workers:  # (or two workers started in the same clock tick: not told apart)
+        print(f"warning: /metrics answered by {len(seen)} of {workers} workers: no mean batch", flush=True)
+        return float("nan"), float("nan")
+    return (
+        sum(v["prunecascade_batches_total"] for v in seen.values()),
+        sum(v["prunecascade_batched_queries_total"] for v in seen.values()),
+    )
 
 
 def _encode(body: dict, seed: int) -> bytes:
@@ -189,9 +230,10 @@ def _encode(body: dict, seed: int) -> bytes:
 
 
 def closed_loop(
-    port: int, pid: int, bodies: list[dict], clients: int, duration: float, path: str = "/v1/query"
+    port: int, pid: int, bodies: list[dict], clients: int, duration: float, path: str = "/v1/query", workers: int = 1
 ) -> dict:
-    """`clients` threads, each on its own keep-alive connection, for `duration` seconds."""
+    """`clients` threads, each on its own keep-alive connection (opened before the clock starts), for `duration`
+    seconds; `workers`: the server's worker processes (their batch counters are summed)."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
     counter = iter(range(10**9))
@@ -217,15 +259,16 @@ def closed_loop(
     threads = [threading.Thread(target=worker, args=(j,)) for j in range(clients)]
     for t in threads:
         t.start()
-    batches0 = batch_counters(port)
-    cpu0, wall0 = server_cpu_seconds(pid), time.monotonic()
+    batches0 = batch_counters(port, workers)
+    cpu0, wall0, own0 = server_cpu_seconds(pid), time.monotonic(), time.process_time()
     stop_at[0] = wall0 + duration
     start_gate.wait()
     for t in threads:
         t.join()
     wall = time.monotonic() - wall0
     cpu = server_cpu_seconds(pid) - cpu0
-    batches1 = batch_counters(port)
+    own = time.process_time() - own0
+    batches1 = batch_counters(port, workers)
     flat = [v for per in latencies for v in per]
     return {
         "clients": clients,
@@ -235,8 +278,11 @@ def closed_loop(
         "p50_ms": median(flat) if flat else float("nan"),
         "p99_ms": percentile(flat, 99) if flat else float("nan"),
         "server_cpu": cpu / wall,
+        "client_cpu": own / wall,
         "cpu_ms_per_query": 1000.0 * cpu / len(flat) if flat else float("nan"),
-        "mean_batch": (batches1[1] - batches0[1]) / (batches1[0] - batches0[0]) if batches1[0] > batches0[0] else 1.0,
+        "mean_batch": (batches1[1] - batches0[1]) / (batches1[0] - batches0[0])
+        if batches1[0] > batches0[0]
+        else (float("nan") if math.isnan(batches0[0] + batches1[0]) else 1.0),
     }
 
 
@@ -248,8 +294,11 @@ def open_loop(port: int, pid: int, bodies: list[dict], rate: float, duration: fl
     statuses: list[int] = []
     lock = threading.Lock()
 
+    ready = threading.Barrier(senders + 1)
+
     def sender() -> None:
         client = _Client(port)
+        ready.wait()
         while True:
             job = jobs.get()
             if job is None:
@@ -269,7 +318,8 @@ def open_loop(port: int, pid: int, bodies: list[dict], rate: float, duration: fl
     threads = [threading.Thread(target=sender) for _ in range(senders)]
     for t in threads:
         t.start()
-    cpu0 = server_cpu_seconds(pid)
+    ready.wait()  # every sender's connection open and accepted before the schedule starts
+    cpu0, own0 = server_cpu_seconds(pid), time.process_time()
     start = time.perf_counter() + 0.2
     for i in range(count):  # handed out in order of their scheduled time, each to the next free sender
         scheduled = start + i / rate
@@ -289,6 +339,7 @@ def open_loop(port: int, pid: int, bodies: list[dict], rate: float, duration: fl
         "p50_ms": median(latencies) if latencies else float("nan"),
         "p99_ms": percentile(latencies, 99) if latencies else float("nan"),
         "server_cpu": (server_cpu_seconds(pid) - cpu0) / wall,
+        "client_cpu": (time.process_time() - own0) / wall,
     }
 
 
@@ -322,6 +373,7 @@ def _summary(runs: dict[str, dict[int, list[dict]]], clients: list[int]) -> dict
                     "p50_ms": median([m["p50_ms"] for m in ms]),
                     "p99_ms": median([m["p99_ms"] for m in ms]),
                     "server_cpu": median([m["server_cpu"] for m in ms]),
+                    "client_cpu": median([m["client_cpu"] for m in ms]),
                     "cpu_ms_per_query": median([m["cpu_ms_per_query"] for m in ms]),
                     "mean_batch": median([m["mean_batch"] for m in ms]),
                     "errors": sum(m["errors"] for m in ms),
@@ -343,6 +395,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         with ExitStack() as stack:
             live = {}
+            workers: dict[str, int] = {}
             for j, spec in enumerate(servers):
                 home = work / f"home-{j}"
                 shutil.copytree(args.home, home, ignore=shutil.ignore_patterns("data", "item_inputs"))
@@ -352,20 +405,21 @@ def run(args: argparse.Namespace) -> dict:
                     start_server(home, args.space, args.port + j, spec["workers"], env, log, cwd=spec["tree"])
                 )
                 live[spec["name"]] = (args.port + j, pid, url)
+                workers[spec["name"]] = spec["workers"]
                 print(f"{spec['name']}: ready at {url} (pid {pid})", flush=True)
             bodies = query_bodies(work / "home-0", args.space, args.k)
             for name, (port, pid, url) in live.items():
                 if "label" in kinds:
                     wait_exact(url)
                 for kind in kinds:  # warm-up: every worker's first queries
-                    closed_loop(port, pid, bodies[kind], max(clients), 1.0)
+                    closed_loop(port, pid, bodies[kind], max(clients), 1.0, workers=workers[name])
                 out["servers"][name] = {"memory_kib_after_warmup": memory_kib(pid)}
             cells = [(name, kind, c) for name in live for kind in kinds for c in clients]
             for r in range(args.rounds):
                 order = cells[r % len(cells) :] + cells[: r % len(cells)]
                 for name, kind, c in order:
                     port, pid, _ = live[name]
-                    m = closed_loop(port, pid, bodies[kind], c, args.duration)
+                    m = closed_loop(port, pid, bodies[kind], c, args.duration, workers=workers[name])
                     runs[name][kind][c].append(m)
                     print(f"round {r} {name} {kind} x{c}: {json.dumps(m)}", flush=True)
             if args.open_loop_factor > 0 and "examples" in kinds:
@@ -394,8 +448,8 @@ def print_table(out: dict) -> None:
         spec = server["spec"]
         print(f"\n{name}: {spec['workers']} worker(s), env {spec['env']}, tree {spec['tree'] or 'this one'}")
         head = " | ".join(f"{k} q/s (ratio) | {k} p50 / p99 ms | {k} server CPU (CPU ms per query)" for k in kinds)
-        print(f"| clients | {head} | examples: mean batch |")
-        print("|---|" + "---|---|---|" * len(kinds) + "---|")
+        print(f"| clients | {head} | examples: mean batch | examples: clients' CPU |")
+        print("|---|" + "---|---|---|" * len(kinds) + "---|---|")
         for i, c in enumerate(out["clients"]):
             cells = []
             for k in kinds:
@@ -405,14 +459,16 @@ def print_table(out: dict) -> None:
                     f"{100 * s['server_cpu']:.0f}% ({s['cpu_ms_per_query']:.1f})"
                 )
             batch = summary["examples"][i]["mean_batch"] if "examples" in summary else float("nan")
-            print(f"| {c} | " + " | ".join(cells) + f" | {batch:.2f} |")
+            own = summary["examples"][i]["client_cpu"] if "examples" in summary else float("nan")
+            print(f"| {c} | " + " | ".join(cells) + f" | {batch:.2f} | {100 * own:.0f}% |")
         if "open_loop" in server:
             o = server["open_loop"]
             print(
                 f"open loop at {o['factor']}x the 1-client rate ({o['rate']:.1f} q/s, {o['sent']} sent, "
                 f"{o['errors']} errors): p50 {o['p50_ms']:.1f} ms, p99 {o['p99_ms']:.1f} ms = "
                 f"{o['p99_ms'] / o['closed_1_client_p99_ms']:.2f}x the 1-client p99 "
-                f"({o['closed_1_client_p99_ms']:.1f} ms); server CPU {100 * o['server_cpu']:.0f}%"
+                f"({o['closed_1_client_p99_ms']:.1f} ms); server CPU {100 * o['server_cpu']:.0f}%, "
+                f"clients' CPU {100 * o.get('client_cpu', float('nan')):.0f}%"
             )
         mem = server.get("memory_kib_end", {})
         if mem:

@@ -30,6 +30,7 @@ from models.networks import Classifier
 from models.spec import MAX_INPUT_DIM, NetworkSpec, spec_int
 
 __all__ = [
+    "SHARED_GEMM_ROWS",
     "PairSpec",
     "PairNetwork",
     "correlate",
@@ -45,6 +46,15 @@ __all__ = [
     "RetrieverQuery",
     "retriever_spec_from_dict",
 ]
+
+
+SHARED_GEMM_ROWS = 16
+"""Rows a product shared by several queries is padded to (`PairNetwork.score_prepared_many`). Measured with torch
+2.13 (MKL, AVX512) on this machine: a row of an `addmm` with 1-15 rows (1-10 for 256 inputs or fewer) differs in
+the last bits from the same row inside a larger call, in three kernel classes (1 row, 2-3, then up to 10-15);
+from 16 rows on it is the same in every call of any size (tried up to 1,600 rows) and at any place in it, for
+the scorer's shapes (1,408-2,432 x 256, 256 x 256, 256 x 3, 1,408 x 26). `models.inference.MIN_GEMM_ROWS` (4) is
+enough only where the same chunk is computed alone and in a batch."""
 
 
 @dataclass(frozen=True)
@@ -525,65 +535,78 @@ class PairNetwork(nn.Module):
         return self._with_residual(out, eq.expand(len(inputs), -1), inputs[:, inputs.shape[1] - self._context_width :])
 
     def score_prepared_many(
-        self, prepared: list[FoldedQuery | torch.Tensor], inputs: list[torch.Tensor], step: int
+        self, prepared: list[FoldedQuery | torch.Tensor | RetrieverQuery], inputs: list[torch.Tensor], step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`score_prepared` for several queries, each against its own item inputs, outputs concatenated in order:
         what depends on the query (its folded first layer, or its correlation) runs per query, the rest of the
-        scorer once over every query's rows, in chunks of at most `step` rows. No product runs on fewer than
-        `models.inference.MIN_GEMM_ROWS` rows (padded), so each query's rows equal what it gets alone."""
+        scorer once over every query's rows, in chunks of at most `step` rows, and so does the retriever's
+        residual (the distance of each row's query embedding to its item's cluster centroid, its affine and the
+        temperature). A query's own products run on its own chunks (the same alone or in a batch, padded to
+        `models.inference.MIN_GEMM_ROWS`); the shared ones on at least `SHARED_GEMM_ROWS` rows (padded), from
+        which on a row's result depends neither on the call's other rows nor on its place in the call, so
+        each query's rows equal what it gets alone."""
         from models.inference import balanced_chunks, rows_at_least
 
-        if self.retriever is not None or self._context_width:
-            # a model that adds the retriever's residual reads more than the folded product: each query through
-            # `score_prepared` itself, in the same padded chunks alone or in a batch (so equal either way)
-            parts = [
-                self.score_prepared(p, rows_at_least(x[a:b]))
-                for p, x in zip(prepared, inputs, strict=True)
-                for a, b in (balanced_chunks(len(x), step) if len(x) else [])
-            ]
-            sizes = [b - a for x in inputs for a, b in (balanced_chunks(len(x), step) if len(x) else [])]
-            if not parts:
-                raise ValueError("nothing to score")
-            return (
-                torch.cat([lg[:n] for (lg, _), n in zip(parts, sizes, strict=True)]),
-                torch.cat([h[:n] for (_, h), n in zip(parts, sizes, strict=True)]),
-            )
-
+        context = self._context_width
         fronts: dict[bool, list[torch.Tensor]] = {True: [], False: []}
         order: list[tuple[bool, int]] = []  # per query: its path and its number of rows
+        embeddings: list[torch.Tensor] = []  # with a retriever: per query, its embedding once per row
+        centroids: list[torch.Tensor] = []  # and its rows' cluster centroids (the last columns of the inputs)
         for p, x in zip(prepared, inputs, strict=True):
+            eq = None
+            if isinstance(p, RetrieverQuery):
+                p, eq = p.prepared, p.embedding
+            elif self.retriever is not None:
+                raise ValueError("this pair model has a retriever: prepare the query with its own `prepare`")
             folded = isinstance(p, FoldedQuery)
-            if folded and x.shape[1] != p.stacked.shape[0]:
-                raise ValueError(f"item inputs must be (N, {p.stacked.shape[0]}), got {tuple(x.shape)}")
+            if folded and x.shape[1] != p.stacked.shape[0] + context:
+                width = p.stacked.shape[0] + context
+                raise ValueError(f"item inputs must be (N, {width}), got {tuple(x.shape)}")
+            feats = x[:, : x.shape[1] - context] if folded and context else x
             for a, b in balanced_chunks(len(x), step) if len(x) else []:
-                chunk = rows_at_least(x[a:b])
                 if folded:
-                    front = torch.addmm(p.bias, chunk, p.stacked)
+                    front = torch.addmm(p.bias, rows_at_least(feats[a:b]), p.stacked)
                 else:
-                    fx, ex = self._split_inputs(chunk)
+                    fx, ex = self._split_inputs(rows_at_least(x[a:b]))
                     front = self.interact(p, fx, ex)
                 fronts[folded].append(front[: b - a])
             order.append((folded, len(x)))
+            if eq is not None:
+                embeddings.append(eq.expand(len(x), -1))
+                centroids.append(x[:, x.shape[1] - context :])
         outs: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         for folded in {f for f, _ in order}:
             parts = fronts[folded]
             y = torch.cat(parts) if parts else torch.zeros(0, self._front_width(folded))
             logits, hidden = [], []
             for a, b in balanced_chunks(len(y), step) if len(y) else [(0, 0)]:
-                h = self.scorer.body[1:](rows_at_least(y[a:b])) if folded else self.scorer.body(rows_at_least(y[a:b]))
+                rows = rows_at_least(y[a:b], SHARED_GEMM_ROWS)
+                h = self.scorer.body[1:](rows) if folded else self.scorer.body(rows)
                 logits.append(self.scorer.head(h)[: b - a])
                 hidden.append(h[: b - a])
             outs[folded] = torch.cat(logits), torch.cat(hidden)
+        if not outs:
+            raise ValueError("nothing to score")
         if len(outs) == 1:
-            return next(iter(outs.values()))
-        # both paths in one call: back to the queries' order
-        logits, hidden, taken = [], [], {True: 0, False: 0}
-        for folded, n in order:
-            a = taken[folded]
-            logits.append(outs[folded][0][a : a + n])
-            hidden.append(outs[folded][1][a : a + n])
-            taken[folded] = a + n
-        return torch.cat(logits), torch.cat(hidden)
+            out_logits, out_hidden = next(iter(outs.values()))
+        else:  # both paths in one call: back to the queries' order
+            logit_parts, hidden_parts, taken = [], [], {True: 0, False: 0}
+            for folded, n in order:
+                a = taken[folded]
+                logit_parts.append(outs[folded][0][a : a + n])
+                hidden_parts.append(outs[folded][1][a : a + n])
+                taken[folded] = a + n
+            out_logits, out_hidden = torch.cat(logit_parts), torch.cat(hidden_parts)
+        if self.residual is None:
+            return out_logits, out_hidden
+        # the retriever's residual over every row of every query at once (row-wise, its affine padded)
+        score = self.retriever_score(torch.cat(embeddings), torch.cat(centroids))
+        shifts = [
+            self.residual(rows_at_least(score[a:b], SHARED_GEMM_ROWS))[: b - a]
+            for a, b in balanced_chunks(len(score), step)
+        ]
+        out_logits = out_logits + (torch.cat(shifts) if shifts else out_logits[:0])
+        return (out_logits if self.temperature == 1.0 else out_logits / self.temperature), out_hidden
 
     def _front_width(self, folded: bool) -> int:
         """Width of the per-query part's output: the scorer's first hidden layer (folded) or its input."""
@@ -685,27 +708,12 @@ class PairNetwork(nn.Module):
 
     @torch.no_grad()
     def fold_queries(self, fqs: list[torch.Tensor]) -> list[FoldedQuery]:
-        """`fold_query` for several queries, the correlation blocks of all of them in one product per channel
-        (rows of every query stacked: a query's rows equal what it gets alone, the product having at least
-        `models.inference.MIN_GEMM_ROWS` rows either way)."""
-        if len(fqs) == 1:
-            return [self.fold_query(fqs[0])]
-        spec = self.spec
-        plan = self._fold_plan()
-        channels, length = fqs[0].shape[1:]
-        width = spec.regions * spec.shifts
-        h1 = len(plan.bias)
-        ops = fqs[0].new_zeros(len(fqs), channels, length * width)
-        ops[:, :, plan.positions] = torch.stack([fq[0][:, plan.sources] for fq in fqs]) / plan.seg
-        rows = ops.view(len(fqs), channels, length, width).transpose(0, 1).reshape(channels, len(fqs) * length, width)
-        products = torch.bmm(rows, plan.w_corr_t)  # (C, Q*L, h1)
-        extra = channels * spec.regions if spec.energies else 0
-        out = []
-        for q, fq in enumerate(fqs):
-            stacked = fq.new_empty(channels * length + extra, h1)
-            stacked[: channels * length].view(channels, length, h1).copy_(products[:, q * length : (q + 1) * length])
-            out.append(self._folded(plan, fq, stacked))
-        return out
+        """`fold_query` for several queries, one after the other: each query's product writes straight into its
+        own folded matrix. Stacking every query's rows into one product per channel (tried before) made the product
+        itself no faster and added a copy of each query's result out of the shared one: `prepare_many` for 8 queries
+        of `pair-dense` took 2.1-2.4x the CPU time of this (`benchmarks/bench_score_many.py`, both checkouts,
+        docs/performance.md 0b). The same results either way, bit for bit."""
+        return [self.fold_query(fq) for fq in fqs]
 
     def prepare_many(
         self, queries: list[torch.Tensor | None], num_items: list[int]

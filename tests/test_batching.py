@@ -104,6 +104,34 @@ def test_scoring_many_equals_scoring_each_alone(snapshot, rows: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_batch_shares_the_scorer_tail_and_the_retriever_residual(snapshot) -> None:
+    """Today's pair models add their retriever's residual: the scorer after its first layer, its head and the
+    residual's affine run once over the rows of every query of a batch, not once per query, and every query's
+    rows are still the ones it gets alone."""
+    variant = snapshot.variants["pair-dense"]
+    model = variant.model
+    assert model.retriever is not None and model.residual is not None
+    queries = [torch.from_numpy(snapshot.queries.x[i : i + 1]) for i in range(5)]
+    items = [snapshot.item_inputs(variant, torch.arange(3 * j, 3 * j + 2 + 3 * j)) for j in range(5)]
+    calls = {"head": 0, "residual": 0}
+    hooks = [
+        model.scorer.head.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1)),
+        model.residual.register_forward_hook(lambda *_: calls.__setitem__("residual", calls["residual"] + 1)),
+    ]
+    try:
+        with torch.inference_mode():
+            prepared = [model.prepare(q, len(x)) for q, x in zip(queries, items, strict=True)]
+            calls.update(head=0, residual=0)  # (preparing may count FLOPs with a forward pass)
+            logits, hidden = score_many(model, prepared, items)
+            assert calls == {"head": 1, "residual": 1}  # 40 rows of 5 queries on one path: one chunk
+            one_by_one = [score_many(model, [p], [x]) for p, x in zip(prepared, items, strict=True)]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(logits, torch.cat([o[0] for o in one_by_one]))
+    assert torch.equal(hidden, torch.cat([o[1] for o in one_by_one]))
+
+
 def test_the_batcher_batches_concurrent_queries_and_answers_each_as_alone(snapshot) -> None:
     jobs = [_job(snapshot, i, seed=50 + i) for i in range(8)]
     alone = [run_stages_many(snapshot, [job])[0] for job in jobs]

@@ -110,6 +110,7 @@ def _run_workers(settings, bootstrap: bool) -> int:
         log_config=None,
         access_log=False,
         http=EnvHeadTimeoutH11Protocol,
+        loop="service.accept:BalancedAcceptLoop",  # spreads connections over the workers (service/accept.py)
         timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
     )
