@@ -7,8 +7,9 @@ A query's answer does not depend on which other queries share its batch, bit for
 - every random draw comes from the query's own generator, in the order a batch of one draws it; the draws are
   padded or stacked, never shared;
 - every operation is row-wise (elementwise, per-row reductions and sorts, segment sums in member order), or a
-  matrix product whose rows do not depend on the other rows of the call, which holds for calls of at least
-  `models.inference.MIN_GEMM_ROWS` rows (CPU GEMM kernels take another path below that; `score_many` pads);
+  matrix product whose rows do not depend on the other rows of the call: CPU GEMM kernels change path with the
+  row count, so a query's own chunk is padded to `models.inference.MIN_GEMM_ROWS` rows and a product shared by
+  the batch to `models.pair.SHARED_GEMM_ROWS`, past the last change;
 - what cannot be made row-wise (a query's own preparation, a gadget's packed sequences) runs per query;
 - queries only share a call where the alone path would take the same branch (same widest cluster for the key
   matrix, all clusters of one member or not, the same utility for the ranking key, the same number of clusters

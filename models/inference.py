@@ -92,10 +92,11 @@ def score_chunked(
 
 
 MIN_GEMM_ROWS = 4
-"""CPU GEMM kernels (MKL / oneDNN) take another path for products of fewer rows (measured with torch 2.13 on this
-machine: rows of a 1-3-row `addmm` differ in the last bits from the same rows inside a larger call; from 4 rows
-on, a row's result does not depend on the other rows of the call). Batched scoring therefore never calls a
-product on fewer rows: it pads, so a query's outputs are the same whether it is scored alone or with others."""
+"""CPU GEMM kernels (MKL / oneDNN) take another path for products of few rows (measured with torch 2.13 on this
+machine, `benchmarks/bench_gemm_rows.py`: a row of a 1-row and of a 2-3-row `addmm` differs in the last bits from
+the same row in a 4-15-row call, and those from a 16-row or larger one). A query's own chunk has the same rows
+alone and in a batch, so padding it to 4 keeps its outputs the same either way; a product shared by several
+queries changes its row count with the batch and is padded further (`models.pair.SHARED_GEMM_ROWS`)."""
 
 
 def balanced_chunks(n: int, step: int) -> list[tuple[int, int]]:
