@@ -93,7 +93,7 @@ class PairConfig:
     biencoder: BiEncoderTrainConfig = BiEncoderTrainConfig(steps=3000)
     """Stage 0's training. FAISS alone is the answer whenever no reranker beats it, so its steps are the cheapest
     quality the first run buys: on the default space's 250 dev / 250 test queries, recall@1 0.576 / 0.556 after
-    1,000 steps (26 s on one thread), 0.636 / 0.644 after 3,000 (84 s); docs/results.md has the sweep."""
+    1,000 steps, 0.636 / 0.644 after 3,000; docs/results.md has the sweep and its seconds."""
     training: PairTrainConfig = PairTrainConfig(steps=400)
     """Pointwise pretraining of the dense pair model's scorer on pairs (`train_pair_model`: what one member says
     about its cluster, learnt from many pairs per step), before the listwise training; 0 steps: none.
