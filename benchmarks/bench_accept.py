@@ -24,7 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.bench_concurrency import _descendants, query_bodies, start_server
+from benchmarks.bench_concurrency import query_bodies, start_server
+from service.loadtest.process_tree import descendants
 
 __all__ = ["main", "established_per_process"]
 
@@ -83,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=18990)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-accept-"))
-    env = {"UVICORN_LOOP": "asyncio"} if args.loop == "asyncio" else {}
+    env = {"LAUNCHER": "uvicorn", "UVICORN_LOOP": "asyncio"} if args.loop == "asyncio" else {}
     try:
         home = work / "home"
         shutil.copytree(args.home, home, ignore=shutil.ignore_patterns("data", "item_inputs"))
         with start_server(home, args.space, args.port, args.workers, env) as (_, pid):
             example = query_bodies(home, args.space, 10)["examples"][0]
             body = json.dumps({**example, "seed": 1}).encode()
-            workers = [w for w in _descendants(pid) if w != pid]
+            workers = [w for w in descendants(pid) if w != pid]
             print(f"{args.workers} workers, loop {args.loop}", flush=True)
             for clients in [int(c) for c in args.connections.split(",")]:
                 splits: collections.Counter = collections.Counter()

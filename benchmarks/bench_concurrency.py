@@ -46,37 +46,18 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from benchmarks.common import dump_json, median, percentile, uvicorn_process
+from service.loadtest.process_tree import descendants
 
 __all__ = ["main", "closed_loop", "open_loop", "server_cpu_seconds", "start_server", "query_bodies"]
 
 KINDS = ("examples", "faiss", "label")
 
 
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (uvicorn's worker processes), from /proc/*/stat parent ids."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
 def server_cpu_seconds(pid: int) -> float:
     """utime + stime of `pid` and its descendants, in seconds (/proc/PID/stat fields 14 and 15)."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
-    for p in _descendants(pid):
+    for p in descendants(pid):
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
@@ -90,7 +71,7 @@ def memory_kib(pid: int) -> dict[str, int]:
     """Rss, Pss and private (Private_Clean + Private_Dirty) summed over `pid` and its descendants (kB), from
     /proc/PID/smaps_rollup: Pss shares each shared page among the processes that map it."""
     out = {"rss": 0, "pss": 0, "private": 0}
-    for p in _descendants(pid):
+    for p in descendants(pid):
         try:
             text = Path(f"/proc/{p}/smaps_rollup").read_text()
         except OSError:
@@ -106,29 +87,33 @@ def memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def _has_accept(tree) -> bool:
-    """Whether the checkout the server runs (this one when None) has `service/accept.py`."""
-    return (Path(tree) if tree else Path(__file__).resolve().parents[1]).joinpath("service", "accept.py").exists()
+def _has(tree, module: str) -> bool:
+    """Whether the checkout the server runs (this one when None) has `service/<module>`."""
+    return (Path(tree) if tree else Path(__file__).resolve().parents[1]).joinpath("service", module).exists()
 
 
 @contextmanager
 def start_server(
     home: Path, space: str, port: int, workers: int = 1, env: dict[str, str] | None = None, log=None, cwd=None
 ):
-    """uvicorn on 127.0.0.1 (result cache off), stopped by its own pid; yields (url, pid). Several workers accept
-    connections as `prunecascade serve --workers N` does (`service.accept.BalancedAcceptLoop`; `env` may set
-    `UVICORN_LOOP=asyncio` for uvicorn's own loop)."""
+    """uvicorn on 127.0.0.1 (result cache off), stopped by its own pid; yields (url, pid). Several workers run as
+    `prunecascade serve --workers N` runs them, forked from one parent (in a checkout with service/workers.py),
+    with `service.accept.BalancedAcceptLoop`. `env` may set `LAUNCHER=uvicorn` for uvicorn's own spawned workers,
+    and then `UVICORN_LOOP=asyncio` for uvicorn's own loop."""
+    env = dict(env or {})
+    forked = workers > 1 and env.pop("LAUNCHER", "serve") == "serve" and _has(cwd, "workers.py")
     environ = {
         **os.environ,
-        **({"UVICORN_LOOP": "service.accept:BalancedAcceptLoop"} if workers > 1 and _has_accept(cwd) else {}),
+        **({"UVICORN_LOOP": "service.accept:BalancedAcceptLoop"} if workers > 1 and _has(cwd, "accept.py") else {}),
         "PRUNECASCADE_HOME": str(home),
         "PRUNECASCADE_SPACE": space,
         "PRUNECASCADE_LOG_LEVEL": "warning",
         "PRUNECASCADE_CACHE_ENABLED": "false",
         "OMP_NUM_THREADS": "1",
-        **(env or {}),
+        **env,
     }
-    with uvicorn_process(port, workers, environ, log or subprocess.DEVNULL, cwd=cwd, ready_per_worker=20) as server:
+    log = log or subprocess.DEVNULL
+    with uvicorn_process(port, workers, environ, log, cwd=cwd, ready_per_worker=20, forked=forked) as server:
         yield server
 
 

@@ -48,6 +48,11 @@ PARTS: dict[tuple[str, str], str] = {
     ("cascade.stage_loop", "prepare_for"): "model",
     ("cascade.stage_loop", "prepare_many"): "model",
     ("cascade.stage_loop", "score_many"): "model",
+    ("cascade.stage_loop", "aggregate_many"): "aggregation",
+    ("cascade.stage_loop", "log_mean_posteriors"): "aggregation",
+    ("cascade.stage_loop", "ranking_keys"): "cut",
+    ("cascade.stage_loop", "top_per_query"): "cut",
+    # the same parts under their names in older checkouts (a `before` tree)
     ("cascade.stage_loop", "_aggregate_units"): "aggregation",
     ("cascade.stage_loop", "_combine_examples"): "aggregation",
     ("cascade.stage_loop", "_ranking_keys"): "cut",

@@ -1,15 +1,16 @@
-"""Memory of a server against its number of worker processes, with the item cache in shared memory-mapped files
-or in each worker's own memory (not a test).
+"""Memory of a server against its number of worker processes: forked from one parent (`prunecascade serve
+--workers N`) or spawned by uvicorn, with the item cache in shared memory-mapped files or in each worker's own
+memory (not a test).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_worker_memory \
         --home /work/home-default --workers 1,2,3 --out var/bench/worker_memory.json
 
-For every (workers, files) setting one server (`uvicorn --factory --workers N`, its own copy of the home) is
-started, warmed with a few queries by example per worker, and measured from /proc: Pss, Rss and private memory
-summed over the server's process tree (smaps_rollup), and, from each process's smaps, what the item-input
-files' mappings take (their Rss, Pss and private pages). Pss charges a shared page to each process that maps it
-by its share, so the tree's Pss is the memory the server really holds. Growth per extra worker is the slope
-between consecutive worker counts; the item cache's size is the table's bytes (`GET /v1/space`).
+For every setting (`SETTINGS`) and worker count one server (its own copy of the home) is started, warmed with a few
+queries by example per worker, and measured from /proc: Pss, Rss and private memory summed over the server's process
+tree (smaps_rollup), and, from each process's smaps, what the item-input files' mappings take (their Rss, Pss and
+private pages). Pss charges a shared page to each process that maps it by its share, so the tree's Pss is the memory
+the server really holds. Growth per extra worker is the slope between consecutive worker counts; the item cache's
+size is the table's bytes (`GET /v1/space`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.bench_concurrency import _descendants, closed_loop, memory_kib, query_bodies, start_server
+from benchmarks.bench_concurrency import closed_loop, memory_kib, query_bodies, start_server
 from benchmarks.common import dump_json
+from service.loadtest.process_tree import descendants
 
 __all__ = ["main", "mapping_kib"]
 
@@ -31,7 +33,7 @@ __all__ = ["main", "mapping_kib"]
 def mapping_kib(pid: int, needle: str) -> dict[str, int]:
     """Rss, Pss and private kB of the mappings whose path contains `needle`, over `pid`'s process tree."""
     out = {"rss": 0, "pss": 0, "private": 0}
-    for p in _descendants(pid):
+    for p in descendants(pid):
         try:
             lines = Path(f"/proc/{p}/smaps").read_text().splitlines()
         except OSError:
@@ -50,32 +52,42 @@ def mapping_kib(pid: int, needle: str) -> dict[str, int]:
     return out
 
 
+SETTINGS: dict[str, dict[str, str]] = {
+    # `prunecascade serve --workers N`: forked from one parent that imported the service; the item cache in files
+    "forked-mapped": {},
+    # uvicorn's own `--workers N`: every worker a fresh interpreter that imports torch and the service again
+    "spawned-mapped": {"LAUNCHER": "uvicorn"},
+    "spawned-copies": {"LAUNCHER": "uvicorn", "PRUNECASCADE_ITEM_CACHE_FILES": "false"},
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", type=Path, default=Path("/work/home-default"))
     p.add_argument("--space", default="default")
     p.add_argument("--workers", default="1,2,3")
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--port", type=int, default=18970)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     counts = [int(w) for w in args.workers.split(",")]
+    chosen = [name.strip() for name in args.settings.split(",") if name.strip()]
     work = Path(tempfile.mkdtemp(prefix="bench-worker-memory-"))
     rows = []
     try:
-        for files in (True, False):
+        for setting in chosen:
             for workers in counts:
-                home = work / f"home-{files}-{workers}"
+                home = work / f"home-{len(rows)}"
                 shutil.copytree(args.home, home, ignore=shutil.ignore_patterns("data", "item_inputs"))
-                env = {"PRUNECASCADE_ITEM_CACHE_FILES": "true" if files else "false"}
-                with start_server(home, args.space, args.port, workers, env) as (url, pid):
+                with start_server(home, args.space, args.port, workers, dict(SETTINGS[setting])) as (url, pid):
                     bodies = query_bodies(home, args.space, 10)["examples"]
                     closed_loop(args.port, pid, bodies, 4 * workers, 3.0)  # every worker has served queries
                     cache = httpx.get(f"{url}/v1/space", timeout=10).json().get("item_cache", [])
                     table_bytes = sum(int(t.get("bytes", 0)) for t in cache)
                     row = {
-                        "files": files,
+                        "setting": setting,
                         "workers": workers,
-                        "processes": len(_descendants(pid)),
+                        "processes": len(descendants(pid)),
                         "tree_kib": memory_kib(pid),
                         "item_inputs_kib": mapping_kib(pid, "item_inputs"),
                         "item_cache_bytes": table_bytes,
@@ -85,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
-        "| item cache | workers | tree Pss MiB | growth per extra worker MiB | as share of the item cache | "
-        "item-input mappings: Rss / Pss / private MiB |"
+        "| workers started | workers | processes | tree Pss MiB | growth per extra worker MiB | as share of the item "
+        "cache | item-input mappings: Rss / Pss / private MiB |"
     )
-    print("|---|---|---|---|---|---|")
-    for files in (True, False):
-        sel = [r for r in rows if r["files"] == files]
+    print("|---|---|---|---|---|---|---|")
+    for setting in chosen:
+        sel = [r for r in rows if r["setting"] == setting]
         for i, r in enumerate(sel):
             cache_mib = r["item_cache_bytes"] / 2**20
             growth = (
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             share = "" if i == 0 or not cache_mib else f"{growth / cache_mib:.0%}"
             m = r["item_inputs_kib"]
             print(
-                f"| {'files, mapped' if files else 'in each worker'} ({cache_mib:.0f} MiB) | {r['workers']} | "
+                f"| {setting} ({cache_mib:.0f} MiB cache) | {r['workers']} | {r['processes']} | "
                 f"{r['tree_kib']['pss'] / 1024:.0f} | {growth if growth == '' else f'{growth:.0f}'} | {share} | "
                 f"{m['rss'] / 1024:.0f} / {m['pss'] / 1024:.0f} / {m['private'] / 1024:.0f} |"
             )

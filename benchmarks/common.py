@@ -249,25 +249,36 @@ def serve(
 
 @contextmanager
 def uvicorn_process(
-    port: int, workers: int, env: dict[str, str], stdout, cwd: Path | None = None, ready_per_worker: int = 30
+    port: int,
+    workers: int,
+    env: dict[str, str],
+    stdout,
+    cwd: Path | None = None,
+    ready_per_worker: int = 30,
+    forked: bool = False,
 ) -> Iterator[tuple[str, int]]:
-    """uvicorn on 127.0.0.1 only, as the deployment runs it (`--factory --workers N`), with exactly `env`; yields
-    (url, pid) once ready (with several workers: `ready_per_worker` x N consecutive ready answers, so every worker
-    has loaded), and stops it by its own pid."""
-    cmd = [
-        str(Path(sys.executable).with_name("uvicorn")),
-        "service.app:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
+    """uvicorn on 127.0.0.1 only, with exactly `env`: uvicorn's own command (`--factory --workers N`, every worker
+    a fresh interpreter), or with `forked` `prunecascade serve --workers N` (workers forked from one parent that
+    imported the service, service/workers.py). Yields (url, pid) once ready (with several workers:
+    `ready_per_worker` x N consecutive ready answers, so every worker has loaded), and stops it by its own pid."""
+    if forked:
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--workers", str(workers)]
+    else:
+        cmd = [
+            str(Path(sys.executable).with_name("uvicorn")),
+            "service.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from service.accept import BalancedAcceptLoop, _connections
+from service.loadtest.process_tree import children
 
 
 def _serve_and_connect(connections: int) -> tuple[list[bytes], int]:
@@ -91,19 +92,6 @@ def _established_per_process(pids: list[int], port: int) -> list[int]:
     return counts
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
 def test_two_workers_share_a_burst_of_keep_alive_connections(tiny_home, tmp_path) -> None:
     """8 keep-alive connections opened at once (as a load balancer's pool or the load tester opens them): each
     worker holds at least 3 (with uvicorn's own loop this failed in 3 of 3 tries: the first worker awake takes
@@ -126,7 +114,7 @@ def test_two_workers_share_a_burst_of_keep_alive_connections(tiny_home, tmp_path
                 ready = 0
                 time.sleep(0.5)
         assert ready >= 40
-        workers = _children(proc.pid)
+        workers = children(proc.pid)
         gate = threading.Barrier(8)
         socks: list[socket.socket] = []
         lock = threading.Lock()

@@ -79,15 +79,23 @@ def _bootstrap(state: ServiceState) -> None:
 
 
 def _run_workers(settings, bootstrap: bool) -> int:
-    """Several worker processes behind one port (uvicorn's supervisor): each loads its own snapshot and maps the
-    same item-input files. The settings reach the workers through the environment; with `--bootstrap` the
-    embedded default is built first, before the port opens (the workers must not build it concurrently)."""
+    """Several worker processes behind one port, forked from this one once it has imported the service
+    (service/workers.py): they share its imported modules and map the same item-input files, and each loads its
+    own snapshot. The settings reach the workers through the environment; with `--bootstrap` the embedded default
+    is built first, before the port opens (the workers must not build it concurrently), in a process of its own so
+    that this one forks with no torch runtime started."""
+    import multiprocessing
     import os
 
-    if bootstrap:
-        from cascade.bootstrap import bootstrap as build
+    from service.workers import serve_forked
 
-        build(settings.home, progress=True)
+    if bootstrap:
+        build = multiprocessing.get_context("spawn").Process(target=_build_default, args=(settings.home,))
+        build.start()
+        build.join()
+        if build.exitcode != 0:
+            print(f"the bootstrap failed (exit code {build.exitcode}); see its log above", file=sys.stderr)
+            return 1
     os.environ.update(
         {
             "PRUNECASCADE_HOME": str(settings.home),
@@ -100,10 +108,9 @@ def _run_workers(settings, bootstrap: bool) -> int:
         os.environ["PRUNECASCADE_ADMIN_TOKEN_FILE"] = str(settings.admin_token_file)
     from service.connections import EnvHeadTimeoutH11Protocol
 
-    uvicorn.run(
+    config = uvicorn.Config(
         "service.app:create_app",
         factory=True,
-        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -114,4 +121,10 @@ def _run_workers(settings, bootstrap: bool) -> int:
         timeout_keep_alive=settings.keep_alive_s,
         limit_concurrency=settings.max_connections,
     )
-    return 0
+    return serve_forked(config, settings.workers)
+
+
+def _build_default(home) -> None:
+    from cascade.bootstrap import bootstrap as build
+
+    build(home, progress=True)

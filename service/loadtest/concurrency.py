@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from cascade.ranking_metrics import percentile
+from service.loadtest.process_tree import tree_cpu_seconds
 
 __all__ = ["KINDS", "SweepRow", "run_sweep", "write_sweep", "sweep_figure", "CONCURRENCY_PNG", "CONCURRENCY_CSV"]
 
@@ -41,29 +42,6 @@ class SweepRow:
     p99_ms: float
     server_cpu: float  # cores busy on average (1.0 = one core); NaN when unknown
     ratio_to_first: float  # qps over the kind's qps at the first concurrency of the sweep
-
-
-def _tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` and every process below it, in seconds."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rfind(")") + 2 :].split()[1]), []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        fields_after = fields[fields.rfind(")") + 2 :].split()
-        total += int(fields_after[11]) + int(fields_after[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def _metrics_cpu_seconds(client: httpx.AsyncClient) -> float:
@@ -135,11 +113,11 @@ async def _sweep(
             await _closed_loop(url, bodies[kind], max(concurrency), min(duration, 1.0))  # warm-up
             first = None
             for c in concurrency:
-                cpu0 = _tree_cpu_seconds(server_pid) if server_pid else await _metrics_cpu_seconds(client)
+                cpu0 = tree_cpu_seconds(server_pid) if server_pid else await _metrics_cpu_seconds(client)
                 t0 = time.monotonic()
                 latencies, errors = await _closed_loop(url, bodies[kind], c, duration)
                 wall = time.monotonic() - t0
-                cpu1 = _tree_cpu_seconds(server_pid) if server_pid else await _metrics_cpu_seconds(client)
+                cpu1 = tree_cpu_seconds(server_pid) if server_pid else await _metrics_cpu_seconds(client)
                 qps = len(latencies) / wall
                 first = first if first is not None else qps
                 rows.append(

@@ -1,0 +1,76 @@
+"""Worker processes forked from one parent that has imported the service (`prunecascade serve --workers N`).
+
+uvicorn's own `--workers` spawns every worker as a fresh interpreter, and each imports torch, FAISS, FastAPI and
+the service again: about 270 MiB of private memory per worker on the default space, twice its item cache
+(docs/performance.md 0b). Forked from a parent that imported them once, the workers share those pages copy on
+write, and each adds only what it loads itself (its snapshot). The parent freezes its objects out of the garbage
+collector before forking, so that a worker's collections do not write to, and so copy, the shared pages.
+
+The parent imports but computes nothing: no torch op has run and no thread pool has started when it forks, so
+no worker inherits a half-made runtime. (A bootstrap, which trains, runs in a process of its own for the same
+reason.) It keeps N workers alive, replacing one that dies, and stops them all on SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+import time
+
+import uvicorn
+
+__all__ = ["serve_forked", "RESTART_PAUSE_S"]
+
+log = logging.getLogger("prunecascade.workers")
+
+RESTART_PAUSE_S = 1.0  # a worker that dies at once (a bad home) is not restarted in a tight loop
+STOP_GRACE_S = 20.0  # what a worker gets to finish its requests before it is killed
+
+
+def _serve(config: uvicorn.Config, sock: socket.socket) -> None:
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def serve_forked(config: uvicorn.Config, workers: int) -> int:
+    """Bind the port once, fork `workers` uvicorn servers on it, and supervise them until SIGINT or SIGTERM."""
+    import service.app  # noqa: F401  (the import the workers share)
+
+    sock = config.bind_socket()
+    gc.collect()
+    gc.freeze()
+    fork = multiprocessing.get_context("fork")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    procs = []
+    try:
+        procs = [fork.Process(target=_serve, args=(config, sock), name=f"worker-{i}") for i in range(workers)]
+        for p in procs:
+            p.start()
+        while not stop.wait(RESTART_PAUSE_S):
+            for i, p in enumerate(procs):
+                if not p.is_alive():
+                    log.warning("worker %d (pid %s) exited with %s; starting another", i, p.pid, p.exitcode)
+                    procs[i] = fork.Process(target=_serve, args=(config, sock), name=f"worker-{i}")
+                    procs[i].start()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: uvicorn finishes the requests in flight, then exits
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        sock.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0

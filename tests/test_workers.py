@@ -1,0 +1,79 @@
+"""`prunecascade serve --workers N` (service/workers.py): the workers are forked from the serving process, answer as
+one worker does, a worker that dies is replaced while the others keep answering, and SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from service.loadtest.process_tree import children
+
+
+def _ranking(body: dict) -> list[tuple]:
+    return [(c["cluster_id"], c["score"], c["ranking_value"], c["posterior"]) for c in body["clusters"]]
+
+
+def _answers(url: str, body: dict, count: int, timeout_s: float = 180.0) -> list[list[tuple]]:
+    """`count` answers to `body` in a row (503s and refused connections while workers load are retried)."""
+    out: list[list[tuple]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and len(out) < count:
+        try:
+            r = httpx.post(f"{url}/v1/query", json=body, timeout=30)
+        except httpx.TransportError:
+            time.sleep(0.3)
+            continue
+        if r.status_code == 200:
+            out.append(_ranking(r.json()))
+        else:
+            time.sleep(0.3)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_forked_workers_answer_are_replaced_when_they_die_and_stop_on_sigterm(tiny_home, tmp_path, snapshot) -> None:
+    from conftest import free_port
+    from service_fixtures import copy_home
+
+    home = copy_home(tiny_home, tmp_path / "home")
+    port = free_port()
+    env = {**os.environ, "PRUNECASCADE_LOG_LEVEL": "warning", "PRUNECASCADE_CACHE_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--port", str(port), "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    body = {"target": {"examples": snapshot.queries.x[0:1].tolist()}, "k": 5, "seed": 3}
+    try:
+        first = _answers(url, body, 20)
+        assert len(first) == 20 and all(a == first[0] for a in first)
+        workers = children(proc.pid)
+        assert len(workers) == 2, workers  # forked by the serving process itself: no spawn helper beside them
+
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (workers[0] in children(proc.pid) or len(children(proc.pid)) < 2):
+            time.sleep(0.2)
+        replaced = children(proc.pid)
+        assert len(replaced) == 2 and workers[0] not in replaced and workers[1] in replaced
+        after = _answers(url, body, 10)
+        assert after == [first[0]] * 10
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not any(_alive(w) for w in replaced)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
