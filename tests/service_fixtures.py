@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -31,6 +33,26 @@ def copy_home(src: Path, dst: Path) -> Path:
     """Registry, spaces and cascade config (not the dataset cache): a home the test may change freely."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("data"))
     return dst
+
+
+@contextmanager
+def serve_with_workers(home: Path, workers: int = 2) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`prunecascade serve --workers N` on a free loopback port (result cache off); yields (process, url) at once,
+    before the workers have loaded, and ends the process it started."""
+    port = free_port()
+    env = {**os.environ, "PRUNECASCADE_LOG_LEVEL": "warning", "PRUNECASCADE_CACHE_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--port", str(port), "--workers"]
+    proc = subprocess.Popen([*cmd, str(workers)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
 
 
 def admin_env(**extra: str) -> dict[str, str]:

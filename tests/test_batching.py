@@ -358,24 +358,14 @@ def test_the_queue_still_answers_503_when_full_with_batching(tiny_home, tmp_path
 def test_worker_processes_share_one_memory_mapped_item_cache(tiny_home, tmp_path, snapshot) -> None:
     """`prunecascade serve --workers 2`: both workers answer (as one worker does) and read the item inputs from
     one file beside the space, mapped read-only, which exists once."""
-    import os
-    import subprocess
-    import sys
-
     import httpx
-    from conftest import free_port
-    from service_fixtures import copy_home
+    from service_fixtures import copy_home, serve_with_workers
 
     from cascade.snapshot import ITEM_INPUTS_DIR
 
     home = copy_home(tiny_home, tmp_path / "home")
-    port = free_port()
-    env = {**os.environ, "PRUNECASCADE_LOG_LEVEL": "warning", "PRUNECASCADE_CACHE_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--port", str(port), "--workers", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     body = {"target": {"examples": snapshot.queries.x[0:1].tolist()}, "k": 5, "seed": 4}
-    try:
+    with serve_with_workers(home, 2) as (_, url):
         answers, mapped = [], set()
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and len(answers) < 20:
@@ -395,6 +385,3 @@ def test_worker_processes_share_one_memory_mapped_item_cache(tiny_home, tmp_path
         assert mapped == {(True, "float32")}
         files = list((home / "spaces" / "default" / ITEM_INPUTS_DIR).glob("*.npy"))
         assert len(files) == 1
-    finally:
-        proc.terminate()
-        proc.wait(30)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -45,17 +43,11 @@ def _alive(pid: int) -> bool:
 
 
 def test_forked_workers_answer_are_replaced_when_they_die_and_stop_on_sigterm(tiny_home, tmp_path, snapshot) -> None:
-    from conftest import free_port
-    from service_fixtures import copy_home
+    from service_fixtures import copy_home, serve_with_workers
 
     home = copy_home(tiny_home, tmp_path / "home")
-    port = free_port()
-    env = {**os.environ, "PRUNECASCADE_LOG_LEVEL": "warning", "PRUNECASCADE_CACHE_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--port", str(port), "--workers", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     body = {"target": {"examples": snapshot.queries.x[0:1].tolist()}, "k": 5, "seed": 3}
-    try:
+    with serve_with_workers(home, 2) as (proc, url):
         first = _answers(url, body, 20)
         assert len(first) == 20 and all(a == first[0] for a in first)
         workers = children(proc.pid)
@@ -73,7 +65,3 @@ def test_forked_workers_answer_are_replaced_when_they_die_and_stop_on_sigterm(ti
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert not any(_alive(w) for w in replaced)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
