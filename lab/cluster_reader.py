@@ -138,9 +138,11 @@ class Model(nn.Module):
     def __init__(self, trunk: Trunk, reader: Reader) -> None:
         super().__init__()
         self.trunk, self.reader = trunk, reader
+        self.residual = True
 
     def scores(self, q: torch.Tensor, members: torch.Tensor, retriever_score: torch.Tensor) -> torch.Tensor:
-        """q (B, D), members (B, G, n, D), retriever_score (B, G) -> keys (B, G)."""
+        """q (B, D), members (B, G, n, D), retriever_score (B, G) -> keys (B, G) (the reader alone when
+        `residual` is off)."""
         b, g, n, dim = members.shape
         fq = self.trunk(q)
         fm = self.trunk(members.reshape(-1, dim))
@@ -149,7 +151,7 @@ class Model(nn.Module):
         k, v = self.reader.item_side(fm)
         rep = torch.arange(b).repeat_interleave(g)
         s = self.reader(qq[rep], qv[rep], k, v).reshape(b, g)
-        return s + self.reader.log_alpha.exp() * retriever_score
+        return s + self.reader.log_alpha.exp() * retriever_score if self.residual else s
 
 
 class Groups:
@@ -193,11 +195,19 @@ def group_top1(model: Model, batches) -> float:
 
 
 @torch.no_grad()
-def fit_alpha(batches) -> float:
-    """The retriever score's multiple that minimises the groups' softmax cross-entropy (reader at zero)."""
+def fit_alpha(batches, model: Model | None = None) -> float:
+    """The retriever score's multiple that minimises the groups' softmax cross-entropy, with the reader's
+    scores as they are (at zero without a model)."""
     grid = np.exp(np.linspace(np.log(1.0), np.log(1000.0), 61))
     rs = torch.cat([bt[2] for bt in batches])
-    losses = [F.cross_entropy(a * rs, torch.zeros(len(rs), dtype=torch.long)).item() for a in grid]
+    base = torch.zeros_like(rs)
+    if model is not None:
+        model.eval()
+        model.residual = False
+        base = torch.cat([model.scores(*bt) for bt in batches])
+        model.residual = True
+    target = torch.zeros(len(rs), dtype=torch.long)
+    losses = [F.cross_entropy(base + a * rs, target).item() for a in grid]
     return float(grid[int(np.argmin(losses))])
 
 
@@ -211,7 +221,7 @@ def rerank(model: Model, retriever: BiEncoder, space, xq, cq, yq, m: int, chunk:
     order, rscore = faiss_order(embed_numpy(retriever, xq), mu)
     labels = space.prototypes.digit
     xs = torch.from_numpy(space.x.reshape(k, views, -1))
-    faiss_rows, rows = [], []
+    faiss_rows, rows, alone_rows = [], [], []
     for i0 in range(0, len(xq), chunk):
         idx = np.arange(i0, min(i0 + chunk, len(xq)))
         top = order[idx, :m]
@@ -220,12 +230,15 @@ def rerank(model: Model, retriever: BiEncoder, space, xq, cq, yq, m: int, chunk:
             xs[torch.from_numpy(top)],
             torch.from_numpy(np.take_along_axis(rscore[idx], top, 1).astype(np.float32)),
         ).numpy()
+        alone = keys - model.reader.log_alpha.exp().item() * np.take_along_axis(rscore[idx], top, 1)
         for j, i in enumerate(idx):
             grades = np.where(np.arange(k) == cq[i], 2, (labels == yq[i]).astype(np.int64))
             faiss_rows.append(metrics(order[i], grades))
             new = np.concatenate([top[j][np.argsort(-keys[j], kind="stable")], order[i, m:]])
             rows.append(metrics(new, grades))
-    return faiss_rows, rows
+            new = np.concatenate([top[j][np.argsort(-alone[j], kind="stable")], order[i, m:]])
+            alone_rows.append(metrics(new, grades))
+    return faiss_rows, rows, alone_rows
 
 
 def summary(rows) -> dict:
@@ -241,6 +254,10 @@ def main() -> None:
     ap.add_argument("--dv", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--max-shift", type=int, default=12, help="relative positions beyond this are masked")
+    ap.add_argument(
+        "--alone-steps", type=int, default=0, help="first steps train the reader alone (no retriever residual)"
+    )
+    ap.add_argument("--init-identity", action="store_true", help="query/key projections start as the identity")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--group", type=int, default=16)
@@ -269,7 +286,8 @@ def main() -> None:
     # fixed diagnostics: own cluster vs the retriever's whole top `top` (like the product's group_top1)
     tr_fixed = [tr_groups.sample(32, 0, args.top, vrng, whole_top=True) for _ in range(4)]
     held_fixed = [held_groups.sample(32, 0, args.top, vrng, whole_top=True) for _ in range(4)]
-    alpha = fit_alpha([tr_groups.sample(64, args.group, args.top, vrng) for _ in range(4)])
+    alpha_batches = [tr_groups.sample(64, args.group, args.top, vrng) for _ in range(4)]
+    alpha = fit_alpha(alpha_batches)
     sample = torch.from_numpy(train.x[:: max(1, len(train.x) // 4000)])
     trunk = Trunk(retriever, args.feature, args.trainable, sample)
     with torch.no_grad():
@@ -277,6 +295,12 @@ def main() -> None:
     reader = Reader(shape[2], shape[1], args.mode, args.d, args.dv, args.hidden, args.max_shift)
     with torch.no_grad():
         reader.log_alpha.fill_(math.log(alpha))
+        if args.init_identity:
+            for lin in (reader.q, reader.k):
+                lin.weight.zero_()
+                lin.bias.zero_()
+                n = min(lin.weight.shape)
+                lin.weight[:n, :n] = torch.eye(n)
     model = Model(trunk, reader)
     out["alpha_init"] = alpha
     out["feature_shape"] = list(shape[1:])
@@ -286,7 +310,8 @@ def main() -> None:
     print(json.dumps({k: out[k] for k in ("alpha_init", "feature_shape", "flops_per_pair", "params")}), flush=True)
 
     groups = [
-        {"params": list(reader.parameters()), "lr": args.lr},
+        {"params": [p for n, p in reader.named_parameters() if n != "log_alpha"], "lr": args.lr},
+        {"params": [reader.log_alpha], "lr": args.lr, "weight_decay": 0.0},
     ]
     if args.trainable:
         groups.append({"params": [p for p in trunk.parameters() if p.requires_grad], "lr": args.trunk_lr})
@@ -298,7 +323,11 @@ def main() -> None:
     traj = []
 
     def diag(step: int, loss: float) -> None:
+        model.residual = False
+        alone = group_top1(model, held_fixed)
+        model.residual = True
         row = {
+            "held_alone_top1": alone,
             "step": step,
             "loss": round(loss, 4),
             "train_top1": group_top1(model, tr_fixed),
@@ -314,6 +343,13 @@ def main() -> None:
     run = 0.0
     for step in range(1, args.steps + 1):
         model.train()
+        if step == args.alone_steps + 1 and args.alone_steps > 0:
+            with torch.no_grad():  # the residual joins: its multiple refitted against the reader's scores
+                reader.log_alpha.fill_(math.log(fit_alpha(alpha_batches, model)))
+            out["alpha_refit"] = reader.log_alpha.exp().item()
+            print("alpha refit", out["alpha_refit"], flush=True)
+        model.residual = step > args.alone_steps
+        reader.log_alpha.requires_grad_(model.residual)
         q, members, rs = tr_groups.sample(args.batch, args.group, args.top, rng)
         loss = F.cross_entropy(model.scores(q, members, rs), torch.zeros(args.batch, dtype=torch.long))
         opt.zero_grad(set_to_none=True)
@@ -335,11 +371,12 @@ def main() -> None:
     t = time.perf_counter()
     for split in ["dev", "test"] if args.split == "both" else [args.split]:
         s = halves[split]
-        faiss_rows, rows = rerank(model, retriever, space, xq[s], cq[s], yq[s], args.M)
+        faiss_rows, rows, alone_rows = rerank(model, retriever, space, xq[s], cq[s], yq[s], args.M)
         diff = np.array(rows)[:, 0] - np.array(faiss_rows)[:, 0]
         out[split] = {
             "faiss": summary(faiss_rows),
             "reader": summary(rows),
+            "reader_alone": summary(alone_rows),
             "r1_diff": round(float(diff.mean()), 4),
             "r1_diff_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4),
             "better_worse": [int((diff > 0).sum()), int((diff < 0).sum())],
