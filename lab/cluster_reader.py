@@ -269,6 +269,7 @@ def main() -> None:
     ap.add_argument("--M", type=int, default=50)
     ap.add_argument("--split", default="dev", choices=["dev", "test", "both"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--load", help="skip training: measure the weights a run saved beside its --out (.pt)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("PRUNECASCADE_TORCH_THREADS", "1")))
@@ -306,7 +307,9 @@ def main() -> None:
     out["feature_shape"] = list(shape[1:])
     out["flops_per_pair"] = reader.flops_per_pair(10, args.dv, args.hidden)
     out["item_cache_floats_per_cluster"] = 10 * shape[1] * (args.d + (args.dv if args.mode == "xattn" else 0))
-    out["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    used = {"raw": [], "c1": [trunk.conv1], "c2": [trunk.conv1, trunk.conv2], "b2": [trunk.conv1, trunk.conv2]}
+    trunk_params = sum(p.numel() for m in used[args.feature] for p in m.parameters()) if args.trainable else 0
+    out["params"] = sum(p.numel() for p in reader.parameters()) + trunk_params  # trained ones
     print(json.dumps({k: out[k] for k in ("alpha_init", "feature_shape", "flops_per_pair", "params")}), flush=True)
 
     groups = [
@@ -339,7 +342,11 @@ def main() -> None:
         traj.append(row)
         print(json.dumps(row), flush=True)
 
-    diag(0, float("nan"))
+    if args.load:
+        model.load_state_dict(torch.load(args.load))
+        args.steps = 0
+    else:
+        diag(0, float("nan"))
     run = 0.0
     for step in range(1, args.steps + 1):
         model.train()
@@ -362,7 +369,8 @@ def main() -> None:
     out["train_seconds"] = round(time.perf_counter() - t0, 1)
     out["trajectory"] = traj
     out["load_after_training"] = os.getloadavg()
-    torch.save(model.state_dict(), args.out.removesuffix(".json") + ".pt")
+    if not args.load:
+        torch.save(model.state_dict(), args.out.removesuffix(".json") + ".pt")
 
     space_cfg = PrototypeConfig(num_prototypes=2300)
     space = make_prototype_set(space_cfg, "space")
