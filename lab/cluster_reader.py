@@ -1,0 +1,401 @@
+"""A cluster reader: a learned pair model that reads all of a cluster's members together, trained listwise on the
+retriever's own candidate lists, with the retriever's score as a residual (it starts exactly at FAISS's ranking).
+
+Per (query, cluster) pair, with per-position features f (a trunk taken from the bi-encoder, frozen or trainable):
+- `xattn`: every query position p attends, within each member j separately, to that member's positions l
+  (logits <W_q f_q(p), W_k f_j(l)> / sqrt(d) + b(p - l), a learned relative-position bias): a soft alignment of
+  every member to the query. The aligned member values a_j(p) are then read *together*: their mean m(p) and
+  spread v(p) over the members (a template estimate and its noise, in the query's coordinates), and an MLP of
+  (W_v f_q(p), m, f_q - m, (f_q - m)^2, v, mean_j logsumexp_l logits) gives a score per query position, summed.
+- `maxsim`: late interaction: a learned scale x sum_p mean_j logsumexp_l logits (a soft MaxSim over shifts,
+  averaged over members).
+Key = reader(q, members) + alpha x the retriever score (-squared L2 from the query's embedding to the cluster's
+mean member embedding, FAISS's ranking); the reader's last layer starts at zero, alpha is fitted on training groups.
+
+Training (localized contrastive estimation): a query is a fresh view of a training prototype (on a user's clusters
+it would be a held-out member), its group = its own cluster + `group - 1` clusters drawn from the retriever's top
+`top` for it; softmax cross-entropy of the key with the own cluster as target. Nothing here knows the generator's
+grid or noise model. Measured: rerank of FAISS top M of the default space, shipped queries (dev = odd positions,
+test = even), weights of the last step (no selection).
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 PRUNECASCADE_TORCH_THREADS=1 PRUNECASCADE_HOME=/work/homes/h3 \\
+        nice -n 5 python -m lab.cluster_reader --feature c1 --steps 600 --out /work/scratch-reader/c1.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cascade.bootstrap import PairConfig, prototype_training_sets
+from lab.reranker_study import faiss_order, load_retriever, metrics
+from models.biencoder import BiEncoder, embed_numpy
+from models.pair_training import retriever_lists
+from models.prototypes import PrototypeConfig, make_prototype_set, make_queries, make_views
+
+
+class Trunk(nn.Module):
+    """Per-position features of a view from the bi-encoder's conv blocks: `raw` (the signal, 1 x 40), `c1` (signal +
+    the first conv's ReLU output, 33 x 40), `c2` (the second conv's ReLU output, 64 x 20), `b2` (after its pool,
+    64 x 10). Standardised per channel with constants measured once at construction."""
+
+    def __init__(self, encoder: BiEncoder, feature: str, trainable: bool, sample: torch.Tensor) -> None:
+        super().__init__()
+        self.feature = feature
+        self.conv1 = copy.deepcopy(encoder.net[1])
+        self.conv2 = copy.deepcopy(encoder.net[4])
+        self.requires_grad_(trainable)
+        with torch.no_grad():
+            f = self._raw(sample)
+        self.register_buffer("mean", f.mean((0, 1)))
+        self.register_buffer("std", f.std((0, 1)) + 1e-3)
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = x[:, None]
+        if self.feature == "raw":
+            return x1.transpose(1, 2)
+        h1 = F.relu(self.conv1(x1))
+        if self.feature == "c1":
+            return torch.cat([x1, h1], 1).transpose(1, 2)
+        h2 = F.relu(self.conv2(F.max_pool1d(h1, 2)))
+        if self.feature == "c2":
+            return h2.transpose(1, 2)
+        return F.max_pool1d(h2, 2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, L, C)."""
+        return (self._raw(x) - self.mean) / self.std
+
+
+class Reader(nn.Module):
+    def __init__(self, channels: int, length: int, mode: str, d: int, dv: int, hidden: int, max_shift: int) -> None:
+        super().__init__()
+        self.mode, self.d, self.length = mode, d, length
+        self.q = nn.Linear(channels, d)
+        self.k = nn.Linear(channels, d)
+        self.v = nn.Linear(channels, dv)
+        self.rel = nn.Parameter(torch.zeros(2 * length - 1))
+        p = torch.arange(length)
+        rel = p[:, None] - p[None, :]
+        self.register_buffer("rel_idx", rel + length - 1)
+        self.register_buffer("rel_mask", torch.where(rel.abs() <= max_shift, 0.0, -1e4))
+        self.mlp = nn.Sequential(
+            nn.Linear(5 * dv + 1, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.scale = nn.Parameter(torch.zeros(()))  # maxsim: starts at zero (FAISS's ranking)
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+
+    def item_side(self, fm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, n, L, C) member features -> keys (P, n, L, d), values (P, n, L, dv): what a cluster caches."""
+        return self.k(fm), self.v(fm)
+
+    def query_side(self, fq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, L, C) -> queries (P, L, d) scaled by 1/sqrt(d), values (P, L, dv)."""
+        return self.q(fq) / math.sqrt(self.d), self.v(fq)
+
+    def forward(self, qq: torch.Tensor, qv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One score per pair: qq, qv (P, L, .), k, v (P, n, L, .)."""
+        logits = torch.einsum("pqd,pnld->pnql", qq, k) + self.rel[self.rel_idx] + self.rel_mask
+        lse = torch.logsumexp(logits, -1)  # (P, n, L): how well each member aligns at each query position
+        if self.mode == "maxsim":
+            return self.scale * lse.mean(1).sum(-1)
+        aligned = torch.einsum("pnql,pnlv->pnqv", logits.softmax(-1), v)
+        m = aligned.mean(1)
+        spread = aligned.var(1, unbiased=False)
+        diff = qv - m
+        feats = torch.cat([qv, m, diff, diff.pow(2), spread, lse.mean(1)[..., None]], -1)
+        return self.mlp(feats).squeeze(-1).sum(-1)
+
+    def flops_per_pair(self, n: int, dv: int, hidden: int) -> int:
+        """Multiply-adds x 2 of what runs per (query, cluster) pair, from the layer shapes (item side cached,
+        query side once per query)."""
+        L, d = self.length, self.d
+        att = n * L * L * (2 * d + 4)  # logits (+ bias), logsumexp, softmax
+        if self.mode == "maxsim":
+            return att + n * L + L
+        att += n * L * L * 2 * dv  # aligned values
+        att += n * L * dv * 3  # mean and spread over members
+        mlp = L * 2 * ((5 * dv + 1) * hidden + hidden * hidden + hidden) + L * (4 * dv)
+        return att + mlp
+
+
+class Model(nn.Module):
+    def __init__(self, trunk: Trunk, reader: Reader) -> None:
+        super().__init__()
+        self.trunk, self.reader = trunk, reader
+        self.residual = True
+
+    def scores(self, q: torch.Tensor, members: torch.Tensor, retriever_score: torch.Tensor) -> torch.Tensor:
+        """q (B, D), members (B, G, n, D), retriever_score (B, G) -> keys (B, G) (the reader alone when
+        `residual` is off)."""
+        b, g, n, dim = members.shape
+        fq = self.trunk(q)
+        fm = self.trunk(members.reshape(-1, dim))
+        fm = fm.reshape(b * g, n, *fm.shape[1:])
+        qq, qv = self.reader.query_side(fq)
+        k, v = self.reader.item_side(fm)
+        rep = torch.arange(b).repeat_interleave(g)
+        s = self.reader(qq[rep], qv[rep], k, v).reshape(b, g)
+        return s + self.reader.log_alpha.exp() * retriever_score if self.residual else s
+
+
+class Groups:
+    """The retriever's own candidate lists of a set of rendered prototypes: queries are fresh views."""
+
+    def __init__(self, data, retriever: BiEncoder) -> None:
+        self.data, self.retriever = data, retriever
+        self.lists = retriever_lists(data, retriever)
+        self.k = len(self.lists.offsets) - 1
+        self.views = int(np.diff(self.lists.offsets).min())
+
+    def sample(self, b: int, g: int, top: int, rng: np.random.Generator, whole_top: bool = False):
+        qid = rng.integers(0, self.k, size=b)
+        q = make_views(self.data.prototypes, qid, rng)
+        eq = embed_numpy(self.retriever, q).astype(np.float64)
+        c = self.lists.centroids
+        dist = (eq**2).sum(1)[:, None] + (c**2).sum(1)[None] - 2 * eq @ c.T
+        own = dist[np.arange(b), qid].copy()
+        dist[np.arange(b), qid] = np.inf
+        near = np.argsort(dist, axis=1)[:, :top]
+        if whole_top:
+            cand = np.concatenate([qid[:, None], near], 1)
+        else:
+            cand = np.concatenate(
+                [qid[:, None], np.stack([rng.choice(near[i], g - 1, replace=False) for i in range(b)])], 1
+            )
+        rs = -np.take_along_axis(dist, cand, 1)
+        rs[:, 0] = -own
+        rows = self.lists.offsets[cand][..., None] + np.arange(self.views)
+        return (
+            torch.from_numpy(q),
+            torch.from_numpy(np.ascontiguousarray(self.data.x[rows])),
+            torch.from_numpy(rs.astype(np.float32)),
+        )
+
+
+@torch.no_grad()
+def group_top1(model: Model, batches) -> float:
+    model.eval()
+    return float(np.mean([(model.scores(*bt).argmax(1) == 0).float().mean().item() for bt in batches]))
+
+
+@torch.no_grad()
+def fit_alpha(batches, model: Model | None = None) -> float:
+    """The retriever score's multiple that minimises the groups' softmax cross-entropy, with the reader's
+    scores as they are (at zero without a model)."""
+    grid = np.exp(np.linspace(np.log(1.0), np.log(1000.0), 61))
+    rs = torch.cat([bt[2] for bt in batches])
+    base = torch.zeros_like(rs)
+    if model is not None:
+        model.eval()
+        model.residual = False
+        base = torch.cat([model.scores(*bt) for bt in batches])
+        model.residual = True
+    target = torch.zeros(len(rs), dtype=torch.long)
+    losses = [F.cross_entropy(base + a * rs, target).item() for a in grid]
+    return float(grid[int(np.argmin(losses))])
+
+
+@torch.no_grad()
+def rerank(model: Model, retriever: BiEncoder, space, xq, cq, yq, m: int, chunk: int = 10):
+    model.eval()
+    k = len(space.prototypes)
+    views = space.prototypes.config.views
+    emb = embed_numpy(retriever, space.x)
+    mu = emb.reshape(k, views, -1).mean(1)
+    order, rscore = faiss_order(embed_numpy(retriever, xq), mu)
+    labels = space.prototypes.digit
+    xs = torch.from_numpy(space.x.reshape(k, views, -1))
+    faiss_rows, rows, alone_rows = [], [], []
+    for i0 in range(0, len(xq), chunk):
+        idx = np.arange(i0, min(i0 + chunk, len(xq)))
+        top = order[idx, :m]
+        keys = model.scores(
+            torch.from_numpy(xq[idx]),
+            xs[torch.from_numpy(top)],
+            torch.from_numpy(np.take_along_axis(rscore[idx], top, 1).astype(np.float32)),
+        ).numpy()
+        alone = keys - model.reader.log_alpha.exp().item() * np.take_along_axis(rscore[idx], top, 1)
+        for j, i in enumerate(idx):
+            grades = np.where(np.arange(k) == cq[i], 2, (labels == yq[i]).astype(np.int64))
+            faiss_rows.append(metrics(order[i], grades))
+            new = np.concatenate([top[j][np.argsort(-keys[j], kind="stable")], order[i, m:]])
+            rows.append(metrics(new, grades))
+            new = np.concatenate([top[j][np.argsort(-alone[j], kind="stable")], order[i, m:]])
+            alone_rows.append(metrics(new, grades))
+    return faiss_rows, rows, alone_rows
+
+
+def summary(rows) -> dict:
+    return dict(zip(("r1", "r10", "ndcg10"), np.mean(rows, 0).round(4).tolist(), strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", default="xattn", choices=["xattn", "maxsim"])
+    ap.add_argument("--feature", default="c1", choices=["raw", "c1", "c2", "b2"])
+    ap.add_argument("--trainable", action="store_true", help="train the trunk too (initialised from the bi-encoder)")
+    ap.add_argument("--d", type=int, default=32)
+    ap.add_argument("--dv", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--max-shift", type=int, default=12, help="relative positions beyond this are masked")
+    ap.add_argument(
+        "--alone-steps", type=int, default=0, help="first steps train the reader alone (no retriever residual)"
+    )
+    ap.add_argument("--init-identity", action="store_true", help="query/key projections start as the identity")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--group", type=int, default=16)
+    ap.add_argument("--top", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--trunk-lr", type=float, default=3e-4)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--M", type=int, default=50)
+    ap.add_argument("--split", default="dev", choices=["dev", "test", "both"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--load", help="skip training: measure the weights a run saved beside its --out (.pt)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("PRUNECASCADE_TORCH_THREADS", "1")))
+    torch.manual_seed(args.seed)
+    out: dict = {"args": vars(args), "load_start": os.getloadavg()}
+
+    retriever = load_retriever()
+    retriever.requires_grad_(False)
+    train, _ = prototype_training_sets(PairConfig())
+    held = make_prototype_set(PrototypeConfig(num_prototypes=4000, seed=7), "val")
+    t0 = time.perf_counter()
+    tr_groups, held_groups = Groups(train, retriever), Groups(held, retriever)
+    rng = np.random.default_rng([args.seed, 1])
+    vrng = np.random.default_rng([args.seed, 2])
+    # fixed diagnostics: own cluster vs the retriever's whole top `top` (like the product's group_top1)
+    tr_fixed = [tr_groups.sample(32, 0, args.top, vrng, whole_top=True) for _ in range(4)]
+    held_fixed = [held_groups.sample(32, 0, args.top, vrng, whole_top=True) for _ in range(4)]
+    alpha_batches = [tr_groups.sample(64, args.group, args.top, vrng) for _ in range(4)]
+    alpha = fit_alpha(alpha_batches)
+    sample = torch.from_numpy(train.x[:: max(1, len(train.x) // 4000)])
+    trunk = Trunk(retriever, args.feature, args.trainable, sample)
+    with torch.no_grad():
+        shape = trunk(sample[:1]).shape
+    reader = Reader(shape[2], shape[1], args.mode, args.d, args.dv, args.hidden, args.max_shift)
+    with torch.no_grad():
+        reader.log_alpha.fill_(math.log(alpha))
+        if args.init_identity:
+            for lin in (reader.q, reader.k):
+                lin.weight.zero_()
+                lin.bias.zero_()
+                n = min(lin.weight.shape)
+                lin.weight[:n, :n] = torch.eye(n)
+    model = Model(trunk, reader)
+    out["alpha_init"] = alpha
+    out["feature_shape"] = list(shape[1:])
+    out["flops_per_pair"] = reader.flops_per_pair(10, args.dv, args.hidden)
+    out["item_cache_floats_per_cluster"] = 10 * shape[1] * (args.d + (args.dv if args.mode == "xattn" else 0))
+    used = {"raw": [], "c1": [trunk.conv1], "c2": [trunk.conv1, trunk.conv2], "b2": [trunk.conv1, trunk.conv2]}
+    trunk_params = sum(p.numel() for m in used[args.feature] for p in m.parameters()) if args.trainable else 0
+    out["params"] = sum(p.numel() for p in reader.parameters()) + trunk_params  # trained ones
+    print(json.dumps({k: out[k] for k in ("alpha_init", "feature_shape", "flops_per_pair", "params")}), flush=True)
+
+    groups = [
+        {"params": [p for n, p in reader.named_parameters() if n != "log_alpha"], "lr": args.lr},
+        {"params": [reader.log_alpha], "lr": args.lr, "weight_decay": 0.0},
+    ]
+    if args.trainable:
+        groups.append({"params": [p for p in trunk.parameters() if p.requires_grad], "lr": args.trunk_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    total = max(args.steps, 1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[gr["lr"] for gr in groups], total_steps=total, pct_start=0.1
+    )
+    traj = []
+
+    def diag(step: int, loss: float) -> None:
+        model.residual = False
+        alone = group_top1(model, held_fixed)
+        model.residual = True
+        row = {
+            "held_alone_top1": alone,
+            "step": step,
+            "loss": round(loss, 4),
+            "train_top1": group_top1(model, tr_fixed),
+            "held_top1": group_top1(model, held_fixed),
+            "alpha": round(reader.log_alpha.exp().item(), 2),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "load": os.getloadavg()[0],
+        }
+        traj.append(row)
+        print(json.dumps(row), flush=True)
+
+    if args.load:
+        model.load_state_dict(torch.load(args.load))
+        args.steps = 0
+    else:
+        diag(0, float("nan"))
+    run = 0.0
+    for step in range(1, args.steps + 1):
+        model.train()
+        if step == args.alone_steps + 1 and args.alone_steps > 0:
+            with torch.no_grad():  # the residual joins: its multiple refitted against the reader's scores
+                reader.log_alpha.fill_(math.log(fit_alpha(alpha_batches, model)))
+            out["alpha_refit"] = reader.log_alpha.exp().item()
+            print("alpha refit", out["alpha_refit"], flush=True)
+        model.residual = step > args.alone_steps
+        reader.log_alpha.requires_grad_(model.residual)
+        q, members, rs = tr_groups.sample(args.batch, args.group, args.top, rng)
+        loss = F.cross_entropy(model.scores(q, members, rs), torch.zeros(args.batch, dtype=torch.long))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        run = 0.98 * run + 0.02 * loss.item() if step > 1 else loss.item()
+        if step % args.eval_every == 0 or step == args.steps:
+            diag(step, run)
+    out["train_seconds"] = round(time.perf_counter() - t0, 1)
+    out["trajectory"] = traj
+    out["load_after_training"] = os.getloadavg()
+    if not args.load:
+        torch.save(model.state_dict(), args.out.removesuffix(".json") + ".pt")
+
+    space_cfg = PrototypeConfig(num_prototypes=2300)
+    space = make_prototype_set(space_cfg, "space")
+    xq, cq, yq = make_queries(space_cfg, 500, seed=0)
+    halves = {"dev": slice(1, None, 2), "test": slice(0, None, 2)}
+    t = time.perf_counter()
+    for split in ["dev", "test"] if args.split == "both" else [args.split]:
+        s = halves[split]
+        faiss_rows, rows, alone_rows = rerank(model, retriever, space, xq[s], cq[s], yq[s], args.M)
+        diff = np.array(rows)[:, 0] - np.array(faiss_rows)[:, 0]
+        out[split] = {
+            "faiss": summary(faiss_rows),
+            "reader": summary(rows),
+            "reader_alone": summary(alone_rows),
+            "r1_diff": round(float(diff.mean()), 4),
+            "r1_diff_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4),
+            "better_worse": [int((diff > 0).sum()), int((diff < 0).sum())],
+            "per_query": {"faiss": faiss_rows, "reader": rows},
+        }
+        print(split, json.dumps({k: v for k, v in out[split].items() if k != "per_query"}), flush=True)
+    out["eval_seconds"] = round(time.perf_counter() - t, 1)
+    out["load_end"] = os.getloadavg()
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
