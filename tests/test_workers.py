@@ -42,7 +42,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_forked_workers_answer_are_replaced_when_they_die_and_stop_on_sigterm(tiny_home, tmp_path, snapshot) -> None:
+def test_forked_workers_answer_alike_are_replaced_and_stop_on_sigterm(tiny_home, tmp_path, snapshot) -> None:
     from service_fixtures import copy_home, serve_with_workers
 
     home = copy_home(tiny_home, tmp_path / "home")
