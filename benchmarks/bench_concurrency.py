@@ -46,7 +46,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from benchmarks.common import dump_json, median, percentile, uvicorn_process
-from service.loadtest.process_tree import descendants
+from service.loadtest.process_tree import descendants, tree_cpu_seconds
 
 __all__ = ["main", "closed_loop", "open_loop", "server_cpu_seconds", "start_server", "query_bodies"]
 
@@ -54,17 +54,8 @@ KINDS = ("examples", "faiss", "label")
 
 
 def server_cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` and its descendants, in seconds (/proc/PID/stat fields 14 and 15)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in descendants(pid):
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
+    """utime + stime of `pid` and its descendants (the server and its workers), in seconds."""
+    return tree_cpu_seconds(pid)
 
 
 def memory_kib(pid: int) -> dict[str, int]:

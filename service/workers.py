@@ -48,18 +48,21 @@ def serve_forked(config: uvicorn.Config, workers: int) -> int:
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
 
+    def start(i: int) -> multiprocessing.process.BaseProcess:
+        proc = fork.Process(target=_serve, args=(config, sock), name=f"worker-{i}")
+        proc.start()
+        return proc
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    procs = []
+    procs: list[multiprocessing.process.BaseProcess] = []
     try:
-        procs = [fork.Process(target=_serve, args=(config, sock), name=f"worker-{i}") for i in range(workers)]
-        for p in procs:
-            p.start()
+        for i in range(workers):
+            procs.append(start(i))  # one by one: a start that fails leaves the started ones to the finally
         while not stop.wait(RESTART_PAUSE_S):
             for i, p in enumerate(procs):
                 if not p.is_alive():
                     log.warning("worker %d (pid %s) exited with %s; starting another", i, p.pid, p.exitcode)
-                    procs[i] = fork.Process(target=_serve, args=(config, sock), name=f"worker-{i}")
-                    procs[i].start()
+                    procs[i] = start(i)
     finally:
         for p in procs:
             if p.is_alive():
