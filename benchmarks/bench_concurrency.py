@@ -24,7 +24,8 @@ per batch of `cascade.batcher`) sums the batch counters of every worker's /metri
 1-client throughput of the same kind in the same round (median over rounds).
 
 Open loop (`--open-loop-factor`, default 1.5): after the closed-loop rounds, queries by example are sent on a
-fixed schedule at that multiple of the 1-client rate measured in this run, from a pool of sender threads,
+fixed schedule at that multiple of the 1-client rate measured in this run (or at `--open-loop-rate`, the same
+for every server), from a pool of sender threads,
 latency counted from each request's scheduled time (so queueing in the client counts); its p99 is compared
 with the 1-client closed-loop p99 of the same run.
 """
@@ -39,6 +40,7 @@ import os
 import queue
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -90,12 +92,24 @@ def start_server(
     """uvicorn on 127.0.0.1 (result cache off), stopped by its own pid; yields (url, pid). Several workers run as
     `prunecascade serve --workers N` runs them, forked from one parent (in a checkout with service/workers.py),
     with `service.accept.BalancedAcceptLoop`. `env` may set `LAUNCHER=uvicorn` for uvicorn's own spawned workers,
-    and then `UVICORN_LOOP=asyncio` for uvicorn's own loop."""
+    and then `UVICORN_LOOP=asyncio` for uvicorn's own loop; `FRONT=nginx` runs N one-worker replicas behind
+    deploy/nginx.conf's `least_conn` instead (`benchmarks/balanced_replicas.py`)."""
     env = dict(env or {})
+    front = env.pop("FRONT", None)
     forked = workers > 1 and env.pop("LAUNCHER", "serve") == "serve" and _has(cwd, "workers.py")
+    command = None
+    if front == "nginx":  # N one-worker replicas behind deploy/nginx.conf's least_conn
+        command = [sys.executable, "-m", "benchmarks.balanced_replicas", "--port", str(port)]
+        command += ["--replicas", str(workers), "--replica-port", str(port + 100)]
+    elif front is not None:
+        raise ValueError(f"unknown FRONT={front!r} (known: nginx)")
     environ = {
         **os.environ,
-        **({"UVICORN_LOOP": "service.accept:BalancedAcceptLoop"} if workers > 1 and _has(cwd, "accept.py") else {}),
+        **(
+            {"UVICORN_LOOP": "service.accept:BalancedAcceptLoop"}
+            if workers > 1 and front is None and _has(cwd, "accept.py")
+            else {}
+        ),
         "PRUNECASCADE_HOME": str(home),
         "PRUNECASCADE_SPACE": space,
         "PRUNECASCADE_LOG_LEVEL": "warning",
@@ -104,7 +118,9 @@ def start_server(
         **env,
     }
     log = log or subprocess.DEVNULL
-    with uvicorn_process(port, workers, environ, log, cwd=cwd, ready_per_worker=20, forked=forked) as server:
+    with uvicorn_process(
+        port, workers, environ, log, cwd=cwd, ready_per_worker=20, forked=forked, command=command
+    ) as server:
         yield server
 
 
@@ -401,8 +417,9 @@ def run(args: argparse.Namespace) -> dict:
             if args.open_loop_factor > 0 and "examples" in kinds:
                 for name, (port, pid, _) in live.items():
                     base = median([m["qps"] for m in runs[name]["examples"][clients[0]]])
-                    o = open_loop(port, pid, bodies["examples"], args.open_loop_factor * base, args.open_loop_duration)
-                    o["factor"] = args.open_loop_factor
+                    rate = args.open_loop_rate or args.open_loop_factor * base
+                    o = open_loop(port, pid, bodies["examples"], rate, args.open_loop_duration)
+                    o["factor"] = rate / base
                     o["closed_1_client_p99_ms"] = median([m["p99_ms"] for m in runs[name]["examples"][clients[0]]])
                     out["servers"][name]["open_loop"] = o
                     print(f"{name} open loop: {json.dumps(o)}", flush=True)
@@ -469,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
         help="NAME[,workers=N][,tree=PATH][,ENV=VALUE...] (repeatable; default: one server of this checkout)",
     )
     p.add_argument("--open-loop-factor", type=float, default=1.5)
+    p.add_argument(
+        "--open-loop-rate",
+        type=float,
+        help="queries per second of the open loop, the same for every server (default: the factor x each one's own "
+        "1-client rate)",
+    )
     p.add_argument("--open-loop-duration", type=float, default=10.0)
     p.add_argument("--port", type=int, default=18950)
     p.add_argument("--out", type=Path)

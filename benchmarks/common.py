@@ -256,12 +256,16 @@ def uvicorn_process(
     cwd: Path | None = None,
     ready_per_worker: int = 30,
     forked: bool = False,
+    command: list[str] | None = None,
 ) -> Iterator[tuple[str, int]]:
     """uvicorn on 127.0.0.1 only, with exactly `env`: uvicorn's own command (`--factory --workers N`, every worker
     a fresh interpreter), or with `forked` `prunecascade serve --workers N` (workers forked from one parent that
-    imported the service, service/workers.py). Yields (url, pid) once ready (with several workers:
-    `ready_per_worker` x N consecutive ready answers, so every worker has loaded), and stops it by its own pid."""
-    if forked:
+    imported the service, service/workers.py), or any other `command` that serves `port` with N workers. Yields (url,
+    pid) once ready (with several workers: `ready_per_worker` x N consecutive ready answers, so every worker has
+    loaded), and stops it by its own pid."""
+    if command is not None:
+        cmd = command
+    elif forked:
         cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         cmd += ["--workers", str(workers)]
     else:
