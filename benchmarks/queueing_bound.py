@@ -11,6 +11,10 @@ request. Two ways to hand requests to workers:
 
 `--service-ms` is the 1-client median latency and `--reference-p99-ms` the 1-client p99 of the same run; the
 ratio printed is the target's (p99 over the 1-client p99, at most 3).
+
+It is a bound, not a forecast: measured, a real shared queue (`bench_concurrency --server NAME,workers=2,FRONT=nginx`,
+docs/performance.md 0b) did not come near the simulated 0.93x at the target's load, because real queries vary and
+cost more CPU under load than alone.
 """
 
 from __future__ import annotations
