@@ -211,9 +211,36 @@ def fit_alpha(batches, model: Model | None = None) -> float:
     return float(grid[int(np.argmin(losses))])
 
 
+def sample_members(xs: torch.Tensor, clusters: np.ndarray, n: int | None, rng: np.random.Generator) -> torch.Tensor:
+    """The members of `clusters` (B, G) as (B, G, n, D): all of them when n is None, else n of each drawn without
+    replacement (as a cascade stage samples them)."""
+    members = xs[torch.from_numpy(clusters)]
+    if n is None or n >= members.shape[2]:
+        return members
+    pick = np.argsort(rng.random(members.shape[:3]), axis=2)[..., :n]
+    return torch.take_along_dim(members, torch.from_numpy(pick)[..., None], dim=2)
+
+
 @torch.no_grad()
-def rerank(model: Model, retriever: BiEncoder, space, xq, cq, yq, m: int, chunk: int = 10):
+def rerank(
+    model: Model,
+    retriever: BiEncoder,
+    space,
+    xq,
+    cq,
+    yq,
+    m: int,
+    chunk: int = 10,
+    members: int | None = None,
+    first: tuple[int, int] | None = None,
+    seed: int = 0,
+):
+    """FAISS's ranking, the reader's rerank of its top `m` and the reader alone's, per query. `members`: the reader
+    reads that many sampled members of each cluster. `first` = (n, keep): a two-stage cascade, the reader on n
+    sampled members of the top `m` keeps its best `keep`, which it then reads whole (the alone column is then the
+    first stage's ranking)."""
     model.eval()
+    rng = np.random.default_rng([seed, 3])
     k = len(space.prototypes)
     views = space.prototypes.config.views
     emb = embed_numpy(retriever, space.x)
@@ -225,12 +252,24 @@ def rerank(model: Model, retriever: BiEncoder, space, xq, cq, yq, m: int, chunk:
     for i0 in range(0, len(xq), chunk):
         idx = np.arange(i0, min(i0 + chunk, len(xq)))
         top = order[idx, :m]
-        keys = model.scores(
-            torch.from_numpy(xq[idx]),
-            xs[torch.from_numpy(top)],
-            torch.from_numpy(np.take_along_axis(rscore[idx], top, 1).astype(np.float32)),
-        ).numpy()
-        alone = keys - model.reader.log_alpha.exp().item() * np.take_along_axis(rscore[idx], top, 1)
+        q = torch.from_numpy(xq[idx])
+        rs = np.take_along_axis(rscore[idx], top, 1).astype(np.float32)
+        if first is None:
+            keys = model.scores(q, sample_members(xs, top, members, rng), torch.from_numpy(rs)).numpy()
+            alone = keys - model.reader.log_alpha.exp().item() * rs
+        else:
+            n1, keep = first
+            alone = model.scores(q, sample_members(xs, top, n1, rng), torch.from_numpy(rs)).numpy()
+            kept = np.argsort(-alone, axis=1, kind="stable")[:, :keep]
+            second = model.scores(
+                q,
+                sample_members(xs, np.take_along_axis(top, kept, 1), None, rng),
+                torch.from_numpy(np.take_along_axis(rs, kept, 1)),
+            ).numpy()
+            keys = np.full_like(alone, -np.inf)  # the dropped keep the first stage's order, below the kept
+            np.put_along_axis(keys, kept, second, 1)
+            dropped = np.isinf(keys)
+            keys[dropped] = alone[dropped] - 1e9
         for j, i in enumerate(idx):
             grades = np.where(np.arange(k) == cq[i], 2, (labels == yq[i]).astype(np.int64))
             faiss_rows.append(metrics(order[i], grades))
@@ -270,6 +309,12 @@ def main() -> None:
     ap.add_argument("--split", default="dev", choices=["dev", "test", "both"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load", help="skip training: measure the weights a run saved beside its --out (.pt)")
+    ap.add_argument("--eval-members", type=int, help="the rerank reads this many sampled members of each cluster")
+    ap.add_argument(
+        "--eval-first",
+        help="N:KEEP: measure a two-stage cascade instead: the reader on N sampled members of FAISS top M keeps its "
+        "best KEEP, which it reads whole",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("PRUNECASCADE_TORCH_THREADS", "1")))
@@ -306,6 +351,14 @@ def main() -> None:
     out["alpha_init"] = alpha
     out["feature_shape"] = list(shape[1:])
     out["flops_per_pair"] = reader.flops_per_pair(10, args.dv, args.hidden)
+    if args.eval_members:
+        out["flops_per_pair_eval"] = reader.flops_per_pair(args.eval_members, args.dv, args.hidden)
+    if args.eval_first:
+        n1, keep = (int(v) for v in args.eval_first.split(":"))
+        out["flops_per_query_eval"] = (
+            args.M * reader.flops_per_pair(n1, args.dv, args.hidden) + keep * out["flops_per_pair"]
+        )
+        out["flops_per_query_whole"] = args.M * out["flops_per_pair"]
     out["item_cache_floats_per_cluster"] = 10 * shape[1] * (args.d + (args.dv if args.mode == "xattn" else 0))
     used = {"raw": [], "c1": [trunk.conv1], "c2": [trunk.conv1, trunk.conv2], "b2": [trunk.conv1, trunk.conv2]}
     trunk_params = sum(p.numel() for m in used[args.feature] for p in m.parameters()) if args.trainable else 0
@@ -379,7 +432,10 @@ def main() -> None:
     t = time.perf_counter()
     for split in ["dev", "test"] if args.split == "both" else [args.split]:
         s = halves[split]
-        faiss_rows, rows, alone_rows = rerank(model, retriever, space, xq[s], cq[s], yq[s], args.M)
+        first = tuple(int(v) for v in args.eval_first.split(":")) if args.eval_first else None
+        faiss_rows, rows, alone_rows = rerank(
+            model, retriever, space, xq[s], cq[s], yq[s], args.M, members=args.eval_members, first=first, seed=args.seed
+        )
         diff = np.array(rows)[:, 0] - np.array(faiss_rows)[:, 0]
         out[split] = {
             "faiss": summary(faiss_rows),
