@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 __all__ = ["render_nginx_conf", "main"]
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         for port in ports:
             cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
             procs.append(subprocess.Popen(cmd, stdout=sys.stdout, stderr=subprocess.STDOUT))
+            time.sleep(0.05)  # distinct start times: bench_concurrency tells the replicas' /metrics apart by them
         globals_ = f"daemon off; pid {work / 'nginx.pid'}; error_log {work / 'logs' / 'error.log'} warn;"
         procs.append(subprocess.Popen([args.nginx, "-p", str(work), "-c", str(work / "nginx.conf"), "-g", globals_]))
         while not stop.wait(0.5):
