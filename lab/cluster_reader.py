@@ -1,16 +1,8 @@
 """A cluster reader: a learned pair model that reads all of a cluster's members together, trained listwise on the
 retriever's own candidate lists, with the retriever's score as a residual (it starts exactly at FAISS's ranking).
 
-Per (query, cluster) pair, with per-position features f (a trunk taken from the bi-encoder, frozen or trainable):
-- `xattn`: every query position p attends, within each member j separately, to that member's positions l
-  (logits <W_q f_q(p), W_k f_j(l)> / sqrt(d) + b(p - l), a learned relative-position bias): a soft alignment of
-  every member to the query. The aligned member values a_j(p) are then read *together*: their mean m(p) and
-  spread v(p) over the members (a template estimate and its noise, in the query's coordinates), and an MLP of
-  (W_v f_q(p), m, f_q - m, (f_q - m)^2, v, mean_j logsumexp_l logits) gives a score per query position, summed.
-- `maxsim`: late interaction: a learned scale x sum_p mean_j logsumexp_l logits (a soft MaxSim over shifts,
-  averaged over members).
-Key = reader(q, members) + alpha x the retriever score (-squared L2 from the query's embedding to the cluster's
-mean member embedding, FAISS's ranking); the reader's last layer starts at zero, alpha is fitted on training groups.
+The model (`models.cluster_reader`: features from the bi-encoder's first convs, a reader of every member aligned
+to the query, the retriever's score as a residual) is described there; this script trains and measures it.
 
 Training (localized contrastive estimation): a query is a fresh view of a training prototype (on a user's clusters
 it would be a held-out member), its group = its own cluster + `group - 1` clusters drawn from the retriever's top
@@ -25,7 +17,6 @@ test = even), weights of the last step (no selection).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -34,124 +25,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cascade.bootstrap import PairConfig, prototype_training_sets
 from lab.reranker_study import faiss_order, load_retriever, metrics
 from models.biencoder import BiEncoder, embed_numpy
+from models.cluster_reader import ClusterReader, MemberFeatures, ReaderRanker, listwise_loss
 from models.pair_training import retriever_lists
 from models.prototypes import PrototypeConfig, make_prototype_set, make_queries, make_views
-
-
-class Trunk(nn.Module):
-    """Per-position features of a view from the bi-encoder's conv blocks: `raw` (the signal, 1 x 40), `c1` (signal +
-    the first conv's ReLU output, 33 x 40), `c2` (the second conv's ReLU output, 64 x 20), `b2` (after its pool,
-    64 x 10). Standardised per channel with constants measured once at construction."""
-
-    def __init__(self, encoder: BiEncoder, feature: str, trainable: bool, sample: torch.Tensor) -> None:
-        super().__init__()
-        self.feature = feature
-        self.conv1 = copy.deepcopy(encoder.net[1])
-        self.conv2 = copy.deepcopy(encoder.net[4])
-        self.requires_grad_(trainable)
-        with torch.no_grad():
-            f = self._raw(sample)
-        self.register_buffer("mean", f.mean((0, 1)))
-        self.register_buffer("std", f.std((0, 1)) + 1e-3)
-
-    def _raw(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = x[:, None]
-        if self.feature == "raw":
-            return x1.transpose(1, 2)
-        h1 = F.relu(self.conv1(x1))
-        if self.feature == "c1":
-            return torch.cat([x1, h1], 1).transpose(1, 2)
-        h2 = F.relu(self.conv2(F.max_pool1d(h1, 2)))
-        if self.feature == "c2":
-            return h2.transpose(1, 2)
-        return F.max_pool1d(h2, 2).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, L, C)."""
-        return (self._raw(x) - self.mean) / self.std
-
-
-class Reader(nn.Module):
-    def __init__(self, channels: int, length: int, mode: str, d: int, dv: int, hidden: int, max_shift: int) -> None:
-        super().__init__()
-        self.mode, self.d, self.length = mode, d, length
-        self.q = nn.Linear(channels, d)
-        self.k = nn.Linear(channels, d)
-        self.v = nn.Linear(channels, dv)
-        self.rel = nn.Parameter(torch.zeros(2 * length - 1))
-        p = torch.arange(length)
-        rel = p[:, None] - p[None, :]
-        self.register_buffer("rel_idx", rel + length - 1)
-        self.register_buffer("rel_mask", torch.where(rel.abs() <= max_shift, 0.0, -1e4))
-        self.mlp = nn.Sequential(
-            nn.Linear(5 * dv + 1, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, 1),
-        )
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-        self.scale = nn.Parameter(torch.zeros(()))  # maxsim: starts at zero (FAISS's ranking)
-        self.log_alpha = nn.Parameter(torch.zeros(()))
-
-    def item_side(self, fm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, n, L, C) member features -> keys (P, n, L, d), values (P, n, L, dv): what a cluster caches."""
-        return self.k(fm), self.v(fm)
-
-    def query_side(self, fq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, L, C) -> queries (P, L, d) scaled by 1/sqrt(d), values (P, L, dv)."""
-        return self.q(fq) / math.sqrt(self.d), self.v(fq)
-
-    def forward(self, qq: torch.Tensor, qv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One score per pair: qq, qv (P, L, .), k, v (P, n, L, .)."""
-        logits = torch.einsum("pqd,pnld->pnql", qq, k) + self.rel[self.rel_idx] + self.rel_mask
-        lse = torch.logsumexp(logits, -1)  # (P, n, L): how well each member aligns at each query position
-        if self.mode == "maxsim":
-            return self.scale * lse.mean(1).sum(-1)
-        aligned = torch.einsum("pnql,pnlv->pnqv", logits.softmax(-1), v)
-        m = aligned.mean(1)
-        spread = aligned.var(1, unbiased=False)
-        diff = qv - m
-        feats = torch.cat([qv, m, diff, diff.pow(2), spread, lse.mean(1)[..., None]], -1)
-        return self.mlp(feats).squeeze(-1).sum(-1)
-
-    def flops_per_pair(self, n: int, dv: int, hidden: int) -> int:
-        """Multiply-adds x 2 of what runs per (query, cluster) pair, from the layer shapes (item side cached,
-        query side once per query)."""
-        L, d = self.length, self.d
-        att = n * L * L * (2 * d + 4)  # logits (+ bias), logsumexp, softmax
-        if self.mode == "maxsim":
-            return att + n * L + L
-        att += n * L * L * 2 * dv  # aligned values
-        att += n * L * dv * 3  # mean and spread over members
-        mlp = L * 2 * ((5 * dv + 1) * hidden + hidden * hidden + hidden) + L * (4 * dv)
-        return att + mlp
-
-
-class Model(nn.Module):
-    def __init__(self, trunk: Trunk, reader: Reader) -> None:
-        super().__init__()
-        self.trunk, self.reader = trunk, reader
-        self.residual = True
-
-    def scores(self, q: torch.Tensor, members: torch.Tensor, retriever_score: torch.Tensor) -> torch.Tensor:
-        """q (B, D), members (B, G, n, D), retriever_score (B, G) -> keys (B, G) (the reader alone when
-        `residual` is off)."""
-        b, g, n, dim = members.shape
-        fq = self.trunk(q)
-        fm = self.trunk(members.reshape(-1, dim))
-        fm = fm.reshape(b * g, n, *fm.shape[1:])
-        qq, qv = self.reader.query_side(fq)
-        k, v = self.reader.item_side(fm)
-        rep = torch.arange(b).repeat_interleave(g)
-        s = self.reader(qq[rep], qv[rep], k, v).reshape(b, g)
-        return s + self.reader.log_alpha.exp() * retriever_score if self.residual else s
 
 
 class Groups:
@@ -189,13 +69,13 @@ class Groups:
 
 
 @torch.no_grad()
-def group_top1(model: Model, batches) -> float:
+def group_top1(model: ReaderRanker, batches) -> float:
     model.eval()
     return float(np.mean([(model.scores(*bt).argmax(1) == 0).float().mean().item() for bt in batches]))
 
 
 @torch.no_grad()
-def fit_alpha(batches, model: Model | None = None) -> float:
+def fit_alpha(batches, model: ReaderRanker | None = None) -> float:
     """The retriever score's multiple that minimises the groups' softmax cross-entropy, with the reader's
     scores as they are (at zero without a model)."""
     grid = np.exp(np.linspace(np.log(1.0), np.log(1000.0), 61))
@@ -223,7 +103,7 @@ def sample_members(xs: torch.Tensor, clusters: np.ndarray, n: int | None, rng: n
 
 @torch.no_grad()
 def rerank(
-    model: Model,
+    model: ReaderRanker,
     retriever: BiEncoder,
     space,
     xq,
@@ -335,29 +215,23 @@ def main() -> None:
     alpha_batches = [tr_groups.sample(64, args.group, args.top, vrng) for _ in range(4)]
     alpha = fit_alpha(alpha_batches)
     sample = torch.from_numpy(train.x[:: max(1, len(train.x) // 4000)])
-    trunk = Trunk(retriever, args.feature, args.trainable, sample)
+    trunk = MemberFeatures(retriever, args.feature, args.trainable, sample)
     with torch.no_grad():
         shape = trunk(sample[:1]).shape
-    reader = Reader(shape[2], shape[1], args.mode, args.d, args.dv, args.hidden, args.max_shift)
+    reader = ClusterReader(shape[2], shape[1], args.mode, args.d, args.dv, args.hidden, args.max_shift)
     with torch.no_grad():
         reader.log_alpha.fill_(math.log(alpha))
-        if args.init_identity:
-            for lin in (reader.q, reader.k):
-                lin.weight.zero_()
-                lin.bias.zero_()
-                n = min(lin.weight.shape)
-                lin.weight[:n, :n] = torch.eye(n)
-    model = Model(trunk, reader)
+    if args.init_identity:
+        reader.init_identity()
+    model = ReaderRanker(trunk, reader)
     out["alpha_init"] = alpha
     out["feature_shape"] = list(shape[1:])
-    out["flops_per_pair"] = reader.flops_per_pair(10, args.dv, args.hidden)
+    out["flops_per_pair"] = reader.flops_per_pair(10)
     if args.eval_members:
-        out["flops_per_pair_eval"] = reader.flops_per_pair(args.eval_members, args.dv, args.hidden)
+        out["flops_per_pair_eval"] = reader.flops_per_pair(args.eval_members)
     if args.eval_first:
         n1, keep = (int(v) for v in args.eval_first.split(":"))
-        out["flops_per_query_eval"] = (
-            args.M * reader.flops_per_pair(n1, args.dv, args.hidden) + keep * out["flops_per_pair"]
-        )
+        out["flops_per_query_eval"] = args.M * reader.flops_per_pair(n1) + keep * out["flops_per_pair"]
         out["flops_per_query_whole"] = args.M * out["flops_per_pair"]
     out["item_cache_floats_per_cluster"] = 10 * shape[1] * (args.d + (args.dv if args.mode == "xattn" else 0))
     used = {"raw": [], "c1": [trunk.conv1], "c2": [trunk.conv1, trunk.conv2], "b2": [trunk.conv1, trunk.conv2]}
@@ -411,7 +285,7 @@ def main() -> None:
         model.residual = step > args.alone_steps
         reader.log_alpha.requires_grad_(model.residual)
         q, members, rs = tr_groups.sample(args.batch, args.group, args.top, rng)
-        loss = F.cross_entropy(model.scores(q, members, rs), torch.zeros(args.batch, dtype=torch.long))
+        loss = listwise_loss(model.scores(q, members, rs))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
