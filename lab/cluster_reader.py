@@ -187,6 +187,12 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--M", type=int, default=50)
     ap.add_argument("--split", default="dev", choices=["dev", "test", "both"])
+    ap.add_argument(
+        "--space",
+        default="default",
+        choices=["default", "100k"],
+        help="100k: 100,000 items in 10,000 clusters (seed 7), its first 200 queries, instead of dev/test",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load", help="skip training: measure the weights a run saved beside its --out (.pt)")
     ap.add_argument("--eval-members", type=int, help="the rerank reads this many sampled members of each cluster")
@@ -299,10 +305,16 @@ def main() -> None:
     if not args.load:
         torch.save(model.state_dict(), args.out.removesuffix(".json") + ".pt")
 
-    space_cfg = PrototypeConfig(num_prototypes=2300)
+    if args.space == "100k":  # bench_pair's `prepare --prototypes 10000` space, its first 200 queries (no split)
+        space_cfg = PrototypeConfig(num_prototypes=10000, seed=7)
+        xq, cq, yq = make_queries(space_cfg, 300, seed=7)
+        halves = {"first200": slice(0, 200)}
+        args.split = "first200"
+    else:  # the default space, its shipped queries: dev = odd positions, test = even
+        space_cfg = PrototypeConfig(num_prototypes=2300)
+        xq, cq, yq = make_queries(space_cfg, 500, seed=0)
+        halves = {"dev": slice(1, None, 2), "test": slice(0, None, 2)}
     space = make_prototype_set(space_cfg, "space")
-    xq, cq, yq = make_queries(space_cfg, 500, seed=0)
-    halves = {"dev": slice(1, None, 2), "test": slice(0, None, 2)}
     t = time.perf_counter()
     for split in ["dev", "test"] if args.split == "both" else [args.split]:
         s = halves[split]
