@@ -114,11 +114,13 @@ def rerank(
     members: int | None = None,
     first: tuple[int, int] | None = None,
     seed: int = 0,
+    alpha_scales: tuple[float, ...] = (),
 ):
     """FAISS's ranking, the reader's rerank of its top `m` and the reader alone's, per query. `members`: the reader
     reads that many sampled members of each cluster. `first` = (n, keep): a two-stage cascade, the reader on n
     sampled members of the top `m` keeps its best `keep`, which it then reads whole (the alone column is then the
-    first stage's ranking)."""
+    first stage's ranking). `alpha_scales`: also the rerank with the residual's weight times each scale (rows per
+    scale, the fourth value returned), to choose the weight on dev queries."""
     model.eval()
     rng = np.random.default_rng([seed, 3])
     k = len(space.prototypes)
@@ -129,6 +131,8 @@ def rerank(
     labels = space.prototypes.digit
     xs = torch.from_numpy(space.x.reshape(k, views, -1))
     faiss_rows, rows, alone_rows = [], [], []
+    scaled_rows: dict[float, list] = {a: [] for a in alpha_scales}
+    alpha = model.reader.log_alpha.exp().item()
     for i0 in range(0, len(xq), chunk):
         idx = np.arange(i0, min(i0 + chunk, len(xq)))
         top = order[idx, :m]
@@ -136,7 +140,7 @@ def rerank(
         rs = np.take_along_axis(rscore[idx], top, 1).astype(np.float32)
         if first is None:
             keys = model.scores(q, sample_members(xs, top, members, rng), torch.from_numpy(rs)).numpy()
-            alone = keys - model.reader.log_alpha.exp().item() * rs
+            alone = keys - alpha * rs
         else:
             n1, keep = first
             alone = model.scores(q, sample_members(xs, top, n1, rng), torch.from_numpy(rs)).numpy()
@@ -157,7 +161,10 @@ def rerank(
             rows.append(metrics(new, grades))
             new = np.concatenate([top[j][np.argsort(-alone[j], kind="stable")], order[i, m:]])
             alone_rows.append(metrics(new, grades))
-    return faiss_rows, rows, alone_rows
+            for a, out in scaled_rows.items():
+                key = alone[j] + a * alpha * rs[j]
+                out.append(metrics(np.concatenate([top[j][np.argsort(-key, kind="stable")], order[i, m:]]), grades))
+    return faiss_rows, rows, alone_rows, scaled_rows
 
 
 def summary(rows) -> dict:
@@ -195,6 +202,11 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load", help="skip training: measure the weights a run saved beside its --out (.pt)")
+    ap.add_argument(
+        "--alpha-scales",
+        help="e.g. 0.5,1,2: also rerank with the residual's weight times each; the best on dev (recall@1) is "
+        "reported on test too",
+    )
     ap.add_argument("--eval-members", type=int, help="the rerank reads this many sampled members of each cluster")
     ap.add_argument(
         "--eval-first",
@@ -319,8 +331,19 @@ def main() -> None:
     for split in ["dev", "test"] if args.split == "both" else [args.split]:
         s = halves[split]
         first = tuple(int(v) for v in args.eval_first.split(":")) if args.eval_first else None
-        faiss_rows, rows, alone_rows = rerank(
-            model, retriever, space, xq[s], cq[s], yq[s], args.M, members=args.eval_members, first=first, seed=args.seed
+        scales = tuple(float(a) for a in args.alpha_scales.split(",")) if args.alpha_scales and not first else ()
+        faiss_rows, rows, alone_rows, scaled = rerank(
+            model,
+            retriever,
+            space,
+            xq[s],
+            cq[s],
+            yq[s],
+            args.M,
+            members=args.eval_members,
+            first=first,
+            seed=args.seed,
+            alpha_scales=scales,
         )
         diff = np.array(rows)[:, 0] - np.array(faiss_rows)[:, 0]
         out[split] = {
@@ -332,6 +355,20 @@ def main() -> None:
             "better_worse": [int((diff > 0).sum()), int((diff < 0).sum())],
             "per_query": {"faiss": faiss_rows, "reader": rows},
         }
+        if scales:
+            out[split]["alpha_scan"] = {str(a): summary(r) for a, r in scaled.items()}
+            r1 = {a: np.mean(r, 0)[0] for a, r in scaled.items()}
+            if split == "dev":  # chosen on dev only (ties: the scale nearest 1); test then reports that choice
+                out["alpha_scale_chosen"] = max(scales, key=lambda a: (r1[a], -abs(math.log(a))))
+            a = out.get("alpha_scale_chosen")
+            if a is not None:
+                diff = np.array(scaled[a])[:, 0] - np.array(faiss_rows)[:, 0]
+                out[split]["reader_alpha_chosen"] = {
+                    "scale": a,
+                    **summary(scaled[a]),
+                    "r1_diff": round(float(diff.mean()), 4),
+                    "r1_diff_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4),
+                }
         print(split, json.dumps({k: v for k, v in out[split].items() if k != "per_query"}), flush=True)
     out["eval_seconds"] = round(time.perf_counter() - t, 1)
     out["load_end"] = os.getloadavg()
