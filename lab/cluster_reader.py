@@ -120,7 +120,8 @@ def rerank(
     reads that many sampled members of each cluster. `first` = (n, keep): a two-stage cascade, the reader on n
     sampled members of the top `m` keeps its best `keep`, which it then reads whole (the alone column is then the
     first stage's ranking). `alpha_scales`: also the rerank with the residual's weight times each scale (rows per
-    scale, the fourth value returned), to choose the weight on dev queries."""
+    scale, the fourth value returned), to choose the weight on dev queries. Last: the reader's milliseconds per
+    query (its calls alone)."""
     model.eval()
     rng = np.random.default_rng([seed, 3])
     k = len(space.prototypes)
@@ -133,11 +134,13 @@ def rerank(
     faiss_rows, rows, alone_rows = [], [], []
     scaled_rows: dict[float, list] = {a: [] for a in alpha_scales}
     alpha = model.reader.log_alpha.exp().item()
+    model_seconds = 0.0  # the reader's calls alone (features, item side, reader), per `chunk` queries at a time
     for i0 in range(0, len(xq), chunk):
         idx = np.arange(i0, min(i0 + chunk, len(xq)))
         top = order[idx, :m]
         q = torch.from_numpy(xq[idx])
         rs = np.take_along_axis(rscore[idx], top, 1).astype(np.float32)
+        started = time.perf_counter()
         if first is None:
             keys = model.scores(q, sample_members(xs, top, members, rng), torch.from_numpy(rs)).numpy()
             alone = keys - alpha * rs
@@ -154,6 +157,7 @@ def rerank(
             np.put_along_axis(keys, kept, second, 1)
             dropped = np.isinf(keys)
             keys[dropped] = alone[dropped] - 1e9
+        model_seconds += time.perf_counter() - started
         for j, i in enumerate(idx):
             grades = np.where(np.arange(k) == cq[i], 2, (labels == yq[i]).astype(np.int64))
             faiss_rows.append(metrics(order[i], grades))
@@ -164,7 +168,7 @@ def rerank(
             for a, out in scaled_rows.items():
                 key = alone[j] + a * alpha * rs[j]
                 out.append(metrics(np.concatenate([top[j][np.argsort(-key, kind="stable")], order[i, m:]]), grades))
-    return faiss_rows, rows, alone_rows, scaled_rows
+    return faiss_rows, rows, alone_rows, scaled_rows, 1000.0 * model_seconds / max(len(xq), 1)
 
 
 def summary(rows) -> dict:
@@ -332,7 +336,7 @@ def main() -> None:
         s = halves[split]
         first = tuple(int(v) for v in args.eval_first.split(":")) if args.eval_first else None
         scales = tuple(float(a) for a in args.alpha_scales.split(",")) if args.alpha_scales and not first else ()
-        faiss_rows, rows, alone_rows, scaled = rerank(
+        faiss_rows, rows, alone_rows, scaled, model_ms = rerank(
             model,
             retriever,
             space,
@@ -354,6 +358,7 @@ def main() -> None:
             "r1_diff_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4),
             "better_worse": [int((diff > 0).sum()), int((diff < 0).sum())],
             "per_query": {"faiss": faiss_rows, "reader": rows},
+            "model_ms_per_query": round(model_ms, 2),
         }
         if scales:
             out[split]["alpha_scan"] = {str(a): summary(r) for a, r in scaled.items()}
