@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from cascade.bootstrap import PairConfig, prototype_training_sets
 from lab.reranker_study import faiss_order, load_retriever, metrics
 from models.biencoder import BiEncoder, embed_numpy
-from models.cluster_reader import ClusterReader, MemberFeatures, ReaderRanker, listwise_loss
+from models.cluster_reader import FEATURES, MODES, ClusterReader, MemberFeatures, ReaderRanker, listwise_loss
 from models.pair_training import retriever_lists
 from models.prototypes import PrototypeConfig, make_prototype_set, make_queries, make_views
 
@@ -177,8 +177,8 @@ def summary(rows) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="xattn", choices=["xattn", "maxsim"])
-    ap.add_argument("--feature", default="c1", choices=["raw", "c1", "c2", "b2"])
+    ap.add_argument("--mode", default="xattn", choices=MODES)
+    ap.add_argument("--feature", default="c1", choices=FEATURES)
     ap.add_argument("--trainable", action="store_true", help="train the trunk too (initialised from the bi-encoder)")
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--dv", type=int, default=16)
