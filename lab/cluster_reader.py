@@ -171,6 +171,15 @@ def rerank(
     return faiss_rows, rows, alone_rows, scaled_rows, 1000.0 * model_seconds / max(len(xq), 1)
 
 
+def r1_gain(rows, faiss_rows) -> dict:
+    """Recall@1 over FAISS alone, per query paired: the mean difference and its standard error."""
+    diff = np.array(rows)[:, 0] - np.array(faiss_rows)[:, 0]
+    return {
+        "r1_diff": round(float(diff.mean()), 4),
+        "r1_diff_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4),
+    }
+
+
 def summary(rows) -> dict:
     return dict(zip(("r1", "r10", "ndcg10"), np.mean(rows, 0).round(4).tolist(), strict=True))
 
@@ -354,8 +363,7 @@ def main() -> None:
             "faiss": summary(faiss_rows),
             "reader": summary(rows),
             "reader_alone": summary(alone_rows),
-            "r1_diff": round(float(diff.mean()), 4),
-            "r1_diff_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4),
+            **r1_gain(rows, faiss_rows),
             "better_worse": [int((diff > 0).sum()), int((diff < 0).sum())],
             "per_query": {"faiss": faiss_rows, "reader": rows},
             "model_ms_per_query": round(model_ms, 2),
@@ -367,13 +375,7 @@ def main() -> None:
                 out["alpha_scale_chosen"] = max(scales, key=lambda a: (r1[a], -abs(math.log(a))))
             a = out.get("alpha_scale_chosen")
             if a is not None:
-                diff = np.array(scaled[a])[:, 0] - np.array(faiss_rows)[:, 0]
-                out[split]["reader_alpha_chosen"] = {
-                    "scale": a,
-                    **summary(scaled[a]),
-                    "r1_diff": round(float(diff.mean()), 4),
-                    "r1_diff_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4),
-                }
+                out[split]["reader_alpha_chosen"] = {"scale": a, **summary(scaled[a]), **r1_gain(scaled[a], faiss_rows)}
         print(split, json.dumps({k: v for k, v in out[split].items() if k != "per_query"}), flush=True)
     out["eval_seconds"] = round(time.perf_counter() - t, 1)
     out["load_end"] = os.getloadavg()
