@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cascade.stage import Stage
 from cascade.tuning_record import TuningRecord
 
-__all__ = ["Stage", "CascadeConfig", "CONFIG_FILE", "scale_keeps"]
+__all__ = ["Stage", "CascadeConfig", "ReaderChoice", "CONFIG_FILE", "scale_keeps"]
 
 CONFIG_FILE = "cascade.json"
+
+
+class ReaderChoice(BaseModel):
+    """Whether the cluster reader answers queries by example by default, and why: it reranks FAISS's top
+    `candidates` clusters reading `members` members of each, and is served only where it beat FAISS alone on dev
+    queries (`cascade.reader_gate`). `sha256` names the reader that was measured; another reader is not served
+    until it is measured too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    served: bool
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    candidates: int = Field(10, ge=1, le=1000)
+    members: int = Field(10, ge=1, le=256)
+    reason: str = Field("", max_length=2000)
+    dev: dict[str, Any] = Field(default_factory=dict, description="FAISS alone and the reader on the dev queries")
 
 
 class CascadeConfig(BaseModel):
@@ -36,6 +53,9 @@ class CascadeConfig(BaseModel):
         None, description="how the default pair cascade was chosen (prunecascade tune): target, front, provenance"
     )
     reference_k: int = Field(10, ge=1, description="the k the default keeps are tuned for")
+    reader: ReaderChoice | None = Field(
+        None, description="the cluster reader's dev check: served by default for queries by example, or why not"
+    )
 
     def stages_for(self, kind: str) -> tuple[Stage, ...]:
         if kind == "pair":

@@ -66,6 +66,10 @@ class ClusterIndex:
         order = np.sort(first)[:count]
         return flat[order].astype(np.int64), flat_dist[order].astype(np.float64)
 
+    def centroids(self, clusters: np.ndarray) -> np.ndarray:
+        """The coarse centroids of `clusters` (float32), as the quantizer stores them."""
+        return np.stack([self.ivf.quantizer.reconstruct(int(c)) for c in clusters]) if len(clusters) else np.empty(0)
+
     def save(self, directory: Path, name: str = INDEX_FILE) -> None:
         tmp = directory / f".{name}.tmp"
         faiss.write_index(self.ivf, str(tmp))

@@ -22,6 +22,8 @@ from cascade.engine import CascadeResult, DeadlineExceeded, faiss_answer
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer, ExactTable, lookup_flops
 from cascade.queries import default_gains
+from cascade.reader import planned_flops as reader_flops
+from cascade.reader import reader_answer, serves
 from cascade.snapshot import Snapshot
 from cascade.stage import Stage, check_stages
 from cascade.stage_loop import StageJob, run_stages, run_stages_many
@@ -39,6 +41,7 @@ __all__ = [
     "Answer",
     "plan_query",
     "plan_target",
+    "plan_reader",
     "execute",
     "execute_many",
     "plan_for_quality",
@@ -51,9 +54,10 @@ __all__ = [
     "target_from_examples",
 ]
 
-Path = Literal["exact", "cascade", "faiss"]
-"""What answers: the exact table, the cascade of models, or the embedding index alone (a query by example
-with `stages: []`)."""
+Path = Literal["exact", "cascade", "faiss", "reader"]
+"""What answers: the exact table, the cascade of models, the embedding index alone (a query by example with
+`stages: []`), or the cluster reader over the index's top candidates (a query by example's default where the
+reader beat FAISS alone on dev queries, `cascade.reader`)."""
 
 Mode = Literal["auto", "exact", "cascade"]
 
@@ -131,7 +135,15 @@ def plan_query(
         table = exact_table(snapshot)
     if table is None and query.mode == "exact":
         raise ExactTableNotReady("the exact table for this dense model is still being built")
-    return plan_target(snapshot, target, query.k, query.stages, table=table, max_flops=limits.max_flops)
+    return plan_target(
+        snapshot,
+        target,
+        query.k,
+        query.stages,
+        table=table,
+        max_flops=limits.max_flops,
+        reader=query.mode == "auto",
+    )
 
 
 def _with_quality_plan(snapshot: Snapshot, query: Query) -> Query:
@@ -173,10 +185,14 @@ def plan_target(
     *,
     table: ExactTable | None = None,
     max_flops: int | None = None,
+    reader: bool = True,
 ) -> QueryPlan:
     """The plan for a target already built: the exact table's lookup when `table` is given, else `stages` (None:
-    the snapshot's default cascade for the target, keeps scaled to k; []: FAISS only), resolved and checked
-    once, costed, and held against `max_flops`."""
+    the snapshot's default for the target: the cluster reader where it is served and `reader` allows it, else
+    the default cascade with keeps scaled to k; []: FAISS only), resolved and checked once, costed, and held
+    against `max_flops`."""
+    if table is None and stages is None and reader and target.kind == "pair" and serves(snapshot):
+        return plan_reader(snapshot, target, k, max_flops=max_flops)
     if table is not None:
         alive = table.num_clusters if target.candidates is None else len(target.candidates)
         _check_k(k, alive)
@@ -199,6 +215,21 @@ def plan_target(
     return QueryPlan(snapshot, target, k, path, resolved, costs, table, flops, oracle)
 
 
+def plan_reader(snapshot: Snapshot, target: Target, k: int, *, max_flops: int | None = None) -> QueryPlan:
+    """The cluster reader's rerank of FAISS's top candidates for a query by example, whether or not it is served
+    by default (the dev check measures it before it is)."""
+    if snapshot.reader is None or target.candidates is None:
+        raise RequestError("target", "this space has no cluster reader for queries by example")
+    _check_k(k, len(target.candidates))
+    cost = reader_flops(snapshot, target, k)
+    flops = target.flops + cost
+    if max_flops is not None and flops > max_flops:
+        raise RequestError(
+            "k", f"this query may cost {flops:,} FLOPs, over the server's budget of {max_flops:,} (max_query_flops)"
+        )
+    return QueryPlan(snapshot, target, k, "reader", (), (cost,), None, flops, dense_flops(snapshot, target))
+
+
 def execute(
     plan: QueryPlan,
     seed: int = 0,
@@ -215,6 +246,8 @@ def execute(
         return plan.table.answer(plan.target, plan.k, plan.snapshot.id)
     if plan.path == "faiss":
         return faiss_answer(plan.snapshot, plan.target, plan.k)
+    if plan.path == "reader":
+        return reader_answer(plan.snapshot, plan.target, plan.k, seed, deadline)
     if batcher is not None:
         return batcher.run(plan.snapshot, StageJob(plan.target, plan.k, plan.stages, seed, deadline), expected)
     return run_stages(plan.snapshot, plan.target, plan.k, plan.stages, seed, deadline)

@@ -27,6 +27,7 @@ from cascade.space import Space
 from cascade.stage import check_stages
 from models.aggregation import log_prior_of
 from models.calibration import is_temperature
+from models.cluster_reader_store import StoredReader, load_reader
 from models.flops import Flops
 from models.gadget import gadget_misfit
 from models.manifest import Manifest
@@ -184,6 +185,8 @@ class Snapshot:
     embedding: EmbeddingIndex | None = None
     queries: QuerySet | None = None
     item_cache: ItemCache = field(default_factory=ItemCache, compare=False, repr=False)
+    reader: StoredReader | None = field(default=None, compare=False, repr=False)
+    """The cluster reader stored beside the space (`cascade.reader`), None where there is none or it is broken."""
 
     def cached_inputs(self, variant: Variant) -> CachedInputs | None:
         """The variant's item inputs for every item (built on first use), or None when it reads raw items."""
@@ -205,7 +208,27 @@ class Snapshot:
             if variant.inputs_key is not None:
                 keys.add(self._cache_key(variant))
                 self.cached_inputs(variant)
+        if self.reader is not None:
+            keys.add(self.reader_inputs().key)
         self.item_cache.retain(keys)
+
+    def reader_inputs(self) -> CachedInputs:
+        """Every item's keys and values for the cluster reader (`ReaderRanker.item_table`), built once per items and
+        reader and kept in the item cache beside the pair models' tables."""
+        stored = self.reader
+        assert stored is not None
+
+        def build() -> tuple[torch.Tensor, int]:
+            with torch.inference_mode():
+                x = self.features
+                table = torch.cat([stored.ranker.item_table(x[i : i + 4096]) for i in range(0, len(x), 4096)])
+            return table, len(x) * stored.ranker.item_flops()
+
+        return self.item_cache.get(
+            f"reader:{stored.sha256}@{self.features.data_ptr()}:{tuple(self.features.shape)}",
+            build,
+            lambda: f"reader:{stored.sha256}@{features_digest(self.features)}",
+        )
 
     def _cache_key(self, variant: Variant) -> str:
         # keyed by the features too: `dataclasses.replace` with other features shares the cache object
@@ -250,10 +273,13 @@ class Snapshot:
         return int(self.variants[self.config.pair_dense].manifest.spec.get("num_grades", 3))
 
 
-def _snapshot_id(space: Space, variants: Mapping[str, Variant], config: CascadeConfig) -> str:
+def _snapshot_id(
+    space: Space, variants: Mapping[str, Variant], config: CascadeConfig, reader: StoredReader | None = None
+) -> str:
     blob = json.dumps(
         {
             "space": space.meta.get("id", ""),
+            "reader": "" if reader is None else reader.sha256,
             "variants": sorted(
                 (v.name, v.version, v.manifest.sha256, v.gadget_sha256 or "") for v in variants.values()
             ),
@@ -324,6 +350,7 @@ def build_snapshot(
     embedding: EmbeddingIndex | None = None,
     queries: QuerySet | None = None,
     item_cache: ItemCache | None = None,
+    reader: StoredReader | None = None,
 ) -> Snapshot:
     """`item_cache`: the tables of the snapshot this one replaces (same space), so that a swap that keeps the
     pair models' trunk does not rebuild them."""
@@ -332,7 +359,7 @@ def build_snapshot(
     if config.pair_dense is not None and config.pair_dense not in variants:
         raise RequestError("pair_dense", f"dense pair model {config.pair_dense!r} is not among the active variants")
     snap = Snapshot(
-        id=_snapshot_id(space, variants, config),
+        id=_snapshot_id(space, variants, config, reader),
         space=space,
         index=index,
         features=torch.from_numpy(space.features),
@@ -342,6 +369,7 @@ def build_snapshot(
         embedding=embedding,
         queries=queries,
         item_cache=item_cache if item_cache is not None else ItemCache(),
+        reader=reader,
     )
     check_stages(config.stages, snap.variants, k=1)
     if config.pair_stages:  # () is FAISS only: no stage to check
@@ -362,6 +390,33 @@ def load_snapshot(
             continue
         if misfit(registry.manifest(name), space) is None:
             variants[name] = variant_for(registry.load(name), space)
+    embedding = EmbeddingIndex.load(space_dir)
     return build_snapshot(
-        space, index, variants, config, EmbeddingIndex.load(space_dir), QuerySet.load(space_dir), item_cache
+        space,
+        index,
+        variants,
+        config,
+        embedding,
+        QuerySet.load(space_dir),
+        item_cache,
+        served_reader(space_dir, space) if embedding is not None else None,
     )
+
+
+def served_reader(space_dir: Path, space: Space) -> StoredReader | None:
+    """The cluster reader stored beside the space, or None: a broken or misfitting one is logged and left out,
+    so that it never stops a replica (queries by example are then answered without it)."""
+    try:
+        stored = load_reader(space_dir)
+    except (OSError, ValueError) as exc:
+        log.warning("the cluster reader beside %s is not served: %s", space_dir, exc)
+        return None
+    if stored is not None and stored.spec.input_dim != space.input_dim:
+        log.warning(
+            "the cluster reader beside %s is not served: it reads %d features, the items have %d",
+            space_dir,
+            stored.spec.input_dim,
+            space.input_dim,
+        )
+        return None
+    return stored

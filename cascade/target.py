@@ -26,6 +26,8 @@ RANKING_KEYS = {
     "expected utility `score` does, without ties where the posterior saturates",
     "negative_sq_distance": "minus the squared L2 distance from the query's embedding to the cluster centroid "
     "(FAISS only, no model stage)",
+    "reader_key": "the cluster reader's score of the query against the cluster's members read together, plus its "
+    "multiple of the retriever's score (minus the squared embedding distance); no posterior",
 }
 
 

@@ -18,24 +18,79 @@ untrained reader ranks exactly as its retriever does. The item side (keys and va
 `ClusterReader.item_side`) depends on the item alone and would be cached per cluster; what runs per pair is
 `ClusterReader.forward`, counted by `flops_per_pair`.
 
-Not served yet: lab/cluster_reader.py trains and measures it (lab/CLUSTER_READER.md, docs/performance.md 0).
+Served as the last stage over FAISS's top candidates when it beats FAISS alone on dev queries
+(`cascade.reader`, `cascade.reader_gate`); trained by `models.cluster_reader_training`, stored by
+`models.cluster_reader_store`; lab/cluster_reader.py measures it (lab/CLUSTER_READER.md, docs/performance.md 0).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.biencoder import BiEncoder
+from models.biencoder import BiEncoder, BiEncoderSpec
 
-__all__ = ["MemberFeatures", "ClusterReader", "ReaderRanker", "listwise_loss", "FEATURES", "MODES"]
+__all__ = [
+    "ReaderSpec",
+    "MemberFeatures",
+    "ClusterReader",
+    "ReaderRanker",
+    "build_ranker",
+    "listwise_loss",
+    "FEATURES",
+    "MODES",
+]
 
 FEATURES = ("raw", "c1", "c2", "b2")
 MODES = ("xattn", "maxsim")
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    """Everything that shapes a reader: the bi-encoder its features come from (only its first convs are used),
+    which features, and the reader's widths. Stored as JSON beside its weights."""
+
+    encoder: dict[str, Any]
+    feature: str = "c1"
+    mode: str = "xattn"
+    d: int = 32
+    dv: int = 16
+    hidden: int = 64
+    max_shift: int = 12
+
+    kind = "cluster-reader"
+
+    def __post_init__(self) -> None:
+        if self.feature not in FEATURES:
+            raise ValueError(f"unknown feature {self.feature!r} (known: {', '.join(FEATURES)})")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r} (known: {', '.join(MODES)})")
+        if min(self.d, self.dv, self.hidden) < 1 or self.max_shift < 0:
+            raise ValueError("d, dv and hidden must be positive and max_shift at least 0")
+        BiEncoderSpec.from_dict(self.encoder)  # raises naming the problem
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.encoder["input_dim"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReaderSpec:
+        d = dict(d)
+        if d.pop("kind", cls.kind) != cls.kind:
+            raise ValueError("not a cluster reader spec")
+        unknown = set(d) - {"encoder", "feature", "mode", "d", "dv", "hidden", "max_shift"}
+        if unknown:
+            raise ValueError(f"unknown cluster reader spec keys: {sorted(unknown)}")
+        return cls(**d)
 
 
 class MemberFeatures(nn.Module):
@@ -49,6 +104,7 @@ class MemberFeatures(nn.Module):
         if feature not in FEATURES:
             raise ValueError(f"unknown feature {feature!r} (known: {', '.join(FEATURES)})")
         self.feature = feature
+        self.input_dim = int(sample.shape[1])
         self.conv1 = copy.deepcopy(encoder.net[1])
         self.conv2 = copy.deepcopy(encoder.net[4])
         self.requires_grad_(trainable)
@@ -121,6 +177,11 @@ class ClusterReader(nn.Module):
         """(P, L, C) -> queries (P, L, d) scaled by 1/sqrt(d), values (P, L, dv)."""
         return self.q(fq) / math.sqrt(self.d), self.v(fq)
 
+    @property
+    def item_width(self) -> int:
+        """Floats per member position that `item_side` produces (keys, then values)."""
+        return self.d + self.dv
+
     def forward(self, qq: torch.Tensor, qv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One score per pair: qq, qv (P, L, .), k, v (P, n, L, .). Symmetric in the members."""
         logits = torch.einsum("pqd,pnld->pnql", qq, k) + self.rel[self.rel_idx] + self.rel_mask
@@ -167,6 +228,52 @@ class ReaderRanker(nn.Module):
         rep = torch.arange(b).repeat_interleave(g)
         s = self.reader(qq[rep], qv[rep], k, v).reshape(b, g)
         return s + self.reader.log_alpha.exp() * retriever_score if self.residual else s
+
+    def query_flops(self) -> int:
+        """Multiply-adds x 2 of the query side, once per query: its features (the first conv's, when read) and
+        the query and value projections of every position."""
+        L, c, n = self.reader.length, self.reader.q.in_features, self.trunk.input_dim
+        features = 0
+        for conv, positions, used in (
+            (self.trunk.conv1, n, self.trunk.feature != "raw"),
+            (self.trunk.conv2, n // 2, self.trunk.feature in ("c2", "b2")),
+        ):
+            if used:
+                features += 2 * conv.out_channels * conv.in_channels * conv.kernel_size[0] * positions
+        return features + 2 * L * c * (self.reader.d + self.reader.dv)
+
+    def item_flops(self) -> int:
+        """The same per item: what building the cached `item_table` costs once per item."""
+        return self.query_flops()
+
+    def item_table(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) items -> (N, L x (d + dv)): each item's keys and values, what serving caches once per item."""
+        k, v = self.reader.item_side(self.trunk(x))
+        return torch.cat([k, v], -1).flatten(1)
+
+    def query_keys(self, q: torch.Tensor, items: torch.Tensor, retriever_score: torch.Tensor) -> torch.Tensor:
+        """One query q (1, D) against G clusters of n members each, from their cached `item_table` rows
+        (G, n, L x (d + dv)), with the retriever's scores (G,) -> keys (G,), as `scores` computes them."""
+        qq, qv = self.reader.query_side(self.trunk(q))
+        g, n = items.shape[:2]
+        kv = items.reshape(g, n, self.reader.length, self.reader.item_width)
+        k, v = kv[..., : self.reader.d], kv[..., self.reader.d :]
+        s = self.reader(qq.expand(g, -1, -1), qv.expand(g, -1, -1), k, v)
+        return s + self.reader.log_alpha.exp() * retriever_score if self.residual else s
+
+
+def build_ranker(
+    spec: ReaderSpec, sample: torch.Tensor | None = None, encoder: BiEncoder | None = None
+) -> ReaderRanker:
+    """A reader of this shape: its features copied from `encoder` and standardised on `sample` (training), or
+    untrained placeholders that a stored state dict then fills (loading: every buffer is in the weights)."""
+    encoder = encoder if encoder is not None else BiEncoder(BiEncoderSpec.from_dict(spec.encoder))
+    sample = sample if sample is not None else torch.zeros(2, spec.input_dim)
+    trunk = MemberFeatures(encoder, spec.feature, False, sample)
+    with torch.no_grad():
+        shape = trunk(sample[:1]).shape
+    reader = ClusterReader(shape[2], shape[1], spec.mode, spec.d, spec.dv, spec.hidden, spec.max_shift)
+    return ReaderRanker(trunk, reader)
 
 
 def listwise_loss(keys: torch.Tensor) -> torch.Tensor:

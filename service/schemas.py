@@ -104,8 +104,9 @@ class QueryRequest(BaseModel):
     mode: Literal["auto", "exact", "cascade"] = Field(
         "auto",
         description="auto: label and utility targets are answered exactly from the dense cluster posteriors once "
-        "they are built (before that, by the cascade); queries by example always run the cascade. exact: only "
-        "the table (503 while it builds). cascade: always the cascade (research, load tests).",
+        "they are built (before that, by the cascade); queries by example by the cluster reader where it beat FAISS "
+        "alone on dev queries (GET /v1/space, reader), else by the default pair cascade. exact: only the table (503 "
+        "while it builds). cascade: always the cascade, never the reader (research, load tests).",
     )
     stages: list[Stage] | None = Field(
         None,
@@ -150,8 +151,9 @@ class StageOut(BaseModel):
 
 
 class QueryResponse(BaseModel):
-    mode: Literal["exact", "cascade", "faiss"] = Field(
-        description="what answered: the exact table, the cascade, or the embedding index alone"
+    mode: Literal["exact", "cascade", "faiss", "reader"] = Field(
+        description="what answered: the exact table, the cascade, the embedding index alone, or the cluster reader "
+        "over the index's top candidates"
     )
     ranking: str = Field(
         description="what `ranking_value` is: " + "; ".join(f"{k}: {v}" for k, v in RANKING_KEYS.items())
@@ -241,6 +243,12 @@ class SpaceOut(BaseModel):
         description="whether the reranker earns its place, measured on dev queries when the default pair cascade "
         "was tuned: FAISS alone, the dense rerank and the default cascade (recall@1, nDCG@10, FLOPs, ms), "
         "reranker_helps, and why the default is what it is; null where it was not tuned",
+    )
+    reader: dict[str, Any] | None = Field(
+        None,
+        description="the cluster reader stored beside the space: served (by default, for queries by example), why, "
+        "its dev check against FAISS alone (recall@1, nDCG@10 on the same dev queries), how many candidates and "
+        "members it reads, its sha256 and how it was trained; null where the space has none",
     )
     item_cache: list[dict[str, Any]] = Field(
         default_factory=list,

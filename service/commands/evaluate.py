@@ -71,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _examples(snapshot: object, args: argparse.Namespace, stages: tuple | None) -> int:
     from cascade.evaluation import evaluate_example_queries
+    from cascade.reader import serves
 
-    methods = {"cascade": stages, "faiss only": ()}
+    methods = {"cascade" if stages is not None else "default": stages, "faiss only": ()}
     m = args.candidates or snapshot.config.pair_candidates or 200  # type: ignore[attr-defined]
     reports = evaluate_example_queries(
         snapshot,  # type: ignore[arg-type]
@@ -84,6 +85,14 @@ def _examples(snapshot: object, args: argparse.Namespace, stages: tuple | None) 
     )
     oracle = reports["oracle"]
     print(f"{oracle.queries} held-out {args.split} queries by example, k={args.k}, M={m}")
+    if stages is None:
+        config = snapshot.config  # type: ignore[attr-defined]
+        what = (
+            f"the cluster reader over FAISS top {config.reader.candidates}"
+            if serves(snapshot)  # type: ignore[arg-type]
+            else f"the default pair cascade {[s.variant for s in config.pair_stages or ()] or '(FAISS alone)'}"
+        )
+        print(f"default: {what}")
     print(f"{'':12s} {'R@1':>6s} {'R@k':>6s} {'nDCG@10':>8s} {'agree@10':>8s} {'FLOPs':>14s} {'median ms':>10s}")
     for name, r in reports.items():
         print(

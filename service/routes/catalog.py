@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
 
 from cascade.queries import default_gains
+from cascade.reader import serves
 from cascade.snapshot import CachedInputs, Snapshot, misfit
 from cascade.tuning_record import dev_check
 from models.registry import RegistryError
@@ -102,9 +104,21 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         grades=_grades(space.meta.get("grades"), snapshot.num_grades),
         exact=_finite(state.exact_status(snapshot)),
         reranker=None if snapshot.config.pair_tuning is None else dev_check(snapshot.config.pair_tuning),
+        reader=_reader(snapshot),
         item_cache=[_cache_entry(e) for e in snapshot.item_cache.entries()],
         snapshot_id=snapshot.id,
     )
+
+
+def _reader(snapshot: Snapshot) -> dict[str, Any] | None:
+    """The stored cluster reader and its dev check; a check of another reader (or none) says it is not served."""
+    stored, choice = snapshot.reader, snapshot.config.reader
+    if stored is None:
+        return None
+    out: dict[str, Any] = {"sha256": stored.sha256, "spec": stored.spec.to_dict(), "training": stored.extra}
+    if choice is None or choice.sha256 != stored.sha256:
+        return {**out, "served": False, "reason": "not checked on dev queries yet (prunecascade reader --check)"}
+    return {**out, **_finite(choice.model_dump(mode="json")), "served": serves(snapshot)}
 
 
 GRADE_NAMES = ("other", "same_label", "same_cluster")

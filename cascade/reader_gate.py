@@ -1,0 +1,72 @@
+"""The cluster reader's dev check: it answers queries by example by default only where it beats FAISS alone on the
+space's dev queries (`cascade.queries.SPLIT_RULE`), measured side by side on the same queries. The check is stored
+in the home's cascade.json (`CascadeConfig.reader`), with the sha256 of the reader it measured, so that a reader
+stored later is not served until it is measured too."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from cascade.config import ReaderChoice
+from cascade.evaluation import example_queries, graded_metrics
+from cascade.plan import plan_reader
+from cascade.queries import cluster_grades
+from cascade.side_by_side import Method, side_by_side, stages
+from cascade.snapshot import Snapshot
+
+__all__ = ["check_reader"]
+
+
+def check_reader(
+    snapshot: Snapshot,
+    candidates: int = 10,
+    members: int = 10,
+    queries: int | None = None,
+    k: int = 10,
+    stage0: int | None = None,
+) -> ReaderChoice:
+    """FAISS alone and the reader's rerank of its top `candidates` (reading up to `members` members of each) on
+    the first `queries` dev queries (None: all). Served where the reader's recall@1 is higher and its nDCG@10 no
+    lower. `stage0`: how many clusters FAISS proposes (default: the space's `pair_candidates`, else 200)."""
+    if snapshot.reader is None:
+        raise ValueError("the space has no cluster reader to check")
+    choice = ReaderChoice(served=False, sha256=snapshot.reader.sha256, candidates=candidates, members=members)
+    measured = replace(snapshot, config=snapshot.config.model_copy(update={"reader": choice}))
+    held_out = example_queries(measured, max(stage0 or snapshot.config.pair_candidates or 200, k), queries, "dev")
+    if len(held_out) < 2:
+        raise ValueError(f"the space has {len(held_out)} dev queries; the check needs at least 2")
+    methods = [stages("faiss", []), Method("reader", plan=lambda snap, target, kk: plan_reader(snap, target, kk))]
+    rounds = side_by_side(measured, held_out, methods, k, (0,), reference=None, seed_per_query=True)
+    rows: dict[str, list[tuple[float, ...]]] = {"faiss": [], "reader": []}
+    labels = snapshot.space.cluster_labels
+    for r in rounds:
+        grades = cluster_grades(labels, r.query.info["cluster"], r.query.info["label"], len(r.target.utility))
+        for name in rows:
+            rec = r[name]
+            rows[name].append((*graded_metrics(rec.cluster_ids, grades, r.target.utility, k), rec.flops, rec.ms))
+    table = {name: np.asarray(v, dtype=np.float64) for name, v in rows.items()}
+    summary = {
+        name: {
+            "recall_at_1": round(float(t[:, 0].mean()), 4),
+            f"recall_at_{k}": round(float(t[:, 1].mean()), 4),
+            f"ndcg_at_{k}": round(float(t[:, 2].mean()), 4),
+            "flops": round(float(t[:, 3].mean())),
+            "ms_median": round(float(np.median(t[:, 4])), 3),
+        }
+        for name, t in table.items()
+    }
+    diff = table["reader"][:, 0] - table["faiss"][:, 0]
+    gain, se = float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
+    a, b = summary["faiss"], summary["reader"]
+    served = b["recall_at_1"] > a["recall_at_1"] and b[f"ndcg_at_{k}"] >= a[f"ndcg_at_{k}"]
+    verdict = "served by default" if served else "not served: queries by example go to the default pair cascade"
+    reason = (
+        f"on {len(rounds)} dev queries the reader's rerank of FAISS top {candidates} has recall@1 "
+        f"{b['recall_at_1']:.3f} against FAISS alone's {a['recall_at_1']:.3f} (paired difference {gain:+.3f}, "
+        f"s.e. {se:.3f}) and nDCG@{k} {b[f'ndcg_at_{k}']:.3f} against {a[f'ndcg_at_{k}']:.3f}: {verdict}"
+    )
+    dev = {"queries": len(rounds), **summary, "recall_at_1_gain": round(gain, 4), "recall_at_1_gain_se": round(se, 4)}
+    return choice.model_copy(update={"served": served, "reason": reason, "dev": dev})

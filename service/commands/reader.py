@@ -1,0 +1,93 @@
+"""`prunecascade reader`: train a cluster reader for a home's space (a pair model that reads a candidate cluster's
+members together, `models.cluster_reader`), store it beside the space, and check it on the dev queries: it answers
+queries by example by default only where it beats FAISS alone there. Training takes about an hour on one core for
+the recipe's 16,000 steps, so the first run's bootstrap does not do it. A running server adopts the result with
+`POST /v1/admin/reload`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from service.commands.common import add_home, settings_from
+
+__all__ = ["register", "run"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reader",
+        help="train the cluster reader and serve it where it beats FAISS alone on dev",
+        description="Train a cluster reader on the home's training prototypes (the retriever's own candidate "
+        "lists, listwise), store it beside the space, then measure its rerank of FAISS's top candidates against "
+        "FAISS alone on the dev queries and record the verdict in cascade.json. With --check only the stored "
+        "reader is measured again.",
+    )
+    add_home(p)
+    p.add_argument("--check", action="store_true", help="do not train: check the stored reader on dev queries")
+    p.add_argument("--steps", type=int, default=16000, help="training steps (recipe: 16,000, about an hour)")
+    p.add_argument(
+        "--alone-steps", type=int, help="of which the first train the reader without the residual (default 3/4)"
+    )
+    p.add_argument("--candidates", type=int, default=10, help="FAISS's top clusters the reader reorders")
+    p.add_argument("--members", type=int, default=10, help="members read per cluster (a uniform sample beyond)")
+    p.add_argument("--dev-queries", type=int, help="check on the first N dev queries (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cascade.config import CONFIG_FILE, CascadeConfig
+    from cascade.reader_gate import check_reader
+    from cascade.snapshot import load_snapshot
+    from models.registry import ModelRegistry
+
+    torch.set_num_threads(args.threads)
+    settings = settings_from(args)
+    config_path = settings.home / CONFIG_FILE
+    if not args.check:
+        record = train(settings.space_dir, args)
+        print(f"trained in {record['seconds']:.0f} s; stored beside {settings.space_dir}")
+    snapshot = load_snapshot(ModelRegistry(settings.registry_dir), settings.space_dir, CascadeConfig.load(config_path))
+    if snapshot.reader is None:
+        raise LookupError(f"{settings.space_dir} holds no cluster reader: run `prunecascade reader` without --check")
+    choice = check_reader(snapshot, args.candidates, args.members, args.dev_queries)
+    CascadeConfig.load(config_path).model_copy(update={"reader": choice}).save(config_path)
+    print(json.dumps(choice.dev, indent=1))
+    print(choice.reason)
+    return 0
+
+
+def train(space_dir, args: argparse.Namespace) -> dict:
+    """Train on the training prototypes the bootstrap trained the pair models on (never the space's own), with the
+    space's retriever; a space of the user's own clusters is refused for now."""
+    from cascade.bootstrap import PairConfig, prototype_training_sets
+    from cascade.embedding import EmbeddingIndex
+    from cascade.space import Space
+    from models.cluster_reader import ReaderSpec
+    from models.cluster_reader_store import save_reader
+    from models.cluster_reader_training import ReaderTrainConfig, train_reader
+
+    space = Space.load(space_dir)
+    if space.meta.get("clusters") != "prototypes":
+        raise ValueError(
+            "the cluster reader trains on MNIST-1D prototypes; this space's clusters are "
+            f"{space.meta.get('clusters')!r} (training on a user's clusters is not built yet)"
+        )
+    embedding = EmbeddingIndex.load(space_dir)
+    if embedding is None:
+        raise ValueError(f"{space_dir} has no bi-encoder: the reader's features and residual come from it")
+    alone = args.alone_steps if args.alone_steps is not None else args.steps * 3 // 4
+    config = ReaderTrainConfig(steps=args.steps, alone_steps=alone, seed=args.seed)
+    train_set, held = prototype_training_sets(PairConfig())
+    spec = ReaderSpec(encoder=embedding.encoder.spec.to_dict())  # type: ignore[operator]
+
+    def progress(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+
+    model, record = train_reader(spec, embedding.encoder, train_set, held, config, progress)  # type: ignore[arg-type]
+    save_reader(model, spec, space_dir, extra=record)
+    return record
