@@ -24,71 +24,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cascade.bootstrap import PairConfig, prototype_training_sets
 from lab.reranker_study import faiss_order, load_retriever, metrics
 from models.biencoder import BiEncoder, embed_numpy
 from models.cluster_reader import FEATURES, MODES, ClusterReader, MemberFeatures, ReaderRanker, listwise_loss
-from models.pair_training import retriever_lists
-from models.prototypes import PrototypeConfig, make_prototype_set, make_queries, make_views
-
-
-class Groups:
-    """The retriever's own candidate lists of a set of rendered prototypes: queries are fresh views."""
-
-    def __init__(self, data, retriever: BiEncoder) -> None:
-        self.data, self.retriever = data, retriever
-        self.lists = retriever_lists(data, retriever)
-        self.k = len(self.lists.offsets) - 1
-        self.views = int(np.diff(self.lists.offsets).min())
-
-    def sample(self, b: int, g: int, top: int, rng: np.random.Generator, whole_top: bool = False):
-        qid = rng.integers(0, self.k, size=b)
-        q = make_views(self.data.prototypes, qid, rng)
-        eq = embed_numpy(self.retriever, q).astype(np.float64)
-        c = self.lists.centroids
-        dist = (eq**2).sum(1)[:, None] + (c**2).sum(1)[None] - 2 * eq @ c.T
-        own = dist[np.arange(b), qid].copy()
-        dist[np.arange(b), qid] = np.inf
-        near = np.argsort(dist, axis=1)[:, :top]
-        if whole_top:
-            cand = np.concatenate([qid[:, None], near], 1)
-        else:
-            cand = np.concatenate(
-                [qid[:, None], np.stack([rng.choice(near[i], g - 1, replace=False) for i in range(b)])], 1
-            )
-        rs = -np.take_along_axis(dist, cand, 1)
-        rs[:, 0] = -own
-        rows = self.lists.offsets[cand][..., None] + np.arange(self.views)
-        return (
-            torch.from_numpy(q),
-            torch.from_numpy(np.ascontiguousarray(self.data.x[rows])),
-            torch.from_numpy(rs.astype(np.float32)),
-        )
-
-
-@torch.no_grad()
-def group_top1(model: ReaderRanker, batches) -> float:
-    model.eval()
-    return float(np.mean([(model.scores(*bt).argmax(1) == 0).float().mean().item() for bt in batches]))
-
-
-@torch.no_grad()
-def fit_alpha(batches, model: ReaderRanker | None = None) -> float:
-    """The retriever score's multiple that minimises the groups' softmax cross-entropy, with the reader's
-    scores as they are (at zero without a model)."""
-    grid = np.exp(np.linspace(np.log(1.0), np.log(1000.0), 61))
-    rs = torch.cat([bt[2] for bt in batches])
-    base = torch.zeros_like(rs)
-    if model is not None:
-        model.eval()
-        model.residual = False
-        base = torch.cat([model.scores(*bt) for bt in batches])
-        model.residual = True
-    target = torch.zeros(len(rs), dtype=torch.long)
-    losses = [F.cross_entropy(base + a * rs, target).item() for a in grid]
-    return float(grid[int(np.argmin(losses))])
+from models.cluster_reader_training import Groups, fit_alpha, group_top1
+from models.prototypes import PrototypeConfig, make_prototype_set, make_queries
 
 
 def sample_members(xs: torch.Tensor, clusters: np.ndarray, n: int | None, rng: np.random.Generator) -> torch.Tensor:

@@ -25,6 +25,7 @@ from cascade.snapshot import (
     Variant,
     build_snapshot,
     misfit,
+    served_reader,
     variant_for,
 )
 from cascade.space import Space
@@ -270,7 +271,12 @@ class ServiceState:
             served_config, warnings = config, {"classifier": described, "pair": list(described)}
         else:
             served_config, warnings = servable_config(config, variants, faults)
-        snapshot = build_snapshot(space, index, variants, served_config, embedding, queries, item_cache)
+        # the cluster reader is read from disk with the space (a reload), and kept across model swaps
+        if current is not None:
+            reader = current.reader
+        else:
+            reader = served_reader(self.settings.space_dir, space) if embedding is not None else None
+        snapshot = build_snapshot(space, index, variants, served_config, embedding, queries, item_cache, reader)
         self._degraded[snapshot.id] = (faults, warnings)
         return snapshot
 

@@ -1,0 +1,191 @@
+"""The cluster reader as served (cascade/reader.py, cascade/reader_gate.py, models/cluster_reader_store.py): stored
+and checked beside a tiny bootstrapped space, it reorders FAISS's top candidates at the cost the plan counts, it
+answers by default only after its dev check chose it, a broken file never stops a snapshot, and over HTTP a query
+by example says which path answered it."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, start_server, stop_server
+
+from cascade.config import CONFIG_FILE, CascadeConfig, ReaderChoice
+from cascade.embedding import EmbeddingIndex
+from cascade.plan import Query, execute, plan_query
+from cascade.reader import READER_STAGE, serves
+from cascade.reader_gate import check_reader
+from cascade.snapshot import load_snapshot
+from models.cluster_reader import ReaderSpec, build_ranker
+from models.cluster_reader_store import READER_WEIGHTS, load_reader, save_reader
+from models.cluster_reader_training import ReaderTrainConfig, train_reader
+from models.prototypes import make_prototype_set
+from models.registry import ModelRegistry
+from service.cli import main as cli
+
+SPACE = Path("spaces") / "default"
+
+
+def _home_with_reader(tiny_home: Path, tmp_path: Path, opinion: float = 0.0, seed: int = 0) -> Path:
+    """A copy of the tiny home with an untrained reader stored beside its space: with `opinion` 0 it ranks exactly
+    as FAISS does (its last layer starts at zero); otherwise that layer is random with this scale."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    encoder = EmbeddingIndex.load(home / SPACE).encoder  # type: ignore[union-attr]
+    spec = ReaderSpec(encoder=encoder.spec.to_dict(), d=8, dv=8, hidden=16, max_shift=6)
+    torch.manual_seed(seed)
+    ranker = build_ranker(spec, torch.randn(64, spec.input_dim), encoder)
+    ranker.reader.init_identity()
+    if opinion:
+        torch.nn.init.normal_(ranker.reader.mlp[-1].weight, std=opinion)
+    save_reader(ranker.eval(), spec, home / SPACE, extra={"made_by": "test"})
+    return home
+
+
+def _snapshot(home: Path, served: bool | None = None, candidates: int = 10):
+    """The home's snapshot; `served` True or False records a dev check of its reader with that verdict."""
+    path = home / CONFIG_FILE
+    if served is not None:
+        stored = load_reader(home / SPACE)
+        assert stored is not None
+        choice = ReaderChoice(served=served, sha256=stored.sha256, candidates=candidates, members=10)
+        CascadeConfig.load(path).model_copy(update={"reader": choice}).save(path)
+    return load_snapshot(ModelRegistry(home / "registry"), home / SPACE, CascadeConfig.load(path))
+
+
+def _dev_example(snapshot, i: int = 0) -> np.ndarray:
+    qs = snapshot.queries.split("dev")
+    return qs.x[i : i + 1]
+
+
+def test_a_stored_reader_loads_as_it_was_saved_and_a_changed_file_is_refused(tiny_home, tmp_path) -> None:
+    home = _home_with_reader(tiny_home, tmp_path, opinion=0.5)
+    stored = load_reader(home / SPACE)
+    assert stored is not None and stored.extra == {"made_by": "test"}
+    x = torch.from_numpy(_features(home))
+    again = load_reader(home / SPACE)
+    assert again is not None and torch.equal(stored.ranker.item_table(x[:5]), again.ranker.item_table(x[:5]))
+    weights = home / SPACE / READER_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        load_reader(home / SPACE)
+    snapshot = _snapshot(home)  # a broken reader never stops a snapshot: it is left out
+    assert snapshot.reader is None and not serves(snapshot)
+
+
+def _features(home: Path) -> np.ndarray:
+    with np.load(home / SPACE / "space.npz") as f:
+        return f["features"][:20].astype(np.float32)
+
+
+def test_an_untrained_reader_answers_with_faiss_order_at_the_planned_cost(tiny_home, tmp_path) -> None:
+    snapshot = _snapshot(_home_with_reader(tiny_home, tmp_path), served=True, candidates=12)
+    plan = plan_query(snapshot, Query(examples=_dev_example(snapshot), k=5))
+    assert plan.path == "reader"
+    result = execute(plan, seed=0)
+    faiss = execute(plan_query(snapshot, Query(examples=_dev_example(snapshot), k=5, stages=[])))
+    # its last layer starts at zero: the key is its multiple of the retriever's score, so FAISS's order
+    assert list(result.cluster_ids) == list(faiss.cluster_ids)
+    (report,) = result.stages
+    assert report.variant == READER_STAGE and report.clusters_in == 12 and report.kept == 5
+    sizes = np.diff(snapshot.space.offsets)[plan.target.candidates[:12]]
+    assert report.items == int(np.minimum(sizes, 10).sum())
+    assert result.flops == plan.stage_flops[0] == plan.flops - plan.target.flops > 0
+
+
+def test_a_reader_with_an_opinion_reorders_only_faiss_top_candidates(tiny_home, tmp_path) -> None:
+    snapshot = _snapshot(_home_with_reader(tiny_home, tmp_path, opinion=2.0), served=True, candidates=8)
+    moved = 0
+    for i in range(5):
+        example = _dev_example(snapshot, i)
+        result = execute(plan_query(snapshot, Query(examples=example, k=8)), seed=i)
+        faiss = execute(plan_query(snapshot, Query(examples=example, k=8, stages=[])))
+        assert sorted(result.cluster_ids) == sorted(faiss.cluster_ids)
+        assert np.all(np.diff(result.ranking_values) <= 0)
+        moved += int(list(result.cluster_ids) != list(faiss.cluster_ids))
+    assert moved > 0
+
+
+def test_the_reader_answers_by_default_only_after_a_dev_check_of_that_reader_chose_it(tiny_home, tmp_path) -> None:
+    home = _home_with_reader(tiny_home, tmp_path)
+    example = None
+    for served, path in ((None, "cascade"), (False, "cascade"), (True, "reader")):
+        snapshot = _snapshot(home, served=served)
+        example = _dev_example(snapshot) if example is None else example
+        assert plan_query(snapshot, Query(examples=example)).path == path
+    assert plan_query(snapshot, Query(examples=example, mode="cascade")).path == "cascade"
+    assert plan_query(snapshot, Query(examples=example, stages=[])).path == "faiss"
+    assert plan_query(snapshot, Query(label=3)).path != "reader"
+    other = replace(snapshot, reader=replace(snapshot.reader, sha256="0" * 64))  # another reader, never checked
+    assert not serves(other) and plan_query(other, Query(examples=example)).path == "cascade"
+
+
+def test_the_dev_check_keeps_faiss_when_the_reader_is_worse(tiny_home, tmp_path) -> None:
+    home = _home_with_reader(tiny_home, tmp_path, opinion=5.0, seed=3)
+    snapshot = _snapshot(home)
+    choice = check_reader(snapshot, candidates=10)
+    dev = choice.dev
+    assert dev["queries"] == len(snapshot.queries.split("dev"))
+    assert dev["reader"]["recall_at_1"] < dev["faiss"]["recall_at_1"]  # a random opinion loses to FAISS
+    assert not choice.served and "not served" in choice.reason
+    assert dev["reader"]["flops"] > dev["faiss"]["flops"]
+    # the command stores the verdict; the snapshot then keeps the default pair cascade
+    assert cli(["reader", "--home", str(home), "--check"]) == 0
+    stored = CascadeConfig.load(home / CONFIG_FILE).reader
+    assert stored is not None and stored.served is False
+    for name in ("faiss", "reader"):  # measured again: the same answers (times differ)
+        assert {k: v for k, v in stored.dev[name].items() if k != "ms_median"} == {
+            k: v for k, v in dev[name].items() if k != "ms_median"
+        }
+    assert plan_query(_snapshot(home), Query(examples=_dev_example(snapshot))).path == "cascade"
+
+
+def test_an_identical_ranking_is_not_served_either(tiny_home, tmp_path) -> None:
+    choice = check_reader(_snapshot(_home_with_reader(tiny_home, tmp_path)), candidates=10)
+    assert choice.dev["reader"]["recall_at_1"] == choice.dev["faiss"]["recall_at_1"]
+    assert not choice.served
+
+
+def test_training_reads_the_retriever_lists_and_stores_a_servable_reader(tiny_home, tmp_path) -> None:
+    encoder = EmbeddingIndex.load(tiny_home / SPACE).encoder  # type: ignore[union-attr]
+    train = make_prototype_set(TINY.pair.train, "train")
+    held = make_prototype_set(replace(TINY.pair.train, num_prototypes=60), "val")
+    spec = ReaderSpec(encoder=encoder.spec.to_dict(), d=8, dv=8, hidden=16, max_shift=6)
+    rows: list[dict] = []
+    config = ReaderTrainConfig(steps=12, alone_steps=8, batch=4, group=4, top=8)
+    model, record = train_reader(spec, encoder, train, held, config, rows.append, every=4)
+    assert [r["step"] for r in rows] == [4, 8, 12] and record["trajectory"] == rows
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert float(model.reader.mlp[-1].weight.detach().abs().sum()) > 0  # it learnt something beyond the retriever
+    before = [p.clone() for p in encoder.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, encoder.parameters(), strict=True))  # the retriever is kept
+    digest = save_reader(model, spec, tmp_path, extra=record)
+    assert load_reader(tmp_path).sha256 == digest
+
+
+def test_http_a_query_by_example_says_the_reader_answered_and_the_space_says_why(tiny_home, tmp_path) -> None:
+    home = _home_with_reader(tiny_home, tmp_path, opinion=0.5)
+    snapshot = _snapshot(home, served=True)
+    example = _dev_example(snapshot)[0].tolist()
+    server = start_server(home)
+    try:
+        body = {"target": {"examples": [example]}, "k": 3}
+        r = httpx.post(f"{server.url}/v1/query", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["mode"] == "reader" and out["ranking"] == "reader_key" and len(out["clusters"]) == 3
+        assert out["stages"][0]["variant"] == READER_STAGE and out["flops"] == out["stages"][0]["flops"]
+        r = httpx.post(f"{server.url}/v1/query", json={**body, "mode": "cascade"}, timeout=30)
+        assert r.status_code == 200 and r.json()["mode"] == "cascade"
+        space = httpx.get(f"{server.url}/v1/space", timeout=30).json()
+        assert space["reader"]["served"] is True and space["reader"]["sha256"] == snapshot.reader.sha256
+        assert any(e["key"].startswith("reader:") for e in space["item_cache"])
+    finally:
+        stop_server(server)
