@@ -24,7 +24,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "recall, FLOPs and time of a cascade vs the dense model",
     "tune": "choose the default pair cascade from measurements on dev queries",
     "gadget": "train an LSTM / deep-sets gadget for a pair model, stored beside it",
-    "reader": "train the cluster reader and serve it where it beats FAISS alone on dev",
+    "reader": "train the cluster reader; it serves where it beats FAISS on dev",
     "loadtest": "load-test a running service over cascade configurations",
     "push": "upload a registry entry to a running service (admin token)",
 }

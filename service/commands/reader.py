@@ -17,7 +17,7 @@ __all__ = ["register", "run"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reader",
-        help="train the cluster reader and serve it where it beats FAISS alone on dev",
+        help="train the cluster reader; it serves where it beats FAISS on dev",
         description="Train a cluster reader on the home's training prototypes (the retriever's own candidate "
         "lists, listwise), store it beside the space, then measure its rerank of FAISS's top candidates against "
         "FAISS alone on the dev queries and record the verdict in cascade.json. With --check only the stored "
