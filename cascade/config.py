@@ -19,13 +19,14 @@ CONFIG_FILE = "cascade.json"
 class ReaderChoice(BaseModel):
     """Whether the cluster reader answers queries by example by default, and why: it reranks FAISS's top
     `candidates` clusters reading `members` members of each, and is served only where it beat FAISS alone on dev
-    queries (`cascade.reader_gate`). `sha256` names the reader that was measured; another reader is not served
-    until it is measured too."""
+    queries (`cascade.reader_gate`). `sha256` names the reader that was measured and `space` the space: another
+    reader, or the same one over another space of the home, is not served until it is measured there too."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     served: bool
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    space: str = Field("", max_length=200, description="the id of the space whose dev queries it was checked on")
     candidates: int = Field(10, ge=1, le=1000)
     members: int = Field(10, ge=1, le=256)
     reason: str = Field("", max_length=2000)

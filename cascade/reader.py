@@ -28,13 +28,14 @@ RANKING = "reader_key"
 
 def serves(snapshot: Snapshot) -> bool:
     """Whether the reader answers this snapshot's queries by example by default: one is stored, and the dev check
-    of that same reader chose it over FAISS alone."""
+    of that same reader on this same space chose it over FAISS alone."""
     choice = snapshot.config.reader
     return (
         snapshot.reader is not None
         and choice is not None
         and choice.served
         and choice.sha256 == snapshot.reader.sha256
+        and choice.space == str(snapshot.space.meta.get("id", ""))
         and snapshot.embedding is not None
     )
 

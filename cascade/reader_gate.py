@@ -33,7 +33,13 @@ def check_reader(
     lower. `stage0`: how many clusters FAISS proposes (default: the space's `pair_candidates`, else 200)."""
     if snapshot.reader is None:
         raise ValueError("the space has no cluster reader to check")
-    choice = ReaderChoice(served=False, sha256=snapshot.reader.sha256, candidates=candidates, members=members)
+    choice = ReaderChoice(
+        served=False,
+        sha256=snapshot.reader.sha256,
+        space=str(snapshot.space.meta.get("id", "")),
+        candidates=candidates,
+        members=members,
+    )
     measured = replace(snapshot, config=snapshot.config.model_copy(update={"reader": choice}))
     held_out = example_queries(measured, max(stage0 or snapshot.config.pair_candidates or 200, k), queries, "dev")
     if len(held_out) < 2:

@@ -21,6 +21,7 @@ from cascade.plan import Query, execute, plan_query
 from cascade.reader import READER_STAGE, serves
 from cascade.reader_gate import check_reader
 from cascade.snapshot import load_snapshot
+from cascade.space import Space
 from models.cluster_reader import ReaderSpec, build_ranker
 from models.cluster_reader_store import READER_WEIGHTS, load_reader, save_reader
 from models.cluster_reader_training import ReaderTrainConfig, train_reader
@@ -53,7 +54,8 @@ def _snapshot(home: Path, served: bool | None = None, candidates: int = 10):
     if served is not None:
         stored = load_reader(home / SPACE)
         assert stored is not None
-        choice = ReaderChoice(served=served, sha256=stored.sha256, candidates=candidates, members=10)
+        space = Space.load(home / SPACE).meta["id"]
+        choice = ReaderChoice(served=served, sha256=stored.sha256, space=space, candidates=candidates, members=10)
         CascadeConfig.load(path).model_copy(update={"reader": choice}).save(path)
     return load_snapshot(ModelRegistry(home / "registry"), home / SPACE, CascadeConfig.load(path))
 
@@ -125,6 +127,8 @@ def test_the_reader_answers_by_default_only_after_a_dev_check_of_that_reader_cho
     assert plan_query(snapshot, Query(label=3)).path != "reader"
     other = replace(snapshot, reader=replace(snapshot.reader, sha256="0" * 64))  # another reader, never checked
     assert not serves(other) and plan_query(other, Query(examples=example)).path == "cascade"
+    elsewhere = replace(snapshot, space=replace(snapshot.space, meta={**snapshot.space.meta, "id": "another"}))
+    assert not serves(elsewhere)  # checked on another space of the home
 
 
 def test_the_dev_check_keeps_faiss_when_the_reader_is_worse(tiny_home, tmp_path) -> None:

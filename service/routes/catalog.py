@@ -116,8 +116,12 @@ def _reader(snapshot: Snapshot) -> dict[str, Any] | None:
     if stored is None:
         return None
     out: dict[str, Any] = {"sha256": stored.sha256, "spec": stored.spec.to_dict(), "training": stored.extra}
-    if choice is None or choice.sha256 != stored.sha256:
-        return {**out, "served": False, "reason": "not checked on dev queries yet (prunecascade reader --check)"}
+    if choice is None or choice.sha256 != stored.sha256 or choice.space != str(snapshot.space.meta.get("id", "")):
+        return {
+            **out,
+            "served": False,
+            "reason": "not checked on this space's dev queries (prunecascade reader --check)",
+        }
     return {**out, **_finite(choice.model_dump(mode="json")), "served": serves(snapshot)}
 
 
