@@ -193,3 +193,18 @@ def test_http_a_query_by_example_says_the_reader_answered_and_the_space_says_why
         assert any(e["key"].startswith("reader:") for e in space["item_cache"])
     finally:
         stop_server(server)
+
+
+def test_the_command_trains_stores_and_checks_a_reader_on_the_home_s_training_prototypes(
+    tiny_home, tmp_path, capsys
+) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    assert cli(["reader", "--home", str(home), "--steps", "3", "--alone-steps", "2", "--dev-queries", "6"]) == 0
+    stored = load_reader(home / SPACE)
+    assert stored is not None and stored.extra["config"]["steps"] == 3
+    # trained on the tiny home's own training prototypes, as its bootstrap record says
+    assert stored.extra["train_clusters"] == TINY.pair.train.num_prototypes
+    choice = CascadeConfig.load(home / CONFIG_FILE).reader
+    assert choice is not None and choice.sha256 == stored.sha256 and choice.dev["queries"] == 6
+    assert "dev queries" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from service.commands.common import add_home, settings_from
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     config_path = settings.home / CONFIG_FILE
     if not args.check:
-        record = train(settings.space_dir, args)
+        record = train(settings.space_dir, settings.home, args)
         print(f"trained in {record['seconds']:.0f} s; stored beside {settings.space_dir}")
     snapshot = load_snapshot(ModelRegistry(settings.registry_dir), settings.space_dir, CascadeConfig.load(config_path))
     if snapshot.reader is None:
@@ -61,15 +62,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(space_dir, args: argparse.Namespace) -> dict:
-    """Train on the training prototypes the bootstrap trained the pair models on (never the space's own), with the
-    space's retriever; a space of the user's own clusters is refused for now."""
+def train(space_dir: Path, home: Path, args: argparse.Namespace) -> dict:
+    """Train on the training prototypes the bootstrap trained the pair models on (never the space's own; as its
+    record in bootstrap.json says), with the space's retriever; a space of the user's own clusters is refused for
+    now."""
+    from dataclasses import replace
+
     from cascade.bootstrap import PairConfig, prototype_training_sets
     from cascade.embedding import EmbeddingIndex
     from cascade.space import Space
     from models.cluster_reader import ReaderSpec
     from models.cluster_reader_store import save_reader
     from models.cluster_reader_training import ReaderTrainConfig, train_reader
+    from models.prototypes import PrototypeConfig
 
     space = Space.load(space_dir)
     if space.meta.get("clusters") != "prototypes":
@@ -82,7 +87,15 @@ def train(space_dir, args: argparse.Namespace) -> dict:
         raise ValueError(f"{space_dir} has no bi-encoder: the reader's features and residual come from it")
     alone = args.alone_steps if args.alone_steps is not None else args.steps * 3 // 4
     config = ReaderTrainConfig(steps=args.steps, alone_steps=alone, seed=args.seed)
-    train_set, held = prototype_training_sets(PairConfig())
+    pair = PairConfig()
+    recorded = home / "bootstrap.json"
+    if recorded.exists():  # the home's own training prototypes (a home built with another recipe)
+        fields = json.loads(recorded.read_text()).get("pair", {}).get("train")
+        if fields:
+            pair = replace(
+                pair, train=PrototypeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            )
+    train_set, held = prototype_training_sets(pair)
     spec = ReaderSpec(encoder=embedding.encoder.spec.to_dict())  # type: ignore[operator]
 
     def progress(row: dict) -> None:
