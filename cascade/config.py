@@ -11,7 +11,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from cascade.stage import Stage
 from cascade.tuning_record import TuningRecord
 
-__all__ = ["Stage", "CascadeConfig", "ReaderChoice", "CONFIG_FILE", "scale_keeps"]
+__all__ = [
+    "Stage",
+    "CascadeConfig",
+    "ReaderChoice",
+    "CONFIG_FILE",
+    "scale_keeps",
+    "READER_CANDIDATES",
+    "READER_MEMBERS",
+]
+
+READER_CANDIDATES = 10
+"""FAISS's top clusters the cluster reader reorders unless its dev check says otherwise: at 10 it keeps the recall@1
+of reading the top 50 at a fifth of the cost (lab/CLUSTER_READER.md, session 9)."""
+READER_MEMBERS = 10
+"""Members it reads per cluster (a uniform sample of larger clusters): all of a default cluster's."""
 
 CONFIG_FILE = "cascade.json"
 
@@ -27,8 +41,8 @@ class ReaderChoice(BaseModel):
     served: bool
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     space: str = Field("", max_length=200, description="the id of the space whose dev queries it was checked on")
-    candidates: int = Field(10, ge=1, le=1000)
-    members: int = Field(10, ge=1, le=256)
+    candidates: int = Field(READER_CANDIDATES, ge=1, le=1000)
+    members: int = Field(READER_MEMBERS, ge=1, le=256)
     reason: str = Field("", max_length=2000)
     dev: dict[str, Any] = Field(default_factory=dict, description="FAISS alone and the reader on the dev queries")
 

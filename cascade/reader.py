@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from cascade.config import READER_CANDIDATES, READER_MEMBERS
 from cascade.engine import CascadeResult, DeadlineExceeded, StageReport
 from cascade.snapshot import Snapshot
 from cascade.space import sample_members
@@ -40,24 +41,24 @@ def serves(snapshot: Snapshot) -> bool:
     )
 
 
-def rerank_width(snapshot: Snapshot, target: Target, k: int, candidates: int | None = None) -> int:
-    """How many of FAISS's candidates the reader reads: the dev-checked number (or `candidates`), at least k."""
+def rerank_width(snapshot: Snapshot, target: Target, k: int) -> int:
+    """How many of FAISS's candidates the reader reads: the dev-checked number, at least k."""
     assert target.candidates is not None
     choice = snapshot.config.reader
-    configured = candidates if candidates is not None else (choice.candidates if choice is not None else 10)
+    configured = choice.candidates if choice is not None else READER_CANDIDATES
     return min(len(target.candidates), max(k, configured))
 
 
 def _members(snapshot: Snapshot) -> int:
-    return snapshot.config.reader.members if snapshot.config.reader is not None else 10
+    return snapshot.config.reader.members if snapshot.config.reader is not None else READER_MEMBERS
 
 
-def planned_flops(snapshot: Snapshot, target: Target, k: int, candidates: int | None = None) -> int:
+def planned_flops(snapshot: Snapshot, target: Target, k: int) -> int:
     """FLOPs of the reader's stage for this target: per example, its query side once and the reader on every
     (query, cluster) pair with as many members as each cluster will be read with."""
     assert snapshot.reader is not None and target.candidates is not None
     ranker = snapshot.reader.ranker
-    clusters = target.candidates[: rerank_width(snapshot, target, k, candidates)]
+    clusters = target.candidates[: rerank_width(snapshot, target, k)]
     sizes = np.minimum(np.diff(snapshot.space.offsets)[clusters], _members(snapshot))
     per_example = ranker.query_flops() + sum(ranker.reader.flops_per_pair(int(n)) for n in sizes)
     return len(target.queries) * per_example
@@ -69,7 +70,6 @@ def reader_answer(
     k: int,
     seed: int = 0,
     deadline: float | None = None,
-    candidates: int | None = None,
 ) -> CascadeResult:
     """The reader's rerank of FAISS's top candidates: the best k by the key, averaged over the query's examples.
     Clusters with more members than the dev-checked number are read through a uniform sample of them (`seed`);
@@ -79,7 +79,7 @@ def reader_answer(
     assert snapshot.reader is not None and snapshot.embedding is not None and target.candidates is not None
     started = time.perf_counter()
     ranker = snapshot.reader.ranker
-    clusters = target.candidates[: rerank_width(snapshot, target, k, candidates)]
+    clusters = target.candidates[: rerank_width(snapshot, target, k)]
     rows, counts = sample_members(snapshot.space.offsets, clusters, _members(snapshot), np.random.default_rng(seed))
     table = snapshot.reader_inputs().table
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -99,7 +99,7 @@ def reader_answer(
                 ).double()
     keys /= len(target.queries)
     order = torch.argsort(keys, descending=True, stable=True)[:k].numpy()
-    flops = planned_flops(snapshot, target, k, candidates)
+    flops = planned_flops(snapshot, target, k)
     report = StageReport(
         variant=READER_STAGE,
         version=1,
