@@ -408,8 +408,8 @@ def served_reader(space_dir: Path, space: Space) -> StoredReader | None:
     so that it never stops a replica (queries by example are then answered without it)."""
     try:
         stored = load_reader(space_dir)
-    except (OSError, ValueError) as exc:
-        log.warning("the cluster reader beside %s is not served: %s", space_dir, exc)
+    except Exception as exc:  # whatever is wrong with the files, the space is still served without them
+        log.warning("the cluster reader beside %s is not served: %s: %s", space_dir, type(exc).__name__, exc)
         return None
     if stored is not None and stored.spec.input_dim != space.input_dim:
         log.warning(

@@ -5,6 +5,7 @@ by example says which path answered it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from cascade.reader_gate import check_reader
 from cascade.snapshot import load_snapshot
 from cascade.space import Space
 from models.cluster_reader import ReaderSpec, build_ranker
-from models.cluster_reader_store import READER_WEIGHTS, load_reader, save_reader
+from models.cluster_reader_store import READER_SPEC, READER_WEIGHTS, load_reader, save_reader
 from models.cluster_reader_training import ReaderTrainConfig, train_reader
 from models.prototypes import make_prototype_set
 from models.registry import ModelRegistry
@@ -72,6 +73,15 @@ def test_a_stored_reader_loads_as_it_was_saved_and_a_changed_file_is_refused(tin
     x = torch.from_numpy(_features(home))
     again = load_reader(home / SPACE)
     assert again is not None and torch.equal(stored.ranker.item_table(x[:5]), again.ranker.item_table(x[:5]))
+    spec_file = home / SPACE / READER_SPEC
+    original = spec_file.read_text()
+    edited = json.loads(original)
+    edited["spec"]["d"] = 9  # a spec edited by hand: the weights no longer fit it
+    spec_file.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="does not fit its spec"):
+        load_reader(home / SPACE)
+    assert _snapshot(home).reader is None
+    spec_file.write_text(original)
     weights = home / SPACE / READER_WEIGHTS
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
