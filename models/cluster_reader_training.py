@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from models.biencoder import BiEncoder, embed_numpy
 from models.cluster_reader import ReaderRanker, ReaderSpec, build_ranker, listwise_loss
 from models.pair_training import retriever_lists
-from models.prototypes import PrototypeSet, make_views
+from models.prototypes import MemberPool, PrototypeSet, make_views
 
 __all__ = ["ReaderTrainConfig", "Groups", "fit_alpha", "group_top1", "train_reader"]
 
@@ -42,13 +42,20 @@ class ReaderTrainConfig:
 
 
 class Groups:
-    """The retriever's own candidate lists of a set of rendered prototypes; queries are fresh views."""
+    """The retriever's own candidate lists of a training set. On rendered prototypes a query is a fresh view and
+    every cluster is read whole (its `views` members); on a user's clusters (a `MemberPool`) a query is one of its
+    cluster's stored members, held out: its own cluster is read without it (and its centroid is the other
+    members'), and every cluster through `views` = the smallest cluster's size - 1 of its members, drawn at random."""
 
     def __init__(self, data: PrototypeSet, retriever: BiEncoder) -> None:
         self.data, self.retriever = data, retriever
         self.lists = retriever_lists(data, retriever)
         self.k = len(self.lists.offsets) - 1
-        self.views = int(np.diff(self.lists.offsets).min())
+        self.sizes = np.diff(self.lists.offsets)
+        self.held_out = isinstance(data.prototypes, MemberPool)
+        self.views = int(self.sizes.min()) - (1 if self.held_out else 0)
+        if self.views < 1:
+            raise ValueError("every cluster needs two or more members to hold one out as a query")
 
     def sample(
         self, b: int, g: int, top: int, rng: np.random.Generator, whole_top: bool = False
@@ -57,11 +64,20 @@ class Groups:
         g - 1 of the retriever's top `top` (all of them with `whole_top`). The score is minus the squared distance
         from the query's embedding to the cluster's mean embedding, as FAISS ranks."""
         qid = rng.integers(0, self.k, size=b)
-        q = make_views(self.data.prototypes, qid, rng)
-        eq = embed_numpy(self.retriever, q).astype(np.float64)
         c = self.lists.centroids
+        if self.held_out:
+            row = self.lists.offsets[qid] + (rng.random(b) * self.sizes[qid]).astype(np.int64)
+            q = np.ascontiguousarray(self.data.x[row])
+            eq = self.lists.embedding[row].astype(np.float64)
+            n = self.sizes[qid][:, None]
+            own_centroid = (c[qid] * n - eq) / (n - 1)  # the cluster as the space holds it: without the query
+        else:
+            row = None
+            q = make_views(self.data.prototypes, qid, rng)
+            eq = embed_numpy(self.retriever, q).astype(np.float64)
+            own_centroid = c[qid]
         dist = (eq**2).sum(1)[:, None] + (c**2).sum(1)[None] - 2 * eq @ c.T
-        own = dist[np.arange(b), qid].copy()
+        own = ((eq - own_centroid) ** 2).sum(1)
         dist[np.arange(b), qid] = np.inf
         near = np.argsort(dist, axis=1)[:, :top]
         if whole_top:
@@ -71,12 +87,24 @@ class Groups:
             cand = np.concatenate([qid[:, None], picks], 1)
         rs = -np.take_along_axis(dist, cand, 1)
         rs[:, 0] = -own
-        rows = self.lists.offsets[cand][..., None] + np.arange(self.views)
+        rows = self._member_rows(cand, row, rng)
         return (
             torch.from_numpy(q),
             torch.from_numpy(np.ascontiguousarray(self.data.x[rows])),
             torch.from_numpy(rs.astype(np.float32)),
         )
+
+    def _member_rows(self, cand: np.ndarray, query_row: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+        """(b, G, views) rows of the members read: a cluster's first `views` (rendered prototypes: all of them),
+        or `views` drawn at random, never the held-out query."""
+        starts = self.lists.offsets[cand]
+        if query_row is None:
+            return starts[..., None] + np.arange(self.views)
+        widest = int(self.sizes.max())
+        keys = rng.random((*cand.shape, widest))
+        keys[np.arange(widest)[None, None, :] >= self.sizes[cand][..., None]] = np.inf  # beyond the cluster
+        keys[np.arange(len(cand)), 0, query_row - starts[:, 0]] = np.inf  # the query is not its own member
+        return starts[..., None] + np.argsort(keys, axis=2)[..., : self.views]
 
 
 @torch.no_grad()

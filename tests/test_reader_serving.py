@@ -25,8 +25,8 @@ from cascade.snapshot import load_snapshot
 from cascade.space import Space
 from models.cluster_reader import ReaderSpec, build_ranker
 from models.cluster_reader_store import READER_SPEC, READER_WEIGHTS, load_reader, save_reader
-from models.cluster_reader_training import ReaderTrainConfig, train_reader
-from models.prototypes import make_prototype_set
+from models.cluster_reader_training import Groups, ReaderTrainConfig, train_reader
+from models.prototypes import make_prototype_set, member_set
 from models.registry import ModelRegistry
 from service.cli import main as cli
 
@@ -218,3 +218,25 @@ def test_the_command_trains_stores_and_checks_a_reader_on_the_home_s_training_pr
     choice = CascadeConfig.load(home / CONFIG_FILE).reader
     assert choice is not None and choice.sha256 == stored.sha256 and choice.dev["queries"] == 6
     assert "dev queries" in capsys.readouterr().out
+
+
+def test_on_a_user_s_clusters_a_query_is_a_held_out_member_never_read_as_its_own(tiny_home) -> None:
+    encoder = EmbeddingIndex.load(tiny_home / SPACE).encoder  # type: ignore[union-attr]
+    rng = np.random.default_rng(0)
+    sizes = [4, 5, 6] * 4
+    cluster = np.repeat(np.arange(len(sizes)), sizes)
+    data = member_set(rng.standard_normal((len(cluster), 40)).astype(np.float32), cluster % 3, cluster)
+    groups = Groups(data, encoder)
+    assert groups.views == 3  # the smallest cluster less the held-out query
+    q, members, rs = groups.sample(16, 4, 6, np.random.default_rng(1))
+    assert members.shape == (16, 4, 3, 40)
+    x = torch.from_numpy(data.x)
+    for i in range(16):
+        (row,) = torch.nonzero((x == q[i]).all(1)).flatten().tolist()
+        own = np.flatnonzero(data.cluster == data.cluster[row])
+        read = [int(torch.nonzero((x == m).all(1)).item()) for m in members[i, 0]]
+        assert row not in read and set(read) <= set(own) and len(set(read)) == 3
+        with torch.no_grad():
+            e = encoder.embed(q[i : i + 1]).double()
+            rest = encoder.embed(x[[r for r in own if r != row]]).double().mean(0)
+        assert rs[i, 0].item() == pytest.approx(-float(((e[0] - rest) ** 2).sum()), abs=1e-5)

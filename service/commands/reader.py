@@ -63,39 +63,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(space_dir: Path, home: Path, args: argparse.Namespace) -> dict:
-    """Train on the training prototypes the bootstrap trained the pair models on (never the space's own; as its
-    record in bootstrap.json says), with the space's retriever; a space of the user's own clusters is refused for
-    now."""
-    from dataclasses import replace
-
-    from cascade.bootstrap import PairConfig, prototype_training_sets
+    """Train with the space's retriever on the clusters the bootstrap trained the pair models on, never the space's
+    own: the training prototypes of its record in bootstrap.json, or on a user's data the training split's
+    clusters (each query a held-out member), rebuilt from the dense model's data arguments."""
     from cascade.embedding import EmbeddingIndex
     from cascade.space import Space
     from models.cluster_reader import ReaderSpec
     from models.cluster_reader_store import save_reader
     from models.cluster_reader_training import ReaderTrainConfig, train_reader
-    from models.prototypes import PrototypeConfig
 
-    space = Space.load(space_dir)
-    if space.meta.get("clusters") != "prototypes":
-        raise ValueError(
-            "the cluster reader trains on MNIST-1D prototypes; this space's clusters are "
-            f"{space.meta.get('clusters')!r} (training on a user's clusters is not built yet)"
-        )
     embedding = EmbeddingIndex.load(space_dir)
     if embedding is None:
         raise ValueError(f"{space_dir} has no bi-encoder: the reader's features and residual come from it")
+    if Space.load(space_dir).meta.get("clusters") == "prototypes":
+        train_set, held = _prototype_sets(home)
+    else:
+        train_set, held = _user_sets(home, args)
     alone = args.alone_steps if args.alone_steps is not None else args.steps * 3 // 4
     config = ReaderTrainConfig(steps=args.steps, alone_steps=alone, seed=args.seed)
-    pair = PairConfig()
-    recorded = home / "bootstrap.json"
-    if recorded.exists():  # the home's own training prototypes (a home built with another recipe)
-        fields = json.loads(recorded.read_text()).get("pair", {}).get("train")
-        if fields:
-            pair = replace(
-                pair, train=PrototypeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-            )
-    train_set, held = prototype_training_sets(pair)
     spec = ReaderSpec(encoder=embedding.encoder.spec.to_dict())  # type: ignore[operator]
 
     def progress(row: dict) -> None:
@@ -104,3 +89,28 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace) -> dict:
     model, record = train_reader(spec, embedding.encoder, train_set, held, config, progress)  # type: ignore[arg-type]
     save_reader(model, spec, space_dir, extra=record)
     return record
+
+
+def _prototype_sets(home: Path):
+    from dataclasses import replace
+
+    from cascade.bootstrap import PairConfig, prototype_training_sets
+    from models.prototypes import PrototypeConfig
+
+    pair = PairConfig()
+    recorded = home / "bootstrap.json"
+    if recorded.exists():  # the home's own training prototypes (a home built with another recipe)
+        fields = json.loads(recorded.read_text()).get("pair", {}).get("train")
+        if fields:
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+            pair = replace(pair, train=PrototypeConfig(**fields))
+    return prototype_training_sets(pair)
+
+
+def _user_sets(home: Path, args: argparse.Namespace):
+    from cascade.bootstrap import user_pair_sets
+    from cascade.config import CONFIG_FILE, CascadeConfig
+    from service.commands.common import registry_from, splits_for
+
+    dense = registry_from(args).manifest(CascadeConfig.load(home / CONFIG_FILE).dense)
+    return user_pair_sets(splits_for(dense.dataset, args, **dense.extra.get("data_args", {})))
