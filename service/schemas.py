@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from cascade.config import Stage
+from cascade.config import ReaderChoice, Stage
 from cascade.target import RANKING_KEYS
 from cascade.tuning_record import TuningRecord
 
@@ -188,6 +188,12 @@ class CascadeOut(BaseModel):
         description="how the default pair cascade was chosen (prunecascade tune, POST /v1/admin/tune): the target, "
         "the served plan's measured quality and cost on dev queries (chosen), why, the Pareto front, FAISS alone, "
         "the dense rerank and the oracle, and the provenance (models, dev queries, date)",
+    )
+    reader: ReaderChoice | None = Field(
+        None,
+        description="the cluster reader's dev check (prunecascade reader): served or not, why, FAISS alone and the "
+        "reader on the same dev queries; it answers queries by example by default only where served (and only the "
+        "reader and space it measured: GET /v1/space, reader)",
     )
 
 

@@ -201,6 +201,8 @@ def test_http_a_query_by_example_says_the_reader_answered_and_the_space_says_why
         space = httpx.get(f"{server.url}/v1/space", timeout=30).json()
         assert space["reader"]["served"] is True and space["reader"]["sha256"] == snapshot.reader.sha256
         assert any(e["key"].startswith("reader:") for e in space["item_cache"])
+        cascade = httpx.get(f"{server.url}/v1/cascade", timeout=30).json()
+        assert cascade["reader"]["served"] is True and cascade["reader"]["sha256"] == snapshot.reader.sha256
     finally:
         stop_server(server)
 

@@ -78,6 +78,7 @@ def default_cascade(snapshot: SnapshotDep) -> CascadeOut:
         pair_dense=config.pair_dense,
         pair_candidates=config.pair_candidates,
         pair_tuning=config.pair_tuning,
+        reader=config.reader,
     )
 
 
