@@ -149,12 +149,14 @@ def test_the_dev_check_keeps_faiss_when_the_reader_is_worse(tiny_home, tmp_path)
     assert dev["queries"] == len(snapshot.queries.split("dev"))
     assert dev["reader"]["recall_at_1"] < dev["faiss"]["recall_at_1"]  # a random opinion loses to FAISS
     assert not choice.served and "not served" in choice.reason
+    # the default it would replace is measured on the same queries (the tiny home's is a pair cascade)
+    assert dev["cascade"]["flops"] > dev["faiss"]["flops"] and "the default pair cascade" in choice.reason
     assert dev["reader"]["flops"] > dev["faiss"]["flops"]
     # the command stores the verdict; the snapshot then keeps the default pair cascade
     assert cli(["reader", "--home", str(home), "--check"]) == 0
     stored = CascadeConfig.load(home / CONFIG_FILE).reader
     assert stored is not None and stored.served is False
-    for name in ("faiss", "reader"):  # measured again: the same answers (times differ)
+    for name in ("faiss", "reader", "cascade"):  # measured again: the same answers (times differ)
         assert {k: v for k, v in stored.dev[name].items() if k != "ms_median"} == {
             k: v for k, v in dev[name].items() if k != "ms_median"
         }
