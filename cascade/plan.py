@@ -241,6 +241,8 @@ def execute(
     `time.monotonic()` instant past which the cascade stops between stages (DeadlineExceeded). `batcher`: the
     cascade runs in a batch with concurrent queries of the same stages (`cascade.batcher`), with the same
     answer as alone; `expected` is the query's announcement to it (`Batcher.expect`)."""
+    if plan.path != "cascade" and expected is not None:
+        expected.cancel()  # it runs no stages: a batch being formed need not wait for it
     if plan.path == "exact":
         assert plan.table is not None
         return plan.table.answer(plan.target, plan.k, plan.snapshot.id)
@@ -258,7 +260,7 @@ def execute_many(
 ) -> list[Answer | DeadlineExceeded]:
     """Carry out several plans at once (a multi-query request): the cascades in one batch
     (`cascade.stage_loop.run_stages_many`), each answer the one `execute` gives it alone; a cascade whose
-    deadline passes gets DeadlineExceeded in its place. Exact and FAISS-only plans are answered one by one."""
+    deadline passes gets DeadlineExceeded in its place. Exact, FAISS-only and reader plans are answered one by one."""
     out: list[Answer | DeadlineExceeded | None] = [None] * len(plans)
     cascades = [i for i, p in enumerate(plans) if p.path == "cascade"]
     by_snapshot: dict[int, list[int]] = {}

@@ -385,3 +385,17 @@ def test_worker_processes_share_one_memory_mapped_item_cache(tiny_home, tmp_path
         assert mapped == {(True, "float32")}
         files = list((home / "spaces" / "default" / ITEM_INPUTS_DIR).glob("*.npy"))
         assert len(files) == 1
+
+
+def test_a_query_that_runs_no_stages_releases_its_announcement_at_once(snapshot) -> None:
+    """A query by example that FAISS (or the exact table, or the cluster reader) answers was announced to the
+    batcher before it was planned; `execute` releases it before answering, so a batch being formed stops waiting
+    for it then, not when its response is sent."""
+    from cascade.plan import Query, execute, plan_query
+
+    batcher = Batcher(max_wait_s=5.0, max_batch=8)
+    token = batcher.expect()
+    plan = plan_query(snapshot, Query(examples=snapshot.queries.x[0:1], stages=[]))
+    assert plan.path == "faiss" and token.pending
+    execute(plan, 0, None, batcher, token)
+    assert not token.pending and batcher._on_way == 0

@@ -198,6 +198,11 @@ def test_http_a_query_by_example_says_the_reader_answered_and_the_space_says_why
         out = r.json()
         assert out["mode"] == "reader" and out["ranking"] == "reader_key" and len(out["clusters"]) == 3
         assert out["stages"][0]["variant"] == READER_STAGE and out["flops"] == out["stages"][0]["flops"]
+        batch = httpx.post(f"{server.url}/v1/query/batch", json={"queries": [body, body]}, timeout=30)
+        assert batch.status_code == 200, batch.text
+        for answer in batch.json()["results"]:  # each as it is answered alone
+            assert answer["mode"] == "reader"
+            assert [c["cluster_id"] for c in answer["clusters"]] == [c["cluster_id"] for c in out["clusters"]]
         r = httpx.post(f"{server.url}/v1/query", json={**body, "mode": "cascade"}, timeout=30)
         assert r.status_code == 200 and r.json()["mode"] == "cascade"
         space = httpx.get(f"{server.url}/v1/space", timeout=30).json()
