@@ -13,13 +13,13 @@ import time
 import numpy as np
 import torch
 
-from cascade.config import READER_CANDIDATES, READER_MEMBERS
+from cascade.config import READER_CANDIDATES, READER_MEMBERS, ReaderChoice
 from cascade.engine import CascadeResult, DeadlineExceeded, StageReport
 from cascade.snapshot import Snapshot
 from cascade.space import sample_members
 from cascade.target import Target
 
-__all__ = ["serves", "rerank_width", "planned_flops", "reader_answer", "READER_STAGE", "RANKING"]
+__all__ = ["check_of", "serves", "rerank_width", "planned_flops", "reader_answer", "READER_STAGE", "RANKING"]
 
 READER_STAGE = "cluster-reader"
 """The stage's name in a query's report (the reader is stored beside the space, not in the model registry)."""
@@ -27,18 +27,22 @@ RANKING = "reader_key"
 """What a reader's ranking values are: its key, the reader's score plus its multiple of the retriever's score."""
 
 
+def check_of(snapshot: Snapshot) -> ReaderChoice | None:
+    """The dev check that applies to the snapshot's reader: one of that same reader on this same space, or None
+    (no reader, never checked, or a check of another reader or space)."""
+    choice, stored = snapshot.config.reader, snapshot.reader
+    if stored is None or choice is None:
+        return None
+    if choice.sha256 != stored.sha256 or choice.space != str(snapshot.space.meta.get("id", "")):
+        return None
+    return choice
+
+
 def serves(snapshot: Snapshot) -> bool:
-    """Whether the reader answers this snapshot's queries by example by default: one is stored, and the dev check
-    of that same reader on this same space chose it over FAISS alone."""
-    choice = snapshot.config.reader
-    return (
-        snapshot.reader is not None
-        and choice is not None
-        and choice.served
-        and choice.sha256 == snapshot.reader.sha256
-        and choice.space == str(snapshot.space.meta.get("id", ""))
-        and snapshot.embedding is not None
-    )
+    """Whether the reader answers this snapshot's queries by example by default: its dev check chose it over FAISS
+    alone and the default pair cascade."""
+    choice = check_of(snapshot)
+    return choice is not None and choice.served and snapshot.embedding is not None
 
 
 def rerank_width(snapshot: Snapshot, target: Target, k: int) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter
 
 from cascade.queries import default_gains
-from cascade.reader import serves
+from cascade.reader import check_of, serves
 from cascade.snapshot import CachedInputs, Snapshot, misfit
 from cascade.tuning_record import dev_check
 from models.registry import RegistryError
@@ -112,17 +112,16 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
 
 
 def _reader(snapshot: Snapshot) -> dict[str, Any] | None:
-    """The stored cluster reader and its dev check; a check of another reader (or none) says it is not served."""
-    stored, choice = snapshot.reader, snapshot.config.reader
+    """The stored cluster reader and its dev check; a check of another reader or space (or none) says it is not
+    served."""
+    stored = snapshot.reader
     if stored is None:
         return None
     out: dict[str, Any] = {"sha256": stored.sha256, "spec": stored.spec.to_dict(), "training": stored.extra}
-    if choice is None or choice.sha256 != stored.sha256 or choice.space != str(snapshot.space.meta.get("id", "")):
-        return {
-            **out,
-            "served": False,
-            "reason": "not checked on this space's dev queries (prunecascade reader --check)",
-        }
+    choice = check_of(snapshot)
+    if choice is None:
+        why = "not checked on this space's dev queries (prunecascade reader --check)"
+        return {**out, "served": False, "reason": why}
     return {**out, **_finite(choice.model_dump(mode="json")), "served": serves(snapshot)}
 
 
