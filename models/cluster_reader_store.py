@@ -13,9 +13,8 @@ from safetensors.torch import load_file, save_file
 from models.cluster_reader import ReaderRanker, ReaderSpec, build_ranker
 from models.registry import sha256_file
 
-__all__ = ["StoredReader", "save_reader", "load_reader", "READER_WEIGHTS", "READER_SPEC"]
+__all__ = ["StoredReader", "save_reader", "load_reader", "weights_file", "READER_SPEC"]
 
-READER_WEIGHTS = "reader.safetensors"
 READER_SPEC = "reader.json"
 
 
@@ -27,17 +26,28 @@ class StoredReader:
     extra: dict[str, Any] = field(default_factory=dict)  # how it was trained
 
 
+def weights_file(digest: str) -> str:
+    """A reader's weights are named by their sha256, so a new reader never overwrites the one being served."""
+    return f"reader-{digest[:16]}.safetensors"
+
+
 def save_reader(ranker: ReaderRanker, spec: ReaderSpec, directory: Path, extra: dict[str, Any] | None = None) -> str:
-    """Weights first, then the spec with their sha256 (its presence marks a complete pair). Returns the sha256."""
+    """The new weights under their own name, then the spec naming them and their sha256, renamed into place in one
+    step: a crash at any point leaves the previous reader whole and served. Older weight files go last. Returns
+    the sha256."""
     directory = Path(directory)
-    tmp = directory / f".{READER_WEIGHTS}.tmp"
+    tmp = directory / ".reader-weights.tmp"
     save_file({k: v.detach().contiguous().clone() for k, v in ranker.state_dict().items()}, str(tmp))
     digest = sha256_file(tmp)
-    tmp.replace(directory / READER_WEIGHTS)
-    meta = {"spec": spec.to_dict(), "sha256": digest, "extra": extra or {}}
+    name = weights_file(digest)
+    tmp.replace(directory / name)
+    meta = {"spec": spec.to_dict(), "sha256": digest, "weights": name, "extra": extra or {}}
     spec_tmp = directory / f".{READER_SPEC}.tmp"
     spec_tmp.write_text(json.dumps(meta, indent=2, allow_nan=False))
     spec_tmp.replace(directory / READER_SPEC)
+    for old in directory.glob("reader-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
     return digest
 
 
@@ -51,10 +61,10 @@ def load_reader(directory: Path) -> StoredReader | None:
     try:
         meta = json.loads(spec_file.read_text())
         spec = ReaderSpec.from_dict(meta["spec"])
-        expected = meta["sha256"]
+        expected, name = meta["sha256"], Path(meta["weights"]).name
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{spec_file}: not a cluster reader's spec ({exc})") from None
-    weights = directory / READER_WEIGHTS
+    weights = directory / name
     if not weights.exists() or sha256_file(weights) != expected:
         raise ValueError(f"{weights} does not match the sha256 in {spec_file}")
     ranker = build_ranker(spec)

@@ -24,7 +24,7 @@ from cascade.reader_gate import check_reader
 from cascade.snapshot import load_snapshot
 from cascade.space import Space
 from models.cluster_reader import ReaderSpec, build_ranker
-from models.cluster_reader_store import READER_SPEC, READER_WEIGHTS, load_reader, save_reader
+from models.cluster_reader_store import READER_SPEC, load_reader, save_reader, weights_file
 from models.cluster_reader_training import Groups, ReaderTrainConfig, train_reader
 from models.prototypes import make_prototype_set, member_set
 from models.registry import ModelRegistry
@@ -82,7 +82,7 @@ def test_a_stored_reader_loads_as_it_was_saved_and_a_changed_file_is_refused(tin
         load_reader(home / SPACE)
     assert _snapshot(home).reader is None
     spec_file.write_text(original)
-    weights = home / SPACE / READER_WEIGHTS
+    weights = home / SPACE / weights_file(stored.sha256)
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -249,3 +249,14 @@ def test_on_a_user_s_clusters_a_query_is_a_held_out_member_never_read_as_its_own
             e = encoder.embed(q[i : i + 1]).double()
             rest = encoder.embed(x[[r for r in own if r != row]]).double().mean(0)
         assert rs[i, 0].item() == pytest.approx(-float(((e[0] - rest) ** 2).sum()), abs=1e-5)
+
+
+def test_a_new_reader_replaces_the_old_in_one_step_and_a_half_written_one_is_never_read(tiny_home, tmp_path) -> None:
+    encoder = EmbeddingIndex.load(tiny_home / SPACE).encoder  # type: ignore[union-attr]
+    spec = ReaderSpec(encoder=encoder.spec.to_dict(), d=8, dv=8, hidden=16, max_shift=6)
+    first = save_reader(build_ranker(spec, torch.randn(32, spec.input_dim), encoder), spec, tmp_path)
+    (tmp_path / weights_file("f" * 64)).write_bytes(b"a save that died before its spec was written")
+    assert load_reader(tmp_path).sha256 == first  # the spec still names the complete pair
+    second = save_reader(build_ranker(spec, torch.randn(32, spec.input_dim), encoder), spec, tmp_path)
+    assert second != first and load_reader(tmp_path).sha256 == second
+    assert [p.name for p in tmp_path.glob("reader-*.safetensors")] == [weights_file(second)]
