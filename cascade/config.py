@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cascade.stage import Stage
 from cascade.tuning_record import TuningRecord
+from models.calibration import TEMPERATURES
 
 __all__ = [
     "Stage",
@@ -19,6 +20,8 @@ __all__ = [
     "scale_keeps",
     "READER_CANDIDATES",
     "READER_MEMBERS",
+    "READER_POOL",
+    "READER_RULE",
 ]
 
 READER_CANDIDATES = 10
@@ -26,6 +29,13 @@ READER_CANDIDATES = 10
 of reading the top 50 at a fifth of the cost (lab/CLUSTER_READER.md, session 9)."""
 READER_MEMBERS = 10
 """Members it reads per cluster (a uniform sample of larger clusters): all of a default cluster's."""
+READER_POOL = 30
+"""FAISS's top clusters a reader's answer ranks by expected gain: the first `candidates` are read, the rest are ranked
+by the posterior of their label alone (on dev, 30 took nDCG@10 from 0.927 to 0.955 on the default space and from 0.905
+to 0.955 on digits, the same as 50; docs/performance.md section 0)."""
+READER_RULE = "expected-gain-1"
+"""The ranking rule a reader's answers follow (`cascade.reader`); a dev check made under another rule does not apply
+to them, so a reader checked before the rule changed is not served until it is checked again."""
 
 CONFIG_FILE = "cascade.json"
 
@@ -43,6 +53,15 @@ class ReaderChoice(BaseModel):
     space: str = Field("", max_length=200, description="the id of the space whose dev queries it was checked on")
     candidates: int = Field(READER_CANDIDATES, ge=1, le=1000)
     members: int = Field(READER_MEMBERS, ge=1, le=256)
+    pool: int = Field(READER_POOL, ge=1, le=1000, description="FAISS's top clusters ranked by expected gain")
+    temperature: float = Field(
+        1.0,
+        ge=TEMPERATURES[0],
+        le=TEMPERATURES[1],
+        description="divides the reader's keys before the softmax over the clusters it read, "
+        "fitted on the dev queries (their own cluster's negative log-likelihood)",
+    )
+    rule: str = Field("", max_length=64, description="the ranking rule it measured (empty: a check made before rules)")
     reason: str = Field("", max_length=2000)
     dev: dict[str, Any] = Field(default_factory=dict, description="FAISS alone and the reader on the dev queries")
 

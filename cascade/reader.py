@@ -1,5 +1,12 @@
 """The cluster reader as the last stage of a query by example: FAISS proposes clusters, the reader reads the
-members of its top `candidates` together with the query and reorders them (`models.cluster_reader`).
+members of its top `candidates` together with the query, and FAISS's top `pool` are ranked by their expected gain
+under the query's gains over relevance grades (`models.cluster_reader`).
+
+The reader is trained to say which cluster is the query's own: a softmax of its keys over the clusters it read is
+that posterior (at the temperature its dev check fitted). The query's label posterior follows from it (the mass on
+the read clusters of each label), and with both, every cluster of the pool has a posterior over the grades (own
+cluster, same label, other), as a pair cascade's answer does. So a user's gains are honoured, and clusters the reader
+did not read still rank by their label: the same-label clusters that nDCG rewards are found past the reader's width.
 
 It answers by default only where the dev check (`cascade.reader_gate`) found it better than FAISS alone, for the
 very reader now stored (`serves`). What a reader computes from an item alone (its keys and values at every
@@ -8,30 +15,42 @@ what runs per query is the query side and the reader over (query, cluster) pairs
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import torch
 
-from cascade.config import READER_CANDIDATES, READER_MEMBERS, ReaderChoice
+from cascade.config import READER_CANDIDATES, READER_MEMBERS, READER_POOL, READER_RULE, ReaderChoice
 from cascade.engine import CascadeResult, DeadlineExceeded, StageReport
 from cascade.snapshot import Snapshot
 from cascade.space import sample_members
-from cascade.target import Target
+from cascade.target import Target, ranking_key
 
-__all__ = ["check_of", "serves", "rerank_width", "planned_flops", "reader_answer", "READER_STAGE", "RANKING"]
+__all__ = [
+    "check_of",
+    "serves",
+    "rerank_width",
+    "pool_width",
+    "planned_flops",
+    "reader_keys",
+    "grade_log_posteriors",
+    "reader_answer",
+    "READER_STAGE",
+]
 
 READER_STAGE = "cluster-reader"
 """The stage's name in a query's report (the reader is stored beside the space, not in the model registry)."""
-RANKING = "reader_key"
-"""What a reader's ranking values are: its key, the reader's score plus its multiple of the retriever's score."""
+LOG_FLOOR = math.log(torch.finfo(torch.float64).tiny)
+"""The least log posterior an answer carries: a grade nothing supports (the own grade of a cluster not read) is this,
+not minus infinity, so that ranking values stay finite numbers in JSON."""
 
 
 def check_of(snapshot: Snapshot) -> ReaderChoice | None:
     """The dev check that applies to the snapshot's reader: one of that same reader on this same space, or None
-    (no reader, never checked, or a check of another reader or space)."""
+    (no reader, never checked, a check of another reader or space, or one of another ranking rule)."""
     choice, stored = snapshot.config.reader, snapshot.reader
-    if stored is None or choice is None:
+    if stored is None or choice is None or choice.rule != READER_RULE:
         return None
     if choice.sha256 != stored.sha256 or choice.space != str(snapshot.space.meta.get("id", "")):
         return None
@@ -53,6 +72,18 @@ def rerank_width(snapshot: Snapshot, target: Target, k: int) -> int:
     return min(len(target.candidates), max(k, configured))
 
 
+def pool_width(snapshot: Snapshot, target: Target, k: int) -> int:
+    """How many of FAISS's candidates the answer ranks: the dev-checked pool, at least what the reader reads."""
+    assert target.candidates is not None
+    choice = snapshot.config.reader
+    configured = choice.pool if choice is not None else READER_POOL
+    return min(len(target.candidates), max(rerank_width(snapshot, target, k), configured))
+
+
+def _temperature(snapshot: Snapshot) -> float:
+    return snapshot.config.reader.temperature if snapshot.config.reader is not None else 1.0
+
+
 def _members(snapshot: Snapshot) -> int:
     return snapshot.config.reader.members if snapshot.config.reader is not None else READER_MEMBERS
 
@@ -68,6 +99,61 @@ def planned_flops(snapshot: Snapshot, target: Target, k: int) -> int:
     return len(target.queries) * per_example
 
 
+def reader_keys(snapshot: Snapshot, target: Target, width: int, seed: int = 0) -> torch.Tensor:
+    """The reader's keys of FAISS's first `width` candidates, one row per example of the query (E, width). Clusters
+    with more members than the dev-checked number are read through a uniform sample of them (`seed`); smaller ones
+    are read whole."""
+    assert snapshot.reader is not None and snapshot.embedding is not None and target.candidates is not None
+    ranker = snapshot.reader.ranker
+    clusters = target.candidates[:width]
+    rows, counts = sample_members(snapshot.space.offsets, clusters, _members(snapshot), np.random.default_rng(seed))
+    table = snapshot.reader_inputs().table
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    centroids = torch.from_numpy(snapshot.embedding.index.centroids(clusters).astype(np.float32))
+    keys = torch.zeros(len(target.queries), len(clusters), dtype=torch.float64)
+    with torch.inference_mode():
+        for e, q in enumerate(target.queries):
+            assert q is not None
+            embedded = snapshot.embedding.encoder.embed(q)  # type: ignore[operator]
+            retriever_score = -((centroids - embedded) ** 2).sum(1)  # minus the squared distance FAISS ranks by
+            for n in np.unique(counts):  # clusters read with the same number of members go in one call
+                which = np.flatnonzero(counts == n)
+                picked = torch.from_numpy(starts[which][:, None] + np.arange(n)).reshape(-1)
+                items = torch.index_select(table, 0, torch.from_numpy(rows)[picked]).float()
+                keys[e, which] = ranker.query_keys(
+                    q, items.reshape(len(which), int(n), -1), retriever_score[which]
+                ).double()
+    return keys
+
+
+def grade_log_posteriors(
+    log_own: torch.Tensor, read_labels: np.ndarray, pool_labels: np.ndarray, grades: int
+) -> torch.Tensor:
+    """log p(grade | query, cluster) for every cluster of a pool (P, grades), from the log posterior of which of the
+    W clusters read is the query's own (E, W) over examples; the pool's first W clusters are the read ones. The own
+    cluster is taken to be among those read, so the label posterior is the mass on the read clusters of each label:
+    p(same label, not own | c) sums the other read clusters of c's label, p(other | c) those of other labels. With 2
+    grades (no instance structure) the own cluster is graded as its label. Averaged over examples, as a pair
+    cascade averages its grade posteriors."""
+    if grades not in (2, 3):
+        raise ValueError(f"the reader's posterior has 2 or 3 relevance grades, not {grades}")
+    width, pool = len(read_labels), len(pool_labels)
+    same = torch.from_numpy(read_labels[:, None] == pool_labels[None, :])  # (W, P)
+    itself = torch.zeros(width, pool, dtype=torch.bool)
+    itself[torch.arange(width), torch.arange(width)] = True
+    lp = log_own.double()[:, :, None]  # (E, W, 1)
+
+    def mass(mask: torch.Tensor) -> torch.Tensor:  # (E, P): log of the posterior mass of the read clusters in mask
+        return torch.logsumexp(lp.masked_fill(~mask, -math.inf), dim=1)
+
+    if grades == 3:
+        per_example = torch.stack([mass(~same), mass(same & ~itself), mass(itself)], dim=2)
+    else:
+        per_example = torch.stack([mass(~same), mass(same)], dim=2)
+    mean = torch.logsumexp(per_example, dim=0) - math.log(len(log_own))
+    return mean.clamp_min(LOG_FLOOR)
+
+
 def reader_answer(
     snapshot: Snapshot,
     target: Target,
@@ -75,54 +161,42 @@ def reader_answer(
     seed: int = 0,
     deadline: float | None = None,
 ) -> CascadeResult:
-    """The reader's rerank of FAISS's top candidates: the best k by the key, averaged over the query's examples.
-    Clusters with more members than the dev-checked number are read through a uniform sample of them (`seed`);
-    smaller ones are read whole."""
+    """The best k of FAISS's top `pool` clusters by expected gain under the reader's grade posteriors (ranked by its
+    log-odds, `cascade.target.ranking_key`, as a cascade's answer is; ties, such as clusters of a label the reader
+    gave no mass, keep FAISS's order)."""
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("the deadline passed before the reader ran")
-    assert snapshot.reader is not None and snapshot.embedding is not None and target.candidates is not None
+    assert target.candidates is not None
     started = time.perf_counter()
-    ranker = snapshot.reader.ranker
-    clusters = target.candidates[: rerank_width(snapshot, target, k)]
-    rows, counts = sample_members(snapshot.space.offsets, clusters, _members(snapshot), np.random.default_rng(seed))
-    table = snapshot.reader_inputs().table
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    centroids = torch.from_numpy(snapshot.embedding.index.centroids(clusters).astype(np.float32))
-    keys = torch.zeros(len(clusters), dtype=torch.float64)
-    with torch.inference_mode():
-        for q in target.queries:
-            assert q is not None
-            e = snapshot.embedding.encoder.embed(q)  # type: ignore[operator]
-            retriever_score = -((centroids - e) ** 2).sum(1)  # minus the squared distance FAISS ranks by
-            for n in np.unique(counts):  # clusters read with the same number of members go in one call
-                which = np.flatnonzero(counts == n)
-                picked = torch.from_numpy(starts[which][:, None] + np.arange(n)).reshape(-1)
-                items = torch.index_select(table, 0, torch.from_numpy(rows)[picked]).float()
-                keys[which] += ranker.query_keys(
-                    q, items.reshape(len(which), int(n), -1), retriever_score[which]
-                ).double()
-    keys /= len(target.queries)
-    order = torch.argsort(keys, descending=True, stable=True)[:k].numpy()
+    width, pool = rerank_width(snapshot, target, k), pool_width(snapshot, target, k)
+    keys = reader_keys(snapshot, target, width, seed)
+    log_own = torch.log_softmax(keys / _temperature(snapshot), dim=1)
+    clusters = target.candidates[:pool]
+    labels = snapshot.space.cluster_labels
+    log_post = grade_log_posteriors(log_own, labels[clusters[:width]], labels[clusters], len(target.utility))
+    values = ranking_key(log_post, target)
+    order = torch.argsort(values, descending=True, stable=True)[:k].numpy()
+    post = log_post[order].exp()
     flops = planned_flops(snapshot, target, k)
+    sizes = np.diff(snapshot.space.offsets)[clusters[:width]]
+    read = np.minimum(sizes, _members(snapshot))
     report = StageReport(
         variant=READER_STAGE,
         version=1,
         aggregator="reader",
-        clusters_in=len(clusters),
+        clusters_in=width,
         kept=len(order),
-        samples=int(counts.max()) if len(counts) else 0,
-        items=int(counts.sum()),
+        samples=int(read.max()) if len(read) else 0,
+        items=int(read.sum()),
         flops=flops,
         flops_dense_kernel=flops,
         ms=(time.perf_counter() - started) * 1000.0,
     )
-    values = keys[order].numpy()
     return CascadeResult(
         cluster_ids=clusters[order],
-        scores=values,
-        posteriors=np.zeros((len(order), 0), dtype=np.float32),
+        scores=(post @ torch.from_numpy(target.utility).double()).numpy(),
+        posteriors=post.float().numpy(),
         stages=[report],
         snapshot_id=snapshot.id,
-        ranking_values=values,
-        ranking=RANKING,
+        ranking_values=values[order].numpy(),
     )

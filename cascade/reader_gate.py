@@ -2,7 +2,12 @@
 the default pair cascade on the space's dev queries (`cascade.queries.SPLIT_RULE`), measured side by side on the
 same queries: it must never replace a better default. The check is stored
 in the home's cascade.json (`CascadeConfig.reader`), with the sha256 of the reader it measured, so that a reader
-stored later is not served until it is measured too."""
+stored later is not served until it is measured too.
+
+Before it measures, it fits the temperature of the reader's own-cluster posterior on the same dev queries (one
+number, by the negative log-likelihood of each query's own cluster among those read; `models.calibration`): a reader
+trained on a few thousand clusters can be far surer of itself than its accuracy on new queries, and its answers
+rank by expected gain, which weighs that posterior against the label's."""
 
 from __future__ import annotations
 
@@ -10,15 +15,37 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import torch
 
-from cascade.config import ReaderChoice
+from cascade.config import READER_POOL, READER_RULE, ReaderChoice
 from cascade.evaluation import example_queries, graded_metrics
 from cascade.plan import plan_reader
 from cascade.queries import cluster_grades
-from cascade.side_by_side import Method, side_by_side, stages
+from cascade.reader import reader_keys, rerank_width
+from cascade.side_by_side import HeldOutQuery, Method, side_by_side, stages
 from cascade.snapshot import Snapshot
+from models.calibration import calibration_report, fit_temperature
 
-__all__ = ["check_reader"]
+__all__ = ["check_reader", "fit_reader_temperature"]
+
+
+def fit_reader_temperature(snapshot: Snapshot, held_out: list[HeldOutQuery], k: int) -> dict[str, float]:
+    """The temperature of the reader's own-cluster posterior, fitted on `held_out` queries whose own cluster is among
+    those it reads (the others say nothing about which read cluster is theirs), with the calibration report of
+    `models.calibration` (its "pairs" are queries here). Query i reads with seed i, as the check's measure does."""
+    rows, owns = [], []
+    for i, query in enumerate(held_out):
+        target = query.target(snapshot)
+        assert target.candidates is not None
+        width = rerank_width(snapshot, target, k)
+        own = np.flatnonzero(target.candidates[:width] == query.info["cluster"])
+        if len(own):
+            rows.append(reader_keys(snapshot, target, width, seed=i))
+            owns.extend([int(own[0])] * len(target.queries))
+    if len({r.shape[1] for r in rows}) > 1 or len(owns) < 2:
+        raise ValueError("the temperature needs at least 2 dev queries whose own cluster is read, all at one width")
+    keys, grades = torch.cat(rows), torch.tensor(owns)
+    return calibration_report(keys, grades, fit_temperature(keys, grades))
 
 
 def check_reader(
@@ -28,24 +55,32 @@ def check_reader(
     queries: int | None = None,
     k: int = 10,
     stage0: int | None = None,
+    pool: int | None = None,
 ) -> ReaderChoice:
-    """FAISS alone, the default pair cascade (where it is not FAISS alone) and the reader's rerank of FAISS's top
-    `candidates` (reading up to `members` members of each) on the first `queries` dev queries (None: all). Served
-    where the reader's recall@1 is higher than each of the others' and its nDCG@10 no lower. `stage0`: how many
-    clusters FAISS proposes (default: the space's `pair_candidates`, else 200)."""
+    """FAISS alone, the default pair cascade (where it is not FAISS alone) and the reader's answer (reading up to
+    `members` members of FAISS's top `candidates`, ranking its top `pool`, default `READER_POOL`) on the first
+    `queries` dev queries (None: all), after fitting the reader's temperature on them. Served where the reader's
+    recall@1 is higher than each of the others' and its nDCG@10 no lower. `stage0`: how many clusters FAISS
+    proposes (default: the space's `pair_candidates`, else 200)."""
     if snapshot.reader is None:
         raise ValueError("the space has no cluster reader to check")
+    pool = READER_POOL if pool is None else pool
     choice = ReaderChoice(
         served=False,
         sha256=snapshot.reader.sha256,
         space=str(snapshot.space.meta.get("id", "")),
         candidates=candidates,
         members=members,
+        pool=pool,
+        rule=READER_RULE,
     )
     measured = replace(snapshot, config=snapshot.config.model_copy(update={"reader": choice}))
-    held_out = example_queries(measured, max(stage0 or snapshot.config.pair_candidates or 200, k), queries, "dev")
+    held_out = example_queries(measured, max(stage0 or snapshot.config.pair_candidates or 200, k, pool), queries, "dev")
     if len(held_out) < 2:
         raise ValueError(f"the space has {len(held_out)} dev queries; the check needs at least 2")
+    calibration = fit_reader_temperature(measured, held_out, k)
+    choice = choice.model_copy(update={"temperature": calibration["temperature"]})
+    measured = replace(snapshot, config=snapshot.config.model_copy(update={"reader": choice}))
     methods = [stages("faiss", []), Method("reader", plan=lambda snap, target, kk: plan_reader(snap, target, kk))]
     if snapshot.config.pair_stages:  # the default it would replace (its own verdict above keeps it out of it)
         methods.append(stages("cascade", None))
@@ -81,9 +116,16 @@ def check_reader(
         f"{names[o]} {summary[o]['recall_at_1']:.3f} and {summary[o][f'ndcg_at_{k}']:.3f}" for o in others
     )
     reason = (
-        f"on {len(rounds)} dev queries the reader's rerank of FAISS top {candidates} has recall@1 "
+        f"on {len(rounds)} dev queries the reader (reading FAISS top {candidates}, ranking top {pool} by expected "
+        f"gain at temperature {choice.temperature:.3g}) has recall@1 "
         f"{b['recall_at_1']:.3f} and nDCG@{k} {b[f'ndcg_at_{k}']:.3f} (recall@1 over FAISS alone {gain:+.3f}, "
         f"paired s.e. {se:.3f}); {against}: {verdict}"
     )
-    dev = {"queries": len(rounds), **summary, "recall_at_1_gain": round(gain, 4), "recall_at_1_gain_se": round(se, 4)}
+    dev = {
+        "queries": len(rounds),
+        **summary,
+        "recall_at_1_gain": round(gain, 4),
+        "recall_at_1_gain_se": round(se, 4),
+        "calibration": calibration,
+    }
     return choice.model_copy(update={"served": served, "reason": reason, "dev": dev})

@@ -22,12 +22,11 @@ __all__ = ["Target", "RANKING_KEYS", "ranking_key", "ranking_keys", "top_per_que
 
 RANKING_KEYS = {
     "utility_log_odds": "log(E[u] - min u) - log(max u - E[u]) with E[u] = sum_o u_o p(o | cluster), u the utility "
-    "over outputs (one-hot for a label: its log-odds; gains over grades for a query by example): ranks as the "
-    "expected utility `score` does, without ties where the posterior saturates",
+    "over outputs (one-hot for a label: its log-odds; gains over grades for a query by example, from the cascade's "
+    "or the cluster reader's grade posteriors): ranks as the expected utility `score` does, without ties where the "
+    "posterior saturates",
     "negative_sq_distance": "minus the squared L2 distance from the query's embedding to the cluster centroid "
     "(FAISS only, no model stage)",
-    "reader_key": "the cluster reader's score of the query against the cluster's members read together, plus its "
-    "multiple of the retriever's score (minus the squared embedding distance); no posterior",
 }
 
 

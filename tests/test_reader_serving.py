@@ -1,7 +1,8 @@
 """The cluster reader as served (cascade/reader.py, cascade/reader_gate.py, models/cluster_reader_store.py): stored
-and checked beside a tiny bootstrapped space, it reorders FAISS's top candidates at the cost the plan counts, it
-answers by default only after its dev check chose it, a broken file never stops a snapshot, and over HTTP a query
-by example says which path answered it."""
+and checked beside a tiny bootstrapped space, it reorders FAISS's top candidates at the cost the plan counts, its
+grade posteriors follow from its own-cluster posterior and rank by the query's gains, it answers by default only
+after a dev check of that reader under the current ranking rule chose it, a broken file never stops a snapshot, and
+over HTTP a query by example says which path answered it."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import pytest
 import torch
 from conftest import TINY, start_server, stop_server
 
-from cascade.config import CONFIG_FILE, CascadeConfig, ReaderChoice
+from cascade.config import CONFIG_FILE, READER_RULE, CascadeConfig, ReaderChoice
 from cascade.embedding import EmbeddingIndex
 from cascade.plan import Query, execute, plan_query
-from cascade.reader import READER_STAGE, serves
+from cascade.reader import LOG_FLOOR, READER_STAGE, grade_log_posteriors, serves
 from cascade.reader_gate import check_reader
 from cascade.snapshot import load_snapshot
 from cascade.space import Space
@@ -56,7 +57,9 @@ def _snapshot(home: Path, served: bool | None = None, candidates: int = 10):
         stored = load_reader(home / SPACE)
         assert stored is not None
         space = Space.load(home / SPACE).meta["id"]
-        choice = ReaderChoice(served=served, sha256=stored.sha256, space=space, candidates=candidates, members=10)
+        choice = ReaderChoice(
+            served=served, sha256=stored.sha256, space=space, candidates=candidates, members=10, rule=READER_RULE
+        )
         CascadeConfig.load(path).model_copy(update={"reader": choice}).save(path)
     return load_snapshot(ModelRegistry(home / "registry"), home / SPACE, CascadeConfig.load(path))
 
@@ -97,12 +100,17 @@ def _features(home: Path) -> np.ndarray:
         return f["features"][:20].astype(np.float32)
 
 
+OWN_CLUSTER_ONLY = [0.0, 0.0, 1.0]
+"""Gains that value only the query's own cluster: the reader's answer is then its own-cluster posterior's order."""
+
+
 def test_an_untrained_reader_answers_with_faiss_order_at_the_planned_cost(tiny_home, tmp_path) -> None:
     snapshot = _snapshot(_home_with_reader(tiny_home, tmp_path), served=True, candidates=12)
-    plan = plan_query(snapshot, Query(examples=_dev_example(snapshot), k=5))
+    example = _dev_example(snapshot)
+    plan = plan_query(snapshot, Query(examples=example, k=5, gains=OWN_CLUSTER_ONLY))
     assert plan.path == "reader"
     result = execute(plan, seed=0)
-    faiss = execute(plan_query(snapshot, Query(examples=_dev_example(snapshot), k=5, stages=[])))
+    faiss = execute(plan_query(snapshot, Query(examples=example, k=5, stages=[])))
     # its last layer starts at zero: the key is its multiple of the retriever's score, so FAISS's order
     assert list(result.cluster_ids) == list(faiss.cluster_ids)
     (report,) = result.stages
@@ -117,12 +125,54 @@ def test_a_reader_with_an_opinion_reorders_only_faiss_top_candidates(tiny_home, 
     moved = 0
     for i in range(5):
         example = _dev_example(snapshot, i)
-        result = execute(plan_query(snapshot, Query(examples=example, k=8)), seed=i)
+        result = execute(plan_query(snapshot, Query(examples=example, k=8, gains=OWN_CLUSTER_ONLY)), seed=i)
         faiss = execute(plan_query(snapshot, Query(examples=example, k=8, stages=[])))
         assert sorted(result.cluster_ids) == sorted(faiss.cluster_ids)
         assert np.all(np.diff(result.ranking_values) <= 0)
         moved += int(list(result.cluster_ids) != list(faiss.cluster_ids))
     assert moved > 0
+
+
+@pytest.mark.parametrize("gains", [None, OWN_CLUSTER_ONLY, [0.0, 1.0, 1.0]])
+def test_the_answer_ranks_faiss_pool_by_the_expected_gain_of_the_reader_s_grade_posteriors(
+    tiny_home, tmp_path, gains
+) -> None:
+    snapshot = _snapshot(_home_with_reader(tiny_home, tmp_path, opinion=2.0), served=True, candidates=6)
+    utility = np.asarray(gains or [0.0, 1.0, 3.0])
+    for i in range(3):
+        plan = plan_query(snapshot, Query(examples=_dev_example(snapshot, i), k=5, gains=gains))  # reads 6
+        result = execute(plan, seed=i)
+        pool = plan.target.candidates[: snapshot.config.reader.pool]
+        assert set(result.cluster_ids) <= set(pool) and result.ranking == "utility_log_odds"
+        assert np.allclose(result.posteriors.sum(1), 1.0, atol=1e-5)
+        assert np.allclose(result.scores, result.posteriors.astype(np.float64) @ utility, atol=1e-5)
+        assert np.all(np.diff(result.ranking_values) <= 0) and np.all(np.isfinite(result.ranking_values))
+        unread = ~np.isin(result.cluster_ids, pool[:6])
+        assert np.all(result.posteriors[unread, 2] < 1e-30)  # a cluster not read is never the query's own
+        if gains == OWN_CLUSTER_ONLY:
+            assert not unread.any()  # only the read ones can gain
+
+
+def test_grade_posteriors_are_the_reader_s_mass_on_the_read_clusters_of_each_label() -> None:
+    rng = np.random.default_rng(0)
+    own = torch.log_softmax(torch.from_numpy(rng.standard_normal((2, 4))), dim=1)  # 2 examples, 4 clusters read
+    read, pool = np.array([3, 1, 3, 2]), np.array([3, 1, 3, 2, 1, 5])
+    p = own.exp().numpy()
+    for grades in (3, 2):
+        got = grade_log_posteriors(own, read, pool, grades).exp().numpy()
+        want = np.zeros((len(pool), grades))
+        for e in range(2):
+            for c, label in enumerate(pool):
+                mine = p[e, c] if c < len(read) else 0.0
+                same = p[e, read == label].sum()
+                row = [1 - same, same - mine, mine] if grades == 3 else [1 - same, same]
+                want[c] += np.asarray(row) / 2
+        assert np.allclose(got, want, atol=1e-12)
+        assert np.allclose(got.sum(1), 1.0)
+    floor = grade_log_posteriors(own, read, pool, 3)
+    assert floor[5, 1] == floor[5, 2] == LOG_FLOOR  # label 5 was never read: finite, at the floor
+    with pytest.raises(ValueError, match="2 or 3"):
+        grade_log_posteriors(own, read, pool, 4)
 
 
 def test_the_reader_answers_by_default_only_after_a_dev_check_of_that_reader_chose_it(tiny_home, tmp_path) -> None:
@@ -139,6 +189,9 @@ def test_the_reader_answers_by_default_only_after_a_dev_check_of_that_reader_cho
     assert not serves(other) and plan_query(other, Query(examples=example)).path == "cascade"
     elsewhere = replace(snapshot, space=replace(snapshot.space, meta={**snapshot.space.meta, "id": "another"}))
     assert not serves(elsewhere)  # checked on another space of the home
+    before_rules = snapshot.config.reader.model_copy(update={"rule": ""})
+    older = replace(snapshot, config=snapshot.config.model_copy(update={"reader": before_rules}))
+    assert not serves(older)  # a verdict on another ranking rule says nothing about this one
 
 
 def test_the_dev_check_keeps_faiss_when_the_reader_is_worse(tiny_home, tmp_path) -> None:
@@ -152,6 +205,10 @@ def test_the_dev_check_keeps_faiss_when_the_reader_is_worse(tiny_home, tmp_path)
     # the default it would replace is measured on the same queries (the tiny home's is a pair cascade)
     assert dev["cascade"]["flops"] > dev["faiss"]["flops"] and "the default pair cascade" in choice.reason
     assert dev["reader"]["flops"] > dev["faiss"]["flops"]
+    # a random opinion is sure of itself: the temperature fitted on the dev queries softens it
+    calibration = dev["calibration"]
+    assert choice.temperature == calibration["temperature"] > 1 and choice.rule == READER_RULE
+    assert calibration["nll_after"] < calibration["nll_before"]
     # the command stores the verdict; the snapshot then keeps the default pair cascade
     assert cli(["reader", "--home", str(home), "--check"]) == 0
     stored = CascadeConfig.load(home / CONFIG_FILE).reader
@@ -196,7 +253,7 @@ def test_http_a_query_by_example_says_the_reader_answered_and_the_space_says_why
         r = httpx.post(f"{server.url}/v1/query", json=body, timeout=30)
         assert r.status_code == 200, r.text
         out = r.json()
-        assert out["mode"] == "reader" and out["ranking"] == "reader_key" and len(out["clusters"]) == 3
+        assert out["mode"] == "reader" and out["ranking"] == "utility_log_odds" and len(out["clusters"]) == 3
         assert out["stages"][0]["variant"] == READER_STAGE and out["flops"] == out["stages"][0]["flops"]
         batch = httpx.post(f"{server.url}/v1/query/batch", json={"queries": [body, body]}, timeout=30)
         assert batch.status_code == 200, batch.text

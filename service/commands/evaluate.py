@@ -88,7 +88,8 @@ def _examples(snapshot: object, args: argparse.Namespace, stages: tuple | None) 
     if stages is None:
         config = snapshot.config  # type: ignore[attr-defined]
         what = (
-            f"the cluster reader over FAISS top {config.reader.candidates}"
+            f"the cluster reader reading FAISS top {config.reader.candidates}, ranking top {config.reader.pool} "
+            f"by expected gain"
             if serves(snapshot)  # type: ignore[arg-type]
             else f"the default pair cascade {[s.variant for s in config.pair_stages or ()] or '(FAISS alone)'}"
         )

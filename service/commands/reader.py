@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--candidates", type=int, default=10, help="FAISS's top clusters the reader reorders")
     p.add_argument("--members", type=int, default=10, help="members read per cluster (a uniform sample beyond)")
+    p.add_argument("--pool", type=int, help="FAISS's top clusters ranked by expected gain (default 30)")
     p.add_argument("--dev-queries", type=int, help="check on the first N dev queries (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     snapshot = load_snapshot(ModelRegistry(settings.registry_dir), settings.space_dir, CascadeConfig.load(config_path))
     if snapshot.reader is None:
         raise LookupError(f"{settings.space_dir} holds no cluster reader: run `prunecascade reader` without --check")
-    choice = check_reader(snapshot, args.candidates, args.members, args.dev_queries)
+    choice = check_reader(snapshot, args.candidates, args.members, args.dev_queries, pool=args.pool)
     CascadeConfig.load(config_path).model_copy(update={"reader": choice}).save(config_path)
     print(json.dumps(choice.dev, indent=1))
     print(choice.reason)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter
 
+from cascade.config import READER_RULE
 from cascade.queries import default_gains
 from cascade.reader import check_of, serves
 from cascade.snapshot import CachedInputs, Snapshot, misfit
@@ -120,8 +121,12 @@ def _reader(snapshot: Snapshot) -> dict[str, Any] | None:
     out: dict[str, Any] = {"sha256": stored.sha256, "spec": stored.spec.to_dict(), "training": stored.extra}
     choice = check_of(snapshot)
     if choice is None:
-        why = "not checked on this space's dev queries (prunecascade reader --check)"
-        return {**out, "served": False, "reason": why}
+        recorded = snapshot.config.reader
+        if recorded is not None and recorded.sha256 == stored.sha256 and recorded.rule != READER_RULE:
+            why = f"checked under the ranking rule {recorded.rule or 'before rules'!r}, not {READER_RULE!r}"
+        else:
+            why = "not checked on this space's dev queries"
+        return {**out, "served": False, "reason": f"{why} (prunecascade reader --check)"}
     return {**out, **_finite(choice.model_dump(mode="json")), "served": serves(snapshot)}
 
 
