@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from models.cluster_reader import ReaderRanker, ReaderSpec, build_ranker
 from models.registry import sha256_file
 
-__all__ = ["StoredReader", "save_reader", "load_reader", "weights_file", "READER_SPEC"]
+__all__ = ["StoredReader", "save_reader", "load_reader", "stored_digest", "weights_file", "READER_SPEC"]
 
 READER_SPEC = "reader.json"
 
@@ -49,6 +49,16 @@ def save_reader(ranker: ReaderRanker, spec: ReaderSpec, directory: Path, extra: 
         if old.name != name:
             old.unlink(missing_ok=True)
     return digest
+
+
+def stored_digest(directory: Path) -> str | None:
+    """The sha256 the spec in `directory` names (not checked against the weights: `load_reader` does), or None
+    without a spec or with one that names none: enough to tell whether the stored reader changed."""
+    try:
+        digest = json.loads((Path(directory) / READER_SPEC).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return digest if isinstance(digest, str) else None
 
 
 def load_reader(directory: Path) -> StoredReader | None:

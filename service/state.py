@@ -29,6 +29,7 @@ from cascade.snapshot import (
     variant_for,
 )
 from cascade.space import Space
+from models.cluster_reader_store import stored_digest
 from models.registry import BrokenEntryError, ModelRegistry, RegistryError
 from service.degraded import Fault, fallback_versions, servable_config
 from service.exact_tables import ExactTables
@@ -231,6 +232,7 @@ class ServiceState:
         current: Snapshot | None,
         strict: str | None,
         as_given: bool = False,
+        reader_from_disk: bool = False,
     ) -> Snapshot:
         """A complete snapshot for `active` + `config`. An entry that does not load is a fault: its previous good
         version is served if one loads, and the default cascades lose the stages that cannot run. `strict` names
@@ -271,11 +273,16 @@ class ServiceState:
             served_config, warnings = config, {"classifier": described, "pair": list(described)}
         else:
             served_config, warnings = servable_config(config, variants, faults)
-        # the cluster reader is read from disk with the space (a reload), and kept across model swaps
-        if current is not None:
+        # the cluster reader is read from disk with the space and at a reload that finds it changed, and kept
+        # across model swaps
+        if current is not None and not reader_from_disk:
             reader = current.reader
+        elif embedding is None:
+            reader = None
         else:
-            reader = served_reader(self.settings.space_dir, space) if embedding is not None else None
+            reader = served_reader(self.settings.space_dir, space)
+            if reader is None and current is not None and stored_digest(self.settings.space_dir) is not None:
+                reader = current.reader  # a new reader that does not load (logged): the one being served stays
         snapshot = build_snapshot(space, index, variants, served_config, embedding, queries, item_cache, reader)
         self._degraded[snapshot.id] = (faults, warnings)
         return snapshot
@@ -320,11 +327,17 @@ class ServiceState:
         return snapshot
 
     def candidate(
-        self, active: Mapping[str, int], config: CascadeConfig, strict: str | None = None, as_given: bool = False
+        self,
+        active: Mapping[str, int],
+        config: CascadeConfig,
+        strict: str | None = None,
+        as_given: bool = False,
+        reader_from_disk: bool = False,
     ) -> Snapshot:
         """A complete snapshot for `active` + `config` on the current space, reusing already-loaded models.
         `strict` names a model that must load and fit the space (the one being activated); others that do not fit
-        are left out, as at load, and broken ones are worked around (`_build`)."""
+        are left out, as at load, and broken ones are worked around (`_build`). `reader_from_disk`: the cluster
+        reader is read again from beside the space instead of kept."""
         current = self.require_snapshot()
         return self._build(
             current.space,
@@ -337,6 +350,7 @@ class ServiceState:
             current,
             strict,
             as_given,
+            reader_from_disk,
         )
 
     # -- changes (each: candidate first, then disk, then swap, then tell the other replicas) -------------------
@@ -435,10 +449,10 @@ class ServiceState:
             return None
 
     def reload(self) -> tuple[Snapshot, list[str]]:
-        """Adopt what the command line changed on disk while the server ran (`prunecascade train/prune` into the
-        served home: new versions, other active versions, a new default cascade), as one complete snapshot built
-        before anything is swapped; models already loaded are reused. Returns the snapshot and what changed
-        (`name:version`, `name:version gadget` or `cascade`)."""
+        """Adopt what the command line changed on disk while the server ran (`prunecascade train/prune/reader` into
+        the served home: new versions, other active versions, a new default cascade, a new cluster reader), as one
+        complete snapshot built before anything is swapped; models already loaded are reused. Returns the snapshot
+        and what changed (`name:version`, `name:version gadget`, `cascade` or `reader`)."""
         with self.lock:
             current = self.require_snapshot()
             configured = self.config
@@ -451,15 +465,20 @@ class ServiceState:
                 and n in current.variants
                 and current.variants[n].gadget_sha256 != self._gadget_digest(n, v)
             )
-            if wanted == self._active and config == configured and not new_gadgets and not self.faults:
+            serving = current.reader.sha256 if current.reader is not None else None
+            new_reader = stored_digest(self.settings.space_dir) != serving  # (a broken one is retried, as faults)
+            unchanged = wanted == self._active and config == configured and not new_gadgets
+            if unchanged and not self.faults and not new_reader:
                 return current, []  # (with faults, a reload also retries the broken entries)
-            snapshot = self.candidate(wanted, config)
+            snapshot = self.candidate(wanted, config, reader_from_disk=new_reader)
             names = sorted({n for n, v in wanted.items() if self._active.get(n) != v} | (self._active.keys() - wanted))
             changed = [f"{n}:{wanted[n]}" if n in wanted else f"{n}: no active version" for n in names]
             changed += [f"{n}:{wanted[n]} gadget" for n in new_gadgets]
             names = sorted(set(names) | set(new_gadgets))
             if config != configured:
                 changed.append("cascade")
+            if (snapshot.reader.sha256 if snapshot.reader is not None else None) != serving:
+                changed.append("reader")
             self._active = wanted
             self._config = config
             self._swap(snapshot, "reload")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, start_server, stop_server
+from service_fixtures import AUTH, admin_env
 
 from cascade.config import CONFIG_FILE, READER_RULE, CascadeConfig, ReaderChoice
 from cascade.embedding import EmbeddingIndex
@@ -317,3 +318,41 @@ def test_a_new_reader_replaces_the_old_in_one_step_and_a_half_written_one_is_nev
     second = save_reader(build_ranker(spec, torch.randn(32, spec.input_dim), encoder), spec, tmp_path)
     assert second != first and load_reader(tmp_path).sha256 == second
     assert [p.name for p in tmp_path.glob("reader-*.safetensors")] == [weights_file(second)]
+
+
+def test_reload_adopts_a_reader_stored_while_the_server_ran_but_not_a_broken_one(tiny_home, tmp_path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)  # no reader at start
+    example = _dev_example(_snapshot(home))[0].tolist()
+    body = {"target": {"examples": [example]}, "k": 3}
+    server = start_server(home, admin_env())
+    try:
+        assert httpx.post(f"{server.url}/v1/query", json=body, timeout=30).json()["mode"] != "reader"
+        assert httpx.get(f"{server.url}/v1/space", timeout=30).json()["reader"] is None
+        stored = _home_with_reader(tiny_home, tmp_path / "elsewhere", opinion=0.5) / SPACE
+        for f in [READER_SPEC, *(p.name for p in stored.glob("reader-*.safetensors"))]:
+            shutil.copy(stored / f, home / SPACE / f)  # as `prunecascade reader` leaves them, with its verdict
+        _snapshot(home, served=True)
+        r = httpx.post(f"{server.url}/v1/admin/reload", headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        assert set(r.json()["changed"]) == {"reader", "cascade"}
+        space = httpx.get(f"{server.url}/v1/space", timeout=30).json()
+        assert space["reader"]["served"] is True and space["reader"]["sha256"] == load_reader(home / SPACE).sha256
+        assert httpx.post(f"{server.url}/v1/query", json=body, timeout=30).json()["mode"] == "reader"
+        assert httpx.post(f"{server.url}/v1/admin/reload", headers=AUTH, timeout=60).json()["changed"] == []
+        served = load_reader(home / SPACE).sha256
+        spec = json.loads((home / SPACE / READER_SPEC).read_text())
+        (home / SPACE / weights_file("e" * 64)).write_bytes(b"not the weights the spec names")
+        (home / SPACE / READER_SPEC).write_text(
+            json.dumps({**spec, "sha256": "e" * 64, "weights": weights_file("e" * 64)})
+        )
+        # a new reader that does not load is logged and left out: the one being served stays
+        assert httpx.post(f"{server.url}/v1/admin/reload", headers=AUTH, timeout=60).json()["changed"] == []
+        assert httpx.get(f"{server.url}/v1/space", timeout=30).json()["reader"]["sha256"] == served
+        assert httpx.post(f"{server.url}/v1/query", json=body, timeout=30).json()["mode"] == "reader"
+        (home / SPACE / READER_SPEC).unlink()  # removed: no reader any more
+        assert httpx.post(f"{server.url}/v1/admin/reload", headers=AUTH, timeout=60).json()["changed"] == ["reader"]
+        assert httpx.get(f"{server.url}/v1/space", timeout=30).json()["reader"] is None
+        assert httpx.post(f"{server.url}/v1/query", json=body, timeout=30).json()["mode"] != "reader"
+    finally:
+        stop_server(server)

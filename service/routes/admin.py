@@ -142,15 +142,17 @@ def put_cascade(state: StateDep, config: CascadeConfig) -> AdminStateOut:
 class ReloadOut(AdminStateOut):
     changed: list[str] = Field(
         description="what the reload adopted: `name:version` for every newly active version, `cascade` for a new "
-        "default cascade; empty when the disk held nothing new"
+        "default cascade, `reader` for another cluster reader (or none); empty when the disk held nothing new"
     )
 
 
 @router.post("/reload", response_model=ReloadOut, responses=error_responses(409, 422))
 def reload_registry(state: StateDep) -> ReloadOut:
-    """Serve what the command line changed in this home's registry while the server ran (for example
-    `prunecascade prune --home HOME ...`, which registers and activates a new version, or `prunecascade train`):
-    the active versions and the default cascade are read from disk and swapped in as one complete snapshot.
+    """Serve what the command line changed in this home while the server ran (for example `prunecascade prune
+    --home HOME ...`, which registers and activates a new version, `prunecascade train`, or `prunecascade reader`,
+    which stores a cluster reader and its dev check): the active versions, the default cascade and the reader are
+    read from disk and swapped in as one complete snapshot (a new reader that does not load is logged, and the one
+    being served stays).
     Active models that do not fit the space are left out and logged once; `GET /v1/models` says why."""
     snapshot, changed = state.reload()
     return ReloadOut(**_state_out(state, snapshot).model_dump(), changed=changed)
