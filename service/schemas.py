@@ -277,6 +277,15 @@ class UploadOut(BaseModel):
     active: bool
 
 
+class ReaderAdminOut(BaseModel):
+    """The cluster reader served after an upload or a rollback, and the dev check it is served under."""
+
+    snapshot_id: str
+    sha256: str | None = Field(description="the reader now stored beside the space (null: none)")
+    served: bool = Field(description="whether it answers queries by example by default")
+    check: ReaderChoice | None = Field(description="its dev check (null: none kept; `prunecascade reader --check`)")
+
+
 class ActivateRequest(BaseModel):
     model_config = _STRICT
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from cascade.batcher import Batcher
-from cascade.config import CONFIG_FILE, CascadeConfig
+from cascade.config import CONFIG_FILE, CascadeConfig, ReaderChoice
 from cascade.embedding import EmbeddingIndex
 from cascade.errors import RequestError
 from cascade.exact import ExactTable
@@ -410,6 +410,19 @@ class ServiceState:
         self._push()
         return snapshot
 
+    def serve_reader(self, choice: ReaderChoice | None) -> Snapshot:
+        """Serve the cluster reader now stored beside the space under `choice`, its dev check: a complete snapshot
+        with the reader read from disk, then cascade.json with the check, then the swap (`service.reader_admin`)."""
+        with self.lock:
+            config = self.config.model_copy(update={"reader": choice})
+            snapshot = self.candidate(self._active, config, reader_from_disk=True)
+            config.save(self.config_path)
+            self._config = config
+            self._swap(snapshot, "reader")
+            self._changed(None)
+        self._push()
+        return snapshot
+
     def adopt(self, active: Mapping[str, int], config: CascadeConfig | None, generation: int | None = None) -> bool:
         """Converge on the shared state read while `generation` was current (a local change since then wins;
         it is being pushed). Names whose version is not in local storage yet are kept as they are (retried at
@@ -430,7 +443,11 @@ class ServiceState:
             config = configured if config is None or dirty_cascade else config
             if wanted == self._active and config == configured:
                 return False
-            snapshot = self.candidate(wanted, config)
+            current = self.require_snapshot()
+            checked = config.reader.sha256 if config.reader is not None else None
+            serving = current.reader.sha256 if current.reader is not None else None
+            # another replica served a new reader: its files are beside the shared space, its check in the config
+            snapshot = self.candidate(wanted, config, reader_from_disk=checked is not None and checked != serving)
             for name, version in wanted.items():
                 if self.registry.active_version(name) != version:
                     self.registry.activate(name, version, record=False)

@@ -26,7 +26,14 @@ from cascade.reader_gate import check_reader
 from cascade.snapshot import load_snapshot
 from cascade.space import Space
 from models.cluster_reader import ReaderSpec, build_ranker
-from models.cluster_reader_store import READER_SPEC, load_reader, save_reader, weights_file
+from models.cluster_reader_store import (
+    READER_PREVIOUS,
+    READER_SPEC,
+    load_reader,
+    rollback_reader,
+    save_reader,
+    weights_file,
+)
 from models.cluster_reader_training import Groups, ReaderTrainConfig, train_reader
 from models.prototypes import make_prototype_set, member_set
 from models.registry import ModelRegistry
@@ -317,7 +324,8 @@ def test_a_new_reader_replaces_the_old_in_one_step_and_a_half_written_one_is_nev
     assert load_reader(tmp_path).sha256 == first  # the spec still names the complete pair
     second = save_reader(build_ranker(spec, torch.randn(32, spec.input_dim), encoder), spec, tmp_path)
     assert second != first and load_reader(tmp_path).sha256 == second
-    assert [p.name for p in tmp_path.glob("reader-*.safetensors")] == [weights_file(second)]
+    # the half-written file goes; the first is kept as the previous reader (for a rollback)
+    assert {p.name for p in tmp_path.glob("reader-*.safetensors")} == {weights_file(first), weights_file(second)}
 
 
 def test_reload_adopts_a_reader_stored_while_the_server_ran_but_not_a_broken_one(tiny_home, tmp_path) -> None:
@@ -356,3 +364,97 @@ def test_reload_adopts_a_reader_stored_while_the_server_ran_but_not_a_broken_one
         assert httpx.post(f"{server.url}/v1/query", json=body, timeout=30).json()["mode"] != "reader"
     finally:
         stop_server(server)
+
+
+def test_a_replaced_reader_is_kept_for_a_rollback_and_older_ones_go(tiny_home, tmp_path) -> None:
+    encoder = EmbeddingIndex.load(tiny_home / SPACE).encoder  # type: ignore[union-attr]
+    spec = ReaderSpec(encoder=encoder.spec.to_dict(), d=8, dv=8, hidden=16, max_shift=6)
+
+    def new_reader() -> object:
+        return build_ranker(spec, torch.randn(32, spec.input_dim), encoder)
+
+    with pytest.raises(LookupError, match="no previous"):
+        rollback_reader(tmp_path, None)
+    first = save_reader(new_reader(), spec, tmp_path)
+    second = save_reader(new_reader(), spec, tmp_path, check={"served": True, "sha256": first})
+    assert load_reader(tmp_path).sha256 == second and load_reader(tmp_path, READER_PREVIOUS).sha256 == first
+    third = save_reader(new_reader(), spec, tmp_path, check=None)
+    assert load_reader(tmp_path, READER_PREVIOUS).sha256 == second
+    assert {p.name for p in tmp_path.glob("reader-*.safetensors")} == {weights_file(second), weights_file(third)}
+    restored, check = rollback_reader(tmp_path, {"served": True, "sha256": third})
+    assert restored == second and check is None  # it was replaced with no check kept
+    assert load_reader(tmp_path).sha256 == second and load_reader(tmp_path, READER_PREVIOUS).sha256 == third
+    assert rollback_reader(tmp_path, None) == (third, {"served": True, "sha256": third})  # and back again
+    (tmp_path / weights_file(second)).write_bytes(b"broken")
+    with pytest.raises(ValueError, match="sha256"):
+        rollback_reader(tmp_path, None)  # a broken previous reader: nothing moves
+    assert load_reader(tmp_path).sha256 == third
+
+
+@pytest.fixture(scope="module")
+def trained_reader(tiny_home, tmp_path_factory) -> tuple[bytes, bytes, str]:
+    """A reader trained 50 steps on the tiny home's training prototypes: its dev check there serves it (recall@1
+    above FAISS alone's and the pair cascade's on the tiny dev queries). Its spec file, weights and sha256."""
+    home = tmp_path_factory.mktemp("trained") / "home"
+    shutil.copytree(tiny_home, home)
+    assert cli(["reader", "--home", str(home), "--steps", "50"]) == 0
+    stored = load_reader(home / SPACE)
+    assert stored is not None and CascadeConfig.load(home / CONFIG_FILE).reader.served
+    spec = (home / SPACE / READER_SPEC).read_bytes()
+    return spec, (home / SPACE / weights_file(stored.sha256)).read_bytes(), stored.sha256
+
+
+def test_http_an_uploaded_reader_is_checked_before_it_serves_and_rolls_back(
+    tiny_home, tmp_path, trained_reader
+) -> None:
+    spec, weights, digest = trained_reader
+    home = _home_with_reader(tiny_home, tmp_path)  # an untrained reader, served under a check of its own
+    first = _snapshot(home, served=True).reader.sha256
+    example = _dev_example(_snapshot(home))[0].tolist()
+    query = {"target": {"examples": [example]}, "k": 3}
+    server = start_server(home, admin_env())
+    url = f"{server.url}/v1/admin/reader"
+
+    def upload(spec_bytes: bytes, weights_bytes: bytes, headers: dict = AUTH) -> httpx.Response:
+        files = {"spec": ("reader.json", spec_bytes), "weights": ("reader.safetensors", weights_bytes)}
+        return httpx.post(url, files=files, headers=headers, timeout=120)
+
+    def served() -> dict:
+        return httpx.get(f"{server.url}/v1/space", timeout=30).json()["reader"]
+
+    try:
+        assert upload(spec, weights, headers={}).status_code == 401
+        other = json.loads(spec)
+        other["spec"]["encoder"] = {**other["spec"]["encoder"], "embed_dim": 3}
+        worse = _home_with_reader(tiny_home, tmp_path / "random", opinion=5.0, seed=3) / SPACE  # loses to FAISS
+        worse_weights = (worse / weights_file(load_reader(worse).sha256)).read_bytes()
+        refusals = [
+            (b"{not json", weights, "spec", "not JSON"),
+            (json.dumps({"spec": {"d": 8}}).encode(), weights, "spec", "not a cluster reader's spec"),
+            (json.dumps(other).encode(), weights, "spec.encoder", "another retriever"),
+            (spec, b"\x80\x04pickle", "weights", "sha256"),
+            (json.dumps({"spec": json.loads(spec)["spec"]}).encode(), b"\x80\x04pickle", "weights", "safetensors"),
+            ((worse / READER_SPEC).read_bytes(), worse_weights, "weights", "dev check keeps"),
+        ]
+        for spec_bytes, weights_bytes, field, words in refusals:
+            r = upload(spec_bytes, weights_bytes)
+            assert r.status_code == 422, r.text
+            (detail,) = r.json()["detail"]
+            assert ".".join(detail["loc"][1:]) == field and words in detail["msg"], r.text
+            assert served()["sha256"] == first and served()["served"] is True  # nothing changed
+        r = upload(spec, weights)
+        assert r.status_code == 201, r.text
+        assert r.json()["sha256"] == digest and r.json()["served"] is True and r.json()["check"]["sha256"] == digest
+        assert served()["sha256"] == digest
+        assert httpx.post(f"{server.url}/v1/query", json=query, timeout=30).json()["mode"] == "reader"
+        assert upload(spec, weights).status_code == 200  # the same weights again: nothing changes
+        back = httpx.post(f"{url}/rollback", headers=AUTH, timeout=60)
+        assert back.status_code == 200, back.text
+        assert back.json()["sha256"] == first and back.json()["served"] is True  # under the check it had
+        assert served()["sha256"] == first
+        again = httpx.post(f"{url}/rollback", headers=AUTH, timeout=60).json()
+        assert again["sha256"] == digest and again["check"]["sha256"] == digest
+    finally:
+        stop_server(server)
+    assert load_reader(home / SPACE).sha256 == digest  # on disk as served
+    assert CascadeConfig.load(home / CONFIG_FILE).reader.sha256 == digest

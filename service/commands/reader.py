@@ -67,10 +67,11 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace) -> dict:
     """Train with the space's retriever on the clusters the bootstrap trained the pair models on, never the space's
     own: the training prototypes of its record in bootstrap.json, or on a user's data the training split's
     clusters (each query a held-out member), rebuilt from the dense model's data arguments."""
+    from cascade.config import CONFIG_FILE, CascadeConfig
     from cascade.embedding import EmbeddingIndex
     from cascade.space import Space
     from models.cluster_reader import ReaderSpec
-    from models.cluster_reader_store import save_reader
+    from models.cluster_reader_store import save_reader, stored_digest
     from models.cluster_reader_training import ReaderTrainConfig, train_reader
 
     embedding = EmbeddingIndex.load(space_dir)
@@ -88,7 +89,10 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace) -> dict:
         print(json.dumps(row), flush=True)
 
     model, record = train_reader(spec, embedding.encoder, train_set, held, config, progress)  # type: ignore[arg-type]
-    save_reader(model, spec, space_dir, extra=record)
+    # the reader it replaces is kept for a rollback, with the check it was served under (if that check is its own)
+    served = CascadeConfig.load(home / CONFIG_FILE).reader
+    kept = served.model_dump(mode="json") if served is not None and served.sha256 == stored_digest(space_dir) else None
+    save_reader(model, spec, space_dir, extra=record, check=kept)
     return record
 
 

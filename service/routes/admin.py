@@ -1,6 +1,6 @@
 """Operator routes (bearer token): upload a checkpoint as an inactive version, activate, roll back, delete
-a version, replace the default cascade, reload what the command line changed on disk. Each change is complete
-or not applied at all (see ServiceState)."""
+a version, replace the default cascade, upload or roll back the cluster reader, reload what the command line
+changed on disk. Each change is complete or not applied at all (see ServiceState)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body, Depends, File, Path, Response
 from pydantic import Field
 
 from cascade.config import CascadeConfig
+from cascade.reader import check_of, serves
 from cascade.snapshot import Snapshot
 from models.manifest import NAME_PATTERN
 from models.registry import KindMismatchError
@@ -18,7 +19,8 @@ from service.auth import require_admin
 from service.checkpoints import GatePolicy, UploadError, load_probe, validate_upload
 from service.dependencies import SnapshotDep, StateDep, current_snapshot
 from service.errors import error_responses
-from service.schemas import ActivateRequest, AdminStateOut, PlainInt, UploadOut
+from service.reader_admin import install_upload, roll_back
+from service.schemas import ActivateRequest, AdminStateOut, PlainInt, ReaderAdminOut, UploadOut
 from service.state import ServiceState
 
 __all__ = ["router"]
@@ -137,6 +139,53 @@ def delete_version(state: StateDep, name: Name, version: Version) -> Response:
 def put_cascade(state: StateDep, config: CascadeConfig) -> AdminStateOut:
     """The new default stage list, validated against the active models before it is stored."""
     return _state_out(state, state.set_cascade(config))
+
+
+def _reader_out(snapshot: Snapshot) -> ReaderAdminOut:
+    stored = snapshot.reader
+    return ReaderAdminOut(
+        snapshot_id=snapshot.id,
+        sha256=stored.sha256 if stored is not None else None,
+        served=serves(snapshot),
+        check=check_of(snapshot),
+    )
+
+
+@router.post(
+    "/reader",
+    status_code=201,
+    response_model=ReaderAdminOut,
+    responses={
+        200: {"model": ReaderAdminOut, "description": "the same weights are served already: nothing changed"},
+        **error_responses(413, 422),
+    },
+)
+def upload_reader(
+    state: StateDep,
+    response: Response,
+    spec: Annotated[bytes, File(description="reader.json as `prunecascade reader` writes it (or its `spec`)")],
+    weights: Annotated[bytes, File(description="the reader's weights, safetensors (pickles are refused)")],
+) -> ReaderAdminOut:
+    """Serve an uploaded cluster reader once it is read whole, fits this space's retriever and items, and its dev
+    check (as `prunecascade reader --check`, seconds on the default space) chooses it over FAISS alone and the
+    default pair cascade; 422 with the check's figures otherwise, and nothing changes. The reader it replaces is
+    kept for `POST /v1/admin/reader/rollback`."""
+    try:
+        _, snapshot, created = install_upload(state, spec, weights)
+    except UploadError:
+        state.metrics.uploads.labels(outcome="refused").inc()
+        raise
+    state.metrics.uploads.labels(outcome="stored" if created else "identical").inc()
+    if not created:
+        response.status_code = 200
+    return _reader_out(snapshot)
+
+
+@router.post("/reader/rollback", response_model=ReaderAdminOut, responses=error_responses(409))
+def rollback_reader(state: StateDep) -> ReaderAdminOut:
+    """Back to the cluster reader the current one replaced, under the dev check it was served under (409 when there
+    is none); the current one becomes the one to roll back to."""
+    return _reader_out(roll_back(state))
 
 
 class ReloadOut(AdminStateOut):
