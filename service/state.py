@@ -403,10 +403,7 @@ class ServiceState:
     def set_cascade(self, config: CascadeConfig) -> Snapshot:
         with self.lock:
             snapshot = self.candidate(self._active, config, as_given=True)  # runs as given, or 422
-            config.save(self.config_path)
-            self._config = config
-            self._swap(snapshot, "cascade")
-            self._changed(None)
+            self._save_and_swap(config, snapshot, "cascade")
         self._push()
         return snapshot
 
@@ -416,12 +413,16 @@ class ServiceState:
         with self.lock:
             config = self.config.model_copy(update={"reader": choice})
             snapshot = self.candidate(self._active, config, reader_from_disk=True)
-            config.save(self.config_path)
-            self._config = config
-            self._swap(snapshot, "reader")
-            self._changed(None)
+            self._save_and_swap(config, snapshot, "reader")
         self._push()
         return snapshot
+
+    def _save_and_swap(self, config: CascadeConfig, snapshot: Snapshot, reason: str) -> None:
+        """A configuration change whose snapshot is built: cascade.json first, then the swap (under the lock)."""
+        config.save(self.config_path)
+        self._config = config
+        self._swap(snapshot, reason)
+        self._changed(None)
 
     def adopt(self, active: Mapping[str, int], config: CascadeConfig | None, generation: int | None = None) -> bool:
         """Converge on the shared state read while `generation` was current (a local change since then wins;
