@@ -123,11 +123,12 @@ def rollback_reader(directory: Path, check: dict[str, Any] | None) -> tuple[str,
     return str(previous["sha256"]), restored_check
 
 
-def stored_digest(directory: Path) -> str | None:
-    """The sha256 the spec in `directory` names (not checked against the weights: `load_reader` does), or None
-    without a spec or with one that names none: enough to tell whether the stored reader changed."""
+def stored_digest(directory: Path, which: str = READER_SPEC) -> str | None:
+    """The sha256 the spec in `directory` names (`which`: the current one, or `READER_PREVIOUS`; not checked
+    against the weights: `load_reader` does), or None without a spec or with one that names none: enough to tell
+    whether the stored reader changed, or which one a rollback would restore."""
     try:
-        digest = json.loads((Path(directory) / READER_SPEC).read_text()).get("sha256")
+        digest = json.loads((Path(directory) / which).read_text()).get("sha256")
     except (OSError, ValueError, AttributeError):
         return None
     return digest if isinstance(digest, str) else None

@@ -254,7 +254,8 @@ class SpaceOut(BaseModel):
         None,
         description="the cluster reader stored beside the space: served (by default, for queries by example), why, "
         "its dev check against FAISS alone (recall@1, nDCG@10 on the same dev queries), how many candidates and "
-        "members it reads, its sha256 and how it was trained; null where the space has none",
+        "members it reads, its sha256 and how it was trained, and `previous`, the sha256 of the reader "
+        "POST /v1/admin/reader/rollback would restore (null: none); null where the space has none",
     )
     item_cache: list[dict[str, Any]] = Field(
         default_factory=list,

@@ -423,6 +423,7 @@ def test_http_an_uploaded_reader_is_checked_before_it_serves_and_rolls_back(
         return httpx.get(f"{server.url}/v1/space", timeout=30).json()["reader"]
 
     try:
+        assert served()["previous"] is None
         assert upload(spec, weights, headers={}).status_code == 401
         other = json.loads(spec)
         other["spec"]["encoder"] = {**other["spec"]["encoder"], "embed_dim": 3}
@@ -445,7 +446,7 @@ def test_http_an_uploaded_reader_is_checked_before_it_serves_and_rolls_back(
         r = upload(spec, weights)
         assert r.status_code == 201, r.text
         assert r.json()["sha256"] == digest and r.json()["served"] is True and r.json()["check"]["sha256"] == digest
-        assert served()["sha256"] == digest
+        assert served()["sha256"] == digest and served()["previous"] == first
         assert httpx.post(f"{server.url}/v1/query", json=query, timeout=30).json()["mode"] == "reader"
         assert upload(spec, weights).status_code == 200  # the same weights again: nothing changes
         back = httpx.post(f"{url}/rollback", headers=AUTH, timeout=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from cascade.queries import default_gains
 from cascade.reader import check_of, serves
 from cascade.snapshot import CachedInputs, Snapshot, misfit
 from cascade.tuning_record import dev_check
+from models.cluster_reader_store import READER_PREVIOUS, stored_digest
 from models.registry import RegistryError
 from service.dependencies import SnapshotDep, StateDep
 from service.errors import error_responses
@@ -106,19 +108,24 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         grades=_grades(space.meta.get("grades"), snapshot.num_grades),
         exact=_finite(state.exact_status(snapshot)),
         reranker=None if snapshot.config.pair_tuning is None else dev_check(snapshot.config.pair_tuning),
-        reader=_reader(snapshot),
+        reader=_reader(snapshot, state.settings.space_dir),
         item_cache=[_cache_entry(e) for e in snapshot.item_cache.entries()],
         snapshot_id=snapshot.id,
     )
 
 
-def _reader(snapshot: Snapshot) -> dict[str, Any] | None:
+def _reader(snapshot: Snapshot, space_dir: Path) -> dict[str, Any] | None:
     """The stored cluster reader and its dev check; a check of another reader or space (or none) says it is not
     served."""
     stored = snapshot.reader
     if stored is None:
         return None
-    out: dict[str, Any] = {"sha256": stored.sha256, "spec": stored.spec.to_dict(), "training": stored.extra}
+    out: dict[str, Any] = {
+        "sha256": stored.sha256,
+        "spec": stored.spec.to_dict(),
+        "training": stored.extra,
+        "previous": stored_digest(space_dir, READER_PREVIOUS),  # what POST /v1/admin/reader/rollback restores
+    }
     choice = check_of(snapshot)
     if choice is None:
         recorded = snapshot.config.reader
