@@ -55,6 +55,31 @@ def test_an_untrained_reader_ranks_exactly_as_its_retriever() -> None:
     assert torch.equal(alone, torch.zeros(4, 5))
 
 
+@pytest.mark.parametrize("mode", ["xattn", "maxsim"])
+def test_the_forward_computes_its_formula_and_trains_through_it(mode: str) -> None:
+    """The forward's one shared exp (masked logits clamped) and its variance against torch's own logsumexp, softmax
+    and var: the same scores, and gradients that reach every parameter the formula uses."""
+    reader = _ranker(mode).reader
+    for p in (reader.mlp[-1].weight, reader.scale, reader.rel):
+        torch.nn.init.normal_(p)  # an opinion, a learnt shift bias
+    gen = torch.Generator().manual_seed(2)
+    qq, qv = torch.randn(6, LENGTH, 8, generator=gen), torch.randn(6, LENGTH, 8, generator=gen)
+    k, v = 3 * torch.randn(6, 5, LENGTH, 8, generator=gen), torch.randn(6, 5, LENGTH, 8, generator=gen)
+    logits = torch.einsum("pqd,pnld->pnql", qq, k) + reader.rel[reader.rel_idx] + reader.rel_mask
+    lse = torch.logsumexp(logits, -1)
+    if mode == "maxsim":
+        want = reader.scale * lse.mean(1).sum(-1)
+    else:
+        aligned = torch.einsum("pnql,pnlv->pnqv", logits.softmax(-1), v)
+        m, spread = aligned.mean(1), aligned.var(1, unbiased=False)
+        feats = torch.cat([qv, m, qv - m, (qv - m) ** 2, spread, lse.mean(1)[..., None]], -1)
+        want = reader.mlp(feats).squeeze(-1).sum(-1)
+    got = reader(qq, qv, k, v)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert reader.rel.grad is not None and bool(reader.rel.grad.abs().sum() > 0)
+
+
 def test_the_reader_reads_members_as_a_set() -> None:
     ranker = _ranker()
     torch.nn.init.normal_(ranker.reader.mlp[-1].weight)  # a reader with an opinion

@@ -1,0 +1,85 @@
+"""The cluster reader's per-pair forward against its textbook formula, side by side in one run (not a test): the same
+(query, FAISS top 10) pairs of a home's dev queries (each cluster read through its first n members, n the
+smallest of the ten clusters' sizes), scored by `ClusterReader.forward` and by the formula it
+computes written with torch's own logsumexp, softmax and var (the code before the forward was made faster),
+interleaved per query. Prints the milliseconds per query of each, their ratio, the largest difference of the
+scores and whether every query's order of its clusters is the same.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_reader_forward --home H
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import load_snapshot_from, set_threads
+
+
+def textbook(reader, qq: torch.Tensor, qv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`ClusterReader.forward`'s formula, one torch call per quantity (xattn mode)."""
+    logits = torch.einsum("pqd,pnld->pnql", qq, k) + reader.rel[reader.rel_idx] + reader.rel_mask
+    lse = torch.logsumexp(logits, -1)
+    aligned = torch.einsum("pnql,pnlv->pnqv", logits.softmax(-1), v)
+    m = aligned.mean(1)
+    diff = qv - m
+    feats = torch.cat([qv, m, diff, diff.pow(2), aligned.var(1, unbiased=False), lse.mean(1)[..., None]], -1)
+    return reader.mlp(feats).squeeze(-1).sum(-1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--space", default="default")
+    p.add_argument("--queries", type=int, default=100, help="the first N dev queries")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args(argv)
+    set_threads(1)
+    from cascade.evaluation import example_queries
+
+    snapshot = load_snapshot_from(args.home, args.space)
+    if snapshot.reader is None or snapshot.reader.spec.mode != "xattn":
+        raise SystemExit(f"{args.home} holds no cross-attention cluster reader beside its space {args.space!r}")
+    ranker, table, offsets = snapshot.reader.ranker, snapshot.reader_inputs().table, snapshot.space.offsets
+    reader = ranker.reader
+    pairs = []
+    with torch.inference_mode():
+        for query in example_queries(snapshot, 10, args.queries, "dev"):
+            target = query.target(snapshot)
+            clusters = target.candidates[:10]
+            n = int(np.diff(offsets)[clusters].min())  # one (G, n) block per query: each cluster's first n members
+            rows = np.concatenate([np.arange(offsets[c], offsets[c] + n) for c in clusters])
+            kv = table[torch.from_numpy(rows)].float().reshape(len(clusters), n, reader.length, -1)
+            qq, qv = reader.query_side(ranker.trunk(target.queries[0]))
+            g = len(clusters)
+            pairs.append((qq.expand(g, -1, -1), qv.expand(g, -1, -1), kv[..., : reader.d], kv[..., reader.d :]))
+        fast = [reader(*a) for a in pairs]
+        slow = [textbook(reader, *a) for a in pairs]
+        spent = {"forward": 0.0, "textbook": 0.0}
+        for _ in range(args.rounds):
+            for a in pairs:  # interleaved, so that the machine's noise hits both alike
+                for name, fn in (("forward", reader), ("textbook", lambda *x: textbook(reader, *x))):
+                    t = time.perf_counter()
+                    fn(*a)
+                    spent[name] += time.perf_counter() - t
+    per_query = {name: s / args.rounds / len(pairs) * 1000 for name, s in spent.items()}
+    largest = max(float((a - b).abs().max()) for a, b in zip(fast, slow, strict=True))
+    same = all(
+        torch.equal(torch.argsort(a, stable=True), torch.argsort(b, stable=True))
+        for a, b in zip(fast, slow, strict=True)
+    )
+    print(f"{len(pairs)} dev queries x FAISS top 10, {args.rounds} rounds, one thread")
+    print(
+        f"forward {per_query['forward']:.3f} ms per query, textbook {per_query['textbook']:.3f} ms: "
+        f"{per_query['textbook'] / per_query['forward']:.2f}x; largest score difference {largest:.2e}; "
+        f"same order for every query: {same}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
