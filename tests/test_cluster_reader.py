@@ -57,8 +57,8 @@ def test_an_untrained_reader_ranks_exactly_as_its_retriever() -> None:
 
 @pytest.mark.parametrize("mode", ["xattn", "maxsim"])
 def test_the_forward_computes_its_formula_and_trains_through_it(mode: str) -> None:
-    """The forward's one shared exp (masked logits clamped) and its variance against torch's own logsumexp, softmax
-    and var: the same scores, and gradients that reach every parameter the formula uses."""
+    """The forward as served (one shared exp, masked logits clamped, the variance as a mean square) and as trained
+    (torch's fused calls) against the formula: the same scores, and gradients that reach the shift bias."""
     reader = _ranker(mode).reader
     for p in (reader.mlp[-1].weight, reader.scale, reader.rel):
         torch.nn.init.normal_(p)  # an opinion, a learnt shift bias
@@ -74,7 +74,10 @@ def test_the_forward_computes_its_formula_and_trains_through_it(mode: str) -> No
         m, spread = aligned.mean(1), aligned.var(1, unbiased=False)
         feats = torch.cat([qv, m, qv - m, (qv - m) ** 2, spread, lse.mean(1)[..., None]], -1)
         want = reader.mlp(feats).squeeze(-1).sum(-1)
-    got = reader(qq, qv, k, v)
+    with torch.inference_mode():  # serving's path
+        served = reader(qq, qv, k, v)
+    assert torch.allclose(served, want, rtol=1e-5, atol=1e-5)
+    got = reader(qq, qv, k, v)  # training's path
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     got.sum().backward()
     assert reader.rel.grad is not None and bool(reader.rel.grad.abs().sum() > 0)
