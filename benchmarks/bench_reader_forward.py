@@ -5,7 +5,7 @@ computes written with torch's own logsumexp, softmax and var (the code before th
 interleaved per query. Prints the milliseconds per query of each, their ratio, the largest difference of the
 scores and whether every query's order of its clusters is the same.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_reader_forward --home H
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_reader_forward --home H [--profile]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--space", default="default")
     p.add_argument("--queries", type=int, default=100, help="the first N dev queries")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also print torch's profile of each, by self CPU time")
     args = p.parse_args(argv)
     set_threads(1)
     from cascade.evaluation import example_queries
@@ -66,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                     t = time.perf_counter()
                     fn(*a)
                     spent[name] += time.perf_counter() - t
+        if args.profile:  # where each spends its time (the reason the forward is written as it is)
+            from torch.profiler import ProfilerActivity, profile
+
+            for name, fn in (("forward", reader), ("textbook", lambda *x: textbook(reader, *x))):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for a in pairs:
+                        fn(*a)
+                print(f"{name}:\n{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=8)}")
     per_query = {name: s / args.rounds / len(pairs) * 1000 for name, s in spent.items()}
     largest = max(float((a - b).abs().max()) for a, b in zip(fast, slow, strict=True))
     same = all(

@@ -189,9 +189,9 @@ class ClusterReader(nn.Module):
             lse = torch.logsumexp(logits, -1)
             weights = logits.softmax(-1)
         else:
-            # Serving: one exp for the log-sum-exp and the softmax. The masked logits (about -1e4) send the CPU's
-            # exp down a slow path; clamped at -80 their weights are 2e-35 instead of 0, which no float32 sum next
-            # to the largest weight (1) can show (benchmarks/bench_reader_forward.py: 2.7-3.1x faster).
+            # Serving: one exp for the log-sum-exp and the softmax, its masked inputs (about -1e4) clamped at -80,
+            # where logsumexp's own exp was the costliest call; their weights are 2e-35 instead of 0, which no
+            # float32 sum next to the largest weight (1) can show (benchmarks/bench_reader_forward.py: 2.7-3.1x).
             top = logits.amax(-1, keepdim=True)
             e = (logits - top).clamp_min(-80.0).exp()
             total = e.sum(-1, keepdim=True)

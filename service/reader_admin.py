@@ -101,9 +101,12 @@ def install_upload(state: ServiceState, spec: bytes, weights: bytes) -> tuple[Re
             return choice, snapshot, False
         before = snapshot.config.reader
         widths = {} if before is None else {"candidates": before.candidates, "members": before.members}
-        choice = check_reader(
-            dataclasses.replace(snapshot, reader=stored), pool=before.pool if before else None, **widths
-        )
+        try:
+            choice = check_reader(
+                dataclasses.replace(snapshot, reader=stored), pool=before.pool if before else None, **widths
+            )
+        except ValueError as exc:  # the space cannot check a reader (no or too few dev queries): nothing is stored
+            raise ConflictError(f"the uploaded reader cannot be checked on this space: {exc}") from None
         if not choice.served:
             raise UploadError(422, "weights", f"the reader's dev check keeps what is served: {choice.reason}")
         store_reader_files(state.settings.space_dir, stored.spec, weights, stored.extra, _kept_check(snapshot))

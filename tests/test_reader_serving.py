@@ -459,3 +459,22 @@ def test_http_an_uploaded_reader_is_checked_before_it_serves_and_rolls_back(
         stop_server(server)
     assert load_reader(home / SPACE).sha256 == digest  # on disk as served
     assert CascadeConfig.load(home / CONFIG_FILE).reader.sha256 == digest
+
+
+def test_http_an_upload_to_a_space_without_dev_queries_is_refused_and_nothing_is_stored(
+    tiny_home, tmp_path, trained_reader
+) -> None:
+    spec, weights, _ = trained_reader
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    (home / SPACE / "queries.npz").unlink()  # a user's space shipped without held-out queries
+    server = start_server(home, admin_env())
+    try:
+        files = {"spec": ("reader.json", spec), "weights": ("reader.safetensors", weights)}
+        r = httpx.post(f"{server.url}/v1/admin/reader", files=files, headers=AUTH, timeout=120)
+        assert r.status_code == 409, r.text
+        assert "cannot be checked on this space" in r.text and "held-out queries" in r.text
+        assert httpx.get(f"{server.url}/v1/space", timeout=30).json()["reader"] is None
+    finally:
+        stop_server(server)
+    assert not (home / SPACE / READER_SPEC).exists() and not list((home / SPACE).glob("reader-*"))

@@ -157,7 +157,7 @@ def _reader_out(snapshot: Snapshot) -> ReaderAdminOut:
     response_model=ReaderAdminOut,
     responses={
         200: {"model": ReaderAdminOut, "description": "the same weights are served already: nothing changed"},
-        **error_responses(413, 422),
+        **error_responses(409, 413, 422),
     },
 )
 def upload_reader(
@@ -168,8 +168,8 @@ def upload_reader(
 ) -> ReaderAdminOut:
     """Serve an uploaded cluster reader once it is read whole, fits this space's retriever and items, and its dev
     check (as `prunecascade reader --check`, seconds on the default space) chooses it over FAISS alone and the
-    default pair cascade; 422 with the check's figures otherwise, and nothing changes. The reader it replaces is
-    kept for `POST /v1/admin/reader/rollback`."""
+    default pair cascade; 422 with the check's figures otherwise, 409 where the space has no dev queries to check
+    it on, and nothing changes. The reader it replaces is kept for `POST /v1/admin/reader/rollback`."""
     try:
         _, snapshot, created = install_upload(state, spec, weights)
     except UploadError:
