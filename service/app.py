@@ -97,7 +97,7 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
-        per_path={"/v1/admin/models": settings.max_upload_bytes},
+        per_path={path: settings.max_upload_bytes for path in ("/v1/admin/models", "/v1/admin/reader")},
         body_timeout_s=settings.body_timeout_s,
     )
     app.add_middleware(AdminGate, token=settings.resolved_admin_token)

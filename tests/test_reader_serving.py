@@ -437,6 +437,9 @@ def test_http_an_uploaded_reader_is_checked_before_it_serves_and_rolls_back(
             (json.dumps({"spec": json.loads(spec)["spec"]}).encode(), b"\x80\x04pickle", "weights", "safetensors"),
             ((worse / READER_SPEC).read_bytes(), worse_weights, "weights", "dev check keeps"),
         ]
+        # larger than a query's body limit (1 MB), within the upload limit: it reaches the checks, as a model does
+        padded = json.dumps({**json.loads(spec), "extra": {"notes": "x" * 1_200_000}}).encode()
+        refusals.append((padded, b"\x80\x04pickle", "weights", "sha256"))
         for spec_bytes, weights_bytes, field, words in refusals:
             r = upload(spec_bytes, weights_bytes)
             assert r.status_code == 422, r.text
