@@ -88,14 +88,20 @@ def _members(snapshot: Snapshot) -> int:
     return snapshot.config.reader.members if snapshot.config.reader is not None else READER_MEMBERS
 
 
+def _read_counts(snapshot: Snapshot, clusters: np.ndarray) -> np.ndarray:
+    """Members read of each cluster: all of a small one's, a sample of the dev-checked number of a larger one's."""
+    return np.minimum(np.diff(snapshot.space.offsets)[clusters], _members(snapshot))
+
+
 def planned_flops(snapshot: Snapshot, target: Target, k: int) -> int:
     """FLOPs of the reader's stage for this target: per example, its query side once and the reader on every
     (query, cluster) pair with as many members as each cluster will be read with."""
     assert snapshot.reader is not None and target.candidates is not None
     ranker = snapshot.reader.ranker
     clusters = target.candidates[: rerank_width(snapshot, target, k)]
-    sizes = np.minimum(np.diff(snapshot.space.offsets)[clusters], _members(snapshot))
-    per_example = ranker.query_flops() + sum(ranker.reader.flops_per_pair(int(n)) for n in sizes)
+    per_example = ranker.query_flops() + sum(
+        ranker.reader.flops_per_pair(int(n)) for n in _read_counts(snapshot, clusters)
+    )
     return len(target.queries) * per_example
 
 
@@ -178,8 +184,7 @@ def reader_answer(
     order = torch.argsort(values, descending=True, stable=True)[:k].numpy()
     post = log_post[order].exp()
     flops = planned_flops(snapshot, target, k)
-    sizes = np.diff(snapshot.space.offsets)[clusters[:width]]
-    read = np.minimum(sizes, _members(snapshot))
+    read = _read_counts(snapshot, clusters[:width])
     report = StageReport(
         variant=READER_STAGE,
         version=1,

@@ -36,6 +36,7 @@ __all__ = [
     "ValidatedUpload",
     "GatePolicy",
     "validate_upload",
+    "refuse_oversized",
     "load_probe",
     "safetensors_header",
     "parse_json",
@@ -51,6 +52,13 @@ class UploadError(ValueError):
         self.status = status
         self.field = field
         self.message = message
+
+
+def refuse_oversized(parts: tuple[tuple[str, bytes | None], ...], limit: int) -> None:
+    """UploadError 413 naming the first uploaded part (field, bytes) larger than `limit` bytes."""
+    for field, data in parts:
+        if data is not None and len(data) > limit:
+            raise UploadError(413, field, f"larger than {limit} bytes")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from cascade.reader import check_of
 from cascade.snapshot import Snapshot
 from models.cluster_reader import ReaderSpec, build_ranker
 from models.cluster_reader_store import StoredReader, rollback_reader, store_reader_files
-from service.checkpoints import UploadError
+from service.checkpoints import UploadError, refuse_oversized
 from service.state import ConflictError, ServiceState
 
 __all__ = ["read_upload", "install_upload", "roll_back"]
@@ -89,10 +89,7 @@ def install_upload(state: ServiceState, spec: bytes, weights: bytes) -> tuple[Re
     and whether it is new (False: the same weights are served already; nothing changed)."""
     from cascade.reader_gate import check_reader  # measurement on dev queries, as the admin tuning route runs
 
-    limit = state.settings.max_upload_bytes
-    for field, data in (("spec", spec), ("weights", weights)):
-        if len(data) > limit:
-            raise UploadError(413, field, f"larger than {limit} bytes")
+    refuse_oversized((("spec", spec), ("weights", weights)), state.settings.max_upload_bytes)
     with state.lock:  # one change at a time: no model swap between the check and the swap
         snapshot = state.require_snapshot()
         stored = read_upload(spec, weights, snapshot)

@@ -16,7 +16,7 @@ from cascade.snapshot import Snapshot
 from models.manifest import NAME_PATTERN
 from models.registry import KindMismatchError
 from service.auth import require_admin
-from service.checkpoints import GatePolicy, UploadError, load_probe, validate_upload
+from service.checkpoints import GatePolicy, UploadError, load_probe, refuse_oversized, validate_upload
 from service.dependencies import SnapshotDep, StateDep, current_snapshot
 from service.errors import error_responses
 from service.reader_admin import install_upload, roll_back
@@ -75,9 +75,7 @@ def upload_model(
     )
     try:
         parts = (("manifest", manifest), ("weights", weights), ("gadget", gadget), ("gadget_spec", gadget_spec))
-        for field, data in parts:
-            if data is not None and len(data) > settings.max_upload_bytes:
-                raise UploadError(413, field, f"larger than {settings.max_upload_bytes} bytes")
+        refuse_oversized(parts, settings.max_upload_bytes)
         upload = validate_upload(
             manifest,
             weights,
