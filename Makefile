@@ -21,7 +21,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(VENV)/bin/prunecascade serve --bootstrap
+	$(VENV)/bin/prunecascade serve --bootstrap --train-reader
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .

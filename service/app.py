@@ -19,6 +19,7 @@ from service.errors import install_error_handlers
 from service.limits import BodySizeLimit, QueryLimiter
 from service.logs import RequestIdMiddleware, setup_logging
 from service.metrics import Metrics, MetricsMiddleware
+from service.reader_training import ReaderTraining
 from service.redis_link import RedisLink
 from service.routes import admin, catalog, health, inspect, metrics, query, tuning
 from service.settings import Settings
@@ -39,6 +40,8 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
     setup_logging(settings.log_level, settings.log_json)
     torch.set_num_threads(settings.torch_threads)
     state = ServiceState(settings, Metrics())
+    if settings.train_reader:
+        state.reader_training = ReaderTraining(state)
     link: RedisLink | None = None
     if settings.redis_url:
         link = RedisLink(
@@ -54,6 +57,8 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.load_in_background(None if before_load is None else lambda: before_load(state))
+        if state.reader_training is not None:
+            state.reader_training.start()  # waits for the first load, then trains only where no reader is stored
         if state.shared is not None:
             state.shared.start()  # waits for the first load, then reconciles with Redis
         if settings.resolved_admin_token() is None:
@@ -64,6 +69,8 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
         elif settings.token_was_stripped():
             log.warning("the admin token had surrounding whitespace; it was stripped (send it without)")
         yield
+        if state.reader_training is not None:
+            state.reader_training.stop()
         if state.shared is not None:
             state.shared.stop()
         if link is not None:

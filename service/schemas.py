@@ -257,6 +257,12 @@ class SpaceOut(BaseModel):
         "members it reads, its sha256 and how it was trained, and `previous`, the sha256 of the reader "
         "POST /v1/admin/reader/rollback would restore (null: none); null where the space has none",
     )
+    reader_training: dict[str, Any] | None = Field(
+        None,
+        description="with TRAIN_READER (`make run`): the cluster reader trained in the background where none was "
+        "stored: state (waiting, training, done, failed, not needed), steps, its log file, and `last`, what the "
+        "home records of the latest training (pid, started, seconds, exit code); null when the setting is off",
+    )
     item_cache: list[dict[str, Any]] = Field(
         default_factory=list,
         description="the pair models' query-independent item inputs, computed once per item and trunk: one entry per "

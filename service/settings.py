@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         "float32", description="float16 halves the item cache; answers move slightly (docs/operations.md)"
     )
     workers: int = Field(1, ge=1, le=64, description="server worker processes (`prunecascade serve`)")
+    train_reader: bool = Field(
+        False,
+        description="on a home with no cluster reader, train one in a background child process once the snapshot "
+        "is loaded, then serve it if its dev check chooses it (`service/reader_training.py`; `make run` sets it)",
+    )
+    reader_training_steps: int = Field(16000, ge=1, description="training steps of that background reader")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_k: int = Field(1000, ge=1)
     max_examples: int = Field(64, ge=1, description="examples a query by example may have (422 beyond)")

@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cascade.batcher import Batcher
 from cascade.config import CONFIG_FILE, CascadeConfig, ReaderChoice
@@ -59,6 +59,17 @@ class SharedChanges(Protocol):
     def stop(self) -> None: ...
 
 
+class BackgroundJob(Protocol):
+    """A job the server runs beside its queries (`service.reader_training.ReaderTraining`), declared here for
+    the same reason."""
+
+    def start(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
+
+
 class ConflictError(ValueError):
     """The change contradicts the current state (deleting the active version, nothing to roll back to)."""
 
@@ -80,6 +91,7 @@ class ServiceState:
         self.bootstrap_progress: dict[str, object] | None = None
         self.shared: SharedChanges | None = None  # set when Redis is configured
         self.cache: ResultCache | None = None
+        self.reader_training: BackgroundJob | None = None  # TRAIN_READER: the reader trained in the background
         # concurrent queries with the same stages computed as one batch (same answers as alone)
         self.batcher = (
             Batcher(settings.batch_max_wait_ms / 1000.0, settings.batch_max_queries, self._count_batch)

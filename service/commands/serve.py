@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="worker processes (default: $PRUNECASCADE_WORKERS or 1); they share the item cache's memory-mapped "
         "files (docs/operations.md, capacity)",
     )
+    p.add_argument(
+        "--train-reader",
+        action="store_true",
+        help="where no cluster reader is stored, train one in the background and serve it if its dev check "
+        "chooses it (default: $PRUNECASCADE_TRAIN_READER or off; about an hour of one core)",
+    )
     p.set_defaults(func=run)
 
 
@@ -49,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         print(note, flush=True)
     if args.workers is not None:
         settings = settings.model_copy(update={"workers": args.workers})
+    if args.train_reader:
+        settings = settings.model_copy(update={"train_reader": True})
     if settings.workers > 1:
         return _run_workers(settings, args.bootstrap)
     # log_config=None: uvicorn's own loggers propagate to the JSON handler `create_app` installs; the access
@@ -102,6 +110,7 @@ def _run_workers(settings, bootstrap: bool) -> int:
             "PRUNECASCADE_HOST": settings.host,
             "PRUNECASCADE_PORT": str(settings.port),
             "PRUNECASCADE_HEADER_TIMEOUT_S": str(settings.header_timeout_s),
+            "PRUNECASCADE_TRAIN_READER": str(settings.train_reader).lower(),
         }
     )
     if settings.admin_token_file is not None:  # e.g. the token the first run generated into the home

@@ -109,6 +109,7 @@ def space_summary(snapshot: SnapshotDep, state: StateDep) -> SpaceOut:
         exact=_finite(state.exact_status(snapshot)),
         reranker=None if snapshot.config.pair_tuning is None else dev_check(snapshot.config.pair_tuning),
         reader=_reader(snapshot, state.settings.space_dir),
+        reader_training=None if state.reader_training is None else state.reader_training.status(),
         item_cache=[_cache_entry(e) for e in snapshot.item_cache.entries()],
         snapshot_id=snapshot.id,
     )

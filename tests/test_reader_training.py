@@ -1,0 +1,119 @@
+"""The cluster reader trained in the background (`TRAIN_READER`, service/reader_training.py), over real uvicorn on
+a tiny bootstrapped home: a home with no reader trains one in a child process and serves it once its dev check
+chooses it (after waiting for the training another process holds the home's lock for), a home with one trains
+nothing, and stopping the server ends the child it started."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import start_server, stop_server
+
+from cascade.queries import QuerySet
+from models.cluster_reader_store import load_reader
+from service.reader_training import LOCK_FILE, LOG_FILE, STATUS_FILE
+
+SPACE = Path("spaces") / "default"
+
+
+def _training(url: str) -> dict:
+    return httpx.get(f"{url}/v1/space", timeout=30).json()["reader_training"]
+
+
+def _wait_for(url: str, done: callable, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _training(url)
+        if done(status):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"the background training did not get there: {status}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_home_without_a_reader_trains_one_in_the_background_and_serves_it(tiny_home, tmp_path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    assert load_reader(home / SPACE) is None
+    example = QuerySet.load(home / SPACE).split("dev").x[0]
+    query = {"target": {"examples": [np.asarray(example).tolist()]}, "k": 3}
+    env = {"PRUNECASCADE_TRAIN_READER": "true", "PRUNECASCADE_READER_TRAINING_STEPS": "50"}
+    lock = (home / LOCK_FILE).open("a+b")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as another worker's training would: the server waits for it
+    server = start_server(home, env)
+    try:
+        _wait_for(server.url, lambda s: s["state"] == "waiting for another process's training", timeout=60)
+        # the service answers from FAISS alone until a reader is trained and checked
+        assert httpx.post(f"{server.url}/v1/query", json=query, timeout=30).json()["mode"] != "reader"
+        lock.close()  # released with no reader stored: this server trains one
+        status = _wait_for(server.url, lambda s: s["state"].startswith(("done", "failed")), timeout=300)
+        assert status["state"] == "done: the reader is served", status
+        assert status["steps"] == 50 and status["last"]["state"] == "done" and status["last"]["seconds"] > 0
+        stored = load_reader(home / SPACE)
+        assert stored is not None and stored.extra["config"]["steps"] == 50
+        space = httpx.get(f"{server.url}/v1/space", timeout=30).json()
+        assert space["reader"]["served"] is True and space["reader"]["sha256"] == stored.sha256
+        assert httpx.post(f"{server.url}/v1/query", json=query, timeout=30).json()["mode"] == "reader"
+        assert "dev queries" in (home / LOG_FILE).read_text()  # the child's own report
+    finally:
+        lock.close()
+        stop_server(server)
+
+
+def test_a_home_with_a_reader_trains_none(tiny_home, tmp_path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    (home / SPACE / "reader.json").write_text("{}")  # any stored reader, even a broken one, is not retrained
+    server = start_server(home, {"PRUNECASCADE_TRAIN_READER": "true"})
+    try:
+        status = _wait_for(server.url, lambda s: s["state"].startswith("not"), timeout=60)
+        assert status["state"] == "not needed: a reader is stored" and status["last"] is None
+        assert not (home / STATUS_FILE).exists()
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize("setting", ["false", None])
+def test_without_the_setting_nothing_trains(tiny_home, tmp_path, setting) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    server = start_server(home, None if setting is None else {"PRUNECASCADE_TRAIN_READER": setting})
+    try:
+        assert _training(server.url) is None
+        assert not (home / STATUS_FILE).exists()
+    finally:
+        stop_server(server)
+
+
+def test_stopping_the_server_ends_the_training_it_started(tiny_home, tmp_path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    env = {"PRUNECASCADE_TRAIN_READER": "true", "PRUNECASCADE_READER_TRAINING_STEPS": "1000000"}
+    server = start_server(home, env)
+    try:
+        status = _wait_for(server.url, lambda s: s["state"] == "training", timeout=60)
+        pid = status["last"]["pid"]
+        assert _alive(pid) and json.loads((home / STATUS_FILE).read_text())["state"] == "training"
+    finally:
+        stop_server(server)
+    assert server.process.returncode is not None
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
+    assert load_reader(home / SPACE) is None  # nothing half-trained was stored
