@@ -1,6 +1,7 @@
 """Two real uvicorn replicas sharing one home (the shared checkpoint volume) and a real redis-server: an
 activation on one is live on the other within 2 s; with Redis killed queries still answer 200 and admin
-changes apply locally; with Redis restarted (empty) the replicas converge again."""
+changes apply locally; with Redis restarted (empty) the replicas converge again. A cluster reader uploaded to one
+replica is served by the other, under the check the first pushed."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from service_fixtures import (  # noqa: F401
     resaved_payload,
     wait_for,
 )
+
+from cascade.queries import QuerySet
+from models.cluster_reader_store import READER_SPEC, stored_digest, weights_file
+from service.cli import main as cli
 
 STAGES = [{"variant": "cnn-m20", "samples": 2, "keep": 20}, {"variant": "dense", "samples": 4}]
 
@@ -112,3 +117,30 @@ def test_replicas_converge_through_redis_and_survive_its_loss(replicas, redis_pr
     assert _served(a) == _served(b)
     assert wait_for(lambda: _metric(a, "prunecascade_redis_up ") == 1, timeout=5.0)
     assert httpx.post(f"{b.url}/v1/query", json=body).json()["stages"][0]["version"] == old
+
+
+def test_a_reader_uploaded_to_one_replica_is_served_by_the_other(replicas, tiny_home: Path, tmp_path: Path) -> None:
+    a, b = replicas
+    trained = copy_home(tiny_home, tmp_path / "trainer")
+    assert cli(["reader", "--home", str(trained), "--steps", "50"]) == 0  # served on the tiny home's dev check
+    space = trained / "spaces" / "default"
+    digest = stored_digest(space)
+    files = {
+        "spec": ("reader.json", (space / READER_SPEC).read_bytes()),
+        "weights": ("reader.safetensors", (space / weights_file(digest)).read_bytes()),
+    }
+    example = QuerySet.load(space).split("dev").x[0].tolist()
+    query = {"target": {"examples": [example]}, "k": 3}
+
+    def reader_of(server: Server) -> str | None:
+        reader = httpx.get(f"{server.url}/v1/space", timeout=10).json()["reader"]
+        return reader["sha256"] if reader is not None and reader["served"] else None
+
+    assert reader_of(a) is None and reader_of(b) is None
+    assert httpx.post(f"{b.url}/v1/query", json=query, timeout=30).json()["mode"] != "reader"
+    r = httpx.post(f"{a.url}/v1/admin/reader", files=files, headers=AUTH, timeout=120)
+    assert r.status_code == 201, r.text
+    assert reader_of(a) == digest
+    # B reads the files A stored beside the shared space, under the check A pushed with the config
+    assert wait_for(lambda: reader_of(b) == digest, timeout=5.0), httpx.get(f"{b.url}/v1/space").json()["reader"]
+    assert httpx.post(f"{b.url}/v1/query", json=query, timeout=30).json()["mode"] == "reader"
