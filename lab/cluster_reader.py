@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--dv", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--max-shift", type=int, default=12, help="relative positions beyond this are masked")
+    ap.add_argument("--context", type=int, default=0, help="odd kernel of a conv over the residual's positions")
+    ap.add_argument("--nearest", action="store_true", help="read the nearest aligned member's difference too")
     ap.add_argument(
         "--alone-steps", type=int, default=0, help="first steps train the reader alone (no retriever residual)"
     )
@@ -191,7 +193,9 @@ def main() -> None:
     trunk = MemberFeatures(retriever, args.feature, args.trainable, sample)
     with torch.no_grad():
         shape = trunk(sample[:1]).shape
-    reader = ClusterReader(shape[2], shape[1], args.mode, args.d, args.dv, args.hidden, args.max_shift)
+    reader = ClusterReader(
+        shape[2], shape[1], args.mode, args.d, args.dv, args.hidden, args.max_shift, args.context, args.nearest
+    )
     with torch.no_grad():
         reader.log_alpha.fill_(math.log(alpha))
     if args.init_identity:

@@ -63,6 +63,8 @@ class ReaderSpec:
     dv: int = 16
     hidden: int = 64
     max_shift: int = 12
+    context: int = 0
+    nearest: bool = False
 
     kind = "cluster-reader"
 
@@ -73,6 +75,8 @@ class ReaderSpec:
             raise ValueError(f"unknown mode {self.mode!r} (known: {', '.join(MODES)})")
         if min(self.d, self.dv, self.hidden) < 1 or self.max_shift < 0:
             raise ValueError("d, dv and hidden must be positive and max_shift at least 0")
+        if self.context < 0 or (self.context and self.context % 2 == 0):
+            raise ValueError("context must be 0 (none) or an odd kernel size")
         BiEncoderSpec.from_dict(self.encoder)  # raises naming the problem
 
     @property
@@ -87,7 +91,7 @@ class ReaderSpec:
         d = dict(d)
         if d.pop("kind", cls.kind) != cls.kind:
             raise ValueError("not a cluster reader spec")
-        unknown = set(d) - {"encoder", "feature", "mode", "d", "dv", "hidden", "max_shift"}
+        unknown = set(d) - {"encoder", "feature", "mode", "d", "dv", "hidden", "max_shift", "context", "nearest"}
         if unknown:
             raise ValueError(f"unknown cluster reader spec keys: {sorted(unknown)}")
         return cls(**d)
@@ -133,7 +137,18 @@ class MemberFeatures(nn.Module):
 class ClusterReader(nn.Module):
     """One score per (query, cluster) from the query's features and every member's (see the module)."""
 
-    def __init__(self, channels: int, length: int, mode: str, d: int, dv: int, hidden: int, max_shift: int) -> None:
+    def __init__(
+        self,
+        channels: int,
+        length: int,
+        mode: str,
+        d: int,
+        dv: int,
+        hidden: int,
+        max_shift: int,
+        context: int = 0,
+        nearest: bool = False,
+    ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
@@ -146,8 +161,21 @@ class ClusterReader(nn.Module):
         rel = p[:, None] - p[None, :]
         self.register_buffer("rel_idx", rel + length - 1)
         self.register_buffer("rel_mask", torch.where(rel.abs() <= max_shift, 0.0, -1e4))
+        self.context = context
+        if context:
+            # A conv over query positions of the residual f_q - m: neighbouring residuals are correlated where
+            # the noise is smooth, and a per-position score cannot undo that. Starts as the identity.
+            self.whiten = nn.Conv1d(dv, dv, context, padding=context // 2)
+            with torch.no_grad():
+                self.whiten.weight.zero_()
+                self.whiten.bias.zero_()
+                self.whiten.weight[:, :, context // 2] = torch.eye(dv)
+        # nearest: per position and channel, the smallest squared difference between the query and any one
+        # aligned member (a member with the query's own jitter matches it closely; a mean over members blurs it)
+        self.nearest = nearest
+        self.width = (5 + (2 if context else 0) + (1 if nearest else 0)) * dv + 1
         self.mlp = nn.Sequential(
-            nn.Linear(5 * dv + 1, hidden),
+            nn.Linear(self.width, hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden),
             nn.ReLU(),
@@ -207,7 +235,13 @@ class ClusterReader(nn.Module):
             centred = aligned - m[:, None]
             spread = (centred * centred).mean(1)  # the variance over members (torch.var over this dim: 10x slower)
         diff = qv - m
-        feats = torch.cat([qv, m, diff, diff.pow(2), spread, lse.mean(1)[..., None]], -1)
+        parts = [qv, m, diff, diff.pow(2), spread, lse.mean(1)[..., None]]
+        if self.context:
+            white = self.whiten(diff.transpose(1, 2)).transpose(1, 2)
+            parts += [white, white.pow(2)]
+        if self.nearest:
+            parts.append((qv[:, None] - aligned).pow(2).amin(1))
+        feats = torch.cat(parts, -1)
         return self.mlp(feats).squeeze(-1).sum(-1)
 
     def flops_per_pair(self, n: int) -> int:
@@ -219,7 +253,11 @@ class ClusterReader(nn.Module):
             return att + n * L + L
         att += n * L * L * 2 * dv  # aligned values
         att += n * L * dv * 3  # mean and spread over members
-        mlp = L * 2 * ((5 * dv + 1) * hidden + hidden * hidden + hidden) + L * (4 * dv)
+        mlp = L * 2 * (self.width * hidden + hidden * hidden + hidden) + L * (4 * dv)
+        if self.context:
+            mlp += L * 2 * dv * dv * self.context + L * 2 * dv
+        if self.nearest:
+            mlp += n * L * dv * 3
         return att + mlp
 
 
@@ -287,7 +325,9 @@ def build_ranker(
     trunk = MemberFeatures(encoder, spec.feature, False, sample)
     with torch.no_grad():
         shape = trunk(sample[:1]).shape
-    reader = ClusterReader(shape[2], shape[1], spec.mode, spec.d, spec.dv, spec.hidden, spec.max_shift)
+    reader = ClusterReader(
+        shape[2], shape[1], spec.mode, spec.d, spec.dv, spec.hidden, spec.max_shift, spec.context, spec.nearest
+    )
     return ReaderRanker(trunk, reader)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.biencoder import BiEncoder, BiEncoderSpec
-from models.cluster_reader import ClusterReader, MemberFeatures, ReaderRanker, listwise_loss
+from models.cluster_reader import ClusterReader, MemberFeatures, ReaderRanker, ReaderSpec, build_ranker, listwise_loss
 
 LENGTH = 16
 
@@ -31,12 +31,14 @@ def _groups(templates: torch.Tensor, b: int, g: int, n: int, gen: torch.Generato
     return _views(templates, own, gen), members, torch.zeros(b, g)
 
 
-def _ranker(mode: str = "xattn", seed: int = 0) -> ReaderRanker:
+def _ranker(mode: str = "xattn", seed: int = 0, context: int = 0, nearest: bool = False) -> ReaderRanker:
     torch.manual_seed(seed)
     encoder = BiEncoder(BiEncoderSpec(input_dim=LENGTH, channels=(8, 8), hidden=16, embed_dim=8))
     sample = torch.randn(256, LENGTH)
     trunk = MemberFeatures(encoder, "c1", trainable=False, sample=sample)
-    reader = ClusterReader(channels=9, length=LENGTH, mode=mode, d=8, dv=8, hidden=16, max_shift=4)
+    reader = ClusterReader(
+        channels=9, length=LENGTH, mode=mode, d=8, dv=8, hidden=16, max_shift=4, context=context, nearest=nearest
+    )
     reader.init_identity()
     return ReaderRanker(trunk, reader)
 
@@ -55,11 +57,16 @@ def test_an_untrained_reader_ranks_exactly_as_its_retriever() -> None:
     assert torch.equal(alone, torch.zeros(4, 5))
 
 
-@pytest.mark.parametrize("mode", ["xattn", "maxsim"])
-def test_the_forward_computes_its_formula_and_trains_through_it(mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "context", "nearest"), [("xattn", 0, False), ("maxsim", 0, False), ("xattn", 5, False), ("xattn", 3, True)]
+)
+def test_the_forward_computes_its_formula_and_trains_through_it(mode: str, context: int, nearest: bool) -> None:
     """The forward as served (one shared exp, masked logits clamped, the variance as a mean square) and as trained
-    (torch's fused calls) against the formula: the same scores, and gradients that reach the shift bias."""
-    reader = _ranker(mode).reader
+    (torch's fused calls) against the formula: the same scores, and gradients that reach the shift bias. The lab's
+    options read more: a conv over the residual's positions (`context`), the nearest aligned member (`nearest`)."""
+    reader = _ranker(mode, context=context, nearest=nearest).reader
+    if context:
+        torch.nn.init.normal_(reader.whiten.weight)  # past its identity start
     for p in (reader.mlp[-1].weight, reader.scale, reader.rel):
         torch.nn.init.normal_(p)  # an opinion, a learnt shift bias
     gen = torch.Generator().manual_seed(2)
@@ -72,7 +79,15 @@ def test_the_forward_computes_its_formula_and_trains_through_it(mode: str) -> No
     else:
         aligned = torch.einsum("pnql,pnlv->pnqv", logits.softmax(-1), v)
         m, spread = aligned.mean(1), aligned.var(1, unbiased=False)
-        feats = torch.cat([qv, m, qv - m, (qv - m) ** 2, spread, lse.mean(1)[..., None]], -1)
+        parts = [qv, m, qv - m, (qv - m) ** 2, spread, lse.mean(1)[..., None]]
+        if context:
+            white = torch.nn.functional.conv1d(
+                (qv - m).transpose(1, 2), reader.whiten.weight, reader.whiten.bias, padding=context // 2
+            ).transpose(1, 2)
+            parts += [white, white**2]
+        if nearest:
+            parts.append(((qv[:, None] - aligned) ** 2).min(1).values)
+        feats = torch.cat(parts, -1)
         want = reader.mlp(feats).squeeze(-1).sum(-1)
     with torch.inference_mode():  # serving's path
         served = reader(qq, qv, k, v)
@@ -98,9 +113,11 @@ def test_the_reader_reads_members_as_a_set() -> None:
     assert not torch.allclose(keys, other, atol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["xattn", "maxsim"])
-def test_flops_per_pair_grow_by_the_same_amount_per_member_read(mode: str) -> None:
-    reader = _ranker(mode).reader
+@pytest.mark.parametrize(
+    ("mode", "context", "nearest"), [("xattn", 0, False), ("maxsim", 0, False), ("xattn", 5, True)]
+)
+def test_flops_per_pair_grow_by_the_same_amount_per_member_read(mode: str, context: int, nearest: bool) -> None:
+    reader = _ranker(mode, context=context, nearest=nearest).reader
     per = [reader.flops_per_pair(n) for n in (1, 2, 3, 10)]
     assert per[1] - per[0] == per[2] - per[1] > 0
     assert per[3] == per[0] + 9 * (per[1] - per[0])
@@ -139,3 +156,18 @@ def test_unknown_features_and_modes_are_refused() -> None:
         MemberFeatures(encoder, "c3", trainable=False, sample=torch.randn(4, LENGTH))
     with pytest.raises(ValueError, match="unknown mode"):
         ClusterReader(9, LENGTH, "sum", d=8, dv=8, hidden=16, max_shift=4)
+
+
+def test_the_residual_conv_starts_as_the_identity_and_the_spec_keeps_the_options() -> None:
+    reader = _ranker(context=5).reader
+    diff = torch.randn(3, LENGTH, 8)
+    with torch.no_grad():
+        assert torch.allclose(reader.whiten(diff.transpose(1, 2)).transpose(1, 2), diff)
+    encoder = BiEncoderSpec(input_dim=LENGTH, channels=(8, 8), hidden=16, embed_dim=8).to_dict()
+    spec = ReaderSpec(encoder=encoder, context=5, nearest=True)
+    assert ReaderSpec.from_dict(spec.to_dict()) == spec
+    assert ReaderSpec.from_dict({"encoder": encoder}).context == 0  # a reader stored before the options
+    with pytest.raises(ValueError, match="odd"):
+        ReaderSpec(encoder=encoder, context=4)
+    ranker = build_ranker(spec, torch.randn(8, LENGTH))
+    assert ranker.reader.context == 5 and ranker.reader.nearest and ranker.reader.mlp[0].in_features == 8 * spec.dv + 1
