@@ -93,8 +93,12 @@ class ReaderTraining:
                     return
                 recorded = self._recorded() or {}
                 retried = recorded.get("state") == "failed" and recorded.get("started", 0) >= self._started_at
-                if not self._stored() and not retried and not self._train(lock):
-                    return
+                if not self._stored():
+                    if retried:  # by another worker of this server, after it started: not again
+                        self._state = f"failed in another worker process: see {self.home / LOG_FILE}"
+                        return
+                    if not self._train(lock):
+                        return
                 self._reload()
         except Exception:  # the service serves on without a reader; the log says why
             self._state = "failed: see the server log"

@@ -117,3 +117,21 @@ def test_stopping_the_server_ends_the_training_it_started(tiny_home, tmp_path) -
         time.sleep(0.1)
     assert not _alive(pid)
     assert load_reader(home / SPACE) is None  # nothing half-trained was stored
+
+
+def test_a_failed_training_is_recorded_and_the_server_serves_on(tiny_home, tmp_path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    (home / "bootstrap.json").write_text("{broken")  # the child cannot tell which prototypes to train on
+    example = QuerySet.load(home / SPACE).split("dev").x[0]
+    query = {"target": {"examples": [np.asarray(example).tolist()]}, "k": 3}
+    server = start_server(home, {"PRUNECASCADE_TRAIN_READER": "true", "PRUNECASCADE_READER_TRAINING_STEPS": "5"})
+    try:
+        status = _wait_for(server.url, lambda s: s["state"].startswith(("done", "failed")), timeout=120)
+        assert status["state"].startswith("failed: exit code 2") and status["last"]["state"] == "failed"
+        assert "prunecascade reader: error: Expecting property name" in (home / LOG_FILE).read_text()
+        answer = httpx.post(f"{server.url}/v1/query", json=query, timeout=30)
+        assert answer.status_code == 200 and answer.json()["mode"] != "reader"
+        assert load_reader(home / SPACE) is None
+    finally:
+        stop_server(server)
