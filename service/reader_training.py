@@ -62,7 +62,7 @@ class ReaderTraining:
 
     def status(self) -> dict[str, Any]:
         recorded = self._recorded()
-        return {"state": self._state, "steps": self.steps, "log": str(self.home / LOG_FILE), "last": recorded}
+        return {"state": self._state, "steps": self.steps, "log": f"HOME/{LOG_FILE}", "last": recorded}
 
     def stop(self) -> None:
         """End the child this process started (by its pid), then let the thread finish."""
@@ -95,7 +95,7 @@ class ReaderTraining:
                 retried = recorded.get("state") == "failed" and recorded.get("started", 0) >= self._started_at
                 if not self._stored():
                     if retried:  # by another worker of this server, after it started: not again
-                        self._state = f"failed in another worker process: see {self.home / LOG_FILE}"
+                        self._state = f"failed in another worker process: see HOME/{LOG_FILE}"
                         return
                     if not self._train(lock):
                         return
@@ -157,7 +157,7 @@ class ReaderTraining:
         if self._stopping.is_set():
             return False
         if code != 0:
-            self._state = f"failed: exit code {code}, see {self.home / LOG_FILE}"
+            self._state = f"failed: exit code {code}, see HOME/{LOG_FILE}"
             self._record({"state": "failed", "returncode": code, "started": started, "seconds": seconds})
             log.warning("the background training of the cluster reader failed (exit code %d): %s", code, LOG_FILE)
             return False
