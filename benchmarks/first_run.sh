@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The README's first command from a fresh clone, timed: `make run` until /readyz answers 200, then one query by
 # example (a held-out query) and one label query. Bounded: gives up after 40 minutes; stops the server at the end
-# (its process group only).
-#   bash benchmarks/first_run.sh [PORT]     (clones this checkout's HEAD into a temporary directory)
+# (its process group only). With `reader` as second argument it then waits (up to 3 hours) for the cluster reader
+# that `make run` trains in the background, prints when its training ended and how, and queries again.
+#   bash benchmarks/first_run.sh [PORT] [reader]     (clones this checkout's HEAD into a temporary directory)
 set -euo pipefail
 port=${1:-8765}
+wait_reader=${2:-}
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 dir=$(mktemp -d "${TMPDIR:-/tmp}/first-run.XXXXXX")
 git clone -q "$repo" "$dir/clone"
@@ -14,7 +16,7 @@ echo "start $(date -u) load $(cut -d' ' -f1-3 /proc/loadavg) commit $(git rev-pa
 # its own process group (job control on: a background job leads a new group), so that the end stops make, the
 # server it started and nothing else: never a pattern match that would also hit other users' servers
 set -m
-PRUNECASCADE_PORT=$port timeout 2400 make run > "$dir/make-run.log" 2>&1 &
+PRUNECASCADE_PORT=$port timeout $([ -n "$wait_reader" ] && echo 13200 || echo 2400) make run > "$dir/make-run.log" 2>&1 &
 server=$!
 set +m
 trap 'kill -TERM -- -"$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
@@ -30,3 +32,14 @@ echo "ready after $(( $(date +%s) - start )) s, load $(cut -d' ' -f1-3 /proc/loa
 .venv/bin/prunecascade queries --home var --limit 1 --body \
   | curl -s "localhost:$port/v1/query" -H 'content-type: application/json' -d @- | head -c 400; echo
 curl -s "localhost:$port/v1/query" -H 'content-type: application/json' -d '{"target": {"label": 3}, "k": 3}' | head -c 300; echo
+[ -n "$wait_reader" ] || exit 0
+training() { curl -s "localhost:$port/v1/space" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["reader_training"]["state"])'; }
+for i in $(seq 1 1080); do
+  state=$(training || true)
+  case "$state" in done*|failed*|not*) break ;; esac
+  if [ $((i % 30)) = 0 ]; then echo "t=$(( $(date +%s) - start ))s reader training: $state; $(tail -c 200 var/reader-training.log | tail -n 1)"; fi
+  sleep 10
+done
+echo "reader training ended after $(( $(date +%s) - start )) s: $state; load $(cut -d' ' -f1-3 /proc/loadavg)"
+.venv/bin/prunecascade queries --home var --limit 1 --body \
+  | curl -s "localhost:$port/v1/query" -H 'content-type: application/json' -d @- | head -c 400; echo
