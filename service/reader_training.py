@@ -155,6 +155,7 @@ class ReaderTraining:
         code = self._proc.wait()
         seconds = round(time.time() - started, 1)
         if self._stopping.is_set():
+            self._record({"state": "stopped with the server", "started": started, "seconds": seconds})
             return False
         if code != 0:
             self._state = f"failed: exit code {code}, see HOME/{LOG_FILE}"

@@ -117,6 +117,7 @@ def test_stopping_the_server_ends_the_training_it_started(tiny_home, tmp_path) -
         time.sleep(0.1)
     assert not _alive(pid)
     assert load_reader(home / SPACE) is None  # nothing half-trained was stored
+    assert json.loads((home / STATUS_FILE).read_text())["state"] == "stopped with the server"
 
 
 def test_a_failed_training_is_recorded_and_the_server_serves_on(tiny_home, tmp_path) -> None:
