@@ -22,8 +22,8 @@ from cascade.engine import CascadeResult, DeadlineExceeded, faiss_answer
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer, ExactTable, lookup_flops
 from cascade.queries import default_gains
+from cascade.reader import check_of, reader_answer, serves
 from cascade.reader import planned_flops as reader_flops
-from cascade.reader import reader_answer, serves
 from cascade.snapshot import Snapshot
 from cascade.stage import Stage, check_stages
 from cascade.stage_loop import StageJob, run_stages, run_stages_many
@@ -45,6 +45,7 @@ __all__ = [
     "execute",
     "execute_many",
     "plan_for_quality",
+    "quality_note",
     "QualityUnmet",
     "run_cascade",
     "resolve_stages",
@@ -305,6 +306,22 @@ def plan_for_quality(record: TuningRecord | None, quality: float) -> PlanPoint:
     best = max((p.rel_ndcg_low for p in record.front), default=float("nan"))
     raise QualityUnmet(
         f"no plan on the tuned front reaches {quality:g} (the best lower bound is {best:.3f}); {record.reason}"
+    )
+
+
+def quality_note(snapshot: Snapshot, quality: float) -> str | None:
+    """What an answer to a `quality` must say where the cluster reader is the default for queries by example: a
+    quality picks among the pair cascade's plans, and the reader is not one of them."""
+    choice = check_of(snapshot)
+    if choice is None or not serves(snapshot) or "reader" not in choice.dev:
+        return None
+    point = plan_for_quality(snapshot.config.pair_tuning, quality)
+    reader = choice.dev["reader"]
+    return (
+        f"a quality picks a plan of the tuned pair cascade ({point.name}: dev recall@1 {point.recall_at_1:.3f}, "
+        f"nDCG@10 {point.ndcg:.3f}); the default for queries by example here is the cluster reader (dev recall@1 "
+        f"{reader['recall_at_1']:.3f}, nDCG@10 {reader['ndcg_at_10']:.3f}): leave out quality, stages and "
+        "candidates to be answered by it"
     )
 
 

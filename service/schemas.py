@@ -170,8 +170,9 @@ class QueryResponse(BaseModel):
     cached: bool = Field(False, description="served from the result cache (same query, same snapshot)")
     warnings: list[str] = Field(
         default_factory=list,
-        description="what this answer lacks: a broken model served at its previous good version, or a default "
-        "cascade run shorter than configured (GET /v1/models lists the broken entries)",
+        description="what this answer lacks: a broken model served at its previous good version, a default "
+        "cascade run shorter than configured (GET /v1/models lists the broken entries), or, for a `quality`, "
+        "that the cluster reader this space serves by default is not among the plans a quality picks from",
     )
 
 

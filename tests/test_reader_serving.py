@@ -481,3 +481,37 @@ def test_http_an_upload_to_a_space_without_dev_queries_is_refused_and_nothing_is
     finally:
         stop_server(server)
     assert not (home / SPACE / READER_SPEC).exists() and not list((home / SPACE).glob("reader-*"))
+
+
+def test_a_quality_answer_says_when_the_reader_it_does_not_pick_is_the_default(tiny_home, tmp_path) -> None:
+    from cascade.plan import quality_note
+    from cascade.tuning_record import PlanPoint, TuneTarget, TuningRecord
+
+    def point(name: str, rel: float, r1: float, ndcg: float, flops: float) -> PlanPoint:
+        return PlanPoint(
+            name=name, candidates=10, stages=(), rel_ndcg=rel, rel_ndcg_low=rel, agreement=rel, recall_at_1=r1,
+            ndcg=ndcg, flops=flops, ms=1.0, queries=20,
+        )  # fmt: skip
+
+    faiss, cheap, dear = (
+        point("faiss", 0.9, 0.5, 0.8, 1e5),
+        point("cheap", 0.95, 0.55, 0.85, 1e6),
+        point("dear", 0.99, 0.6, 0.9, 1e7),
+    )
+    record = TuningRecord(
+        target=TuneTarget(kind="quality", value=0.99), chosen=dear, reason="test", reranker_helps=True,
+        faiss_only=faiss, dense_rerank=dear, oracle={"flops": 1e9}, front=(faiss, cheap, dear), dev_queries=20,
+        split_rule="test", models={}, space="test", date="2026-12-03", tuner={},
+    )  # fmt: skip
+    home = _home_with_reader(tiny_home, tmp_path)
+    path = home / CONFIG_FILE
+    CascadeConfig.load(path).model_copy(update={"pair_tuning": record}).save(path)
+    assert quality_note(_snapshot(home), 0.94) is None  # no check: the reader is not the default
+    snapshot = _snapshot(home, served=True)
+    dev = {"reader": {"recall_at_1": 0.75, "ndcg_at_10": 0.95}, "faiss": {"recall_at_1": 0.6, "ndcg_at_10": 0.9}}
+    choice = snapshot.config.reader.model_copy(update={"dev": dev})
+    CascadeConfig.load(path).model_copy(update={"reader": choice}).save(path)
+    note = quality_note(_snapshot(home), 0.94)
+    assert note is not None and "cheap: dev recall@1 0.550" in note and "dev recall@1 0.750, nDCG@10 0.950" in note
+    assert "dear" in quality_note(_snapshot(home), 0.99)
+    assert quality_note(_snapshot(home, served=False), 0.94) is None  # a reader its check did not choose

@@ -15,7 +15,7 @@ from cascade.batcher import Expected
 from cascade.engine import DeadlineExceeded, StageReport
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer
-from cascade.plan import Answer, Limits, Query, QueryPlan, execute, execute_many, plan_query
+from cascade.plan import Answer, Limits, Query, QueryPlan, execute, execute_many, plan_query, quality_note
 from service.cache import cache_key
 from service.dependencies import snapshot_of
 from service.errors import error_responses
@@ -119,6 +119,9 @@ def _answer(http: Request, request: QueryRequest, state: ServiceState, expected:
     response = _response(plan, result, started)
     if plan.path != "exact":  # what a default cascade lost to a broken registry entry (the table needs none of it)
         response.warnings = state.warnings_for(snapshot, plan.target.kind)
+    note = None if request.quality is None else quality_note(snapshot, request.quality)
+    if note is not None:
+        response.warnings.append(note)
     metrics = state.metrics
     for stage in response.stages:
         metrics.stage_latency.labels(variant=stage.variant).observe(stage.ms / 1000.0)
