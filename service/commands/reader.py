@@ -1,7 +1,8 @@
 """`prunecascade reader`: train a cluster reader for a home's space (a pair model that reads a candidate cluster's
 members together, `models.cluster_reader`), store it beside the space, and check it on the dev queries: it answers
 queries by example by default only where it beats FAISS alone there. Training takes about an hour on one core for
-the recipe's 16,000 steps, so the first run's bootstrap does not do it. A running server adopts the result with
+the recipe's 16,000 steps, so the first run's bootstrap does not do it: `make run` runs this command in the
+background once the service is up (`service/reader_training.py`). A running server adopts the result with
 `POST /v1/admin/reload`."""
 
 from __future__ import annotations
