@@ -52,6 +52,7 @@ class ReaderTraining:
         self.steps = state.settings.reader_training_steps
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
+        self._spawning = threading.Lock()  # a stop either sees the child or keeps it from being started
         self._started_at = time.time()
         self._state = "waiting for the snapshot"
         self._thread: threading.Thread | None = None
@@ -66,8 +67,9 @@ class ReaderTraining:
 
     def stop(self) -> None:
         """End the child this process started (by its pid), then let the thread finish."""
-        self._stopping.set()
-        proc = self._proc
+        with self._spawning:
+            self._stopping.set()
+            proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
@@ -138,7 +140,9 @@ class ReaderTraining:
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNECASCADE_TORCH_THREADS": "1"}
         started = time.time()
-        with open(self.home / LOG_FILE, "ab") as out:
+        with self._spawning, open(self.home / LOG_FILE, "ab") as out:
+            if self._stopping.is_set():
+                return False
             self._proc = subprocess.Popen(
                 command,
                 stdout=out,
