@@ -158,8 +158,9 @@ class ReaderTraining:
         log.info("training the cluster reader in the background: pid %d, log %s", self._proc.pid, self.home / LOG_FILE)
         code = self._proc.wait()
         seconds = round(time.time() - started, 1)
-        if self._stopping.is_set():
-            self._record({"state": "stopped with the server", "started": started, "seconds": seconds})
+        if self._stopping.is_set() or code < 0:  # a signal: the server's stop, or one sent to its process group
+            self._state = "stopped with the server" if self._stopping.is_set() else f"stopped by signal {-code}"
+            self._record({"state": self._state, "started": started, "seconds": seconds})
             return False
         if code != 0:
             self._state = f"failed: exit code {code}, see HOME/{LOG_FILE}"

@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -134,5 +135,21 @@ def test_a_failed_training_is_recorded_and_the_server_serves_on(tiny_home, tmp_p
         answer = httpx.post(f"{server.url}/v1/query", json=query, timeout=30)
         assert answer.status_code == 200 and answer.json()["mode"] != "reader"
         assert load_reader(home / SPACE) is None
+    finally:
+        stop_server(server)
+
+
+def test_a_training_ended_by_a_signal_is_recorded_as_stopped_not_failed(tiny_home, tmp_path) -> None:
+    """Ctrl-C in a terminal, or a script ending the server's process group, signals the child too."""
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    env = {"PRUNECASCADE_TRAIN_READER": "true", "PRUNECASCADE_READER_TRAINING_STEPS": "1000000"}
+    server = start_server(home, env)
+    try:
+        pid = _wait_for(server.url, lambda s: s["state"] == "training", timeout=60)["last"]["pid"]
+        os.kill(pid, signal.SIGTERM)  # as the group's signal reaches it
+        status = _wait_for(server.url, lambda s: s["state"] != "training", timeout=30)
+        assert status["state"] == "stopped by signal 15" and status["last"]["state"] == "stopped by signal 15"
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
     finally:
         stop_server(server)
