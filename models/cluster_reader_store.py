@@ -15,7 +15,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from models.cluster_reader import ReaderRanker, ReaderSpec, build_ranker
-from models.registry import sha256_file
+from models.registry import sha256_file, write_atomic
 
 __all__ = [
     "StoredReader",
@@ -76,9 +76,7 @@ def store_reader_files(
 
 
 def _write_json(path: Path, meta: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, allow_nan=False))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(meta, indent=2, allow_nan=False))
 
 
 def _install(directory: Path, meta: dict[str, Any], check: dict[str, Any] | None) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "BrokenEntryError",
     "KindMismatchError",
     "sha256_file",
+    "write_atomic",
     "WEIGHTS_FILE",
     "MANIFEST_FILE",
     "GADGET_WEIGHTS_FILE",
@@ -81,7 +82,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary file beside it and one rename: a reader sees the old file or the new."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -238,7 +240,7 @@ class ModelRegistry:
             "created_at": utc_now(),
             "extra": extra or {},
         }
-        _write_atomic(d / GADGET_SPEC_FILE, json.dumps(meta, indent=2))
+        write_atomic(d / GADGET_SPEC_FILE, json.dumps(meta, indent=2))
         return meta
 
     def register(
@@ -316,7 +318,7 @@ class ModelRegistry:
     def activate(self, name: str, version: int, record: bool = True) -> None:
         """Make `version` active; `record` appends it to the activation history that `rollback` walks."""
         self.entry_dir(name, version)  # raises for an unknown version
-        _write_atomic(self.root / name / _ACTIVE, f"{version}\n")
+        write_atomic(self.root / name / _ACTIVE, f"{version}\n")
         if record:
             history = self.history(name)
             if not history or history[-1] != version:
@@ -333,7 +335,7 @@ class ModelRegistry:
             return []
 
     def _write_history(self, name: str, history: list[int]) -> None:
-        _write_atomic(self.root / name / _HISTORY, json.dumps(history))
+        write_atomic(self.root / name / _HISTORY, json.dumps(history))
 
     def rollback_target(self, name: str, current: int) -> int | None:
         """The version active before `current` that still exists; else the highest existing one below it."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from cascade.reader import serves
 from models.cluster_reader_store import READER_SPEC
+from models.registry import write_atomic
 
 if TYPE_CHECKING:
     from service.state import ServiceState
@@ -184,7 +185,4 @@ class ReaderTraining:
             return None
 
     def _record(self, status: dict[str, Any]) -> None:
-        path = self.home / STATUS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status))
-        tmp.replace(path)
+        write_atomic(self.home / STATUS_FILE, json.dumps(status))

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import start_server, stop_server
+from conftest import Server, start_server, stop_server
 
 from cascade.queries import QuerySet
 from models.cluster_reader_store import load_reader
@@ -101,14 +101,23 @@ def test_without_the_setting_nothing_trains(tiny_home, tmp_path, setting) -> Non
         stop_server(server)
 
 
-def test_stopping_the_server_ends_the_training_it_started(tiny_home, tmp_path) -> None:
+def _serve_a_long_training(tiny_home: Path, tmp_path: Path) -> tuple[Path, Server, int]:
+    """A copy of the tiny home served with a training too long to end by itself: the home, the server and the
+    training child's pid, once it trains."""
     home = tmp_path / "home"
     shutil.copytree(tiny_home, home)
     env = {"PRUNECASCADE_TRAIN_READER": "true", "PRUNECASCADE_READER_TRAINING_STEPS": "1000000"}
     server = start_server(home, env)
     try:
-        status = _wait_for(server.url, lambda s: s["state"] == "training", timeout=60)
-        pid = status["last"]["pid"]
+        return home, server, _wait_for(server.url, lambda s: s["state"] == "training", timeout=60)["last"]["pid"]
+    except BaseException:
+        stop_server(server)
+        raise
+
+
+def test_stopping_the_server_ends_the_training_it_started(tiny_home, tmp_path) -> None:
+    home, server, pid = _serve_a_long_training(tiny_home, tmp_path)
+    try:
         assert _alive(pid) and json.loads((home / STATUS_FILE).read_text())["state"] == "training"
     finally:
         stop_server(server)
@@ -141,12 +150,8 @@ def test_a_failed_training_is_recorded_and_the_server_serves_on(tiny_home, tmp_p
 
 def test_a_training_ended_by_a_signal_is_recorded_as_stopped_not_failed(tiny_home, tmp_path) -> None:
     """Ctrl-C in a terminal, or a script ending the server's process group, signals the child too."""
-    home = tmp_path / "home"
-    shutil.copytree(tiny_home, home)
-    env = {"PRUNECASCADE_TRAIN_READER": "true", "PRUNECASCADE_READER_TRAINING_STEPS": "1000000"}
-    server = start_server(home, env)
+    _, server, pid = _serve_a_long_training(tiny_home, tmp_path)
     try:
-        pid = _wait_for(server.url, lambda s: s["state"] == "training", timeout=60)["last"]["pid"]
         os.kill(pid, signal.SIGTERM)  # as the group's signal reaches it
         status = _wait_for(server.url, lambda s: s["state"] != "training", timeout=30)
         assert status["state"] == "stopped by signal 15" and status["last"]["state"] == "stopped by signal 15"
