@@ -9,6 +9,7 @@ the path; the stage loop (`cascade.stage_loop`) runs the stages."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
@@ -46,6 +47,7 @@ __all__ = [
     "execute_many",
     "plan_for_quality",
     "quality_note",
+    "reader_dominates",
     "QualityUnmet",
     "run_cascade",
     "resolve_stages",
@@ -148,7 +150,8 @@ def plan_query(
 
 
 def _with_quality_plan(snapshot: Snapshot, query: Query) -> Query:
-    """The query with the stages and M of the cheapest plan on the tuned front that meets its quality."""
+    """The query with the stages and M of the cheapest plan on the tuned front that meets its quality, or, where
+    the cluster reader dominates that plan (`reader_dominates`), the query as the reader answers it by default."""
     if query.stages is not None or query.candidates is not None:
         raise RequestError("quality", "give a quality or stages and candidates, not both")
     if query.examples is None:
@@ -157,6 +160,8 @@ def _with_quality_plan(snapshot: Snapshot, query: Query) -> Query:
         point = plan_for_quality(snapshot.config.pair_tuning, query.quality or 0.0)
     except QualityUnmet as exc:
         raise RequestError("quality", str(exc)) from None
+    if query.mode == "auto" and reader_dominates(snapshot, point):  # mode cascade asks for the pair cascade
+        return replace(query, quality=None)
     return replace(query, stages=point.stages, candidates=point.candidates, quality=None)
 
 
@@ -309,19 +314,44 @@ def plan_for_quality(record: TuningRecord | None, quality: float) -> PlanPoint:
     )
 
 
-def quality_note(snapshot: Snapshot, quality: float) -> str | None:
+def reader_dominates(snapshot: Snapshot, point: PlanPoint) -> bool:
+    """Whether the cluster reader the space serves by default is at least as good as a tuned plan against the truth
+    on dev queries (recall@1 and nDCG@10) at no more FLOPs per query. A quality is then answered by the reader: the
+    front measures its plans against the dense rerank, which the reader is not among, and a plan the reader beats on
+    every count is not worth its FLOPs."""
+    choice = check_of(snapshot)
+    if choice is None or not serves(snapshot) or "reader" not in choice.dev:
+        return False
+    reader = choice.dev["reader"]
+    return (
+        reader["recall_at_1"] >= point.recall_at_1
+        and reader["ndcg_at_10"] >= point.ndcg
+        and reader.get("flops", math.inf) <= point.flops
+    )
+
+
+def quality_note(snapshot: Snapshot, quality: float, path: Path) -> str | None:
     """What an answer to a `quality` must say where the cluster reader is the default for queries by example: a
-    quality picks among the pair cascade's plans, and the reader is not one of them."""
+    quality picks among the pair cascade's plans, and the reader is not one of them; it answers in the plan's place
+    where it dominates the plan (`reader_dominates`). `path`: what answered."""
     choice = check_of(snapshot)
     if choice is None or not serves(snapshot) or "reader" not in choice.dev:
         return None
     point = plan_for_quality(snapshot.config.pair_tuning, quality)
     reader = choice.dev["reader"]
+    picked = (
+        f"a quality of {quality:g} picks {point.name} on the tuned pair cascade's front (dev recall@1 "
+        f"{point.recall_at_1:.3f}, nDCG@10 {point.ndcg:.3f}, {point.flops:,.0f} FLOPs per query)"
+    )
+    figures = f"dev recall@1 {reader['recall_at_1']:.3f}, nDCG@10 {reader['ndcg_at_10']:.3f}"
+    if path == "reader":
+        return (
+            f"{picked}; the cluster reader, this space's default, does at least as well at no more FLOPs "
+            f"({figures}, {reader['flops']:,.0f} FLOPs per query), so the reader answered"
+        )
     return (
-        f"a quality picks a plan of the tuned pair cascade ({point.name}: dev recall@1 {point.recall_at_1:.3f}, "
-        f"nDCG@10 {point.ndcg:.3f}); the default for queries by example here is the cluster reader (dev recall@1 "
-        f"{reader['recall_at_1']:.3f}, nDCG@10 {reader['ndcg_at_10']:.3f}): leave out quality, stages and "
-        "candidates to be answered by it"
+        f"{picked}; the default for queries by example here is the cluster reader ({figures}): leave out quality, "
+        "stages and candidates to be answered by it"
     )
 
 

@@ -123,7 +123,8 @@ class QueryRequest(BaseModel):
         le=1,
         description="with examples, instead of stages and candidates: the cheapest plan on the tuned front "
         "(GET /v1/cascade, pair_tuning.front) whose relative nDCG@10 to the dense rerank reaches this, by its "
-        "lower confidence bound on dev queries",
+        "lower confidence bound on dev queries; the cluster reader this space serves by default answers instead "
+        "where it does at least as well as that plan on dev queries (recall@1, nDCG@10) at no more FLOPs",
     )
 
 
@@ -172,7 +173,7 @@ class QueryResponse(BaseModel):
         default_factory=list,
         description="what this answer lacks: a broken model served at its previous good version, a default "
         "cascade run shorter than configured (GET /v1/models lists the broken entries), or, for a `quality`, "
-        "that the cluster reader this space serves by default is not among the plans a quality picks from",
+        "which plan it picked and whether the cluster reader this space serves by default answered in its place",
     )
 
 

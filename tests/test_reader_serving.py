@@ -483,8 +483,8 @@ def test_http_an_upload_to_a_space_without_dev_queries_is_refused_and_nothing_is
     assert not (home / SPACE / READER_SPEC).exists() and not list((home / SPACE).glob("reader-*"))
 
 
-def test_a_quality_answer_says_when_the_reader_it_does_not_pick_is_the_default(tiny_home, tmp_path) -> None:
-    from cascade.plan import quality_note
+def test_a_quality_is_answered_by_the_reader_where_it_dominates_the_plan_picked(tiny_home, tmp_path) -> None:
+    from cascade.plan import Query, plan_query, quality_note
     from cascade.tuning_record import PlanPoint, TuneTarget, TuningRecord
 
     def point(name: str, rel: float, r1: float, ndcg: float, flops: float) -> PlanPoint:
@@ -506,12 +506,32 @@ def test_a_quality_answer_says_when_the_reader_it_does_not_pick_is_the_default(t
     home = _home_with_reader(tiny_home, tmp_path)
     path = home / CONFIG_FILE
     CascadeConfig.load(path).model_copy(update={"pair_tuning": record}).save(path)
-    assert quality_note(_snapshot(home), 0.94) is None  # no check: the reader is not the default
-    snapshot = _snapshot(home, served=True)
-    dev = {"reader": {"recall_at_1": 0.75, "ndcg_at_10": 0.95}, "faiss": {"recall_at_1": 0.6, "ndcg_at_10": 0.9}}
-    choice = snapshot.config.reader.model_copy(update={"dev": dev})
-    CascadeConfig.load(path).model_copy(update={"reader": choice}).save(path)
-    note = quality_note(_snapshot(home), 0.94)
-    assert note is not None and "cheap: dev recall@1 0.550" in note and "dev recall@1 0.750, nDCG@10 0.950" in note
-    assert "dear" in quality_note(_snapshot(home), 0.99)
-    assert quality_note(_snapshot(home, served=False), 0.94) is None  # a reader its check did not choose
+    example = _dev_example(_snapshot(home))
+
+    def answered(quality: float, reader: dict | None = None, mode: str = "auto") -> tuple[str, str | None]:
+        if reader is not None:
+            dev = {"reader": reader, "faiss": {"recall_at_1": 0.6, "ndcg_at_10": 0.9}}
+            choice = CascadeConfig.load(path).reader.model_copy(update={"dev": dev})
+            CascadeConfig.load(path).model_copy(update={"reader": choice}).save(path)
+        snapshot = _snapshot(home)
+        answer = plan_query(snapshot, Query(examples=example, quality=quality, mode=mode)).path
+        return answer, quality_note(snapshot, quality, answer)
+
+    # no check: the reader is not the default, and a quality runs the plan it picks, with no note
+    assert answered(0.94) == ("faiss", None)  # the points' stage lists are [] (FAISS alone)
+    _snapshot(home, served=True)
+    # better on dev but dearer than the plan picked: the plan answers, and the note names both
+    path_, note = answered(0.94, {"recall_at_1": 0.75, "ndcg_at_10": 0.95, "flops": 5e6})
+    assert path_ == "faiss" and note is not None
+    assert "picks cheap" in note and "dev recall@1 0.550" in note and "dev recall@1 0.750, nDCG@10 0.950" in note
+    assert "leave out quality" in note
+    # the dearer plan of a higher quality is dominated: better on both counts at fewer FLOPs, the reader answers
+    path_, note = answered(0.99)
+    assert path_ == "reader" and note is not None and "picks dear" in note and "so the reader answered" in note
+    assert answered(0.99, mode="cascade")[0] == "faiss"  # a query that asks for the pair cascade gets it
+    # worse on one count (nDCG@10 under the plan's): not dominated
+    assert answered(0.99, {"recall_at_1": 0.75, "ndcg_at_10": 0.89, "flops": 5e6})[0] == "faiss"
+    # a check recorded before the reader's FLOPs were: never dominates
+    assert answered(0.99, {"recall_at_1": 0.75, "ndcg_at_10": 0.95})[0] == "faiss"
+    _snapshot(home, served=False)  # a reader its check did not choose
+    assert answered(0.99) == ("faiss", None)

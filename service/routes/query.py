@@ -119,7 +119,7 @@ def _answer(http: Request, request: QueryRequest, state: ServiceState, expected:
     response = _response(plan, result, started)
     if plan.path != "exact":  # what a default cascade lost to a broken registry entry (the table needs none of it)
         response.warnings = state.warnings_for(snapshot, plan.target.kind)
-    note = None if request.quality is None else quality_note(snapshot, request.quality)
+    note = None if request.quality is None else quality_note(snapshot, request.quality, plan.path)
     if note is not None:
         response.warnings.append(note)
     metrics = state.metrics
