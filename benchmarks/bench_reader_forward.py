@@ -6,6 +6,10 @@ interleaved per query. Prints the milliseconds per query of each, their ratio, t
 scores and whether every query's order of its clusters is the same.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_reader_forward --home H [--profile]
+
+With `--batch B`, it also measures what batching reader queries across requests would buy at the model call: the
+forward over B queries' pairs in one call against the same B queries one call each, interleaved, and whether the
+batched scores equal the one-by-one scores bit for bit (a batched answer must be the one a query gets alone).
 """
 
 from __future__ import annotations
@@ -31,6 +35,33 @@ def textbook(reader, qq: torch.Tensor, qv: torch.Tensor, k: torch.Tensor, v: tor
     return reader.mlp(feats).squeeze(-1).sum(-1)
 
 
+def batched_vs_alone(reader, pairs: list, alone: list[torch.Tensor], batch: int, rounds: int) -> None:
+    """Prints the forward's milliseconds per query with `batch` queries' pairs in one call against one call per
+    query (interleaved per batch), and whether the scores are the same bit for bit."""
+    groups = [pairs[i : i + batch] for i in range(0, len(pairs) - batch + 1, batch)]
+    joined = [tuple(torch.cat(parts) for parts in zip(*group, strict=True)) for group in groups]
+    spent = {"one call per query": 0.0, f"{batch} queries per call": 0.0}
+    for _ in range(rounds):
+        for group, args in zip(groups, joined, strict=True):
+            t = time.perf_counter()
+            for a in group:
+                reader(*a)
+            spent["one call per query"] += time.perf_counter() - t
+            t = time.perf_counter()
+            reader(*args)
+            spent[f"{batch} queries per call"] += time.perf_counter() - t
+    together = torch.cat([reader(*args) for args in joined])
+    one_by_one = torch.cat(alone[: len(groups) * batch])
+    queries = len(groups) * batch * rounds
+    ms = {name: s / queries * 1000 for name, s in spent.items()}
+    (a, b) = ms.values()
+    print(
+        f"{len(groups) * batch} dev queries in batches of {batch}: one call per query {a:.3f} ms per query, "
+        f"{batch} per call {b:.3f} ms: {a / b:.2f}x; bit for bit the same scores: {torch.equal(together, one_by_one)} "
+        f"(largest difference {float((together - one_by_one).abs().max()):.2e})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", type=Path, required=True)
@@ -38,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=100, help="the first N dev queries")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="also print torch's profile of each, by self CPU time")
+    p.add_argument("--batch", type=int, default=0, help="also time B queries in one forward against one by one")
     args = p.parse_args(argv)
     set_threads(1)
     from cascade.evaluation import example_queries
@@ -75,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                     for a in pairs:
                         fn(*a)
                 print(f"{name}:\n{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=8)}")
+        if args.batch > 1:
+            batched_vs_alone(reader, pairs, fast, args.batch, args.rounds)
     per_query = {name: s / args.rounds / len(pairs) * 1000 for name, s in spent.items()}
     largest = max(float((a - b).abs().max()) for a, b in zip(fast, slow, strict=True))
     same = all(

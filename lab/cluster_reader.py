@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -158,6 +159,14 @@ def main() -> None:
         help="100k: 100,000 items in 10,000 clusters (seed 7); test = its first 200 queries, dev = the other 100",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--train-worlds",
+        type=int,
+        default=0,
+        help="train on this many fresh sets of the bootstrap's 4,000 prototypes each (seeds 11, 12, ...; the "
+        "retriever never saw them), a step's queries all from one set: more clusters to learn from, with candidate "
+        "lists as dense as the bootstrap's",
+    )
     ap.add_argument("--load", help="skip training: measure the weights a run saved beside its --out (.pt)")
     ap.add_argument(
         "--alpha-scales",
@@ -179,9 +188,11 @@ def main() -> None:
     retriever = load_retriever()
     retriever.requires_grad_(False)
     train, _ = prototype_training_sets(PairConfig())
+    worlds = [make_prototype_set(replace(PairConfig().train, seed=11 + w), "train") for w in range(args.train_worlds)]
     held = make_prototype_set(PrototypeConfig(num_prototypes=4000, seed=7), "val")
     t0 = time.perf_counter()
-    tr_groups, held_groups = Groups(train, retriever), Groups(held, retriever)
+    all_groups = [Groups(t, retriever) for t in (worlds or [train])]
+    tr_groups, held_groups = all_groups[0], Groups(held, retriever)
     rng = np.random.default_rng([args.seed, 1])
     vrng = np.random.default_rng([args.seed, 2])
     # fixed diagnostics: own cluster vs the retriever's whole top `top` (like the product's group_top1)
@@ -261,7 +272,8 @@ def main() -> None:
             print("alpha refit", out["alpha_refit"], flush=True)
         model.residual = step > args.alone_steps
         reader.log_alpha.requires_grad_(model.residual)
-        q, members, rs = tr_groups.sample(args.batch, args.group, args.top, rng)
+        world = all_groups[int(rng.integers(len(all_groups)))] if len(all_groups) > 1 else tr_groups
+        q, members, rs = world.sample(args.batch, args.group, args.top, rng)
         loss = listwise_loss(model.scores(q, members, rs))
         opt.zero_grad(set_to_none=True)
         loss.backward()
