@@ -2,8 +2,9 @@
 # The README's first command from a fresh clone, timed: `make run` until /readyz answers 200, then one query by
 # example (a held-out query) and one label query. Bounded: gives up after 40 minutes; stops the server at the end
 # (its process group only). With `reader` as second argument it then waits (up to 3 hours) for the cluster reader
-# that `make run` trains in the background, prints when its training ended and how, and queries again.
-#   bash benchmarks/first_run.sh [PORT] [reader]     (clones this checkout's HEAD into a temporary directory)
+# that `make run` trains in the background, prints when its training ended and how, and queries again; with
+# `first-reader`, only until the first (shorter) reader of that training is served.
+#   bash benchmarks/first_run.sh [PORT] [reader|first-reader]   (clones this checkout's HEAD into a temporary directory)
 set -euo pipefail
 port=${1:-8765}
 wait_reader=${2:-}
@@ -34,9 +35,11 @@ echo "ready after $(( $(date +%s) - start )) s, load $(cut -d' ' -f1-3 /proc/loa
 curl -s "localhost:$port/v1/query" -H 'content-type: application/json' -d '{"target": {"label": 3}, "k": 3}' | head -c 300; echo
 [ -n "$wait_reader" ] || exit 0
 training() { curl -s "localhost:$port/v1/space" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["reader_training"]["state"])'; }
+served() { curl -s "localhost:$port/v1/space" | .venv/bin/python -c 'import json,sys; print(bool((json.load(sys.stdin)["reader"] or {}).get("served")))'; }
 for i in $(seq 1 1080); do
   state=$(training || true)
   case "$state" in done*|failed*|not*) break ;; esac
+  if [ "$wait_reader" = first-reader ] && [ "$(served || true)" = True ]; then state="a reader served; $state"; break; fi
   if [ $((i % 30)) = 0 ]; then echo "t=$(( $(date +%s) - start ))s reader training: $state; $(tail -c 200 var/reader-training.log | tail -n 1)"; fi
   sleep 10
 done

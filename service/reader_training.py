@@ -7,10 +7,16 @@ lower CPU priority than the queries, in the server's process group (a script tha
 too), its output in `HOME/reader-training.log`. When the child succeeds the service reloads, and the reader
 answers by default if its dev check chose it.
 
+A shorter reader comes first (`READER_TRAINING_FIRST_STEPS`, 4,000 steps, about a quarter of the time): it is
+trained, checked and served, then the full one is trained the same way and replaces it. Should the full one's check
+not choose it, the first is served again (the store keeps the reader it replaced). A restart goes on with the stages
+left, as long as the stored reader is the one this training made (its sha256 is in the record).
+
 One training per home: the child holds an exclusive lock on `HOME/reader-training.lock` for as long as it lives
 (inherited, so a server killed alone does not make a restart start a second one). Other worker processes of the
-same server wait on that lock and reload when it is released. Stopping the server ends the child; the training
-then starts over at the next start. Importing this trains nothing: the training runs in the child."""
+same server wait on that lock, adopt each reader the training stores, and reload when the lock is released.
+Stopping the server ends the child; its stage then starts over at the next start. Importing this trains nothing:
+the training runs in the child."""
 
 from __future__ import annotations
 
@@ -26,13 +32,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from cascade.reader import serves
-from models.cluster_reader_store import READER_SPEC
+from models.cluster_reader_store import READER_SPEC, stored_digest
 from models.registry import write_atomic
+from service.reader_admin import roll_back
 
 if TYPE_CHECKING:
     from service.state import ServiceState
 
-__all__ = ["ReaderTraining", "STATUS_FILE", "LOG_FILE", "LOCK_FILE"]
+__all__ = ["ReaderTraining", "STATUS_FILE", "LOG_FILE", "LOCK_FILE", "training_stages", "stages_left"]
 
 log = logging.getLogger("prunecascade.reader_training")
 
@@ -43,6 +50,22 @@ NICENESS = 10  # queries first: the training takes what the serving leaves of it
 STOP_GRACE_S = 5.0
 
 
+def training_stages(first: int, steps: int) -> tuple[int, ...]:
+    """The step counts trained in turn: a shorter reader first where one is asked for, then the full one."""
+    return (first, steps) if 0 < first < steps else (steps,)
+
+
+def stages_left(stages: tuple[int, ...], stored: str | None, trained: dict[str, Any] | None) -> tuple[int, ...]:
+    """What is left to train: every stage with no reader stored; the stages after the one whose reader is stored,
+    where that reader is one this training made (`trained`: the steps and sha256 of the last stage it stored);
+    nothing where the stored reader is anyone else's (an upload, `prunecascade reader` by hand, a broken file)."""
+    if stored is None:
+        return stages
+    if not trained or trained.get("sha256") != stored or trained.get("steps") not in stages:
+        return ()
+    return stages[stages.index(trained["steps"]) + 1 :]
+
+
 class ReaderTraining:
     """Train the reader of `state`'s home in a child process once the first snapshot is loaded, when none is
     stored; `status()` says where it stands (GET /v1/space, `reader_training`)."""
@@ -51,6 +74,8 @@ class ReaderTraining:
         self.state = state
         self.home = state.settings.home
         self.steps = state.settings.reader_training_steps
+        self.stages = training_stages(state.settings.reader_training_first_steps, self.steps)
+        self._adopted: str | None = None  # the sha256 of the last reader this process reloaded for
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._spawning = threading.Lock()  # a stop either sees the child or keeps it from being started
@@ -64,7 +89,13 @@ class ReaderTraining:
 
     def status(self) -> dict[str, Any]:
         recorded = self._recorded()
-        return {"state": self._state, "steps": self.steps, "log": f"HOME/{LOG_FILE}", "last": recorded}
+        return {
+            "state": self._state,
+            "steps": self.steps,
+            "stages": list(self.stages),
+            "log": f"HOME/{LOG_FILE}",
+            "last": recorded,
+        }
 
     def stop(self) -> None:
         """End the child this process started (by its pid), then let the thread finish."""
@@ -94,34 +125,42 @@ class ReaderTraining:
             with open(self.home / LOCK_FILE, "a+b") as lock:
                 if not self._acquire(lock):
                     return
-                recorded = self._recorded() or {}
-                retried = recorded.get("state") == "failed" and recorded.get("started", 0) >= self._started_at
-                if not self._stored():
+                left = self._left()
+                for steps in left:
+                    recorded = self._recorded() or {}
+                    retried = recorded.get("state") == "failed" and recorded.get("started", 0) >= self._started_at
                     if retried:  # by another worker of this server, after it started: not again
                         self._state = f"failed in another worker process: see HOME/{LOG_FILE}"
                         return
-                    if not self._train(lock):
+                    served_before = self._serving()
+                    if not self._train(lock, steps):
                         return
-                self._reload()
+                    self._adopt(final=steps == left[-1], served_before=served_before)
+                if not left:
+                    self._adopt(final=True, served_before=False)
         except Exception:  # the service serves on without a reader; the log says why
             self._state = "failed: see the server log"
             log.exception("training the cluster reader in the background failed")
 
     def _acquire(self, lock: Any) -> bool:
         """The home's training lock, waited for while another worker's child (or one that outlived a server)
-        holds it; False when the server stops first."""
+        holds it, adopting each reader that training stores meanwhile; False when the server stops first."""
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
                 self._state = "waiting for another process's training"
+                trained = (self._recorded() or {}).get("trained") or {}
+                if trained.get("sha256") not in (None, self._adopted):
+                    self._adopted = trained["sha256"]
+                    self.state.reload()
                 if self._stopping.wait(1.0):
                     return False
 
     def _needless(self) -> bool:
         snapshot = self.state.snapshot
-        if self._stored():
+        if not self._left():
             self._state = "not needed: a reader is stored"
             return True
         if snapshot is None or snapshot.embedding is None or snapshot.queries is None:
@@ -129,15 +168,24 @@ class ReaderTraining:
             return True
         return False
 
-    def _stored(self) -> bool:
-        """Whether a reader is stored beside the space, even a broken one: that is the operator's to replace."""
-        return (self.state.settings.space_dir / READER_SPEC).exists()
+    def _left(self) -> tuple[int, ...]:
+        """The stages still to train. A reader stored beside the space, even a broken one, that this training did
+        not make is the operator's to replace."""
+        space = self.state.settings.space_dir
+        stored = stored_digest(space) if (space / READER_SPEC).exists() else None
+        if stored is None and (space / READER_SPEC).exists():
+            return ()  # a broken spec file: stored, but by no one this training knows
+        return stages_left(self.stages, stored, (self._recorded() or {}).get("trained"))
 
-    def _train(self, lock: Any) -> bool:
-        """Run the training child to its end; False when it did not succeed (recorded, logged)."""
+    def _serving(self) -> bool:
+        snapshot = self.state.snapshot
+        return snapshot is not None and serves(snapshot)
+
+    def _train(self, lock: Any, steps: int) -> bool:
+        """Run the training child of one stage to its end; False when it did not succeed (recorded, logged)."""
         command = [
             sys.executable, "-m", "service.cli", "reader",
-            "--home", str(self.home), "--steps", str(self.steps), "--threads", "1",
+            "--home", str(self.home), "--steps", str(steps), "--threads", "1",
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNECASCADE_TORCH_THREADS": "1"}
         started = time.time()
@@ -154,8 +202,8 @@ class ReaderTraining:
             )
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, self._proc.pid, NICENESS)
-        self._state = "training"
-        self._record({"state": "training", "pid": self._proc.pid, "started": started, "steps": self.steps})
+        self._state = "training"  # which stage: the record's steps
+        self._record({"state": "training", "pid": self._proc.pid, "started": started, "steps": steps})
         log.info("training the cluster reader in the background: pid %d, log %s", self._proc.pid, self.home / LOG_FILE)
         code = self._proc.wait()
         seconds = round(time.time() - started, 1)
@@ -168,14 +216,23 @@ class ReaderTraining:
             self._record({"state": "failed", "returncode": code, "started": started, "seconds": seconds})
             log.warning("the background training of the cluster reader failed (exit code %d): %s", code, LOG_FILE)
             return False
-        self._record({"state": "done", "started": started, "seconds": seconds, "steps": self.steps})
+        trained = {"steps": steps, "sha256": stored_digest(self.state.settings.space_dir)}
+        self._record({"state": "done", "started": started, "seconds": seconds, "steps": steps, "trained": trained})
         return True
 
-    def _reload(self) -> None:
+    def _adopt(self, final: bool, served_before: bool) -> None:
+        """Reload for the reader just stored. A later stage's reader that its check did not choose, where the
+        one before it was served, gives way to that one again."""
         _, changed = self.state.reload()
-        snapshot = self.state.snapshot
-        served = snapshot is not None and serves(snapshot)
-        self._state = "done: the reader is served" if served else "done: its dev check did not choose it"
+        self._adopted = ((self._recorded() or {}).get("trained") or {}).get("sha256")
+        served = self._serving()
+        if not served and served_before:
+            roll_back(self.state)
+            self._state = "done: its dev check did not choose it, so the reader before it serves again"
+            log.warning("the background reader's dev check did not choose it: the one before it serves again")
+            return
+        verdict = "the reader is served" if served else "its dev check did not choose it"
+        self._state = f"done: {verdict}" if final else f"first stage done: {verdict}; training the full reader next"
         log.info("cluster reader trained in the background adopted (%s)", ", ".join(changed) or "no change")
 
     def _recorded(self) -> dict[str, Any] | None:
@@ -185,4 +242,6 @@ class ReaderTraining:
             return None
 
     def _record(self, status: dict[str, Any]) -> None:
-        write_atomic(self.home / STATUS_FILE, json.dumps(status))
+        """The status file, carrying forward the last stage stored (`trained`) until a later one replaces it."""
+        carried = (self._recorded() or {}).get("trained")
+        write_atomic(self.home / STATUS_FILE, json.dumps({**status, "trained": status.get("trained", carried)}))

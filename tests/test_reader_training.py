@@ -19,8 +19,8 @@ import pytest
 from conftest import Server, start_server, stop_server
 
 from cascade.queries import QuerySet
-from models.cluster_reader_store import load_reader
-from service.reader_training import LOCK_FILE, LOG_FILE, STATUS_FILE
+from models.cluster_reader_store import READER_PREVIOUS, load_reader
+from service.reader_training import LOCK_FILE, LOG_FILE, STATUS_FILE, stages_left, training_stages
 
 SPACE = Path("spaces") / "default"
 
@@ -74,6 +74,48 @@ def test_a_home_without_a_reader_trains_one_in_the_background_and_serves_it(tiny
     finally:
         lock.close()
         stop_server(server)
+
+
+def test_a_shorter_reader_is_trained_and_served_first_then_the_full_one(tiny_home, tmp_path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    env = {
+        "PRUNECASCADE_TRAIN_READER": "true",
+        "PRUNECASCADE_READER_TRAINING_FIRST_STEPS": "50",
+        "PRUNECASCADE_READER_TRAINING_STEPS": "60",
+    }
+    server = start_server(home, env)
+    try:
+        status = _wait_for(server.url, lambda s: s["state"].startswith(("done", "failed")), timeout=400)
+        assert status["state"].startswith("done:"), status
+        assert status["stages"] == [50, 60] and status["last"]["steps"] == 60
+        log = (home / LOG_FILE).read_text()
+        assert log.count("dev queries the reader") == 2  # two trainings, each checked
+        current, previous = load_reader(home / SPACE), load_reader(home / SPACE, READER_PREVIOUS)
+        assert current is not None and previous is not None
+        # the full reader replaced the first (or, had its check not chosen it, the first was served again)
+        assert {current.extra["config"]["steps"], previous.extra["config"]["steps"]} == {50, 60}
+        trained = status["last"]["trained"]
+        assert trained["steps"] == 60 and (trained["sha256"] == current.sha256) == (
+            current.extra["config"]["steps"] == 60
+        )
+        space = httpx.get(f"{server.url}/v1/space", timeout=30).json()
+        assert space["reader"]["served"] is True and space["reader"]["sha256"] == current.sha256
+    finally:
+        stop_server(server)
+
+
+def test_the_stages_left_to_train_follow_the_reader_stored() -> None:
+    assert training_stages(4000, 16000) == (4000, 16000)
+    assert training_stages(0, 16000) == training_stages(16000, 16000) == training_stages(20000, 16000) == (16000,)
+    stages = (4000, 16000)
+    assert stages_left(stages, None, None) == stages  # nothing stored: all of them
+    assert stages_left(stages, None, {"steps": 4000, "sha256": "a"}) == stages  # its reader removed since
+    assert stages_left(stages, "a", {"steps": 4000, "sha256": "a"}) == (16000,)  # a restart after the first
+    assert stages_left(stages, "b", {"steps": 4000, "sha256": "a"}) == ()  # someone else's reader since
+    assert stages_left(stages, "a", {"steps": 16000, "sha256": "a"}) == ()  # all done
+    assert stages_left(stages, "a", None) == ()  # a reader this training never made
+    assert stages_left((16000,), "a", {"steps": 4000, "sha256": "a"}) == ()  # a schedule changed since: not ours
 
 
 def test_a_home_with_a_reader_trains_none(tiny_home, tmp_path) -> None:
