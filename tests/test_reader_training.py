@@ -16,11 +16,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import Server, start_server, stop_server
 
+from cascade.config import CONFIG_FILE, READER_RULE, CascadeConfig, ReaderChoice
+from cascade.embedding import EmbeddingIndex
 from cascade.queries import QuerySet
-from models.cluster_reader_store import READER_PREVIOUS, load_reader
-from service.reader_training import LOCK_FILE, LOG_FILE, STATUS_FILE, stages_left, training_stages
+from cascade.reader import serves
+from cascade.space import Space
+from models.cluster_reader import ReaderSpec, build_ranker
+from models.cluster_reader_store import READER_PREVIOUS, load_reader, save_reader
+from service.reader_training import LOCK_FILE, LOG_FILE, STATUS_FILE, ReaderTraining, stages_left, training_stages
+from service.settings import Settings
+from service.state import ServiceState
 
 SPACE = Path("spaces") / "default"
 
@@ -103,6 +111,42 @@ def test_a_shorter_reader_is_trained_and_served_first_then_the_full_one(tiny_hom
         assert space["reader"]["served"] is True and space["reader"]["sha256"] == current.sha256
     finally:
         stop_server(server)
+
+
+def _store_reader(home: Path, seed: int, served: bool, kept: dict | None = None) -> str:
+    """Store an untrained reader (its own `seed`) beside the space, as `prunecascade reader` does, and record a dev
+    check of it with the verdict `served`. Returns its sha256."""
+    encoder = EmbeddingIndex.load(home / SPACE).encoder
+    spec = ReaderSpec(encoder=encoder.spec.to_dict(), d=8, dv=8, hidden=16, max_shift=6)
+    torch.manual_seed(seed)
+    digest = save_reader(
+        build_ranker(spec, torch.randn(64, spec.input_dim), encoder).eval(), spec, home / SPACE, check=kept
+    )
+    path = home / CONFIG_FILE
+    space = Space.load(home / SPACE).meta["id"]
+    choice = ReaderChoice(served=served, sha256=digest, space=space, rule=READER_RULE)
+    CascadeConfig.load(path).model_copy(update={"reader": choice}).save(path)
+    return digest
+
+
+def test_a_full_reader_its_check_does_not_choose_gives_way_to_the_first(tiny_home, tmp_path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    first = _store_reader(home, seed=0, served=True)
+    state = ServiceState(
+        Settings(home=home, train_reader=True, reader_training_first_steps=50, reader_training_steps=60)
+    )
+    state.load()
+    assert serves(state.snapshot) and state.snapshot.reader.sha256 == first
+    kept = CascadeConfig.load(home / CONFIG_FILE).reader.model_dump(mode="json")
+    _store_reader(home, seed=1, served=False, kept=kept)  # the full stage's reader, not chosen by its check
+    training = ReaderTraining(state)
+    training._adopt(final=True, served_before=True)
+    assert serves(state.snapshot) and state.snapshot.reader.sha256 == first  # the first serves again
+    assert training.status()["state"] == "done: its dev check did not choose it, so the reader before it serves again"
+    _store_reader(home, seed=2, served=False)
+    training._adopt(final=True, served_before=False)  # nothing served before it: nothing to go back to
+    assert not serves(state.snapshot) and training.status()["state"] == "done: its dev check did not choose it"
 
 
 def test_the_stages_left_to_train_follow_the_reader_stored() -> None:
