@@ -262,8 +262,10 @@ class SpaceOut(BaseModel):
     reader_training: dict[str, Any] | None = Field(
         None,
         description="with TRAIN_READER (`make run`): the cluster reader trained in the background where none was "
-        "stored: state (waiting, training, done, failed, not needed), steps, its log file, and `last`, what the "
-        "home records of the latest training (pid, started, seconds, exit code); null when the setting is off",
+        "stored: state (waiting, training, done, failed, not needed), steps, the stages trained in turn (a shorter "
+        "reader first), its log file, and `last`, what the home records of the latest training (pid, started, "
+        "seconds, exit code, steps, and `trained`: the steps and sha256 of the last reader it stored); null when "
+        "the setting is off",
     )
     item_cache: list[dict[str, Any]] = Field(
         default_factory=list,
