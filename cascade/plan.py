@@ -319,26 +319,30 @@ def reader_dominates(snapshot: Snapshot, point: PlanPoint) -> bool:
     on dev queries (recall@1 and nDCG@10) at no more FLOPs per query. A quality is then answered by the reader: the
     front measures its plans against the dense rerank, which the reader is not among, and a plan the reader beats on
     every count is not worth its FLOPs."""
-    choice = check_of(snapshot)
-    if choice is None or not serves(snapshot) or "reader" not in choice.dev:
-        return False
-    reader = choice.dev["reader"]
-    return (
+    reader = _default_reader_dev(snapshot)
+    return reader is not None and (
         reader["recall_at_1"] >= point.recall_at_1
         and reader["ndcg_at_10"] >= point.ndcg
         and reader.get("flops", math.inf) <= point.flops
     )
 
 
+def _default_reader_dev(snapshot: Snapshot) -> dict | None:
+    """The dev figures of the reader where it is the default for queries by example, else None."""
+    choice = check_of(snapshot)
+    if choice is None or not serves(snapshot) or "reader" not in choice.dev:
+        return None
+    return choice.dev["reader"]
+
+
 def quality_note(snapshot: Snapshot, quality: float, path: Path) -> str | None:
     """What an answer to a `quality` must say where the cluster reader is the default for queries by example: a
     quality picks among the pair cascade's plans, and the reader is not one of them; it answers in the plan's place
     where it dominates the plan (`reader_dominates`). `path`: what answered."""
-    choice = check_of(snapshot)
-    if choice is None or not serves(snapshot) or "reader" not in choice.dev:
+    reader = _default_reader_dev(snapshot)
+    if reader is None:
         return None
     point = plan_for_quality(snapshot.config.pair_tuning, quality)
-    reader = choice.dev["reader"]
     picked = (
         f"a quality of {quality:g} picks {point.name} on the tuned pair cascade's front (dev recall@1 "
         f"{point.recall_at_1:.3f}, nDCG@10 {point.ndcg:.3f}, {point.flops:,.0f} FLOPs per query)"

@@ -172,9 +172,11 @@ class ReaderTraining:
         """The stages still to train. A reader stored beside the space, even a broken one, that this training did
         not make is the operator's to replace."""
         space = self.state.settings.space_dir
-        stored = stored_digest(space) if (space / READER_SPEC).exists() else None
-        if stored is None and (space / READER_SPEC).exists():
-            return ()  # a broken spec file: stored, but by no one this training knows
+        stored = None
+        if (space / READER_SPEC).exists():
+            stored = stored_digest(space)
+            if stored is None:
+                return ()  # a broken spec file: stored, but by no one this training knows
         return stages_left(self.stages, stored, (self._recorded() or {}).get("trained"))
 
     def _serving(self) -> bool:
