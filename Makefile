@@ -28,5 +28,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
+# one pytest worker per usable CPU (at most 4); a test file's tests on one worker, so its fixtures are built once;
+# files in collection order, where tests/conftest.py puts the slowest first
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder

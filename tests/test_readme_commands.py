@@ -3,9 +3,10 @@
 The commands are read from the README itself and run by bash, unchanged but for three things a test must
 substitute: `prunecascade` (and `.venv/bin/prunecascade`) run this checkout's CLI, `localhost:8000` is a real
 uvicorn on a free port serving `./var`, and `/path/to/mine.npz` is a small file of the user's kind. `./var` is
-a tiny home built with the default names (cnn-s25, cnn-s50, cnn-m10, pair-s10, pair-s30) so that commands that
-name models find them. Only `make run` and `make test` are not run here (`NOT_RUN` says why); a test checks
-that list against the README, so a new command is run or explicitly excused."""
+the suite's tiny home with its pruned variants replaced by the default names (cnn-s25, cnn-s50, cnn-m10,
+pair-s10, pair-s30), so that commands that name models find them. Only `make run` and `make test` are not run
+here (`NOT_RUN` says why); a test checks that list against the README, so a new command is run or explicitly
+excused."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import pytest
 from conftest import TINY, TINY_PAIR, Server, free_port, start_server, stop_server
 
 from cascade.bootstrap import PrunedPairVariant, bootstrap, default_stages, default_variants
-from cascade.config import Stage
+from cascade.bootstrap_record import RECORD_FILE
+from cascade.config import CONFIG_FILE, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -88,12 +90,18 @@ def readme_commands(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_home: Path) -> Path:
     """A checkout-like directory: `./var` (the tiny home), `.venv/bin/prunecascade` and `bin/prunecascade`
     running this checkout's CLI, and a user's `.npz` (no cluster column: the pair training that a cluster column
     starts is covered by tests/test_byod_pair.py, at a size a test can afford)."""
     root = tmp_path_factory.mktemp("readme")
-    bootstrap(root / "var", README_HOME, progress=False)
+    var = root / "var"
+    shutil.copytree(tiny_home, var)  # its dense models, bi-encoder and space: only the default's names are missing
+    for name in {v.name for v in TINY.variants} | {v.name for v in TINY_PAIR.variants}:
+        shutil.rmtree(var / "registry" / name)  # TINY's cnn-s50 is pruned otherwise than the default's
+    (var / CONFIG_FILE).unlink()
+    (var / RECORD_FILE).unlink()
+    bootstrap(var, README_HOME, progress=False)
     for where in (root / ".venv" / "bin", root / "bin"):
         where.mkdir(parents=True)
         shim = where / "prunecascade"
