@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's first command from a fresh clone, timed: `make run` until /readyz answers 200, then one query by
-# example (a held-out query) and one label query. Bounded: gives up after 40 minutes; stops the server at the end
+# example (a held-out query) and one label query, then until the bootstrap's last steps (the pair models and their
+# tuning, which run while the service answers) have ended, and the query by example again. Bounded: gives up after 40 minutes; stops the server at the end
 # (its process group only). With `reader` as second argument it then waits (up to 3 hours) for the cluster reader
 # that `make run` trains in the background, prints when its training ended and how, and queries again; with
 # `first-reader`, only until the first (shorter) reader of that training is served.
@@ -33,6 +34,15 @@ echo "ready after $(( $(date +%s) - start )) s, load $(cut -d' ' -f1-3 /proc/loa
 .venv/bin/prunecascade queries --home var --limit 1 --body \
   | curl -s "localhost:$port/v1/query" -H 'content-type: application/json' -d @- | head -c 400; echo
 curl -s "localhost:$port/v1/query" -H 'content-type: application/json' -d '{"target": {"label": 3}, "k": 3}' | head -c 300; echo
+# it answers before the pair models are trained and tuned: wait for the rest of the bootstrap, then the reload
+for i in $(seq 1 1800); do
+  curl -s "localhost:$port/healthz" | grep -q '"bootstrap"' || break
+  sleep 1
+done
+sleep 5
+echo "bootstrap ended after $(( $(date +%s) - start )) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
+.venv/bin/prunecascade queries --home var --limit 1 --body \
+  | curl -s "localhost:$port/v1/query" -H 'content-type: application/json' -d @- | head -c 200; echo
 [ -n "$wait_reader" ] || exit 0
 training() { curl -s "localhost:$port/v1/space" | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["reader_training"]["state"])'; }
 served() { curl -s "localhost:$port/v1/space" | .venv/bin/python -c 'import json,sys; print(bool((json.load(sys.stdin)["reader"] or {}).get("served")))'; }

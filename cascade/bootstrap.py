@@ -626,15 +626,21 @@ def bootstrap(
     progress: bool = True,
     on_progress: Callable[[int, int, str], None] | None = None,
     on_estimate: Callable[[Estimate], None] | None = None,
+    on_servable: Callable[[], None] | None = None,
 ) -> CascadeConfig:
     """Build whatever of the embedded default is missing under `home`; returns the default cascade. The data is
     checked before anything is written, and a run into a fresh home that fails leaves nothing behind. With
-    `on_estimate`, the missing steps are probed first and it is told how long they will take."""
+    `on_estimate`, the missing steps are probed first and it is told how long they will take.
+
+    `on_servable` is called once the home can already answer (classifiers, bi-encoder, space and FAISS index
+    built, a `cascade.json` without pair stages written) while the prototype space's pair models and their tuning
+    are still to come: a server loads it then and answers from FAISS alone and the exact table meanwhile, which is
+    what it may serve before a reranker is checked on dev queries anyway."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these small networks train 5x cheaper and 10x faster on one thread than on two
     try:  # loaded cores (docs/results.md, "Bring your own data: bootstrap time")
         with nothing_left_on_failure(home):
-            return _bootstrap(home, config, progress, on_progress, on_estimate)
+            return _bootstrap(home, config, progress, on_progress, on_estimate, on_servable)
     finally:
         torch.set_num_threads(threads)
 
@@ -645,6 +651,7 @@ def _bootstrap(
     progress: bool,
     on_progress: Callable[[int, int, str], None] | None,
     on_estimate: Callable[[Estimate], None] | None = None,
+    on_servable: Callable[[], None] | None = None,
 ) -> CascadeConfig:
     started = time.perf_counter()
     space_dir = home / "spaces" / "default"
@@ -733,10 +740,7 @@ def _bootstrap(
             assert encoder is not None
             return encoder
 
-        if pair is not None:
-            _build_pair_models(registry, pair, train, val, stage0, steps, progress, config.seed)
-        else:
-            assert user_pair is not None
+        if user_pair is not None:  # a user's space records the grades its pair models chose
             grades = _build_user_pair_models(
                 registry, user_pair, splits, train, val, stage0, steps, progress, config.seed
             )
@@ -748,13 +752,25 @@ def _bootstrap(
         build_space_dir(space_dir, splits, config, encoder, grades)
     steps.done()
 
-    if not config_path.exists():
-        CascadeConfig(
-            stages=config.stages,
-            dense=config.dense_name,
-            pair_stages=None if any_pair is None else any_pair.stages,
-            pair_dense=None if any_pair is None else any_pair.dense_name,
-        ).save(config_path)
+    full = CascadeConfig(
+        stages=config.stages,
+        dense=config.dense_name,
+        pair_stages=None if any_pair is None else any_pair.stages,
+        pair_dense=None if any_pair is None else any_pair.dense_name,
+    )
+    finished_before = (read_record(home) or {}).get("state") == "complete"
+    if pair is not None:
+        if on_servable is not None and registry.active_version(pair.dense_name) is None:
+            if not config_path.exists():
+                full.model_copy(update={"pair_stages": None, "pair_dense": None}).save(config_path)
+            on_servable()  # answers from FAISS alone while the pair models train
+        _build_pair_models(registry, pair, train, val, stage0, steps, progress, config.seed)
+
+    stored = CascadeConfig.load(config_path) if config_path.exists() else None
+    if stored is None:
+        full.save(config_path)
+    elif any_pair is not None and stored.pair_dense is None and not finished_before:  # written by `on_servable`
+        stored.model_copy(update={"pair_stages": full.pair_stages, "pair_dense": full.pair_dense}).save(config_path)
     built = read_record(home)
     if built is None or built.get("state", "complete") != "complete":  # homes built before states were complete
         timing = {} if estimate is None else {"estimate": estimate.record()}

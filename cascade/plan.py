@@ -207,7 +207,7 @@ def plan_target(
         oracle = table.build_flops  # the table is the oracle's pass over every member, counted as dense_flops does
     else:
         resolved = resolve_stages(snapshot, target, k, stages)
-        oracle = dense_flops(snapshot, target)
+        oracle = 0 if target.kind == "pair" and snapshot.num_grades == 0 else dense_flops(snapshot, target)
         costs = planned_stage_flops(snapshot, target, k, resolved)
         flops = target.flops + sum(costs)
         if max_flops is not None and flops > max_flops:
@@ -411,10 +411,24 @@ def target_from_examples(
     are the clusters nearest to the examples in the bi-encoder's embedding. Several examples: each cluster's
     grade posterior is the mean over examples, at a cost proportional to their number.
 
-    Without one (an older home): the dense classifier's mean posterior over the examples is a utility over
-    classes and the candidates come from the raw-feature index."""
+    With a bi-encoder but no pair model served (a first run still training them, or a broken one): FAISS alone,
+    the answer the service falls back to anyway. Without a bi-encoder (an older home, a space without clusters):
+    the dense classifier's mean posterior over the examples is a utility over classes and the candidates come
+    from the raw-feature index."""
     x = _examples_array(snapshot, examples)
-    if snapshot.embedding is None or snapshot.config.pair_dense is None:
+    if snapshot.embedding is not None and snapshot.num_grades == 0:
+        if gains is not None:
+            raise RequestError("target.gains", "no pair model is served on this space yet, so no relevance grades")
+        nearest, distances = snapshot.embedding.candidates(x, candidates)
+        return Target(
+            utility=np.zeros(0),
+            kind="pair",
+            queries=tuple(torch.from_numpy(row[None, :].copy()) for row in x),
+            candidates=nearest,
+            candidate_distances=distances,
+            flops=len(x) * snapshot.embedding.flops_per_query,
+        )
+    if snapshot.embedding is None:
         if gains is not None:
             raise RequestError("target.gains", "this space has no pair model, so no relevance grades")
         dense = snapshot.dense
@@ -446,6 +460,8 @@ def resolve_stages(
 ) -> tuple[Stage, ...]:
     """The stages a query runs: its own (checked as given), or the default cascade for the target's kind with
     its keeps scaled to k. An empty list is a FAISS-only answer (queries by example only)."""
+    if stages is None and target.kind == "pair" and snapshot.num_grades == 0:
+        stages = ()  # no pair model to run: FAISS alone (`target_from_examples`)
     if stages is None:
         try:
             default = snapshot.config.stages_for(target.kind)

@@ -96,8 +96,8 @@ def servable_config(
         if pair_stages is None:
             pair_dense = None
             warnings["pair"].append(
-                f"the dense pair model {config.pair_dense!r} cannot be served: the dense classifier's posteriors "
-                "over the nearest clusters in raw features answer queries by example"
+                f"the dense pair model {config.pair_dense!r} cannot be served: FAISS alone answers queries by "
+                "example (the bi-encoder's nearest clusters)"
             )
     for kind, before, after, dense in (
         ("classifier", config.stages, stages, config.dense),

@@ -116,10 +116,16 @@ class ReaderTraining:
     # -- the thread ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while not self.state.loaded.wait(1.0):
-                if self._stopping.is_set() or self.state.load_error is not None:
-                    self._state = "not started: the snapshot did not load"
+            # after the whole first-run bootstrap, which may serve before it ends: both write cascade.json
+            while not self.state.settled.wait(1.0):
+                if self._stopping.is_set():
+                    self._state = "stopped with the server"
                     return
+                if self.state.snapshot is not None:
+                    self._state = "waiting for the first run's bootstrap to end"
+            if self.state.snapshot is None:
+                self._state = "not started: the snapshot did not load"
+                return
             if self._needless():
                 return
             with open(self.home / LOCK_FILE, "a+b") as lock:

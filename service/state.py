@@ -99,6 +99,7 @@ class ServiceState:
             else None
         )
         self.loaded = threading.Event()
+        self.settled = threading.Event()  # the loader thread is done: the bootstrap has ended, loaded or not
         self.generation = 0  # bumped by every local change; a reconcile that read Redis before it stands down
         self._misfits_logged: set[tuple[str, int]] = set()  # active versions that do not fit, logged once each
         self._faults_logged: set[tuple[str, int | None, int | None]] = set()  # broken entries, logged once each
@@ -190,6 +191,14 @@ class ServiceState:
         if previous is None or previous.get("step") != what or done == total:  # one line per step
             log.info("bootstrap %d/%d: %s", done, total, what, extra={"bootstrap": self.bootstrap_progress})
 
+    def load_early(self) -> None:
+        """Load what a running bootstrap has built so far (it goes on afterwards). Should that fail, the bootstrap
+        still goes on, and the load after it reports why: a half-built home is never removed for it."""
+        try:
+            self.load()
+        except Exception:
+            log.exception("loading the home before its bootstrap ended failed: it is loaded again when it ends")
+
     def load_in_background(self, before: Callable[[], None] | None = None) -> threading.Thread:
         """Load the snapshot in a thread, after `before` (the first run's bootstrap), so that the port is open
         and /healthz answers from the start."""
@@ -197,12 +206,14 @@ class ServiceState:
         def run() -> None:
             try:
                 if before is not None:
-                    before()
+                    before()  # may load a first snapshot itself (a bootstrap that can answer before it ends)
                     self.bootstrap_progress = None
                 self.load()
             except Exception as exc:  # readiness reports it; the process stays up for operators to inspect
                 self.load_error = f"{type(exc).__name__}: {exc}"
                 log.exception("loading the snapshot failed")
+            finally:
+                self.settled.set()
 
         thread = threading.Thread(target=run, name="snapshot-loader", daemon=True)
         thread.start()

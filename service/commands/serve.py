@@ -78,12 +78,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bootstrap(state: ServiceState) -> None:
-    """Build whatever of the embedded default is missing (run by the app's loader thread before the first load)."""
+    """Build whatever of the embedded default is missing (run by the app's loader thread before the final load).
+    The service answers once the space and its FAISS index are built, from FAISS alone and the exact table, while
+    the pair models train and are tuned; then it reloads."""
     from cascade.bootstrap import bootstrap
 
     # progress bars only to a terminal: in a log file or a container's log they are escape codes between the
     # JSON lines; the steps themselves are logged (and shown by /healthz and /readyz) either way
-    bootstrap(state.settings.home, progress=sys.stderr.isatty(), on_progress=state.report_bootstrap)
+    bootstrap(
+        state.settings.home,
+        progress=sys.stderr.isatty(),
+        on_progress=state.report_bootstrap,
+        on_servable=state.load_early,
+    )
 
 
 def _run_workers(settings, bootstrap: bool) -> int:
