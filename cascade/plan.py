@@ -197,7 +197,8 @@ def plan_target(
     the snapshot's default for the target: the cluster reader where it is served and `reader` allows it, else
     the default cascade with keeps scaled to k; []: FAISS only), resolved and checked once, costed, and held
     against `max_flops`."""
-    if table is None and stages is None and reader and target.kind == "pair" and serves(snapshot):
+    graded = target.kind == "pair" and target.utility.size > 0  # the reader ranks by gains over the pair grades
+    if table is None and stages is None and reader and graded and serves(snapshot):
         return plan_reader(snapshot, target, k, max_flops=max_flops)
     if table is not None:
         alive = table.num_clusters if target.candidates is None else len(target.candidates)

@@ -3,17 +3,20 @@ and what the plan says a query costs is what its execution reports."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import cascade.plan as plan_module
-from cascade.config import Stage
+from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.costs import dense_flops
 from cascade.engine import CascadeResult
 from cascade.errors import ExactTableNotReady, RequestError
 from cascade.exact import ExactAnswer, ExactTable, build_table
 from cascade.plan import Limits, Query, execute, plan_query
-from cascade.snapshot import Snapshot
+from cascade.snapshot import Snapshot, load_snapshot
+from models.registry import ModelRegistry
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +87,23 @@ def test_faiss_only_costs_the_target_alone(snapshot: Snapshot) -> None:
     assert isinstance(result, CascadeResult) and result.stages == []
     assert plan.flops == plan.target.flops > 0 and result.flops == 0
     assert result.ranking == "negative_sq_distance"
+
+
+def test_without_a_pair_model_served_a_query_by_example_is_faiss_alone(tiny_home: Path, snapshot: Snapshot) -> None:
+    """As while a first run still trains its pair models (its `cascade.json` has none yet), or with the dense pair
+    model broken: the bi-encoder's nearest clusters, the same as the FAISS-only answer of a full snapshot."""
+    config = CascadeConfig.load(tiny_home / CONFIG_FILE).model_copy(update={"pair_dense": None, "pair_stages": None})
+    bare = load_snapshot(ModelRegistry(tiny_home / "registry"), tiny_home / "spaces" / "default", config)
+    assert bare.num_grades == 0 and bare.embedding is not None
+    plan = plan_query(bare, Query(examples=_examples(bare, 0), k=5))
+    assert (plan.path, plan.stages, plan.dense_flops) == ("faiss", (), 0)
+    alone = execute(plan)
+    full = execute(plan_query(snapshot, Query(examples=_examples(snapshot, 0), k=5, stages=[])))
+    assert isinstance(alone, CascadeResult) and alone.ranking == "negative_sq_distance"
+    assert alone.cluster_ids.tolist() == full.cluster_ids.tolist()
+    with pytest.raises(RequestError) as err:
+        plan_query(bare, Query(examples=_examples(bare, 0), k=5, gains=[0.0, 1.0, 3.0]))
+    assert err.value.field == "target.gains"
 
 
 def test_stages_are_resolved_and_checked_once_per_query(snapshot: Snapshot, monkeypatch: pytest.MonkeyPatch) -> None:
