@@ -197,8 +197,14 @@ def plan_target(
     the snapshot's default for the target: the cluster reader where it is served and `reader` allows it, else
     the default cascade with keeps scaled to k; []: FAISS only), resolved and checked once, costed, and held
     against `max_flops`."""
-    graded = target.kind == "pair" and target.utility.size > 0  # the reader ranks by gains over the pair grades
-    if table is None and stages is None and reader and graded and serves(snapshot):
+    if (
+        table is None
+        and stages is None
+        and reader
+        and target.kind == "pair"
+        and not _ungraded(target)
+        and serves(snapshot)
+    ):  # the reader ranks by gains over the pair models' grades
         return plan_reader(snapshot, target, k, max_flops=max_flops)
     if table is not None:
         alive = table.num_clusters if target.candidates is None else len(target.candidates)
@@ -208,7 +214,7 @@ def plan_target(
         oracle = table.build_flops  # the table is the oracle's pass over every member, counted as dense_flops does
     else:
         resolved = resolve_stages(snapshot, target, k, stages)
-        oracle = 0 if target.kind == "pair" and snapshot.num_grades == 0 else dense_flops(snapshot, target)
+        oracle = 0 if _ungraded(target) else dense_flops(snapshot, target)
         costs = planned_stage_flops(snapshot, target, k, resolved)
         flops = target.flops + sum(costs)
         if max_flops is not None and flops > max_flops:
@@ -401,6 +407,11 @@ def _examples_array(snapshot: Snapshot, examples: list[list[float]] | np.ndarray
     return x
 
 
+def _ungraded(target: Target) -> bool:
+    """A query by example on a snapshot with no pair model served: answered by FAISS alone."""
+    return target.kind == "pair" and target.utility.size == 0
+
+
 def target_from_examples(
     snapshot: Snapshot,
     examples: list[list[float]] | np.ndarray,
@@ -417,18 +428,6 @@ def target_from_examples(
     the dense classifier's mean posterior over the examples is a utility over classes and the candidates come
     from the raw-feature index."""
     x = _examples_array(snapshot, examples)
-    if snapshot.embedding is not None and snapshot.num_grades == 0:
-        if gains is not None:
-            raise RequestError("target.gains", "no pair model is served on this space yet, so no relevance grades")
-        nearest, distances = snapshot.embedding.candidates(x, candidates)
-        return Target(
-            utility=np.zeros(0),
-            kind="pair",
-            queries=tuple(torch.from_numpy(row[None, :].copy()) for row in x),
-            candidates=nearest,
-            candidate_distances=distances,
-            flops=len(x) * snapshot.embedding.flops_per_query,
-        )
     if snapshot.embedding is None:
         if gains is not None:
             raise RequestError("target.gains", "this space has no pair model, so no relevance grades")
@@ -439,11 +438,18 @@ def target_from_examples(
         nearest = snapshot.index.nearest_clusters(x, candidates)
         return Target(utility=utility, candidates=nearest, flops=len(x) * dense.flops.nonzero)
     num_grades = snapshot.num_grades
-    g = np.asarray(default_gains(num_grades) if gains is None else gains, dtype=np.float64)
-    if g.shape != (num_grades,) or not np.isfinite(g).all():
-        raise RequestError("target.gains", f"needs {num_grades} finite values, one per relevance grade; got {g.size}")
-    if not (g != 0).any():
-        raise RequestError("target.gains", "all gains are zero: every cluster would score 0")
+    if num_grades == 0:  # a bi-encoder but no pair model served: FAISS alone, no grades to weigh
+        if gains is not None:
+            raise RequestError("target.gains", "no pair model is served on this space yet, so no relevance grades")
+        g = np.zeros(0)
+    else:
+        g = np.asarray(default_gains(num_grades) if gains is None else gains, dtype=np.float64)
+        if g.shape != (num_grades,) or not np.isfinite(g).all():
+            raise RequestError(
+                "target.gains", f"needs {num_grades} finite values, one per relevance grade; got {g.size}"
+            )
+        if not (g != 0).any():
+            raise RequestError("target.gains", "all gains are zero: every cluster would score 0")
     nearest, distances = snapshot.embedding.candidates(x, candidates)
     queries = tuple(torch.from_numpy(row[None, :].copy()) for row in x)
     return Target(
@@ -461,7 +467,7 @@ def resolve_stages(
 ) -> tuple[Stage, ...]:
     """The stages a query runs: its own (checked as given), or the default cascade for the target's kind with
     its keeps scaled to k. An empty list is a FAISS-only answer (queries by example only)."""
-    if stages is None and target.kind == "pair" and snapshot.num_grades == 0:
+    if stages is None and _ungraded(target):
         stages = ()  # no pair model to run: FAISS alone (`target_from_examples`)
     if stages is None:
         try:
