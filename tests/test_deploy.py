@@ -20,6 +20,7 @@ import pytest
 import uvicorn
 import yaml  # pyyaml, from the test extra
 from conftest import Server, start_server, stop_server
+from pydantic import TypeAdapter
 
 from service.settings import Settings
 
@@ -242,6 +243,22 @@ def test_deployment_probes_ports_and_env(manifests: list[dict[str, Any]]) -> Non
     assert mounts["admin-token"] == token_dir
     assert [i["path"] for i in volumes["admin-token"]["secret"]["items"]] == [token_file]
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_every_deployment_trains_the_reader_in_the_background_as_make_run_does(
+    compose: dict[str, Any], manifests: list[dict[str, Any]]
+) -> None:
+    """The reader is what beats FAISS alone; a replica that never trains one serves FAISS alone for good. The image,
+    the compose replicas and the pods switch it on, as `make run` does, and the check's overlay alone off."""
+    as_bool = TypeAdapter(bool).validate_python
+    assert as_bool(_dockerfile_env()["PRUNECASCADE_TRAIN_READER"])
+    apis = _api_services(compose)
+    assert apis and all(as_bool(s["environment"]["PRUNECASCADE_TRAIN_READER"]) for s in apis.values())
+    (c,) = _one(manifests, "Deployment", "prunecascade")["spec"]["template"]["spec"]["containers"]
+    assert as_bool({e["name"]: e["value"] for e in c["env"]}["PRUNECASCADE_TRAIN_READER"])
+    assert "--train-reader" in re.search(r"^run:.*\n\t(.*)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    overlay = yaml.safe_load((ROOT / "deploy" / "compose-check.override.yml").read_text())["services"]
+    assert all(not as_bool(overlay[name]["environment"]["PRUNECASCADE_TRAIN_READER"]) for name in apis)
 
 
 def test_service_hpa_job_and_redis_point_at_what_exists(manifests: list[dict[str, Any]]) -> None:
