@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--max-shift", type=int, default=12, help="relative positions beyond this are masked")
     ap.add_argument("--context", type=int, default=0, help="odd kernel of a conv over the residual's positions")
     ap.add_argument("--nearest", action="store_true", help="read the nearest aligned member's difference too")
+    ap.add_argument("--shift", action="store_true", help="read how far each position's alignment moved too")
+    ap.add_argument("--upsample", type=int, default=1, help="members' keys and values at this many points a sample")
     ap.add_argument(
         "--alone-steps", type=int, default=0, help="first steps train the reader alone (no retriever residual)"
     )
@@ -205,7 +207,17 @@ def main() -> None:
     with torch.no_grad():
         shape = trunk(sample[:1]).shape
     reader = ClusterReader(
-        shape[2], shape[1], args.mode, args.d, args.dv, args.hidden, args.max_shift, args.context, args.nearest
+        shape[2],
+        shape[1],
+        args.mode,
+        args.d,
+        args.dv,
+        args.hidden,
+        args.max_shift,
+        args.context,
+        args.nearest,
+        args.shift,
+        args.upsample,
     )
     with torch.no_grad():
         reader.log_alpha.fill_(math.log(alpha))
@@ -221,7 +233,7 @@ def main() -> None:
         n1, keep = (int(v) for v in args.eval_first.split(":"))
         out["flops_per_query_eval"] = args.M * reader.flops_per_pair(n1) + keep * out["flops_per_pair"]
         out["flops_per_query_whole"] = args.M * out["flops_per_pair"]
-    out["item_cache_floats_per_cluster"] = 10 * shape[1] * (args.d + (args.dv if args.mode == "xattn" else 0))
+    out["item_cache_floats_per_cluster"] = 10 * reader.item_length * (args.d + (args.dv if args.mode == "xattn" else 0))
     used = {"raw": [], "c1": [trunk.conv1], "c2": [trunk.conv1, trunk.conv2], "b2": [trunk.conv1, trunk.conv2]}
     trunk_params = sum(p.numel() for m in used[args.feature] for p in m.parameters()) if args.trainable else 0
     out["params"] = sum(p.numel() for p in reader.parameters()) + trunk_params  # trained ones

@@ -13,6 +13,9 @@ noise in the query's own coordinates before it compares:
   position; the scores are summed. `maxsim` is the late-interaction variant: a learned scale times the mean
   alignment strength, summed.
 
+The lab's options (`context`, `nearest`, `shift`, `upsample`: more inputs to the MLP, members at sub-sample
+resolution) are measured in lab/CLUSTER_READER.md and off in the served recipe.
+
 Key = reader + alpha x the retriever's score. The MLP's last layer (and maxsim's scale) start at zero, so an
 untrained reader ranks exactly as its retriever does. The item side (keys and values per member position,
 `ClusterReader.item_side`) depends on the item alone and would be cached per cluster; what runs per pair is
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -65,6 +68,8 @@ class ReaderSpec:
     max_shift: int = 12
     context: int = 0
     nearest: bool = False
+    shift: bool = False
+    upsample: int = 1
 
     kind = "cluster-reader"
 
@@ -75,6 +80,8 @@ class ReaderSpec:
             raise ValueError(f"unknown mode {self.mode!r} (known: {', '.join(MODES)})")
         if min(self.d, self.dv, self.hidden) < 1 or self.max_shift < 0:
             raise ValueError("d, dv and hidden must be positive and max_shift at least 0")
+        if self.upsample < 1:
+            raise ValueError("upsample must be at least 1")
         if self.context < 0 or (self.context and self.context % 2 == 0):
             raise ValueError("context must be 0 (none) or an odd kernel size")
         BiEncoderSpec.from_dict(self.encoder)  # raises naming the problem
@@ -91,7 +98,7 @@ class ReaderSpec:
         d = dict(d)
         if d.pop("kind", cls.kind) != cls.kind:
             raise ValueError("not a cluster reader spec")
-        unknown = set(d) - {"encoder", "feature", "mode", "d", "dv", "hidden", "max_shift", "context", "nearest"}
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown cluster reader spec keys: {sorted(unknown)}")
         return cls(**d)
@@ -148,6 +155,8 @@ class ClusterReader(nn.Module):
         max_shift: int,
         context: int = 0,
         nearest: bool = False,
+        shift: bool = False,
+        upsample: int = 1,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -156,11 +165,15 @@ class ClusterReader(nn.Module):
         self.q = nn.Linear(channels, d)
         self.k = nn.Linear(channels, d)
         self.v = nn.Linear(channels, dv)
-        self.rel = nn.Parameter(torch.zeros(2 * length - 1))
-        p = torch.arange(length)
-        rel = p[:, None] - p[None, :]
-        self.register_buffer("rel_idx", rel + length - 1)
-        self.register_buffer("rel_mask", torch.where(rel.abs() <= max_shift, 0.0, -1e4))
+        # upsample: members' keys and values are interpolated to `upsample` points per sample (cached so), so that
+        # an alignment can move a member by a fraction of a sample rather than blur two neighbours
+        self.upsample = upsample
+        self.item_length = upsample * (length - 1) + 1
+        span = upsample * (length - 1)
+        self.rel = nn.Parameter(torch.zeros(2 * span + 1))
+        rel = torch.arange(length)[:, None] * upsample - torch.arange(self.item_length)[None, :]  # in 1/upsample
+        self.register_buffer("rel_idx", rel + span)
+        self.register_buffer("rel_mask", torch.where(rel.abs() <= max_shift * upsample, 0.0, -1e4))
         self.context = context
         if context:
             # A conv over query positions of the residual f_q - m: neighbouring residuals are correlated where
@@ -173,7 +186,12 @@ class ClusterReader(nn.Module):
         # nearest: per position and channel, the smallest squared difference between the query and any one
         # aligned member (a member with the query's own jitter matches it closely; a mean over members blurs it)
         self.nearest = nearest
-        self.width = (5 + (2 if context else 0) + (1 if nearest else 0)) * dv + 1
+        # shift: how far each query position's alignment moved, averaged over members, with its square and its
+        # spread over members. Aligning absorbs the difference in position between query and cluster; without it
+        # the MLP compares aligned values only and cannot tell a cluster shifted by a few samples from its own.
+        self.shift = shift
+        self.register_buffer("rel_pos", rel.float() / (4.0 * upsample), persistent=False)  # in 4 samples
+        self.width = (5 + (2 if context else 0) + (1 if nearest else 0)) * dv + 1 + (3 if shift else 0)
         self.mlp = nn.Sequential(
             nn.Linear(self.width, hidden),
             nn.ReLU(),
@@ -198,8 +216,18 @@ class ClusterReader(nn.Module):
                 lin.weight[:n, :n] = torch.eye(n)
 
     def item_side(self, fm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, n, L, C) member features -> keys (P, n, L, d), values (P, n, L, dv): what a cluster caches."""
-        return self.k(fm), self.v(fm)
+        """(P, n, L, C) member features -> keys (P, n, L', d), values (P, n, L', dv), L' = `item_length`: what a
+        cluster caches."""
+        k, v = self.k(fm), self.v(fm)
+        if self.upsample == 1:
+            return k, v
+        return self._interpolate(k), self._interpolate(v)
+
+    def _interpolate(self, x: torch.Tensor) -> torch.Tensor:
+        lead, (length, width) = x.shape[:-2], x.shape[-2:]
+        flat = x.reshape(-1, length, width).transpose(1, 2)
+        up = F.interpolate(flat, size=self.item_length, mode="linear", align_corners=True)
+        return up.transpose(1, 2).reshape(*lead, self.item_length, width)
 
     def query_side(self, fq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(P, L, C) -> queries (P, L, d) scaled by 1/sqrt(d), values (P, L, dv)."""
@@ -241,23 +269,33 @@ class ClusterReader(nn.Module):
             parts += [white, white.pow(2)]
         if self.nearest:
             parts.append((qv[:, None] - aligned).pow(2).amin(1))
+        if self.shift:
+            moved = torch.einsum("pnql,ql->pnq", weights, self.rel_pos)  # (P, n, L)
+            mean_moved = moved.mean(1)
+            parts += [
+                mean_moved[..., None],
+                mean_moved.pow(2)[..., None],
+                (moved - mean_moved[:, None]).pow(2).mean(1)[..., None],
+            ]
         feats = torch.cat(parts, -1)
         return self.mlp(feats).squeeze(-1).sum(-1)
 
     def flops_per_pair(self, n: int) -> int:
         """Multiply-adds x 2 of what runs per (query, cluster) pair reading n members, from the layer shapes (item
         side cached, query side once per query)."""
-        L, d, dv, hidden = self.length, self.d, self.dv, self.hidden
-        att = n * L * L * (2 * d + 4)  # logits (+ bias), logsumexp, softmax
+        L, Lu, d, dv, hidden = self.length, self.item_length, self.d, self.dv, self.hidden
+        att = n * L * Lu * (2 * d + 4)  # logits (+ bias), logsumexp, softmax
         if self.mode == "maxsim":
             return att + n * L + L
-        att += n * L * L * 2 * dv  # aligned values
+        att += n * L * Lu * 2 * dv  # aligned values
         att += n * L * dv * 3  # mean and spread over members
         mlp = L * 2 * (self.width * hidden + hidden * hidden + hidden) + L * (4 * dv)
         if self.context:
             mlp += L * 2 * dv * dv * self.context + L * 2 * dv
         if self.nearest:
             mlp += n * L * dv * 3
+        if self.shift:
+            att += n * L * Lu * 2 + n * L * 4
         return att + mlp
 
 
@@ -309,7 +347,7 @@ class ReaderRanker(nn.Module):
         (G, n, L x (d + dv)), with the retriever's scores (G,) -> keys (G,), as `scores` computes them."""
         qq, qv = self.reader.query_side(self.trunk(q))
         g, n = items.shape[:2]
-        kv = items.reshape(g, n, self.reader.length, self.reader.item_width)
+        kv = items.reshape(g, n, self.reader.item_length, self.reader.item_width)
         k, v = kv[..., : self.reader.d], kv[..., self.reader.d :]
         s = self.reader(qq.expand(g, -1, -1), qv.expand(g, -1, -1), k, v)
         return s + self.reader.log_alpha.exp() * retriever_score if self.residual else s
@@ -326,7 +364,17 @@ def build_ranker(
     with torch.no_grad():
         shape = trunk(sample[:1]).shape
     reader = ClusterReader(
-        shape[2], shape[1], spec.mode, spec.d, spec.dv, spec.hidden, spec.max_shift, spec.context, spec.nearest
+        shape[2],
+        shape[1],
+        spec.mode,
+        spec.d,
+        spec.dv,
+        spec.hidden,
+        spec.max_shift,
+        spec.context,
+        spec.nearest,
+        spec.shift,
+        spec.upsample,
     )
     return ReaderRanker(trunk, reader)
 

@@ -204,14 +204,19 @@ class ServiceState:
         and /healthz answers from the start."""
 
         def run() -> None:
+            step = "the bootstrap"
             try:
                 if before is not None:
                     before()  # may load a first snapshot itself (a bootstrap that can answer before it ends)
                     self.bootstrap_progress = None
+                step = "loading the snapshot"
                 self.load()
             except Exception as exc:  # readiness reports it; the process stays up for operators to inspect
                 self.load_error = f"{type(exc).__name__}: {exc}"
-                log.exception("loading the snapshot failed")
+                if self.snapshot is not None:  # loaded early: it goes on answering (FAISS alone, exact labels)
+                    log.exception("%s failed; the snapshot loaded before it is still served", step)
+                else:
+                    log.exception("%s failed", step)
             finally:
                 self.settled.set()
 

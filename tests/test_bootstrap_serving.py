@@ -55,3 +55,30 @@ def test_progress_counts_steps_and_tells_the_callback() -> None:
     steps.done()
     steps.close()
     assert seen == [(0, 2, "data"), (1, 2, "data"), (1, 2, "training"), (2, 2, "training")]
+
+
+def test_a_bootstrap_failing_after_its_early_load_stays_ready_and_says_where_it_failed(tiny_home: Path) -> None:
+    """A first run that could answer before its pair models were trained keeps answering when their training fails,
+    and says so: /readyz stays 200 with the error, /healthz names the step it stopped at and the error (before,
+    only the log did, and /healthz showed the step as if it were still running)."""
+    state = ServiceState(Settings(home=tiny_home))
+
+    def bootstrap_stand_in() -> None:
+        state.report_bootstrap(5, 7, "training pair-dense")
+        state.load_early()
+        raise RuntimeError("pair-dense: out of memory")
+
+    app = FastAPI()
+    app.state.service = state
+    app.include_router(health.router)
+    state.load_in_background(bootstrap_stand_in).join(120)
+    with TestClient(app) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["snapshot_id"] == state.snapshot.id
+        assert ready.json()["error"] == "RuntimeError: pair-dense: out of memory"
+        assert client.get("/healthz").json() == {
+            "status": "ok",
+            "bootstrap": {"done": 5, "total": 7, "step": "training pair-dense"},
+            "error": "RuntimeError: pair-dense: out of memory",
+        }

@@ -4,6 +4,8 @@ among clusters it never saw in training (a tiny synthetic space: shifted, noisy 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -31,14 +33,13 @@ def _groups(templates: torch.Tensor, b: int, g: int, n: int, gen: torch.Generato
     return _views(templates, own, gen), members, torch.zeros(b, g)
 
 
-def _ranker(mode: str = "xattn", seed: int = 0, context: int = 0, nearest: bool = False) -> ReaderRanker:
+def _ranker(mode: str = "xattn", seed: int = 0, **options: Any) -> ReaderRanker:
+    """A tiny reader; `options`: the lab's (context, nearest, shift, upsample)."""
     torch.manual_seed(seed)
     encoder = BiEncoder(BiEncoderSpec(input_dim=LENGTH, channels=(8, 8), hidden=16, embed_dim=8))
     sample = torch.randn(256, LENGTH)
     trunk = MemberFeatures(encoder, "c1", trainable=False, sample=sample)
-    reader = ClusterReader(
-        channels=9, length=LENGTH, mode=mode, d=8, dv=8, hidden=16, max_shift=4, context=context, nearest=nearest
-    )
+    reader = ClusterReader(channels=9, length=LENGTH, mode=mode, d=8, dv=8, hidden=16, max_shift=4, **options)
     reader.init_identity()
     return ReaderRanker(trunk, reader)
 
@@ -57,22 +58,36 @@ def test_an_untrained_reader_ranks_exactly_as_its_retriever() -> None:
     assert torch.equal(alone, torch.zeros(4, 5))
 
 
-@pytest.mark.parametrize(
-    ("mode", "context", "nearest"), [("xattn", 0, False), ("maxsim", 0, False), ("xattn", 5, False), ("xattn", 3, True)]
-)
-def test_the_forward_computes_its_formula_and_trains_through_it(mode: str, context: int, nearest: bool) -> None:
+FORMULA_CASES = [
+    ("xattn", 0, False, False, 1),
+    ("maxsim", 0, False, False, 1),
+    ("xattn", 5, False, False, 1),
+    ("xattn", 3, True, False, 1),
+    ("xattn", 0, False, True, 1),
+    ("xattn", 0, False, True, 3),
+]
+
+
+@pytest.mark.parametrize(("mode", "context", "nearest", "shift", "upsample"), FORMULA_CASES)
+def test_the_forward_computes_its_formula_and_trains_through_it(
+    mode: str, context: int, nearest: bool, shift: bool, upsample: int
+) -> None:
     """The forward as served (one shared exp, masked logits clamped, the variance as a mean square) and as trained
     (torch's fused calls) against the formula: the same scores, and gradients that reach the shift bias. The lab's
-    options read more: a conv over the residual's positions (`context`), the nearest aligned member (`nearest`)."""
-    reader = _ranker(mode, context=context, nearest=nearest).reader
+    options read more: a conv over the residual's positions (`context`), the nearest aligned member (`nearest`),
+    how far the alignment moved (`shift`), members at `upsample` points a sample."""
+    reader = _ranker(mode, context=context, nearest=nearest, shift=shift, upsample=upsample).reader
+    lu = upsample * (LENGTH - 1) + 1
     if context:
         torch.nn.init.normal_(reader.whiten.weight)  # past its identity start
     for p in (reader.mlp[-1].weight, reader.scale, reader.rel):
         torch.nn.init.normal_(p)  # an opinion, a learnt shift bias
     gen = torch.Generator().manual_seed(2)
     qq, qv = torch.randn(6, LENGTH, 8, generator=gen), torch.randn(6, LENGTH, 8, generator=gen)
-    k, v = 3 * torch.randn(6, 5, LENGTH, 8, generator=gen), torch.randn(6, 5, LENGTH, 8, generator=gen)
-    logits = torch.einsum("pqd,pnld->pnql", qq, k) + reader.rel[reader.rel_idx] + reader.rel_mask
+    k, v = 3 * torch.randn(6, 5, lu, 8, generator=gen), torch.randn(6, 5, lu, 8, generator=gen)
+    moved = torch.arange(LENGTH)[:, None] - torch.arange(lu)[None, :] / upsample  # query minus member position
+    mask = torch.where(moved.abs() <= 4, 0.0, -1e4)  # max_shift 4
+    logits = torch.einsum("pqd,pnld->pnql", qq, k) + reader.rel[reader.rel_idx] + mask
     lse = torch.logsumexp(logits, -1)
     if mode == "maxsim":
         want = reader.scale * lse.mean(1).sum(-1)
@@ -87,6 +102,9 @@ def test_the_forward_computes_its_formula_and_trains_through_it(mode: str, conte
             parts += [white, white**2]
         if nearest:
             parts.append(((qv[:, None] - aligned) ** 2).min(1).values)
+        if shift:
+            each = (logits.softmax(-1) * moved / 4).sum(-1)  # (P, n, L), in units of 4 samples
+            parts += [each.mean(1)[..., None], each.mean(1)[..., None] ** 2, each.var(1, unbiased=False)[..., None]]
         feats = torch.cat(parts, -1)
         want = reader.mlp(feats).squeeze(-1).sum(-1)
     with torch.inference_mode():  # serving's path
@@ -114,10 +132,16 @@ def test_the_reader_reads_members_as_a_set() -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "context", "nearest"), [("xattn", 0, False), ("maxsim", 0, False), ("xattn", 5, True)]
+    ("mode", "options"),
+    [
+        ("xattn", {}),
+        ("maxsim", {}),
+        ("xattn", {"context": 5, "nearest": True}),
+        ("xattn", {"shift": True, "upsample": 2}),
+    ],
 )
-def test_flops_per_pair_grow_by_the_same_amount_per_member_read(mode: str, context: int, nearest: bool) -> None:
-    reader = _ranker(mode, context=context, nearest=nearest).reader
+def test_flops_per_pair_grow_by_the_same_amount_per_member_read(mode: str, options: dict[str, Any]) -> None:
+    reader = _ranker(mode, **options).reader
     per = [reader.flops_per_pair(n) for n in (1, 2, 3, 10)]
     assert per[1] - per[0] == per[2] - per[1] > 0
     assert per[3] == per[0] + 9 * (per[1] - per[0])
@@ -171,3 +195,41 @@ def test_the_residual_conv_starts_as_the_identity_and_the_spec_keeps_the_options
         ReaderSpec(encoder=encoder, context=4)
     ranker = build_ranker(spec, torch.randn(8, LENGTH))
     assert ranker.reader.context == 5 and ranker.reader.nearest and ranker.reader.mlp[0].in_features == 8 * spec.dv + 1
+
+
+def test_members_read_at_several_points_a_sample_are_interpolated_and_served_as_trained() -> None:
+    """`upsample`: the cached keys and values hold the plain ones at whole samples and their linear interpolation
+    between, the alignment may move by a fraction of a sample, and a query scored from the cached item table (as
+    served) gets the keys training computes."""
+    ranker = _ranker(shift=True, upsample=3)
+    reader = ranker.reader
+    torch.nn.init.normal_(reader.mlp[-1].weight)
+    fm = torch.randn(2, 4, LENGTH, 9)
+    k, v = reader.item_side(fm)
+    plain_k, plain_v = reader.k(fm), reader.v(fm)
+    assert k.shape == (2, 4, 3 * (LENGTH - 1) + 1, 8) and v.shape[2] == k.shape[2]
+    assert torch.allclose(k[:, :, ::3], plain_k, atol=1e-6) and torch.allclose(v[:, :, ::3], plain_v, atol=1e-6)
+    assert torch.allclose(k[:, :, 1::3], plain_k[:, :, :-1] + (plain_k[:, :, 1:] - plain_k[:, :, :-1]) / 3, atol=1e-5)
+    gen = torch.Generator().manual_seed(5)
+    q, members, rs = _groups(torch.randn(20, LENGTH, generator=gen), 1, 6, 4, gen)
+    with torch.no_grad():
+        want = ranker.scores(q, members, rs)[0]
+        table = ranker.item_table(members[0].reshape(-1, LENGTH)).reshape(6, 4, -1)
+        got = ranker.query_keys(q, table, rs[0])
+    assert torch.allclose(got, want, atol=1e-4)
+    assert len(set(want.tolist())) == 6  # a reader with an opinion: the check could fail
+
+
+def test_the_lab_options_are_kept_by_the_spec_and_refused_when_they_make_no_sense() -> None:
+    encoder = BiEncoderSpec(input_dim=LENGTH, channels=(8, 8), hidden=16, embed_dim=8).to_dict()
+    spec = ReaderSpec(encoder=encoder, shift=True, upsample=2)
+    assert ReaderSpec.from_dict(spec.to_dict()) == spec
+    old = ReaderSpec.from_dict({"encoder": encoder})  # a reader stored before the options
+    assert not old.shift and old.upsample == 1
+    with pytest.raises(ValueError, match="upsample"):
+        ReaderSpec(encoder=encoder, upsample=0)
+    with pytest.raises(ValueError, match="unknown cluster reader spec keys"):
+        ReaderSpec.from_dict({"encoder": encoder, "stride": 2})
+    ranker = build_ranker(spec, torch.randn(8, LENGTH))
+    assert ranker.reader.shift and ranker.reader.item_length == 2 * (LENGTH - 1) + 1
+    assert ranker.reader.mlp[0].in_features == 5 * spec.dv + 1 + 3

@@ -19,15 +19,25 @@ class Readiness(BaseModel):
     progress: dict[str, object] | None = Field(
         None, description="while the first run builds the embedded default: done, total and the current step"
     )
-    error: str | None = Field(None, description="why loading failed (never set merely because it is in progress)")
+    error: str | None = Field(
+        None,
+        description="why loading failed (never set merely because it is in progress); with `ready` true, why the first "
+        "run's bootstrap failed after the service could answer: what is served is what it had built by then",
+    )
 
 
 # `async`: both only read memory, so they answer on the event loop without a thread-pool hop.
 @router.get("/healthz")
 async def healthz(state: StateDep) -> dict[str, object]:
-    """Alive; while the first run builds the embedded default, how far it is (`bootstrap`: done, total, step)."""
-    progress = state.bootstrap_progress
-    return {"status": "ok"} if progress is None else {"status": "ok", "bootstrap": progress}
+    """Alive; while the first run builds the embedded default, how far it is (`bootstrap`: done, total, step), and
+    where that failed, the step it stopped at and `error`."""
+    progress, error = state.bootstrap_progress, state.load_error
+    body: dict[str, object] = {"status": "ok"}
+    if progress is not None:
+        body["bootstrap"] = progress
+    if error is not None:
+        body["error"] = error
+    return body
 
 
 @router.get(
@@ -37,9 +47,13 @@ async def healthz(state: StateDep) -> dict[str, object]:
 )
 async def readyz(state: StateDep) -> JSONResponse:
     """200 once models, space and index are in memory; 503 before, with the bootstrap's `progress` while it
-    runs, or the load `error` if loading failed."""
+    runs, or the load `error` if loading failed. A first run that could answer before its bootstrap ended stays
+    ready should the rest of the bootstrap fail, with its `error` here too."""
     snapshot = state.snapshot
     if snapshot is None:
         content = {"ready": False, "progress": state.bootstrap_progress, "error": state.load_error}
         return JSONResponse(status_code=503, content=content)
-    return JSONResponse(content={"ready": True, "snapshot_id": snapshot.id})
+    content = {"ready": True, "snapshot_id": snapshot.id}
+    if state.load_error is not None:  # the first run's bootstrap failed after its early load
+        content["error"] = state.load_error
+    return JSONResponse(content=content)
