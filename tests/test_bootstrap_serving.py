@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cascade.bootstrap import Progress
+from service.reader_training import ReaderTraining
 from service.routes import health
 from service.settings import Settings
 from service.state import ServiceState
@@ -71,7 +72,14 @@ def test_a_bootstrap_failing_after_its_early_load_stays_ready_and_says_where_it_
     app = FastAPI()
     app.state.service = state
     app.include_router(health.router)
+    training = ReaderTraining(state)  # as TRAIN_READER starts it: it must not train on a home that failed
+    training.start()
     state.load_in_background(bootstrap_stand_in).join(120)
+    refused = "not started: the first run's bootstrap failed (see /readyz)"
+    deadline = time.monotonic() + 30
+    while training.status()["state"] != refused and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert training.status()["state"] == refused
     with TestClient(app) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
