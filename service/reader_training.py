@@ -126,7 +126,7 @@ class ReaderTraining:
             if self.state.snapshot is None:
                 self._state = "not started: the snapshot did not load"
                 return
-            if self.state.load_error is not None:  # served from an early load; the home is not what it trains on
+            if self.state.load_error is not None:  # an early load served; the failed bootstrap may have removed files
                 self._state = "not started: the first run's bootstrap failed (see /readyz)"
                 return
             if self._needless():

@@ -54,6 +54,6 @@ async def readyz(state: StateDep) -> JSONResponse:
         content = {"ready": False, "progress": state.bootstrap_progress, "error": state.load_error}
         return JSONResponse(status_code=503, content=content)
     content = {"ready": True, "snapshot_id": snapshot.id}
-    if state.load_error is not None:  # the first run's bootstrap failed after its early load
+    if state.load_error is not None:  # what failed after a first run's early load, which is still served
         content["error"] = state.load_error
     return JSONResponse(content=content)
