@@ -61,9 +61,11 @@ def serving(half_built: Path) -> Iterator[tuple[str, threading.Event, dict]]:
     gate, seen = threading.Event(), {}
 
     def early(state: ServiceState) -> None:
-        state.load_early()
+        # What is on disk when the early load starts, read before it: once loaded the server is ready, and the
+        # test may look at `seen` at once
         seen["config"] = CascadeConfig.load(half_built / CONFIG_FILE)
         seen["pair_models"] = ModelRegistry(half_built / "registry").active_version(TINY_PAIR.dense_name)
+        state.load_early()
         assert gate.wait(120), "the test never let the bootstrap go on"
 
     def build(state: ServiceState) -> None:
