@@ -77,4 +77,7 @@ class ClusterIndex:
 
     @classmethod
     def load(cls, directory: Path, name: str = INDEX_FILE) -> ClusterIndex:
-        return cls(faiss.read_index(str(directory / name)))  # already the concrete IVF type
+        """The inverted lists (every item's vector, most of the file) are mapped, not read: answering uses only
+        the centroids and the lists' sizes, so they are never paged in, and worker processes share the file's
+        pages instead of holding a copy each. Files are replaced by rename, so a mapped one never changes."""
+        return cls(faiss.read_index(str(directory / name), faiss.IO_FLAG_MMAP))  # already the concrete IVF type

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from cascade.index import ClusterIndex
+from cascade.index import INDEX_FILE, ClusterIndex
 from cascade.space import Space, build_space, clusters_by_kmeans, clusters_by_label, sample_members
 
 
@@ -74,6 +76,25 @@ def test_index_finds_the_cluster_of_an_item_and_round_trips(tmp_path) -> None:
     loaded = Space.load(tmp_path)
     np.testing.assert_array_equal(loaded.features, space.features)
     assert loaded.meta == space.meta
+
+
+def test_a_loaded_index_maps_its_item_vectors_and_survives_the_file_being_replaced(tmp_path) -> None:
+    """Worker processes share the index file's pages instead of each holding its items' vectors: the file is
+    mapped, and a new index saved over it (by rename) leaves the loaded one answering as before."""
+    space = _space()
+    built = ClusterIndex.build(space)
+    built.save(tmp_path)
+    loaded = ClusterIndex.load(tmp_path)
+    path = str((tmp_path / INDEX_FILE).resolve())
+    maps = Path("/proc/self/smaps").read_text().splitlines()
+    assert any(line.rstrip().endswith(path) for line in maps), "the index file is not mapped"
+    sizes = [loaded.list_size(c) for c in range(space.num_clusters)]
+    assert sizes == [built.list_size(c) for c in range(space.num_clusters)]
+    before = loaded.nearest_clusters(space.centroids()[[2, 7]], 5)
+    ClusterIndex.from_vectors(space.features[::-1] * 2.0, space.offsets).save(tmp_path)  # other centroids
+    assert not np.array_equal(ClusterIndex.load(tmp_path).nearest_clusters(space.centroids()[[2, 7]], 5), before)
+    np.testing.assert_array_equal(loaded.nearest_clusters(space.centroids()[[2, 7]], 5), before)
+    assert [loaded.list_size(c) for c in range(space.num_clusters)] == sizes
 
 
 def test_kmeans_partition_when_there_are_no_clusters() -> None:
