@@ -72,10 +72,11 @@ FORMULA_CASES = [
 def test_the_forward_computes_its_formula_and_trains_through_it(
     mode: str, context: int, nearest: bool, shift: bool, upsample: int
 ) -> None:
-    """The forward as served (one shared exp, masked logits clamped, the variance as a mean square) and as trained
-    (torch's fused calls) against the formula: the same scores, and gradients that reach the shift bias. The lab's
-    options read more: a conv over the residual's positions (`context`), the nearest aligned member (`nearest`),
-    how far the alignment moved (`shift`), members at `upsample` points a sample."""
+    """The forward (one shared exp, masked logits clamped, the variance as a mean square), served and trained,
+    against the formula written with torch's own logsumexp, softmax and var: the same scores, and in training the
+    same gradient for every parameter (the shift bias included). The lab's options read more: a conv over the
+    residual's positions (`context`), the nearest aligned member (`nearest`), how far the alignment moved
+    (`shift`), members at `upsample` points a sample."""
     reader = _ranker(mode, context=context, nearest=nearest, shift=shift, upsample=upsample).reader
     lu = upsample * (LENGTH - 1) + 1
     if context:
@@ -110,10 +111,16 @@ def test_the_forward_computes_its_formula_and_trains_through_it(
     with torch.inference_mode():  # serving's path
         served = reader(qq, qv, k, v)
     assert torch.allclose(served, want, rtol=1e-5, atol=1e-5)
+    params = [p for p in reader.parameters() if p.requires_grad]
+    want_grads = torch.autograd.grad(want.sum(), params, allow_unused=True, retain_graph=True)
     got = reader(qq, qv, k, v)  # training's path
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
-    got.sum().backward()
-    assert reader.rel.grad is not None and bool(reader.rel.grad.abs().sum() > 0)
+    got_grads = torch.autograd.grad(got.sum(), params, allow_unused=True)
+    names = [n for n, p in reader.named_parameters() if p.requires_grad]
+    for name, g, w in zip(names, got_grads, want_grads, strict=True):
+        assert (g is None) == (w is None), name
+        assert g is None or torch.allclose(g, w, rtol=1e-4, atol=1e-4), (name, (g - w).abs().max())
+    assert bool(got_grads[params.index(reader.rel)].abs().sum() > 0)  # the shift bias learns
 
 
 def test_the_reader_reads_members_as_a_set() -> None:
