@@ -244,8 +244,8 @@ class ClusterReader(nn.Module):
         # One exp for the log-sum-exp and the softmax, its masked inputs (about -1e4) clamped at -80: torch's own
         # logsumexp and softmax spend an exp each (and the backward a third), the costliest calls, on inputs where
         # exp is slow. The masked weights are 2e-35 instead of 0, which no float32 sum next to the largest weight
-        # (1) can show. Measured: serving 2.7-3.1x (benchmarks/bench_reader_forward.py), a training step 1.4x.
-        # Both results are invariant to the shift `top`, so no gradient need flow through it.
+        # (1) can show. Measured: serving 2.7-3.1x (benchmarks/bench_reader_forward.py), a training step 1.35x
+        # (docs/results.md). Both results are invariant to the shift `top`, so no gradient need flow through it.
         top = logits.amax(-1, keepdim=True).detach()
         e = (logits - top).clamp_min(-80.0).exp()
         total = e.sum(-1, keepdim=True)
