@@ -4,10 +4,12 @@ same queries: it must never replace a better default. The check is stored
 in the home's cascade.json (`CascadeConfig.reader`), with the sha256 of the reader it measured, so that a reader
 stored later is not served until it is measured too.
 
-Before it measures, it fits the temperature of the reader's own-cluster posterior on the same dev queries (one
-number, by the negative log-likelihood of each query's own cluster among those read; `models.calibration`): a reader
-trained on a few thousand clusters can be far surer of itself than its accuracy on new queries, and its answers
-rank by expected gain, which weighs that posterior against the label's."""
+Its answers rank by expected gain, which weighs the reader's own-cluster posterior against the label's, so the
+posterior's temperature matters (one number, fitted by the negative log-likelihood of each query's own cluster among
+those read; `models.calibration`): a reader trained on a few thousand clusters can be far surer of itself than its
+accuracy on new queries. The temperature is cross-fitted: each half of the dev queries (by position) is answered at
+the temperature fitted on the other half, so no reported answer used its own query to tune; the reader is then
+served at the temperature fitted on all of them."""
 
 from __future__ import annotations
 
@@ -22,30 +24,51 @@ from cascade.evaluation import example_queries, graded_metrics
 from cascade.plan import plan_reader
 from cascade.queries import cluster_grades
 from cascade.reader import reader_keys, rerank_width
-from cascade.side_by_side import HeldOutQuery, Method, side_by_side, stages
+from cascade.side_by_side import HeldOutQuery, Method, Round, side_by_side, stages
 from cascade.snapshot import Snapshot
 from models.calibration import calibration_report, fit_temperature
 
-__all__ = ["check_reader", "fit_reader_temperature"]
+__all__ = ["check_reader", "cross_fitted_temperatures", "fit_reader_temperature"]
 
 
-def fit_reader_temperature(snapshot: Snapshot, held_out: list[HeldOutQuery], k: int) -> dict[str, float]:
-    """The temperature of the reader's own-cluster posterior, fitted on `held_out` queries whose own cluster is among
-    those it reads (the others say nothing about which read cluster is theirs), with the calibration report of
-    `models.calibration` (its "pairs" are queries here). Query i reads with seed i, as the check's measure does."""
-    rows, owns = [], []
+def _own_cluster_keys(snapshot: Snapshot, held_out: list[HeldOutQuery], k: int) -> list[tuple[int, torch.Tensor, int]]:
+    """(position, reader keys, the own cluster's column) of each query whose own cluster is among those the reader
+    reads (the others say nothing about which read cluster is theirs). Query i reads with seed i."""
+    rows = []
     for i, query in enumerate(held_out):
         target = query.target(snapshot)
         assert target.candidates is not None
         width = rerank_width(snapshot, target, k)
         own = np.flatnonzero(target.candidates[:width] == query.info["cluster"])
         if len(own):
-            rows.append(reader_keys(snapshot, target, width, seed=i))
-            owns.extend([int(own[0])] * len(target.queries))
-    if len({r.shape[1] for r in rows}) > 1 or len(owns) < 2:
+            keys = reader_keys(snapshot, target, width, seed=i)
+            rows.append((i, keys, int(own[0])))
+    return rows
+
+
+def _fit(rows: list[tuple[int, torch.Tensor, int]]) -> dict[str, float]:
+    if len({r[1].shape[1] for r in rows}) > 1 or sum(len(r[1]) for r in rows) < 2:
         raise ValueError("the temperature needs at least 2 dev queries whose own cluster is read, all at one width")
-    keys, grades = torch.cat(rows), torch.tensor(owns)
+    keys = torch.cat([r[1] for r in rows])
+    grades = torch.tensor([own for _, key, own in rows for _ in range(len(key))])
     return calibration_report(keys, grades, fit_temperature(keys, grades))
+
+
+def fit_reader_temperature(snapshot: Snapshot, held_out: list[HeldOutQuery], k: int) -> dict[str, float]:
+    """The temperature of the reader's own-cluster posterior fitted on `held_out` queries, with the calibration
+    report of `models.calibration` (its "pairs" are queries here)."""
+    return _fit(_own_cluster_keys(snapshot, held_out, k))
+
+
+def cross_fitted_temperatures(
+    snapshot: Snapshot, held_out: list[HeldOutQuery], k: int
+) -> tuple[dict[str, float], tuple[float, float]]:
+    """The calibration on all `held_out` queries (the temperature served), and the temperatures fitted on the odd
+    and on the even positions: the even positions are measured at the first, the odd at the second."""
+    rows = _own_cluster_keys(snapshot, held_out, k)
+    on_odd = _fit([r for r in rows if r[0] % 2 == 1])["temperature"]
+    on_even = _fit([r for r in rows if r[0] % 2 == 0])["temperature"]
+    return _fit(rows), (on_odd, on_even)
 
 
 def check_reader(
@@ -59,8 +82,8 @@ def check_reader(
 ) -> ReaderChoice:
     """FAISS alone, the default pair cascade (where it is not FAISS alone) and the reader's answer (reading up to
     `members` members of FAISS's top `candidates`, ranking its top `pool`, default `READER_POOL`) on the first
-    `queries` dev queries (None: all), after fitting the reader's temperature on them. Served where the reader's
-    recall@1 is higher than each of the others' and its nDCG@10 no lower. `stage0`: how many clusters FAISS
+    `queries` dev queries (None: all), each half at the reader's temperature fitted on the other. Served where the
+    reader's recall@1 is higher than each of the others' and its nDCG@10 no lower. `stage0`: how many clusters FAISS
     proposes (default: the space's `pair_candidates`, else 200)."""
     if snapshot.reader is None:
         raise ValueError("the space has no cluster reader to check")
@@ -78,13 +101,19 @@ def check_reader(
     held_out = example_queries(measured, max(stage0 or snapshot.config.pair_candidates or 200, k, pool), queries, "dev")
     if len(held_out) < 2:
         raise ValueError(f"the space has {len(held_out)} dev queries; the check needs at least 2")
-    calibration = fit_reader_temperature(measured, held_out, k)
-    choice = choice.model_copy(update={"temperature": calibration["temperature"]})
-    measured = replace(snapshot, config=snapshot.config.model_copy(update={"reader": choice}))
+    calibration, folds = cross_fitted_temperatures(measured, held_out, k)
     methods = [stages("faiss", []), Method("reader", plan=lambda snap, target, kk: plan_reader(snap, target, kk))]
     if snapshot.config.pair_stages:  # the default it would replace (its own verdict above keeps it out of it)
         methods.append(stages("cascade", None))
-    rounds = side_by_side(measured, held_out, methods, k, (0,), reference=None, seed_per_query=True)
+    by_position: dict[int, Round] = {}
+    for parity, temperature in ((0, folds[0]), (1, folds[1])):
+        at = choice.model_copy(update={"temperature": temperature})
+        half = replace(snapshot, config=snapshot.config.model_copy(update={"reader": at}))
+        positions = range(parity, len(held_out), 2)
+        answered = side_by_side(half, held_out[parity::2], methods, k, (0,), reference=None, seed_per_query=True)
+        by_position.update(zip(positions, answered, strict=True))
+    rounds = [by_position[i] for i in range(len(held_out))]
+    choice = choice.model_copy(update={"temperature": calibration["temperature"]})
     rows: dict[str, list[tuple[float, ...]]] = {m.name: [] for m in methods}
     labels = snapshot.space.cluster_labels
     for r in rounds:
@@ -117,7 +146,8 @@ def check_reader(
     )
     reason = (
         f"on {len(rounds)} dev queries the reader (reading FAISS top {candidates}, ranking top {pool} by expected "
-        f"gain at temperature {choice.temperature:.3g}) has recall@1 "
+        f"gain, each half of the queries at the temperature fitted on the other: {folds[1]:.3g} and {folds[0]:.3g}; "
+        f"served at {choice.temperature:.3g}, fitted on all) has recall@1 "
         f"{b['recall_at_1']:.3f} and nDCG@{k} {b[f'ndcg_at_{k}']:.3f} (recall@1 over FAISS alone {gain:+.3f}, "
         f"paired s.e. {se:.3f}); {against}: {verdict}"
     )
@@ -127,5 +157,6 @@ def check_reader(
         "recall_at_1_gain": round(gain, 4),
         "recall_at_1_gain_se": round(se, 4),
         "calibration": calibration,
+        "temperature_fitted_on_odd_even": list(folds),
     }
     return choice.model_copy(update={"served": served, "reason": reason, "dev": dev})

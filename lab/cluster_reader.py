@@ -233,7 +233,8 @@ def main() -> None:
         n1, keep = (int(v) for v in args.eval_first.split(":"))
         out["flops_per_query_eval"] = args.M * reader.flops_per_pair(n1) + keep * out["flops_per_pair"]
         out["flops_per_query_whole"] = args.M * out["flops_per_pair"]
-    out["item_cache_floats_per_cluster"] = 10 * reader.item_length * (args.d + (args.dv if args.mode == "xattn" else 0))
+    values = args.dv if args.mode != "maxsim" else 0
+    out["item_cache_floats_per_cluster"] = 10 * reader.item_length * (args.d + values)
     used = {"raw": [], "c1": [trunk.conv1], "c2": [trunk.conv1, trunk.conv2], "b2": [trunk.conv1, trunk.conv2]}
     trunk_params = sum(p.numel() for m in used[args.feature] for p in m.parameters()) if args.trainable else 0
     out["params"] = sum(p.numel() for p in reader.parameters()) + trunk_params  # trained ones

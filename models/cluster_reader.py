@@ -11,7 +11,8 @@ noise in the query's own coordinates before it compares:
 - the aligned member values are read together, by their mean m(p) and spread v(p) over members (`xattn`), and a
   small MLP of (W_v f_q, m, f_q - m, (f_q - m)^2, v, the members' mean alignment strength) scores each query
   position; the scores are summed. `maxsim` is the late-interaction variant: a learned scale times the mean
-  alignment strength, summed.
+  alignment strength, summed. `rigid` aligns each member by one soft shift for all its positions (a correlation
+  over shifts, as the exact likelihood does) instead of a position each, and reads the members' shifts too.
 
 The lab's options (`context`, `nearest`, `shift`, `upsample`: more inputs to the MLP, members at sub-sample
 resolution) are measured in lab/CLUSTER_READER.md and off in the served recipe.
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 FEATURES = ("raw", "c1", "c2", "b2")
-MODES = ("xattn", "maxsim")
+MODES = ("xattn", "maxsim", "rigid")
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,26 @@ class ClusterReader(nn.Module):
         self.shift = shift
         self.register_buffer("rel_pos", rel.float() / (4.0 * upsample), persistent=False)  # in 4 samples
         self.width = (5 + (2 if context else 0) + (1 if nearest else 0)) * dv + 1 + (3 if shift else 0)
+        if mode == "rigid":
+            # rigid: member j moves by one soft shift s for all its positions. c_j(s), the mean over query positions
+            # p of the logit (p, p + s), scores each shift; a learned prior over shifts is added and a softmax over
+            # s gives the weights w_j(s), so that the member aligned to the query is sum_s w_j(s) v_j(p + s): the
+            # attention matrix is Toeplitz. A per-position alignment can warp a look-alike a few percent wider or
+            # two samples off onto the query; one shift per member cannot.
+            if upsample != 1 or context or nearest or shift:
+                raise ValueError("rigid reads members at their own resolution, without context, nearest or shift")
+            shifts = torch.arange(-max_shift, max_shift + 1)
+            pos = torch.arange(length)
+            target = pos[None, :] + shifts[:, None]  # (S, L): the member position query position p meets at shift s
+            valid = (target >= 0) & (target < length)
+            self.register_buffer("diag_idx", (pos[None, :] * length + target.clamp(0, length - 1)), persistent=False)
+            self.register_buffer("diag_w", valid.float() / valid.sum(1, keepdim=True), persistent=False)
+            offset = pos[None, :] - pos[:, None]  # (L, L): l - p
+            self.register_buffer("toeplitz_idx", (offset + max_shift).clamp(0, 2 * max_shift), persistent=False)
+            self.register_buffer("toeplitz_mask", (offset.abs() <= max_shift).float(), persistent=False)
+            self.register_buffer("shift_pos", shifts.float() / 4.0, persistent=False)  # in 4 samples
+            self.shift_prior = nn.Parameter(torch.zeros(2 * max_shift + 1))
+            self.width = 5 * dv + 1 + 3
         self.mlp = nn.Sequential(
             nn.Linear(self.width, hidden),
             nn.ReLU(),
@@ -240,6 +261,8 @@ class ClusterReader(nn.Module):
 
     def forward(self, qq: torch.Tensor, qv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One score per pair: qq, qv (P, L, .), k, v (P, n, L, .). Symmetric in the members."""
+        if self.mode == "rigid":
+            return self._rigid(qq, qv, k, v)
         logits = torch.einsum("pqd,pnld->pnql", qq, k) + self.rel[self.rel_idx] + self.rel_mask
         # One exp for the log-sum-exp and the softmax, its masked inputs (about -1e4) clamped at -80: torch's own
         # logsumexp and softmax spend an exp each (and the backward a third), the costliest calls, on inputs where
@@ -275,6 +298,28 @@ class ClusterReader(nn.Module):
         feats = torch.cat(parts, -1)
         return self.mlp(feats).squeeze(-1).sum(-1)
 
+    def _rigid(self, qq: torch.Tensor, qv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`forward` of the rigid mode (see `__init__`)."""
+        logits = torch.einsum("pqd,pnld->pnql", qq, k)  # (P, n, L, L)
+        by_shift = logits.flatten(-2)[..., self.diag_idx]  # (P, n, S, L): the logit (p, p + s)
+        corr = (by_shift * self.diag_w).sum(-1) + self.shift_prior  # (P, n, S)
+        weights = corr.softmax(-1)
+        lse = corr.logsumexp(-1)  # (P, n): how well each member aligns
+        toeplitz = weights[..., self.toeplitz_idx] * self.toeplitz_mask  # (P, n, L, L): w(l - p)
+        toeplitz = toeplitz / toeplitz.sum(-1, keepdim=True).clamp_min(1e-6)
+        aligned = torch.einsum("pnql,pnlv->pnqv", toeplitz, v)
+        m = aligned.mean(1)
+        centred = aligned - m[:, None]
+        spread = (centred * centred).mean(1)
+        diff = qv - m
+        moved = weights @ self.shift_pos  # (P, n): each member's expected shift onto the query
+        mean_moved = moved.mean(1)
+        cluster = torch.stack(
+            [lse.mean(1), mean_moved, mean_moved.pow(2), (moved - mean_moved[:, None]).pow(2).mean(1)], -1
+        )  # (P, 4): the same for every query position
+        parts = [qv, m, diff, diff.pow(2), spread, cluster[:, None].expand(-1, qv.shape[1], -1)]
+        return self.mlp(torch.cat(parts, -1)).squeeze(-1).sum(-1)
+
     def flops_per_pair(self, n: int) -> int:
         """Multiply-adds x 2 of what runs per (query, cluster) pair reading n members, from the layer shapes (item
         side cached, query side once per query)."""
@@ -282,6 +327,9 @@ class ClusterReader(nn.Module):
         att = n * L * Lu * (2 * d + 4)  # logits (+ bias), logsumexp, softmax
         if self.mode == "maxsim":
             return att + n * L + L
+        if self.mode == "rigid":
+            shifts = self.shift_prior.numel()
+            att = n * L * Lu * 2 * d + n * shifts * (2 * L + 6) + n * L * Lu * 3  # logits, correlation, Toeplitz
         att += n * L * Lu * 2 * dv  # aligned values
         att += n * L * dv * 3  # mean and spread over members
         mlp = L * 2 * (self.width * hidden + hidden * hidden + hidden) + L * (4 * dv)

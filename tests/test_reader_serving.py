@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, start_server, stop_server
-from service_fixtures import AUTH, admin_env
+from service_fixtures import AUTH, admin_env, faiss_by_default
 
 from cascade.config import CONFIG_FILE, READER_RULE, CascadeConfig, ReaderChoice
 from cascade.embedding import EmbeddingIndex
+from cascade.evaluation import example_queries
 from cascade.plan import Query, execute, plan_query
 from cascade.reader import LOG_FLOOR, READER_STAGE, grade_log_posteriors, serves
-from cascade.reader_gate import check_reader
+from cascade.reader_gate import check_reader, fit_reader_temperature
 from cascade.snapshot import load_snapshot
 from cascade.space import Space
 from models.cluster_reader import ReaderSpec, build_ranker
@@ -217,6 +218,14 @@ def test_the_dev_check_keeps_faiss_when_the_reader_is_worse(tiny_home, tmp_path)
     calibration = dev["calibration"]
     assert choice.temperature == calibration["temperature"] > 1 and choice.rule == READER_RULE
     assert calibration["nll_after"] < calibration["nll_before"]
+    # cross-fitted: each half of the dev queries is answered at the temperature fitted on the other half alone
+    on_odd, on_even = dev["temperature_fitted_on_odd_even"]
+    reading = choice.model_copy(update={"served": False, "temperature": 1.0})
+    measured = replace(snapshot, config=snapshot.config.model_copy(update={"reader": reading}))
+    held_out = example_queries(measured, max(snapshot.config.pair_candidates or 200, 10, choice.pool), None, "dev")
+    assert on_odd == pytest.approx(fit_reader_temperature(measured, held_out[1::2], 10)["temperature"], rel=1e-3)
+    assert on_even == pytest.approx(fit_reader_temperature(measured, held_out[0::2], 10)["temperature"], rel=1e-3)
+    assert f"{on_odd:.3g}" in choice.reason and f"{on_even:.3g}" in choice.reason
     # the command stores the verdict; the snapshot then keeps the default pair cascade
     assert cli(["reader", "--home", str(home), "--check"]) == 0
     stored = CascadeConfig.load(home / CONFIG_FILE).reader
@@ -394,9 +403,10 @@ def test_a_replaced_reader_is_kept_for_a_rollback_and_older_ones_go(tiny_home, t
 @pytest.fixture(scope="module")
 def trained_reader(tiny_home, tmp_path_factory) -> tuple[bytes, bytes, str]:
     """A reader trained 50 steps on the tiny home's training prototypes: its dev check there serves it (recall@1
-    above FAISS alone's and the pair cascade's on the tiny dev queries). Its spec file, weights and sha256."""
+    above FAISS alone's, the default there, on the tiny dev queries). Its spec file, weights and sha256."""
     home = tmp_path_factory.mktemp("trained") / "home"
     shutil.copytree(tiny_home, home)
+    faiss_by_default(home)
     assert cli(["reader", "--home", str(home), "--steps", "50"]) == 0
     stored = load_reader(home / SPACE)
     assert stored is not None and CascadeConfig.load(home / CONFIG_FILE).reader.served
@@ -408,7 +418,7 @@ def test_http_an_uploaded_reader_is_checked_before_it_serves_and_rolls_back(
     tiny_home, tmp_path, trained_reader
 ) -> None:
     spec, weights, digest = trained_reader
-    home = _home_with_reader(tiny_home, tmp_path)  # an untrained reader, served under a check of its own
+    home = faiss_by_default(_home_with_reader(tiny_home, tmp_path))  # an untrained reader, served under a check
     first = _snapshot(home, served=True).reader.sha256
     example = _dev_example(_snapshot(home))[0].tolist()
     query = {"target": {"examples": [example]}, "k": 3}

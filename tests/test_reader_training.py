@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import Server, start_server, stop_server
+from service_fixtures import faiss_by_default
 
 from cascade.config import CONFIG_FILE, READER_RULE, CascadeConfig, ReaderChoice
 from cascade.embedding import EmbeddingIndex
@@ -61,6 +62,7 @@ def test_a_home_without_a_reader_trains_a_short_one_then_the_full_one_in_the_bac
     served again)."""
     home = tmp_path / "home"
     shutil.copytree(tiny_home, home)
+    faiss_by_default(home)  # the check of a 60-step reader: against FAISS alone
     assert load_reader(home / SPACE) is None
     example = QuerySet.load(home / SPACE).split("dev").x[0]
     query = {"target": {"examples": [np.asarray(example).tolist()]}, "k": 3}

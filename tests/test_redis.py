@@ -22,6 +22,7 @@ from service_fixtures import (  # noqa: F401
     copy_home,
     entry_of,
     entry_payload,
+    faiss_by_default,
     redis_proc,
     resaved_payload,
     wait_for,
@@ -48,7 +49,7 @@ def _metric(server: Server, prefix: str) -> float:
 
 @pytest.fixture
 def replicas(tiny_home: Path, tmp_path: Path, redis_proc: RedisProc) -> Iterator[tuple[Server, Server]]:
-    home = copy_home(tiny_home, tmp_path / "shared-home")
+    home = faiss_by_default(copy_home(tiny_home, tmp_path / "shared-home"))  # a reader's check: against FAISS
     env = admin_env(
         PRUNECASCADE_REDIS_URL=redis_proc.url,
         PRUNECASCADE_RECONCILE_INTERVAL_S="0.5",
@@ -121,7 +122,7 @@ def test_replicas_converge_through_redis_and_survive_its_loss(replicas, redis_pr
 
 def test_a_reader_uploaded_to_one_replica_is_served_by_the_other(replicas, tiny_home: Path, tmp_path: Path) -> None:
     a, b = replicas
-    trained = copy_home(tiny_home, tmp_path / "trainer")
+    trained = faiss_by_default(copy_home(tiny_home, tmp_path / "trainer"))
     assert cli(["reader", "--home", str(trained), "--steps", "50"]) == 0  # served on the tiny home's dev check
     space = trained / "spaces" / "default"
     digest = stored_digest(space)
