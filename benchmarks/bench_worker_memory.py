@@ -27,7 +27,7 @@ from benchmarks.bench_concurrency import closed_loop, memory_kib, query_bodies, 
 from benchmarks.common import dump_json
 from service.loadtest.process_tree import descendants
 
-__all__ = ["main", "mapping_kib"]
+__all__ = ["main", "mapping_kib", "private_by_kind"]
 
 
 def mapping_kib(pid: int, needle: str) -> dict[str, int]:
@@ -50,6 +50,44 @@ def mapping_kib(pid: int, needle: str) -> dict[str, int]:
             elif inside and parts[0] in ("Private_Clean:", "Private_Dirty:"):
                 out["private"] += int(parts[1])
     return out
+
+
+def _kind(path: str) -> str:
+    """What a mapping holds, by its path: the item cache, other files of the home, shared libraries, the heap,
+    anonymous memory (where torch, numpy and glibc's other arenas allocate) and the rest."""
+    if "item_inputs" in path:
+        return "item_cache"
+    if ".so" in path:
+        return "libraries"
+    if path == "[heap]":
+        return "heap"
+    if not path:
+        return "anonymous"
+    return "other_files" if path.startswith("/") else "other"
+
+
+def private_by_kind(pid: int) -> list[dict[str, int]]:
+    """Per process of `pid`'s tree (the supervisor first), its private kB (clean and dirty) by `_kind` of mapping:
+    what that process alone holds, so where a worker's own memory goes; and its Rss by kind (`rss_` + kind), shared
+    pages included."""
+    rows = []
+    for p in descendants(pid):
+        try:
+            lines = Path(f"/proc/{p}/smaps").read_text().splitlines()
+        except OSError:
+            continue
+        kinds: dict[str, int] = {}
+        kind = "other"
+        for line in lines:
+            parts = line.split()
+            if parts and "-" in parts[0] and len(parts) >= 5 and ":" in parts[3]:
+                kind = _kind(parts[5] if len(parts) >= 6 else "")
+            elif parts and parts[0] in ("Private_Clean:", "Private_Dirty:"):
+                kinds[kind] = kinds.get(kind, 0) + int(parts[1])
+            elif parts and parts[0] == "Rss:":
+                kinds[f"rss_{kind}"] = kinds.get(f"rss_{kind}", 0) + int(parts[1])
+        rows.append({"pid": p, **kinds})
+    return rows
 
 
 SETTINGS: dict[str, dict[str, str]] = {
@@ -80,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 home = work / f"home-{len(rows)}"
                 shutil.copytree(args.home, home, ignore=shutil.ignore_patterns("data", "item_inputs"))
                 with start_server(home, args.space, args.port, workers, dict(SETTINGS[setting])) as (url, pid):
+                    loaded = private_by_kind(pid)  # ready, before any query
                     bodies = query_bodies(home, args.space, 10)["examples"]
                     closed_loop(args.port, pid, bodies, 4 * workers, 3.0)  # every worker has served queries
                     cache = httpx.get(f"{url}/v1/space", timeout=10).json().get("item_cache", [])
@@ -90,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                         "processes": len(descendants(pid)),
                         "tree_kib": memory_kib(pid),
                         "item_inputs_kib": mapping_kib(pid, "item_inputs"),
+                        "private_by_process_kib": private_by_kind(pid),
+                        "private_by_process_kib_before_queries": loaded,
                         "item_cache_bytes": table_bytes,
                     }
                 rows.append(row)
@@ -118,6 +159,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {setting} ({cache_mib:.0f} MiB cache) | {r['workers']} | {r['processes']} | "
                 f"{r['tree_kib']['pss'] / 1024:.0f} | {growth if growth == '' else f'{growth:.0f}'} | {share} | "
                 f"{m['rss'] / 1024:.0f} / {m['pss'] / 1024:.0f} / {m['private'] / 1024:.0f} |"
+            )
+    print("\nprivate MiB by mapping, the supervisor (where there is one) and the mean worker:")
+    for r in rows:
+        for when in ("before_queries", "after_queries"):
+            procs = r["private_by_process_kib" + ("_before_queries" if when == "before_queries" else "")]
+            workers = procs[-r["workers"] :]
+            kinds = sorted({k for p in procs for k in p if k != "pid"})
+            mean = {k: sum(p.get(k, 0) for p in workers) / len(workers) / 1024 for k in kinds}
+            head = procs[0] if len(procs) > r["workers"] else None
+            supervisor = (
+                "" if head is None else "; supervisor " + ", ".join(f"{k} {head.get(k, 0) / 1024:.0f}" for k in kinds)
+            )
+            print(
+                f"{r['setting']} x{r['workers']} {when}: worker "
+                + ", ".join(f"{k} {v:.0f}" for k, v in mean.items())
+                + supervisor
             )
     if args.out:
         dump_json(args.out, {"rows": rows, "pid": os.getpid()})

@@ -146,8 +146,8 @@ def check_reader(
     )
     reason = (
         f"on {len(rounds)} dev queries the reader (reading FAISS top {candidates}, ranking top {pool} by expected "
-        f"gain, each half of the queries at the temperature fitted on the other: {folds[1]:.3g} and {folds[0]:.3g}; "
-        f"served at {choice.temperature:.3g}, fitted on all) has recall@1 "
+        f"gain; the even positions at temperature {folds[0]:.3g}, fitted on the odd, the odd at {folds[1]:.3g}, "
+        f"fitted on the even; served at {choice.temperature:.3g}, fitted on all) has recall@1 "
         f"{b['recall_at_1']:.3f} and nDCG@{k} {b[f'ndcg_at_{k}']:.3f} (recall@1 over FAISS alone {gain:+.3f}, "
         f"paired s.e. {se:.3f}); {against}: {verdict}"
     )

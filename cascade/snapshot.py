@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,14 @@ class Snapshot:
         return int(self.variants[self.config.pair_dense].manifest.spec.get("num_grades", 3))
 
 
+def _shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a space's array without a copy. The array is read-only (mapped from the space's file and
+    shared between worker processes), and the engine only reads it, so torch's warning about that is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 def _snapshot_id(
     space: Space, variants: Mapping[str, Variant], config: CascadeConfig, reader: StoredReader | None = None
 ) -> str:
@@ -338,7 +347,7 @@ def variant_for(loaded: LoadedModel, space: Space) -> Variant:
             gadget_sha256,
         )
     flops = Flops(manifest.flops_dense_kernel, manifest.flops_nonzero)
-    log_prior = log_prior_of(torch.from_numpy(space.prior))
+    log_prior = log_prior_of(_shared_tensor(space.prior))
     return Variant(loaded.model, manifest, loaded.gadget, log_prior, flops, gadget_sha256=loaded.gadget_sha256)
 
 
@@ -362,10 +371,10 @@ def build_snapshot(
         id=_snapshot_id(space, variants, config, reader),
         space=space,
         index=index,
-        features=torch.from_numpy(space.features),
+        features=_shared_tensor(space.features),
         variants=MappingProxyType(dict(variants)),
         config=config,
-        log_prior=log_prior_of(torch.from_numpy(space.prior)),
+        log_prior=log_prior_of(_shared_tensor(space.prior)),
         embedding=embedding,
         queries=queries,
         item_cache=item_cache if item_cache is not None else ItemCache(),

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cascade.npz_map import load_npz_mapped
+
 __all__ = [
     "Space",
     "build_space",
@@ -138,9 +140,9 @@ class Space:
 
     @classmethod
     def load(cls, directory: Path) -> Space:
-        """Spaces saved before ids were kept load with the default ids (positions)."""
-        with np.load(directory / SPACE_FILE, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        """The arrays mapped read-only from the file (`cascade.npz_map`); spaces saved before ids were kept load
+        with the default ids (positions)."""
+        arrays = load_npz_mapped(directory / SPACE_FILE)  # read-only views of the file: shared by worker processes
         return cls(meta=json.loads((directory / META_FILE).read_text()), **arrays)
 
 

@@ -123,6 +123,47 @@ def test_the_forward_computes_its_formula_and_trains_through_it(
     assert bool(got_grads[params.index(reader.rel)].abs().sum() > 0)  # the shift bias learns
 
 
+def test_the_rigid_reader_moves_each_member_by_one_soft_shift() -> None:
+    """`rigid` against its formula written out with loops: each shift s of a member scored by the mean over query
+    positions p of the logit (p, p + s) plus a learnt prior, the member moved by the softmax over s (renormalised
+    where p + s leaves the member), the cluster's mean strength and shift statistics read beside the values."""
+    reader = _ranker("rigid").reader
+    for p in (reader.mlp[-1].weight, reader.shift_prior):
+        torch.nn.init.normal_(p)
+    gen = torch.Generator().manual_seed(3)
+    qq, qv = torch.randn(2, LENGTH, 8, generator=gen), torch.randn(2, LENGTH, 8, generator=gen)
+    k, v = 3 * torch.randn(2, 4, LENGTH, 8, generator=gen), torch.randn(2, 4, LENGTH, 8, generator=gen)
+    shifts = range(-4, 5)  # max_shift 4
+    want = []
+    for i in range(2):
+        aligned, strength, moved = [], [], []
+        for j in range(4):
+            logit = qq[i] @ k[i, j].T  # (query position, member position)
+            corr = torch.stack(
+                [torch.stack([logit[p, p + s] for p in range(LENGTH) if 0 <= p + s < LENGTH]).mean() for s in shifts]
+            )
+            corr = corr + reader.shift_prior
+            w = corr.softmax(0)
+            strength.append(corr.logsumexp(0))
+            moved.append(sum(w[a] * s / 4 for a, s in enumerate(shifts)))
+            rows = []
+            for p in range(LENGTH):
+                inside = [(a, s) for a, s in enumerate(shifts) if 0 <= p + s < LENGTH]
+                rows.append(sum(w[a] * v[i, j, p + s] for a, s in inside) / sum(w[a] for a, _ in inside))
+            aligned.append(torch.stack(rows))
+        aligned_t, moved_t = torch.stack(aligned), torch.stack(moved)
+        m, spread = aligned_t.mean(0), aligned_t.var(0, unbiased=False)
+        cluster = torch.stack(
+            [torch.stack(strength).mean(), moved_t.mean(), moved_t.mean() ** 2, moved_t.var(unbiased=False)]
+        )
+        feats = torch.cat([qv[i], m, qv[i] - m, (qv[i] - m) ** 2, spread, cluster.expand(LENGTH, 4)], -1)
+        want.append(reader.mlp(feats).squeeze(-1).sum())
+    got = reader(qq, qv, k, v)
+    assert torch.allclose(got, torch.stack(want), rtol=1e-4, atol=1e-4)
+    grad = torch.autograd.grad(got.sum(), reader.shift_prior)[0]
+    assert bool(grad.abs().sum() > 0)  # the prior over shifts learns
+
+
 def test_the_reader_reads_members_as_a_set() -> None:
     ranker = _ranker()
     torch.nn.init.normal_(ranker.reader.mlp[-1].weight)  # a reader with an opinion

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cascade.index import INDEX_FILE, ClusterIndex
-from cascade.space import Space, build_space, clusters_by_kmeans, clusters_by_label, sample_members
+from cascade.npz_map import load_npz_mapped
+from cascade.space import SPACE_FILE, Space, build_space, clusters_by_kmeans, clusters_by_label, sample_members
 
 
 def _space(n: int = 300, size: int = 7, seed: int = 0) -> Space:
@@ -95,6 +96,44 @@ def test_a_loaded_index_maps_its_item_vectors_and_survives_the_file_being_replac
     assert not np.array_equal(ClusterIndex.load(tmp_path).nearest_clusters(space.centroids()[[2, 7]], 5), before)
     np.testing.assert_array_equal(loaded.nearest_clusters(space.centroids()[[2, 7]], 5), before)
     assert [loaded.list_size(c) for c in range(space.num_clusters)] == sizes
+
+
+def test_a_loaded_space_maps_its_arrays_from_its_file_read_only(tmp_path) -> None:
+    """Worker processes share the space's arrays as they share the item cache: every array is a read-only view of
+    the mapped file, equal to what was saved, and a space saved over it later leaves the loaded one as it was."""
+    space = _space()
+    space.save(tmp_path)
+    loaded = Space.load(tmp_path)
+    path = str((tmp_path / SPACE_FILE).resolve())
+    maps = Path("/proc/self/smaps").read_text().splitlines()
+    assert any(line.rstrip().endswith(path) for line in maps), "the space file is not mapped"
+    for name in ("features", "labels", "offsets", "cluster_labels", "prior", "cluster_ids", "item_ids"):
+        saved, got = getattr(space, name), getattr(loaded, name)
+        np.testing.assert_array_equal(got, saved)
+        assert got.dtype == saved.dtype and not got.flags.writeable, name
+    with pytest.raises(ValueError, match="read-only"):
+        loaded.features[0, 0] = 1.0
+    before = loaded.features.copy()
+    build_space(space.features * 2.0, space.labels, space.prior, np.zeros(len(space.labels), int), {"id": "u"}).save(
+        tmp_path
+    )
+    assert Space.load(tmp_path).meta["id"] == "u"
+    np.testing.assert_array_equal(loaded.features, before)
+
+
+def test_compressed_or_empty_members_of_an_npz_load_as_np_load_reads_them(tmp_path) -> None:
+    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "empty": np.zeros((0, 3)), "f": np.ones((2, 3)).T}
+    np.savez_compressed(tmp_path / "c.npz", **arrays)
+    np.savez(tmp_path / "s.npz", **arrays)
+    for name in ("c.npz", "s.npz"):
+        got = load_npz_mapped(tmp_path / name)
+        assert set(got) == set(arrays)
+        for key, want in arrays.items():
+            np.testing.assert_array_equal(got[key], want)
+            assert got[key].shape == want.shape and got[key].dtype == want.dtype
+    np.savez(tmp_path / "o.npz", o=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError, match="object arrays"):
+        load_npz_mapped(tmp_path / "o.npz")
 
 
 def test_kmeans_partition_when_there_are_no_clusters() -> None:
