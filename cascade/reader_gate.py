@@ -46,9 +46,11 @@ def _own_cluster_keys(snapshot: Snapshot, held_out: list[HeldOutQuery], k: int) 
     return rows
 
 
-def _fit(rows: list[tuple[int, torch.Tensor, int]]) -> dict[str, float]:
+def _fit(rows: list[tuple[int, torch.Tensor, int]], where: str = "") -> dict[str, float]:
     if len({r[1].shape[1] for r in rows}) > 1 or sum(len(r[1]) for r in rows) < 2:
-        raise ValueError("the temperature needs at least 2 dev queries whose own cluster is read, all at one width")
+        raise ValueError(
+            f"the temperature needs at least 2 dev queries whose own cluster is read{where}, all at one width"
+        )
     keys = torch.cat([r[1] for r in rows])
     grades = torch.tensor([own for _, key, own in rows for _ in range(len(key))])
     return calibration_report(keys, grades, fit_temperature(keys, grades))
@@ -66,8 +68,9 @@ def cross_fitted_temperatures(
     """The calibration on all `held_out` queries (the temperature served), and the temperatures fitted on the odd
     and on the even positions: the even positions are measured at the first, the odd at the second."""
     rows = _own_cluster_keys(snapshot, held_out, k)
-    on_odd = _fit([r for r in rows if r[0] % 2 == 1])["temperature"]
-    on_even = _fit([r for r in rows if r[0] % 2 == 0])["temperature"]
+    half = " in each half of them (the temperature is cross-fitted)"
+    on_odd = _fit([r for r in rows if r[0] % 2 == 1], half)["temperature"]
+    on_even = _fit([r for r in rows if r[0] % 2 == 0], half)["temperature"]
     return _fit(rows), (on_odd, on_even)
 
 
@@ -99,8 +102,8 @@ def check_reader(
     )
     measured = replace(snapshot, config=snapshot.config.model_copy(update={"reader": choice}))
     held_out = example_queries(measured, max(stage0 or snapshot.config.pair_candidates or 200, k, pool), queries, "dev")
-    if len(held_out) < 2:
-        raise ValueError(f"the space has {len(held_out)} dev queries; the check needs at least 2")
+    if len(held_out) < 4:
+        raise ValueError(f"the space has {len(held_out)} dev queries; the check needs at least 4 (2 a half)")
     calibration, folds = cross_fitted_temperatures(measured, held_out, k)
     methods = [stages("faiss", []), Method("reader", plan=lambda snap, target, kk: plan_reader(snap, target, kk))]
     if snapshot.config.pair_stages:  # the default it would replace (its own verdict above keeps it out of it)

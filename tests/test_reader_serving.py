@@ -237,6 +237,13 @@ def test_the_dev_check_keeps_faiss_when_the_reader_is_worse(tiny_home, tmp_path)
     assert plan_query(_snapshot(home), Query(examples=_dev_example(snapshot))).path == "cascade"
 
 
+def test_the_dev_check_needs_two_queries_in_each_half_it_cross_fits_on(tiny_home, tmp_path) -> None:
+    snapshot = _snapshot(_home_with_reader(tiny_home, tmp_path, opinion=1.0))
+    with pytest.raises(ValueError, match="needs at least 4"):
+        check_reader(snapshot, candidates=10, queries=3)
+    assert check_reader(snapshot, candidates=10, queries=4).dev["queries"] == 4
+
+
 def test_an_identical_ranking_is_not_served_either(tiny_home, tmp_path) -> None:
     choice = check_reader(_snapshot(_home_with_reader(tiny_home, tmp_path)), candidates=10)
     assert choice.dev["reader"]["recall_at_1"] == choice.dev["faiss"]["recall_at_1"]
