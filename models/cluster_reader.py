@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 FEATURES = ("raw", "c1", "c2", "b2")
-MODES = ("xattn", "maxsim", "rigid")
+MODES = ("xattn", "maxsim", "rigid", "template")
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,23 @@ class ClusterReader(nn.Module):
         self.shift = shift
         self.register_buffer("rel_pos", rel.float() / (4.0 * upsample), persistent=False)  # in 4 samples
         self.width = (5 + (2 if context else 0) + (1 if nearest else 0)) * dv + 1 + (3 if shift else 0)
+        if mode == "template":
+            # template: the members are first aligned to each other (a soft shift each, by correlation with their
+            # mean, twice), at `upsample` points a sample; their mean and spread are the cluster's template, which
+            # the query then reads as `xattn` reads one member. Lab only.
+            if context or nearest or shift:
+                raise ValueError("template reads one template, without context, nearest or shift")
+            self.align = 4 * upsample
+            self.align_scale = nn.Parameter(torch.ones(()))
+            lu, shifts = self.item_length, torch.arange(-self.align, self.align + 1)
+            pos = torch.arange(lu)
+            target = pos[None, :] + shifts[:, None]
+            valid = (target >= 0) & (target < lu)
+            self.register_buffer("t_diag_idx", pos[None, :] * lu + target.clamp(0, lu - 1), persistent=False)
+            self.register_buffer("t_diag_w", valid.float() / valid.sum(1, keepdim=True), persistent=False)
+            offset = pos[None, :] - pos[:, None]
+            self.register_buffer("t_toe_idx", (offset + self.align).clamp(0, 2 * self.align), persistent=False)
+            self.register_buffer("t_toe_mask", (offset.abs() <= self.align).float(), persistent=False)
         if mode == "rigid":
             # rigid: member j moves by one soft shift s for all its positions. c_j(s), the mean over query positions
             # p of the logit (p, p + s), scores each shift; a learned prior over shifts is added and a softmax over
@@ -263,6 +280,8 @@ class ClusterReader(nn.Module):
         """One score per pair: qq, qv (P, L, .), k, v (P, n, L, .). Symmetric in the members."""
         if self.mode == "rigid":
             return self._rigid(qq, qv, k, v)
+        if self.mode == "template":
+            return self._template_read(qq, qv, *self.template(k, v))
         logits = torch.einsum("pqd,pnld->pnql", qq, k) + self.rel[self.rel_idx] + self.rel_mask
         # One exp for the log-sum-exp and the softmax, its masked inputs (about -1e4) clamped at -80: torch's own
         # logsumexp and softmax spend an exp each (and the backward a third), the costliest calls, on inputs where
@@ -298,6 +317,32 @@ class ClusterReader(nn.Module):
         feats = torch.cat(parts, -1)
         return self.mlp(feats).squeeze(-1).sum(-1)
 
+    def template(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Members (P, n, Lu, .) aligned to each other -> the template's keys, values and spread (P, Lu, .)."""
+        ref = k.mean(1)
+        scale = self.align_scale / math.sqrt(self.d)
+        for _ in range(2):
+            g = torch.einsum("pqd,pnld->pnql", ref, k)  # (P, n, Lu, Lu)
+            corr = (g.flatten(-2)[..., self.t_diag_idx] * self.t_diag_w).sum(-1) * scale  # (P, n, S)
+            toe = corr.softmax(-1)[..., self.t_toe_idx] * self.t_toe_mask  # (P, n, Lu, Lu)
+            toe = toe / toe.sum(-1, keepdim=True).clamp_min(1e-6)
+            ref = (toe @ k).mean(1)
+        aligned = toe @ v
+        m = aligned.mean(1)
+        return ref, m, (aligned - m[:, None]).pow(2).mean(1)
+
+    def _template_read(
+        self, qq: torch.Tensor, qv: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, ts: torch.Tensor
+    ) -> torch.Tensor:
+        """The query read against the template (keys, values, spread) as `xattn` reads a member."""
+        logits = torch.einsum("pqd,pld->pql", qq, tk) + self.rel[self.rel_idx] + self.rel_mask
+        lse = logits.logsumexp(-1)
+        w = logits.softmax(-1)
+        m, spread = w @ tv, w @ ts
+        diff = qv - m
+        feats = torch.cat([qv, m, diff, diff.pow(2), spread, lse[..., None]], -1)
+        return self.mlp(feats).squeeze(-1).sum(-1)
+
     def _rigid(self, qq: torch.Tensor, qv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """`forward` of the rigid mode (see `__init__`)."""
         logits = torch.einsum("pqd,pnld->pnql", qq, k)  # (P, n, L, L)
@@ -327,6 +372,9 @@ class ClusterReader(nn.Module):
         att = n * L * Lu * (2 * d + 4)  # logits (+ bias), logsumexp, softmax
         if self.mode == "maxsim":
             return att + n * L + L
+        if self.mode == "template":  # the query reads one template (its building is item side, once per cluster)
+            mlp = L * 2 * (self.width * hidden + hidden * hidden + hidden) + L * (4 * dv)
+            return L * Lu * (2 * d + 4) + L * Lu * 4 * dv + mlp
         if self.mode == "rigid":
             shifts = self.shift_prior.numel()
             att = n * L * Lu * 2 * d + n * shifts * (2 * L + 6) + n * L * Lu * 3  # logits, correlation, Toeplitz
