@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from cascade.engine import ORACLE_AGGREGATOR
 from cascade.errors import RequestError
+from cascade.npz_map import load_npz_mapped, shared_tensor
 from cascade.snapshot import Snapshot
 from cascade.target import Target, ranking_key
 from models.aggregation import MemberOutputs, aggregate
@@ -132,7 +133,7 @@ class ExactTable:
             raise RequestError("target", f"needs {self.num_classes} class weights, got {target.utility.size}")
         if target.candidates is None:
             alive = np.arange(self.num_clusters)
-            log_post = torch.from_numpy(self.log_post)
+            log_post = shared_tensor(self.log_post)
         else:
             alive = np.asarray(target.candidates, dtype=np.int64)
             if len(alive) and (alive.min() < 0 or alive.max() >= self.num_clusters):
@@ -226,7 +227,7 @@ def table_path(space_dir: Path, dense_sha256: str) -> Path:
 
 
 def _checksum(log_post: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(log_post).tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(np.ascontiguousarray(log_post)).cast("B")).hexdigest()  # no copy
 
 
 def save_table(table: ExactTable, path: Path) -> None:
@@ -263,9 +264,9 @@ def load_table(path: Path, expected_sha256: str, space_id: str, shape: tuple[int
     `shape`, has one row per cluster and one column per class); TableError otherwise."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"][()]))
-            log_post = f["log_post"]
+        arrays = load_npz_mapped(path)  # read-only views of the file: shared by worker processes
+        meta = json.loads(str(arrays["meta"][()]))
+        log_post = arrays["log_post"]
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import mmap
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = ["load_npz_mapped"]
+__all__ = ["load_npz_mapped", "shared_tensor"]
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), file name length, extra field length
 _LOCAL_SIGNATURE = b"PK\x03\x04"
@@ -46,7 +48,10 @@ def _mapped(whole: mmap.mmap, f, info: zipfile.ZipInfo) -> np.ndarray | None:
     if info.compress_type != zipfile.ZIP_STORED:
         return None
     f.seek(info.header_offset)
-    signature, name_length, extra_length = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+    header = f.read(_LOCAL_HEADER.size)
+    if len(header) < _LOCAL_HEADER.size:
+        return None  # truncated: read as np.load would, which says what is wrong
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack(header)
     if signature != _LOCAL_SIGNATURE:
         return None
     start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
@@ -67,3 +72,11 @@ def _mapped(whole: mmap.mmap, f, info: zipfile.ZipInfo) -> np.ndarray | None:
     if nbytes == 0:
         return np.empty(shape, dtype=dtype, order="F" if fortran else "C")
     return np.ndarray(shape, dtype=dtype, buffer=whole, offset=offset, order="F" if fortran else "C")
+
+
+def shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a mapped array without a copy. The array is read-only (shared with other processes) and its
+    readers only read it, so torch's warning about a tensor over read-only memory is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)

@@ -9,7 +9,6 @@ import json
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from cascade.embedding import EmbeddingIndex
 from cascade.errors import RequestError
 from cascade.index import ClusterIndex
 from cascade.item_store import DTYPES, ITEM_INPUTS_DIR, features_digest, mapped_table
+from cascade.npz_map import shared_tensor
 from cascade.queries import QuerySet
 from cascade.space import Space
 from cascade.stage import check_stages
@@ -274,14 +274,6 @@ class Snapshot:
         return int(self.variants[self.config.pair_dense].manifest.spec.get("num_grades", 3))
 
 
-def _shared_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor over a space's array without a copy. The array is read-only (mapped from the space's file and
-    shared between worker processes), and the engine only reads it, so torch's warning about that is silenced."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
-
-
 def _snapshot_id(
     space: Space, variants: Mapping[str, Variant], config: CascadeConfig, reader: StoredReader | None = None
 ) -> str:
@@ -347,7 +339,7 @@ def variant_for(loaded: LoadedModel, space: Space) -> Variant:
             gadget_sha256,
         )
     flops = Flops(manifest.flops_dense_kernel, manifest.flops_nonzero)
-    log_prior = log_prior_of(_shared_tensor(space.prior))
+    log_prior = log_prior_of(shared_tensor(space.prior))
     return Variant(loaded.model, manifest, loaded.gadget, log_prior, flops, gadget_sha256=loaded.gadget_sha256)
 
 
@@ -371,10 +363,10 @@ def build_snapshot(
         id=_snapshot_id(space, variants, config, reader),
         space=space,
         index=index,
-        features=_shared_tensor(space.features),
+        features=shared_tensor(space.features),
         variants=MappingProxyType(dict(variants)),
         config=config,
-        log_prior=log_prior_of(_shared_tensor(space.prior)),
+        log_prior=log_prior_of(shared_tensor(space.prior)),
         embedding=embedding,
         queries=queries,
         item_cache=item_cache if item_cache is not None else ItemCache(),

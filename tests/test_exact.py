@@ -122,6 +122,10 @@ def test_save_and_load_round_trip(tmp_path: Path, snapshot: Snapshot, table: Exa
     loaded = load_table(path, table.dense_sha256, table.space_id, table.log_post.shape)
     np.testing.assert_array_equal(loaded.log_post, table.log_post)
     assert (loaded.dense_ref, loaded.build_flops) == (table.dense_ref, table.build_flops)
+    # mapped from the file, read-only: worker processes share one copy
+    assert not loaded.log_post.flags.writeable
+    maps = Path("/proc/self/smaps").read_text().splitlines()
+    assert any(line.rstrip().endswith(str(path.resolve())) for line in maps), "the table file is not mapped"
 
 
 def test_stale_corrupt_or_truncated_files_are_refused(tmp_path: Path, table: ExactTable) -> None:
