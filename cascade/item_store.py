@@ -13,12 +13,13 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from cascade.npz_map import shared_tensor
 
 __all__ = ["mapped_table", "features_digest", "ITEM_INPUTS_DIR", "DTYPES"]
 
@@ -34,10 +35,7 @@ def features_digest(features: torch.Tensor) -> str:
 
 
 def _map(path: Path) -> torch.Tensor:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    with warnings.catch_warnings():  # read-only on purpose: the engine only gathers rows from it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
+    return shared_tensor(np.load(path, mmap_mode="r", allow_pickle=False))  # the engine only gathers rows from it
 
 
 def mapped_table(

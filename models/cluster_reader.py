@@ -43,6 +43,7 @@ from models.biencoder import BiEncoder, BiEncoderSpec
 __all__ = [
     "ReaderSpec",
     "MemberFeatures",
+    "ShiftAlignment",
     "ClusterReader",
     "ReaderRanker",
     "build_ranker",
@@ -142,6 +143,36 @@ class MemberFeatures(nn.Module):
         return (self._raw(x) - self.mean) / self.std
 
 
+class ShiftAlignment(nn.Module):
+    """One soft shift for all positions of a signal of `length` positions, within +-`max_shift`: the score of each
+    shift from a matrix of logits between two signals' positions (its diagonal's mean), and the (length x length)
+    matrix that moves a signal by a softmax over shifts (Toeplitz, its rows renormalised where a shift leaves the
+    signal). `rigid` aligns members to the query with it, `template` members to each other."""
+
+    def __init__(self, length: int, max_shift: int) -> None:
+        super().__init__()
+        self.max_shift = max_shift
+        shifts = torch.arange(-max_shift, max_shift + 1)
+        pos = torch.arange(length)
+        target = pos[None, :] + shifts[:, None]  # (S, L): the position that position p meets at shift s
+        valid = (target >= 0) & (target < length)
+        self.register_buffer("diag_idx", pos[None, :] * length + target.clamp(0, length - 1), persistent=False)
+        self.register_buffer("diag_w", valid.float() / valid.sum(1, keepdim=True), persistent=False)
+        offset = pos[None, :] - pos[:, None]  # (L, L): l - p
+        self.register_buffer("toeplitz_idx", (offset + max_shift).clamp(0, 2 * max_shift), persistent=False)
+        self.register_buffer("toeplitz_mask", (offset.abs() <= max_shift).float(), persistent=False)
+        self.register_buffer("shifts", shifts.float(), persistent=False)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., L, L) logits between positions p and l -> (..., S): the mean over p of the logit (p, p + s)."""
+        return (logits.flatten(-2)[..., self.diag_idx] * self.diag_w).sum(-1)
+
+    def matrix(self, weights: torch.Tensor) -> torch.Tensor:
+        """(..., S) weights over shifts -> (..., L, L): row p weighs position l by w(l - p)."""
+        moved = weights[..., self.toeplitz_idx] * self.toeplitz_mask
+        return moved / moved.sum(-1, keepdim=True).clamp_min(1e-6)
+
+
 class ClusterReader(nn.Module):
     """One score per (query, cluster) from the query's features and every member's (see the module)."""
 
@@ -199,17 +230,8 @@ class ClusterReader(nn.Module):
             # the query then reads as `xattn` reads one member. Lab only.
             if context or nearest or shift:
                 raise ValueError("template reads one template, without context, nearest or shift")
-            self.align = 4 * upsample
+            self.member_alignment = ShiftAlignment(self.item_length, 4 * upsample)
             self.align_scale = nn.Parameter(torch.ones(()))
-            lu, shifts = self.item_length, torch.arange(-self.align, self.align + 1)
-            pos = torch.arange(lu)
-            target = pos[None, :] + shifts[:, None]
-            valid = (target >= 0) & (target < lu)
-            self.register_buffer("t_diag_idx", pos[None, :] * lu + target.clamp(0, lu - 1), persistent=False)
-            self.register_buffer("t_diag_w", valid.float() / valid.sum(1, keepdim=True), persistent=False)
-            offset = pos[None, :] - pos[:, None]
-            self.register_buffer("t_toe_idx", (offset + self.align).clamp(0, 2 * self.align), persistent=False)
-            self.register_buffer("t_toe_mask", (offset.abs() <= self.align).float(), persistent=False)
         if mode == "rigid":
             # rigid: member j moves by one soft shift s for all its positions. c_j(s), the mean over query positions
             # p of the logit (p, p + s), scores each shift; a learned prior over shifts is added and a softmax over
@@ -218,16 +240,7 @@ class ClusterReader(nn.Module):
             # two samples off onto the query; one shift per member cannot.
             if upsample != 1 or context or nearest or shift:
                 raise ValueError("rigid reads members at their own resolution, without context, nearest or shift")
-            shifts = torch.arange(-max_shift, max_shift + 1)
-            pos = torch.arange(length)
-            target = pos[None, :] + shifts[:, None]  # (S, L): the member position query position p meets at shift s
-            valid = (target >= 0) & (target < length)
-            self.register_buffer("diag_idx", (pos[None, :] * length + target.clamp(0, length - 1)), persistent=False)
-            self.register_buffer("diag_w", valid.float() / valid.sum(1, keepdim=True), persistent=False)
-            offset = pos[None, :] - pos[:, None]  # (L, L): l - p
-            self.register_buffer("toeplitz_idx", (offset + max_shift).clamp(0, 2 * max_shift), persistent=False)
-            self.register_buffer("toeplitz_mask", (offset.abs() <= max_shift).float(), persistent=False)
-            self.register_buffer("shift_pos", shifts.float() / 4.0, persistent=False)  # in 4 samples
+            self.query_alignment = ShiftAlignment(length, max_shift)
             self.shift_prior = nn.Parameter(torch.zeros(2 * max_shift + 1))
             self.width = 5 * dv + 1 + 3
         self.mlp = nn.Sequential(
@@ -321,13 +334,12 @@ class ClusterReader(nn.Module):
         """Members (P, n, Lu, .) aligned to each other -> the template's keys, values and spread (P, Lu, .)."""
         ref = k.mean(1)
         scale = self.align_scale / math.sqrt(self.d)
+        align = self.member_alignment
         for _ in range(2):
-            g = torch.einsum("pqd,pnld->pnql", ref, k)  # (P, n, Lu, Lu)
-            corr = (g.flatten(-2)[..., self.t_diag_idx] * self.t_diag_w).sum(-1) * scale  # (P, n, S)
-            toe = corr.softmax(-1)[..., self.t_toe_idx] * self.t_toe_mask  # (P, n, Lu, Lu)
-            toe = toe / toe.sum(-1, keepdim=True).clamp_min(1e-6)
-            ref = (toe @ k).mean(1)
-        aligned = toe @ v
+            corr = align.scores(torch.einsum("pqd,pnld->pnql", ref, k)) * scale  # (P, n, S)
+            moved = align.matrix(corr.softmax(-1))  # (P, n, Lu, Lu)
+            ref = (moved @ k).mean(1)
+        aligned = moved @ v
         m = aligned.mean(1)
         return ref, m, (aligned - m[:, None]).pow(2).mean(1)
 
@@ -345,19 +357,16 @@ class ClusterReader(nn.Module):
 
     def _rigid(self, qq: torch.Tensor, qv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """`forward` of the rigid mode (see `__init__`)."""
-        logits = torch.einsum("pqd,pnld->pnql", qq, k)  # (P, n, L, L)
-        by_shift = logits.flatten(-2)[..., self.diag_idx]  # (P, n, S, L): the logit (p, p + s)
-        corr = (by_shift * self.diag_w).sum(-1) + self.shift_prior  # (P, n, S)
+        align = self.query_alignment
+        corr = align.scores(torch.einsum("pqd,pnld->pnql", qq, k)) + self.shift_prior  # (P, n, S)
         weights = corr.softmax(-1)
         lse = corr.logsumexp(-1)  # (P, n): how well each member aligns
-        toeplitz = weights[..., self.toeplitz_idx] * self.toeplitz_mask  # (P, n, L, L): w(l - p)
-        toeplitz = toeplitz / toeplitz.sum(-1, keepdim=True).clamp_min(1e-6)
-        aligned = torch.einsum("pnql,pnlv->pnqv", toeplitz, v)
+        aligned = align.matrix(weights) @ v  # (P, n, L, dv)
         m = aligned.mean(1)
         centred = aligned - m[:, None]
         spread = (centred * centred).mean(1)
         diff = qv - m
-        moved = weights @ self.shift_pos  # (P, n): each member's expected shift onto the query
+        moved = weights @ align.shifts / 4.0  # (P, n): each member's expected shift onto the query, in 4 samples
         mean_moved = moved.mean(1)
         cluster = torch.stack(
             [lse.mean(1), mean_moved, mean_moved.pow(2), (moved - mean_moved[:, None]).pow(2).mean(1)], -1
@@ -372,15 +381,14 @@ class ClusterReader(nn.Module):
         att = n * L * Lu * (2 * d + 4)  # logits (+ bias), logsumexp, softmax
         if self.mode == "maxsim":
             return att + n * L + L
+        mlp = L * 2 * (self.width * hidden + hidden * hidden + hidden) + L * (4 * dv)
         if self.mode == "template":  # the query reads one template (its building is item side, once per cluster)
-            mlp = L * 2 * (self.width * hidden + hidden * hidden + hidden) + L * (4 * dv)
             return L * Lu * (2 * d + 4) + L * Lu * 4 * dv + mlp
         if self.mode == "rigid":
             shifts = self.shift_prior.numel()
             att = n * L * Lu * 2 * d + n * shifts * (2 * L + 6) + n * L * Lu * 3  # logits, correlation, Toeplitz
         att += n * L * Lu * 2 * dv  # aligned values
         att += n * L * dv * 3  # mean and spread over members
-        mlp = L * 2 * (self.width * hidden + hidden * hidden + hidden) + L * (4 * dv)
         if self.context:
             mlp += L * 2 * dv * dv * self.context + L * 2 * dv
         if self.nearest:
