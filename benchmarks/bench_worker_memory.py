@@ -4,6 +4,7 @@ memory (not a test).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_worker_memory \
         --home /work/home-default --workers 1,2,3 --out var/bench/worker_memory.json
+    .venv/bin/python -m benchmarks.bench_worker_memory --report var/bench/worker_memory.json   # the tables again
 
 For every setting (`SETTINGS`) and worker count one server (its own copy of the home) is started, warmed with a few
 queries by example per worker, and measured from /proc: Pss, Rss and private memory summed over the server's process
@@ -16,12 +17,14 @@ size is the table's bytes (`GET /v1/space`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from benchmarks.bench_concurrency import closed_loop, memory_kib, query_bodies, start_server
 from benchmarks.common import dump_json
@@ -102,6 +105,77 @@ SETTINGS: dict[str, dict[str, str]] = {
 }
 
 
+def _runs(rows: list[dict]) -> list[list[dict]]:
+    """The rows cut into runs: one setting over rising worker counts (a setting named twice is two runs)."""
+    runs: list[list[dict]] = []
+    for r in rows:
+        last = runs[-1][-1] if runs else None
+        if last is None or r["setting"] != last["setting"] or r["workers"] <= last["workers"]:
+            runs.append([])
+        runs[-1].append(r)
+    return runs
+
+
+def _private_mib(procs: list[dict[str, int]]) -> list[float]:
+    return [sum(v for k, v in p.items() if k != "pid" and not k.startswith("rss_")) / 1024 for p in procs]
+
+
+def report(rows: list[dict]) -> None:
+    """The tables of a run's rows (also from a saved --out file, `--report`): Pss per worker count, its growth per
+    extra worker (between counts, and fitted over all counts of a run by least squares), and each process's private
+    memory, before and after the warm-up queries."""
+    print(
+        "| workers started | workers | processes | tree Pss MiB | growth per extra worker MiB | as share of the item "
+        "cache | item-input mappings: Rss / Pss / private MiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for sel in _runs(rows):
+        for i, r in enumerate(sel):
+            cache_mib = r["item_cache_bytes"] / 2**20
+            growth = (
+                ""
+                if i == 0
+                else (r["tree_kib"]["pss"] - sel[i - 1]["tree_kib"]["pss"])
+                / 1024
+                / (r["workers"] - sel[i - 1]["workers"])
+            )
+            share = "" if i == 0 or not cache_mib else f"{growth / cache_mib:.0%}"
+            m = r["item_inputs_kib"]
+            print(
+                f"| {r['setting']} ({cache_mib:.0f} MiB cache) | {r['workers']} | {r['processes']} | "
+                f"{r['tree_kib']['pss'] / 1024:.0f} | {growth if growth == '' else f'{growth:.0f}'} | {share} | "
+                f"{m['rss'] / 1024:.0f} / {m['pss'] / 1024:.0f} / {m['private'] / 1024:.0f} |"
+            )
+        if len(sel) > 1:
+            fitted = np.polyfit([r["workers"] for r in sel], [r["tree_kib"]["pss"] / 1024 for r in sel], 1)[0]
+            cache_mib = sel[-1]["item_cache_bytes"] / 2**20
+            share = f" = {fitted / cache_mib:.0%} of the item cache" if cache_mib else ""
+            print(
+                f"{sel[0]['setting']}: growth per extra worker fitted over {len(sel)} counts: {fitted:.0f} MiB{share}"
+            )
+    if not all("private_by_process_kib" in r for r in rows):
+        return  # saved before the breakdown was recorded
+    print("\nprivate MiB: the mean worker in all (the largest process), then by mapping; the supervisor (if any)")
+    for r in rows:
+        for when, key in (
+            ("before queries", "private_by_process_kib_before_queries"),
+            ("after", "private_by_process_kib"),
+        ):
+            procs = r[key]
+            workers = procs[-r["workers"] :]
+            kinds = sorted({k for p in procs for k in p if k != "pid" and not k.startswith("rss_")})
+            mean = {k: sum(p.get(k, 0) for p in workers) / len(workers) / 1024 for k in kinds}
+            totals = _private_mib(workers)
+            head = procs[0] if len(procs) > r["workers"] else None
+            supervisor = (
+                "" if head is None else "; supervisor " + ", ".join(f"{k} {head.get(k, 0) / 1024:.0f}" for k in kinds)
+            )
+            print(
+                f"{r['setting']} x{r['workers']} {when}: worker {sum(totals) / len(totals):.0f} "
+                f"({max(totals):.0f}): " + ", ".join(f"{k} {v:.0f}" for k, v in mean.items()) + supervisor
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", type=Path, default=Path("/work/home-default"))
@@ -110,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--port", type=int, default=18970)
     p.add_argument("--out", type=Path)
+    p.add_argument("--report", type=Path, help="print the tables of a saved --out file, measuring nothing")
     args = p.parse_args(argv)
+    if args.report:
+        report(json.loads(args.report.read_text())["rows"])
+        return 0
     counts = [int(w) for w in args.workers.split(",")]
     chosen = [name.strip() for name in args.settings.split(",") if name.strip()]
     work = Path(tempfile.mkdtemp(prefix="bench-worker-memory-"))
@@ -140,45 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(row, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(
-        "| workers started | workers | processes | tree Pss MiB | growth per extra worker MiB | as share of the item "
-        "cache | item-input mappings: Rss / Pss / private MiB |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for run in range(len(chosen)):  # a setting named twice is run, and printed, twice
-        sel = rows[run * len(counts) : (run + 1) * len(counts)]
-        for i, r in enumerate(sel):
-            cache_mib = r["item_cache_bytes"] / 2**20
-            growth = (
-                ""
-                if i == 0
-                else (r["tree_kib"]["pss"] - sel[i - 1]["tree_kib"]["pss"])
-                / 1024
-                / (r["workers"] - sel[i - 1]["workers"])
-            )
-            share = "" if i == 0 or not cache_mib else f"{growth / cache_mib:.0%}"
-            m = r["item_inputs_kib"]
-            print(
-                f"| {setting} ({cache_mib:.0f} MiB cache) | {r['workers']} | {r['processes']} | "
-                f"{r['tree_kib']['pss'] / 1024:.0f} | {growth if growth == '' else f'{growth:.0f}'} | {share} | "
-                f"{m['rss'] / 1024:.0f} / {m['pss'] / 1024:.0f} / {m['private'] / 1024:.0f} |"
-            )
-    print("\nprivate MiB by mapping, the supervisor (where there is one) and the mean worker:")
-    for r in rows:
-        for when in ("before_queries", "after_queries"):
-            procs = r["private_by_process_kib" + ("_before_queries" if when == "before_queries" else "")]
-            workers = procs[-r["workers"] :]
-            kinds = sorted({k for p in procs for k in p if k != "pid"})
-            mean = {k: sum(p.get(k, 0) for p in workers) / len(workers) / 1024 for k in kinds}
-            head = procs[0] if len(procs) > r["workers"] else None
-            supervisor = (
-                "" if head is None else "; supervisor " + ", ".join(f"{k} {head.get(k, 0) / 1024:.0f}" for k in kinds)
-            )
-            print(
-                f"{r['setting']} x{r['workers']} {when}: worker "
-                + ", ".join(f"{k} {v:.0f}" for k, v in mean.items())
-                + supervisor
-            )
+    report(rows)
     if args.out:
         dump_json(args.out, {"rows": rows, "pid": os.getpid()})
     return 0
