@@ -94,8 +94,11 @@ def private_by_kind(pid: int) -> list[dict[str, int]]:
 
 
 SETTINGS: dict[str, dict[str, str]] = {
-    # `prunecascade serve --workers N`: forked from one parent that imported the service; the item cache in files
+    # `prunecascade serve --workers N`: forked from one parent that imported the service and read the home; the item
+    # cache in files
     "forked-mapped": {},
+    # the same, each worker reading the home itself after the fork (as before `service/preload.py`)
+    "forked-mapped-read-each": {"PRUNECASCADE_PRELOAD_HOME": "false"},
     # the same with glibc's allocator held to two arenas (it makes up to 8 per core, one per thread that allocates
     # while another holds an arena, and each keeps what its thread freed)
     "forked-mapped-arenas2": {"MALLOC_ARENA_MAX": "2"},

@@ -19,6 +19,7 @@ from service.errors import install_error_handlers
 from service.limits import BodySizeLimit, QueryLimiter
 from service.logs import RequestIdMiddleware, setup_logging
 from service.metrics import Metrics, MetricsMiddleware
+from service.preload import take_preloaded
 from service.reader_training import ReaderTraining
 from service.redis_link import RedisLink
 from service.routes import admin, catalog, health, inspect, metrics, query, tuning
@@ -39,7 +40,7 @@ def create_app(settings: Settings | None = None, before_load: Callable[[ServiceS
     settings = settings or Settings()
     setup_logging(settings.log_level, settings.log_json)
     torch.set_num_threads(settings.torch_threads)
-    state = ServiceState(settings, Metrics())
+    state = ServiceState(settings, Metrics(), take_preloaded())  # a forked worker's: the home its parent read
     if settings.train_reader:
         state.reader_training = ReaderTraining(state)
     link: RedisLink | None = None

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         "float32", description="float16 halves the item cache; answers move slightly (docs/operations.md)"
     )
     workers: int = Field(1, ge=1, le=64, description="server worker processes (`prunecascade serve`)")
+    preload_home: bool = Field(
+        True,
+        description="with several workers, read the home once in their parent before forking them, so that they "
+        "share the models and indexes it loads (`service/preload.py`)",
+    )
     train_reader: bool = Field(
         False,
         description="on a home with no cluster reader, train one in a background child process once the snapshot "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,7 +40,7 @@ from service.settings import Settings
 if TYPE_CHECKING:
     from service.cache import ResultCache
 
-__all__ = ["ServiceState", "ConflictError", "SharedChanges"]
+__all__ = ["ServiceState", "ConflictError", "SharedChanges", "LoadedHome", "home_fingerprint"]
 
 log = logging.getLogger("prunecascade")
 
@@ -70,13 +71,49 @@ class BackgroundJob(Protocol):
     def stop(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class LoadedHome:
+    """What `ServiceState.load` reads from a home, built into a snapshot not yet served, and the state of the
+    home's files it was read from (`home_fingerprint`)."""
+
+    snapshot: Snapshot
+    active: Mapping[str, int]
+    unreadable: Mapping[str, str]
+    config: CascadeConfig
+    degraded: tuple[dict[str, Fault], dict[str, list[str]]]
+    fingerprint: tuple[tuple[str, int, int, int], ...]
+
+
+def home_fingerprint(settings: Settings) -> tuple[tuple[str, int, int, int], ...]:
+    """(path, size, mtime, inode) of every file a load reads: the default cascades, the registry, the space's
+    directory (its item-input tables aside: a load only maps them). Equal fingerprints mean a load would read
+    the same files; files being written (names starting with a dot) are left out."""
+    files = [settings.home / CONFIG_FILE]
+    if settings.registry_dir.is_dir():
+        files += sorted(settings.registry_dir.rglob("*"))
+    if settings.space_dir.is_dir():
+        files += sorted(settings.space_dir.iterdir())
+    out = []
+    for path in files:
+        if any(part.startswith(".") for part in path.relative_to(settings.home).parts):
+            continue
+        try:
+            st = path.stat()
+        except OSError:  # removed while listed, or never there
+            continue
+        if path.is_file():
+            out.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
+
+
 class ConflictError(ValueError):
     """The change contradicts the current state (deleting the active version, nothing to roll back to)."""
 
 
 class ServiceState:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, preloaded: LoadedHome | None = None) -> None:
         self.settings = settings
+        self._preloaded = preloaded  # read by this process's parent before it forked; served by the first load
         self.metrics = metrics or Metrics()
         self.registry = ModelRegistry(settings.registry_dir)
         self._snapshot: Snapshot | None = None
@@ -155,34 +192,48 @@ class ServiceState:
     def load(self) -> Snapshot:
         """Build a snapshot from disk and make it current; readers holding the old one keep it. A broken registry
         entry does not stop it (`service/degraded.py`): only a space, an index or a dense classifier that
-        cannot be read does."""
+        cannot be read does. A worker forked with a home its supervisor read (`preloaded`) serves that one, unless
+        the home's files changed since."""
         with self.lock:
-            config = CascadeConfig.load(self.config_path)
-            space_dir = self.settings.space_dir
-            space = Space.load(space_dir)
-            active, self._unreadable = self._read_active()
-            snapshot = self._build(
-                space,
-                ClusterIndex.load(space_dir),
-                EmbeddingIndex.load(space_dir),
-                QuerySet.load(space_dir),
-                self.item_cache(),
-                active,
-                config,
-                None,
-                None,
-            )
-            self._active = active
-            self._config = config
+            home, self._preloaded = self._preloaded, None
+            read_before = home is not None and home.fingerprint == home_fingerprint(self.settings)
+            if not read_before:
+                home = self.read_home()
+            snapshot = home.snapshot
+            self._active, self._unreadable, self._config = dict(home.active), dict(home.unreadable), home.config
+            self._degraded[snapshot.id] = home.degraded
             self._swap(snapshot, "load")
             self.log_misfits(snapshot)
         log.info(
-            "snapshot %s loaded: %s",
+            "snapshot %s loaded%s: %s",
             snapshot.id,
+            " (the home as the parent read it before forking)" if read_before else "",
             ", ".join(f"{v.name}:{v.version}" for v in snapshot.variants.values()),
         )
         self.loaded.set()
         return snapshot
+
+    def read_home(self) -> LoadedHome:
+        """Everything `load` reads from disk, built into a snapshot that is not served yet: no item inputs built,
+        no exact table asked for, no thread started. The supervisor of forked workers reads it once before it
+        forks (`service/preload.py`), so that the workers share its pages."""
+        fingerprint = home_fingerprint(self.settings)  # before reading: a change during the read is a change
+        config = CascadeConfig.load(self.config_path)
+        space_dir = self.settings.space_dir
+        space = Space.load(space_dir)
+        active, self._unreadable = self._read_active()
+        snapshot = self._build(
+            space,
+            ClusterIndex.load(space_dir),
+            EmbeddingIndex.load(space_dir),
+            QuerySet.load(space_dir),
+            self.item_cache(),
+            active,
+            config,
+            None,
+            None,
+        )
+        return LoadedHome(snapshot, active, dict(self._unreadable), config, self._degraded[snapshot.id], fingerprint)
 
     def report_bootstrap(self, done: int, total: int, what: str) -> None:
         """Progress of a bootstrap running before the first load (shown by /healthz and /readyz, and logged)."""

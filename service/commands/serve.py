@@ -12,6 +12,7 @@ from service.admin_token import first_run_token
 from service.app import create_app
 from service.commands.common import add_home, settings_from
 from service.connections import with_head_timeout
+from service.settings import Settings
 
 if TYPE_CHECKING:
     from service.state import ServiceState
@@ -123,6 +124,11 @@ def _run_workers(settings, bootstrap: bool) -> int:
     if settings.admin_token_file is not None:  # e.g. the token the first run generated into the home
         os.environ["PRUNECASCADE_ADMIN_TOKEN_FILE"] = str(settings.admin_token_file)
     from service.connections import EnvHeadTimeoutH11Protocol
+
+    if settings.preload_home:
+        from service.preload import read_before_fork
+
+        read_before_fork(Settings())  # as the workers will read their settings: from the environment
 
     config = uvicorn.Config(
         "service.app:create_app",
