@@ -8,8 +8,8 @@ collector before forking, so that a worker's collections do not write to, and so
 
 The parent imports the service and reads the home (`service/preload.py`, on one torch thread, no thread of its own
 started), so the workers share the loaded models and indexes too; it computes nothing else: no thread pool has
-started when it forks, so no worker inherits a half-made runtime. (A bootstrap, which trains, runs in a process of its own for the same
-reason.) It keeps N workers alive, replacing one that dies, and stops them all on SIGINT or SIGTERM.
+started when it forks, so no worker inherits a half-made runtime. (A bootstrap, which trains, runs in a process of
+its own for the same reason.) It keeps N workers alive, replacing one that dies, and stops them all on SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
