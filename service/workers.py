@@ -3,13 +3,14 @@
 uvicorn's own `--workers` spawns every worker as a fresh interpreter, and each imports torch, FAISS, FastAPI and
 the service again: about 270 MiB of private memory per worker on the default space, twice its item cache
 (docs/performance.md 0b). Forked from a parent that imported them once, the workers share those pages copy on
-write, and each adds only what it loads itself (its snapshot). The parent freezes its objects out of the garbage
+write, and each adds only what it allocates itself. The parent freezes its objects out of the garbage
 collector before forking, so that a worker's collections do not write to, and so copy, the shared pages.
 
 The parent imports the service and reads the home (`service/preload.py`, on one torch thread, no thread of its own
 started), so the workers share the loaded models and indexes too; it computes nothing else: no thread pool has
 started when it forks, so no worker inherits a half-made runtime. (A bootstrap, which trains, runs in a process of
-its own for the same reason.) It keeps N workers alive, replacing one that dies, and stops them all on SIGINT or SIGTERM.
+its own for the same reason.) It keeps N workers alive, replacing one that dies, and stops them all on SIGINT or
+SIGTERM.
 """
 
 from __future__ import annotations
