@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
     p.add_argument("--port", type=int, default=18970)
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--keep-item-cache",
+        action="store_true",
+        help="copy the home's item-input files too: a restart of a served home, where no worker builds them (by "
+        "default one worker of every server builds them, and keeps what the build allocated)",
+    )
     p.add_argument("--report", type=Path, help="print the tables of a saved --out file, measuring nothing")
     args = p.parse_args(argv)
     if args.report:
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         for setting in chosen:
             for workers in counts:
                 home = work / f"home-{len(rows)}"
-                shutil.copytree(args.home, home, ignore=shutil.ignore_patterns("data", "item_inputs"))
+                skip = ("data",) if args.keep_item_cache else ("data", "item_inputs")
+                shutil.copytree(args.home, home, ignore=shutil.ignore_patterns(*skip))
                 with start_server(home, args.space, args.port, workers, dict(SETTINGS[setting])) as (url, pid):
                     loaded = private_by_kind(pid)  # ready, before any query
                     bodies = query_bodies(home, args.space, 10)["examples"]
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                         "private_by_process_kib": private_by_kind(pid),
                         "private_by_process_kib_before_queries": loaded,
                         "item_cache_bytes": table_bytes,
+                        "item_cache_copied": args.keep_item_cache,
                     }
                 rows.append(row)
                 print(row, flush=True)
