@@ -3,8 +3,8 @@
 A worker that reads the home itself after the fork holds its own copy of everything the read allocates: the
 models, the FAISS centroids, the space's and the queries' objects (on 100,000 items a worker ready to answer holds
 37 MiB of its own that way, 16-17 MiB with the home read before the fork: docs/performance.md 0b). Read before the
-fork, those pages are shared copy on write by every worker. A worker serves the read only where the home's files are unchanged since (`home_fingerprint`): one
-restarted after an operator changed the home reads it as it is now.
+fork, those pages are shared copy on write by every worker. A worker serves the read only where the home's files
+are unchanged since (`home_fingerprint`): one restarted after an operator changed the home reads it as it is now.
 
 The read builds no item inputs and asks for no exact table, so no thread is running when the supervisor forks; its
 torch work (a few small tensors) runs on one thread, so no worker inherits a thread pool.
