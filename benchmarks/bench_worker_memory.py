@@ -102,6 +102,9 @@ SETTINGS: dict[str, dict[str, str]] = {
     # the same with glibc's allocator held to two arenas (it makes up to 8 per core, one per thread that allocates
     # while another holds an arena, and each keeps what its thread freed)
     "forked-mapped-arenas2": {"MALLOC_ARENA_MAX": "2"},
+    # the parent caps the workers' arenas (`service/malloc_arenas.py`): one, or glibc's own number (8 per core)
+    "forked-mapped-one-arena": {"PRUNECASCADE_MALLOC_ARENAS": "1"},
+    "forked-mapped-glibc-arenas": {"PRUNECASCADE_MALLOC_ARENAS": "0"},
     # uvicorn's own `--workers N`: every worker a fresh interpreter that imports torch and the service again
     "spawned-mapped": {"LAUNCHER": "uvicorn"},
     "spawned-copies": {"LAUNCHER": "uvicorn", "PRUNECASCADE_ITEM_CACHE_FILES": "false"},

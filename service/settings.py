@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         description="with several workers, read the home once in their parent before forking them, so that they "
         "share the models and indexes it loads (`service/preload.py`)",
     )
+    malloc_arenas: int = Field(
+        1,
+        ge=0,
+        description="with several workers, glibc malloc arenas per worker (0: glibc's default, 8 per core); one "
+        "keeps a single set of freed query buffers per worker (`service/malloc_arenas.py`); MALLOC_ARENA_MAX, if "
+        "set, wins",
+    )
     train_reader: bool = Field(
         False,
         description="on a home with no cluster reader, train one in a background child process once the snapshot "

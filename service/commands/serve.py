@@ -124,7 +124,9 @@ def _run_workers(settings, bootstrap: bool) -> int:
     if settings.admin_token_file is not None:  # e.g. the token the first run generated into the home
         os.environ["PRUNECASCADE_ADMIN_TOKEN_FILE"] = str(settings.admin_token_file)
     from service.connections import EnvHeadTimeoutH11Protocol
+    from service.malloc_arenas import limit_arenas
 
+    limit_arenas(settings.malloc_arenas)  # before the home is read, so that every worker inherits the cap
     if settings.preload_home:
         from service.preload import read_before_fork
 

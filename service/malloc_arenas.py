@@ -1,0 +1,32 @@
+"""glibc's malloc arenas, capped in the forked workers (`MALLOC_ARENAS`, default 1).
+
+glibc gives each thread that allocates while another holds an arena an arena of its own, up to 8 per core, and
+each keeps the freed buffers of the largest work its threads did. A worker computes its queries on the server's
+pool threads, so with glibc's default it kept several queries' buffers at once. On 100,000 items a worker held to
+one arena keeps about 50 MiB of its own after its warm-up queries instead of 65-72, and the server grows by 48-52
+MiB per extra worker instead of 69-80 (9% of the item cache instead of 12-14%); throughput at 1 and 8 clients was
+the same within the rounds' spread in one run and 4-10% lower in another (docs/performance.md 0b, "One malloc
+arena per worker"). `MALLOC_ARENAS=0` keeps glibc's default; an operator's own `MALLOC_ARENA_MAX` is left as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+__all__ = ["limit_arenas", "M_ARENA_MAX"]
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def limit_arenas(arenas: int) -> bool:
+    """Cap this process's malloc arenas (inherited by the processes it forks next). False where nothing was changed:
+    `arenas` 0 (glibc's default), `MALLOC_ARENA_MAX` set by the operator, or a C library without glibc's `mallopt`."""
+    if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this interpreter runs on
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt(M_ARENA_MAX, arenas) == 1

@@ -1,0 +1,62 @@
+"""The cap on glibc's malloc arenas (service/malloc_arenas.py): threads that allocate at the same time share one
+arena under the cap, and get arenas of their own without it. Counted by glibc's own `malloc_info`, in a fresh
+interpreter each time (a process's arenas outlive its threads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROGRAM = r"""
+import ctypes, sys, tempfile, threading
+from service.malloc_arenas import limit_arenas
+
+capped = limit_arenas(int(sys.argv[1]))
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+barrier = threading.Barrier(6)
+
+def allocate():
+    blocks = [libc.malloc(4096) for _ in range(64)]  # each thread allocates while the others hold theirs
+    barrier.wait()
+    for b in blocks:
+        libc.free(b)
+    barrier.wait()
+
+threads = [threading.Thread(target=allocate) for _ in range(5)]
+for t in threads:
+    t.start()
+barrier.wait()
+with tempfile.NamedTemporaryFile(suffix=".xml") as out:
+    fp = libc.fopen(out.name.encode(), b"w")
+    libc.malloc_info(0, fp)
+    libc.fclose(fp)
+    heaps = open(out.name).read().count("<heap nr=")
+barrier.wait()
+for t in threads:
+    t.join()
+print(capped, heaps)
+"""
+
+
+def _arenas(cap: int, **env: str) -> tuple[bool, int]:
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | env
+    out = subprocess.run(
+        [sys.executable, "-c", PROGRAM, str(cap)], env=environ, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and malloc_info")
+def test_threads_share_one_arena_under_the_cap_and_not_without() -> None:
+    assert _arenas(1) == (True, 1)
+    capped, heaps = _arenas(0)  # glibc's default: no cap set
+    assert not capped and heaps > 1
+    capped, heaps = _arenas(1, MALLOC_ARENA_MAX="4")  # the operator's own setting wins
+    assert not capped and 1 < heaps <= 4
