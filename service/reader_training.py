@@ -213,18 +213,20 @@ class ReaderTraining:
             )
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, self._proc.pid, NICENESS)
-        self._state = "training"  # which stage: the record's steps
+        # the record first, then the state: whoever reads a new state finds the record that goes with it
         self._record({"state": "training", "pid": self._proc.pid, "started": started, "steps": steps})
+        self._state = "training"  # which stage: the record's steps
         log.info("training the cluster reader in the background: pid %d, log %s", self._proc.pid, self.home / LOG_FILE)
         code = self._proc.wait()
         seconds = round(time.time() - started, 1)
         if self._stopping.is_set() or code < 0:  # a signal: the server's stop, or one sent to its process group
-            self._state = "stopped with the server" if self._stopping.is_set() else f"stopped by signal {-code}"
-            self._record({"state": self._state, "started": started, "seconds": seconds})
+            stopped = "stopped with the server" if self._stopping.is_set() else f"stopped by signal {-code}"
+            self._record({"state": stopped, "started": started, "seconds": seconds})
+            self._state = stopped
             return False
         if code != 0:
-            self._state = f"failed: exit code {code}, see HOME/{LOG_FILE}"
             self._record({"state": "failed", "returncode": code, "started": started, "seconds": seconds})
+            self._state = f"failed: exit code {code}, see HOME/{LOG_FILE}"
             log.warning("the background training of the cluster reader failed (exit code %d): %s", code, LOG_FILE)
             return False
         trained = {"steps": steps, "sha256": stored_digest(self.state.settings.space_dir)}
