@@ -4,9 +4,10 @@ glibc gives each thread that allocates while another holds an arena an arena of 
 each keeps the freed buffers of the largest work its threads did. A worker computes its queries on the server's
 pool threads, so with glibc's default it kept several queries' buffers at once. On 100,000 items a worker held to
 one arena keeps about 50 MiB of its own after its warm-up queries instead of 65-72, and the server grows by 48-52
-MiB per extra worker instead of 69-80 (9% of the item cache instead of 12-14%); throughput at 1 and 8 clients was
-the same within the rounds' spread in one run and 4-10% lower in another (docs/performance.md 0b, "One malloc
-arena per worker"). `MALLOC_ARENAS=0` keeps glibc's default; an operator's own `MALLOC_ARENA_MAX` is left as it is.
+MiB per extra worker instead of 69-80 (9% of the item cache instead of 12-14%); in three runs queries by example
+were as fast within the rounds' spread, label queries at one client 0.4-11% slower (docs/performance.md 0b, "One
+malloc arena per worker"). `MALLOC_ARENAS=0` keeps glibc's default; an operator's own `MALLOC_ARENA_MAX` is left
+as it is.
 """
 
 from __future__ import annotations
