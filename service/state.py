@@ -6,6 +6,7 @@ holds the old snapshot finishes on it."""
 from __future__ import annotations
 
 import logging
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ def home_fingerprint(settings: Settings) -> tuple[tuple[str, int, int, int], ...
             st = path.stat()
         except OSError:  # removed while listed, or never there
             continue
-        if path.is_file():
+        if stat.S_ISREG(st.st_mode):
             out.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(out)
 

@@ -95,11 +95,12 @@ def _bootstrap(state: ServiceState) -> None:
 
 
 def _run_workers(settings, bootstrap: bool) -> int:
-    """Several worker processes behind one port, forked from this one once it has imported the service
-    (service/workers.py): they share its imported modules and map the same item-input files, and each loads its
-    own snapshot. The settings reach the workers through the environment; with `--bootstrap` the embedded default
-    is built first, before the port opens (the workers must not build it concurrently), in a process of its own so
-    that this one forks with no torch runtime started."""
+    """Several worker processes behind one port, forked from this one once it has imported the service and read the
+    home (service/workers.py, service/preload.py): they share its imported modules and loaded models and map the
+    same item-input files; their malloc arenas are capped here (service/malloc_arenas.py). The settings reach the
+    workers through the environment; with `--bootstrap` the embedded default is built first, before the port opens
+    (the workers must not build it concurrently), in a process of its own so that this one forks with no torch
+    thread pool started."""
     import multiprocessing
     import os
 
