@@ -187,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", type=Path, default=Path("/work/home-default"))
     p.add_argument("--space", default="default")
     p.add_argument("--workers", default="1,2,3")
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of: {', '.join(SETTINGS)}")
+    p.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help=f"comma-separated, of: {', '.join(SETTINGS)}; `NAME@TREE` runs NAME's server from the checkout TREE",
+    )
     p.add_argument("--port", type=int, default=18970)
     p.add_argument("--out", type=Path)
     p.add_argument(
@@ -211,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                 home = work / f"home-{len(rows)}"
                 skip = ("data",) if args.keep_item_cache else ("data", "item_inputs")
                 shutil.copytree(args.home, home, ignore=shutil.ignore_patterns(*skip))
-                with start_server(home, args.space, args.port, workers, dict(SETTINGS[setting])) as (url, pid):
+                name, _, tree = setting.partition("@")  # `NAME@TREE`: the setting run from another checkout
+                env, cwd = dict(SETTINGS[name]), Path(tree) if tree else None
+                with start_server(home, args.space, args.port, workers, env, cwd=cwd) as (url, pid):
                     loaded = private_by_kind(pid)  # ready, before any query
                     bodies = query_bodies(home, args.space, 10)["examples"]
                     closed_loop(args.port, pid, bodies, 4 * workers, 3.0)  # every worker has served queries

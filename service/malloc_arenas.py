@@ -8,6 +8,11 @@ MiB per extra worker instead of 69-80 (9% of the item cache instead of 12-14%); 
 were as fast within the rounds' spread, label queries at one client 0.4-11% slower (docs/performance.md 0b, "One
 malloc arena per worker"). `MALLOC_ARENAS=0` keeps glibc's default; an operator's own `MALLOC_ARENA_MAX` is left
 as it is.
+
+`release_free_memory` hands the pages of freed buffers back to the kernel (`malloc_trim`). The supervisor calls it
+just before it forks: otherwise its heap still holds what reading the home and building the item tables freed, every
+worker reuses those free chunks for its own allocations and so copies them page by page, and the supervisor keeps
+the originals as well.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["limit_arenas", "M_ARENA_MAX"]
+__all__ = ["limit_arenas", "release_free_memory", "M_ARENA_MAX"]
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
 
@@ -31,3 +36,14 @@ def limit_arenas(arenas: int) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt(M_ARENA_MAX, arenas) == 1
+
+
+def release_free_memory() -> bool:
+    """Return the free pages of this process's heap and arenas to the kernel (glibc's `malloc_trim(0)`). False where
+    nothing was released, or the C library has no `malloc_trim`."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return trim(0) == 1

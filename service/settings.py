@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="server worker processes (`prunecascade serve`)")
     preload_home: bool = Field(
         True,
-        description="with several workers, read the home once in their parent before forking them, so that they "
-        "share the models and indexes it loads (`service/preload.py`)",
+        description="with several workers, read the home and build its item tables once in their parent before "
+        "forking them, so that they share the models, indexes and tables it loads (`service/preload.py`)",
     )
     malloc_arenas: int = Field(
         1,

@@ -25,6 +25,8 @@ import time
 
 import uvicorn
 
+from service.malloc_arenas import release_free_memory
+
 __all__ = ["serve_forked", "RESTART_PAUSE_S"]
 
 log = logging.getLogger("prunecascade.workers")
@@ -44,6 +46,7 @@ def serve_forked(config: uvicorn.Config, workers: int) -> int:
     sock = config.bind_socket()
     gc.collect()
     gc.freeze()
+    release_free_memory()  # what the parent freed is not copied into every worker (service/malloc_arenas.py)
     fork = multiprocessing.get_context("fork")
     stop = threading.Event()
 

@@ -1,6 +1,7 @@
 """The cap on glibc's malloc arenas (service/malloc_arenas.py): threads that allocate at the same time share one
 arena under the cap, and get arenas of their own without it. Counted by glibc's own `malloc_info`, in a fresh
-interpreter each time (a process's arenas outlive its threads)."""
+interpreter each time (a process's arenas outlive its threads). And the supervisor's trim before it forks: freed heap
+pages go back to the kernel, measured by the process's resident memory."""
 
 from __future__ import annotations
 
@@ -60,3 +61,37 @@ def test_threads_share_one_arena_under_the_cap_and_not_without() -> None:
     assert not capped and heaps > 1
     capped, heaps = _arenas(1, MALLOC_ARENA_MAX="4")  # the operator's own setting wins
     assert not capped and 1 < heaps <= 4
+
+
+TRIM = r"""
+import ctypes
+from service.malloc_arenas import release_free_memory
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+blocks = [libc.malloc(16384) for _ in range(4096)]  # 64 MiB of heap, below the mmap threshold
+for b in blocks:
+    ctypes.memset(b, 1, 16384)  # touched: resident
+pin = libc.malloc(64)  # keeps the freed chunks below the top of the heap, where free() alone never returns them
+for b in blocks:
+    libc.free(b)
+freed = rss_mib()
+released = release_free_memory()
+print(released, freed - rss_mib())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_pages_go_back_to_the_kernel() -> None:
+    released, dropped_mib = subprocess.run(
+        [sys.executable, "-c", TRIM], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert released == "True"
+    assert float(dropped_mib) > 48  # of the 64 MiB freed and still resident before

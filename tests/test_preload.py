@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from service_fixtures import copy_home, faiss_by_default
 
+from cascade.item_store import ITEM_INPUTS_DIR
 from models.registry import ModelRegistry
+from service.preload import read_before_fork, take_preloaded
 from service.settings import Settings
 from service.state import ServiceState, home_fingerprint
 
@@ -63,3 +66,20 @@ def test_the_fingerprint_follows_every_file_a_load_reads(home: Path) -> None:
     stat = space_file.stat()
     os.utime(space_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert home_fingerprint(settings) != changed
+
+
+def test_the_parent_builds_the_item_tables_the_workers_serve(home: Path) -> None:
+    threads = torch.get_num_threads()
+    try:
+        read = read_before_fork(_settings(home))
+    finally:
+        torch.set_num_threads(threads)
+    assert read is not None and take_preloaded() is read and take_preloaded() is None  # given once
+    built = read.snapshot.item_cache.entries()
+    assert built and all(entry.mapped for entry in built)  # in files every worker maps
+    assert {p.suffix for p in (_settings(home).space_dir / ITEM_INPUTS_DIR).iterdir()} >= {".npy", ".json"}
+
+    state = ServiceState(_settings(home), preloaded=read)
+    served = state.load()  # a worker's first load: nothing left to build
+    assert served is read.snapshot
+    assert [id(e) for e in served.item_cache.entries()] == [id(e) for e in built]
