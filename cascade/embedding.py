@@ -45,6 +45,11 @@ class EmbeddingIndex:
         """The `count` clusters nearest to the examples (round-robin over examples), with squared distances."""
         return self.index.nearest_clusters_with_distances(embed_chunked(self.encoder, examples), count)
 
+    def embed_and_search(self, examples: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `candidates`, with the examples' embeddings it searched with (examples, d)."""
+        vectors = embed_chunked(self.encoder, examples)
+        return (*self.index.nearest_clusters_with_distances(vectors, count), vectors)
+
     @classmethod
     def build(cls, encoder: torch.nn.Module, features: np.ndarray, offsets: np.ndarray) -> EmbeddingIndex:
         vectors = embed_chunked(encoder.eval(), features)

@@ -3,6 +3,7 @@ coarse quantizer holds the cluster centroids, so "nearest clusters" is one quant
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import faiss
@@ -67,8 +68,21 @@ class ClusterIndex:
         return flat[order].astype(np.int64), flat_dist[order].astype(np.float64)
 
     def centroids(self, clusters: np.ndarray) -> np.ndarray:
-        """The coarse centroids of `clusters` (float32), as the quantizer stores them."""
-        return np.stack([self.ivf.quantizer.reconstruct(int(c)) for c in clusters]) if len(clusters) else np.empty(0)
+        """The coarse centroids of `clusters` (float32), as the quantizer stores them: rows of its own vectors,
+        read in place (one gather per query, not one reconstruction per cluster)."""
+        return self._centroid_rows[np.asarray(clusters, dtype=np.int64)]
+
+    @functools.cached_property
+    def _centroid_rows(self) -> np.ndarray:
+        """(clusters, d) over the flat quantizer's storage, without a copy: the index owns the memory (and keeps
+        the quantizer alive), so the view lives as long as this object."""
+        quantizer = faiss.downcast_index(self.ivf.quantizer)
+        n, d = int(quantizer.ntotal), int(quantizer.d)
+        if not isinstance(quantizer, faiss.IndexFlat):  # another quantizer stores codes: reconstruct them once
+            return quantizer.reconstruct_n(0, n)
+        view = faiss.rev_swig_ptr(quantizer.get_xb(), n * d).reshape(n, d)
+        view.flags.writeable = False
+        return view
 
     def save(self, directory: Path, name: str = INDEX_FILE) -> None:
         tmp = directory / f".{name}.tmp"

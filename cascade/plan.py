@@ -450,7 +450,7 @@ def target_from_examples(
             )
         if not (g != 0).any():
             raise RequestError("target.gains", "all gains are zero: every cluster would score 0")
-    nearest, distances = snapshot.embedding.candidates(x, candidates)
+    nearest, distances, vectors = snapshot.embedding.embed_and_search(x, candidates)
     queries = tuple(torch.from_numpy(row[None, :].copy()) for row in x)
     return Target(
         utility=g,
@@ -458,6 +458,7 @@ def target_from_examples(
         queries=queries,
         candidates=nearest,
         candidate_distances=distances,
+        embeddings=vectors,
         flops=len(x) * snapshot.embedding.flops_per_query,
     )
 

@@ -99,10 +99,9 @@ def planned_flops(snapshot: Snapshot, target: Target, k: int) -> int:
     assert snapshot.reader is not None and target.candidates is not None
     ranker = snapshot.reader.ranker
     clusters = target.candidates[: rerank_width(snapshot, target, k)]
-    per_example = ranker.query_flops() + sum(
-        ranker.reader.flops_per_pair(int(n)) for n in _read_counts(snapshot, clusters)
-    )
-    return len(target.queries) * per_example
+    counts, clusters_read = np.unique(_read_counts(snapshot, clusters), return_counts=True)
+    pairs = sum(ranker.reader.flops_per_pair(int(n)) * int(c) for n, c in zip(counts, clusters_read, strict=True))
+    return len(target.queries) * (ranker.query_flops() + pairs)
 
 
 def reader_keys(snapshot: Snapshot, target: Target, width: int, seed: int = 0) -> torch.Tensor:
@@ -120,7 +119,10 @@ def reader_keys(snapshot: Snapshot, target: Target, width: int, seed: int = 0) -
     with torch.inference_mode():
         for e, q in enumerate(target.queries):
             assert q is not None
-            embedded = snapshot.embedding.encoder.embed(q)  # type: ignore[operator]
+            if target.embeddings is not None:  # stage 0's own embedding of this example
+                embedded = torch.from_numpy(target.embeddings[e : e + 1])
+            else:
+                embedded = snapshot.embedding.encoder.embed(q)  # type: ignore[operator]
             retriever_score = -((centroids - embedded) ** 2).sum(1)  # minus the squared distance FAISS ranks by
             for n in np.unique(counts):  # clusters read with the same number of members go in one call
                 which = np.flatnonzero(counts == n)

@@ -41,6 +41,9 @@ class Target:
     """One (1, D) tensor per example for a pair model; `(None,)` for a classifier, which ignores the query."""
     candidates: np.ndarray | None = None  # None: every cluster
     candidate_distances: np.ndarray | None = None  # squared L2 in the embedding, for FAISS-only answers
+    embeddings: np.ndarray | None = None
+    """(examples, d) float32: the examples' embeddings stage 0 searched with, for the stages that read the
+    retriever's score (the cluster reader's residual) without embedding the examples again."""
     label: int | None = None
     flops: int = 0  # what it cost to build the target (embedding the examples)
 

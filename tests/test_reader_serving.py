@@ -22,7 +22,7 @@ from cascade.config import CONFIG_FILE, READER_RULE, CascadeConfig, ReaderChoice
 from cascade.embedding import EmbeddingIndex
 from cascade.evaluation import example_queries
 from cascade.plan import Query, execute, plan_query
-from cascade.reader import LOG_FLOOR, READER_STAGE, grade_log_posteriors, serves
+from cascade.reader import LOG_FLOOR, READER_STAGE, grade_log_posteriors, reader_keys, serves
 from cascade.reader_gate import check_reader, fit_reader_temperature
 from cascade.snapshot import load_snapshot
 from cascade.space import Space
@@ -127,6 +127,24 @@ def test_an_untrained_reader_answers_with_faiss_order_at_the_planned_cost(tiny_h
     sizes = np.diff(snapshot.space.offsets)[plan.target.candidates[:12]]
     assert report.items == int(np.minimum(sizes, 10).sum())
     assert result.flops == plan.stage_flops[0] == plan.flops - plan.target.flops > 0
+
+
+def test_the_reader_reads_stage_0_s_own_embedding_and_counts_its_flops_cluster_by_cluster(tiny_home, tmp_path) -> None:
+    snapshot = _snapshot(_home_with_reader(tiny_home, tmp_path, opinion=2.0), served=True, candidates=12)
+    ranker = snapshot.reader.ranker
+    for i in range(3):
+        plan = plan_query(snapshot, Query(examples=_dev_example(snapshot, i), k=5))
+        target = plan.target
+        with torch.inference_mode():
+            again = snapshot.embedding.encoder.embed(target.queries[0])
+        assert torch.equal(torch.from_numpy(target.embeddings), again)  # what FAISS searched with, bit for bit
+        keys = reader_keys(snapshot, target, 12, seed=i)
+        assert torch.equal(keys, reader_keys(snapshot, replace(target, embeddings=None), 12, seed=i))
+        moved = replace(target, embeddings=target.embeddings + 0.5)  # the residual reads the stored embedding
+        assert not torch.equal(keys, reader_keys(snapshot, moved, 12, seed=i))
+        sizes = np.diff(snapshot.space.offsets)[target.candidates[:12]]
+        pairs = sum(ranker.reader.flops_per_pair(int(n)) for n in np.minimum(sizes, 10))
+        assert plan.stage_flops[0] == ranker.query_flops() + pairs
 
 
 def test_a_reader_with_an_opinion_reorders_only_faiss_top_candidates(tiny_home, tmp_path) -> None:

@@ -79,6 +79,19 @@ def test_index_finds_the_cluster_of_an_item_and_round_trips(tmp_path) -> None:
     assert loaded.meta == space.meta
 
 
+def test_centroids_are_the_quantizer_s_own_rows_built_or_loaded(tmp_path) -> None:
+    space = _space()
+    built = ClusterIndex.build(space)
+    built.save(tmp_path)
+    clusters = np.array([7, 0, space.num_clusters - 1, 7])
+    for index in (built, ClusterIndex.load(tmp_path)):
+        stored = np.stack([index.ivf.quantizer.reconstruct(int(c)) for c in clusters])
+        got = index.centroids(clusters)
+        assert got.dtype == np.float32 and np.array_equal(got, stored)
+        np.testing.assert_allclose(got, space.centroids()[clusters], rtol=1e-5, atol=1e-6)
+    assert index.centroids(np.array([], dtype=np.int64)).shape == (0, space.features.shape[1])
+
+
 def test_a_loaded_index_maps_its_item_vectors_and_survives_the_file_being_replaced(tmp_path) -> None:
     """Worker processes share the index file's pages instead of each holding its items' vectors: the file is
     mapped, and a new index saved over it (by rename) leaves the loaded one answering as before."""
