@@ -43,10 +43,11 @@ class EmbeddingIndex:
 
     def candidates(self, examples: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The `count` clusters nearest to the examples (round-robin over examples), with squared distances."""
-        return self.index.nearest_clusters_with_distances(embed_chunked(self.encoder, examples), count)
+        return self.embed_and_search(examples, count)[:2]
 
     def embed_and_search(self, examples: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """As `candidates`, with the examples' embeddings it searched with (examples, d)."""
+        """As `candidates`, with the examples' embeddings it searched with (examples, d): a later stage that reads
+        the retriever's score (the cluster reader's residual) takes them instead of embedding the examples again."""
         vectors = embed_chunked(self.encoder, examples)
         return (*self.index.nearest_clusters_with_distances(vectors, count), vectors)
 
