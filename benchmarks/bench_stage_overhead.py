@@ -84,12 +84,13 @@ class _Timers:
         return timed
 
 
-def _install(timers: _Timers) -> list[tuple[object, str, object]]:
-    """Wrap every helper of `PARTS` that exists in this version of the engine; returns what to restore."""
+def _install(timers: _Timers, parts: dict[tuple[str, str], str] | None = None) -> list[tuple[object, str, object]]:
+    """Wrap every helper of `parts` (default `PARTS`) that exists in this version of the code; returns what to
+    restore."""
     import importlib
 
     restore = []
-    for (where, name), part in PARTS.items():
+    for (where, name), part in (PARTS if parts is None else parts).items():
         module_name, _, cls = where.rpartition(".") if where[where.rfind(".") + 1 :][:1].isupper() else (where, "", "")
         try:
             owner: object = importlib.import_module(module_name)
