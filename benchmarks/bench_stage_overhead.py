@@ -24,6 +24,7 @@ import argparse
 import functools
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 from benchmarks.common import dump_json, median, set_threads
@@ -84,13 +85,12 @@ class _Timers:
         return timed
 
 
-def _install(timers: _Timers, parts: dict[tuple[str, str], str] | None = None) -> list[tuple[object, str, object]]:
-    """Wrap every helper of `parts` (default `PARTS`) that exists in this version of the code; returns what to
-    restore."""
+def _install(timers: _Timers, parts: Mapping[tuple[str, str], str] = PARTS) -> list[tuple[object, str, object]]:
+    """Wrap every helper of `parts` that exists in this version of the code; returns what to restore."""
     import importlib
 
     restore = []
-    for (where, name), part in (PARTS if parts is None else parts).items():
+    for (where, name), part in parts.items():
         module_name, _, cls = where.rpartition(".") if where[where.rfind(".") + 1 :][:1].isupper() else (where, "", "")
         try:
             owner: object = importlib.import_module(module_name)

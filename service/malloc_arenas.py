@@ -19,10 +19,21 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 
 __all__ = ["limit_arenas", "release_free_memory", "M_ARENA_MAX"]
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def _glibc(name: str, argtypes: tuple, restype: type) -> Callable[..., int] | None:
+    """A function of the C library this interpreter runs on, typed; None where it has no such function."""
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
 
 
 def limit_arenas(arenas: int) -> bool:
@@ -30,20 +41,12 @@ def limit_arenas(arenas: int) -> bool:
     `arenas` 0 (glibc's default), `MALLOC_ARENA_MAX` set by the operator, or a C library without glibc's `mallopt`."""
     if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this interpreter runs on
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(M_ARENA_MAX, arenas) == 1
+    mallopt = _glibc("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
+    return mallopt is not None and mallopt(M_ARENA_MAX, arenas) == 1
 
 
 def release_free_memory() -> bool:
     """Return the free pages of this process's heap and arenas to the kernel (glibc's `malloc_trim(0)`). False where
     nothing was released, or the C library has no `malloc_trim`."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
-    return trim(0) == 1
+    trim = _glibc("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+    return trim is not None and trim(0) == 1
