@@ -52,7 +52,8 @@ _DESCRIPTIONS = {
     408: "the request body did not arrive in time",
     409: "conflicts with the current state (e.g. the active version)",
     413: "body or upload part too large",
-    415: "not a safetensors file (pickles are refused)",
+    415: "a JSON body sent without `Content-Type: application/json`, or an upload that is not a safetensors file "
+    "(pickles are refused)",
     422: "invalid input; `loc` names the field",
     429: "too many requests",
     500: "internal error (logged with the request id)",
@@ -127,6 +128,19 @@ def _stored_not_loaded(request: Request, exc: RequestError) -> str | None:
     )
 
 
+def _not_json(request: Request, errors: list[dict[str, Any]]) -> str | None:
+    """How a request whose whole JSON body was refused sent it, when not as JSON (FastAPI reads a body as JSON only
+    under an `application/json` or `application/*+json` Content-Type; `curl -d` sends
+    `application/x-www-form-urlencoded`), else None: such a client is told what to send, not that its object is
+    not an object."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return None
+    if not any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return None
+    return f"it came as {media[:100]}" if media else "it came without one"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def stage_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -168,6 +182,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return field_error(409, "", str(exc), "conflict")
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        """Without echoing the input back, and at most MAX_REPORTED_ERRORS of them (then a count)."""
-        return JSONResponse(status_code=422, content={"detail": capped_errors(list(exc.errors()))})
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """Without echoing the input back, and at most MAX_REPORTED_ERRORS of them (then a count); a body that was
+        not sent as JSON is a 415 saying so."""
+        errors = list(exc.errors())
+        media = _not_json(request, errors)
+        if media is not None:
+            msg = f"the body must be JSON, sent with Content-Type: application/json ({media})"
+            return field_error(415, "", msg, "unsupported_media_type")
+        return JSONResponse(status_code=422, content={"detail": capped_errors(errors)})

@@ -98,6 +98,23 @@ def test_nan_and_infinity_are_refused(server) -> None:
         assert "examples" in r.text
 
 
+@pytest.mark.parametrize("media", ["application/x-www-form-urlencoded", "text/plain; charset=utf-8", None])
+def test_a_json_body_sent_as_another_media_type_is_a_415_saying_what_to_send(server, media) -> None:
+    body = b'{"target": {"label": 0}, "k": 1}'
+    r = httpx.post(f"{server.url}/v1/query", content=body, headers={"content-type": media} if media else {})
+    assert r.status_code == 415, r.text
+    (item,) = r.json()["detail"]
+    assert "Content-Type: application/json" in item["msg"]
+    assert (media.split(";")[0] if media else "without one") in item["msg"]
+    assert item["type"] == "unsupported_media_type"
+    # the same bytes sent as JSON are answered
+    for headers in ({"content-type": "application/json"}, {"content-type": "application/vnd.api+json"}):
+        assert httpx.post(f"{server.url}/v1/query", content=body, headers=headers).status_code == 200, headers
+    # JSON that is not an object is still the 422 naming the body
+    r = httpx.post(f"{server.url}/v1/query", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"]
+
+
 def test_oversized_and_malformed_bodies(server) -> None:
     huge = b'{"target": {"examples": [[' + b"0.1, " * 400_000 + b"0.1]]}}"
     r = httpx.post(f"{server.url}/v1/query", content=huge, headers={"content-type": "application/json"})

@@ -111,7 +111,9 @@ def upload_model(
     )
 
 
-@router.post("/models/{name}/activate", response_model=AdminStateOut, responses=error_responses(404, 409, 413, 422))
+@router.post(
+    "/models/{name}/activate", response_model=AdminStateOut, responses=error_responses(404, 409, 413, 415, 422)
+)
 def activate_model(
     state: StateDep, name: Name, request: Annotated[ActivateRequest | None, Body()] = None
 ) -> AdminStateOut:
@@ -133,7 +135,7 @@ def delete_version(state: StateDep, name: Name, version: Version) -> Response:
     return Response(status_code=204)
 
 
-@router.put("/cascade", response_model=AdminStateOut, responses=error_responses(413, 422))
+@router.put("/cascade", response_model=AdminStateOut, responses=error_responses(413, 415, 422))
 def put_cascade(state: StateDep, config: CascadeConfig) -> AdminStateOut:
     """The new default stage list, validated against the active models before it is stored."""
     return _state_out(state, state.set_cascade(config))

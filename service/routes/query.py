@@ -68,7 +68,7 @@ QUERY_EXAMPLES: dict[str, dict[str, Any]] = {
     "/query",
     response_model=QueryResponse,
     summary="Find the clusters that best match a target",
-    responses=error_responses(408, 413, 422, 503, 504),
+    responses=error_responses(408, 413, 415, 422, 503, 504),
 )
 def query(http: Request, request: QueryRequest = Body(openapi_examples=QUERY_EXAMPLES)) -> Response:  # noqa: B008
     """Returns the `k` best clusters for a label, a utility over classes, or example items, with the posterior
@@ -136,7 +136,7 @@ def _answer(http: Request, request: QueryRequest, state: ServiceState, expected:
     "/query/batch",
     response_model=QueryBatchResponse,
     summary="Several queries in one request",
-    responses=error_responses(408, 413, 422, 503, 504),
+    responses=error_responses(408, 413, 415, 422, 503, 504),
 )
 def query_batch(http: Request, request: QueryBatchRequest) -> Response:
     """Each query is answered as if it were sent alone to `POST /v1/query` (same snapshot for all, each with its

@@ -103,7 +103,7 @@ def _run(state: ServiceState, job: _Job, snapshot: Snapshot, options: Any) -> No
         job.out = job.out.model_copy(update={**update, "seconds": round(time.perf_counter() - job.started, 2)})
 
 
-@router.post("/tune", status_code=202, response_model=TuneJobOut, responses=error_responses(409, 413, 422))
+@router.post("/tune", status_code=202, response_model=TuneJobOut, responses=error_responses(409, 413, 415, 422))
 def start_tuning(state: StateDep, http: Request, body: Annotated[TuneRequest | None, Body()] = None) -> TuneJobOut:
     """Tune the default pair cascade on the dev queries of the served snapshot, in the background (one thread of
     this process, beside the queries); the new plan is swapped in atomically when it is done. 409 while a tuning
