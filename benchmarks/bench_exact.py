@@ -35,7 +35,8 @@ PATHS = ("exact", "cascade", "oracle")
 def prepare_big(home: Path, samples: int = 120_000, seed: int = 101, name: str = BIG_SPACE) -> None:
     """The default models (bootstrap, skipped where they exist) and `bench_cascade`'s common-target space."""
     from benchmarks.common import write_space
-    from cascade.bootstrap import BootstrapConfig, bootstrap
+    from cascade.bootstrap import bootstrap
+    from cascade.bootstrap_config import BootstrapConfig
     from cascade.space import META_FILE, SPACE_FILE, clusters_by_label
     from models.data import load_dataset
 

@@ -28,7 +28,7 @@ __all__ = ["main", "prepare", "methods_grid"]
 def prepare(home: Path, name: str, prototypes: int, views: int, queries: int, seed: int) -> None:
     """A prototype space under HOME/spaces/NAME, embedded with the default space's bi-encoder (the index is
     only valid for the embedding it was built with), with its held-out queries."""
-    from cascade.bootstrap import PairConfig
+    from cascade.bootstrap_config import PairConfig
     from cascade.embedding import EmbeddingIndex
     from cascade.index import ClusterIndex
     from cascade.queries import QuerySet

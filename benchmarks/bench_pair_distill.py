@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cascade.bootstrap import PairConfig, prototype_training_sets, user_pair_sets
+from cascade.bootstrap import prototype_training_sets, user_pair_sets
+from cascade.bootstrap_config import PairConfig
 from cascade.config import CONFIG_FILE, CascadeConfig
 from cascade.snapshot import load_snapshot
 from models.data import load_dataset

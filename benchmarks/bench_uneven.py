@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cascade.bootstrap import BootstrapConfig, bootstrap
+from cascade.bootstrap import bootstrap
+from cascade.bootstrap_config import BootstrapConfig
 from cascade.engine import ORACLE_AGGREGATOR, dense_oracle
 from cascade.plan import target_from_label
 from cascade.ranking_metrics import agreement_at_k

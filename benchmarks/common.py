@@ -109,7 +109,8 @@ def prepare_home(
     big_name: str = BIG_SPACE,
 ) -> None:
     """Build whatever is missing: default models (dense trained for `epochs`), cnn-s10, the big and rare spaces."""
-    from cascade.bootstrap import BootstrapConfig, bootstrap
+    from cascade.bootstrap import bootstrap
+    from cascade.bootstrap_config import BootstrapConfig
     from cascade.space import META_FILE, SPACE_FILE, clusters_by_label
     from models.data import load_dataset
     from models.pruning.pipeline import prune_and_register

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cascade.bootstrap import BootstrapConfig, PairConfig
+    from cascade.bootstrap_config import BootstrapConfig, PairConfig
     from models.data import Splits
     from models.prototypes import PrototypeSet
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cascade.bootstrap import BootstrapConfig
+    from cascade.bootstrap_config import BootstrapConfig
     from models.data import Splits
 
 __all__ = ["RECORD_FILE", "describe_run", "read_record", "write_record", "nothing_left_on_failure", "grades_line"]

@@ -20,7 +20,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from cascade.bootstrap import PairConfig, prototype_training_sets
+from cascade.bootstrap import prototype_training_sets
+from cascade.bootstrap_config import PairConfig
 from lab.reranker_study import faiss_order, metrics
 from models.biencoder import BiEncoderSpec, embed_numpy
 from models.biencoder_training import train_biencoder

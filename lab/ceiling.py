@@ -154,7 +154,7 @@ def bayes_optimal(
 
 def pair_space_config() -> PrototypeConfig:
     """The prototype space the bootstrap builds for queries by example (its defaults)."""
-    from cascade.bootstrap import PairConfig
+    from cascade.bootstrap_config import PairConfig
 
     return PairConfig().space
 

@@ -26,7 +26,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from cascade.bootstrap import PairConfig, prototype_training_sets
+from cascade.bootstrap import prototype_training_sets
+from cascade.bootstrap_config import PairConfig
 from lab.reranker_study import faiss_order, load_retriever, metrics
 from models.biencoder import BiEncoder, embed_numpy
 from models.cluster_reader import FEATURES, MODES, ClusterReader, MemberFeatures, ReaderRanker, listwise_loss

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cascade.bootstrap import PairConfig
+from cascade.bootstrap_config import PairConfig
 from cascade.queries import QUERIES_FILE, QuerySet
 from cascade.space import Space
 from models.prototypes import PrototypeConfig, make_queries

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 import models.pair_training as pt
-from cascade.bootstrap import PairConfig, new_pair_model, prototype_training_sets
+from cascade.bootstrap import new_pair_model, prototype_training_sets
+from cascade.bootstrap_config import PairConfig
 from lab.reranker_study import faiss_order, load_retriever, metrics
 from models.biencoder import BiEncoder, BiEncoderSpec, embed_numpy
 from models.pair import default_pair_spec

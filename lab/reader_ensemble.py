@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cascade.bootstrap import PairConfig, prototype_training_sets
+from cascade.bootstrap import prototype_training_sets
+from cascade.bootstrap_config import PairConfig
 from lab.cluster_reader import r1_gain, rerank, summary
 from lab.reranker_study import load_retriever
 from models.cluster_reader import ClusterReader, MemberFeatures, ReaderRanker

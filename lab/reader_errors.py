@@ -16,7 +16,8 @@ import os
 import numpy as np
 import torch
 
-from cascade.bootstrap import PairConfig, prototype_training_sets
+from cascade.bootstrap import prototype_training_sets
+from cascade.bootstrap_config import PairConfig
 from lab.reader_ensemble import load_run
 from lab.reranker_study import faiss_order, load_retriever
 from models.biencoder import embed_numpy

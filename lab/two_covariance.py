@@ -19,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from cascade.bootstrap import PairConfig, prototype_training_sets
+from cascade.bootstrap import prototype_training_sets
+from cascade.bootstrap_config import PairConfig
 from lab.reranker_study import faiss_order, load_retriever, metrics
 from models.biencoder import BiEncoder, embed_numpy
 from models.prototypes import PrototypeConfig, make_prototype_set, make_queries

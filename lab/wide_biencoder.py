@@ -16,7 +16,8 @@ from dataclasses import replace
 
 import torch
 
-from cascade.bootstrap import PairConfig, prototype_training_sets
+from cascade.bootstrap import prototype_training_sets
+from cascade.bootstrap_config import PairConfig
 from models.biencoder import BiEncoderSpec, save_biencoder
 from models.biencoder_training import train_biencoder
 

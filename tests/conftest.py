@@ -15,7 +15,8 @@ import httpx
 import pytest
 import torch
 
-from cascade.bootstrap import BootstrapConfig, PairConfig, PrunedPairVariant, PrunedVariant, bootstrap
+from cascade.bootstrap import bootstrap
+from cascade.bootstrap_config import BootstrapConfig, PairConfig, PrunedPairVariant, PrunedVariant
 from cascade.config import CONFIG_FILE, CascadeConfig, Stage
 from cascade.snapshot import Snapshot, load_snapshot
 from models.biencoder_training import BiEncoderTrainConfig

@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cascade.bootstrap import BootstrapConfig, PrunedVariant, bootstrap
+from cascade.bootstrap import bootstrap
+from cascade.bootstrap_config import BootstrapConfig, PrunedVariant
 from cascade.config import Stage
 
 __all__ = ["LOADTEST_TINY", "LiveService", "loadtest_home_fixture", "loadtest_service_fixture"]

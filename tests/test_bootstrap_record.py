@@ -12,7 +12,7 @@ import pytest
 from test_byod_data import user_npz
 from test_byod_pair import views_npz
 
-from cascade.bootstrap import BootstrapConfig
+from cascade.bootstrap_config import BootstrapConfig
 from cascade.bootstrap_record import describe_run
 from models.data import load_dataset
 from service.cli import main

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade.bootstrap import BootstrapConfig, build_space_dir, default_stages, variant_name
+from cascade.bootstrap import build_space_dir
+from cascade.bootstrap_config import BootstrapConfig, default_stages, variant_name
 from cascade.space import META_FILE, Space, build_space
 from models.data import DatasetError, load_dataset
 

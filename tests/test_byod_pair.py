@@ -17,15 +17,8 @@ import numpy as np
 import pytest
 from conftest import Server, start_server, stop_server
 
-from cascade.bootstrap import (
-    BootstrapConfig,
-    PairConfig,
-    PrunedPairVariant,
-    PrunedVariant,
-    bootstrap,
-    train_pair_on_clusters,
-    wants_user_pair,
-)
+from cascade.bootstrap import bootstrap, train_pair_on_clusters, wants_user_pair
+from cascade.bootstrap_config import BootstrapConfig, PairConfig, PrunedPairVariant, PrunedVariant
 from cascade.config import Stage
 from cascade.queries import QuerySet, cluster_grades, default_gains, hold_out_members
 from cascade.space import META_FILE, Space

@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from cascade.bootstrap import PairConfig
+from cascade.bootstrap_config import PairConfig
 from lab.ceiling import bayes_optimal, expected_gains, jitter_log_likelihoods, view_gaussians
 from models.prototypes import PrototypeConfig, make_prototype_set, make_prototypes, make_queries, make_views
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade.bootstrap import BootstrapConfig
+from cascade.bootstrap_config import BootstrapConfig
 from cascade.config import CONFIG_FILE, CascadeConfig
 from cascade.space import META_FILE
 from models.registry import ModelRegistry

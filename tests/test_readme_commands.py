@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from conftest import TINY, TINY_PAIR, Server, free_port, start_server, stop_server
 
-from cascade.bootstrap import PrunedPairVariant, bootstrap, default_stages, default_variants
+from cascade.bootstrap import bootstrap
+from cascade.bootstrap_config import PrunedPairVariant, default_stages, default_variants
 from cascade.bootstrap_record import RECORD_FILE
 from cascade.config import CONFIG_FILE, Stage
 

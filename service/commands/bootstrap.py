@@ -71,8 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from(args: argparse.Namespace) -> Any:
-    """The `cascade.bootstrap.BootstrapConfig` the flags ask for (unset flags keep the config's defaults)."""
-    from cascade.bootstrap import BootstrapConfig
+    """The `cascade.bootstrap_config.BootstrapConfig` the flags ask for (unset flags keep the config's defaults)."""
+    from cascade.bootstrap_config import BootstrapConfig
 
     dataset = args.dataset
     if dataset not in ("mnist1d", "digits"):

@@ -100,7 +100,8 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace) -> dict:
 def _prototype_sets(home: Path):
     from dataclasses import replace
 
-    from cascade.bootstrap import PairConfig, prototype_training_sets
+    from cascade.bootstrap import prototype_training_sets
+    from cascade.bootstrap_config import PairConfig
     from models.prototypes import PrototypeConfig
 
     pair = PairConfig()
