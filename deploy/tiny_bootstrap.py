@@ -18,18 +18,23 @@ import torch
 from cascade import bootstrap as boot
 from cascade.config import Stage
 
+try:  # the bootstrap's settings, in a module of their own since `cascade.bootstrap_config`; before it, in the bootstrap
+    from cascade import bootstrap_config as settings
+except ImportError:
+    settings = boot
+
 __all__ = ["TINY", "main", "tiny_pair"]
 
 
 def tiny_pair() -> Any:
     """A small PairConfig (the sizes of the test suite's), or None where this version has no pair models."""
-    if not hasattr(boot, "PairConfig"):
+    if not hasattr(settings, "PairConfig"):
         return None
     from models.biencoder_training import BiEncoderTrainConfig
     from models.pair_training import PairTrainConfig
     from models.prototypes import PrototypeConfig
 
-    fields = {f.name for f in dataclasses.fields(boot.PairConfig)}
+    fields = {f.name for f in dataclasses.fields(settings.PairConfig)}
     listwise: dict[str, Any] = {}
     if "listwise" in fields:  # the dense pair model trains on the retriever's candidate lists
         from models.pair_training import ListwiseConfig
@@ -37,7 +42,7 @@ def tiny_pair() -> Any:
         listwise["listwise"] = ListwiseConfig(
             steps=150, queries=16, group=8, members=2, top=16, eval_every=50, val_queries=128
         )
-    return boot.PairConfig(
+    return settings.PairConfig(
         **listwise,
         space=PrototypeConfig(num_prototypes=150, views=6),
         train=PrototypeConfig(num_prototypes=300),
@@ -45,19 +50,19 @@ def tiny_pair() -> Any:
         biencoder=BiEncoderTrainConfig(steps=150, batch_prototypes=64, eval_every=50),
         training=PairTrainConfig(steps=300, eval_every=100, val_pairs=500),
         hidden=(64, 32),
-        variants=(boot.PrunedPairVariant("pair-s25", "greedy-asymmetric", 0.25, finetune_steps=50),),
+        variants=(settings.PrunedPairVariant("pair-s25", "greedy-asymmetric", 0.25, finetune_steps=50),),
         stages=(Stage(variant="pair-s25", samples=2, keep=20), Stage(variant="pair-dense", samples=6)),
     )
 
 
-_PAIR = {"pair": tiny_pair()} if "pair" in {f.name for f in dataclasses.fields(boot.BootstrapConfig)} else {}
+_PAIR = {"pair": tiny_pair()} if "pair" in {f.name for f in dataclasses.fields(settings.BootstrapConfig)} else {}
 
-TINY = boot.BootstrapConfig(
+TINY = settings.BootstrapConfig(
     num_samples=8_000,
     epochs=3,
     variants=(
-        boot.PrunedVariant("cnn-s25", "greedy-asymmetric", 0.25, reweight=True),
-        boot.PrunedVariant("cnn-s50", "greedy-asymmetric", 0.5, reweight=True),
+        settings.PrunedVariant("cnn-s25", "greedy-asymmetric", 0.25, reweight=True),
+        settings.PrunedVariant("cnn-s50", "greedy-asymmetric", 0.5, reweight=True),
     ),
     stages=(
         Stage(variant="cnn-s25", samples=2, keep=200, aggregator="bayes"),
