@@ -19,6 +19,9 @@ def test_the_sweep_measures_every_kind_and_concurrency_with_the_server_cpu(serve
         assert r.p50_ms <= r.p99_ms
         assert r.server_cpu > 0 and math.isfinite(r.server_cpu)  # the server worked while the clients waited
     assert all(r.ratio_to_first == 1.0 for r in rows if r.concurrency == 1)
+    # which path answered, as the answers say: FAISS alone for `"stages": []`, the exact table for labels, and the
+    # home's default plan for queries by example (the tiny home serves no reader: its pair cascade)
+    assert {r.kind: r.modes for r in rows} == {"cascade": "cascade", "faiss": "faiss", "exact": "exact"}
     files = write_sweep(rows, tmp_path)
     assert {f.name for f in files} == {CONCURRENCY_CSV, CONCURRENCY_PNG}
     assert (tmp_path / CONCURRENCY_PNG).stat().st_size > 10_000

@@ -153,12 +153,12 @@ def _run_concurrency(args: argparse.Namespace) -> int:
     check_target(url, args.allow_remote)
     counts = [int(x) for x in args.concurrency.split(",")]
     rows = run_sweep(url, counts, [k for k in args.kinds.split(",") if k], args.duration, args.k, args.server_pid)
-    print("| kind | clients | queries/s | ratio to the first | p50 / p99 ms | server CPU | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kind | answered by | clients | queries/s | ratio to the first | p50 / p99 ms | server CPU | errors |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r.kind} | {r.concurrency} | {r.qps:.1f} | {r.ratio_to_first:.2f}x | {r.p50_ms:.1f} / {r.p99_ms:.1f} "
-            f"| {100 * r.server_cpu:.0f}% | {r.errors} |"
+            f"| {r.kind} | {r.modes} | {r.concurrency} | {r.qps:.1f} | {r.ratio_to_first:.2f}x "
+            f"| {r.p50_ms:.1f} / {r.p99_ms:.1f} | {100 * r.server_cpu:.0f}% | {r.errors} |"
         )
     files = write_sweep(rows, args.out, plot=not args.no_plots)
     print("wrote " + ", ".join(str(f) for f in files))

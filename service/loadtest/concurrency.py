@@ -2,7 +2,8 @@
 its own keep-alive connection) at several concurrencies, for three kinds of query, with the server's CPU; a CSV
 and a plot.
 
-Kinds: `cascade` (the shipped held-out queries by example, the server's default cascade, a new seed each),
+Kinds: `cascade` (the shipped held-out queries by example, answered by the server's default plan: the cluster
+reader where one is served, else the default pair cascade or FAISS alone; a new seed each),
 `faiss` (the same queries, `"stages": []`) and `exact` (label queries, answered from the exact table). The
 server's CPU comes from /proc/PID/stat of `server_pid` and its descendants (a server on this host, its worker
 processes included) or, without a pid, from the `process_cpu_seconds_total` the server exports on /metrics (one
@@ -24,9 +25,23 @@ import httpx
 from cascade.ranking_metrics import percentile
 from service.loadtest.process_tree import tree_cpu_seconds
 
-__all__ = ["KINDS", "SweepRow", "run_sweep", "write_sweep", "sweep_figure", "CONCURRENCY_PNG", "CONCURRENCY_CSV"]
+__all__ = [
+    "KINDS",
+    "KIND_LABELS",
+    "SweepRow",
+    "run_sweep",
+    "write_sweep",
+    "sweep_figure",
+    "CONCURRENCY_PNG",
+    "CONCURRENCY_CSV",
+]
 
 KINDS = ("cascade", "faiss", "exact")
+KIND_LABELS = {
+    "cascade": "by example, the default plan",
+    "faiss": "by example, FAISS alone",
+    "exact": "label, the exact table",
+}
 CONCURRENCY_PNG = "throughput_vs_concurrency.png"
 CONCURRENCY_CSV = "concurrency.csv"
 
@@ -42,6 +57,7 @@ class SweepRow:
     p99_ms: float
     server_cpu: float  # cores busy on average (1.0 = one core); NaN when unknown
     ratio_to_first: float  # qps over the kind's qps at the first concurrency of the sweep
+    modes: str = ""  # the answers' `mode`s (which path answered: reader, cascade, faiss, exact), "+"-joined
 
 
 async def _metrics_cpu_seconds(client: httpx.AsyncClient) -> float:
@@ -73,14 +89,21 @@ async def _wait_exact(client: httpx.AsyncClient, seconds: float = 300.0) -> None
     raise RuntimeError("the exact table was not built in time")
 
 
-async def _closed_loop(url: str, bodies: list[dict[str, Any]], clients: int, duration: float) -> tuple[list, int]:
+async def _closed_loop(
+    url: str, bodies: list[dict[str, Any]], clients: int, duration: float
+) -> tuple[list, int, set[str]]:
+    """Latencies of the answered queries, the errors, and which paths answered (the `mode` of each client's first
+    answer: a server's default for queries by example is the cluster reader where one is served, else the pair
+    cascade or FAISS alone)."""
     latencies: list[float] = []
     errors = 0
     seq = 0
+    modes: set[str] = set()
     stop = time.monotonic() + duration
 
     async def worker() -> None:
         nonlocal errors, seq
+        first = True
         async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
             while time.monotonic() < stop:
                 body = bodies[seq % len(bodies)]
@@ -89,16 +112,20 @@ async def _closed_loop(url: str, bodies: list[dict[str, Any]], clients: int, dur
                 seq += 1
                 t0 = time.perf_counter()
                 try:
-                    ok = (await client.post("/v1/query", json=body)).status_code == 200
+                    response = await client.post("/v1/query", json=body)
+                    ok = response.status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 if ok:
                     latencies.append((time.perf_counter() - t0) * 1000.0)
+                    if first:  # one parse per client, off the timed part
+                        modes.add(str(response.json().get("mode")))
+                        first = False
                 else:
                     errors += 1
 
     await asyncio.gather(*(worker() for _ in range(clients)))
-    return latencies, errors
+    return latencies, errors, modes
 
 
 async def _sweep(
@@ -115,7 +142,7 @@ async def _sweep(
             for c in concurrency:
                 cpu0 = tree_cpu_seconds(server_pid) if server_pid else await _metrics_cpu_seconds(client)
                 t0 = time.monotonic()
-                latencies, errors = await _closed_loop(url, bodies[kind], c, duration)
+                latencies, errors, modes = await _closed_loop(url, bodies[kind], c, duration)
                 wall = time.monotonic() - t0
                 cpu1 = tree_cpu_seconds(server_pid) if server_pid else await _metrics_cpu_seconds(client)
                 qps = len(latencies) / wall
@@ -131,6 +158,7 @@ async def _sweep(
                         percentile(latencies, 99) if latencies else float("nan"),
                         (cpu1 - cpu0) / wall,
                         qps / first if first else float("nan"),
+                        "+".join(sorted(modes)),
                     )
                 )
         return rows
@@ -164,7 +192,9 @@ def sweep_figure(rows: Sequence[SweepRow]) -> Any:
     for kind in dict.fromkeys(r.kind for r in rows):
         sel = [r for r in rows if r.kind == kind]
         xs = [r.concurrency for r in sel]
-        top.plot(xs, [r.qps for r in sel], marker="o", label=kind)
+        modes = "+".join(sorted({m for r in sel for m in r.modes.split("+") if m}))
+        label = KIND_LABELS.get(kind, kind) + (f" (answered by: {modes})" if modes else "")
+        top.plot(xs, [r.qps for r in sel], marker="o", label=label)
         for r in sel:
             top.annotate(
                 f"{r.ratio_to_first:.2f}x",
