@@ -189,26 +189,27 @@ def sweep_figure(rows: Sequence[SweepRow]) -> Any:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.0, 6.5), sharex=True, height_ratios=(2, 1))
-    for kind in dict.fromkeys(r.kind for r in rows):
+    for i, kind in enumerate(dict.fromkeys(r.kind for r in rows)):
         sel = [r for r in rows if r.kind == kind]
         xs = [r.concurrency for r in sel]
         modes = "+".join(sorted({m for r in sel for m in r.modes.split("+") if m}))
         label = KIND_LABELS.get(kind, kind) + (f" (answered by: {modes})" if modes else "")
-        top.plot(xs, [r.qps for r in sel], marker="o", label=label)
+        (line,) = top.plot(xs, [r.qps for r in sel], marker="o", label=label)
         for r in sel:
             top.annotate(
-                f"{r.ratio_to_first:.2f}x",
+                f"{r.qps:.0f}/s, {r.ratio_to_first:.2f}x",
                 (r.concurrency, r.qps),
                 textcoords="offset points",
-                xytext=(4, 4),
+                xytext=(4, 4 if i % 2 == 0 else -11),  # alternate kinds above and below: close lines stay legible
                 fontsize=7,
+                color=line.get_color(),
             )
         bottom.plot(xs, [100 * r.server_cpu for r in sel], marker="o", label=kind)
     top.set_ylabel("queries per second (log scale)")
     top.set_yscale("log")
     top.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     top.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    top.set_title("Throughput against concurrent clients (closed loop; ratio to 1 client)")
+    top.set_title("Throughput against concurrent clients (closed loop; queries/s, ratio to 1 client)")
     top.legend()
     top.grid(True, which="both", alpha=0.3)
     cores = os.cpu_count() or 1
