@@ -262,7 +262,7 @@ def execute(
     if plan.path == "faiss":
         return faiss_answer(plan.snapshot, plan.target, plan.k)
     if plan.path == "reader":
-        return reader_answer(plan.snapshot, plan.target, plan.k, seed, deadline)
+        return reader_answer(plan.snapshot, plan.target, plan.k, seed, deadline, flops=plan.stage_flops[0])
     if batcher is not None:
         return batcher.run(plan.snapshot, StageJob(plan.target, plan.k, plan.stages, seed, deadline), expected)
     return run_stages(plan.snapshot, plan.target, plan.k, plan.stages, seed, deadline)

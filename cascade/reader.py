@@ -146,18 +146,15 @@ def grade_log_posteriors(
     if grades not in (2, 3):
         raise ValueError(f"the reader's posterior has 2 or 3 relevance grades, not {grades}")
     width, pool = len(read_labels), len(pool_labels)
-    same = torch.from_numpy(read_labels[:, None] == pool_labels[None, :])  # (W, P)
-    itself = torch.zeros(width, pool, dtype=torch.bool)
-    itself[torch.arange(width), torch.arange(width)] = True
-    lp = log_own.double()[:, :, None]  # (E, W, 1)
-
-    def mass(mask: torch.Tensor) -> torch.Tensor:  # (E, P): log of the posterior mass of the read clusters in mask
-        return torch.logsumexp(lp.masked_fill(~mask, -math.inf), dim=1)
-
-    if grades == 3:
-        per_example = torch.stack([mass(~same), mass(same & ~itself), mass(itself)], dim=2)
+    same = read_labels[:, None] == pool_labels[None, :]  # (W, P)
+    if grades == 3:  # per grade, the read clusters left out of its mass: other labels, same label, itself
+        itself = np.eye(width, pool, dtype=bool)
+        left_out = np.stack([same, ~same | itself, ~itself])
     else:
-        per_example = torch.stack([mass(~same), mass(same)], dim=2)
+        left_out = np.stack([same, ~same])
+    # every grade's mass in one log-sum-exp over the read clusters: (E, 1, W, 1) masked to (E, grades, W, P)
+    lp = log_own.double()[:, None, :, None].masked_fill(torch.from_numpy(left_out), -math.inf)
+    per_example = torch.logsumexp(lp, dim=2).transpose(1, 2)  # (E, P, grades)
     mean = torch.logsumexp(per_example, dim=0) - math.log(len(log_own))
     return mean.clamp_min(LOG_FLOOR)
 
@@ -168,10 +165,11 @@ def reader_answer(
     k: int,
     seed: int = 0,
     deadline: float | None = None,
+    flops: int | None = None,
 ) -> CascadeResult:
     """The best k of FAISS's top `pool` clusters by expected gain under the reader's grade posteriors (ranked by its
     log-odds, `cascade.target.ranking_key`, as a cascade's answer is; ties, such as clusters of a label the reader
-    gave no mass, keep FAISS's order)."""
+    gave no mass, keep FAISS's order). `flops`: the stage's `planned_flops`, where the plan counted them already."""
     if deadline is not None and time.monotonic() > deadline:
         raise DeadlineExceeded("the deadline passed before the reader ran")
     assert target.candidates is not None
@@ -185,7 +183,7 @@ def reader_answer(
     values = ranking_key(log_post, target)
     order = torch.argsort(values, descending=True, stable=True)[:k].numpy()
     post = log_post[order].exp()
-    flops = planned_flops(snapshot, target, k)
+    flops = planned_flops(snapshot, target, k) if flops is None else flops
     read = _read_counts(snapshot, clusters[:width])
     report = StageReport(
         variant=READER_STAGE,

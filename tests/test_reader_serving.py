@@ -18,6 +18,7 @@ import torch
 from conftest import TINY, start_server, stop_server
 from service_fixtures import AUTH, admin_env, faiss_by_default
 
+import cascade.reader
 from cascade.config import CONFIG_FILE, READER_RULE, CascadeConfig, ReaderChoice
 from cascade.embedding import EmbeddingIndex
 from cascade.evaluation import example_queries
@@ -113,7 +114,7 @@ OWN_CLUSTER_ONLY = [0.0, 0.0, 1.0]
 """Gains that value only the query's own cluster: the reader's answer is then its own-cluster posterior's order."""
 
 
-def test_an_untrained_reader_answers_with_faiss_order_at_the_planned_cost(tiny_home, tmp_path) -> None:
+def test_an_untrained_reader_answers_with_faiss_order_at_the_planned_cost(tiny_home, tmp_path, monkeypatch) -> None:
     snapshot = _snapshot(_home_with_reader(tiny_home, tmp_path), served=True, candidates=12)
     example = _dev_example(snapshot)
     plan = plan_query(snapshot, Query(examples=example, k=5, gains=OWN_CLUSTER_ONLY))
@@ -127,6 +128,9 @@ def test_an_untrained_reader_answers_with_faiss_order_at_the_planned_cost(tiny_h
     sizes = np.diff(snapshot.space.offsets)[plan.target.candidates[:12]]
     assert report.items == int(np.minimum(sizes, 10).sum())
     assert result.flops == plan.stage_flops[0] == plan.flops - plan.target.flops > 0
+    # the plan counted the stage's FLOPs; answering it does not count them again
+    monkeypatch.setattr(cascade.reader, "planned_flops", lambda *args: pytest.fail("the FLOPs were counted twice"))
+    assert execute(plan, seed=0).flops == plan.stage_flops[0]
 
 
 def test_the_reader_reads_stage_0_s_own_embedding_and_counts_its_flops_cluster_by_cluster(tiny_home, tmp_path) -> None:
