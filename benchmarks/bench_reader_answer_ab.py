@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = [target_from_examples(snap, qs.x[i : i + 1], 200) for i in range(min(args.queries, len(qs)))]
     counts = [plan_reader(snap, t, 10).stage_flops[0] for t in targets]
 
+    takes_count = {m: "flops" in inspect.signature(m.reader_answer).parameters for m in (this, other)}
+
     def answer(module, i: int):
-        takes_count = "flops" in inspect.signature(module.reader_answer).parameters
-        extra = {"flops": counts[i]} if takes_count else {}
+        extra = {"flops": counts[i]} if takes_count[module] else {}
         return module.reader_answer(snap, targets[i], 10, i, **extra)
 
     for i in range(len(targets)):  # warm both, and check they answer alike
