@@ -22,6 +22,7 @@ __all__ = [
     "READER_MEMBERS",
     "READER_POOL",
     "READER_RULE",
+    "READER_CONFIDENCE",
 ]
 
 READER_CANDIDATES = 10
@@ -36,6 +37,12 @@ the default space, 0.913 / 0.951 / 0.958 / 0.961 on digits (docs/performance.md 
 READER_RULE = "expected-gain-1"
 """The ranking rule a reader's answers follow (`cascade.reader`); a dev check made under another rule does not apply
 to them, so a reader checked before the rule changed is not served until it is checked again."""
+
+READER_CONFIDENCE = 0.95
+"""How sure the dev check must be that the reader answers more dev queries better than worse, by recall@1 or by
+nDCG@10, than each method it would replace (`cascade.reader_gate`: a one-sided sign test per metric): a reader that
+serves costs about 40x FAISS's FLOPs per query, and 250 dev queries measure recall@1 to about 0.03, so a small gain
+on them is no evidence."""
 
 CONFIG_FILE = "cascade.json"
 
@@ -62,6 +69,13 @@ class ReaderChoice(BaseModel):
         "fitted on the dev queries (their own cluster's negative log-likelihood)",
     )
     rule: str = Field("", max_length=64, description="the ranking rule it measured (empty: a check made before rules)")
+    confidence: float = Field(
+        0.5,
+        ge=0.5,
+        lt=1.0,
+        description="how sure the check had to be that the reader answers more dev queries better than worse "
+        "(`READER_CONFIDENCE`; a check recorded without it compared the means only: 0.5)",
+    )
     reason: str = Field("", max_length=2000)
     dev: dict[str, Any] = Field(default_factory=dict, description="FAISS alone and the reader on the dev queries")
 

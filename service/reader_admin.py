@@ -100,7 +100,10 @@ def install_upload(state: ServiceState, spec: bytes, weights: bytes) -> tuple[Re
         widths = {} if before is None else {"candidates": before.candidates, "members": before.members}
         try:
             choice = check_reader(
-                dataclasses.replace(snapshot, reader=stored), pool=before.pool if before else None, **widths
+                dataclasses.replace(snapshot, reader=stored),
+                pool=before.pool if before else None,
+                confidence=state.settings.reader_confidence,
+                **widths,
             )
         except ValueError as exc:  # the space cannot check a reader (no or too few dev queries): nothing is stored
             raise ConflictError(f"the uploaded reader cannot be checked on this space: {exc}") from None

@@ -95,6 +95,13 @@ class Settings(BaseSettings):
         description="a shorter reader trained, checked and served first (0, or not fewer than the steps: none), "
         "so that a first run's queries by example get most of the reader's gain in a quarter of the time",
     )
+    reader_confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1.0,
+        description="how sure a reader's dev check must be that it answers more dev queries better than worse "
+        "than what it would replace, by recall@1 or nDCG@10 (a sign test; `cascade.config.READER_CONFIDENCE`)",
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_k: int = Field(1000, ge=1)
     max_examples: int = Field(64, ge=1, description="examples a query by example may have (422 beyond)")

@@ -24,7 +24,7 @@ from cascade.embedding import EmbeddingIndex
 from cascade.evaluation import example_queries
 from cascade.plan import Query, execute, plan_query
 from cascade.reader import LOG_FLOOR, READER_STAGE, grade_log_posteriors, reader_keys, serves
-from cascade.reader_gate import check_reader, fit_reader_temperature
+from cascade.reader_gate import check_reader, fit_reader_temperature, sign_test
 from cascade.snapshot import load_snapshot
 from cascade.space import Space
 from models.cluster_reader import ReaderSpec, build_ranker
@@ -322,6 +322,8 @@ def test_the_command_trains_stores_and_checks_a_reader_on_the_home_s_training_pr
 ) -> None:
     home = tmp_path / "home"
     shutil.copytree(tiny_home, home)
+    assert cli(["reader", "--home", str(home), "--confidence", "1"]) == 2  # refused before any training
+    assert load_reader(home / SPACE) is None
     assert cli(["reader", "--home", str(home), "--steps", "3", "--alone-steps", "2", "--dev-queries", "6"]) == 0
     stored = load_reader(home / SPACE)
     assert stored is not None and stored.extra["config"]["steps"] == 3
@@ -430,17 +432,54 @@ def test_a_replaced_reader_is_kept_for_a_rollback_and_older_ones_go(tiny_home, t
 
 
 @pytest.fixture(scope="module")
-def trained_reader(tiny_home, tmp_path_factory) -> tuple[bytes, bytes, str]:
-    """A reader trained 50 steps on the tiny home's training prototypes: its dev check there serves it (recall@1
-    above FAISS alone's, the default there, on the tiny dev queries). Its spec file, weights and sha256."""
+def trained_home(tiny_home, tmp_path_factory) -> Path:
+    """A copy of the tiny home (FAISS alone its default) with a reader trained 50 steps on its training prototypes,
+    served by its dev check (`faiss_by_default`)."""
     home = tmp_path_factory.mktemp("trained") / "home"
     shutil.copytree(tiny_home, home)
     faiss_by_default(home)
     assert cli(["reader", "--home", str(home), "--steps", "50"]) == 0
-    stored = load_reader(home / SPACE)
-    assert stored is not None and CascadeConfig.load(home / CONFIG_FILE).reader.served
-    spec = (home / SPACE / READER_SPEC).read_bytes()
-    return spec, (home / SPACE / weights_file(stored.sha256)).read_bytes(), stored.sha256
+    assert CascadeConfig.load(home / CONFIG_FILE).reader.served
+    return home
+
+
+@pytest.fixture(scope="module")
+def trained_reader(trained_home) -> tuple[bytes, bytes, str]:
+    """That reader's spec file, weights and sha256."""
+    stored = load_reader(trained_home / SPACE)
+    assert stored is not None
+    spec = (trained_home / SPACE / READER_SPEC).read_bytes()
+    return spec, (trained_home / SPACE / weights_file(stored.sha256)).read_bytes(), stored.sha256
+
+
+def test_the_sign_test_is_the_binomial_tail_and_a_check_recorded_without_it_compared_means() -> None:
+    assert sign_test(0, 0) == 1.0  # never different: no evidence
+    assert sign_test(2, 1) == 0.5  # 4 of the 8 outcomes of 3 fair flips have at least 2 heads
+    assert sign_test(5, 0) == 1 / 32 and sign_test(0, 5) == 1.0
+    assert sign_test(42, 14) < 1e-3
+    for n in range(1, 12):  # p <= 0.5 is exactly "more won than lost"
+        for wins in range(n + 1):
+            assert (sign_test(wins, n - wins) <= 0.5) == (wins > n - wins)
+    recorded_before = ReaderChoice.model_validate({"served": True, "sha256": "0" * 64})
+    assert recorded_before.confidence == 0.5
+
+
+def test_the_dev_check_serves_only_a_win_its_queries_are_sure_of(trained_home) -> None:
+    snapshot = _snapshot(trained_home)
+    for confidence, queries in ((0.5, None), (0.95, None), (0.95, 4)):
+        choice = check_reader(snapshot, candidates=10, queries=queries, confidence=confidence)
+        dev, alpha = choice.dev, (1 - confidence) / 2  # split over recall@1 and nDCG@10
+        assert choice.confidence == confidence and dev["alpha_per_metric"] == pytest.approx(alpha)
+        duels = dev["wins_losses"]["faiss"]
+        assert set(duels) == {"recall_at_1", "ndcg_at_10"}
+        for d in duels.values():
+            assert d["p_value"] == pytest.approx(sign_test(d["wins"], d["losses"]), rel=1e-2)
+        no_lower = all(dev["reader"][m] >= dev["faiss"][m] for m in duels)
+        assert choice.served == (no_lower and min(d["p_value"] for d in duels.values()) <= alpha)
+        if queries == 4:  # four queries are no evidence: 4 wins of 4 is p = 1/16, above 0.025
+            assert no_lower and not choice.served and "not served" in choice.reason
+    with pytest.raises(ValueError, match="confidence"):
+        check_reader(snapshot, candidates=10, confidence=1.0)
 
 
 def test_http_an_uploaded_reader_is_checked_before_it_serves_and_rolls_back(

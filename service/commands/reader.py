@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--members", type=int, default=10, help="members read per cluster (a uniform sample beyond)")
     p.add_argument("--pool", type=int, help="FAISS's top clusters ranked by expected gain (default 30)")
     p.add_argument("--dev-queries", type=int, help="check on the first N dev queries (default: all)")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        help="how sure the check must be that the reader answers more dev queries better than worse (default: "
+        "$PRUNECASCADE_READER_CONFIDENCE or 0.95)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.set_defaults(func=run)
@@ -50,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     settings = settings_from(args)
+    confidence = settings.reader_confidence if args.confidence is None else args.confidence
+    if not 0.5 <= confidence < 1.0:  # before an hour of training, not after
+        raise ValueError(f"--confidence must be in [0.5, 1), not {confidence}")
     config_path = settings.home / CONFIG_FILE
     if not args.check:
         record = train(settings.space_dir, settings.home, args)
@@ -57,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     snapshot = load_snapshot(ModelRegistry(settings.registry_dir), settings.space_dir, CascadeConfig.load(config_path))
     if snapshot.reader is None:
         raise LookupError(f"{settings.space_dir} holds no cluster reader: run `prunecascade reader` without --check")
-    choice = check_reader(snapshot, args.candidates, args.members, args.dev_queries, pool=args.pool)
+    choice = check_reader(
+        snapshot, args.candidates, args.members, args.dev_queries, pool=args.pool, confidence=confidence
+    )
     CascadeConfig.load(config_path).model_copy(update={"reader": choice}).save(config_path)
     print(json.dumps(choice.dev, indent=1))
     print(choice.reason)
