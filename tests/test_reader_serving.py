@@ -323,10 +323,13 @@ def test_the_command_trains_stores_and_checks_a_reader_on_the_home_s_training_pr
     home = tmp_path / "home"
     shutil.copytree(tiny_home, home)
     assert cli(["reader", "--home", str(home), "--confidence", "1"]) == 2  # refused before any training
+    assert cli(["reader", "--home", str(home), "--candidates", "0"]) == 2
     assert load_reader(home / SPACE) is None
     assert cli(["reader", "--home", str(home), "--steps", "3", "--alone-steps", "2", "--dev-queries", "6"]) == 0
     stored = load_reader(home / SPACE)
     assert stored is not None and stored.extra["config"]["steps"] == 3
+    # trained on the lists it reads: its own cluster and the whole of FAISS's top 10 (the check's width)
+    assert (stored.extra["config"]["top"], stored.extra["config"]["group"]) == (10, 11)
     # trained on the tiny home's own training prototypes, as its bootstrap record says
     assert stored.extra["train_clusters"] == TINY.pair.train.num_prototypes
     choice = CascadeConfig.load(home / CONFIG_FILE).reader

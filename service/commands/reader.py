@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--alone-steps", type=int, help="of which the first train the reader without the residual (default 3/4)"
     )
-    p.add_argument("--candidates", type=int, default=10, help="FAISS's top clusters the reader reorders")
+    p.add_argument(
+        "--candidates", type=int, default=10, help="FAISS's top clusters the reader reorders (and trains on)"
+    )
     p.add_argument("--members", type=int, default=10, help="members read per cluster (a uniform sample beyond)")
     p.add_argument("--pool", type=int, help="FAISS's top clusters ranked by expected gain (default 30)")
     p.add_argument("--dev-queries", type=int, help="check on the first N dev queries (default: all)")
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     confidence = settings.reader_confidence if args.confidence is None else args.confidence
     if not 0.5 <= confidence < 1.0:  # before an hour of training, not after
         raise ValueError(f"--confidence must be in [0.5, 1), not {confidence}")
+    if args.candidates < 1:
+        raise ValueError(f"--candidates must be at least 1, not {args.candidates}")
     config_path = settings.home / CONFIG_FILE
     if not args.check:
         record = train(settings.space_dir, settings.home, args)
@@ -94,7 +98,9 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace) -> dict:
     else:
         train_set, held = _user_sets(home, args)
     alone = args.alone_steps if args.alone_steps is not None else args.steps * 3 // 4
-    config = ReaderTrainConfig(steps=args.steps, alone_steps=alone, seed=args.seed)
+    # trained on the lists it will read: its own cluster among FAISS's top `candidates`, all of them
+    width = args.candidates
+    config = ReaderTrainConfig(steps=args.steps, alone_steps=alone, seed=args.seed, top=width, group=width + 1)
     spec = ReaderSpec(encoder=embedding.encoder.spec.to_dict())  # type: ignore[operator]
 
     def progress(row: dict) -> None:
