@@ -152,7 +152,15 @@ def train_reader(
     torch.manual_seed(config.seed)
     retriever = retriever.eval().requires_grad_(False)
     started = time.perf_counter()
+    if not 1 <= config.group - 1 <= config.top:
+        raise ValueError(f"a group reads its own cluster and 1 to top = {config.top} others, not {config.group - 1}")
     tr_groups, held_groups = Groups(train, retriever), Groups(held, retriever)
+    for name, groups in (("training", tr_groups), ("held-out", held_groups)):
+        if groups.k <= config.top:  # the own cluster would be drawn as one of its own negatives
+            raise ValueError(
+                f"the reader's {name} set has {groups.k} clusters: its groups draw from the retriever's top "
+                f"{config.top} other clusters, so it needs at least {config.top + 1}"
+            )
     rng = np.random.default_rng([config.seed, 1])
     fixed = np.random.default_rng([config.seed, 2])
     held_fixed = [held_groups.sample(32, 0, config.top, fixed, whole_top=True) for _ in range(4)]

@@ -287,6 +287,11 @@ def test_training_reads_the_retriever_lists_and_stores_a_servable_reader(tiny_ho
     assert all(torch.equal(a, b) for a, b in zip(before, encoder.parameters(), strict=True))  # the retriever is kept
     digest = save_reader(model, spec, tmp_path, extra=record)
     assert load_reader(tmp_path).sha256 == digest
+    few = make_prototype_set(replace(TINY.pair.train, num_prototypes=8), "val")  # fewer clusters than top + 1
+    with pytest.raises(ValueError, match="held-out set has 8 clusters"):
+        train_reader(spec, encoder, train, few, config)
+    with pytest.raises(ValueError, match="1 to top = 8 others"):
+        train_reader(spec, encoder, train, held, replace(config, group=10))
 
 
 def test_http_a_query_by_example_says_the_reader_answered_and_the_space_says_why(tiny_home, tmp_path) -> None:
