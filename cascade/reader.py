@@ -30,6 +30,7 @@ from cascade.target import Target, ranking_key
 __all__ = [
     "check_of",
     "serves",
+    "at_confidence",
     "rerank_width",
     "pool_width",
     "planned_flops",
@@ -55,6 +56,33 @@ def check_of(snapshot: Snapshot) -> ReaderChoice | None:
     if choice.sha256 != stored.sha256 or choice.space != str(snapshot.space.meta.get("id", "")):
         return None
     return choice
+
+
+def at_confidence(choice: ReaderChoice, confidence: float) -> tuple[ReaderChoice, str | None]:
+    """A recorded dev check as it stands where the service asks for `confidence` (`PRUNECASCADE_READER_CONFIDENCE`),
+    and what an answer should say about it. A check that served its reader at a lower confidence is judged again
+    from the sign tests it recorded (p-values kept to three significant figures), and unserved where they fall
+    short; one recorded before the sign tests (means only) cannot be judged again, so it serves on, with a warning
+    that `prunecascade reader --check` would judge it. A lower setting than the check's takes effect at the next
+    check: a reader the check refused stays refused."""
+    if not choice.served or confidence <= choice.confidence:
+        return choice, None
+    duels = choice.dev.get("wins_losses")
+    if not isinstance(duels, dict) or not duels:
+        return choice, (
+            f"the cluster reader serves under a dev check at confidence {choice.confidence:g}, which recorded no sign "
+            f"tests, below this service's {confidence:g}: `prunecascade reader --check` checks it at {confidence:g}"
+        )
+    alpha = {o: (1.0 - confidence) / max(len(d), 1) for o, d in duels.items()}  # Bonferroni over its metrics
+    short = [o for o, d in duels.items() if min(m["p_value"] for m in d.values()) > alpha[o]]
+    if not short:
+        return choice, None
+    why = (
+        f"not served at this service's confidence {confidence:g} (its dev check served it at {choice.confidence:g}; "
+        f"against {', '.join(short)} no sign test reaches p <= {min(alpha[o] for o in short):.2g})"
+    )
+    unserved = choice.model_copy(update={"served": False, "reason": f"{why}. {choice.reason}"[:2000]})
+    return unserved, f"the cluster reader is {why}"
 
 
 def serves(snapshot: Snapshot) -> bool:

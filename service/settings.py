@@ -100,7 +100,8 @@ class Settings(BaseSettings):
         ge=0.5,
         lt=1.0,
         description="how sure a reader's dev check must be that it answers more dev queries better than worse "
-        "than what it would replace, by recall@1 or nDCG@10 (a sign test; `cascade.config.READER_CONFIDENCE`)",
+        "than what it would replace, by recall@1 or nDCG@10 (a sign test; `cascade.config.READER_CONFIDENCE`); "
+        "a reader checked at a lower confidence is judged again from the sign tests its check recorded",
     )
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_k: int = Field(1000, ge=1)

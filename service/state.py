@@ -20,6 +20,7 @@ from cascade.errors import RequestError
 from cascade.exact import ExactTable
 from cascade.index import ClusterIndex
 from cascade.queries import QuerySet
+from cascade.reader import at_confidence
 from cascade.snapshot import (
     ITEM_INPUTS_DIR,
     ItemCache,
@@ -363,6 +364,11 @@ class ServiceState:
             reader = served_reader(self.settings.space_dir, space)
             if reader is None and current is not None and stored_digest(self.settings.space_dir) is not None:
                 reader = current.reader  # a new reader that does not load (logged): the one being served stays
+        if served_config.reader is not None:  # the reader's check judged at the confidence this service asks for
+            checked, note = at_confidence(served_config.reader, self.settings.reader_confidence)
+            served_config = served_config.model_copy(update={"reader": checked})
+            if note and reader is not None and reader.sha256 == checked.sha256:
+                warnings = {**warnings, "pair": [*warnings["pair"], note]}
         snapshot = build_snapshot(space, index, variants, served_config, embedding, queries, item_cache, reader)
         self._degraded[snapshot.id] = (faults, warnings)
         return snapshot

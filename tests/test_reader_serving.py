@@ -23,7 +23,7 @@ from cascade.config import CONFIG_FILE, READER_RULE, CascadeConfig, ReaderChoice
 from cascade.embedding import EmbeddingIndex
 from cascade.evaluation import example_queries
 from cascade.plan import Query, execute, plan_query
-from cascade.reader import LOG_FLOOR, READER_STAGE, grade_log_posteriors, reader_keys, serves
+from cascade.reader import LOG_FLOOR, READER_STAGE, at_confidence, grade_log_posteriors, reader_keys, serves
 from cascade.reader_gate import check_reader, fit_reader_temperature, sign_test
 from cascade.snapshot import load_snapshot
 from cascade.space import Space
@@ -40,6 +40,8 @@ from models.cluster_reader_training import Groups, ReaderTrainConfig, train_read
 from models.prototypes import make_prototype_set, member_set
 from models.registry import ModelRegistry
 from service.cli import main as cli
+from service.settings import Settings
+from service.state import ServiceState
 
 SPACE = Path("spaces") / "default"
 
@@ -488,6 +490,34 @@ def test_the_dev_check_serves_only_a_win_its_queries_are_sure_of(trained_home) -
             assert no_lower and not choice.served and "not served" in choice.reason
     with pytest.raises(ValueError, match="confidence"):
         check_reader(snapshot, candidates=10, confidence=1.0)
+
+
+def test_a_service_stricter_than_the_check_judges_it_again_from_its_sign_tests(trained_home, tmp_path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(trained_home, home)
+    recorded = CascadeConfig.load(home / CONFIG_FILE).reader
+    assert recorded.served and recorded.confidence == 0.95
+    best = min(d["p_value"] for duels in recorded.dev["wins_losses"].values() for d in duels.values())
+
+    def served(confidence: float) -> tuple[bool, list[str], ReaderChoice]:
+        state = ServiceState(Settings(home=home, reader_confidence=confidence))
+        snapshot = state.load()
+        return serves(snapshot), state.warnings_for(snapshot, "pair"), snapshot.config.reader
+
+    assert served(0.95)[:2] == (True, [])
+    assert served(max(0.95, 1 - 4 * best))[:2] == (True, [])  # its best sign test still reaches p <= alpha
+    ok, warnings, choice = served(1 - best)  # alpha = best / 2: no sign test reaches it
+    assert not ok and choice.reason.startswith("not served at this service's confidence")
+    assert any("not served" in w for w in warnings)
+    assert CascadeConfig.load(home / CONFIG_FILE).reader == recorded  # judged in memory; the record stays as it was
+    # a check recorded before the sign tests cannot be judged again: it serves on, and every answer says so
+    means_only = recorded.model_copy(update={"confidence": 0.5, "dev": {}})
+    CascadeConfig.load(home / CONFIG_FILE).model_copy(update={"reader": means_only}).save(home / CONFIG_FILE)
+    ok, warnings, _ = served(0.95)
+    assert ok and any("prunecascade reader --check" in w for w in warnings)
+    assert at_confidence(means_only, 0.5) == (means_only, None)
+    refused = recorded.model_copy(update={"served": False})
+    assert at_confidence(refused, 0.999) == (refused, None)  # a lower or higher bar never serves a refused reader
 
 
 def test_http_an_uploaded_reader_is_checked_before_it_serves_and_rolls_back(
