@@ -46,6 +46,9 @@ class ReaderTrainConfig:
     weight_decay: float = 1e-4
     init_identity: bool = True
     seed: int = 0
+    held_out_alpha: bool = True
+    """The residual's multiple serves as refitted on held-out clusters at the end (False: as trained, the recipe
+    before session 22; module docstring)."""
 
 
 class Groups:
@@ -216,15 +219,19 @@ def train_reader(
             if progress is not None:
                 progress(row)
     alpha_trained = reader.log_alpha.exp().item()
-    with torch.no_grad():  # the multiple as it serves: fitted on held-out clusters (module docstring)
-        reader.log_alpha.fill_(math.log(fit_alpha(held_alpha, model)))
+    if config.held_out_alpha:
+        with torch.no_grad():  # the multiple as it serves: fitted on held-out clusters (module docstring)
+            reader.log_alpha.fill_(math.log(fit_alpha(held_alpha, model)))
+    elif 0 < config.steps <= config.alone_steps:  # trained alone throughout: the multiple still fits it
+        with torch.no_grad():
+            reader.log_alpha.fill_(math.log(fit_alpha(alpha_batches, model)))
     model.residual = True
     model.eval()
     record = {
         "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
         "alpha_start": round(alpha_start, 4),
         "alpha_trained": round(alpha_trained, 4),
-        "alpha_held_out": round(reader.log_alpha.exp().item(), 4),
+        "alpha_served": round(reader.log_alpha.exp().item(), 4),
         "seconds": round(time.perf_counter() - started, 1),
         "trajectory": rows,
         "train_clusters": tr_groups.k,

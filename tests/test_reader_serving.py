@@ -288,8 +288,11 @@ def test_training_reads_the_retriever_lists_and_stores_a_servable_reader(tiny_ho
     # the residual's multiple serves as fitted on the held-out clusters' lists (a point of fit_alpha's grid), not
     # as trained on clusters the retriever itself was trained on
     alpha = model.reader.log_alpha.exp().item()
-    assert record["alpha_held_out"] == pytest.approx(alpha, rel=1e-4) != record["alpha_trained"]
+    assert record["alpha_served"] == pytest.approx(alpha, rel=1e-4) != record["alpha_trained"]
     assert np.log(alpha) / np.log(1000.0) * 60 == pytest.approx(round(np.log(alpha) / np.log(1000.0) * 60), abs=1e-3)
+    as_trained, kept = train_reader(spec, encoder, train, held, replace(config, held_out_alpha=False))
+    assert kept["alpha_served"] == kept["alpha_trained"] == pytest.approx(record["alpha_trained"], rel=1e-4)
+    assert as_trained.reader.log_alpha.exp().item() == pytest.approx(record["alpha_trained"], rel=1e-4)
     before = [p.clone() for p in encoder.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, encoder.parameters(), strict=True))  # the retriever is kept
     digest = save_reader(model, spec, tmp_path, extra=record)

@@ -79,10 +79,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(space_dir: Path, home: Path, args: argparse.Namespace) -> dict:
+def train(space_dir: Path, home: Path, args: argparse.Namespace, **recipe: object) -> dict:
     """Train with the space's retriever on the clusters the bootstrap trained the pair models on, never the space's
     own: the training prototypes of its record in bootstrap.json, or on a user's data the training split's
-    clusters (each query a held-out member), rebuilt from the dense model's data arguments."""
+    clusters (each query a held-out member), rebuilt from the dense model's data arguments. `recipe`: fields of
+    `ReaderTrainConfig` to change (the lab's comparisons)."""
+    from dataclasses import replace
+
     from cascade.config import CONFIG_FILE, CascadeConfig
     from cascade.embedding import EmbeddingIndex
     from cascade.space import Space
@@ -101,6 +104,7 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace) -> dict:
     # trained on the lists it will read: its own cluster among FAISS's top `candidates`, all of them
     width = args.candidates
     config = ReaderTrainConfig(steps=args.steps, alone_steps=alone, seed=args.seed, top=width, group=width + 1)
+    config = replace(config, **recipe)  # type: ignore[arg-type]
     spec = ReaderSpec(encoder=embedding.encoder.spec.to_dict())  # type: ignore[operator]
 
     def progress(row: dict) -> None:
