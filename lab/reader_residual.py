@@ -5,8 +5,10 @@ measure what it stores (docs/performance.md, "A user's clusters").
     # train as `prunecascade reader --steps N` does, but with groups of GROUP clusters drawn from the retriever's
     # top TOP (the recipe before session 21: 32:16), and alpha as trained (the recipe before session 22)
     PYTHONPATH=. python -m lab.reader_residual train HOME --steps 2000 --groups 32:16 --alpha trained
-    # the stored reader's alpha times F, or refitted on the held-out clusters' served lists (as training now ends)
+    # the stored reader's alpha times F, set to A, or refitted on the held-out clusters' served lists (as training
+    # now ends)
     PYTHONPATH=. python -m lab.reader_residual alpha HOME --times F
+    PYTHONPATH=. python -m lab.reader_residual alpha HOME --to A
     PYTHONPATH=. python -m lab.reader_residual alpha HOME --held
 """
 
@@ -37,9 +39,9 @@ def _train(home: Path, steps: int, top: int, group: int, trained_alpha: bool) ->
     return command.train(settings.space_dir, settings.home, args, **recipe)
 
 
-def _alpha(home: Path, times: float | None, batches: int) -> dict:
-    """Store the home's reader with its alpha times `times`, or (None) refitted on `batches` x 64 held-out queries
-    with the whole of the retriever's top 10 each."""
+def _alpha(home: Path, times: float | None, to: float | None, batches: int) -> dict:
+    """Store the home's reader with its alpha times `times`, or set `to` a value, or (neither) refitted on
+    `batches` x 64 held-out queries with the whole of the retriever's top 10 each."""
     args = Namespace(home=str(home), candidates=10)
     settings = command.settings_from(args)
     stored = load_reader(settings.space_dir)
@@ -48,6 +50,8 @@ def _alpha(home: Path, times: float | None, batches: int) -> dict:
     model, before = stored.ranker, stored.ranker.reader.log_alpha.exp().item()
     if times is not None:
         after = before * times
+    elif to is not None:
+        after = to
     else:
         retriever = EmbeddingIndex.load(settings.space_dir).encoder.eval()  # type: ignore[union-attr]
         prototypes = Space.load(settings.space_dir).meta.get("clusters") == "prototypes"
@@ -73,6 +77,7 @@ def main() -> None:
     a.add_argument("home", type=Path)
     how = a.add_mutually_exclusive_group(required=True)
     how.add_argument("--times", type=float)
+    how.add_argument("--to", type=float)
     how.add_argument("--held", action="store_true")
     a.add_argument("--batches", type=int, default=8)
     args = ap.parse_args()
@@ -82,7 +87,7 @@ def main() -> None:
         record = _train(args.home, args.steps, top, group, args.alpha == "trained")
         print(json.dumps({k: v for k, v in record.items() if k != "trajectory"}))
     else:
-        print(json.dumps(_alpha(args.home, None if args.held else args.times, args.batches)))
+        print(json.dumps(_alpha(args.home, args.times, args.to, args.batches)))
 
 
 if __name__ == "__main__":
