@@ -268,10 +268,23 @@ def test_the_dev_check_needs_two_queries_in_each_half_it_cross_fits_on(tiny_home
     assert check_reader(snapshot, candidates=10, queries=4).dev["queries"] == 4
 
 
-def test_an_identical_ranking_is_not_served_either(tiny_home, tmp_path) -> None:
+def test_a_reader_that_keeps_faiss_order_wins_nothing_on_recall_and_serves_only_for_a_sure_ndcg_win(
+    tiny_home, tmp_path
+) -> None:
+    # An untrained reader's keys are FAISS's own scores: its first cluster is FAISS's on every query. Its answer still
+    # ranks FAISS's pool by expected gain (the keys' label mass), which may order the same-label clusters better
+    # than FAISS does; whether 20 dev queries make that sure depends on the tiny home (it differs between CPUs).
     choice = check_reader(_snapshot(_home_with_reader(tiny_home, tmp_path)), candidates=10)
-    assert choice.dev["reader"]["recall_at_1"] == choice.dev["faiss"]["recall_at_1"]
-    assert not choice.served
+    dev = choice.dev
+    assert dev["reader"]["recall_at_1"] == dev["faiss"]["recall_at_1"]
+    for duels in dev["wins_losses"].values():
+        assert duels["recall_at_1"] == {"wins": 0, "losses": 0, "p_value": 1.0}  # no evidence either way
+    others = list(dev["wins_losses"])
+    sure = all(dev["reader"][m] >= dev[o][m] for o in others for m in ("recall_at_1", "ndcg_at_10")) and all(
+        dev["wins_losses"][o]["ndcg_at_10"]["p_value"] <= dev["alpha_per_metric"] for o in others
+    )
+    assert choice.served == sure
+    assert ("served by default" in choice.reason) == sure
 
 
 def test_training_reads_the_retriever_lists_and_stores_a_servable_reader(tiny_home, tmp_path) -> None:
