@@ -31,6 +31,7 @@ __all__ = [
     "check_of",
     "serves",
     "at_confidence",
+    "sure_win",
     "rerank_width",
     "pool_width",
     "planned_flops",
@@ -58,6 +59,12 @@ def check_of(snapshot: Snapshot) -> ReaderChoice | None:
     return choice
 
 
+def sure_win(duels: dict[str, dict[str, float]], confidence: float) -> bool:
+    """Whether the reader's sign tests against one method, a p-value per metric (`cascade.reader_gate`), make a win
+    sure at `confidence`: one of them at most (1 - confidence) / the number of metrics (either may carry it)."""
+    return min(d["p_value"] for d in duels.values()) <= (1.0 - confidence) / len(duels)
+
+
 def at_confidence(choice: ReaderChoice, confidence: float) -> tuple[ReaderChoice, str | None]:
     """A recorded dev check as it stands where the service asks for `confidence` (`PRUNECASCADE_READER_CONFIDENCE`),
     and what an answer should say about it. A check that served its reader at a lower confidence is judged again
@@ -73,13 +80,12 @@ def at_confidence(choice: ReaderChoice, confidence: float) -> tuple[ReaderChoice
             f"the cluster reader serves under a dev check at confidence {choice.confidence:g}, which recorded no sign "
             f"tests, below this service's {confidence:g}: `prunecascade reader --check` checks it at {confidence:g}"
         )
-    alpha = {o: (1.0 - confidence) / max(len(d), 1) for o, d in duels.items()}  # Bonferroni over its metrics
-    short = [o for o, d in duels.items() if min(m["p_value"] for m in d.values()) > alpha[o]]
+    short = [o for o, d in duels.items() if not sure_win(d, confidence)]
     if not short:
         return choice, None
     why = (
         f"not served at this service's confidence {confidence:g} (its dev check served it at {choice.confidence:g}; "
-        f"against {', '.join(short)} no sign test reaches p <= {min(alpha[o] for o in short):.2g})"
+        f"against {', '.join(short)} no sign test reaches p <= {(1.0 - confidence) / len(duels[short[0]]):.2g})"
     )
     unserved = choice.model_copy(update={"served": False, "reason": f"{why}. {choice.reason}"[:2000]})
     return unserved, f"the cluster reader is {why}"

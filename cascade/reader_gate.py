@@ -27,7 +27,7 @@ from cascade.config import READER_CONFIDENCE, READER_POOL, READER_RULE, ReaderCh
 from cascade.evaluation import example_queries, graded_metrics
 from cascade.plan import plan_reader
 from cascade.queries import cluster_grades
-from cascade.reader import reader_keys, rerank_width
+from cascade.reader import reader_keys, rerank_width, sure_win
 from cascade.side_by_side import HeldOutQuery, Method, Round, side_by_side, stages
 from cascade.snapshot import Snapshot
 from models.calibration import calibration_report, fit_temperature
@@ -170,8 +170,7 @@ def check_reader(
     alpha = (1.0 - confidence) / len(columns)  # either metric may carry the win: Bonferroni over the two
 
     def beats(o: str) -> bool:
-        no_lower = all(b[m] >= summary[o][m] for m in columns)
-        return no_lower and min(d["p_value"] for d in duels[o].values()) <= alpha
+        return all(b[m] >= summary[o][m] for m in columns) and sure_win(duels[o], confidence)
 
     served = all(beats(o) for o in others)
     verdict = "served by default" if served else "not served: queries by example go to the default pair cascade"

@@ -48,6 +48,7 @@ def _alpha(home: Path, times: float | None, to: float | None, batches: int) -> d
     if stored is None:
         raise SystemExit(f"{settings.space_dir} holds no reader")
     model, before = stored.ranker, stored.ranker.reader.log_alpha.exp().item()
+    out: dict = {"alpha_before": before}
     if times is not None:
         after = before * times
     elif to is not None:
@@ -57,24 +58,17 @@ def _alpha(home: Path, times: float | None, to: float | None, batches: int) -> d
         prototypes = Space.load(settings.space_dir).meta.get("clusters") == "prototypes"
         train, held = command._prototype_sets(settings.home) if prototypes else command._user_sets(settings.home, args)
         rng = np.random.default_rng([0, 2])
-        held_groups = Groups(held, retriever)
-        after = fit_alpha([held_groups.sample(64, 0, 10, rng, whole_top=True) for _ in range(batches)], model)
-        # the same fit on the training clusters (the retriever's own), for comparison only
-        train_groups = Groups(train, retriever)
-        on_train = fit_alpha([train_groups.sample(64, 0, 10, rng, whole_top=True) for _ in range(batches)], model)
-        return {
-            "alpha_before": before,
-            "alpha_after": after,
-            "fit_on_training_clusters": on_train,
-            **_store(stored, model, settings.space_dir, after),
-        }
-    return {"alpha_before": before, "alpha_after": after, **_store(stored, model, settings.space_dir, after)}
 
+        def fit(clusters) -> float:
+            groups = Groups(clusters, retriever)
+            return fit_alpha([groups.sample(64, 0, 10, rng, whole_top=True) for _ in range(batches)], model)
 
-def _store(stored, model, space_dir: Path, alpha: float) -> dict:
+        after = fit(held)
+        out["fit_on_training_clusters"] = fit(train)  # the retriever's own clusters, for comparison only
     with torch.no_grad():
-        model.reader.log_alpha.fill_(math.log(alpha))
-    return {"sha256": save_reader(model, stored.spec, space_dir, extra={**stored.extra, "alpha_set_by_lab": alpha})}
+        model.reader.log_alpha.fill_(math.log(after))
+    digest = save_reader(model, stored.spec, settings.space_dir, extra={**stored.extra, "alpha_set_by_lab": after})
+    return {**out, "alpha_after": after, "sha256": digest}
 
 
 def main() -> None:
