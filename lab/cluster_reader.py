@@ -28,6 +28,7 @@ import torch
 
 from cascade.bootstrap import prototype_training_sets
 from cascade.bootstrap_config import PairConfig
+from lab.exact_teacher import ExactTeacher, soft_cross_entropy
 from lab.reranker_study import faiss_order, load_retriever, metrics
 from models.biencoder import BiEncoder, embed_numpy
 from models.cluster_reader import FEATURES, MODES, ClusterReader, MemberFeatures, ReaderRanker, listwise_loss
@@ -182,6 +183,13 @@ def main() -> None:
         help="N:KEEP: measure a two-stage cascade instead: the reader on N sampled members of FAISS top M keeps its "
         "best KEEP, which it reads whole",
     )
+    ap.add_argument(
+        "--teacher-weight",
+        type=float,
+        default=0.0,
+        help="train on this mix of the generator's exact group posterior (lab.exact_teacher) and the hard label",
+    )
+    ap.add_argument("--teacher-temp", type=float, default=1.0, help="the teacher's log-likelihoods divided by this")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("PRUNECASCADE_TORCH_THREADS", "1")))
@@ -253,6 +261,14 @@ def main() -> None:
         opt, max_lr=[gr["lr"] for gr in groups], total_steps=total, pct_start=0.1
     )
     traj = []
+    teacher = None
+    if args.teacher_weight > 0:
+        if args.train_worlds:
+            raise SystemExit("--teacher-weight trains on the bootstrap's own training prototypes only")
+        teacher = ExactTeacher(train.prototypes)
+        q, _, _, clusters = tr_groups.sample_with_ids(512, args.group, args.top, np.random.default_rng([args.seed, 4]))
+        out["teacher_group_top1"] = float((teacher.log_posterior(q, clusters).argmax(1) == 0).float().mean())
+        print(json.dumps({"teacher_group_top1": out["teacher_group_top1"]}), flush=True)
 
     def diag(step: int, loss: float) -> None:
         model.residual = False
@@ -287,8 +303,12 @@ def main() -> None:
         model.residual = step > args.alone_steps
         reader.log_alpha.requires_grad_(model.residual)
         world = all_groups[int(rng.integers(len(all_groups)))] if len(all_groups) > 1 else tr_groups
-        q, members, rs = world.sample(args.batch, args.group, args.top, rng)
-        loss = listwise_loss(model.scores(q, members, rs))
+        q, members, rs, clusters = world.sample_with_ids(args.batch, args.group, args.top, rng)
+        keys = model.scores(q, members, rs)
+        loss = listwise_loss(keys)
+        if teacher is not None:
+            target = teacher.log_posterior(q, clusters, args.teacher_temp)
+            loss = (1 - args.teacher_weight) * loss + args.teacher_weight * soft_cross_entropy(keys, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

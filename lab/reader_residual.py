@@ -5,6 +5,8 @@ measure what it stores (docs/performance.md, "A user's clusters").
     # train as `prunecascade reader --steps N` does, but with groups of GROUP clusters drawn from the retriever's
     # top TOP (the recipe before session 21: 32:16), and alpha as trained (the recipe before session 22)
     PYTHONPATH=. python -m lab.reader_residual train HOME --steps 2000 --groups 32:16 --alpha trained
+    # the product's groups and alpha, a reader of another shape (ReaderSpec's integer fields)
+    PYTHONPATH=. python -m lab.reader_residual train HOME --steps 16000 --shape d=33 dv=32 hidden=128 context=7
     # the stored reader's alpha times F, set to A, or refitted on the held-out clusters' served lists (as training
     # now ends)
     PYTHONPATH=. python -m lab.reader_residual alpha HOME --times F
@@ -30,13 +32,13 @@ from models.cluster_reader_store import load_reader, save_reader
 from models.cluster_reader_training import Groups, fit_alpha
 
 
-def _train(home: Path, steps: int, top: int, group: int, trained_alpha: bool) -> dict:
-    """`prunecascade reader --steps N`'s training with other groups, and optionally the alpha as trained instead of
-    the held-out refit."""
+def _train(home: Path, steps: int, top: int, group: int, trained_alpha: bool, shape: dict) -> dict:
+    """`prunecascade reader --steps N`'s training with other groups, optionally the alpha as trained instead of
+    the held-out refit, and a reader of another shape."""
     args = Namespace(home=str(home), steps=steps, alone_steps=None, candidates=10, seed=0, threads=1)
     settings = command.settings_from(args)
     recipe = {"top": top, "group": group, "held_out_alpha": not trained_alpha}
-    return command.train(settings.space_dir, settings.home, args, **recipe)
+    return command.train(settings.space_dir, settings.home, args, shape, **recipe)
 
 
 def _alpha(home: Path, times: float | None, to: float | None, batches: int) -> dict:
@@ -79,6 +81,9 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--groups", default="10:11", help="TOP:GROUP")
     t.add_argument("--alpha", choices=["held", "trained"], default="held")
+    t.add_argument(
+        "--shape", nargs="*", default=[], metavar="FIELD=INT", help="ReaderSpec widths, e.g. d=33 dv=32 hidden=128"
+    )
     a = sub.add_parser("alpha")
     a.add_argument("home", type=Path)
     how = a.add_mutually_exclusive_group(required=True)
@@ -90,7 +95,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.what == "train":
         top, group = (int(v) for v in args.groups.split(":"))
-        record = _train(args.home, args.steps, top, group, args.alpha == "trained")
+        shape = {k: int(v) for k, v in (field.split("=") for field in args.shape)}
+        record = _train(args.home, args.steps, top, group, args.alpha == "trained", shape)
         print(json.dumps({k: v for k, v in record.items() if k != "trajectory"}))
     else:
         print(json.dumps(_alpha(args.home, args.times, args.to, args.batches)))

@@ -73,6 +73,12 @@ class Groups:
         """(queries (b, D), members (b, G, views, D), retriever scores (b, G)): the own cluster first, then
         g - 1 of the retriever's top `top` (all of them with `whole_top`). The score is minus the squared distance
         from the query's embedding to the cluster's mean embedding, as FAISS ranks."""
+        return self.sample_with_ids(b, g, top, rng, whole_top)[:3]
+
+    def sample_with_ids(
+        self, b: int, g: int, top: int, rng: np.random.Generator, whole_top: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+        """`sample`, and the groups' cluster ids (b, G), for whoever scores the same groups another way."""
         qid = rng.integers(0, self.k, size=b)
         c = self.lists.centroids
         if self.held_out:
@@ -102,6 +108,7 @@ class Groups:
             torch.from_numpy(q),
             torch.from_numpy(np.ascontiguousarray(self.data.x[rows])),
             torch.from_numpy(rs.astype(np.float32)),
+            cand,
         )
 
     def _member_rows(self, cand: np.ndarray, query_row: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:

@@ -373,14 +373,19 @@ def test_on_a_user_s_clusters_a_query_is_a_held_out_member_never_read_as_its_own
     data = member_set(rng.standard_normal((len(cluster), 40)).astype(np.float32), cluster % 3, cluster)
     groups = Groups(data, encoder)
     assert groups.views == 3  # the smallest cluster less the held-out query
-    q, members, rs = groups.sample(16, 4, 6, np.random.default_rng(1))
-    assert members.shape == (16, 4, 3, 40)
+    q, members, rs, ids = groups.sample_with_ids(16, 4, 6, np.random.default_rng(1))
+    assert members.shape == (16, 4, 3, 40) and ids.shape == (16, 4)
     x = torch.from_numpy(data.x)
     for i in range(16):
         (row,) = torch.nonzero((x == q[i]).all(1)).flatten().tolist()
         own = np.flatnonzero(data.cluster == data.cluster[row])
         read = [int(torch.nonzero((x == m).all(1)).item()) for m in members[i, 0]]
         assert row not in read and set(read) <= set(own) and len(set(read)) == 3
+        # the ids name the clusters read, the query's own first
+        for j in range(4):
+            rows = [int(torch.nonzero((x == m).all(1)).item()) for m in members[i, j]]
+            assert set(data.cluster[rows]) == {ids[i, j]}
+        assert ids[i, 0] == data.cluster[row]
         with torch.no_grad():
             e = encoder.embed(q[i : i + 1]).double()
             rest = encoder.embed(x[[r for r in own if r != row]]).double().mean(0)

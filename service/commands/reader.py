@@ -79,11 +79,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def train(space_dir: Path, home: Path, args: argparse.Namespace, **recipe: object) -> dict:
+def train(space_dir: Path, home: Path, args: argparse.Namespace, shape: dict | None = None, **recipe: object) -> dict:
     """Train with the space's retriever on the clusters the bootstrap trained the pair models on, never the space's
     own: the training prototypes of its record in bootstrap.json, or on a user's data the training split's
-    clusters (each query a held-out member), rebuilt from the dense model's data arguments. `recipe`: fields of
-    `ReaderTrainConfig` to change (the lab's comparisons)."""
+    clusters (each query a held-out member), rebuilt from the dense model's data arguments. `shape`: fields of
+    `ReaderSpec` and `recipe` fields of `ReaderTrainConfig` to change (the lab's comparisons)."""
     from dataclasses import replace
 
     from cascade.config import CONFIG_FILE, CascadeConfig
@@ -105,7 +105,7 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace, **recipe: objec
     width = args.candidates
     config = ReaderTrainConfig(steps=args.steps, alone_steps=alone, seed=args.seed, top=width, group=width + 1)
     config = replace(config, **recipe)  # type: ignore[arg-type]
-    spec = ReaderSpec(encoder=embedding.encoder.spec.to_dict())  # type: ignore[operator]
+    spec = ReaderSpec(encoder=embedding.encoder.spec.to_dict(), **(shape or {}))  # type: ignore[operator]
 
     def progress(row: dict) -> None:
         print(json.dumps(row), flush=True)
