@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from models.biencoder import BiEncoder, BiEncoderSpec
-from models.cluster_reader import ClusterReader, MemberFeatures, ReaderRanker, ReaderSpec, build_ranker, listwise_loss
+from models.cluster_reader import (
+    FIRST_SERVED_SHAPE,
+    ClusterReader,
+    MemberFeatures,
+    ReaderRanker,
+    ReaderSpec,
+    build_ranker,
+    listwise_loss,
+)
 
 LENGTH = 16
 
@@ -291,7 +299,7 @@ def test_members_read_at_several_points_a_sample_are_interpolated_and_served_as_
 
 def test_the_lab_options_are_kept_by_the_spec_and_refused_when_they_make_no_sense() -> None:
     encoder = BiEncoderSpec(input_dim=LENGTH, channels=(8, 8), hidden=16, embed_dim=8).to_dict()
-    spec = ReaderSpec(encoder=encoder, shift=True, upsample=2)
+    spec = ReaderSpec(encoder=encoder, shift=True, upsample=2, context=0)
     assert ReaderSpec.from_dict(spec.to_dict()) == spec
     old = ReaderSpec.from_dict({"encoder": encoder})  # a reader stored before the options
     assert not old.shift and old.upsample == 1
@@ -302,3 +310,19 @@ def test_the_lab_options_are_kept_by_the_spec_and_refused_when_they_make_no_sens
     ranker = build_ranker(spec, torch.randn(8, LENGTH))
     assert ranker.reader.shift and ranker.reader.item_length == 2 * (LENGTH - 1) + 1
     assert ranker.reader.mlp[0].in_features == 5 * spec.dv + 1 + 3
+
+
+def test_a_spec_stored_before_the_served_shape_changed_keeps_the_shape_its_weights_have() -> None:
+    """The served widths changed once; a stored spec that lacks them was written against the first ones, and must
+    build a reader its weights fit, while a spec written now round-trips with the served shape."""
+    encoder = BiEncoderSpec(input_dim=LENGTH, channels=(8, 8), hidden=16, embed_dim=8).to_dict()
+    served = ReaderSpec(encoder=encoder)
+    assert {k: getattr(served, k) for k in FIRST_SERVED_SHAPE} != FIRST_SERVED_SHAPE
+    assert ReaderSpec.from_dict(served.to_dict()) == served
+    first = ReaderSpec(encoder=encoder, **FIRST_SERVED_SHAPE)
+    stored = {k: v for k, v in first.to_dict().items() if k not in FIRST_SERVED_SHAPE}  # as written back then
+    assert ReaderSpec.from_dict(stored) == first
+    weights = build_ranker(first, torch.randn(8, LENGTH)).state_dict()
+    build_ranker(ReaderSpec.from_dict(stored), torch.randn(8, LENGTH)).load_state_dict(weights)  # strict: fits
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        build_ranker(served, torch.randn(8, LENGTH)).load_state_dict(weights)
