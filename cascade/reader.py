@@ -32,6 +32,7 @@ __all__ = [
     "serves",
     "at_confidence",
     "sure_win",
+    "per_metric_level",
     "rerank_width",
     "pool_width",
     "planned_flops",
@@ -59,10 +60,15 @@ def check_of(snapshot: Snapshot) -> ReaderChoice | None:
     return choice
 
 
+def per_metric_level(confidence: float, metrics: int) -> float:
+    """The p-value one sign test must reach when any of `metrics` may carry the win (Bonferroni over them)."""
+    return (1.0 - confidence) / metrics
+
+
 def sure_win(duels: dict[str, dict[str, float]], confidence: float) -> bool:
     """Whether the reader's sign tests against one method, a p-value per metric (`cascade.reader_gate`), make a win
-    sure at `confidence`: one of them at most (1 - confidence) / the number of metrics (either may carry it)."""
-    return min(d["p_value"] for d in duels.values()) <= (1.0 - confidence) / len(duels)
+    sure at `confidence`: one of them at most `per_metric_level` (either may carry it)."""
+    return min(d["p_value"] for d in duels.values()) <= per_metric_level(confidence, len(duels))
 
 
 def at_confidence(choice: ReaderChoice, confidence: float) -> tuple[ReaderChoice, str | None]:
@@ -83,9 +89,10 @@ def at_confidence(choice: ReaderChoice, confidence: float) -> tuple[ReaderChoice
     short = [o for o, d in duels.items() if not sure_win(d, confidence)]
     if not short:
         return choice, None
+    level = per_metric_level(confidence, len(duels[short[0]]))
     why = (
         f"not served at this service's confidence {confidence:g} (its dev check served it at {choice.confidence:g}; "
-        f"against {', '.join(short)} no sign test reaches p <= {(1.0 - confidence) / len(duels[short[0]]):.2g})"
+        f"against {', '.join(short)} no sign test reaches p <= {level:.2g})"
     )
     unserved = choice.model_copy(update={"served": False, "reason": f"{why}. {choice.reason}"[:2000]})
     return unserved, f"the cluster reader is {why}"

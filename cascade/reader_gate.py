@@ -27,7 +27,7 @@ from cascade.config import READER_CONFIDENCE, READER_POOL, READER_RULE, ReaderCh
 from cascade.evaluation import example_queries, graded_metrics
 from cascade.plan import plan_reader
 from cascade.queries import cluster_grades
-from cascade.reader import reader_keys, rerank_width, sure_win
+from cascade.reader import per_metric_level, reader_keys, rerank_width, sure_win
 from cascade.side_by_side import HeldOutQuery, Method, Round, side_by_side, stages
 from cascade.snapshot import Snapshot
 from models.calibration import calibration_report, fit_temperature
@@ -167,7 +167,7 @@ def check_reader(
     columns = {"recall_at_1": 0, f"ndcg_at_{k}": 2}  # the columns of `table` the check tests
     shown = {"recall_at_1": "recall@1", f"ndcg_at_{k}": f"nDCG@{k}"}
     duels = {o: {m: _duel(table["reader"][:, c], table[o][:, c]) for m, c in columns.items()} for o in others}
-    alpha = (1.0 - confidence) / len(columns)  # either metric may carry the win: Bonferroni over the two
+    alpha = per_metric_level(confidence, len(columns))  # either metric may carry the win
 
     def beats(o: str) -> bool:
         return all(b[m] >= summary[o][m] for m in columns) and sure_win(duels[o], confidence)
