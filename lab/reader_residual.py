@@ -95,7 +95,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.what == "train":
         top, group = (int(v) for v in args.groups.split(":"))
-        shape = {k: int(v) for k, v in (field.split("=") for field in args.shape)}
+        shape = command.parse_shape(args.shape)
         record = _train(args.home, args.steps, top, group, args.alpha == "trained", shape)
         print(json.dumps({k: v for k, v in record.items() if k != "trajectory"}))
     else:

@@ -365,6 +365,52 @@ def test_the_command_trains_stores_and_checks_a_reader_on_the_home_s_training_pr
     assert "dev queries" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        ("width=8", "not 'width=8'"),
+        ("dv", "not 'dv'"),
+        ("dv=wide", "dv must be an integer, not 'wide'"),
+        ("context=4", "odd kernel size"),
+        ("hidden=0", "hidden must be positive"),
+    ],
+)
+def test_the_command_refuses_a_shape_it_cannot_build_before_training(tiny_home, tmp_path, capsys, bad, named) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    assert cli(["reader", "--home", str(home), "--steps", "3", "--shape", bad]) == 2
+    assert load_reader(home / SPACE) is None  # nothing trained, nothing stored
+    assert named in capsys.readouterr().err
+
+
+def test_the_command_trains_a_reader_of_the_shape_it_is_given(tiny_home, tmp_path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    shape = ["d=8", "dv=4", "hidden=8", "context=3"]
+    assert (
+        cli(
+            [
+                "reader",
+                "--home",
+                str(home),
+                "--steps",
+                "2",
+                "--alone-steps",
+                "1",
+                "--dev-queries",
+                "4",
+                "--shape",
+                *shape,
+            ]
+        )
+        == 0
+    )
+    stored = load_reader(home / SPACE)
+    assert stored is not None
+    assert (stored.spec.d, stored.spec.dv, stored.spec.hidden, stored.spec.context) == (8, 4, 8, 3)
+    assert cli(["reader", "--home", str(home), "--check", "--shape", "d=8"]) == 2  # the check reads the stored shape
+
+
 def test_on_a_user_s_clusters_a_query_is_a_held_out_member_never_read_as_its_own(tiny_home) -> None:
     encoder = EmbeddingIndex.load(tiny_home / SPACE).encoder  # type: ignore[union-attr]
     rng = np.random.default_rng(0)

@@ -13,7 +13,10 @@ from pathlib import Path
 
 from service.commands.common import add_home, settings_from
 
-__all__ = ["register", "run"]
+__all__ = ["parse_shape", "register", "run"]
+
+SHAPE_FIELDS = ("d", "dv", "hidden", "context", "max_shift")
+"""The integer fields of `ReaderSpec` that a user may set from the command line: its widths and reach."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,9 +46,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how sure the check must be that the reader answers more dev queries better than worse (default: "
         "$PRUNECASCADE_READER_CONFIDENCE or 0.95)",
     )
+    p.add_argument(
+        "--shape",
+        nargs="+",
+        default=[],
+        metavar="FIELD=INT",
+        help="the reader's widths, fields of ReaderSpec (default: the served shape, d=33 dv=32 hidden=128 "
+        "context=7). `d=32 dv=16 hidden=64` keeps the conv at 43%% of the FLOPs per query: on the default space it "
+        "answered 1,000 fresh dev queries as well, 250 dev queries 0.024 worse (docs/performance.md section 0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.set_defaults(func=run)
+
+
+def parse_shape(items: list[str]) -> dict[str, int]:
+    """`FIELD=INT` words as `ReaderSpec` fields; a field it does not know or a value that is not an integer raises
+    naming it (the values themselves are checked by `ReaderSpec`)."""
+    shape: dict[str, int] = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or field not in SHAPE_FIELDS:
+            raise ValueError(f"--shape takes FIELD=INT with FIELD one of {', '.join(SHAPE_FIELDS)}, not {item!r}")
+        try:
+            shape[field] = int(value)
+        except ValueError:
+            raise ValueError(f"--shape {field} must be an integer, not {value!r}") from None
+    return shape
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,9 +90,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--confidence must be in [0.5, 1), not {confidence}")
     if args.candidates < 1:
         raise ValueError(f"--candidates must be at least 1, not {args.candidates}")
+    shape = parse_shape(args.shape)
+    if args.check and shape:
+        raise ValueError("--shape chooses the shape of a reader to train: the check reads the stored one's")
     config_path = settings.home / CONFIG_FILE
     if not args.check:
-        record = train(settings.space_dir, settings.home, args)
+        record = train(settings.space_dir, settings.home, args, shape)
         print(f"trained in {record['seconds']:.0f} s; stored beside {settings.space_dir}")
     snapshot = load_snapshot(ModelRegistry(settings.registry_dir), settings.space_dir, CascadeConfig.load(config_path))
     if snapshot.reader is None:
@@ -96,6 +126,7 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace, shape: dict | N
     embedding = EmbeddingIndex.load(space_dir)
     if embedding is None:
         raise ValueError(f"{space_dir} has no bi-encoder: the reader's features and residual come from it")
+    spec = ReaderSpec(encoder=embedding.encoder.spec.to_dict(), **(shape or {}))  # raises naming a bad width
     if Space.load(space_dir).meta.get("clusters") == "prototypes":
         train_set, held = _prototype_sets(home)
     else:
@@ -105,7 +136,6 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace, shape: dict | N
     width = args.candidates
     config = ReaderTrainConfig(steps=args.steps, alone_steps=alone, seed=args.seed, top=width, group=width + 1)
     config = replace(config, **recipe)  # type: ignore[arg-type]
-    spec = ReaderSpec(encoder=embedding.encoder.spec.to_dict(), **(shape or {}))  # type: ignore[operator]
 
     def progress(row: dict) -> None:
         print(json.dumps(row), flush=True)
