@@ -32,7 +32,17 @@ from cascade.side_by_side import HeldOutQuery, Method, Round, side_by_side, stag
 from cascade.snapshot import Snapshot
 from models.calibration import calibration_report, fit_temperature
 
-__all__ = ["check_reader", "cross_fitted_temperatures", "fit_reader_temperature", "sign_test"]
+__all__ = [
+    "DEV_COLUMNS",
+    "check_reader",
+    "cross_fitted_temperatures",
+    "fit_reader_temperature",
+    "measure_reader",
+    "sign_test",
+]
+
+DEV_COLUMNS = ("recall_at_1", "recall_at_k", "ndcg_at_k", "flops", "ms")
+"""The columns of `measure_reader`'s per-query rows."""
 
 
 def _duel(reader: np.ndarray, other: np.ndarray) -> dict[str, float]:
@@ -104,12 +114,27 @@ def check_reader(
     pool: int | None = None,
     confidence: float = READER_CONFIDENCE,
 ) -> ReaderChoice:
+    """The verdict of `measure_reader` (its arguments)."""
+    return measure_reader(snapshot, candidates, members, queries, k, stage0, pool, confidence)[0]
+
+
+def measure_reader(
+    snapshot: Snapshot,
+    candidates: int = 10,
+    members: int = 10,
+    queries: int | None = None,
+    k: int = 10,
+    stage0: int | None = None,
+    pool: int | None = None,
+    confidence: float = READER_CONFIDENCE,
+) -> tuple[ReaderChoice, dict[str, np.ndarray]]:
     """FAISS alone, the default pair cascade (where it is not FAISS alone) and the reader's answer (reading up to
     `members` members of FAISS's top `candidates`, ranking its top `pool`, default `READER_POOL`) on the first
     `queries` dev queries (None: all), each half at the reader's temperature fitted on the other. Served where,
     against each of the others, neither its mean recall@1 nor its mean nDCG@10 is lower, and on one of the two the
     sign test of the queries it wins and loses gives p <= (1 - `confidence`) / 2. `stage0`: how many clusters FAISS
-    proposes (default: the space's `pair_candidates`, else 200)."""
+    proposes (default: the space's `pair_candidates`, else 200). Returns the verdict and the per-query rows behind
+    it (`DEV_COLUMNS` per method, and each query's own cluster), which a comparison of two readers pairs up."""
     if not 0.5 <= confidence < 1.0:
         raise ValueError(f"the check's confidence must be in [0.5, 1), not {confidence}")
     if snapshot.reader is None:
@@ -150,6 +175,7 @@ def check_reader(
             rec = r[name]
             rows[name].append((*graded_metrics(rec.cluster_ids, grades, r.target.utility, k), rec.flops, rec.ms))
     table = {name: np.asarray(v, dtype=np.float64) for name, v in rows.items()}
+    own = np.asarray([r.query.info["cluster"] for r in rounds], dtype=np.int64)
     summary = {
         name: {
             "recall_at_1": round(float(t[:, 0].mean()), 4),
@@ -202,4 +228,5 @@ def check_reader(
         "calibration": calibration,
         "temperature_fitted_on_odd_even": list(folds),
     }
-    return choice.model_copy(update={"served": served, "reason": reason, "dev": dev})
+    per_query = {**table, "query_cluster": own}
+    return choice.model_copy(update={"served": served, "reason": reason, "dev": dev}), per_query

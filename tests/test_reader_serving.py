@@ -24,9 +24,10 @@ from cascade.embedding import EmbeddingIndex
 from cascade.evaluation import example_queries
 from cascade.plan import Query, execute, plan_query
 from cascade.reader import LOG_FLOOR, READER_STAGE, at_confidence, grade_log_posteriors, reader_keys, serves
-from cascade.reader_gate import check_reader, fit_reader_temperature, sign_test
+from cascade.reader_gate import DEV_COLUMNS, check_reader, fit_reader_temperature, sign_test
 from cascade.snapshot import load_snapshot
 from cascade.space import Space
+from lab.reader_duel import duel
 from models.cluster_reader import ReaderSpec, build_ranker
 from models.cluster_reader_store import (
     READER_PREVIOUS,
@@ -363,6 +364,17 @@ def test_the_command_trains_stores_and_checks_a_reader_on_the_home_s_training_pr
     choice = CascadeConfig.load(home / CONFIG_FILE).reader
     assert choice is not None and choice.sha256 == stored.sha256 and choice.dev["queries"] == 6
     assert "dev queries" in capsys.readouterr().out
+    # the check's rows, query by query: they add up to its means and its wins and losses
+    rows = tmp_path / "rows.npz"
+    assert cli(["reader", "--home", str(home), "--check", "--dev-queries", "6", "--per-query", str(rows)]) == 0
+    table = np.load(rows)
+    assert list(table["columns"]) == list(DEV_COLUMNS) and str(table["sha256"]) == stored.sha256
+    assert table["reader"].shape == table["faiss"].shape == (6, len(DEV_COLUMNS)) and len(table["query_cluster"]) == 6
+    dev = CascadeConfig.load(home / CONFIG_FILE).reader.dev
+    for name in ("reader", "faiss"):
+        assert table[name][:, 0].mean() == pytest.approx(dev[name]["recall_at_1"], abs=1e-4)
+    r1 = duel(table["reader"][:, 0], table["faiss"][:, 0])
+    assert r1["a_wins_losses"] == [dev["wins_losses"]["faiss"]["recall_at_1"][s] for s in ("wins", "losses")]
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", type=int, help="FAISS's top clusters ranked by expected gain (default 30)")
     p.add_argument("--dev-queries", type=int, help="check on the first N dev queries (default: all)")
     p.add_argument(
+        "--per-query",
+        type=Path,
+        metavar="NPZ",
+        help="also write the check's per-query rows (recall@1, recall@k, nDCG@k, FLOPs, ms per method, and each "
+        "query's own cluster), to compare two readers query by query (lab/reader_duel.py)",
+    )
+    p.add_argument(
         "--confidence",
         type=float,
         help="how sure the check must be that the reader answers more dev queries better than worse (default: "
@@ -79,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cascade.config import CONFIG_FILE, CascadeConfig
-    from cascade.reader_gate import check_reader
+    from cascade.reader_gate import DEV_COLUMNS, measure_reader
     from cascade.snapshot import load_snapshot
     from models.registry import ModelRegistry
 
@@ -100,9 +107,13 @@ def run(args: argparse.Namespace) -> int:
     snapshot = load_snapshot(ModelRegistry(settings.registry_dir), settings.space_dir, CascadeConfig.load(config_path))
     if snapshot.reader is None:
         raise LookupError(f"{settings.space_dir} holds no cluster reader: run `prunecascade reader` without --check")
-    choice = check_reader(
+    choice, per_query = measure_reader(
         snapshot, args.candidates, args.members, args.dev_queries, pool=args.pool, confidence=confidence
     )
+    if args.per_query is not None:
+        import numpy as np
+
+        np.savez(args.per_query, columns=np.asarray(DEV_COLUMNS), sha256=np.asarray(choice.sha256), **per_query)
     CascadeConfig.load(config_path).model_copy(update={"reader": choice}).save(config_path)
     print(json.dumps(choice.dev, indent=1))
     print(choice.reason)
