@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,18 +105,9 @@ def cross_fitted_temperatures(
     return _fit(rows), (on_odd, on_even)
 
 
-def check_reader(
-    snapshot: Snapshot,
-    candidates: int = 10,
-    members: int = 10,
-    queries: int | None = None,
-    k: int = 10,
-    stage0: int | None = None,
-    pool: int | None = None,
-    confidence: float = READER_CONFIDENCE,
-) -> ReaderChoice:
-    """The verdict of `measure_reader` (its arguments)."""
-    return measure_reader(snapshot, candidates, members, queries, k, stage0, pool, confidence)[0]
+def check_reader(snapshot: Snapshot, *args: Any, **kwargs: Any) -> ReaderChoice:
+    """`measure_reader`'s verdict alone (the same arguments)."""
+    return measure_reader(snapshot, *args, **kwargs)[0]
 
 
 def measure_reader(
