@@ -5,6 +5,7 @@ other method, scored as they are (`cascade.evaluation.graded_metrics`, gains [0,
 A space of a home (its shipped queries, the first --queries of them as `bench_pair run --queries` takes):
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python -m benchmarks.bench_ceiling --home /work/home-default --space default
+    PYTHONPATH=. OMP_NUM_THREADS=1 python -m benchmarks.bench_ceiling --home H --space pairbig --split test
 
 A space that `bench_pair prepare` would build, generated from its config and seeds alone (no home needed; the
 generator is deterministic), e.g. the 100,000 items of docs/performance.md section 0:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7, help="the generated space's seed (bench_pair prepare: 7)")
     p.add_argument("--made-queries", type=int, default=300, help="queries the generated space ships")
     p.add_argument("--query-seed", type=int, default=7, help="their seed (bench_pair prepare: the space's seed)")
+    p.add_argument("--split", choices=("all", "dev", "test"), default="all", help="a home's queries: which split")
     p.add_argument("--queries", type=int, help="score the first N queries (default: all)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--chunk", type=int, default=64, help="prototypes per batch (memory ~ chunk x 7 x Q x 40)")
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if (args.home is None) == (args.prototypes is None):
         p.error("give either --home (and --space) or --prototypes")
+    if args.home is None and args.split != "all":
+        p.error("--split splits a home's shipped queries; generated queries have none")
     if args.home is not None:
         from cascade.queries import QuerySet
 
@@ -58,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         qs = QuerySet.load(space_dir)
         if qs is None:
             raise SystemExit(f"{space_dir} ships no held-out queries")
+        qs = qs.split(args.split)
         xq, cq, yq = qs.x, qs.cluster, qs.label
-        source = f"{space_dir} (shipped queries)"
+        source = f"{space_dir} (shipped queries, {args.split})"
     else:
         from models.prototypes import make_queries
 

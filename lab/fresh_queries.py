@@ -1,8 +1,11 @@
 """Replace a prototype home's held-out queries by N fresh views of its space's prototypes, drawn with another query
 seed, so that `prunecascade evaluate --split all` and `prunecascade reader --check` measure on more queries than the
-bootstrap's 500 (a copy of the home: this overwrites its queries file).
+bootstrap's 500 (a copy of the home: this overwrites its queries file). `--space` names another prototype space of
+the home, such as the 100k space `benchmarks.bench_pair prepare` renders, whose prototypes its meta records (checked
+by rendering its items again).
 
     python -m lab.fresh_queries HOME-COPY 2000 --seed 11
+    python -m lab.fresh_queries HOME-COPY 2000 --seed 11 --space pairbig
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 from cascade.bootstrap_config import PairConfig
 from cascade.queries import QUERIES_FILE, QuerySet
 from cascade.space import Space
+from lab.ceiling import space_config_of
 from models.prototypes import PrototypeConfig, make_queries
 
 
@@ -33,11 +37,13 @@ def main() -> None:
     ap.add_argument("home", type=Path)
     ap.add_argument("count", type=int)
     ap.add_argument("--seed", type=int, default=11, help="query seed (the bootstrap's own queries use 0)")
+    ap.add_argument("--space", default="default", help="the space whose queries are replaced")
     args = ap.parse_args()
-    space_dir = args.home / "spaces" / "default"
+    space_dir = args.home / "spaces" / args.space
     if not (space_dir / QUERIES_FILE).exists():
         raise SystemExit(f"{space_dir / QUERIES_FILE} does not exist: not a bootstrapped home")
-    meta, config = Space.load(space_dir).meta, space_config(args.home)
+    meta = Space.load(space_dir).meta
+    config = space_config(args.home) if args.space == "default" else space_config_of(space_dir)
     if meta.get("clusters") != "prototypes" or meta.get("num_clusters") != config.num_prototypes:
         raise SystemExit(f"{space_dir} is not a space of the {config.num_prototypes} recorded prototypes")
     xq, cq, yq = make_queries(config, args.count, seed=args.seed)
