@@ -30,7 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_home(p)
     p.add_argument("--check", action="store_true", help="do not train: check the stored reader on dev queries")
-    p.add_argument("--steps", type=int, default=32000, help="training steps (recipe: 32,000, 75 minutes or more)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="training steps (default: the recipe's, `ReaderTrainConfig.steps`: 32,000, 75 minutes or more)",
+    )
     p.add_argument(
         "--alone-steps", type=int, help="of which the first train the reader without the residual (default 3/4)"
     )
@@ -143,10 +147,11 @@ def train(space_dir: Path, home: Path, args: argparse.Namespace, shape: dict | N
         train_set, held = _prototype_sets(home)
     else:
         train_set, held = _user_sets(home, args)
-    alone = args.alone_steps if args.alone_steps is not None else args.steps * 3 // 4
+    steps = args.steps if args.steps is not None else ReaderTrainConfig.steps
+    alone = args.alone_steps if args.alone_steps is not None else steps * 3 // 4
     # trained on the lists it will read: its own cluster among FAISS's top `candidates`, all of them
     width = args.candidates
-    config = ReaderTrainConfig(steps=args.steps, alone_steps=alone, seed=args.seed, top=width, group=width + 1)
+    config = ReaderTrainConfig(steps=steps, alone_steps=alone, seed=args.seed, top=width, group=width + 1)
     config = replace(config, **recipe)  # type: ignore[arg-type]
 
     def progress(row: dict) -> None:
