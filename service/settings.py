@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         description="on a home with no cluster reader, train one in a background child process once the snapshot "
         "is loaded, then serve it if its dev check chooses it (`service/reader_training.py`; `make run` sets it)",
     )
-    reader_training_steps: int = Field(32000, ge=1, description="training steps of that background reader")
+    reader_training_steps: int = Field(48000, ge=1, description="training steps of that background reader")
     reader_training_first_steps: int = Field(
         4000,
         ge=0,

@@ -1,7 +1,7 @@
 """`prunecascade reader`: train a cluster reader for a home's space (a pair model that reads a candidate cluster's
 members together, `models.cluster_reader`), store it beside the space, and check it on the dev queries: it answers
-queries by example by default only where it beats FAISS alone there. Training takes 75 minutes or more on one core for
-the recipe's 32,000 steps, so the first run's bootstrap does not do it: `make run` runs this command in the
+queries by example by default only where it beats FAISS alone there. Training takes two hours or more on one core for
+the recipe's 48,000 steps, so the first run's bootstrap does not do it: `make run` runs this command in the
 background once the service is up (`service/reader_training.py`). A running server adopts the result with
 `POST /v1/admin/reload`."""
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--steps",
         type=int,
-        help="training steps (default: the recipe's, `ReaderTrainConfig.steps`: 32,000, 75 minutes or more)",
+        help="training steps (default: the recipe's, `ReaderTrainConfig.steps`: 48,000, two hours or more)",
     )
     p.add_argument(
         "--alone-steps", type=int, help="of which the first train the reader without the residual (default 3/4)"
