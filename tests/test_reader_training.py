@@ -27,6 +27,7 @@ from cascade.reader import serves
 from cascade.space import Space
 from models.cluster_reader import ReaderSpec, build_ranker
 from models.cluster_reader_store import READER_PREVIOUS, load_reader, save_reader
+from models.cluster_reader_training import ReaderTrainConfig
 from service.reader_training import LOCK_FILE, LOG_FILE, STATUS_FILE, ReaderTraining, stages_left, training_stages
 from service.settings import Settings
 from service.state import ServiceState
@@ -150,6 +151,13 @@ def test_the_stages_left_to_train_follow_the_reader_stored() -> None:
     assert stages_left(stages, "a", {"steps": 16000, "sha256": "a"}) == ()  # all done
     assert stages_left(stages, "a", None) == ()  # a reader this training never made
     assert stages_left((16000,), "a", {"steps": 4000, "sha256": "a"}) == ()  # a schedule changed since: not ours
+
+
+def test_the_background_training_trains_the_recipes_steps() -> None:
+    """`make run` trains what `prunecascade reader` trains by default: the recipe's steps, three quarters alone."""
+    recipe = ReaderTrainConfig()
+    assert Settings.model_fields["reader_training_steps"].default == recipe.steps
+    assert recipe.alone_steps == recipe.steps * 3 // 4
 
 
 def test_a_home_with_a_reader_trains_none(tiny_home, tmp_path) -> None:
